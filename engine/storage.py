@@ -1,0 +1,156 @@
+"""Where bytes live: local paths and `s3://` URIs behind one small interface.
+
+S3 goes through pyarrow.fs with the standard AWS environment (`AWS_ENDPOINT_URL` for MinIO,
+moto or other S3-compatible stores; credentials from the usual variables). Credentials are
+never stored in anything we write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import uuid
+from functools import lru_cache
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+
+class StorageError(RuntimeError):
+    """An I/O problem, with the URI it concerns."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def normalize(uri: str) -> str:
+    """An absolute local path or an `s3://bucket/key` URI without a trailing slash."""
+    if is_s3(uri):
+        return uri.rstrip("/")
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_s3(uri):
+        return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
+    return os.path.join(uri, *parts)
+
+
+def relative(root: str, uri: str) -> str:
+    return posixpath.relpath(uri, root) if is_s3(uri) else os.path.relpath(uri, root)
+
+
+@lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
+    kwargs: dict = {
+        "region": region,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=8),
+    }
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for a URI and the path within it."""
+    if is_s3(uri):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return _s3_filesystem(endpoint, region), uri[len("s3://") :]
+    return pafs.LocalFileSystem(), normalize(uri)
+
+
+def polars_storage_options(uri: str) -> dict[str, str] | None:
+    """Options for `polars.scan_parquet` on S3, taken from the AWS environment."""
+    if not is_s3(uri):
+        return None
+    options = {}
+    names = {
+        "aws_endpoint_url": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+        "aws_access_key_id": ("AWS_ACCESS_KEY_ID",),
+        "aws_secret_access_key": ("AWS_SECRET_ACCESS_KEY",),
+        "aws_session_token": ("AWS_SESSION_TOKEN",),
+        "aws_region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
+    }
+    for option, env_names in names.items():
+        for env_name in env_names:
+            if os.environ.get(env_name):
+                options[option] = os.environ[env_name]
+                break
+    options.setdefault("aws_region", "us-east-1")
+    if options.get("aws_endpoint_url", "").startswith("http://"):
+        options["aws_allow_http"] = "true"
+    return options
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def size(uri: str) -> int | None:
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    return None if info.type == pafs.FileType.NotFound else info.size
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except (FileNotFoundError, OSError) as error:
+        raise StorageError(f"cannot read {uri}: {error}") from error
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object so readers never see part of it.
+
+    Locally: a temporary file in the same directory, then an atomic rename.
+    On S3 a single PUT is already atomic.
+    """
+    fs, path = filesystem(uri)
+    if is_s3(uri):
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def sha256_bytes(data: bytes | pa.Buffer) -> str:
+    return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+def sha256_uri(uri: str, chunk_size: int = 8 << 20) -> str:
+    fs, path = filesystem(uri)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as stream:
+        while chunk := stream.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def list_files(uri: str) -> list[str]:
+    """Every file below a directory URI (recursively), as URIs, sorted."""
+    fs, path = filesystem(uri)
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    prefix = "s3://" if is_s3(uri) else ""
+    return sorted(
+        prefix + info.path for info in fs.get_file_info(selector) if info.type == pafs.FileType.File
+    )
+
+
+def delete_tree(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return
+    fs.delete_dir(path)

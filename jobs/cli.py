@@ -1,0 +1,55 @@
+"""`hindsight`: the command line. Each command group lives in its own module under jobs/
+and adds its sub-commands with `add_commands(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# One module per command group; `hindsight --help` lists them all.
+COMMAND_MODULES = (
+    "jobs.ingest_job",  # collect, ingest, info, materialize
+    "jobs.relabel_job",  # relabel, relabelers
+    "jobs.query_job",  # query
+    "jobs.shard_job",  # shard
+    "jobs.train_job",  # train, ask
+    "jobs.submit",  # run, submit, jobs
+    "jobs.demo",  # demo
+)
+
+
+class UserError(RuntimeError):
+    """An error whose message is all the user needs (no traceback)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hindsight",
+        description="A data engine for hindsight-relabeled trajectory datasets.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_commands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (UserError, ValueError, KeyError, FileNotFoundError, RuntimeError) as error:
+        if getattr(args, "debug", False):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"hindsight {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Arrow schemas and the manifest model. Imports nothing else of ours."""

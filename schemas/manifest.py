@@ -1,0 +1,133 @@
+"""The manifest: what a committed dataset version is made of.
+
+A dataset version is a directory (local or `s3://bucket/prefix`) holding `manifest.json`,
+written last and atomically. It lists column groups: `base` (written by ingest) and one
+group per relabeler applied. Every group's files are aligned row for row with the base
+files (same split into parts, same row order), so reading a version is a zip, not a join.
+A child version references its parent's groups by URI and checksum and never copies them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SKIPPED_REPORT_NAME = "skipped.json"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataFile(_Model):
+    """One Parquet file of a column group, relative to the group's root URI."""
+
+    path: str = Field(description="Path relative to the group's `root`.")
+    bytes: int
+    sha256: str
+    rows: int
+
+
+class PartInfo(_Model):
+    """One part: the unit of alignment. Episodes are never split across parts."""
+
+    steps: int
+    episodes: int
+    min_episode_id: int
+    max_episode_id: int
+
+
+class FieldInfo(_Model):
+    name: str
+    type: str
+
+
+class RelabelerInfo(_Model):
+    """Which relabeler made a group, so every derived column is traceable."""
+
+    name: str
+    version: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    seed: int | None = None
+    report: dict[str, Any] = Field(
+        default_factory=dict,
+        description="What the relabeler measured while running (e.g. D-REX held-out accuracy).",
+    )
+
+
+class ColumnGroup(_Model):
+    """Columns that were written together, in files aligned with the base parts."""
+
+    name: str
+    root: str = Field(description="URI of the dataset directory that holds this group's files.")
+    steps_files: list[DataFile] = Field(default_factory=list)
+    episodes_files: list[DataFile] = Field(default_factory=list)
+    steps_columns: list[FieldInfo] = Field(default_factory=list)
+    episodes_columns: list[FieldInfo] = Field(default_factory=list)
+    relabeler: RelabelerInfo | None = None
+    inherited: bool = Field(
+        default=False, description="True when the files belong to a parent version."
+    )
+
+
+class HistoryEntry(_Model):
+    """One operation in this version's lineage (oldest first)."""
+
+    operation: Literal["ingest", "collect", "relabel", "query", "materialize"]
+    dataset_id: str
+    command: str
+    created_at: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(_Model):
+    format_version: int = FORMAT_VERSION
+    dataset_id: str
+    parent_id: str | None = None
+    parent_uri: str | None = None
+    created_at: str
+    command: str = Field(description="The command line or spec that made this version.")
+    steps: int
+    episodes: int
+    parts: list[PartInfo]
+    groups: list[ColumnGroup]
+    history: list[HistoryEntry] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="Free-form facts: env ids, observation/action spaces."
+    )
+
+    def group(self, name: str) -> ColumnGroup:
+        for group in self.groups:
+            if group.name == name:
+                return group
+        raise KeyError(f"no column group {name!r}; groups: {[g.name for g in self.groups]}")
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        return cls.model_validate(json.loads(text))
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def content_id(groups: list[ColumnGroup], parent_id: str | None) -> str:
+    """A dataset id derived from content: the same input and spec give the same id."""
+    digest = hashlib.sha256()
+    digest.update((parent_id or "").encode())
+    for group in groups:
+        digest.update(group.name.encode())
+        if group.relabeler is not None:
+            digest.update(json.dumps(group.relabeler.params, sort_keys=True).encode())
+        for data_file in group.steps_files + group.episodes_files:
+            digest.update(data_file.sha256.encode())
+    return digest.hexdigest()[:16]

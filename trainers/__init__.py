@@ -1,0 +1,1 @@
+"""The conditional supervised trainer: data loader, encoders, models, train, ask."""
