@@ -1,0 +1,112 @@
+"""Job specs are validated completely, with clear errors, before anything runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobs import spec as specs
+from jobs.spec import SpecError, load_spec, read_spec
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "jobs" / "examples"
+
+
+# A stand-in command with the shape every pipeline command has (one Options model and a
+# run function), so the spec machinery is tested on its own.
+class CopyOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: str = Field(description="The dataset version to read.")
+    output: str = Field(description="Where the new version is written.")
+    part_steps: int = Field(1000, description="Steps per part.")
+
+
+def run_copy(options: CopyOptions) -> dict:
+    return {"dataset_id": "copied", "output": options.output}
+
+
+@pytest.fixture
+def copy_kind(monkeypatch):
+    monkeypatch.setitem(specs.KINDS, "copy", ("tests.test_spec", "run_copy"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_spec_loads_options(copy_kind, tiny_dataset, tmp_path):
+    path = write(tmp_path, f"kind: copy\ninput: {tiny_dataset}\noutput: {tmp_path / 'out'}\n")
+    kind, options = load_spec(path)
+    assert kind == "copy"
+    assert isinstance(options, CopyOptions)
+    assert options.part_steps == 1000
+    assert specs.run_spec(kind, options) == {
+        "dataset_id": "copied",
+        "output": str(tmp_path / "out"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("kind: copy\ninput: x\noutput: y\ngamma: 0.9\n", "unknown field 'gamma'"),
+        ("kind: copy\ninput: x\noutput: y\npart_steps: many\n", "field 'part_steps'"),
+        ("kind: copy\noutput: y\n", "missing required field 'input': The dataset version"),
+        ("input: x\n", "missing `kind:`"),
+        ("kind: teleport\n", "unknown kind 'teleport'"),
+        ("kind: copy\ninput: [x\n", "not valid YAML"),
+        ("- kind: copy\n", "a job spec is a YAML mapping"),
+    ],
+)
+def test_bad_specs_fail_with_a_clear_message(copy_kind, tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(SpecError, match=expected) as error:
+        load_spec(path, check_inputs=False)
+    assert str(path) in str(error.value)
+
+
+def test_missing_input_dataset_fails_before_running(copy_kind, tmp_path):
+    missing = tmp_path / "no-such-dataset"
+    path = write(tmp_path, f"kind: copy\ninput: {missing}\noutput: {tmp_path / 'out'}\n")
+    with pytest.raises(SpecError, match="field 'input'.*not a committed hindsight dataset"):
+        load_spec(path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_committed_output_is_refused(copy_kind, tiny_dataset, tmp_path):
+    path = write(tmp_path, f"kind: copy\ninput: {tiny_dataset}\noutput: {tiny_dataset}\n")
+    with pytest.raises(SpecError, match="field 'output'.*already a committed dataset version"):
+        load_spec(path)
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(SpecError, match="no such job spec file"):
+        read_spec(tmp_path / "nope.yaml")
+
+
+def test_spec_round_trips_through_yaml(copy_kind, tiny_dataset, tmp_path):
+    path = write(tmp_path, f"kind: copy\ninput: {tiny_dataset}\noutput: {tmp_path / 'out'}\n")
+    spec = read_spec(path)
+    again = specs.load_spec_text(spec.to_yaml(), source="again")
+    assert again.kind == spec.kind and again.options == spec.options
+
+
+def test_run_command_prints_the_result_line(copy_kind, tiny_dataset, tmp_path, capsys, ray_local):
+    from jobs.cli import main
+
+    path = write(tmp_path, f"kind: copy\ninput: {tiny_dataset}\noutput: {tmp_path / 'out'}\n")
+    assert main(["run", str(path)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("hindsight-result: ")
+    assert '"dataset_id": "copied"' in line
+
+
+def test_run_command_reports_a_bad_spec_as_a_user_error(copy_kind, tmp_path, capsys):
+    from jobs.cli import main
+
+    path = write(tmp_path, "kind: copy\ninput: x\noutput: y\ncolour: red\n")
+    assert main(["run", str(path)]) == 2
+    assert "unknown field 'colour'" in capsys.readouterr().err
