@@ -1,0 +1,357 @@
+"""Asking a trained policy: roll it out in a gymnasium environment, conditioned on a value.
+
+- return-to-go columns (a scalar column whose name contains "return_to_go") start at the
+  requested value and are decremented by every received reward, as in Decision Transformer;
+  other scalars (an episode's return, a D-REX score) stay at the requested value;
+- goal columns (vectors) follow the environment's own `desired_goal` when the observation
+  is a goal dict (hindsight/PointGoal-v0), or a requested goal that is set into the
+  environment; the achieved value is then the success rate;
+- categorical columns take a label of the index's vocabulary ("expert");
+- text columns take a sentence, tokenized with the shard-time vocabulary exactly as the
+  loader tokenized it for training.
+
+The episodes of one seed run side by side in one batch through the model (one forward
+per environment step), the last `window` steps as context, left-padded like training.
+`sweep` writes ask.json and ask.png: achieved vs requested, with the dataset's own
+return distribution marked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import engine.envs  # noqa: F401  (registers hindsight/PointGoal-v0)
+from trainers.train import load_policy
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def tokenize(text: str, vocabulary: list[str], max_tokens: int) -> list[int]:
+    """Token ids of `text` in the shard-time vocabulary (0 = padding, 1 = unknown)."""
+    try:
+        from trainers.data import tokenize as shard_tokenize  # the loader's own, if it has one
+    except ImportError:
+        shard_tokenize = None
+    if shard_tokenize is not None:
+        return list(shard_tokenize(text, vocabulary, max_tokens))
+    lookup = {word: i for i, word in enumerate(vocabulary)}
+    ids = [lookup.get(word, 1) for word in _WORD.findall(text.lower())][:max_tokens]
+    return ids + [0] * (max_tokens - len(ids))
+
+
+def is_return_to_go(column: str) -> bool:
+    return "return_to_go" in column
+
+
+def parse_value(spec: dict[str, Any], column: str, text: str) -> Any:
+    """A requested value from the command line, checked against the column's index entry."""
+    kind = spec["type"]
+    if kind == "scalar":
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"condition {column!r} is a number; got {text!r}") from None
+    if kind == "vector":
+        if text in ("", "env", "desired_goal"):
+            return None  # the environment's own goal
+        parts = [float(part) for part in re.split(r"[:;/ ]", text) if part]
+        if len(parts) != int(spec["dim"]):
+            raise ValueError(
+                f"condition {column!r} is a {spec['dim']}-vector; write it as "
+                f"{':'.join(['0.5'] * int(spec['dim']))} (or 'env' for the env's goal), got {text!r}"
+            )
+        return parts
+    if kind == "categorical":
+        if text not in spec["vocabulary"]:
+            raise ValueError(f"condition {column!r} has labels {spec['vocabulary']}; got {text!r}")
+        return text
+    return text
+
+
+def _set_goal(env: gym.Env, goal: list[float]) -> None:
+    unwrapped = env.unwrapped
+    if hasattr(unwrapped, "set_goal"):
+        unwrapped.set_goal(np.asarray(goal, dtype=np.float32))
+    elif hasattr(unwrapped, "_goal"):
+        unwrapped._goal = np.asarray(goal, dtype=np.float32)
+    else:
+        raise ValueError(f"{env.spec.id if env.spec else env} has no goal that can be set")
+
+
+def _observation_vector(observation: Any) -> np.ndarray:
+    if isinstance(observation, dict):
+        return np.asarray(observation["observation"], dtype=np.float32).reshape(-1)
+    return np.asarray(observation, dtype=np.float32).reshape(-1)
+
+
+@torch.no_grad()
+def rollout(
+    policy: torch.nn.Module,
+    config: dict[str, Any],
+    env_id: str,
+    condition: dict[str, Any],
+    episodes: int,
+    seed: int,
+    device: str = "cpu",
+) -> dict[str, list[float]]:
+    """Run `episodes` episodes side by side; returns per-episode returns (and successes)."""
+    model = config["model"]
+    specs = model["conditions"]
+    window = 1 if model["kind"] == "mlp" else model["window"]
+    discrete = model["action"]["kind"] == "discrete"
+    envs = [gym.make(env_id) for _ in range(episodes)]
+    observations, goals = [], []
+    for i, env in enumerate(envs):
+        observation, _ = env.reset(seed=seed * 100_003 + i)
+        for column, value in condition.items():
+            if specs[column]["type"] == "vector" and value is not None:
+                _set_goal(env, value)
+                observation = (
+                    env.unwrapped._observation()
+                    if hasattr(env.unwrapped, "_observation")
+                    else observation
+                )
+        observations.append(observation)
+    horizon = max(int(env.spec.max_episode_steps or 1000) for env in envs)
+    obs_dim = model["observation_dim"]
+    act_shape = () if discrete else (int(model["action"]["dim"]),)
+
+    history_obs = np.zeros((episodes, horizon, obs_dim), np.float32)
+    history_act = np.zeros((episodes, horizon, *act_shape), np.int64 if discrete else np.float32)
+    history_cond: dict[str, np.ndarray] = {}
+    for column, spec in specs.items():
+        if spec["type"] == "scalar":
+            history_cond[column] = np.zeros((episodes, horizon), np.float32)
+        elif spec["type"] == "vector":
+            history_cond[column] = np.zeros((episodes, horizon, int(spec["dim"])), np.float32)
+        elif spec["type"] == "categorical":
+            history_cond[column] = np.zeros((episodes, horizon), np.int64)
+    text_tokens = {
+        column: torch.tensor(
+            [tokenize(str(condition[column]), spec["vocabulary"], int(spec["max_tokens"]))]
+            * episodes
+        )
+        for column, spec in specs.items()
+        if spec["type"] == "text"
+    }
+    scalar_now = {
+        column: np.full(episodes, float(condition[column]), np.float32)
+        for column, spec in specs.items()
+        if spec["type"] == "scalar"
+    }
+    returns = np.zeros(episodes)
+    success = np.zeros(episodes, dtype=bool)
+    has_success = False
+    done = np.zeros(episodes, dtype=bool)
+    for t in range(horizon):
+        history_obs[:, t] = np.stack([_observation_vector(o) for o in observations])
+        for column, spec in specs.items():
+            if spec["type"] == "scalar":
+                history_cond[column][:, t] = scalar_now[column]
+            elif spec["type"] == "vector":
+                if isinstance(observations[0], dict) and "desired_goal" in observations[0]:
+                    history_cond[column][:, t] = np.stack([o["desired_goal"] for o in observations])
+                else:
+                    history_cond[column][:, t] = np.asarray(condition[column], np.float32)
+            elif spec["type"] == "categorical":
+                history_cond[column][:, t] = spec["vocabulary"].index(condition[column])
+        start = max(0, t + 1 - window)
+        length = t + 1 - start
+        pad = window - length
+
+        def context(array: np.ndarray) -> torch.Tensor:
+            part = array[:, start : t + 1]
+            padding = np.zeros((episodes, pad, *array.shape[2:]), array.dtype)
+            return torch.from_numpy(np.concatenate([padding, part], axis=1)).to(device)
+
+        batch = {
+            "observation": context(history_obs),
+            "action": context(history_act),
+            "timestep": context(np.broadcast_to(np.arange(horizon), (episodes, horizon)).copy()),
+            "mask": torch.from_numpy(
+                np.broadcast_to(np.arange(window) >= pad, (episodes, window)).copy()
+            ).to(device),
+        }
+        for column in history_cond:
+            batch[column] = context(history_cond[column])
+        batch.update({column: tokens.to(device) for column, tokens in text_tokens.items()})
+        prediction = policy(batch)[:, -1]
+        actions = policy.actions.to_env(prediction.float()).cpu().numpy()
+        history_act[:, t] = actions
+
+        for i, env in enumerate(envs):
+            if done[i]:
+                continue
+            observation, reward, terminated, truncated, info = env.step(actions[i])
+            returns[i] += reward
+            for column in scalar_now:
+                if is_return_to_go(column):
+                    scalar_now[column][i] -= reward
+            if "is_success" in info:
+                has_success = True
+                success[i] = bool(info["is_success"])
+            observations[i] = observation
+            done[i] = terminated or truncated
+        if done.all():
+            break
+    for env in envs:
+        env.close()
+    result = {"returns": returns.tolist()}
+    if has_success:
+        result["successes"] = success.astype(float).tolist()
+    return result
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float, float]:
+    """Mean and a normal-approximation 95% interval of the mean."""
+    array = np.asarray(values, dtype=float)
+    mean = float(array.mean())
+    if len(array) < 2:
+        return mean, mean, mean
+    half = 1.96 * float(array.std(ddof=1)) / math.sqrt(len(array))
+    return mean, mean - half, mean + half
+
+
+def achieved_metric(config: dict[str, Any], columns: list[str]) -> str:
+    """What 'achieved' means: success rate for goal conditions, the return otherwise."""
+    specs = config["model"]["conditions"]
+    return "success" if any(specs[c]["type"] == "vector" for c in columns) else "return"
+
+
+def ask(
+    run_dir: str,
+    env_id: str,
+    condition: dict[str, str],
+    episodes: int = 10,
+    seeds: list[int] | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Roll the run's policy out under one condition over seeds; returns achieved stats."""
+    policy, config = load_policy(run_dir, device)
+    specs = config["model"]["conditions"]
+    unknown = sorted(set(condition) - set(specs))
+    if unknown:
+        raise KeyError(
+            f"{run_dir} was trained on condition columns {sorted(specs) or ['none']}; "
+            f"cannot ask for {unknown}"
+        )
+    missing = sorted(
+        set(specs) - set(condition) - {c for c, s in specs.items() if s["type"] == "vector"}
+    )
+    if missing:
+        raise ValueError(f"{run_dir} is conditioned on {sorted(specs)}; give a value for {missing}")
+    values = {
+        column: parse_value(specs[column], column, text) for column, text in condition.items()
+    }
+    for column, spec in specs.items():
+        values.setdefault(column, None)  # goals default to the environment's own
+    metric = achieved_metric(config, list(specs))
+    returns, successes = [], []
+    for seed in seeds or [0]:
+        result = rollout(policy, config, env_id, values, episodes, seed, device)
+        returns += result["returns"]
+        successes += result.get("successes", [])
+    achieved = successes if metric == "success" and successes else returns
+    mean, low, high = mean_ci95(achieved)
+    return_mean, return_low, return_high = mean_ci95(returns)
+    return {
+        "metric": metric if achieved is successes else "return",
+        "achieved_mean": mean,
+        "achieved_ci95": [low, high],
+        "episodes": len(achieved),
+        "return_mean": return_mean,
+        "return_ci95": [return_low, return_high],
+    }
+
+
+def sweep(
+    run_dir: str,
+    env_id: str,
+    column: str,
+    values: list[str],
+    episodes: int = 10,
+    seeds: list[int] | None = None,
+    out_dir: str | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Ask for each value of one column; write ask.json and ask.png under `out_dir`."""
+    results, metric = [], "return"
+    for value in values:
+        outcome = ask(run_dir, env_id, {column: value}, episodes, seeds, device)
+        metric = outcome["metric"]
+        requested: Any = value
+        try:
+            requested = float(value)
+        except ValueError:
+            pass
+        results.append(
+            {
+                "requested": requested,
+                "achieved_mean": outcome["achieved_mean"],
+                "achieved_ci95": outcome["achieved_ci95"],
+                "episodes": outcome["episodes"],
+            }
+        )
+    report = {"env": env_id, "condition": column, "metric": metric, "results": results}
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "ask.json"), "w") as handle:
+            json.dump(report, handle, indent=2)
+        _, config = load_policy(run_dir)
+        plot_sweep(report, config["index"].get("episode_return"), os.path.join(out_dir, "ask.png"))
+    return report
+
+
+def plot_sweep(report: dict[str, Any], dataset_return: dict[str, Any] | None, path: str) -> None:
+    """Achieved vs requested, with the dataset's own return distribution marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    numeric = all(isinstance(r["requested"], float) for r in results)
+    xs = [r["requested"] for r in results] if numeric else list(range(len(results)))
+    means = np.array([r["achieved_mean"] for r in results])
+    lows = means - np.array([r["achieved_ci95"][0] for r in results])
+    highs = np.array([r["achieved_ci95"][1] for r in results]) - means
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    axis.errorbar(xs, means, yerr=[lows, highs], fmt="o-", capsize=4, label="achieved (95% CI)")
+    if dataset_return and report["metric"] == "return":
+        quantiles = dataset_return.get("quantiles") or {}
+        low = quantiles.get("0.05", quantiles.get("0.1", dataset_return.get("min")))
+        high = quantiles.get("0.95", quantiles.get("0.9", dataset_return.get("max")))
+        if low is not None and high is not None:
+            axis.axhspan(low, high, color="grey", alpha=0.2, label="dataset returns (5-95%)")
+        axis.axhline(
+            dataset_return["mean"], color="grey", linestyle="--", label="dataset mean return"
+        )
+        if numeric and is_return_to_go(report["condition"]):
+            line = [min(xs), max(xs)]
+            axis.plot(
+                line,
+                line,
+                color="black",
+                linewidth=0.8,
+                linestyle=":",
+                label="achieved = requested",
+            )
+            if low is not None and high is not None:
+                axis.axvspan(low, high, color="tab:orange", alpha=0.08, label="dataset range (x)")
+    if not numeric:
+        axis.set_xticks(xs, [str(r["requested"]) for r in results])
+    axis.set_xlabel(f"requested {report['condition']}")
+    axis.set_ylabel(f"achieved {report['metric']}")
+    axis.set_title(f"{report['env']}: asking for {report['condition']}")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

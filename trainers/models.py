@@ -1,0 +1,234 @@
+"""The two policies p(action | states, g): an MLP over (state, g) (RvS-style) and a small
+causal transformer over the window (Decision-Transformer-style).
+
+Both take a loader batch (trainers/data.py) and return one action prediction per step of
+the window, so the same loss (`action_loss`) and the same rollout code serve both:
+- continuous actions: the prediction is the action scaled to [-1, 1] by the index's
+  low/high, trained with mean squared error, un-scaled and clipped at act time;
+- discrete actions: logits over the index's `n` actions, trained with cross-entropy.
+Positions where `mask` is False (left padding at an episode's start) carry no loss.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainers.encoders import ConditionEncoder
+
+
+def model_config(
+    index: dict[str, Any],
+    conditions: list[str],
+    *,
+    kind: str = "transformer",
+    d_model: int = 128,
+    n_layer: int = 3,
+    n_head: int = 4,
+    hidden: int = 256,
+) -> dict[str, Any]:
+    """Everything needed to rebuild a model, as plain data (it travels in checkpoints)."""
+    from trainers.encoders import condition_specs
+
+    if kind not in ("transformer", "mlp"):
+        raise ValueError(f"--model must be 'transformer' or 'mlp', got {kind!r}")
+    return {
+        "kind": kind,
+        "observation_dim": int(math.prod(index["observation"]["shape"])),
+        "action": dict(index["action"]),
+        "conditions": condition_specs(index.get("conditions", {}), conditions),
+        "window": int(index["window"]),
+        "d_model": d_model,
+        "n_layer": n_layer,
+        "n_head": n_head,
+        "hidden": hidden,
+        "max_timestep": 4096,
+    }
+
+
+class ActionSpace(nn.Module):
+    """Scaling between environment actions and what the network predicts."""
+
+    def __init__(self, action: dict[str, Any]):
+        super().__init__()
+        self.discrete = action["kind"] == "discrete"
+        if self.discrete:
+            self.output_dim = int(action["n"])
+            return
+        dim = int(action["dim"])
+        low = torch.as_tensor(action.get("low", [-1.0] * dim), dtype=torch.float32)
+        high = torch.as_tensor(action.get("high", [1.0] * dim), dtype=torch.float32)
+        bounded = torch.isfinite(low) & torch.isfinite(high) & (high > low)
+        center = torch.where(bounded, (high + low) / 2, torch.zeros_like(low))
+        half = torch.where(bounded, (high - low) / 2, torch.ones_like(low))
+        self.register_buffer("center", center)
+        self.register_buffer("half_range", half)
+        self.register_buffer("low", torch.where(bounded, low, torch.full_like(low, -math.inf)))
+        self.register_buffer("high", torch.where(bounded, high, torch.full_like(high, math.inf)))
+        self.output_dim = dim
+
+    def to_network(self, action: torch.Tensor) -> torch.Tensor:
+        return action if self.discrete else (action - self.center) / self.half_range
+
+    def to_env(self, prediction: torch.Tensor) -> torch.Tensor:
+        """Greedy action from a prediction: argmax, or un-scaled and clipped to the box."""
+        if self.discrete:
+            return prediction.argmax(-1)
+        action = prediction * self.half_range + self.center
+        return torch.maximum(torch.minimum(action, self.high), self.low)
+
+
+class Policy(nn.Module):
+    """Shared parts: observation normalization, conditioning, action space, loss."""
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        self.config = config
+        dim = config["observation_dim"]
+        # Set from the first batch by the trainer (`fit_observation_normalizer`); saved
+        # with the weights, so a rollout normalizes exactly like training.
+        self.register_buffer("observation_mean", torch.zeros(dim))
+        self.register_buffer("observation_std", torch.ones(dim))
+        self.actions = ActionSpace(config["action"])
+        self.condition = ConditionEncoder(config["conditions"], config["d_model"])
+
+    @torch.no_grad()
+    def fit_observation_normalizer(self, batch: dict[str, torch.Tensor]) -> None:
+        observations = batch["observation"].reshape(-1, self.config["observation_dim"])
+        valid = observations[batch["mask"].reshape(-1)]
+        if len(valid) > 1:
+            self.observation_mean.copy_(valid.mean(0))
+            self.observation_std.copy_(valid.std(0).clamp(min=1e-3))
+
+    def normalized_observation(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        observation = batch["observation"].float()
+        observation = observation.reshape(*observation.shape[:2], -1)
+        return (observation - self.observation_mean) / self.observation_std
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        prediction = self(batch).float()
+        mask = batch["mask"]
+        if self.actions.discrete:
+            per_step = F.cross_entropy(
+                prediction.reshape(-1, prediction.shape[-1]),
+                batch["action"].reshape(-1).long(),
+                reduction="none",
+            ).reshape(mask.shape)
+        else:
+            target = self.actions.to_network(batch["action"].float())
+            per_step = ((prediction - target) ** 2).mean(-1)
+        weight = mask.float()
+        return (per_step * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+class MLPPolicy(Policy):
+    """RvS: a ~1M-parameter-or-less MLP on (state_t, g_t), applied to every step independently."""
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config)
+        hidden, d_model = config["hidden"], config["d_model"]
+        self.network = nn.Sequential(
+            nn.Linear(config["observation_dim"] + d_model, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, self.actions.output_dim),
+        )
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        observation = self.normalized_observation(batch)
+        batch_size, window = observation.shape[:2]
+        condition = self.condition(batch, batch_size, window)
+        return self.network(torch.cat([observation, condition], dim=-1))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with causal self-attention (nanoGPT's, minus dropout)."""
+
+    def __init__(self, d_model: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.norm1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model)
+        )
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        batch_size, window, d_model = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(d_model, dim=-1)
+        heads = (batch_size, window, self.n_head, d_model // self.n_head)
+        q, k, v = (t.view(heads).transpose(1, 2) for t in (q, k, v))
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        x = x + self.out(attended.transpose(1, 2).reshape(batch_size, window, d_model))
+        return x + self.mlp(self.norm2(x))
+
+
+class TransformerPolicy(Policy):
+    """Decision-Transformer-style: one token per step (state, g, previous action, timestep),
+    causal attention over the window, the action of each step predicted from its token."""
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config)
+        d_model = config["d_model"]
+        self.embed_observation = nn.Linear(config["observation_dim"], d_model)
+        if self.actions.discrete:
+            # Index n stands for "no previous action" (first step of a window).
+            self.embed_previous_action = nn.Embedding(self.actions.output_dim + 1, d_model)
+        else:
+            self.embed_previous_action = nn.Linear(self.actions.output_dim, d_model)
+        self.embed_timestep = nn.Embedding(config["max_timestep"], d_model)
+        self.embed_position = nn.Embedding(config["window"], d_model)
+        self.blocks = nn.ModuleList(
+            Block(d_model, config["n_head"]) for _ in range(config["n_layer"])
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, self.actions.output_dim)
+
+    def previous_actions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        action, mask = batch["action"], batch["mask"]
+        valid = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], dim=1)
+        if self.actions.discrete:
+            shifted = torch.cat([action[:, :1].long(), action[:, :-1].long()], dim=1)
+            return self.embed_previous_action(
+                torch.where(valid, shifted, torch.full_like(shifted, self.actions.output_dim))
+            )
+        scaled = self.actions.to_network(action.float())
+        shifted = torch.cat([torch.zeros_like(scaled[:, :1]), scaled[:, :-1]], dim=1)
+        return self.embed_previous_action(shifted * valid.unsqueeze(-1).float())
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        observation = self.normalized_observation(batch)
+        batch_size, window = observation.shape[:2]
+        mask = batch["mask"]
+        timestep = batch["timestep"].long().clamp(0, self.config["max_timestep"] - 1)
+        position = torch.arange(window, device=observation.device)
+        x = (
+            self.embed_observation(observation)
+            + self.condition(batch, batch_size, window)
+            + self.previous_actions(batch)
+            + self.embed_timestep(timestep)
+            + self.embed_position(position)
+        )
+        # Causal, and never attend to left padding; a padded query attends to itself
+        # (so no row is all -inf); its output carries no loss.
+        causal = torch.ones(window, window, dtype=torch.bool, device=x.device).tril()
+        allowed = causal & mask[:, None, :]
+        allowed = allowed | torch.eye(window, dtype=torch.bool, device=x.device)
+        attention_mask = allowed.unsqueeze(1)
+        for block in self.blocks:
+            x = block(x, attention_mask)
+        return self.head(self.norm(x))
+
+
+def build_model(config: dict[str, Any]) -> Policy:
+    """The policy a config describes (`model_config`)."""
+    return {"mlp": MLPPolicy, "transformer": TransformerPolicy}[config["kind"]](config)
