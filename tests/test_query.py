@@ -1,0 +1,363 @@
+"""Queries by conditioning attributes: results equal an independent Polars computation on
+the raw Parquet files, locally and on S3; subsets are whole, valid dataset versions."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+from polars.testing import assert_frame_equal
+
+import engine
+import engine.dataset
+from engine import storage
+from engine.dataset import (
+    DatasetError,
+    assemble_group,
+    begin_version,
+    commit_version,
+    fields_of,
+    inherit_groups,
+    new_manifest,
+    open_dataset,
+    write_group_part,
+)
+from engine.query import QueryError, ReadStats, count, query, read_rows
+from jobs.cli import main as cli_main
+from jobs.query_job import QueryOptions, run_query
+from schemas import steps as cols
+from tests.synthetic import make_episodes, write_synthetic_dataset
+
+SKILL_BY_NOISE = {0.0: "expert", 0.5: "intermediate", 1.0: "novice"}
+
+
+def relabeled_dataset(root: str, num_episodes: int = 40, part_steps: int = 150) -> str:
+    """A base version and a child with a `labels` group, as a relabeler would attach it:
+    `skill` per episode (from the noise level) and `return_to_go` per step."""
+    steps, episodes = make_episodes(num_episodes=num_episodes, seed=3, max_length=25)
+    base_uri = storage.join(root, "base")
+    write_synthetic_dataset(base_uri, steps, episodes, part_steps=part_steps)
+    parent = open_dataset(base_uri)
+    child_uri = begin_version(storage.join(root, "labeled"))
+    written = []
+    for index in range(parent.num_parts):
+        part_steps_table = pl.from_arrow(parent.read_part(index, columns=["episode_id", "reward"]))
+        return_to_go = part_steps_table.select(
+            pl.col("reward").reverse().cum_sum().reverse().over("episode_id").alias("return_to_go")
+        )
+        part_episodes = pl.from_arrow(parent.read_part(index, "episodes", ["noise"]))
+        skill = part_episodes.select(
+            pl.col("noise").replace_strict(SKILL_BY_NOISE, return_dtype=pl.String).alias("skill")
+        )
+        written.append(
+            write_group_part(child_uri, "labels", index, return_to_go.to_arrow(), skill.to_arrow())
+        )
+    group = assemble_group(
+        child_uri,
+        "labels",
+        written,
+        fields_of([return_to_go.to_arrow()]),
+        fields_of([skill.to_arrow()]),
+    )
+    manifest = new_manifest(
+        child_uri,
+        groups=inherit_groups(parent, [group]),
+        parts=parent.manifest.parts,
+        operation="relabel",
+        command="tests",
+        parent=parent.manifest,
+        parent_uri=parent.uri,
+    )
+    commit_version(child_uri, manifest)
+    return child_uri
+
+
+def raw_tables(uri: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Steps and episodes straight from every group's Parquet files (the independent way)."""
+    manifest = open_dataset(uri).manifest
+    tables = {}
+    for level in ("steps", "episodes"):
+        frames = []
+        for group in manifest.groups:
+            files = [storage.join(group.root, f.path) for f in getattr(group, f"{level}_files")]
+            frames.append(
+                pl.concat(
+                    [
+                        pl.read_parquet(f, storage_options=storage.polars_storage_options(f))
+                        for f in files
+                    ]
+                )
+            )
+        tables[level] = pl.concat(frames, how="horizontal")
+    return tables["steps"], tables["episodes"]
+
+
+@pytest.fixture(scope="module")
+def labeled(tmp_path_factory):
+    # Small row groups, so that skipping row groups is exercised on a tiny dataset.
+    mp = pytest.MonkeyPatch()
+    mp.setattr(engine.dataset, "ROW_GROUP_ROWS", 16)
+    try:
+        uri = relabeled_dataset(str(tmp_path_factory.mktemp("query")))
+    finally:
+        mp.undo()
+    return uri
+
+
+@pytest.fixture(scope="module")
+def raw(labeled):
+    return raw_tables(labeled)
+
+
+def test_episode_condition_keeps_every_step_of_matching_episodes(labeled, raw):
+    steps, episodes = raw
+    result = query(labeled, "skill = 'expert' AND return > -3")
+    chosen = episodes.filter((pl.col("skill") == "expert") & (pl.col("return") > -3))
+    expected = steps.join(chosen.select("episode_id"), on="episode_id", how="semi")
+    assert 0 < chosen.height < episodes.height
+    assert_frame_equal(result.frame, expected)
+    assert result.plan.row_condition is None
+    assert count(labeled, "skill = 'expert' AND return > -3") == expected.height
+
+
+@pytest.mark.parametrize(
+    ("where", "expected_filter"),
+    [
+        ("return_to_go > 1.5", pl.col("return_to_go") > 1.5),
+        (
+            "return_to_go > 0 AND skill <> 'novice' AND t BETWEEN 2 AND 9",
+            (pl.col("return_to_go") > 0)
+            & (pl.col("skill") != "novice")
+            & pl.col("t").is_between(2, 9),
+        ),
+        ("reward > return / 10", pl.col("reward") > pl.col("return") / 10),
+        (
+            "skill = 'novice' OR reward > 1.5",
+            (pl.col("skill") == "novice") | (pl.col("reward") > 1.5),
+        ),
+        (
+            "episode_id IN (17, 57, 397) AND t < 3",
+            pl.col("episode_id").is_in([17, 57, 397]) & (pl.col("t") < 3),
+        ),
+    ],
+)
+def test_step_and_mixed_conditions_equal_an_independent_join(labeled, raw, where, expected_filter):
+    steps, episodes = raw
+    joined = steps.join(episodes.select("episode_id", "return", "skill"), on="episode_id")
+    expected = joined.filter(expected_filter).select(steps.columns)
+    result = query(labeled, where)
+    assert expected.height > 0
+    assert_frame_equal(result.frame, expected)
+    assert count(labeled, where) == expected.height
+
+
+def test_select_repeats_episode_columns_on_steps(labeled, raw):
+    steps, episodes = raw
+    result = query(
+        labeled, "skill = 'intermediate'", select=["episode_id", "t", "return_to_go", "skill"]
+    )
+    expected = (
+        steps.join(episodes.select("episode_id", "skill"), on="episode_id")
+        .filter(pl.col("skill") == "intermediate")
+        .select("episode_id", "t", "return_to_go", "skill")
+    )
+    assert_frame_equal(result.frame, expected)
+
+
+def test_episodes_query(labeled, raw):
+    _, episodes = raw
+    result = query(
+        labeled,
+        "skill = 'expert' AND return > -3",
+        level="episodes",
+        select=["episode_id", "return", "skill"],
+    )
+    expected = episodes.filter((pl.col("skill") == "expert") & (pl.col("return") > -3)).select(
+        "episode_id", "return", "skill"
+    )
+    assert_frame_equal(result.frame, expected)
+    assert result.stats.bytes > 0 and result.stats.files == 2 * open_dataset(labeled).num_parts
+
+
+def test_limit_stops_reading_early(labeled, raw):
+    steps, _ = raw
+    result = query(labeled, "reward > 0", limit=5)
+    assert_frame_equal(result.frame, steps.filter(pl.col("reward") > 0).head(5))
+    assert result.stats.parts_skipped > 0
+
+
+def test_no_match_gives_an_empty_frame_with_the_schema(labeled):
+    result = query(labeled, "skill = 'nobody'", select=["episode_id", "observation", "skill"])
+    assert result.frame.height == 0
+    assert result.frame.columns == ["episode_id", "observation", "skill"]
+    assert isinstance(result.frame.schema["observation"], pl.Array)
+
+
+def test_selective_query_reads_only_needed_row_groups_and_columns(labeled):
+    full = query(labeled)
+    selective = query(labeled, "episode_id < 60", select=["episode_id", "t", "return_to_go"])
+    assert selective.stats.row_groups_skipped > 0
+    assert selective.stats.bytes * 4 < full.stats.bytes
+    # Why engine.scan alone cannot do this: Polars stops a filter at a horizontal concat.
+    plan = engine.scan(labeled).filter(pl.col("episode_id") < 60).explain()
+    assert "HCONCAT" in plan
+
+
+def test_read_rows_takes_the_right_rows_across_row_groups(labeled):
+    dataset = open_dataset(labeled)
+    uri = dataset.file_uris(dataset.manifest.groups[0], "steps")[0]
+    whole = pl.read_parquet(uri)
+    rows = np.array([0, 3, 15, 16, 17, 40, whole.height - 1])
+    stats = ReadStats()
+    table = read_rows(uri, ["t", "episode_id"], rows, stats)
+    assert_frame_equal(pl.from_arrow(table), whole.select("t", "episode_id")[rows])
+    assert stats.row_groups_skipped > 0
+
+
+def test_unknown_column_lists_the_available_ones(labeled):
+    with pytest.raises(QueryError) as error:
+        query(labeled, "skil = 'expert'")
+    message = str(error.value)
+    assert "'skil'" in message and "return_to_go" in message and "skill" in message
+
+
+def test_syntax_error_shows_where(labeled):
+    with pytest.raises(QueryError) as error:
+        query(labeled, "return > > 3")
+    message = str(error.value)
+    assert "column 10" in message
+    assert message.splitlines()[-1] == "  " + " " * 9 + "^"
+
+
+def test_step_column_in_an_episodes_query_is_explained(labeled):
+    with pytest.raises(QueryError, match="step column"):
+        query(labeled, "reward > 0", level="episodes")
+
+
+def test_a_directory_without_manifest_is_not_a_dataset(tmp_path):
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(DatasetError, match="not a hindsight dataset"):
+        query(str(tmp_path / "nothing"), "reward > 0")
+
+
+def assert_valid_subset(uri: str, expected_steps: pl.DataFrame, expected_episodes: pl.DataFrame):
+    """A self-contained version: one base group, every column, whole sorted episodes."""
+    dataset = open_dataset(uri, verify_checksums=True)
+    assert [g.name for g in dataset.manifest.groups] == ["base"]
+    assert dataset.manifest.steps == expected_steps.height
+    assert dataset.manifest.episodes == expected_episodes.height
+    steps, episodes = raw_tables(uri)
+    assert_frame_equal(steps, expected_steps)
+    assert_frame_equal(episodes, expected_episodes)
+    lengths = steps.group_by("episode_id", maintain_order=True).len()
+    assert lengths["len"].to_list() == episodes["length"].to_list()
+    try:
+        from engine.validate import check_step_index
+    except ImportError:
+        assert steps.select((pl.col("t") == pl.int_range(pl.len()).over("episode_id")).all()).item()
+    else:
+        assert check_step_index(uri, steps["episode_id"].to_numpy(), steps["t"].to_numpy()) == []
+
+
+def test_out_writes_a_self_contained_version_of_whole_episodes(labeled, raw, tmp_path):
+    steps, episodes = raw
+    out = str(tmp_path / "experts")
+    where = "skill = 'expert' AND return_to_go > 2"
+    summary = run_query(QueryOptions(dataset=labeled, where=where, out=out), stdout=io.StringIO())
+    matched = (
+        steps.join(episodes.select("episode_id", "skill"), on="episode_id")
+        .filter((pl.col("skill") == "expert") & (pl.col("return_to_go") > 2))["episode_id"]
+        .unique()
+    )
+    expected_episodes = episodes.filter(pl.col("episode_id").is_in(matched.implode()))
+    expected_steps = steps.filter(pl.col("episode_id").is_in(matched.implode()))
+    assert summary["episodes"] == expected_episodes.height > 0
+    assert_valid_subset(out, expected_steps, expected_episodes)
+    manifest = open_dataset(out).manifest
+    parent = open_dataset(labeled).manifest
+    assert manifest.parent_id == parent.dataset_id
+    assert manifest.parent_uri == storage.normalize(labeled)
+    assert [h.operation for h in manifest.history] == ["ingest", "relabel", "query"]
+    assert manifest.history[-1].details["where"] == where
+    # The subset is queryable like any version.
+    assert query(out, "skill = 'novice'").frame.height == 0
+
+
+def test_cli_formats(labeled, raw, tmp_path, capsys):
+    steps, episodes = raw
+    where = "skill = 'expert'"
+    expected = steps.join(
+        episodes.filter(pl.col("skill") == "expert").select("episode_id"),
+        on="episode_id",
+        how="semi",
+    )
+
+    assert cli_main(["query", labeled, "--where", where]) == 0
+    table = capsys.readouterr().out
+    assert f"showing 20 of {expected.height:,} matching steps" in table
+
+    args = ["query", labeled, "--where", where, "--select", "episode_id,t,return_to_go,observation"]
+    assert cli_main([*args, "--format", "csv"]) == 0
+    csv = pl.read_csv(io.StringIO(capsys.readouterr().out))
+    assert csv.height == expected.height
+    assert csv["return_to_go"].to_list() == pytest.approx(expected["return_to_go"].to_list())
+    first_observation = json.loads(csv["observation"][0])
+    assert first_observation == pytest.approx(expected["observation"][0].to_list())
+
+    assert cli_main([*args, "--format", "json", "--limit", "7"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["t"] for line in lines] == expected["t"].head(7).to_list()
+
+    parquet_file = tmp_path / "slice.parquet"
+    assert cli_main([*args, "--format", "parquet", "--output-file", str(parquet_file)]) == 0
+    assert_frame_equal(
+        pl.read_parquet(parquet_file),
+        expected.select("episode_id", "t", "return_to_go", "observation"),
+    )
+
+    assert cli_main(["query", labeled, "--where", "skill = 'expert'", "--episodes"]) == 0
+    assert f"{episodes.filter(pl.col('skill') == 'expert').height} matching episodes" in (
+        capsys.readouterr().out
+    )
+
+    assert cli_main(["query", labeled, "--where", "nope > 1"]) == 2
+    assert "step columns:" in capsys.readouterr().err
+
+
+@pytest.mark.s3
+def test_query_and_out_on_s3(s3_bucket, labeled):
+    uri = relabeled_dataset(f"{s3_bucket}/datasets", num_episodes=30, part_steps=120)
+    steps, episodes = raw_tables(uri)
+    where = "skill = 'novice' AND return_to_go > 0"
+    expected = (
+        steps.join(episodes.select("episode_id", "skill"), on="episode_id")
+        .filter((pl.col("skill") == "novice") & (pl.col("return_to_go") > 0))
+        .select(steps.columns)
+    )
+    assert_frame_equal(query(uri, where).frame, expected)
+    assert_frame_equal(
+        query(uri, "skill = 'novice'", level="episodes").frame,
+        episodes.filter(pl.col("skill") == "novice"),
+    )
+    out = f"{s3_bucket}/datasets/novices"
+    run_query(QueryOptions(dataset=uri, where="skill = 'novice'", out=out), stdout=io.StringIO())
+    chosen = episodes.filter(pl.col("skill") == "novice")
+    assert_valid_subset(
+        out,
+        steps.join(chosen.select("episode_id"), on="episode_id", how="semi"),
+        chosen,
+    )
+    assert not any(f.startswith(f"{s3_bucket}/datasets/labeled") for f in storage.list_files(out))
+
+
+def test_pyarrow_types_survive_the_subset(labeled, tmp_path):
+    out = str(tmp_path / "sub")
+    run_query(
+        QueryOptions(dataset=labeled, where="episode_id < 100", out=out), stdout=io.StringIO()
+    )
+    schema = open_dataset(out).read_part(0).schema
+    assert pa.types.is_fixed_size_list(schema.field(cols.OBSERVATION).type)
