@@ -108,7 +108,7 @@ def rollout(
     window = 1 if model["kind"] == "mlp" else model["window"]
     discrete = model["action"]["kind"] == "discrete"
     envs = [gym.make(env_id) for _ in range(episodes)]
-    observations, goals = [], []
+    observations = []
     for i, env in enumerate(envs):
         observation, _ = env.reset(seed=seed * 100_003 + i)
         for column, value in condition.items():
@@ -167,9 +167,9 @@ def rollout(
         length = t + 1 - start
         pad = window - length
 
-        def context(array: np.ndarray) -> torch.Tensor:
-            part = array[:, start : t + 1]
-            padding = np.zeros((episodes, pad, *array.shape[2:]), array.dtype)
+        def context(array: np.ndarray, start: int = start, stop: int = t + 1) -> torch.Tensor:
+            part = array[:, start:stop]
+            padding = np.zeros((episodes, window - part.shape[1], *array.shape[2:]), array.dtype)
             return torch.from_numpy(np.concatenate([padding, part], axis=1)).to(device)
 
         batch = {
@@ -251,7 +251,7 @@ def ask(
     values = {
         column: parse_value(specs[column], column, text) for column, text in condition.items()
     }
-    for column, spec in specs.items():
+    for column in specs:
         values.setdefault(column, None)  # goals default to the environment's own
     metric = achieved_metric(config, list(specs))
     returns, successes = [], []

@@ -147,6 +147,7 @@ def train_loop(
     """
     options = config["options"]
     run_dir = options["run_dir"]
+    os.makedirs(run_dir, exist_ok=True)
     device = device or pick_device(options["device"])
     torch.manual_seed(options["seed"])
 
