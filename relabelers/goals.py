@@ -1,0 +1,391 @@
+"""`goals`: hindsight experience replay (HER) goal relabeling.
+
+For every step, `k` goals are drawn from goals that were actually achieved:
+
+- `final`:   the achieved goal at the last step of the same episode;
+- `future`:  the achieved goal at a uniformly drawn later step t' in [t + 1, T - 1] of the
+             same episode (t' = T - 1 at the last step);
+- `episode`: the achieved goal at a uniformly drawn step t' in [0, T - 1] of the episode;
+- `random`:  the achieved goal of a step of another episode, from a dataset-wide pool built
+             in pass one (bottom-k by a hash of the episode id, so it does not depend on
+             how the dataset is split into parts).
+
+The achieved-goal source (`achieved`) is a column (`achieved_goal`), a struct field
+(`observation.achieved_goal`) or a slice of a vector column (`observation[0:2]`,
+`observation.observation[3:5]`).
+
+Columns written (step level), with G = goal_dim:
+
+- `hindsight_goal`:      FixedSizeList<float32>[k * G]: goal j is items [j*G, (j+1)*G)
+                         (reshape a batch with `.reshape(-1, k, G)`);
+- `hindsight_goal_step`: FixedSizeList<int32>[k]: the step t' each goal came from (the whole
+                         entry is null for `random`, whose goals come from other episodes);
+- `hindsight_reward`:    FixedSizeList<float32>[k]: the relabeled reward under each goal;
+- `hindsight_reached`:   FixedSizeList<bool>[k]: whether the goal is reached after the step.
+
+"Reached after step t" compares the goal with the achieved goal of the state after the
+action: the achieved goal at row t + 1 of the same episode (at the last step, the last
+row's own achieved goal, since the final next state is not a row of the table). Reached
+means Euclidean distance <= `threshold`; the reward is 1.0 / 0.0 for reached / not, or,
+with `reward_function`, whatever that function returns for (achieved, goal):
+
+- a gymnasium environment id (`hindsight/PointGoal-v0`, or `module:Env-v0` to import the
+  module that registers it): its `compute_reward(achieved_goal, desired_goal, info)`;
+- a dotted path `package.module:function` taking (achieved_goal, desired_goal, info).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from relabelers.base import (
+    Columns,
+    Output,
+    Params,
+    Relabeler,
+    RelabelError,
+    Statistics,
+    hash_uniform,
+)
+from schemas import steps as cols
+
+HINDSIGHT_GOAL = "hindsight_goal"
+HINDSIGHT_GOAL_STEP = "hindsight_goal_step"
+HINDSIGHT_REWARD = "hindsight_reward"
+HINDSIGHT_REACHED = "hindsight_reached"
+
+# hash_uniform streams, so different uses of randomness never correlate.
+_STREAM_GOAL = 1_000
+_STREAM_POOL = 7
+
+_SLICE = re.compile(r"^(?P<path>[A-Za-z_][\w.]*)(\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
+
+
+@dataclass(frozen=True)
+class AchievedSpec:
+    """Where achieved goals live: a column path plus an optional slice of its vector."""
+
+    path: str
+    start: int | None = None
+    stop: int | None = None
+
+    @property
+    def column(self) -> str:
+        return self.path.split(".")[0]
+
+    @classmethod
+    def parse(cls, text: str) -> AchievedSpec:
+        match = _SLICE.match(text.strip())
+        if not match:
+            raise RelabelError(
+                f"relabeler 'goals': achieved={text!r} is not a column, a struct field "
+                "(observation.achieved_goal) or a slice (observation[0:2])"
+            )
+        start, stop = match.group("start"), match.group("stop")
+        return cls(
+            match.group("path"),
+            int(start) if start else None,
+            int(stop) if stop else None,
+        )
+
+    def field_type(self, schema: pa.Schema) -> pa.DataType:
+        """The Arrow type at `path` in `schema`; a clear error when there is none."""
+        head, *rest = self.path.split(".")
+        if head not in schema.names:
+            raise RelabelError(
+                f"relabeler 'goals': achieved={self.path!r}: the dataset has no column {head!r}; "
+                f"columns: {', '.join(schema.names)}"
+            )
+        data_type = schema.field(head).type
+        walked = head
+        for name in rest:
+            if not pa.types.is_struct(data_type):
+                raise RelabelError(
+                    f"relabeler 'goals': achieved={self.path!r}: {walked!r} is {data_type}, "
+                    f"not a struct with a field {name!r}"
+                )
+            names = [data_type.field(i).name for i in range(data_type.num_fields)]
+            if name not in names:
+                raise RelabelError(
+                    f"relabeler 'goals': achieved={self.path!r}: struct {walked!r} has no "
+                    f"field {name!r}; fields: {', '.join(names)}"
+                )
+            data_type = data_type.field(name).type
+            walked += "." + name
+        return data_type
+
+    def goal_dim(self, schema: pa.Schema) -> int:
+        """Check the spec against a schema and return the goal dimension."""
+        data_type = self.field_type(schema)
+        if pa.types.is_fixed_size_list(data_type):
+            width = data_type.list_size
+        elif pa.types.is_floating(data_type) or pa.types.is_integer(data_type):
+            width = 1
+        else:
+            raise RelabelError(
+                f"relabeler 'goals': achieved={self.path!r} is {data_type}; expected a "
+                "fixed-size list of numbers (a vector per step) or a number"
+            )
+        if self.start is None and self.stop is None:
+            return width
+        indices = range(width)[slice(self.start, self.stop)]
+        if len(indices) == 0 or (self.stop is not None and self.stop > width):
+            raise RelabelError(
+                f"relabeler 'goals': achieved slice [{self.start}:{self.stop}] does not fit "
+                f"{self.path!r}, which has {width} values per step"
+            )
+        return len(indices)
+
+    def read(self, steps: pa.Table) -> np.ndarray:
+        """The achieved goals of every step as float64 (rows, goal_dim)."""
+        self.goal_dim(steps.schema)
+        values = cols.arrow_to_numpy(cols.column_by_path(steps, self.path))
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim == 1:
+            values = values[:, None]
+        return values[:, slice(self.start, self.stop)]
+
+
+def resolve_reward_function(name: str) -> Callable[[np.ndarray, np.ndarray, Any], np.ndarray]:
+    """A batched reward function (achieved_goal, desired_goal, info) -> reward from a
+    gymnasium env id (`[module:]ns/Env-v0`) or a dotted path (`package.module:function`)."""
+    module_name, sep, attribute = name.rpartition(":")
+    if sep and "/" not in attribute and "-v" not in attribute:
+        try:
+            module = importlib.import_module(module_name)
+            function = getattr(module, attribute)
+        except (ImportError, AttributeError) as error:
+            raise RelabelError(
+                f"relabeler 'goals': reward_function={name!r} could not be loaded: {error}"
+            ) from None
+        if not callable(function):
+            raise RelabelError(f"relabeler 'goals': reward_function={name!r} is not callable")
+        return function
+    import gymnasium
+
+    env_id = attribute if sep else name
+    if sep:
+        try:
+            importlib.import_module(module_name)
+        except ImportError as error:
+            raise RelabelError(
+                f"relabeler 'goals': reward_function={name!r}: cannot import {module_name!r}: {error}"
+            ) from None
+    if env_id not in gymnasium.registry:
+        raise RelabelError(
+            f"relabeler 'goals': reward_function={name!r}: no gymnasium environment {env_id!r} is "
+            "registered; write `module:Env-v0` to import the module that registers it, or give "
+            "a function as `package.module:function`"
+        )
+    env = gymnasium.make(env_id).unwrapped
+    if not hasattr(env, "compute_reward"):
+        raise RelabelError(
+            f"relabeler 'goals': environment {env_id!r} has no compute_reward(achieved_goal, "
+            "desired_goal, info) method"
+        )
+    return env.compute_reward
+
+
+class GoalsParams(Params):
+    strategy: Literal["final", "future", "episode", "random"] = Field(
+        "future", description="Where hindsight goals come from (HER strategies)."
+    )
+    k: int = Field(4, ge=1, le=64, description="Goals per step.")
+    achieved: str = Field(
+        "observation.achieved_goal",
+        description="Achieved-goal source: a column, a struct field or a slice (observation[0:2]).",
+    )
+    threshold: float = Field(
+        0.05, gt=0.0, description="A goal is reached within this Euclidean distance."
+    )
+    reward_function: str | None = Field(
+        None,
+        description="Gymnasium env id with compute_reward ([module:]ns/Env-v0) or "
+        "package.module:function; default: 1.0 reached / 0.0 not.",
+    )
+    pool_size: int = Field(
+        4096, ge=2, description="Goals kept in the dataset-wide pool for strategy=random."
+    )
+
+
+class GoalsRelabeler(Relabeler):
+    """Hindsight goals per step (HER final/future/episode/random) and their rewards."""
+
+    name = "goals"
+    version = "1.0"
+    Params = GoalsParams
+
+    def __init__(self, params=None, seed: int = 0):
+        super().__init__(params, seed)
+        self.achieved = AchievedSpec.parse(self.params.achieved)
+        self._reward_function = None
+
+    @property
+    def needs_statistics(self) -> bool:  # type: ignore[override]
+        return self.params.strategy == "random"
+
+    def reads(self) -> Columns:
+        return Columns(steps=(cols.EPISODE_ID, cols.T, self.achieved.path))
+
+    def writes(self) -> Columns:
+        return Columns(
+            steps=(HINDSIGHT_GOAL, HINDSIGHT_GOAL_STEP, HINDSIGHT_REWARD, HINDSIGHT_REACHED)
+        )
+
+    def check_schema(self, steps: pa.Schema, episodes: pa.Schema) -> None:
+        """Called by the job before anything is written: the achieved spec must fit."""
+        self.achieved.goal_dim(steps)
+        if self.params.reward_function:
+            resolve_reward_function(self.params.reward_function)
+
+    # ------------------------------------------------------------ pass one (random only)
+
+    def summarize(self, steps: pa.Table, episodes: pa.Table) -> dict[str, Any]:
+        """One achieved goal per episode, keeping the `pool_size` smallest hashes."""
+        episode_ids = steps.column(cols.EPISODE_ID).to_numpy()
+        achieved = self._achieved_checked(steps, episode_ids)
+        bounds = cols.episode_boundaries(episode_ids)
+        starts, lengths = bounds[:-1], np.diff(bounds)
+        ids = episode_ids[starts]
+        rows = starts + np.minimum(
+            (hash_uniform(self.seed, ids, 0, _STREAM_POOL + 1) * lengths).astype(np.int64),
+            lengths - 1,
+        )
+        keys = hash_uniform(self.seed, ids, 0, _STREAM_POOL)
+        keep = np.argsort(keys, kind="stable")[: self.params.pool_size]
+        return {
+            "keys": keys[keep].tolist(),
+            "episode_ids": ids[keep].tolist(),
+            "goals": achieved[rows[keep]].tolist(),
+        }
+
+    def combine(self, summaries: list[dict[str, Any]]) -> Statistics:
+        keys = np.concatenate([np.asarray(s["keys"], dtype=np.float64) for s in summaries])
+        ids = np.concatenate([np.asarray(s["episode_ids"], dtype=np.int64) for s in summaries])
+        goals = [g for s in summaries for g in s["goals"]]
+        # Order by (hash, episode id): the same pool whatever the partitioning.
+        order = np.lexsort((ids, keys))[: self.params.pool_size]
+        if len(np.unique(ids)) < 2:
+            raise RelabelError(
+                "relabeler 'goals': strategy=random draws goals from other episodes, "
+                "but the dataset has fewer than two episodes"
+            )
+        return Statistics(
+            values={
+                "pool_episode_ids": ids[order].tolist(),
+                "pool_goals": [goals[i] for i in order],
+            },
+            report={"pool_size": int(len(order))},
+        )
+
+    # ------------------------------------------------------------ pass two
+
+    def _achieved_checked(self, steps: pa.Table, episode_ids: np.ndarray) -> np.ndarray:
+        achieved = self.achieved.read(steps)
+        bad = ~np.isfinite(achieved).all(axis=1)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise RelabelError(
+                f"relabeler 'goals': achieved goals ({self.params.achieved}) hold "
+                f"{int(bad.sum())} non-finite row(s), the first at episode "
+                f"{int(episode_ids[row])} step t={steps.column(cols.T)[row].as_py()}"
+            )
+        return achieved
+
+    def goal_rows(
+        self, episode_ids: np.ndarray, t: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+    ) -> np.ndarray:
+        """Row index (within the part) of the source step of each of the k goals: (n, k)."""
+        k = self.params.k
+        episode_start = np.repeat(starts, lengths)
+        episode_length = np.repeat(lengths, lengths)
+        uniform = np.stack(
+            [hash_uniform(self.seed, episode_ids, t, _STREAM_GOAL + j) for j in range(k)], axis=1
+        )
+        last = (episode_length - 1)[:, None]
+        if self.params.strategy == "final":
+            offsets = np.broadcast_to(last, (len(t), k))
+        elif self.params.strategy == "episode":
+            offsets = np.minimum((uniform * episode_length[:, None]).astype(np.int64), last)
+        else:  # future: t' in [t + 1, T - 1], or T - 1 at the last step
+            row_in_episode = (np.arange(len(t)) - episode_start)[:, None]
+            low = np.minimum(row_in_episode + 1, last)
+            span = last - low + 1
+            offsets = low + np.minimum((uniform * span).astype(np.int64), span - 1)
+        return episode_start[:, None] + offsets
+
+    def relabel(self, steps: pa.Table, episodes: pa.Table, statistics: Statistics) -> Output:
+        episode_ids = steps.column(cols.EPISODE_ID).to_numpy()
+        t = steps.column(cols.T).to_numpy()
+        achieved = self._achieved_checked(steps, episode_ids)
+        n, goal_dim, k = len(episode_ids), achieved.shape[1], self.params.k
+        bounds = cols.episode_boundaries(episode_ids)
+        starts, lengths = bounds[:-1], np.diff(bounds)
+
+        if self.params.strategy == "random":
+            pool_ids = np.asarray(statistics.values["pool_episode_ids"], dtype=np.int64)
+            pool_goals = np.asarray(statistics.values["pool_goals"], dtype=np.float64)
+            pool_goals = pool_goals.reshape(len(pool_ids), -1)
+            if pool_goals.shape[1] != goal_dim:
+                raise RelabelError("relabeler 'goals': the random-goal pool has another goal_dim")
+            uniform = np.stack(
+                [hash_uniform(self.seed, episode_ids, t, _STREAM_GOAL + j) for j in range(k)],
+                axis=1,
+            )
+            picks = np.minimum((uniform * len(pool_ids)).astype(np.int64), len(pool_ids) - 1)
+            # A pick from the step's own episode moves to the next pool entry; the pool
+            # holds one goal per episode, so the next one is from another episode.
+            same = pool_ids[picks] == episode_ids[:, None]
+            picks = np.where(same, (picks + 1) % len(pool_ids), picks)
+            goals = pool_goals[picks]  # (n, k, G)
+            goal_steps = pa.nulls(n, type=pa.list_(pa.field("item", pa.int32()), k))
+        else:
+            rows = self.goal_rows(episode_ids, t, starts, lengths)  # (n, k)
+            goals = achieved[rows]
+            goal_steps = _fixed_lists(t[rows].astype(np.int32), pa.int32())
+
+        # The state after the action at step t: row t + 1 of the episode (the last row at the end).
+        after = np.arange(n) + 1
+        after[bounds[1:] - 1] = bounds[1:] - 1
+        achieved_after = achieved[after] if n else achieved
+        distance = np.linalg.norm(goals - achieved_after[:, None, :], axis=-1)  # (n, k)
+        reached = distance <= self.params.threshold
+        if self.params.reward_function:
+            if self._reward_function is None:
+                self._reward_function = resolve_reward_function(self.params.reward_function)
+            reward = np.asarray(
+                self._reward_function(
+                    np.repeat(achieved_after, k, axis=0).astype(np.float32),
+                    goals.reshape(n * k, goal_dim).astype(np.float32),
+                    None,
+                ),
+                dtype=np.float32,
+            ).reshape(n, k)
+        else:
+            reward = reached.astype(np.float32)
+
+        return Output(
+            steps=pa.table(
+                {
+                    HINDSIGHT_GOAL: _fixed_lists(goals.reshape(n, k * goal_dim), pa.float32()),
+                    HINDSIGHT_GOAL_STEP: goal_steps,
+                    HINDSIGHT_REWARD: _fixed_lists(reward, pa.float32()),
+                    HINDSIGHT_REACHED: _fixed_lists(reached, pa.bool_()),
+                }
+            )
+        )
+
+
+def _fixed_lists(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    """(rows, width) -> FixedSizeList<value_type>[width]."""
+    rows, width = values.shape
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=value_type)
+    return pa.FixedSizeListArray.from_arrays(flat, width)
