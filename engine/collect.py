@@ -1,0 +1,253 @@
+"""Roll out gymnasium environments into datasets, at several epsilon-noise levels.
+
+A policy is the random policy, a built-in heuristic (`HEURISTICS`), or a user function
+`module:function` called as `function(observation) -> action`. At noise level eps each
+step takes a uniformly random action with probability eps instead of the policy's: the
+noise-injected rollouts that D-REX ranks. Episode `e` uses noise level
+`noise_levels[e % len(noise_levels)]` and is seeded from (seed, e) alone, so the output
+does not depend on how episodes are spread over parts or workers.
+
+The environment step loop is Python by nature (gymnasium steps one transition at a time);
+everything after it is array code (`engine.ingest.build_tables`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pyarrow as pa
+
+import engine.envs  # noqa: F401  (registers hindsight/PointGoal-v0)
+from engine.ingest import build_tables, write_part
+
+Policy = Callable[[Any], Any]
+NOISE_COLUMN = "noise"
+
+
+# ---------------------------------------------------------------- built-in heuristics
+
+
+def pendulum_heuristic(observation: np.ndarray) -> np.ndarray:
+    """Swing up by pumping energy, then balance with a PD controller near the top."""
+    cos_theta, sin_theta, velocity = (float(v) for v in observation)
+    theta = np.arctan2(sin_theta, cos_theta)
+    if cos_theta > 0.8:
+        torque = -(8.0 * theta + 1.5 * velocity)
+    else:
+        energy = velocity * velocity / 6.0 + 5.0 * cos_theta  # 5 at rest upright
+        direction = np.sign(velocity) if velocity != 0 else 1.0
+        torque = 2.0 * direction * (1.0 if energy < 5.0 else -1.0)
+    return np.array([np.clip(torque, -2.0, 2.0)], dtype=np.float32)
+
+
+def cartpole_heuristic(observation: np.ndarray) -> int:
+    """Push the cart under the pole (lean plus angular velocity)."""
+    x, x_velocity, angle, angular_velocity = (float(v) for v in observation)
+    return int(angle + 0.5 * angular_velocity + 0.01 * x + 0.1 * x_velocity > 0)
+
+
+def mountain_car_heuristic(observation: np.ndarray) -> np.ndarray:
+    """Push in the direction of motion to build up momentum."""
+    return np.array([1.0 if observation[1] >= 0 else -1.0], dtype=np.float32)
+
+
+def acrobot_heuristic(observation: np.ndarray) -> int:
+    """Torque along the second joint's velocity pumps energy into the swing."""
+    return 2 if observation[5] > 0 else 0
+
+
+HEURISTICS: dict[str, Policy] = {
+    "Pendulum": pendulum_heuristic,
+    "CartPole": cartpole_heuristic,
+    "MountainCarContinuous": mountain_car_heuristic,
+    "Acrobot": acrobot_heuristic,
+    "hindsight/PointGoal": engine.envs.heuristic_policy,
+}
+
+
+def heuristic_for(env_id: str) -> Policy:
+    """The built-in heuristic of an environment id (any version)."""
+    name = env_id.rsplit("-v", 1)[0]
+    if name not in HEURISTICS:
+        raise ValueError(
+            f"no built-in heuristic policy for {env_id}; available for "
+            f"{', '.join(HEURISTICS)}; use --policy random or --policy module:function"
+        )
+    return HEURISTICS[name]
+
+
+def load_policy(spec: str, env_id: str) -> Policy | None:
+    """`random` (None), `heuristic`, or a user function `module:function`."""
+    if spec == "random":
+        return None
+    if spec == "heuristic":
+        return heuristic_for(env_id)
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"--policy {spec!r}: expected random, heuristic or module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"--policy {spec!r}: cannot import {module_name}: {error}") from error
+    if not hasattr(module, function_name):
+        raise ValueError(f"--policy {spec!r}: module {module_name} has no {function_name}")
+    return getattr(module, function_name)
+
+
+# ---------------------------------------------------------------- rollouts
+
+
+def make_env(env_id: str, max_steps: int | None = None) -> gym.Env:
+    try:
+        return gym.make(env_id, max_episode_steps=max_steps) if max_steps else gym.make(env_id)
+    except gym.error.Error as error:
+        raise ValueError(f"cannot make gymnasium environment {env_id!r}: {error}") from error
+
+
+def scalar_info_keys(env_id: str, max_steps: int | None = None) -> dict[str, str]:
+    """Info entries of one step that are scalars (recorded as step columns), with kinds."""
+    env = make_env(env_id, max_steps)
+    env.reset(seed=0)
+    env.action_space.seed(0)
+    _, _, _, _, info = env.step(env.action_space.sample())
+    env.close()
+    keys = {}
+    for key, value in sorted(info.items()):
+        if key == NOISE_COLUMN:
+            continue
+        if isinstance(value, bool | np.bool_):
+            keys[key] = "bool"
+        elif isinstance(value, int | float | np.integer | np.floating):
+            keys[key] = "float"
+    return keys
+
+
+def _stack(values: list) -> Any:
+    if isinstance(values[0], dict):
+        return {key: np.stack([v[key] for v in values]) for key in values[0]}
+    return np.stack([np.asarray(v) for v in values])
+
+
+def rollout(
+    env: gym.Env,
+    policy: Policy | None,
+    noise: float,
+    seed: int,
+    episode: int,
+    info_keys: dict[str, str],
+) -> dict[str, Any]:
+    """One episode with epsilon-noise `noise`, seeded by (seed, episode)."""
+    rng = np.random.default_rng([seed, episode])
+    env_seed, space_seed = (int(s) for s in rng.integers(0, 2**31 - 1, size=2))
+    observation, _ = env.reset(seed=env_seed)
+    env.action_space.seed(space_seed)
+    record: dict[str, list] = {
+        k: [] for k in ("obs", "next_obs", "action", "reward", "term", "trunc")
+    }
+    infos: dict[str, list] = {key: [] for key in info_keys}
+    while True:
+        if policy is None or rng.random() < noise:
+            action = env.action_space.sample()
+        else:
+            action = policy(observation)
+        next_observation, reward, terminated, truncated, info = env.step(action)
+        record["obs"].append(observation)
+        record["next_obs"].append(next_observation)
+        record["action"].append(action)
+        record["reward"].append(reward)
+        record["term"].append(terminated)
+        record["trunc"].append(truncated)
+        for key, kind in info_keys.items():
+            infos[key].append(info.get(key, False if kind == "bool" else np.nan))
+        observation = next_observation
+        if terminated or truncated:
+            break
+    length = len(record["reward"])
+    action = np.asarray(record["action"])
+    if isinstance(env.action_space, gym.spaces.Discrete):
+        action = action.astype(np.int64).reshape(length)
+    return {
+        "observation": _stack(record["obs"]),
+        "next_observation": _stack(record["next_obs"]),
+        "action": action,
+        "reward": np.asarray(record["reward"], dtype=np.float64),
+        "terminated": np.asarray(record["term"], dtype=bool),
+        "truncated": np.asarray(record["trunc"], dtype=bool),
+        "infos": {
+            key: np.asarray(values, dtype=bool if info_keys[key] == "bool" else np.float64)
+            for key, values in infos.items()
+        },
+        "noise": np.full(length, noise, dtype=np.float32),
+        "episode_id": np.full(length, episode, dtype=np.int64),
+    }
+
+
+def noise_of(episode: int, noise_levels: list[float]) -> float:
+    return float(noise_levels[episode % len(noise_levels)])
+
+
+def collect_tables(
+    env_id: str,
+    policy_spec: str,
+    episodes: range,
+    noise_levels: list[float],
+    seed: int,
+    max_steps: int | None = None,
+    info_keys: dict[str, str] | None = None,
+) -> tuple[pa.Table, pa.Table]:
+    """Roll out `episodes` (episode indices) and return the base step and episode tables."""
+    policy = load_policy(policy_spec, env_id)
+    env = make_env(env_id, max_steps)
+    info_keys = scalar_info_keys(env_id, max_steps) if info_keys is None else info_keys
+    runs = [rollout(env, policy, noise_of(e, noise_levels), seed, e, info_keys) for e in episodes]
+    env.close()
+
+    def cat(key: str) -> Any:
+        values = [run[key] for run in runs]
+        if isinstance(values[0], dict):
+            return {k: np.concatenate([v[k] for v in values]) for k in values[0]}
+        return np.concatenate(values)
+
+    infos = {NOISE_COLUMN: cat("noise"), **cat("infos")}
+    return build_tables(
+        episode_ids=cat("episode_id"),
+        observation=cat("observation"),
+        next_observation=cat("next_observation"),
+        action=cat("action"),
+        reward=cat("reward"),
+        terminated=cat("terminated"),
+        truncated=cat("truncated"),
+        infos=infos,
+        episode_info_columns=[NOISE_COLUMN],
+        env_id=env_id,
+        source=f"collect:{policy_spec}",
+    )
+
+
+def collect_part(task: dict[str, Any]) -> dict[str, Any]:
+    """Roll out and write one part (a Ray task); returns the WrittenPart and its steps."""
+    steps, episodes = collect_tables(
+        task["env_id"],
+        task["policy"],
+        range(task["episode_start"], task["episode_stop"]),
+        task["noise_levels"],
+        task["seed"],
+        task.get("max_steps"),
+        task["info_keys"],
+    )
+    return write_part(task, steps, episodes)
+
+
+def describe_spaces(env_id: str, max_steps: int | None = None) -> dict[str, str]:
+    """Observation and action spaces as text, for the manifest metadata."""
+    env = make_env(env_id, max_steps)
+    spaces = {
+        "observation_space": str(env.observation_space),
+        "action_space": str(env.action_space),
+    }
+    env.close()
+    return spaces

@@ -1,0 +1,181 @@
+"""`hindsight info`: what a dataset version holds, as a dict (JSON) and as text.
+
+Counts, the schema of every column group (and which relabeler made it), the return
+distribution overall and per value of each low-cardinality episode column (noise level,
+skill, ...), and the provenance: the history of operations that produced the version.
+All numbers come from the episodes table through Polars, never from the step files.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from engine.dataset import open_dataset, scan_episodes
+from schemas import steps as cols
+from schemas.manifest import SKIPPED_REPORT_NAME
+
+HISTOGRAM_BINS = 10
+MAX_GROUP_VALUES = 20
+BAR_WIDTH = 30
+
+
+def _histogram(values: np.ndarray, edges: np.ndarray) -> list[int]:
+    counts, _ = np.histogram(values, bins=edges)
+    return counts.astype(int).tolist()
+
+
+def _stats(values: np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return {"count": 0}
+    return {
+        "count": int(len(values)),
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "min": float(values.min()),
+        "max": float(values.max()),
+    }
+
+
+def _grouping_columns(episodes: pl.DataFrame) -> list[str]:
+    """Episode columns worth a per-value breakdown: scalar, few distinct values."""
+    skip = {cols.EPISODE_ID, cols.LENGTH, cols.RETURN}
+    names = []
+    for name, dtype in episodes.schema.items():
+        if name in skip or not (dtype.is_numeric() or dtype == pl.String or dtype == pl.Boolean):
+            continue
+        if 1 < episodes[name].n_unique() <= MAX_GROUP_VALUES:
+            names.append(name)
+    return names
+
+
+def dataset_info(uri: str, bins: int = HISTOGRAM_BINS) -> dict[str, Any]:
+    """Everything `hindsight info` shows, as plain JSON-able data."""
+    dataset = open_dataset(uri)
+    manifest = dataset.manifest
+    episodes = scan_episodes(uri).collect()
+    returns = episodes[cols.RETURN].cast(pl.Float64).to_numpy()
+    if len(returns) and returns.min() < returns.max():
+        edges = np.linspace(returns.min(), returns.max(), bins + 1)
+    else:
+        center = float(returns[0]) if len(returns) else 0.0
+        edges = np.linspace(center - 0.5, center + 0.5, bins + 1)
+    by_value: dict[str, list[dict[str, Any]]] = {}
+    for name in _grouping_columns(episodes):
+        rows = []
+        for value in episodes[name].unique().sort().to_list():
+            selected = (
+                episodes.filter(pl.col(name) == value)
+                if value is not None
+                else (episodes.filter(pl.col(name).is_null()))
+            )
+            group_returns = selected[cols.RETURN].cast(pl.Float64).to_numpy()
+            rows.append(
+                {
+                    "value": value,
+                    **_stats(group_returns),
+                    "histogram": _histogram(group_returns, edges),
+                }
+            )
+        by_value[name] = rows
+    return {
+        "uri": dataset.uri,
+        "dataset_id": manifest.dataset_id,
+        "parent_id": manifest.parent_id,
+        "created_at": manifest.created_at,
+        "command": manifest.command,
+        "steps": manifest.steps,
+        "episodes": manifest.episodes,
+        "parts": len(manifest.parts),
+        "episode_length": _stats(episodes[cols.LENGTH].cast(pl.Float64).to_numpy()),
+        "env_ids": sorted(str(v) for v in episodes[cols.ENV_ID].unique().to_list())
+        if cols.ENV_ID in episodes.columns
+        else [],
+        "groups": [
+            {
+                "name": group.name,
+                "inherited": group.inherited,
+                "relabeler": group.relabeler.model_dump() if group.relabeler else None,
+                "steps_columns": {f.name: f.type for f in group.steps_columns},
+                "episodes_columns": {f.name: f.type for f in group.episodes_columns},
+                "files": len(group.steps_files) + len(group.episodes_files),
+                "bytes": sum(f.bytes for f in group.steps_files + group.episodes_files),
+            }
+            for group in manifest.groups
+        ],
+        "returns": {
+            **_stats(returns),
+            "histogram": {"edges": edges.tolist(), "counts": _histogram(returns, edges)},
+            "by": by_value,
+        },
+        "metadata": manifest.metadata,
+        "history": [entry.model_dump() for entry in manifest.history],
+    }
+
+
+def _bar(count: int, largest: int) -> str:
+    return "#" * (round(BAR_WIDTH * count / largest) if largest else 0)
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """The human-readable form of `dataset_info`."""
+    lines = [
+        f"dataset {info['dataset_id']}  ({info['uri']})",
+        f"  created {info['created_at']} by: {info['command']}",
+        f"  {info['steps']:,} steps, {info['episodes']:,} episodes, {info['parts']} part(s); "
+        f"envs: {', '.join(info['env_ids']) or '-'}",
+    ]
+    length = info["episode_length"]
+    if length.get("count"):
+        lines.append(
+            f"  episode length: mean {length['mean']:.1f}, min {length['min']:.0f}, "
+            f"max {length['max']:.0f}"
+        )
+    lines.append("")
+    lines.append("column groups:")
+    for group in info["groups"]:
+        made_by = (
+            f" (relabeler {group['relabeler']['name']} {group['relabeler']['version']})"
+            if group["relabeler"]
+            else ""
+        )
+        inherited = ", inherited" if group["inherited"] else ""
+        lines.append(f"  {group['name']}{made_by}: {group['bytes']:,} bytes{inherited}")
+        for level in ("steps", "episodes"):
+            for name, type_name in group[f"{level}_columns"].items():
+                lines.append(f"    {level:8s} {name}: {type_name}")
+    returns = info["returns"]
+    if returns.get("count"):
+        lines += [
+            "",
+            f"returns: mean {returns['mean']:.3f}, std {returns['std']:.3f}, "
+            f"min {returns['min']:.3f}, max {returns['max']:.3f}",
+        ]
+        edges, counts = returns["histogram"]["edges"], returns["histogram"]["counts"]
+        largest = max(counts)
+        for low, high, count in zip(edges[:-1], edges[1:], counts):
+            lines.append(f"  [{low:10.3f}, {high:10.3f})  {count:6d} {_bar(count, largest)}")
+        for name, rows in returns["by"].items():
+            lines += ["", f"returns by {name}:"]
+            for row in rows:
+                lines.append(
+                    f"  {name}={row['value']}: {row['count']} episodes, mean {row['mean']:.3f}, "
+                    f"min {row['min']:.3f}, max {row['max']:.3f}"
+                )
+                spark = " ".join(f"{c}" for c in row["histogram"])
+                lines.append(f"    histogram (same bins): {spark}")
+    if info["metadata"].get("skipped_report"):
+        lines += [
+            "",
+            f"skipped: {info['metadata'].get('skipped_episodes', 0)} episode(s), see "
+            f"{info['metadata'].get('skipped_report', SKIPPED_REPORT_NAME)}",
+        ]
+    lines += ["", "history:"]
+    for entry in info["history"]:
+        lines.append(
+            f"  {entry['created_at']}  {entry['operation']:11s} {entry['dataset_id']}  "
+            f"{entry['command']}"
+        )
+    return "\n".join(lines)
