@@ -29,22 +29,13 @@ import numpy as np
 import torch
 
 import engine.envs  # noqa: F401  (registers hindsight/PointGoal-v0)
+from schemas.shard_index import encode_text
 from trainers.train import load_policy
-
-_WORD = re.compile(r"[a-z0-9]+")
 
 
 def tokenize(text: str, vocabulary: list[str], max_tokens: int) -> list[int]:
-    """Token ids of `text` in the shard-time vocabulary (0 = padding, 1 = unknown)."""
-    try:
-        from trainers.data import tokenize as shard_tokenize  # the loader's own, if it has one
-    except ImportError:
-        shard_tokenize = None
-    if shard_tokenize is not None:
-        return list(shard_tokenize(text, vocabulary, max_tokens))
-    lookup = {word: i for i, word in enumerate(vocabulary)}
-    ids = [lookup.get(word, 1) for word in _WORD.findall(text.lower())][:max_tokens]
-    return ids + [0] * (max_tokens - len(ids))
+    """Token ids of `text` exactly as the shard writer encoded training text."""
+    return [int(i) for i in encode_text([text], vocabulary, max_tokens)[0]]
 
 
 def is_return_to_go(column: str) -> bool:

@@ -42,6 +42,10 @@ def model_config(
         "action": dict(index["action"]),
         "conditions": condition_specs(index.get("conditions", {}), conditions),
         "window": int(index["window"]),
+        # Per-dimension statistics from the shard index when it has them; otherwise the
+        # trainer fits them on its first batch.
+        "observation_mean": index["observation"].get("mean"),
+        "observation_std": index["observation"].get("std"),
         "d_model": d_model,
         "n_layer": n_layer,
         "n_head": n_head,
@@ -89,10 +93,16 @@ class Policy(nn.Module):
         super().__init__()
         self.config = config
         dim = config["observation_dim"]
-        # Set from the first batch by the trainer (`fit_observation_normalizer`); saved
+        # From the index, or from the first batch (`fit_observation_normalizer`); saved
         # with the weights, so a rollout normalizes exactly like training.
-        self.register_buffer("observation_mean", torch.zeros(dim))
-        self.register_buffer("observation_std", torch.ones(dim))
+        mean, std = config.get("observation_mean"), config.get("observation_std")
+        self.register_buffer(
+            "observation_mean", torch.as_tensor(mean).float() if mean else torch.zeros(dim)
+        )
+        self.register_buffer(
+            "observation_std",
+            torch.as_tensor(std).float().clamp(min=1e-3) if std else torch.ones(dim),
+        )
         self.actions = ActionSpace(config["action"])
         self.condition = ConditionEncoder(config["conditions"], config["d_model"])
 

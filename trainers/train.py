@@ -156,7 +156,8 @@ def train_loop(
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=options["lr"], weight_decay=options["weight_decay"]
     )
-    step, loader_states, fitted = 0, None, False
+    step, loader_states = 0, None
+    fitted = bool(config["model"].get("observation_mean"))
     if storage.exists(storage.join(run_dir, CHECKPOINT)):
         checkpoint = load_checkpoint(run_dir, map_location=device)
         policy.load_state_dict(checkpoint["model"])
