@@ -1,0 +1,395 @@
+"""The small client layer under the `language` and `embed` relabelers.
+
+One job: send many requests to an OpenAI-compatible endpoint fast, safely and only once.
+
+- Bounded concurrency: an asyncio semaphore keeps `concurrency` requests in flight.
+- Retries: 429 (honouring Retry-After), 5xx, timeouts, connection resets and answers that
+  are not JSON or empty are retried with exponential backoff and jitter, `max_retries` times.
+  Errors that retrying cannot fix (a bad key, an unknown model) stop the run with `LLMError`.
+- Budget: `max_requests` / `max_tokens` per run; when spent, the remaining requests are not
+  sent and come back with status "budget" and a clear message.
+- Cache: one JSON file per answer, keyed by a hash of (endpoint kind, model, request body),
+  written atomically, so a killed job resumes without repeating finished requests. Failures
+  are never cached as answers; a small failure marker lets the next run skip (or, with
+  retry_failed, redo) exactly the requests that failed.
+
+The API key comes only from the environment (OPENAI_API_KEY) and is never stored, logged or
+put in an error message: every message goes through `redact`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import tempfile
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+DEFAULT_CACHE = "~/.cache/hindsight/llm"
+API_KEY_VARIABLE = "OPENAI_API_KEY"
+BASE_URL_VARIABLE = "OPENAI_BASE_URL"
+# Local servers (vLLM, llama.cpp, Ollama) ignore the key, but the client needs one.
+NO_KEY = "no-key-set"
+
+T = TypeVar("T")
+
+
+class LLMError(RuntimeError):
+    """A configuration problem that retrying cannot fix (bad key, unknown model, bad URL)."""
+
+
+class InvalidAnswer(ValueError):
+    """The endpoint answered, but not with what the caller asked for: retried."""
+
+
+def redact(text: str) -> str:
+    """`text` with the API key (if any) replaced, for every message that may be shown."""
+    key = os.environ.get(API_KEY_VARIABLE)
+    return text.replace(key, "<redacted>") if key and len(key) >= 4 else text
+
+
+def endpoint_configured(base_url: str | None) -> bool:
+    """An endpoint is configured by a base_url parameter or the OpenAI environment variables."""
+    return bool(base_url or os.environ.get(API_KEY_VARIABLE) or os.environ.get(BASE_URL_VARIABLE))
+
+
+def resolve_base_url(base_url: str | None) -> str | None:
+    return base_url or os.environ.get(BASE_URL_VARIABLE) or None
+
+
+def request_key(kind: str, body: dict[str, Any]) -> str:
+    """The cache key: a hash of the endpoint kind and the full request body (model included)."""
+    canonical = json.dumps({"kind": kind, "body": body}, sort_keys=True, ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- cache
+class ResponseCache:
+    """Answers on local disk, one file per request: `<dir>/<key[:2]>/<key>.json`.
+
+    Files are written to a temporary name and renamed, so a kill leaves either the whole
+    answer or nothing. A failure leaves `<key>.failed` (the reason, never the answer).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str] | None):
+        self.directory = Path(os.path.expanduser(str(directory or DEFAULT_CACHE)))
+
+    def _path(self, key: str, suffix: str) -> Path:
+        return self.directory / key[:2] / f"{key}{suffix}"
+
+    def get(self, key: str) -> Any | None:
+        path = self._path(key, ".json")
+        try:
+            return json.loads(path.read_text())["answer"]
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, KeyError):
+            return None  # a damaged entry is simply asked again
+
+    def put(self, key: str, answer: Any, meta: dict[str, Any]) -> None:
+        self._write(self._path(key, ".json"), {"answer": answer, **meta})
+        self._path(key, ".failed").unlink(missing_ok=True)
+
+    def failure(self, key: str) -> str | None:
+        try:
+            return json.loads(self._path(key, ".failed").read_text())["reason"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            return None
+
+    def put_failure(self, key: str, reason: str) -> None:
+        self._write(self._path(key, ".failed"), {"reason": redact(reason)})
+
+    def _write(self, path: Path, payload: dict[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(handle, "w") as file:
+                json.dump(payload, file)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+
+# ---------------------------------------------------------------- budget
+@dataclass
+class Budget:
+    """Requests and tokens one run may spend (None: unlimited). Retries count as requests.
+
+    Tokens are known only once an answer arrives, so requests already in flight when the
+    token budget runs out still finish (at most `concurrency` of them).
+    """
+
+    max_requests: int | None = None
+    max_tokens: int | None = None
+    requests: int = 0
+    tokens: int = 0
+
+    def take_request(self) -> str | None:
+        """Count one request, or return why the budget does not allow it."""
+        if self.max_requests is not None and self.requests >= self.max_requests:
+            return f"request budget exhausted (max_requests={self.max_requests})"
+        if self.max_tokens is not None and self.tokens >= self.max_tokens:
+            return f"token budget exhausted (max_tokens_budget={self.max_tokens})"
+        self.requests += 1
+        return None
+
+
+# ---------------------------------------------------------------- requests
+@dataclass(frozen=True)
+class Settings:
+    """How to talk to the endpoint; the key is not here (it is read from the environment)."""
+
+    base_url: str | None = None
+    concurrency: int = 16
+    timeout: float = 60.0
+    max_retries: int = 4
+    backoff: float = 0.5
+    backoff_max: float = 30.0
+    retry_failed: bool = False
+
+
+@dataclass
+class Result:
+    """What became of one request. status: ok, failed, budget."""
+
+    status: str
+    answer: Any = None
+    error: str | None = None
+    cached: bool = False
+    requests: int = 0
+
+
+@dataclass
+class Request:
+    """One call: `kind` is "chat" or "embeddings", `body` the JSON body (model included),
+    `parse` turns the SDK's response into the answer to cache (raise InvalidAnswer to retry)."""
+
+    kind: str
+    body: dict[str, Any]
+    parse: Callable[[Any], Any]
+    store: bool = True  # False: the caller caches the answer itself (e.g. per text)
+    key: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.key = request_key(self.kind, self.body)
+
+
+@dataclass
+class RunSummary:
+    requests: int = 0
+    tokens: int = 0
+    cached: int = 0
+    failed: int = 0
+    budget_stopped: int = 0
+    budget_message: str | None = None
+
+
+def run_requests(
+    requests: list[Request], settings: Settings, cache: ResponseCache, budget: Budget
+) -> tuple[list[Result], RunSummary]:
+    """Answer every request (cache first), in order; blocking, with its own event loop."""
+    return run_sync(_run_all(requests, settings, cache, budget))
+
+
+def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run`, also from code that already runs inside an event loop (notebooks)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coroutine)
+        except BaseException as error:  # re-raised in the caller's thread
+            box["error"] = error
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+async def _run_all(
+    requests: list[Request], settings: Settings, cache: ResponseCache, budget: Budget
+) -> tuple[list[Result], RunSummary]:
+    summary = RunSummary()
+    results: list[Result | None] = [None] * len(requests)
+    pending: list[int] = []
+    for index, request in enumerate(requests):
+        if not request.store:
+            pending.append(index)
+            continue
+        answer = cache.get(request.key)
+        if answer is not None:
+            results[index] = Result("ok", answer=answer, cached=True)
+            summary.cached += 1
+            continue
+        reason = None if settings.retry_failed else cache.failure(request.key)
+        if reason is not None:
+            results[index] = Result(
+                "failed", error=f"{reason} (failed in an earlier run; use --retry-failed)"
+            )
+            continue
+        pending.append(index)
+    if pending:
+        import openai
+
+        client = openai.AsyncOpenAI(
+            api_key=os.environ.get(API_KEY_VARIABLE) or NO_KEY,
+            base_url=resolve_base_url(settings.base_url),
+            timeout=settings.timeout,
+            max_retries=0,  # retries are ours: counted, budgeted, honouring Retry-After
+        )
+        semaphore = asyncio.Semaphore(max(1, settings.concurrency))
+        try:
+            answers = await asyncio.gather(
+                *(_one(client, requests[i], settings, cache, budget, semaphore) for i in pending)
+            )
+        finally:
+            await client.close()
+        for index, result in zip(pending, answers):
+            results[index] = result
+    for result in results:
+        assert result is not None
+        summary.failed += result.status == "failed"
+        if result.status == "budget":
+            summary.budget_stopped += 1
+            summary.budget_message = result.error
+    summary.requests = budget.requests
+    summary.tokens = budget.tokens
+    return [r for r in results if r is not None], summary
+
+
+async def _one(
+    client: Any,
+    request: Request,
+    settings: Settings,
+    cache: ResponseCache,
+    budget: Budget,
+    semaphore: asyncio.Semaphore,
+) -> Result:
+    import openai
+
+    error = "no attempt made"
+    sent = 0
+    for attempt in range(settings.max_retries + 1):
+        async with semaphore:
+            refusal = budget.take_request()
+            if refusal is not None:
+                return Result("budget", error=refusal, requests=sent)
+            sent += 1
+            wait: float | None = None
+            try:
+                response = await _call(client, request)
+                budget.tokens += _total_tokens(response)
+                answer = request.parse(response)
+            except openai.RateLimitError as failure:
+                error = f"HTTP 429 rate limited: {_body_excerpt(failure)}"
+                wait = _retry_after(failure)
+            except openai.APIStatusError as failure:
+                if failure.status_code in (401, 403, 404):
+                    raise LLMError(
+                        redact(
+                            f"the endpoint refused the request with HTTP {failure.status_code} "
+                            f"({_body_excerpt(failure)}); check {API_KEY_VARIABLE}, the base URL "
+                            f"({resolve_base_url(settings.base_url) or 'OpenAI default'}) and the "
+                            f"model name {request.body.get('model')!r}"
+                        )
+                    ) from None
+                error = f"HTTP {failure.status_code}: {_body_excerpt(failure)}"
+                if failure.status_code < 500 and failure.status_code not in (408, 409):
+                    break  # a bad request stays bad
+            except openai.APITimeoutError:
+                error = f"timed out after {settings.timeout:g} s"
+            except openai.APIConnectionError as failure:
+                error = f"connection error: {type(failure.__cause__ or failure).__name__}"
+            except InvalidAnswer as failure:
+                error = f"invalid answer: {failure}"
+            except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as failure:
+                error = f"invalid answer: {type(failure).__name__}: {str(failure)[:200]}"
+            else:
+                if request.store:
+                    meta = {"kind": request.kind, "model": request.body.get("model")}
+                    cache.put(request.key, answer, meta)
+                return Result("ok", answer=answer, requests=sent)
+        if attempt < settings.max_retries:
+            delay = min(settings.backoff_max, settings.backoff * 2**attempt)
+            delay *= 0.5 + random.random()  # jitter: retries of many requests spread out
+            await asyncio.sleep(max(delay, wait) if wait is not None else delay)
+    reason = redact(f"{error} (after {sent} attempts)")
+    if request.store:
+        cache.put_failure(request.key, reason)
+    return Result("failed", error=reason, requests=sent)
+
+
+def _call(client: Any, request: Request) -> Awaitable[Any]:
+    if request.kind == "chat":
+        return client.chat.completions.create(**request.body)
+    if request.kind == "embeddings":
+        return client.embeddings.create(**request.body)
+    raise ValueError(f"unknown request kind {request.kind!r}")
+
+
+def _total_tokens(response: Any) -> int:
+    usage = getattr(response, "usage", None)
+    return int(getattr(usage, "total_tokens", 0) or 0) if usage is not None else 0
+
+
+def _body_excerpt(failure: Any) -> str:
+    body = getattr(failure, "body", None)
+    if isinstance(body, dict):
+        body = body.get("message", body)
+    return redact(str(body if body is not None else failure)[:200])
+
+
+def _retry_after(failure: Any) -> float | None:
+    """Seconds the server asked us to wait (Retry-After: seconds or an HTTP date)."""
+    response = getattr(failure, "response", None)
+    if response is None:
+        return None
+    headers = response.headers
+    if headers.get("retry-after-ms"):
+        try:
+            return float(headers["retry-after-ms"]) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return min(float(value), 300.0)
+    except ValueError:
+        pass
+    try:
+        import datetime
+
+        moment = parsedate_to_datetime(value)
+        now = datetime.datetime.now(moment.tzinfo)
+        return max(0.0, min((moment - now).total_seconds(), 300.0))
+    except (TypeError, ValueError):
+        return None
+
+
+def chat_text(response: Any) -> str:
+    """The assistant's text; InvalidAnswer when the answer is not a chat completion or empty."""
+    if isinstance(response, (str, bytes)):
+        raise InvalidAnswer("the endpoint answered with something that is not JSON")
+    choices = getattr(response, "choices", None) or []
+    if not choices:
+        raise InvalidAnswer("the answer has no choices")
+    content = getattr(choices[0].message, "content", None)
+    if not content or not content.strip():
+        raise InvalidAnswer("the answer is empty")
+    return content
