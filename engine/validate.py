@@ -114,7 +114,7 @@ def check_finite(
     if bad.ndim > 1:
         bad = bad.reshape(len(bad), -1).any(axis=1)
     return _first_per_episode(
-        file, column, episode_ids, bad, lambda row: f"non-finite value {values[row]!r}"
+        file, column, episode_ids, bad, lambda row: f"non-finite value {values[row].tolist()}"
     )
 
 
