@@ -18,8 +18,8 @@ from engine.ingest import ingest_part, part_tasks, plan_ingest
 from engine.validate import ValidationError
 from jobs.cli import main
 from jobs.ingest_job import (
-    IngestOptions,
     InfoOptions,
+    IngestOptions,
     MaterializeOptions,
     _write_version,
     run_info,
