@@ -159,8 +159,11 @@ def parent_schemas(dataset: Dataset) -> dict[str, pa.Schema]:
 
 def check_plan(dataset: Dataset, relabelers: list[Relabeler]) -> None:
     """Every read column exists (in the parent or written earlier in this job), no two
-    relabelers write the same column, and each relabeler's own schema checks pass."""
+    relabelers write the same column, and each relabeler's own schema checks pass (for
+    relabelers that read columns written in this job, `run_relabel` runs those checks
+    once the columns exist)."""
     available = {level: set(dataset.columns(level)) for level in LEVELS}
+    produced: set[str] = set()
     schemas = parent_schemas(dataset)
     groups = {g.name for g in dataset.manifest.groups}
     for position, relabeler in enumerate(relabelers, start=1):
@@ -172,19 +175,17 @@ def check_plan(dataset: Dataset, relabelers: list[Relabeler]) -> None:
             )
         groups.add(relabeler.name)
         reads, writes = relabeler.reads(), relabeler.writes()
+        read_heads = set()
         for level in LEVELS:
             for name in getattr(reads, level):
+                read_heads.add(name.split(".")[0])
                 if name.split(".")[0] not in available[level]:
                     raise RelabelError(
                         f"{where}: reads {level} column {name!r}, which the dataset does not "
                         f"have; available {level} columns: {', '.join(sorted(available[level]))}"
                     )
-        check = getattr(relabeler, "check_schema", None)
-        if check is not None:
-            try:
-                check(schemas["steps"], schemas["episodes"])
-            except KeyError as error:
-                raise RelabelError(f"{where}: no column {error}") from None
+        if not read_heads & produced:
+            check_relabeler_schema(relabeler, schemas, where)
         for level in LEVELS:
             clash = available[level] & set(getattr(writes, level))
             if clash:
@@ -193,6 +194,18 @@ def check_plan(dataset: Dataset, relabelers: list[Relabeler]) -> None:
                     "exist; every column belongs to exactly one group"
                 )
             available[level] |= set(getattr(writes, level))
+            produced |= set(getattr(writes, level))
+
+
+def check_relabeler_schema(relabeler: Relabeler, schemas: dict[str, pa.Schema], where: str) -> None:
+    """The relabeler's own `check_schema(steps_schema, episodes_schema)`, if it has one."""
+    check = getattr(relabeler, "check_schema", None)
+    if check is None:
+        return
+    try:
+        check(schemas["steps"], schemas["episodes"])
+    except KeyError as error:
+        raise RelabelError(f"{where}: {error.args[0] if error.args else error}") from None
 
 
 # --------------------------------------------------------------------- tasks (run on Ray)
@@ -286,6 +299,13 @@ def run_relabel(options: RelabelOptions) -> Manifest:
     manifest_so_far = parent.manifest.model_copy(deep=True)
     new_groups: list[ColumnGroup] = []
     for relabeler in relabelers:
+        try:  # cheap, repeated now that the columns of earlier relabelers exist
+            check_relabeler_schema(
+                relabeler, parent_schemas(Dataset(parent.uri, manifest_so_far)), relabeler.name
+            )
+        except RelabelError:
+            storage.delete_tree(output_uri)
+            raise
         base_task = {
             "relabeler": relabeler.name,
             "params": relabeler.params.model_dump(mode="json"),

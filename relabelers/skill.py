@@ -7,8 +7,9 @@ every part sends its episodes' scores, the driver sorts them):
 
     skill_percentile = (#episodes scoring lower + 0.5 * #episodes scoring the same) / #episodes
     skill_level      = min(floor(skill_percentile * levels), levels - 1)      (0 = least skilled)
-    skill            = the level's label (an Arrow dictionary column, so Polars reads it as
-                       a Categorical whose dictionary is ordered from least to most skilled)
+    skill            = the level's label, a string column (dictionary-encoded in Parquet;
+                       Parquet does not keep a dictionary's order, so order by skill_level,
+                       or in Polars cast to `pl.Enum(labels)` with the labels of the report)
 
 Labels: levels=2 novice, expert; 3 novice, intermediate, expert; 4 novice, intermediate,
 advanced, expert; 5 novice, beginner, intermediate, advanced, expert; otherwise level-0 ...
@@ -205,7 +206,7 @@ class SkillRelabeler(Relabeler):
         labels = pa.array(level_labels(self.params.levels), type=pa.string())
         return pa.table(
             {
-                SKILL: pa.DictionaryArray.from_arrays(pa.array(level, type=pa.int8()), labels),
+                SKILL: labels.take(pa.array(level, type=pa.int64())),
                 SKILL_LEVEL: pa.array(level, type=pa.int8()),
                 SKILL_PERCENTILE: pa.array(percentile, type=pa.float32()),
             }

@@ -1,0 +1,169 @@
+"""`goals`: HER goals come from the right episode and time range, rewards match a loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relabelers.base import RelabelError, Statistics
+from relabelers.goals import GoalsRelabeler
+from schemas import steps as cols
+from tests.synthetic import make_episodes
+
+
+def reward_sum(achieved_goal, desired_goal, info):
+    """A reward function for the dotted-path form: minus the L1 distance."""
+    return -np.abs(np.asarray(achieved_goal) - np.asarray(desired_goal)).sum(axis=-1)
+
+
+def relabel(steps, episodes, **params):
+    relabeler = GoalsRelabeler(params, seed=3)
+    statistics = Statistics()
+    if relabeler.needs_statistics:
+        statistics = relabeler.combine([relabeler.summarize(steps, episodes)])
+    output = relabeler.run(steps, episodes, statistics, "test")
+    return output.steps.to_pydict()
+
+
+def per_step(steps: pa.Table):
+    """(episode id, t, achieved goal, achieved goal after the step) per row, by loops."""
+    ids = steps.column(cols.EPISODE_ID).to_pylist()
+    ts = steps.column(cols.T).to_pylist()
+    achieved = np.asarray(
+        steps.column("observation").combine_chunks().field("achieved_goal").to_pylist()
+    )
+    rows = []
+    for i in range(len(ids)):
+        is_last = i + 1 == len(ids) or ids[i + 1] != ids[i]
+        rows.append((ids[i], ts[i], achieved[i], achieved[i if is_last else i + 1]))
+    return rows
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    strategy=st.sampled_from(["final", "future", "episode"]),
+    k=st.integers(1, 4),
+    max_length=st.integers(1, 12),
+)
+def test_goals_come_from_the_same_episode_and_the_right_steps(seed, strategy, k, max_length):
+    steps, episodes = make_episodes(5, goal_dim=2, seed=seed, max_length=max_length)
+    out = relabel(steps, episodes, strategy=strategy, k=k, threshold=0.3)
+    rows = per_step(steps)
+    by_step = {(e, t): a for e, t, a, _ in rows}
+    lengths = dict(
+        zip(episodes.column("episode_id").to_pylist(), episodes.column("length").to_pylist())
+    )
+    for i, (episode, t, _, after) in enumerate(rows):
+        last = lengths[episode] - 1
+        goals = np.asarray(out["hindsight_goal"][i]).reshape(k, 2)
+        for j, source in enumerate(out["hindsight_goal_step"][i]):
+            if strategy == "final":
+                assert source == last
+            elif strategy == "future":
+                assert min(t + 1, last) <= source <= last
+            else:
+                assert 0 <= source <= last
+            np.testing.assert_allclose(goals[j], by_step[(episode, source)], rtol=1e-6)
+            reached = np.linalg.norm(goals[j] - after) <= 0.3
+            assert out["hindsight_reached"][i][j] == reached
+            assert out["hindsight_reward"][i][j] == float(reached)
+
+
+def test_future_goal_of_the_next_step_is_reached():
+    steps, episodes = make_episodes(4, goal_dim=3, seed=1, min_length=2, max_length=2)
+    out = relabel(steps, episodes, strategy="future", k=2)
+    # Two-step episodes: the future goal of t=0 is t=1, which is where the step leads.
+    assert all(
+        all(r) for r, t in zip(out["hindsight_reached"], steps.column("t").to_pylist()) if t == 0
+    )
+
+
+def test_random_goals_come_from_other_episodes_and_do_not_depend_on_parts():
+    steps, episodes = make_episodes(9, goal_dim=2, seed=4, max_length=15)
+    relabeler = GoalsRelabeler({"strategy": "random", "k": 3}, seed=5)
+    one = relabeler.combine([relabeler.summarize(steps, episodes)])
+    cut_steps = int(np.sum(episodes.column("length").to_numpy()[:4]))
+    two = relabeler.combine(
+        [
+            relabeler.summarize(steps.slice(0, cut_steps), episodes.slice(0, 4)),
+            relabeler.summarize(steps.slice(cut_steps), episodes.slice(4)),
+        ]
+    )
+    assert one.values == two.values
+    whole = relabeler.run(steps, episodes, one, "test").steps
+    first = relabeler.run(steps.slice(0, cut_steps), episodes.slice(0, 4), two, "test").steps
+    assert whole.slice(0, cut_steps).equals(first)
+    assert whole.column("hindsight_goal_step").null_count == steps.num_rows
+    # Every goal is the pooled goal of an episode other than the step's own.
+    pool = {
+        tuple(np.float32(g)): e
+        for e, g in zip(one.values["pool_episode_ids"], one.values["pool_goals"])
+    }
+    ids = steps.column("episode_id").to_pylist()
+    for episode, goals in zip(ids, whole.column("hindsight_goal").to_pylist()):
+        for goal in np.asarray(goals, dtype=np.float32).reshape(3, 2):
+            assert pool[tuple(goal)] != episode
+
+
+def test_achieved_goal_as_a_slice_of_the_observation():
+    steps, episodes = make_episodes(3, obs_dim=5, seed=2)
+    out = relabel(steps, episodes, strategy="final", k=1, achieved="observation[1:3]")
+    observation = np.asarray(steps.column("observation").to_pylist())
+    ids = steps.column("episode_id").to_numpy()
+    for i, goal in enumerate(out["hindsight_goal"]):
+        last = np.flatnonzero(ids == ids[i])[-1]
+        np.testing.assert_allclose(goal, observation[last, 1:3], rtol=1e-6)
+
+
+def test_reward_function_by_dotted_path_and_by_gymnasium_env():
+    steps, episodes = make_episodes(3, goal_dim=2, seed=6)
+    out = relabel(
+        steps,
+        episodes,
+        strategy="future",
+        k=2,
+        reward_function="tests.test_relabel_goals:reward_sum",
+    )
+    rows = per_step(steps)
+    for i, (_, _, _, after) in enumerate(rows):
+        goals = np.asarray(out["hindsight_goal"][i]).reshape(2, 2)
+        np.testing.assert_allclose(
+            out["hindsight_reward"][i], reward_sum(after, goals, None), rtol=1e-5
+        )
+    out = relabel(
+        steps, episodes, strategy="final", k=1, reward_function="engine.envs:hindsight/PointGoal-v0"
+    )
+    assert set(np.concatenate(out["hindsight_reward"])) <= {0.0, -1.0}
+
+
+@pytest.mark.parametrize(
+    ("achieved", "message"),
+    [
+        ("observation.nope", "has no field 'nope'"),
+        ("observation.achieved_goal[0:5]", "does not fit"),
+        ("missing_column", "no column 'missing_column'"),
+        ("observation[0:2", "is not a column"),
+    ],
+)
+def test_bad_achieved_specs_are_clear_errors(achieved, message):
+    steps, episodes = make_episodes(2, goal_dim=2)
+    with pytest.raises(RelabelError, match=message):
+        GoalsRelabeler({"achieved": achieved}).check_schema(steps.schema, episodes.schema)
+
+
+def test_nan_achieved_goal_names_the_episode():
+    steps, episodes = make_episodes(2, obs_dim=2, seed=0, min_length=3)
+    observation = np.asarray(steps.column("observation").to_pylist(), dtype=np.float32)
+    observation[2, 0] = np.nan
+    steps = steps.set_column(2, "observation", cols.vectors_to_arrow(observation))
+    with pytest.raises(RelabelError, match="non-finite.*episode 7 step t=2"):
+        relabel(steps, episodes, achieved="observation")
+
+
+def test_bad_strategy_lists_valid_parameters():
+    with pytest.raises(RelabelError, match="strategy.*valid parameters: strategy"):
+        GoalsRelabeler({"strategy": "past"})
