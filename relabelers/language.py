@@ -89,6 +89,12 @@ class LanguageRelabeler(Relabeler):
     version: ClassVar[str] = "1"
     Params: ClassVar[type[Params]] = LanguageParams
     needs_statistics: ClassVar[bool] = True
+    # Optional episode columns the job also reads when the dataset has them.
+    report_episode_columns: ClassVar[tuple[str, ...]] = (cols.SOURCE, "skill", *SUCCESS_COLUMNS)
+
+    def __init__(self, params: Any = None, seed: int = 0):
+        super().__init__(params, seed)
+        self._last_run: dict[str, Any] = {}
 
     def reads(self) -> Columns:
         return Columns(
@@ -161,11 +167,13 @@ class LanguageRelabeler(Relabeler):
         values = statistics.values
         units = _units(steps, p.per, p.segment)
         facts = unit_facts(steps, episodes, units, values["return_quantiles"], p)
+        self._last_run = {"requests": 0, "tokens": 0, "cached": 0, "budget_message": None}
         if values["describer"] == "llm":
             texts, status, errors = self._ask_llm(facts, values)
         else:
             texts = template_descriptions(facts, self.seed, p.n)
             status, errors = ["ok"] * len(facts), [None] * len(facts)
+        self._last_run["status"] = {s: status.count(s) for s in sorted(set(status))}
         table = pa.table(
             {
                 "description": pa.array([t[0] if t else None for t in texts], pa.string()),
@@ -182,6 +190,34 @@ class LanguageRelabeler(Relabeler):
             2, "description_segment", pa.array(np.repeat(units["segment"], units["length"]))
         )
         return Output(steps=table)
+
+    # ------------------------------------------------------------ what the run did (manifest)
+    def summarize_output(self, steps: pa.Table, episodes: pa.Table, output: Output) -> dict:
+        """Per part: descriptions by status, requests sent, answers from the cache."""
+        return dict(self._last_run)
+
+    def finish_report(self, statistics: Statistics, summaries: list[dict]) -> dict[str, Any]:
+        status: dict[str, int] = {}
+        for summary in summaries:
+            for key, count in summary.get("status", {}).items():
+                status[key] = status.get(key, 0) + count
+        report: dict[str, Any] = {"descriptions_by_status": status}
+        if statistics.values.get("describer") == "llm":
+            report["requests"] = sum(s.get("requests", 0) for s in summaries)
+            report["tokens"] = sum(s.get("tokens", 0) for s in summaries)
+            report["cached"] = sum(s.get("cached", 0) for s in summaries)
+            messages = [s["budget_message"] for s in summaries if s.get("budget_message")]
+            if messages:
+                report["budget"] = (
+                    f"{messages[0]}: {status.get('budget', 0)} descriptions were not requested "
+                    "(status 'budget'); re-run the same command to continue"
+                )
+            if status.get("failed"):
+                report["failed"] = (
+                    f"{status['failed']} descriptions failed after retries (see "
+                    "description_error); re-run with --retry-failed to ask only for those"
+                )
+        return report
 
     def _ask_llm(
         self, facts: list[dict[str, Any]], values: dict[str, Any]
@@ -215,6 +251,12 @@ class LanguageRelabeler(Relabeler):
             retry_failed=p.retry_failed,
         )
         results, summary = llm.run_requests(requests, settings, llm.ResponseCache(p.cache), budget)
+        self._last_run.update(
+            requests=summary.requests,
+            tokens=summary.tokens,
+            cached=summary.cached,
+            budget_message=summary.budget_message,
+        )
         if summary.budget_stopped:
             log.warning(
                 "language: %s; %d of %d descriptions not requested (status 'budget'); "

@@ -32,6 +32,8 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from relabelers.base import RelabelError
+
 DEFAULT_CACHE = "~/.cache/hindsight/llm"
 API_KEY_VARIABLE = "OPENAI_API_KEY"
 BASE_URL_VARIABLE = "OPENAI_BASE_URL"
@@ -41,7 +43,7 @@ NO_KEY = "no-key-set"
 T = TypeVar("T")
 
 
-class LLMError(RuntimeError):
+class LLMError(RelabelError):
     """A configuration problem that retrying cannot fix (bad key, unknown model, bad URL)."""
 
 

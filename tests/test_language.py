@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -347,3 +349,111 @@ def test_embed_offline_hashing_is_deterministic(no_endpoint):
     assert first.equals(relabeler.run(steps, episodes, Statistics(), "again").episodes)
     norms = np.linalg.norm(np.array(first.column(0).to_pylist()), axis=1)
     assert np.allclose(norms, 1.0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- through `hindsight relabel`
+def _all_bytes(*roots: Path) -> list[tuple[Path, bytes]]:
+    return [(p, p.read_bytes()) for root in roots for p in root.rglob("*") if p.is_file()]
+
+
+def test_relabel_job_with_the_model_end_to_end(ray_local, tiny_dataset, server, tmp_path, fake_key):
+    from engine.dataset import open_dataset
+    from jobs.relabel_job import RelabelOptions, run_relabel
+
+    cache = tmp_path / "llm-cache"
+    spec = f"language:n=2,model=test-model,cache={cache}"
+    server.fail_when = lambda body: data_block(body)["episode_id"] == 37
+    manifest = run_relabel(
+        RelabelOptions(
+            input=tiny_dataset,
+            output=str(tmp_path / "lang"),
+            relabelers=[spec + ",max_retries=1"],
+            llm_base_url=server.url,
+        )
+    )
+    report = manifest.groups[-1].relabeler.report
+    assert report["describer"] == "llm" and report["model"] == "test-model"
+    assert report["prompt"] == "describe_v1" and report["requests"] == 11 + 2
+    assert report["descriptions_by_status"] == {"ok": 11, "failed": 1}
+    assert "--retry-failed" in report["failed"]
+    episodes = open_dataset(str(tmp_path / "lang")).read("episodes")
+    for row in episodes.to_pylist():
+        if row["episode_id"] == 37:
+            assert row["description"] is None and "HTTP 500" in row["description_error"]
+        else:
+            assert described_episode(row["description"]) == row["episode_id"]
+    # --retry-failed on the next run asks only for the failed episode.
+    server.fail_when = None
+    before = server.count()
+    manifest = run_relabel(
+        RelabelOptions(
+            input=tiny_dataset,
+            output=str(tmp_path / "lang2"),
+            relabelers=[spec],
+            llm_base_url=server.url,
+            retry_failed=True,
+        )
+    )
+    assert server.count() == before + 1
+    report = manifest.groups[-1].relabeler.report
+    assert report["requests"] == 1 and report["cached"] == 11
+    assert report["descriptions_by_status"] == {"ok": 12}
+    # No file of either run, nor the cache, holds the key.
+    for path, data in _all_bytes(tmp_path / "lang", tmp_path / "lang2", cache):
+        assert FAKE_KEY.encode() not in data, path
+
+
+def test_relabel_job_offline_is_deterministic(ray_local, tiny_dataset, tmp_path, no_endpoint):
+    from engine.dataset import open_dataset
+    from jobs.relabel_job import RelabelOptions, run_relabel
+
+    outputs = []
+    for name in ("a", "b"):
+        manifest = run_relabel(
+            RelabelOptions(input=tiny_dataset, output=str(tmp_path / name), relabelers=["language"])
+        )
+        outputs.append(tmp_path / name / "language")
+    assert manifest.groups[-1].relabeler.report["describer"] == "template"
+    files_a = {p.relative_to(outputs[0]): p.read_bytes() for p in outputs[0].rglob("*.parquet")}
+    files_b = {p.relative_to(outputs[1]): p.read_bytes() for p in outputs[1].rglob("*.parquet")}
+    assert files_a and files_a == files_b
+    episodes = open_dataset(str(tmp_path / "a")).read("episodes", ["episode_id", "description"])
+    assert episodes.column("description").null_count == 0
+
+
+def test_hindsight_relabel_command_uses_the_key_and_writes_it_nowhere(
+    tiny_dataset, server, tmp_path
+):
+    """As a user runs it: the key in the environment reaches the server, and no file of the
+    job (data, manifest, cache, Ray's logs of this run) contains it."""
+    cache, output = tmp_path / "cache", tmp_path / "out"
+    ray_dir = Path(tempfile.mkdtemp(prefix="hs-ray-"))  # Ray's socket paths must stay short
+    server.faults.extend(["500", "reset"])
+    env = {
+        **os.environ,
+        llm.API_KEY_VARIABLE: FAKE_KEY,
+        "RAY_TMPDIR": str(ray_dir),
+        "PYTHONPATH": str(REPO),
+    }
+    command = [
+        str(Path(sys.executable).with_name("hindsight")),
+        "relabel",
+        tiny_dataset,
+        str(output),
+        "--with",
+        f"language:n=2,cache={cache},concurrency=4",
+        "--llm-base-url",
+        server.url,
+    ]
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        written = _all_bytes(output, cache, ray_dir)
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert server.count() == 12 + 2
+    assert all(r["headers"]["authorization"] == f"Bearer {FAKE_KEY}" for r in server.requests)
+    assert len(written) > 10
+    for path, data in written:
+        assert FAKE_KEY.encode() not in data, path
+    assert FAKE_KEY not in done.stdout + done.stderr
