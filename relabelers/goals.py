@@ -145,13 +145,13 @@ class AchievedSpec:
         return len(indices)
 
     def read(self, steps: pa.Table) -> np.ndarray:
-        """The achieved goals of every step as float64 (rows, goal_dim)."""
+        """The achieved goals of every step as contiguous float32 (rows, goal_dim)."""
         self.goal_dim(steps.schema)
         values = cols.arrow_to_numpy(cols.column_by_path(steps, self.path))
-        values = np.asarray(values, dtype=np.float64)
         if values.ndim == 1:
             values = values[:, None]
-        return values[:, slice(self.start, self.stop)]
+        # Slice first, then convert: never a float64 copy of a whole observation.
+        return np.ascontiguousarray(values[:, slice(self.start, self.stop)], dtype=np.float32)
 
 
 def resolve_reward_function(name: str) -> Callable[[np.ndarray, np.ndarray, Any], np.ndarray]:
@@ -290,6 +290,8 @@ class GoalsRelabeler(Relabeler):
 
     def _achieved_checked(self, steps: pa.Table, episode_ids: np.ndarray) -> np.ndarray:
         achieved = self.achieved.read(steps)
+        if np.isfinite(achieved.sum()):  # the cheap check first: a sum with NaN/inf is not finite
+            return achieved
         bad = ~np.isfinite(achieved).all(axis=1)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
@@ -304,23 +306,25 @@ class GoalsRelabeler(Relabeler):
         self, episode_ids: np.ndarray, t: np.ndarray, starts: np.ndarray, lengths: np.ndarray
     ) -> np.ndarray:
         """Row index (within the part) of the source step of each of the k goals: (n, k)."""
-        k = self.params.k
+        n, k = len(episode_ids), self.params.k
         episode_start = np.repeat(starts, lengths)
-        episode_length = np.repeat(lengths, lengths)
-        uniform = np.stack(
-            [hash_uniform(self.seed, episode_ids, t, _STREAM_GOAL + j) for j in range(k)], axis=1
-        )
-        last = (episode_length - 1)[:, None]
+        last = np.repeat(starts + lengths - 1, lengths)  # row of the episode's last step
+        rows = np.empty((n, k), dtype=np.int64)
         if self.params.strategy == "final":
-            offsets = np.broadcast_to(last, (len(t), k))
-        elif self.params.strategy == "episode":
-            offsets = np.minimum((uniform * episode_length[:, None]).astype(np.int64), last)
+            rows[:] = last[:, None]
+            return rows
+        if self.params.strategy == "episode":
+            low = episode_start
         else:  # future: t' in [t + 1, T - 1], or T - 1 at the last step
-            row_in_episode = (np.arange(len(t)) - episode_start)[:, None]
-            low = np.minimum(row_in_episode + 1, last)
-            span = last - low + 1
-            offsets = low + np.minimum((uniform * span).astype(np.int64), span - 1)
-        return episode_start[:, None] + offsets
+            low = np.minimum(np.arange(1, n + 1), last)
+        span = last - low + 1
+        for j in range(k):
+            offset = (hash_uniform(self.seed, episode_ids, t, _STREAM_GOAL + j) * span).astype(
+                np.int64
+            )
+            np.minimum(offset, span - 1, out=offset)  # u * span may round up to span
+            rows[:, j] = low + offset
+        return rows
 
     def relabel(self, steps: pa.Table, episodes: pa.Table, statistics: Statistics) -> Output:
         episode_ids = steps.column(cols.EPISODE_ID).to_numpy()
@@ -332,7 +336,7 @@ class GoalsRelabeler(Relabeler):
 
         if self.params.strategy == "random":
             pool_ids = np.asarray(statistics.values["pool_episode_ids"], dtype=np.int64)
-            pool_goals = np.asarray(statistics.values["pool_goals"], dtype=np.float64)
+            pool_goals = np.asarray(statistics.values["pool_goals"], dtype=np.float32)
             pool_goals = pool_goals.reshape(len(pool_ids), -1)
             if pool_goals.shape[1] != goal_dim:
                 raise RelabelError("relabeler 'goals': the random-goal pool has another goal_dim")
@@ -349,22 +353,26 @@ class GoalsRelabeler(Relabeler):
             goal_steps = pa.nulls(n, type=pa.list_(pa.field("item", pa.int32()), k))
         else:
             rows = self.goal_rows(episode_ids, t, starts, lengths)  # (n, k)
-            goals = achieved[rows]
+            goals = _take_rows(achieved, rows)
             goal_steps = _fixed_lists(t[rows].astype(np.int32), pa.int32())
 
         # The state after the action at step t: row t + 1 of the episode (the last row at the end).
         after = np.arange(n) + 1
         after[bounds[1:] - 1] = bounds[1:] - 1
         achieved_after = achieved[after] if n else achieved
-        distance = np.linalg.norm(goals - achieved_after[:, None, :], axis=-1)  # (n, k)
-        reached = distance <= self.params.threshold
+        # Squared Euclidean distance, one goal dimension at a time, in float64.
+        squared = np.zeros((n, k))
+        for g in range(goal_dim):
+            difference = np.subtract(goals[:, :, g], achieved_after[:, g, None], dtype=np.float64)
+            squared += difference * difference
+        reached = squared <= self.params.threshold**2
         if self.params.reward_function:
             if self._reward_function is None:
                 self._reward_function = resolve_reward_function(self.params.reward_function)
             reward = np.asarray(
                 self._reward_function(
-                    np.repeat(achieved_after, k, axis=0).astype(np.float32),
-                    goals.reshape(n * k, goal_dim).astype(np.float32),
+                    np.repeat(achieved_after, k, axis=0),
+                    goals.reshape(n * k, goal_dim),
                     None,
                 ),
                 dtype=np.float32,
@@ -382,6 +390,15 @@ class GoalsRelabeler(Relabeler):
                 }
             )
         )
+
+
+def _take_rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """values[rows] for a (n, G) float32 array, moving each row as one G*4-byte item
+    (several times faster than fancy indexing over two axes)."""
+    values = np.ascontiguousarray(values)
+    row_type = np.dtype((np.void, values.shape[1] * values.itemsize))
+    taken = np.take(values.view(row_type).reshape(-1), rows)
+    return taken.view(values.dtype).reshape(*rows.shape, values.shape[1])
 
 
 def _fixed_lists(values: np.ndarray, value_type: pa.DataType) -> pa.Array:

@@ -1,0 +1,348 @@
+"""Relabel throughput: kernels and whole jobs against a NumPy ceiling and a pandas baseline.
+
+    python -m bench.relabel --out bench/results/relabel.json [--steps 20000000]
+
+Data: episodes of `--episode-length` steps (obs 17 floats, action 6), written as a dataset
+of ~1M-step parts. Measured on the same data, in this order:
+
+1. kernels, in memory, on one part: `returns` (gamma=0.99) and `goals` (strategy=future,
+   k=4, achieved=observation[0:3]), i.e. `relabeler.relabel` on Arrow tables;
+2. the NumPy single-pass ceiling over the same arrays: return-to-go as one vectorized
+   backward sweep over time (episodes side by side, which needs equal lengths: the
+   ceiling, not a general method) and k future-goal gathers;
+3. what a user writes today: a pandas groupby-apply over episodes computing the same
+   return-to-go plus one future goal per step (on `--pandas-steps` steps);
+4. whole jobs (`run_relabel`: read, relabel, write the new group, commit) on the embedded
+   Ray, Ray start-up timed separately; the peak RSS of the largest process and of the
+   whole process tree, at the full size and at a quarter of it (memory must stay flat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+OBS_DIM = 17
+ACTION_DIM = 6
+GAMMA = 0.99
+K = 4
+GOAL_SLICE = slice(0, 3)
+
+
+# ---------------------------------------------------------------- data
+
+
+def part_tables(first_episode: int, episodes: int, length: int, seed: int):
+    from schemas import steps as cols
+
+    rng = np.random.default_rng(seed)
+    total = episodes * length
+    ids = np.repeat(np.arange(first_episode, first_episode + episodes, dtype=np.int64), length)
+    ends = np.zeros(total, dtype=bool)
+    ends[length - 1 :: length] = True
+    steps = pa.table(
+        {
+            cols.EPISODE_ID: ids,
+            cols.T: np.tile(np.arange(length, dtype=np.int32), episodes),
+            cols.OBSERVATION: cols.vectors_to_arrow(
+                rng.standard_normal((total, OBS_DIM), dtype=np.float32)
+            ),
+            cols.ACTION: cols.vectors_to_arrow(
+                rng.uniform(-1, 1, (total, ACTION_DIM)).astype(np.float32)
+            ),
+            cols.REWARD: rng.standard_normal(total, dtype=np.float32),
+            cols.TERMINATED: ends,
+            cols.TRUNCATED: np.zeros(total, dtype=bool),
+        }
+    )
+    rewards = steps.column(cols.REWARD).to_numpy().reshape(episodes, length)
+    episode_table = pa.table(
+        {
+            cols.EPISODE_ID: np.arange(first_episode, first_episode + episodes, dtype=np.int64),
+            cols.LENGTH: np.full(episodes, length, dtype=np.int64),
+            cols.RETURN: rewards.sum(axis=1, dtype=np.float64).astype(np.float32),
+            cols.ENV_ID: ["Bench-v0"] * episodes,
+            cols.SOURCE: ["bench"] * episodes,
+        }
+    )
+    return steps, episode_table
+
+
+def write_bench_dataset(uri: str, steps: int, length: int, part_steps: int) -> None:
+    """Part by part, so generating 20M steps never holds more than one part."""
+    from engine.dataset import (
+        BASE_GROUP,
+        assemble_group,
+        begin_version,
+        commit_version,
+        fields_of,
+        new_manifest,
+        write_base_part,
+    )
+
+    uri = begin_version(uri)
+    episodes_per_part = max(part_steps // length, 1)
+    total_episodes = max(steps // length, 1)
+    written, schemas = [], None
+    for index, first in enumerate(range(0, total_episodes, episodes_per_part)):
+        count = min(episodes_per_part, total_episodes - first)
+        step_table, episode_table = part_tables(first, count, length, seed=index)
+        schemas = schemas or (fields_of([step_table]), fields_of([episode_table]))
+        written.append(write_base_part(uri, index, step_table, episode_table))
+    group = assemble_group(uri, BASE_GROUP, written, *schemas)
+    manifest = new_manifest(
+        uri,
+        groups=[group],
+        parts=[w.part for w in written],
+        operation="ingest",
+        command="bench.relabel",
+    )
+    commit_version(uri, manifest)
+
+
+# ---------------------------------------------------------------- the three ways
+
+
+def numpy_ceiling(rewards: np.ndarray, achieved: np.ndarray, length: int, seed: int) -> float:
+    """Single pass: a backward sweep over time with episodes side by side (contiguous
+    rows of a (time, episodes) array), then k future-goal gathers of whole goal rows."""
+    start = time.perf_counter()
+    r = np.ascontiguousarray(rewards.reshape(-1, length).T, dtype=np.float64)  # (T, E)
+    rtg = np.empty_like(r)
+    running = np.zeros(r.shape[1])
+    for t in range(length - 1, -1, -1):
+        running = r[t] + GAMMA * running
+        rtg[t] = running
+    rtg = rtg.T.reshape(-1).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    n = len(rewards)
+    t = np.tile(np.arange(length), n // length)
+    low = np.minimum(t + 1, length - 1)
+    base = np.arange(n) - t
+    goal_rows = np.empty((n, K), dtype=np.int64)
+    for j in range(K):
+        goal_rows[:, j] = base + low + (rng.random(n) * (length - low)).astype(np.int64)
+    row_type = np.dtype((np.void, achieved.shape[1] * 4))
+    flat = np.ascontiguousarray(achieved, dtype=np.float32).view(row_type).reshape(-1)
+    np.take(flat, goal_rows)
+    return time.perf_counter() - start
+
+
+def pandas_baseline(steps: pa.Table, seed: int) -> float:
+    """A groupby-apply per episode: return-to-go by a backward loop, one future goal index."""
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "episode_id": steps.column("episode_id").to_numpy(),
+            "t": steps.column("t").to_numpy(),
+            "reward": steps.column("reward").to_numpy(),
+        }
+    )
+    rng = np.random.default_rng(seed)
+
+    def per_episode(episode: pd.DataFrame) -> pd.DataFrame:
+        rewards = episode["reward"].to_numpy()
+        rtg = np.empty(len(rewards))
+        running = 0.0
+        for i in range(len(rewards) - 1, -1, -1):
+            running = rewards[i] + GAMMA * running
+            rtg[i] = running
+        t = np.arange(len(rewards))
+        low = np.minimum(t + 1, len(rewards) - 1)
+        future = low + (rng.random(len(rewards)) * (len(rewards) - low)).astype(np.int64)
+        return pd.DataFrame({"return_to_go": rtg, "future_goal_step": future})
+
+    start = time.perf_counter()
+    frame.groupby("episode_id", sort=False)[["reward"]].apply(per_episode)
+    return time.perf_counter() - start
+
+
+def kernel_seconds(relabeler, steps: pa.Table, episodes: pa.Table, repeats: int = 2) -> float:
+    from relabelers.base import Statistics
+
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        relabeler.relabel(steps, episodes, Statistics())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+# ---------------------------------------------------------------- memory sampling
+
+
+class TreeMemory:
+    """Samples the RSS of this process and its descendants (Ray workers) every 0.2 s."""
+
+    def __init__(self) -> None:
+        self.peak_tree = 0
+        self.peak_single = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            sizes = []
+            for process in [me, *me.children(recursive=True)]:
+                try:
+                    sizes.append(process.memory_info().rss)
+                except psutil.Error:
+                    pass
+            self.peak_tree = max(self.peak_tree, sum(sizes))
+            self.peak_single = max(self.peak_single, max(sizes, default=0))
+            self._stop.wait(0.2)
+
+
+def run_job(input_uri: str, output_uri: str, relabeler: str) -> dict:
+    from jobs.relabel_job import RelabelOptions, run_relabel
+
+    shutil.rmtree(output_uri, ignore_errors=True)
+    with TreeMemory() as memory:
+        start = time.perf_counter()
+        manifest = run_relabel(
+            RelabelOptions(input=input_uri, output=output_uri, relabelers=[relabeler])
+        )
+        seconds = time.perf_counter() - start
+    written = sum(
+        f.bytes
+        for g in manifest.groups
+        if not g.inherited
+        for f in g.steps_files + g.episodes_files
+    )
+    return {
+        "seconds": round(seconds, 3),
+        "steps_per_s": round(manifest.steps / seconds),
+        "bytes_written": written,
+        "peak_rss_largest_process_mb": round(memory.peak_single / 2**20),
+        "peak_rss_process_tree_mb": round(memory.peak_tree / 2**20),
+    }
+
+
+# ---------------------------------------------------------------- main
+
+
+def _noop(task: dict) -> dict:
+    return {"steps": 0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20_000_000, help="dataset size (steps)")
+    parser.add_argument("--episode-length", type=int, default=1000)
+    parser.add_argument("--part-steps", type=int, default=1_000_000)
+    parser.add_argument("--pandas-steps", type=int, default=1_000_000, help="pandas subset")
+    parser.add_argument("--workdir", default=None, help="where datasets go (default: a temp dir)")
+    parser.add_argument("--out", default="bench/results/relabel.json")
+    args = parser.parse_args()
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="hs-bench-relabel-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("RAY_TMPDIR", str(workdir / "ray"))
+    Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+
+    from relabelers.goals import GoalsRelabeler
+    from relabelers.returns import ReturnsRelabeler
+
+    length = args.episode_length
+    results: dict = {
+        "config": {
+            "steps": args.steps,
+            "episode_length": length,
+            "obs_dim": OBS_DIM,
+            "action_dim": ACTION_DIM,
+            "part_steps": args.part_steps,
+            "gamma": GAMMA,
+            "goals": f"future, k={K}, achieved=observation[0:3]",
+            "cpus": os.cpu_count(),
+            "machine": platform.platform(),
+        }
+    }
+
+    # 1-3: kernels, ceiling and pandas on one part in memory.
+    part_steps = min(args.part_steps, args.steps) // length * length
+    steps, episodes = part_tables(0, part_steps // length, length, seed=0)
+    rewards = steps.column("reward").to_numpy()
+    from schemas import steps as cols
+
+    achieved = cols.arrow_to_numpy(steps.column("observation"))[:, GOAL_SLICE]
+    returns_kernel = kernel_seconds(ReturnsRelabeler({"gamma": GAMMA}), steps, episodes)
+    goals_kernel = kernel_seconds(
+        GoalsRelabeler({"strategy": "future", "k": K, "achieved": "observation[0:3]"}),
+        steps,
+        episodes,
+    )
+    ceiling = min(numpy_ceiling(rewards, achieved, length, seed) for seed in range(2))
+    pandas_rows = min(args.pandas_steps, part_steps)
+    pandas_seconds = pandas_baseline(steps.slice(0, pandas_rows), seed=0)
+    n = steps.num_rows
+    results["kernel"] = {
+        "steps": n,
+        "returns_steps_per_s": round(n / returns_kernel),
+        "goals_future_k4_steps_per_s": round(n / goals_kernel),
+        "returns_plus_goals_steps_per_s": round(n / (returns_kernel + goals_kernel)),
+        "numpy_ceiling_steps_per_s": round(n / ceiling),
+        "pandas_groupby_apply_steps_per_s": round(pandas_rows / pandas_seconds),
+        "pandas_steps": pandas_rows,
+    }
+    results["kernel"]["kernel_vs_ceiling"] = round(
+        (returns_kernel + goals_kernel) / ceiling, 2
+    )  # < 2 is the goal
+
+    # 4: whole jobs at the full size and at a quarter of it.
+    from jobs.runtime import init_ray, map_parts
+
+    # Start-up: Ray itself plus the first Ray Data run (worker processes, executor).
+    start = time.perf_counter()
+    init_ray()
+    map_parts(_noop, [{"index": i} for i in range(4)], description="warm-up")
+    results["ray_startup_seconds"] = round(time.perf_counter() - start, 2)
+    pandas_rate = results["kernel"]["pandas_groupby_apply_steps_per_s"]
+    for label, size in (("quarter", args.steps // 4), ("full", args.steps)):
+        data = str(workdir / f"data-{label}")
+        shutil.rmtree(data, ignore_errors=True)
+        start = time.perf_counter()
+        write_bench_dataset(data, size, length, args.part_steps)
+        jobs = {"write_dataset_seconds": round(time.perf_counter() - start, 2)}
+        for name, spec in (
+            ("returns", f"returns:gamma={GAMMA}"),
+            ("goals_future_k4", f"goals:strategy=future,k={K},achieved=observation[0:3]"),
+        ):
+            jobs[name] = run_job(data, str(workdir / f"out-{label}-{name}"), spec)
+            jobs[name]["vs_pandas"] = round(jobs[name]["steps_per_s"] / pandas_rate, 1)
+        results[f"job_{label}"] = {"steps": size, **jobs}
+        shutil.rmtree(data, ignore_errors=True)
+        for name in ("returns", "goals_future_k4"):
+            shutil.rmtree(workdir / f"out-{label}-{name}", ignore_errors=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
