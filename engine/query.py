@@ -220,63 +220,41 @@ class ReadStats:
         return dict(self.__dict__)
 
 
-def read_rows(
-    uri: str, columns: Sequence[str], rows: np.ndarray | None, stats: ReadStats
-) -> pa.Table:
-    """`columns` of one Parquet file at the sorted row positions `rows` (None: all rows).
-
-    Only the row groups that hold a wanted row are read; the rest are never fetched.
-    """
-    fs, path = storage.filesystem(uri)
-    with fs.open_input_file(path) as handle:
-        parquet = pq.ParquetFile(handle, pre_buffer=storage.is_s3(uri))
-        metadata = parquet.metadata
-        sizes = np.array(
-            [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)],
-            dtype=np.int64,
-        )
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
-        if rows is None:
-            groups = np.arange(len(sizes))
-        else:
-            if len(rows) and rows[-1] >= offsets[-1]:
-                raise DatasetError(
-                    f"{uri}: has {offsets[-1]} rows, the episodes table says at least "
-                    f"{rows[-1] + 1}; the column groups of this version are not aligned"
-                )
-            group_of_row = np.searchsorted(offsets, rows, side="right") - 1
-            groups = np.unique(group_of_row)
-        stats.files += 1
-        stats.row_groups += len(groups)
-        stats.row_groups_skipped += len(sizes) - len(groups)
-        stats.bytes += metadata.serialized_size + _chunk_bytes(metadata, groups, columns)
-        if len(groups) == 0:
-            return parquet.schema_arrow.empty_table().select(list(columns))
-        table = parquet.read_row_groups(groups.tolist(), columns=list(columns))
-    if rows is None:
-        return table
-    # Position of each wanted row inside the concatenation of the row groups read.
-    group_start_in_table = np.concatenate([[0], np.cumsum(sizes[groups])[:-1]])
-    positions = (
-        rows - offsets[group_of_row] + group_start_in_table[np.searchsorted(groups, group_of_row)]
-    )
-    return table.take(pa.array(positions))
+# Row ranges closer than this are read as one span (decoding a few extra rows is cheaper
+# than another scan); a file is read in at most MAX_SPANS spans.
+SPAN_GAP_ROWS = 2048
+MAX_SPANS = 16
 
 
-def _chunk_bytes(metadata: pq.FileMetaData, groups: np.ndarray, columns: Sequence[str]) -> int:
-    wanted = set(columns)
-    total = 0
-    for index in groups:
-        row_group = metadata.row_group(int(index))
-        for j in range(row_group.num_columns):
-            chunk = row_group.column(j)
-            if chunk.path_in_schema.split(".")[0] in wanted:
-                total += chunk.total_compressed_size
-    return total
+def row_spans(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted row positions as few [start, stop) spans: runs of consecutive rows, joined
+    across small gaps and, beyond MAX_SPANS, across the smallest gaps."""
+    if len(rows) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(rows) > 1)
+    starts = np.concatenate([[rows[0]], rows[breaks + 1]])
+    stops = np.concatenate([rows[breaks] + 1, [rows[-1] + 1]])
+    gaps = starts[1:] - stops[:-1]
+    close = gaps <= SPAN_GAP_ROWS
+    if (~close).sum() >= MAX_SPANS:
+        close[np.argsort(gaps, kind="stable")[: len(gaps) - (MAX_SPANS - 1)]] = True
+    keep_start = np.concatenate([[True], ~close])
+    keep_stop = np.concatenate([~close, [True]])
+    return starts[keep_start], stops[keep_stop]
+
+
+def collect(frames: Sequence[pl.LazyFrame]) -> list[pl.DataFrame]:
+    """Collect scans together, in parallel. Common-subplan elimination is off: it would
+    merge several slices of one file into a single scan of the whole file."""
+    return pl.collect_all(frames, optimizations=pl.QueryOptFlags(comm_subplan_elim=False))
 
 
 class PartReader:
-    """Reads chosen columns of one part at one level, from whichever groups hold them."""
+    """Reads chosen columns of one part at one level, from whichever groups hold them.
+
+    Reading goes through Polars with projection and slice pushdown: only the row groups
+    that overlap a wanted span are fetched, and only the wanted rows decoded.
+    """
 
     def __init__(self, dataset: Dataset, level: str, stats: ReadStats):
         self.dataset = dataset
@@ -287,20 +265,84 @@ class PartReader:
             for group in dataset.manifest.groups
             for f in getattr(group, f"{level}_columns")
         }
+        self._metadata: dict[str, pq.FileMetaData] = {}
 
-    def read(self, index: int, columns: Sequence[str], rows: np.ndarray | None = None) -> pa.Table:
+    def metadata(self, uri: str) -> pq.FileMetaData:
+        if uri not in self._metadata:
+            fs, path = storage.filesystem(uri)
+            self._metadata[uri] = pq.read_metadata(path, filesystem=fs)
+        return self._metadata[uri]
+
+    def scan(
+        self, index: int, columns: Sequence[str], rows: np.ndarray | None = None
+    ) -> pl.LazyFrame:
+        """`columns` of part `index` at the sorted row positions `rows` (None: all rows)."""
         by_group: dict[str, list[str]] = {}
         for column in dict.fromkeys(columns):
             by_group.setdefault(self.group_of[column].name, []).append(column)
-        arrays: dict[str, pa.ChunkedArray] = {}
+        frames = []
         for group_columns in by_group.values():
             group = self.group_of[group_columns[0]]
             data_file = getattr(group, f"{self.level}_files")[index]
-            table = read_rows(
-                storage.join(group.root, data_file.path), group_columns, rows, self.stats
+            frames.append(self._scan(storage.join(group.root, data_file.path), group_columns, rows))
+        frame = pl.concat(frames, how="horizontal") if len(frames) > 1 else frames[0]
+        return frame.select(list(dict.fromkeys(columns)))
+
+    def read(
+        self, index: int, columns: Sequence[str], rows: np.ndarray | None = None
+    ) -> pl.DataFrame:
+        return collect([self.scan(index, columns, rows)])[0]
+
+    def _scan(self, uri: str, columns: list[str], rows: np.ndarray | None) -> pl.LazyFrame:
+        metadata = self.metadata(uri)
+        sizes = np.array(
+            [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)],
+            dtype=np.int64,
+        )
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        scan = pl.scan_parquet(uri, storage_options=storage.polars_storage_options(uri)).select(
+            columns
+        )
+        self.stats.files += 1
+        if rows is None:
+            self._count(metadata, np.arange(len(sizes)), columns)
+            return scan
+        if len(rows) and rows[-1] >= offsets[-1]:
+            raise DatasetError(
+                f"{uri}: has {offsets[-1]} rows, the episodes table says at least "
+                f"{rows[-1] + 1}; the column groups of this version are not aligned"
             )
-            arrays.update({name: table.column(name) for name in group_columns})
-        return pa.table({name: arrays[name] for name in dict.fromkeys(columns)})
+        starts, stops = row_spans(rows)
+        first_group = np.searchsorted(offsets, starts, side="right") - 1
+        last_group = np.searchsorted(offsets, stops - 1, side="right") - 1
+        touched = np.zeros(len(sizes), dtype=bool)
+        for first, last in zip(first_group, last_group):
+            touched[first : last + 1] = True
+        self._count(metadata, np.flatnonzero(touched), columns)
+        if len(starts) == 0:
+            return scan.head(0)
+        pieces = [scan.slice(int(a), int(b - a)) for a, b in zip(starts, stops)]
+        spanned = pl.concat(pieces) if len(pieces) > 1 else pieces[0]
+        span_rows = int((stops - starts).sum())
+        if span_rows == len(rows):
+            return spanned
+        # Spans joined across gaps hold extra rows: keep the wanted ones.
+        span_offsets = np.concatenate([[0], np.cumsum(stops - starts)[:-1]])
+        span_of_row = np.searchsorted(starts, rows, side="right") - 1
+        positions = rows - starts[span_of_row] + span_offsets[span_of_row]
+        return spanned.select(pl.all().gather(pl.Series(positions)))
+
+    def _count(self, metadata: pq.FileMetaData, groups: np.ndarray, columns: list[str]) -> None:
+        wanted = set(columns)
+        self.stats.row_groups += len(groups)
+        self.stats.row_groups_skipped += metadata.num_row_groups - len(groups)
+        self.stats.bytes += metadata.serialized_size
+        for index in groups:
+            row_group = metadata.row_group(int(index))
+            for j in range(row_group.num_columns):
+                chunk = row_group.column(j)
+                if chunk.path_in_schema.split(".")[0] in wanted:
+                    self.stats.bytes += chunk.total_compressed_size
 
 
 def _episode_table(
@@ -309,9 +351,11 @@ def _episode_table(
     """Episodes of `parts` with `columns`, their part and first step row within the part."""
     reader = PartReader(dataset, "episodes", stats)
     wanted = list(dict.fromkeys([cols.EPISODE_ID, cols.LENGTH, *columns]))
-    frames = []
-    for index in parts:
-        frame = pl.from_arrow(reader.read(index, wanted)).sort(cols.EPISODE_ID)
+    parts = list(parts)
+    frames = collect([reader.scan(index, wanted) for index in parts])
+    with_rows = []
+    for index, frame in zip(parts, frames):
+        frame = frame.sort(cols.EPISODE_ID)
         lengths = frame[cols.LENGTH].to_numpy()
         expected = dataset.manifest.parts[index].steps
         if int(lengths.sum()) != expected:
@@ -320,12 +364,12 @@ def _episode_table(
                 f"add up to {int(lengths.sum())}; validate the dataset"
             )
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        frames.append(
+        with_rows.append(
             frame.with_columns(
                 pl.lit(index, dtype=pl.Int64).alias(_PART), pl.Series(_START, starts)
             )
         )
-    return pl.concat(frames) if frames else pl.DataFrame()
+    return pl.concat(with_rows) if with_rows else pl.DataFrame()
 
 
 def _episode_rows(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -339,12 +383,27 @@ def _episode_rows(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, 
 
 # ---------------------------------------------------------------- running a query
 
+# Parts read together (Polars decodes them in parallel); a `limit` is checked in between.
+PARTS_PER_BATCH = 4
+
 
 @dataclass
 class QueryResult:
     frame: pl.DataFrame
     plan: Plan
     stats: ReadStats
+
+
+@dataclass
+class _PartMatch:
+    """The matching rows of one part, which candidate episode owns each, and the step
+    columns already read for the condition (at exactly those rows)."""
+
+    index: int
+    candidates: pl.DataFrame
+    rows: np.ndarray
+    owner: np.ndarray
+    condition_steps: pl.DataFrame | None = None
 
 
 def _open(dataset: Dataset | str) -> Dataset:
@@ -365,38 +424,55 @@ def _candidate_episodes(
     return episodes
 
 
-def _matching_steps_of_part(
+def _match_parts(
     dataset: Dataset,
     plan: Plan,
-    index: int,
+    indices: Sequence[int],
     candidates: pl.DataFrame,
     reader: PartReader,
-) -> tuple[np.ndarray, np.ndarray, pa.Table | None]:
-    """Rows of part `index` that match, which candidate episode owns each, and the step
-    columns already read for the condition (at the matching rows)."""
-    rows, owner = _episode_rows(candidates[_START].to_numpy(), candidates[cols.LENGTH].to_numpy())
+) -> list[_PartMatch]:
+    """Apply the row condition to the candidate rows of some parts, read together."""
+    matches = []
+    for index in indices:
+        part_candidates = candidates.filter(pl.col(_PART) == index)
+        if not part_candidates.height:
+            reader.stats.parts_skipped += 1
+            continue
+        rows, owner = _episode_rows(
+            part_candidates[_START].to_numpy(), part_candidates[cols.LENGTH].to_numpy()
+        )
+        matches.append(_PartMatch(index, part_candidates, rows, owner))
     if plan.row_condition is None:
-        return rows, owner, None
-    whole_part = plan.episode_condition is None
-    read_at = None if whole_part else rows
-    condition_steps = (
-        reader.read(index, plan.row_step_columns, read_at) if plan.row_step_columns else None
-    )
-    frame = pl.from_arrow(condition_steps) if condition_steps is not None else pl.DataFrame()
-    if plan.row_episode_columns:
-        broadcast = candidates.select(plan.row_episode_columns)[owner]
-        frame = pl.concat([frame, broadcast], how="horizontal") if frame.width else broadcast
-    if not frame.width:
-        frame = pl.DataFrame({"__row": rows})
-    mask = frame.select(plan.row_condition.fill_null(False)).to_series()
-    if mask.len() == 1 and len(rows) != 1:
-        mask = pl.Series([bool(mask[0])] * len(rows))
-    keep = mask.to_numpy()
-    return (
-        rows[keep],
-        owner[keep],
-        condition_steps.filter(pa.array(keep)) if condition_steps is not None else None,
-    )
+        return matches
+    whole_parts = plan.episode_condition is None
+    if plan.row_step_columns:
+        frames = collect(
+            [
+                reader.scan(m.index, plan.row_step_columns, None if whole_parts else m.rows)
+                for m in matches
+            ]
+        )
+    else:
+        frames = [pl.DataFrame() for _ in matches]
+    for match, frame in zip(matches, frames):
+        values = frame
+        if plan.row_episode_columns:
+            broadcast = match.candidates.select(plan.row_episode_columns)[match.owner]
+            values = pl.concat([values, broadcast], how="horizontal") if values.width else broadcast
+        if not values.width:
+            values = pl.DataFrame({"__row": match.rows})
+        keep = values.select(plan.row_condition.fill_null(False).alias("keep")).to_series()
+        keep_array = np.full(len(match.rows), bool(keep[0])) if keep.len() == 1 else keep.to_numpy()
+        match.rows = match.rows[keep_array]
+        match.owner = match.owner[keep_array]
+        match.condition_steps = frame.filter(pl.Series(keep_array)) if frame.width else None
+    return matches
+
+
+def _batches(count: int) -> list[list[int]]:
+    return [
+        list(range(i, min(i + PARTS_PER_BATCH, count))) for i in range(0, count, PARTS_PER_BATCH)
+    ]
 
 
 def query(
@@ -428,53 +504,57 @@ def query(
     step_select = [c for c in plan.select if c not in plan.select_episode_columns]
     pieces: list[pl.DataFrame] = []
     found = 0
-    for index in range(dataset.num_parts):
-        if limit is not None and found >= limit:
-            stats.parts_skipped += 1
+    for batch in _batches(dataset.num_parts):
+        if (limit is not None and found >= limit) or not candidates.height:
+            stats.parts_skipped += len(batch)
             continue
-        part_candidates = candidates.filter(pl.col(_PART) == index) if candidates.height else None
-        if part_candidates is None or part_candidates.height == 0:
-            stats.parts_skipped += 1
-            continue
-        rows, owner, condition_steps = _matching_steps_of_part(
-            dataset, plan, index, part_candidates, reader
-        )
-        if limit is not None:
-            rows, owner = rows[: limit - found], owner[: limit - found]
-            if condition_steps is not None:
-                condition_steps = condition_steps.slice(0, len(rows))
-        if len(rows) == 0:
-            continue
-        already = condition_steps.column_names if condition_steps is not None else []
-        to_read = [c for c in step_select if c not in already]
-        read_at = None if len(rows) == dataset.manifest.parts[index].steps else rows
-        arrays = {}
-        if to_read:
-            table = reader.read(index, to_read, read_at)
-            arrays.update({c: table.column(c) for c in to_read})
-        if condition_steps is not None:
-            arrays.update({c: condition_steps.column(c) for c in already if c in step_select})
-        piece = pl.from_arrow(pa.table(arrays)) if arrays else pl.DataFrame()
-        if plan.select_episode_columns:
-            broadcast = part_candidates.select(plan.select_episode_columns)[owner]
-            piece = pl.concat([piece, broadcast], how="horizontal") if piece.width else broadcast
-        pieces.append(piece.select(plan.select))
-        found += len(rows)
+        matches = _match_parts(dataset, plan, batch, candidates, reader)
+        scans = []
+        for match in matches:
+            if limit is not None:
+                keep = max(limit - found, 0)
+                match.rows, match.owner = match.rows[:keep], match.owner[:keep]
+                if match.condition_steps is not None:
+                    match.condition_steps = match.condition_steps.head(keep)
+            found += len(match.rows)
+            already = match.condition_steps.columns if match.condition_steps is not None else []
+            to_read = [c for c in step_select if c not in already]
+            whole = len(match.rows) == dataset.manifest.parts[match.index].steps
+            if to_read and len(match.rows):
+                scans.append(reader.scan(match.index, to_read, None if whole else match.rows))
+            else:
+                scans.append(pl.LazyFrame())
+        for match, frame in zip(matches, collect(scans)):
+            if not len(match.rows):
+                continue
+            columns = [frame] if frame.width else []
+            if match.condition_steps is not None:
+                columns.append(match.condition_steps.select(c for c in already if c in step_select))
+            if plan.select_episode_columns:
+                columns.append(match.candidates.select(plan.select_episode_columns)[match.owner])
+            columns = [c for c in columns if c.width]
+            piece = pl.concat(columns, how="horizontal") if len(columns) > 1 else columns[0]
+            pieces.append(piece.select(plan.select))
     frame = pl.concat(pieces) if pieces else _empty(dataset, plan)
     return QueryResult(frame, plan, stats)
 
 
-def _empty(dataset: Dataset, plan: Plan) -> pl.DataFrame:
-    """A zero-row frame with the right schema (read from the first part's footers)."""
-    schema: dict[str, pa.DataType] = {}
-    for level in LEVELS:
-        for group in dataset.manifest.groups:
-            files = getattr(group, f"{level}_files")
-            if not files:
-                continue
+def arrow_schema(dataset: Dataset, level: str) -> pa.Schema:
+    """The Arrow schema of a level, all groups together, from the first part's footers."""
+    fields = []
+    for group in dataset.manifest.groups:
+        files = getattr(group, f"{level}_files")
+        if files:
             fs, path = storage.filesystem(storage.join(group.root, files[0].path))
-            for arrow_field in pq.read_schema(path, filesystem=fs):
-                schema.setdefault(arrow_field.name, arrow_field.type)
+            fields.extend(pq.read_schema(path, filesystem=fs))
+    return pa.schema(fields)
+
+
+def _empty(dataset: Dataset, plan: Plan) -> pl.DataFrame:
+    """A zero-row frame with the right schema (columns of the level win over the other)."""
+    other = "episodes" if plan.level == "steps" else "steps"
+    schema = {f.name: f.type for f in arrow_schema(dataset, other)}
+    schema.update({f.name: f.type for f in arrow_schema(dataset, plan.level)})
     return pl.from_arrow(pa.schema([(c, schema[c]) for c in plan.select]).empty_table())
 
 
@@ -482,9 +562,8 @@ def count(dataset: Dataset | str, where: str | None = None, *, level: str = "ste
     """How many rows match, reading only the columns the condition uses."""
     dataset = _open(dataset)
     plan = plan_query(dataset, where, level, [cols.EPISODE_ID])
-    stats = ReadStats()
     if level == "episodes" or plan.row_condition is None:
-        candidates = _candidate_episodes(dataset, plan, plan.row_episode_columns, stats)
+        candidates = _candidate_episodes(dataset, plan, [], ReadStats())
         if level == "episodes":
             return candidates.height
         return int(candidates[cols.LENGTH].sum()) if candidates.height else 0
@@ -494,25 +573,23 @@ def count(dataset: Dataset | str, where: str | None = None, *, level: str = "ste
 def matching_episodes(
     dataset: Dataset | str, where: str | None, *, with_counts: bool = False
 ) -> pl.DataFrame | tuple[pl.DataFrame, int]:
-    """Episodes (episode_id, part) with at least one step matching `where`, in order."""
+    """Episodes (episode_id) with at least one step matching `where`, in order; with
+    `with_counts` also the number of matching steps."""
     dataset = _open(dataset)
     plan = plan_query(dataset, where, "steps", [cols.EPISODE_ID])
     stats = ReadStats()
     candidates = _candidate_episodes(dataset, plan, plan.row_episode_columns, stats)
     if plan.row_condition is None or not candidates.height:
         steps = int(candidates[cols.LENGTH].sum()) if candidates.height else 0
-        selected = candidates.select(cols.EPISODE_ID, _PART) if candidates.height else candidates
+        selected = candidates.select(cols.EPISODE_ID) if candidates.height else pl.DataFrame()
         return (selected, steps) if with_counts else selected
     reader = PartReader(dataset, "steps", stats)
     kept = []
     steps = 0
-    for index in range(dataset.num_parts):
-        part_candidates = candidates.filter(pl.col(_PART) == index)
-        if not part_candidates.height:
-            continue
-        rows, owner, _ = _matching_steps_of_part(dataset, plan, index, part_candidates, reader)
-        steps += len(rows)
-        kept.append(part_candidates[np.unique(owner)].select(cols.EPISODE_ID, _PART))
+    for batch in _batches(dataset.num_parts):
+        for match in _match_parts(dataset, plan, batch, candidates, reader):
+            steps += len(match.rows)
+            kept.append(match.candidates[np.unique(match.owner)].select(cols.EPISODE_ID))
     selected = pl.concat(kept) if kept else pl.DataFrame()
     return (selected, steps) if with_counts else selected
 
@@ -523,7 +600,8 @@ def matching_episodes(
 def read_episodes(
     dataset: Dataset | str, episode_ids: Sequence[int] | np.ndarray, stats: ReadStats | None = None
 ) -> tuple[pa.Table, pa.Table]:
-    """All step and episode columns of the given whole episodes, sorted by episode_id.
+    """Every step and episode column of the given whole episodes, sorted by episode_id,
+    with the dataset's Arrow types.
 
     Parts whose [min_episode_id, max_episode_id] in the manifest holds none of the ids are
     not opened.
@@ -533,31 +611,34 @@ def read_episodes(
     wanted = np.unique(np.asarray(episode_ids, dtype=np.int64))
     step_reader = PartReader(dataset, "steps", stats)
     episode_reader = PartReader(dataset, "episodes", stats)
-    step_tables, episode_tables = [], []
+    step_scans, episode_frames = [], []
     for index, part in enumerate(dataset.manifest.parts):
         low, high = np.searchsorted(wanted, [part.min_episode_id, part.max_episode_id + 1])
         if low == high:
             stats.parts_skipped += 1
             continue
-        episodes = _episode_table(dataset, [], stats, [index])
-        chosen = episodes.filter(pl.col(cols.EPISODE_ID).is_in(pl.Series(wanted[low:high])))
-        if not chosen.height:
+        episodes = episode_reader.read(index, dataset.columns("episodes")).sort(cols.EPISODE_ID)
+        starts = np.concatenate([[0], np.cumsum(episodes[cols.LENGTH].to_numpy())[:-1]])
+        chosen = episodes[cols.EPISODE_ID].is_in(pl.Series(wanted[low:high]).implode())
+        if not chosen.any():
             continue
-        rows, _ = _episode_rows(chosen[_START].to_numpy(), chosen[cols.LENGTH].to_numpy())
+        chosen_array = chosen.to_numpy()
+        rows, _ = _episode_rows(
+            starts[chosen_array], episodes[cols.LENGTH].to_numpy()[chosen_array]
+        )
         whole = len(rows) == part.steps
-        step_tables.append(
-            step_reader.read(index, dataset.columns("steps"), None if whole else rows)
+        step_scans.append(
+            step_reader.scan(index, dataset.columns("steps"), None if whole else rows)
         )
-        all_episodes = episode_reader.read(index, dataset.columns("episodes"))
-        order = pa.compute.sort_indices(all_episodes.column(cols.EPISODE_ID))
-        all_episodes = all_episodes.take(order)
-        keep = pa.compute.is_in(
-            all_episodes.column(cols.EPISODE_ID), value_set=pa.array(chosen[cols.EPISODE_ID])
-        )
-        episode_tables.append(all_episodes.filter(keep))
-    if not step_tables:
+        episode_frames.append(episodes.filter(chosen))
+    if not step_scans:
         raise QueryError(f"{dataset.uri}: none of the requested episodes are in the dataset")
-    return pa.concat_tables(step_tables), pa.concat_tables(episode_tables)
+    steps = pl.concat(collect(step_scans)).to_arrow()
+    episodes = pl.concat(episode_frames).to_arrow()
+    return (
+        steps.cast(arrow_schema(dataset, "steps")),
+        episodes.cast(arrow_schema(dataset, "episodes")),
+    )
 
 
 def write_subset(

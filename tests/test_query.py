@@ -14,6 +14,7 @@ from polars.testing import assert_frame_equal
 
 import engine
 import engine.dataset
+from engine import query as query_module
 from engine import storage
 from engine.dataset import (
     DatasetError,
@@ -26,7 +27,7 @@ from engine.dataset import (
     open_dataset,
     write_group_part,
 )
-from engine.query import QueryError, ReadStats, count, query, read_rows
+from engine.query import PartReader, QueryError, ReadStats, count, query, row_spans
 from jobs.cli import main as cli_main
 from jobs.query_job import QueryOptions, run_query
 from schemas import steps as cols
@@ -145,7 +146,10 @@ def test_episode_condition_keeps_every_step_of_matching_episodes(labeled, raw):
         ),
     ],
 )
-def test_step_and_mixed_conditions_equal_an_independent_join(labeled, raw, where, expected_filter):
+def test_step_and_mixed_conditions_equal_an_independent_join(
+    labeled, raw, where, expected_filter, monkeypatch
+):
+    monkeypatch.setattr(query_module, "PARTS_PER_BATCH", 3)
     steps, episodes = raw
     joined = steps.join(episodes.select("episode_id", "return", "skill"), on="episode_id")
     expected = joined.filter(expected_filter).select(steps.columns)
@@ -183,7 +187,8 @@ def test_episodes_query(labeled, raw):
     assert result.stats.bytes > 0 and result.stats.files == 2 * open_dataset(labeled).num_parts
 
 
-def test_limit_stops_reading_early(labeled, raw):
+def test_limit_stops_reading_early(labeled, raw, monkeypatch):
+    monkeypatch.setattr(query_module, "PARTS_PER_BATCH", 1)
     steps, _ = raw
     result = query(labeled, "reward > 0", limit=5)
     assert_frame_equal(result.frame, steps.filter(pl.col("reward") > 0).head(5))
@@ -207,14 +212,27 @@ def test_selective_query_reads_only_needed_row_groups_and_columns(labeled):
     assert "HCONCAT" in plan
 
 
-def test_read_rows_takes_the_right_rows_across_row_groups(labeled):
+def test_row_spans_join_small_gaps_and_stay_few(monkeypatch):
+    starts, stops = row_spans(np.array([0, 1, 2, 5, 6, 9000, 9001]))
+    assert starts.tolist() == [0, 9000] and stops.tolist() == [7, 9002]
+    monkeypatch.setattr(query_module, "SPAN_GAP_ROWS", 0)
+    monkeypatch.setattr(query_module, "MAX_SPANS", 2)
+    rows = np.array([0, 10, 11, 50, 1000, 1001])
+    starts, stops = row_spans(rows)
+    assert starts.tolist() == [0, 1000] and stops.tolist() == [51, 1002]
+
+
+@pytest.mark.parametrize("gap", [0, 4])
+def test_part_reader_takes_the_right_rows_across_row_groups(labeled, monkeypatch, gap):
+    monkeypatch.setattr(query_module, "SPAN_GAP_ROWS", gap)
     dataset = open_dataset(labeled)
-    uri = dataset.file_uris(dataset.manifest.groups[0], "steps")[0]
-    whole = pl.read_parquet(uri)
-    rows = np.array([0, 3, 15, 16, 17, 40, whole.height - 1])
+    whole = pl.read_parquet(dataset.file_uris(dataset.manifest.groups[0], "steps")[0])
+    rows = np.array([0, 3, 15, 16, 17, 40, 41, 42, whole.height - 1])
     stats = ReadStats()
-    table = read_rows(uri, ["t", "episode_id"], rows, stats)
-    assert_frame_equal(pl.from_arrow(table), whole.select("t", "episode_id")[rows])
+    frame = PartReader(dataset, "steps", stats).read(0, ["t", "return_to_go", "episode_id"], rows)
+    labels = pl.read_parquet(dataset.file_uris(dataset.manifest.groups[1], "steps")[0])
+    expected = pl.concat([whole, labels], how="horizontal")[rows]
+    assert_frame_equal(frame, expected.select("t", "return_to_go", "episode_id"))
     assert stats.row_groups_skipped > 0
 
 
