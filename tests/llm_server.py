@@ -64,11 +64,18 @@ class LLMServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # no 40 ms delayed-ACK stalls between writes
 
             def log_message(self, *args: Any) -> None:  # quiet
                 return None
 
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                # Request counts for a server in another process (the benchmark).
+                paths = [r["path"] for r in server.requests]
+                counts = {path: paths.count(path) for path in set(paths)}
+                server._send(self, 200, {"requests": counts})
+
+            def do_POST(self) -> None:  # noqa: N802
                 length = int(self.headers.get("content-length", 0))
                 raw = self.rfile.read(length)
                 server._handle(self, raw)
@@ -225,3 +232,23 @@ class LLMServer:
             handler.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             pass
+
+
+def main() -> None:
+    """Serve in this process until killed: `python -m tests.llm_server --latency 0.2`.
+    Prints the base URL on the first line of stdout."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="OpenAI-compatible test server on loopback")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
+    args = parser.parse_args()
+    server = LLMServer(latency=args.latency).start()
+    print(server.url, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
