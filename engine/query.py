@@ -226,9 +226,12 @@ SPAN_GAP_ROWS = 2048
 MAX_SPANS = 16
 
 
-def row_spans(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def row_spans(
+    rows: np.ndarray, row_group_offsets: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Sorted row positions as few [start, stop) spans: runs of consecutive rows, joined
-    across small gaps and, beyond MAX_SPANS, across the smallest gaps."""
+    across gaps of at most SPAN_GAP_ROWS, across gaps inside one row group (each row group
+    is then fetched once), and beyond MAX_SPANS across the smallest gaps."""
     if len(rows) == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     breaks = np.flatnonzero(np.diff(rows) > 1)
@@ -236,8 +239,14 @@ def row_spans(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     stops = np.concatenate([rows[breaks] + 1, [rows[-1] + 1]])
     gaps = starts[1:] - stops[:-1]
     close = gaps <= SPAN_GAP_ROWS
+    if row_group_offsets is not None:
+        group_before = np.searchsorted(row_group_offsets, stops[:-1] - 1, side="right")
+        group_after = np.searchsorted(row_group_offsets, starts[1:], side="right")
+        close |= group_before == group_after
     if (~close).sum() >= MAX_SPANS:
-        close[np.argsort(gaps, kind="stable")[: len(gaps) - (MAX_SPANS - 1)]] = True
+        open_gaps = np.flatnonzero(~close)
+        smallest = open_gaps[np.argsort(gaps[open_gaps], kind="stable")]
+        close[smallest[: len(open_gaps) - (MAX_SPANS - 1)]] = True
     keep_start = np.concatenate([[True], ~close])
     keep_stop = np.concatenate([~close, [True]])
     return starts[keep_start], stops[keep_stop]
@@ -312,7 +321,7 @@ class PartReader:
                 f"{uri}: has {offsets[-1]} rows, the episodes table says at least "
                 f"{rows[-1] + 1}; the column groups of this version are not aligned"
             )
-        starts, stops = row_spans(rows)
+        starts, stops = row_spans(rows, offsets)
         first_group = np.searchsorted(offsets, starts, side="right") - 1
         last_group = np.searchsorted(offsets, stops - 1, side="right") - 1
         touched = np.zeros(len(sizes), dtype=bool)

@@ -220,6 +220,10 @@ def test_row_spans_join_small_gaps_and_stay_few(monkeypatch):
     rows = np.array([0, 10, 11, 50, 1000, 1001])
     starts, stops = row_spans(rows)
     assert starts.tolist() == [0, 1000] and stops.tolist() == [51, 1002]
+    monkeypatch.setattr(query_module, "MAX_SPANS", 16)
+    row_groups = np.array([0, 20, 1000, 2000])
+    starts, stops = row_spans(rows, row_groups)
+    assert starts.tolist() == [0, 50, 1000] and stops.tolist() == [12, 51, 1002]
 
 
 @pytest.mark.parametrize("gap", [0, 4])
