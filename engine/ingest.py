@@ -171,9 +171,9 @@ class IngestPlan:
     def skipped_report(self) -> dict[str, Any]:
         return {
             "source": self.source,
-            "skipped_episodes": sorted(
+            "skipped_episodes": len(
                 {(p.file, p.episode) for p in self.skipped if p.episode is not None}
-            ).__len__(),
+            ),
             "skipped": [p.to_dict() for p in self.skipped],
             "truncated_tails": self.truncated_tails,
         }
@@ -840,7 +840,15 @@ def plan_step_tables(
         table = read_step_file(
             path,
             format,
-            [episode_column, step_column, cols.REWARD, *info_names, *list_vectors],
+            [
+                episode_column,
+                step_column,
+                cols.REWARD,
+                cols.TERMINATED,
+                cols.TRUNCATED,
+                *info_names,
+                *list_vectors,
+            ],
         )
         episode_ids = table.column(episode_column)
         if not pa.types.is_integer(episode_ids.type):
@@ -878,6 +886,13 @@ def plan_step_tables(
             pc.fill_null(reward_column.cast(pa.float64()), 0.0).to_numpy(),
             episode_ids,
         )
+        for name in (cols.TERMINATED, cols.TRUNCATED):
+            column = table.column(name)
+            if not pa.types.is_boolean(column.type):
+                problems.append(Problem(path, name, f"must be boolean, has type {column.type}"))
+            problems += check_not_null(
+                path, name, pc.is_valid(column).to_numpy(zero_copy_only=False), episode_ids
+            )
         for name in list_vectors:
             sizes = _vector_size(table.column(name))
             sizes = (

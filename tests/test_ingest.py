@@ -32,13 +32,15 @@ from tests.synthetic import make_episodes, write_synthetic_dataset
 # ---------------------------------------------------------------- D4RL-style source files
 
 
-def d4rl_arrays(num_steps: int = 600, seed: int = 0, tail: bool = False) -> dict[str, np.ndarray]:
+def d4rl_arrays(
+    num_steps: int = 600, seed: int = 0, tail: bool = False, num_episodes: int = 9
+) -> dict[str, np.ndarray]:
     """Flat arrays with episodes ending at terminals or timeouts; `noise` is constant per
     episode, `qpos` is not. With `tail`, the last steps have neither flag."""
     rng = np.random.default_rng(seed)
     terminals = np.zeros(num_steps, bool)
     timeouts = np.zeros(num_steps, bool)
-    ends = np.sort(rng.choice(np.arange(5, num_steps - 10), size=8, replace=False))
+    ends = np.sort(rng.choice(np.arange(5, num_steps - 10), size=num_episodes - 1, replace=False))
     terminals[ends[::2]] = True
     timeouts[ends[1::2]] = True
     if not tail:
@@ -511,3 +513,72 @@ def test_materialize_zips_all_groups_into_one(ray_local, tmp_path):
         flat["double_reward"].to_numpy(), 2 * flat["reward"].to_numpy(), rtol=0
     )
     assert flat.select(pl.len()).item() == steps.num_rows
+
+
+@pytest.mark.slow
+def test_ingest_killed_mid_run_leaves_no_dataset(ray_local, tmp_path):
+    """A real `hindsight ingest` process (with its own embedded Ray) killed while it
+    writes parts: no dataset is visible, and a re-run writes the complete version."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # One part per episode, hundreds of them: the writer is still busy when it is killed.
+    arrays = d4rl_arrays(num_steps=3000, num_episodes=400)
+    source = write_hdf5(tmp_path / "logs.h5", arrays)
+    uri = tmp_path / "ds"
+    # RAY_TMPDIR stays conftest's short directory: Ray's socket paths must stay short.
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "ingest", source, str(uri), "--part-steps", "1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list(uri.glob("base/steps/*.parquet")):
+            assert process.poll() is None, "the ingest finished before it could be killed"
+            time.sleep(0.05)
+        assert list(uri.glob("base/steps/*.parquet")), "no part was written within 120 s"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (uri / "manifest.json").exists()
+    with pytest.raises(DatasetError, match="died before committing"):
+        open_dataset(str(uri))
+    run_ingest(IngestOptions(source=source, output=str(uri), part_steps=150))
+    assert_matches_d4rl(str(uri), arrays)
+
+
+@pytest.fixture
+def ray_with_s3(s3_server, ray_local):
+    """Ray workers that see the loopback S3 server: a Ray started before the s3_server
+    fixture set the AWS variables is restarted (its workers inherited the old environment)."""
+    import os
+
+    import ray
+
+    from jobs.runtime import init_ray
+
+    @ray.remote
+    def endpoint():
+        return os.environ.get("AWS_ENDPOINT_URL")
+
+    if ray.get(endpoint.remote()) != s3_server:
+        ray.shutdown()
+        init_ray(num_cpus=2, object_store_memory=512 * 1024 * 1024)
+    return ray
+
+
+def test_ingest_to_s3(ray_with_s3, s3_bucket, tmp_path):
+    arrays = d4rl_arrays(seed=12)
+    uri = f"{s3_bucket}/pendulum"
+    run_ingest(
+        IngestOptions(source=write_hdf5(tmp_path / "logs.h5", arrays), output=uri, part_steps=200)
+    )
+    assert_matches_d4rl(uri, arrays)
+    assert run_info(InfoOptions(dataset=uri))["steps"] == len(arrays["rewards"])
