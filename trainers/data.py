@@ -525,7 +525,9 @@ class WindowDataset(torch.utils.data.IterableDataset):
         workers = max(1, o["num_workers"])
         consumer = o["rank"] * workers + worker
         starts = o["start_positions"]
-        position = Position(**starts[worker]) if starts and starts[worker] else Position()
+        saved = dict(starts[worker]) if starts and starts[worker] else {}
+        saved.pop("lost_windows", None)
+        position = Position(**saved)
         counter = _Counter()
         counter.lost_windows = int((starts[worker] or {}).get("lost_windows", 0)) if starts else 0
         batch_size, window = o["batch_size"], self.index.window

@@ -1,0 +1,281 @@
+"""The streaming loader: exactly-once windows across ranks and workers, values equal to the
+dataset rows, exact resume, refusal of unsafe members, truncated shards, S3 drops."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from engine.dataset import open_dataset
+from schemas.shard_index import encode_text
+from tests.test_shards import GOAL_DIM, GOALS, conditioned_dataset, shard_options
+from trainers.data import S3Reader, ShardError, UnsafeShardError, read_index, stream
+
+CONDITIONS = ["return_to_go", "skill", "description", "descriptions", "hindsight_goal"]
+
+
+@pytest.fixture(scope="module")
+def ray_with_s3(s3_server, ray_local):
+    """Ray workers that see the loopback S3 server: a Ray started before the s3_server
+    fixture set the AWS variables is restarted (its workers inherited the old environment)."""
+    import ray
+
+    from jobs.runtime import init_ray
+
+    @ray.remote
+    def endpoint():
+        return os.environ.get("AWS_ENDPOINT_URL")
+
+    if ray.get(endpoint.remote()) != s3_server:
+        ray.shutdown()
+        init_ray(num_cpus=2, object_store_memory=512 * 1024 * 1024)
+    return ray
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, s3_server, ray_with_s3):
+    """One dataset, sharded to the loopback S3 server and to a local directory."""
+    import boto3
+
+    from jobs.shard_job import run_shard
+
+    root = tmp_path_factory.mktemp("loader")
+    dataset = conditioned_dataset(str(root / "ds"), num_episodes=24)
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="hs-loader")
+    s3 = "s3://hs-loader/shards/v1"
+    run_shard(shard_options(dataset, s3, shard_steps=100))
+    local = str(root / "shards")
+    run_shard(shard_options(dataset, local, shard_steps=100))
+    return {"dataset": dataset, "s3": s3, "local": local}
+
+
+def dataset_rows(dataset: str):
+    steps = open_dataset(dataset).read()
+    episodes = open_dataset(dataset).read("episodes")
+    ids, t = steps.column("episode_id").to_numpy(), steps.column("t").to_numpy()
+    row_of = {(int(e), int(s)): i for i, (e, s) in enumerate(zip(ids, t))}
+    return steps, episodes, row_of
+
+
+def window_keys(batches) -> list[tuple[int, int]]:
+    """(episode, t of the last step) of every window: its identity."""
+    keys = []
+    for batch in batches:
+        keys += list(zip(batch["episode_id"].tolist(), batch["timestep"][:, -1].tolist()))
+    return keys
+
+
+@pytest.mark.s3
+@pytest.mark.ray
+def test_every_window_once_across_two_ranks_and_two_workers_from_s3(written):
+    index = read_index(written["s3"])
+    assert len(index.shards) >= 4
+    batches = []
+    for rank in range(2):
+        loader = stream(
+            written["s3"],
+            16,
+            CONDITIONS,
+            shuffle_buffer=240,
+            rank=rank,
+            world_size=2,
+            num_workers=2,
+            epochs=1,
+            seed=3,
+        )
+        batches += list(loader)
+    keys = window_keys(batches)
+    steps, episodes, row_of = dataset_rows(written["dataset"])
+    assert len(keys) == len(set(keys)) == steps.num_rows == index.windows
+    assert set(keys) == set(row_of)
+    # Batches mix episodes (shuffle buffer across blocks), not one episode per batch.
+    assert np.mean([len(set(b["episode_id"].tolist())) for b in batches]) > 4
+
+    # Values equal the dataset rows they came from (independent lookups per window).
+    observation = steps.column("observation").combine_chunks().flatten().to_numpy().reshape(-1, 3)
+    action = steps.column("action").combine_chunks().flatten().to_numpy().reshape(-1, 2)
+    reward = steps.column("reward").to_numpy()
+    rtg = steps.column("return_to_go").to_numpy()
+    goal = steps.column("hindsight_goal").combine_chunks().flatten().to_numpy()
+    goal = goal.reshape(-1, GOALS, GOAL_DIM)
+    skill = dict(
+        zip(
+            episodes.column("episode_id").to_pylist(),
+            episodes.column("skill").cast(pa.string()).to_pylist(),
+        )
+    )
+    description = dict(
+        zip(episodes.column("episode_id").to_pylist(), episodes.column("description").to_pylist())
+    )
+    paraphrases = dict(
+        zip(episodes.column("episode_id").to_pylist(), episodes.column("descriptions").to_pylist())
+    )
+    info = index.conditions
+    for batch in batches[::3]:
+        assert (
+            batch["observation"].shape[1:] == (5, 3)
+            and batch["skill"].dtype.is_floating_point is False
+        )
+        for i, (episode, last) in enumerate(window_keys([batch])):
+            valid = batch["mask"][i].numpy()
+            assert (
+                valid.sum() == min(last + 1, 5) and valid[-1] and not valid[: 5 - valid.sum()].any()
+            )
+            rows = row_of[(episode, last)] - np.arange(valid.sum())[::-1]
+            np.testing.assert_array_equal(batch["observation"][i][valid].numpy(), observation[rows])
+            np.testing.assert_array_equal(batch["action"][i][valid].numpy(), action[rows])
+            np.testing.assert_array_equal(batch["reward"][i][valid].numpy(), reward[rows])
+            np.testing.assert_array_equal(batch["return_to_go"][i][valid].numpy(), rtg[rows])
+            assert (batch["observation"][i][~valid] == 0).all()
+            np.testing.assert_array_equal(
+                batch["timestep"][i][valid].numpy(), np.arange(last + 1 - valid.sum(), last + 1)
+            )
+            labels = {info["skill"].vocabulary[j] for j in batch["skill"][i][valid].tolist()}
+            assert labels == {skill[episode]}
+            expected = encode_text(
+                [description[episode]],
+                info["description"].vocabulary,
+                info["description"].max_tokens,
+            )[0]
+            np.testing.assert_array_equal(batch["description"][i].numpy(), expected)
+            options = encode_text(
+                paraphrases[episode],
+                info["descriptions"].vocabulary,
+                info["descriptions"].max_tokens,
+            )
+            assert any((batch["descriptions"][i].numpy() == o).all() for o in options)
+            picked = batch["hindsight_goal"][i][valid].numpy()
+            assert any(np.array_equal(picked, goal[rows, j]) for j in range(GOALS))
+
+
+def test_resume_continues_exactly_where_it_stopped(written):
+    index = read_index(written["local"])
+    for workers in (0, 2):
+        settings = dict(shuffle_buffer=40, num_workers=workers, epochs=2, seed=1)
+        full = list(stream(written["local"], 16, "return_to_go", **settings))
+        loader = stream(written["local"], 16, "return_to_go", **settings)
+        iterator = iter(loader)
+        head = [next(iterator) for _ in range(7)]
+        state = loader.state_dict()
+        del iterator
+        resumed = stream(written["local"], 16, "return_to_go", start_state=state, **settings)
+        tail = list(resumed)
+        # Each window once per epoch over both epochs, the interruption included.
+        keys = Counter(window_keys(head + tail))
+        assert sum(keys.values()) == 2 * index.windows and set(keys.values()) == {2}
+        if workers == 0:  # one consumer: the very same batches in the same order
+            assert window_keys(head + tail) == window_keys(full)
+            for a, b in zip(full, head + tail):
+                assert (a["return_to_go"] == b["return_to_go"]).all()
+    with pytest.raises(ValueError, match="batch_size=16"):
+        stream(written["local"], 32, start_state=state, shuffle_buffer=40, num_workers=2, seed=1)
+
+
+def test_read_index_refuses_a_directory_without_a_committed_index(written, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(written["local"], copy)
+    os.remove(copy / "index.json")
+    with pytest.raises(ShardError, match="no index.json"):
+        stream(str(copy), 8)
+    (copy / "_staging").write_text("now")
+    with pytest.raises(ShardError, match="still writing"):
+        read_index(str(copy))
+
+
+def rewrite_first_shard(source: str, target, extra_name: str, extra_data: bytes) -> str:
+    """A copy of the shards whose first shard gains one more member."""
+    shutil.copytree(source, target)
+    name = read_index(str(target)).shards[0].name
+    with tarfile.open(target / name) as archive:
+        members = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
+    with tarfile.open(target / name, "w", format=tarfile.USTAR_FORMAT) as archive:
+        info = tarfile.TarInfo(extra_name)
+        info.size = len(extra_data)
+        archive.addfile(info, io.BytesIO(extra_data))
+        for member, data in members:
+            archive.addfile(member, io.BytesIO(data))
+    return str(target)
+
+
+@pytest.mark.parametrize(
+    "member", ["b000000.payload.pyd", "b000000.payload.pickle", "../b000000.evil.npy", "/etc/b.npy"]
+)
+def test_pickle_members_and_paths_outside_the_shard_are_refused(written, tmp_path, member):
+    import pickle
+
+    shards = rewrite_first_shard(written["local"], tmp_path / "bad", member, pickle.dumps({"x": 1}))
+    for on_error in ("raise", "skip"):
+        with pytest.raises(UnsafeShardError, match="refused"):
+            list(stream(shards, 8, epochs=1, on_error=on_error))
+
+
+def test_object_arrays_are_refused(written, tmp_path):
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    shards = rewrite_first_shard(
+        written["local"], tmp_path / "obj", "b000000.reward.npy", buffer.getvalue()
+    )
+    with pytest.raises(ShardError):
+        list(stream(shards, 8, epochs=1))
+
+
+def test_truncated_shard_is_an_error_or_skipped_with_a_count(written, tmp_path):
+    copy = tmp_path / "cut"
+    shutil.copytree(written["local"], copy)
+    index = read_index(str(copy))
+    victim = index.shards[1]
+    with open(copy / victim.name, "r+b") as handle:
+        handle.truncate(victim.bytes // 2)
+    with pytest.raises(ShardError, match=victim.name):
+        list(stream(str(copy), 8, epochs=1))
+    with pytest.warns(UserWarning, match=f"{victim.name}.*windows lost"):
+        loader = stream(str(copy), 8, epochs=1, on_error="skip")
+        seen = len(window_keys(loader))
+    assert 0 < loader.lost_windows < victim.windows
+    assert seen + loader.lost_windows == index.windows
+    # Cut exactly at a member boundary: tarfile sees a clean end, the block count does not.
+    with tarfile.open(written["local"] + "/" + victim.name) as archive:
+        members = archive.getmembers()
+        last_block = members[-1].name.split(".")[0]
+        boundary = next(m.offset for m in members if m.name.startswith(last_block))
+    shutil.copy(written["local"] + "/" + victim.name, copy / victim.name)
+    with open(copy / victim.name, "r+b") as handle:
+        handle.truncate(boundary)
+    with pytest.raises(ShardError, match="truncated"):
+        list(stream(str(copy), 8, epochs=1))
+
+
+@pytest.mark.s3
+def test_a_dropped_s3_read_is_resumed_from_where_it_stopped(written):
+    """The S3 object is real (loopback server); the connection drop is injected once."""
+
+    class DroppingReader(S3Reader):
+        dropped = False
+
+        def _open(self):
+            body = super()._open()
+            if DroppingReader.dropped:
+                return body
+            DroppingReader.dropped = True
+            original = body.read
+
+            def read(size=-1):
+                if self.position > 3000:
+                    raise ConnectionError("connection reset by peer")
+                return original(min(size, 1000))
+
+            body.read = read
+            return body
+
+    name = read_index(written["s3"]).shards[0].name
+    reader = io.BufferedReader(DroppingReader(f"{written['s3']}/{name}"), buffer_size=1000)
+    data = reader.read()
+    assert reader.raw.retries == 1
+    assert data == open(f"{written['local']}/{name}", "rb").read()
