@@ -30,7 +30,9 @@ COPY . .
 RUN pip install --no-deps ".[minari]"
 
 # Ray's processes run as an unprivileged user; /tmp/ray holds their session files.
+# The `runs` volume of docker-compose.yml mounts on /home/hindsight/runs (training runs).
 RUN useradd --create-home --uid 1000 hindsight
 USER hindsight
+RUN mkdir -p /home/hindsight/runs
 WORKDIR /home/hindsight
 CMD ["hindsight", "--help"]

@@ -31,7 +31,9 @@ from pydantic import BaseModel, ValidationError
 # kind -> (module, run function). Modules are imported lazily: `hindsight run` for a
 # relabel spec never imports torch.
 KINDS: dict[str, tuple[str, str]] = {
+    "collect": ("jobs.ingest_job", "run_collect"),
     "ingest": ("jobs.ingest_job", "run_ingest"),
+    "materialize": ("jobs.ingest_job", "run_materialize"),
     "relabel": ("jobs.relabel_job", "run_relabel"),
     "query": ("jobs.query_job", "run_query"),
     "shard": ("jobs.shard_job", "run_shard"),
@@ -41,9 +43,9 @@ KINDS: dict[str, tuple[str, str]] = {
 # Option fields that name an existing *dataset version* (must have a manifest.json) and
 # fields that name raw input files or folders (must exist). Checked before submission.
 DATASET_INPUT_FIELDS = ("input", "dataset", "parent", "source_dataset", "input_dataset")
-RAW_INPUT_FIELDS = ("path", "paths", "source_path", "raw", "files")
+RAW_INPUT_FIELDS = ("source", "path", "paths", "raw", "files", "shards")
 # Option fields that name the version a job writes: it must not be committed already.
-DATASET_OUTPUT_FIELDS = ("output", "output_dataset")
+DATASET_OUTPUT_FIELDS = ("output", "out", "output_dataset")
 # Commands whose `input` is raw files, not a dataset version.
 RAW_INPUT_KINDS = ("ingest",)
 
@@ -243,20 +245,29 @@ def describe_result(kind: str, options: BaseModel, result: Any) -> dict[str, Any
     """What a job produced, as plain JSON: the output location and the dataset id."""
     summary: dict[str, Any] = {"kind": kind}
     values = options.model_dump(mode="json")
-    for field in DATASET_OUTPUT_FIELDS + ("out", "output_dir", "checkpoint_dir"):
+    for field in DATASET_OUTPUT_FIELDS + ("run_dir", "output_dir"):
         if values.get(field):
             summary["output"] = values[field]
             break
     if isinstance(result, BaseModel):
         result = result.model_dump(mode="json")
     if isinstance(result, dict):
-        for key in ("dataset_id", "output", "uri", "steps", "episodes", "shards", "checkpoint"):
+        for key in (
+            "dataset_id",
+            "output",
+            "out",
+            "uri",
+            "steps",
+            "episodes",
+            "shards",
+            "checkpoint",
+        ):
             value = result.get(key)
             if isinstance(value, (str, int, float, bool)):
                 summary[key] = value
     elif isinstance(result, (str, Path)):
         summary.setdefault("output", str(result))
-    elif hasattr(result, "dataset_id"):
-        summary["dataset_id"] = result.dataset_id
+    elif hasattr(result, "manifest"):  # an opened Dataset
+        summary["dataset_id"] = result.manifest.dataset_id
     json.dumps(summary)
     return summary

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -28,7 +30,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 def node_ports() -> list[str]:
     """Every port a node listens on, chosen free, so we never meet another Ray here."""
-    low = random.randrange(20000, 40000, 500)
+    low = random.randrange(20000, 32000, 500)  # below the ephemeral range of free_port()
     return [
         "--node-manager-port",
         str(free_port()),
@@ -53,6 +55,9 @@ class LocalCluster:
     def __init__(self, root: Path, env: dict[str, str]):
         self.root = root
         self.env = env
+        # Ray's Unix sockets live under the temp dir and must stay under 107 bytes, so a
+        # short directory of ours in /tmp rather than pytest's long tmp paths.
+        self.temp_dir = tempfile.mkdtemp(prefix="hsray-", dir="/tmp")
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
         self.head: subprocess.Popen | None = None
@@ -82,7 +87,7 @@ class LocalCluster:
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dashboard_port}",
                 f"--ray-client-server-port={free_port()}",
-                f"--temp-dir={self.root / 'ray'}",
+                f"--temp-dir={self.temp_dir}",
                 "--num-cpus=1",
                 "--object-store-memory=100000000",
                 *node_ports(),
@@ -102,6 +107,10 @@ class LocalCluster:
             "worker.log",
         )
         self.wait_for_nodes(2)
+
+    def ensure_worker(self) -> None:
+        if self.worker is None:
+            self.start_worker()
 
     def kill_worker(self) -> None:
         kill_group(self.worker)
@@ -133,6 +142,7 @@ class LocalCluster:
     def shutdown(self) -> None:
         kill_group(self.worker)
         kill_group(self.head)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def kill_group(process: subprocess.Popen | None) -> None:
@@ -156,6 +166,8 @@ def cluster(tmp_path_factory, s3_server):
         TQDM_DISABLE="1",
     )
     env.pop("RAY_ADDRESS", None)
+    # Notice a killed node within ~2 s instead of the default ~30 s.
+    env.update(RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="4")
     local = LocalCluster(root, env)
     try:
         local.start_head()
@@ -166,13 +178,179 @@ def cluster(tmp_path_factory, s3_server):
         local.shutdown()
 
 
-def test_cluster_runs_a_submitted_job(cluster):
-    from jobs.submit import jobs_client, runtime_env, wait_for_job
+# ---------------------------------------------------------------- data and helpers
+
+PARTS = 16
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    import boto3
+
+    name = f"hs-cluster-{free_port()}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def parent_dataset(bucket):
+    """A committed synthetic dataset on S3, in many small parts (one Ray task each)."""
+    from tests.synthetic import make_episodes, write_synthetic_dataset
+
+    steps, episodes = make_episodes(num_episodes=PARTS * 3, obs_dim=4, action_dim=2, seed=3)
+    uri = f"{bucket}/pendulum"
+    manifest = write_synthetic_dataset(uri, steps, episodes, part_steps=40)
+    assert len(manifest.parts) >= PARTS // 2
+    return uri
+
+
+def relabel_spec(tmp_path: Path, parent: str, output: str, **params) -> Path:
+    params = {"gamma": 0.99, **params}
+    path = tmp_path / "relabel.yaml"
+    path.write_text(
+        "kind: relabel\n"
+        f"input: {parent}\n"
+        f"output: {output}\n"
+        "relabelers:\n"
+        "  - name: returns\n"
+        f"    params: {json.dumps(params)}\n"
+    )
+    return path
+
+
+def group_bytes(uri: str, group: str = "returns") -> dict[str, bytes]:
+    """Every data file of one column group, by path relative to the version."""
+    from engine import storage
+
+    files = [f for f in storage.list_files(f"{uri}/{group}") if f.endswith(".parquet")]
+    return {storage.relative(uri, f): storage.read_bytes(f) for f in files}
+
+
+@pytest.fixture(scope="module")
+def embedded_output(parent_dataset, bucket, tmp_path_factory, ray_local):
+    """The reference: the same spec run with `hindsight run` on the embedded Ray."""
+    from jobs.cli import main
+
+    output = f"{bucket}/embedded"
+    spec = relabel_spec(tmp_path_factory.mktemp("embedded"), parent_dataset, output)
+    assert main(["run", str(spec)]) == 0
+    files = group_bytes(output)
+    assert len(files) == 2 * len(open_manifest(parent_dataset).parts)
+    return files
+
+
+def open_manifest(uri: str):
+    from engine.dataset import open_dataset
+
+    return open_dataset(uri).manifest
+
+
+def wait_for_files(uri: str, count: int, timeout: float = 60.0) -> None:
+    """Until at least `count` part files of the job's new group are on S3."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(group_bytes(uri)) >= count:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"no {count} part files under {uri} after {timeout} s")
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_submitted_job_writes_the_same_bytes_as_the_embedded_run(
+    cluster, parent_dataset, bucket, embedded_output, tmp_path, capsys
+):
+    from jobs.cli import main
+
+    output = f"{bucket}/submitted"
+    spec = relabel_spec(tmp_path, parent_dataset, output)
+    status = main(["submit", str(spec), "--address", cluster.jobs_address, "--follow"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err + captured.out
+    manifest = open_manifest(output)
+    # The job reports the dataset id of the version it committed.
+    assert f'"dataset_id": "{manifest.dataset_id}"' in captured.out
+    assert group_bytes(output) == embedded_output
+    assert manifest.group("returns").relabeler.params["gamma"] == 0.99
+
+
+def test_job_survives_a_worker_node_killed_mid_job(
+    cluster, parent_dataset, bucket, embedded_output, tmp_path
+):
+    from jobs.spec import read_spec
+    from jobs.submit import jobs_client, submit_spec, wait_for_job
+
+    cluster.ensure_worker()
+    output = f"{bucket}/node-killed"
+    client = jobs_client(cluster.jobs_address)
+    job_id = submit_spec(
+        read_spec(relabel_spec(tmp_path, parent_dataset, output)), cluster.jobs_address
+    )
+    wait_for_files(output, 2)
+    cluster.kill_worker()
+    killed_mid_job = not _committed(output)
+    status = wait_for_job(client, job_id, timeout=120)
+    assert status == "SUCCEEDED", client.get_job_logs(job_id)[-3000:]
+    assert killed_mid_job, "the job had already finished when the worker node was killed"
+    assert group_bytes(output) == embedded_output
+
+
+def test_stopped_job_leaves_no_version_and_a_rerun_is_identical(
+    cluster, parent_dataset, bucket, embedded_output, tmp_path
+):
+    from engine.dataset import DatasetError, open_dataset
+    from jobs.spec import read_spec
+    from jobs.submit import jobs_client, submit_spec, wait_for_job
+
+    cluster.ensure_worker()
+    output = f"{bucket}/stopped"
+    spec = read_spec(relabel_spec(tmp_path, parent_dataset, output))
+    client = jobs_client(cluster.jobs_address)
+    job_id = submit_spec(spec, cluster.jobs_address)
+    wait_for_files(output, 2)
+    client.stop_job(job_id)
+    assert wait_for_job(client, job_id, timeout=60) == "STOPPED"
+    # Half a version is never visible: readers get a clear error, not partial data.
+    assert not _committed(output)
+    with pytest.raises(DatasetError, match="died before committing"):
+        open_dataset(output)
+
+    rerun = submit_spec(spec, cluster.jobs_address)
+    assert wait_for_job(client, rerun, timeout=120) == "SUCCEEDED", client.get_job_logs(rerun)
+    assert group_bytes(output) == embedded_output
+
+
+def test_bad_specs_fail_fast_with_a_clear_message_and_no_output(
+    cluster, parent_dataset, bucket, tmp_path, capsys
+):
+    from engine import storage
+    from jobs.cli import main
+    from jobs.submit import jobs_client
 
     client = jobs_client(cluster.jobs_address)
-    job_id = client.submit_job(
-        entrypoint="python -c \"import ray, jobs.spec; ray.init(); print('nodes', len(ray.nodes()))\"",
-        runtime_env=runtime_env("kind: relabel\n"),
-    )
-    assert wait_for_job(client, job_id, timeout=120) == "SUCCEEDED", client.get_job_logs(job_id)
-    assert "nodes 2" in client.get_job_logs(job_id)
+    jobs_before = len(client.list_jobs())
+    output = f"{bucket}/never-written"
+
+    # Caught on this machine, before anything is submitted.
+    bad_path = relabel_spec(tmp_path, f"{bucket}/no-such-dataset", output)
+    assert main(["submit", str(bad_path), "--address", cluster.jobs_address]) == 2
+    assert "not a committed hindsight dataset" in capsys.readouterr().err
+    bad_gamma = relabel_spec(tmp_path, parent_dataset, output, gamma=2.0)
+    assert main(["submit", str(bad_gamma), "--address", cluster.jobs_address]) == 2
+    assert "gamma" in capsys.readouterr().err
+    assert len(client.list_jobs()) == jobs_before
+
+    # Caught by the job on the cluster (the column is checked against the data), before
+    # it writes anything.
+    bad_column = relabel_spec(tmp_path, parent_dataset, output, reward_column="rewardz")
+    assert main(["submit", str(bad_column), "--address", cluster.jobs_address, "--follow"]) == 1
+    captured = capsys.readouterr()
+    assert "rewardz" in captured.out + captured.err
+    assert storage.list_files(output) == []
+
+
+def _committed(uri: str) -> bool:
+    from engine import storage
+
+    return storage.exists(f"{uri}/manifest.json")
