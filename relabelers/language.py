@@ -208,8 +208,13 @@ class LanguageRelabeler(Relabeler):
             report["cached"] = sum(s.get("cached", 0) for s in summaries)
             messages = [s["budget_message"] for s in summaries if s.get("budget_message")]
             if messages:
+                p = self.params
+                limits = [f"max_requests={p.max_requests}"] if p.max_requests is not None else []
+                if p.max_tokens_budget is not None:
+                    limits.append(f"max_tokens_budget={p.max_tokens_budget}")
                 report["budget"] = (
-                    f"{messages[0]}: {status.get('budget', 0)} descriptions were not requested "
+                    f"budget exhausted ({', '.join(limits)}): "
+                    f"{status.get('budget', 0)} descriptions were not requested "
                     "(status 'budget'); re-run the same command to continue"
                 )
             if status.get("failed"):
@@ -243,6 +248,15 @@ class LanguageRelabeler(Relabeler):
             max_requests=share.get("requests", p.max_requests),
             max_tokens=share.get("tokens", p.max_tokens_budget),
         )
+        if "requests" in share:
+            budget.requests_note = (
+                f"max_requests={p.max_requests} for the job, {share['requests']} for this part"
+            )
+        if "tokens" in share:
+            budget.tokens_note = (
+                f"max_tokens_budget={p.max_tokens_budget} for the job, "
+                f"{share['tokens']} for this part"
+            )
         settings = llm.Settings(
             base_url=values.get("base_url"),
             concurrency=p.concurrency,
@@ -485,9 +499,8 @@ def _public_url(url: str | None) -> str | None:
     if not url:
         return None
     parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", "")) + (
-        f" (port {parts.port})" if parts.port else ""
-    )
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 # ---------------------------------------------------------------- prompt

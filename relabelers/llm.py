@@ -133,13 +133,18 @@ class Budget:
     max_tokens: int | None = None
     requests: int = 0
     tokens: int = 0
+    # How the limits read in messages, e.g. "max_requests=12 for the job, 5 for this part".
+    requests_note: str | None = None
+    tokens_note: str | None = None
 
     def take_request(self) -> str | None:
         """Count one request, or return why the budget does not allow it."""
         if self.max_requests is not None and self.requests >= self.max_requests:
-            return f"request budget exhausted (max_requests={self.max_requests})"
+            note = self.requests_note or f"max_requests={self.max_requests}"
+            return f"request budget exhausted ({note})"
         if self.max_tokens is not None and self.tokens >= self.max_tokens:
-            return f"token budget exhausted (max_tokens_budget={self.max_tokens})"
+            note = self.tokens_note or f"max_tokens_budget={self.max_tokens}"
+            return f"token budget exhausted ({note})"
         self.requests += 1
         return None
 

@@ -205,7 +205,7 @@ def test_budget_stops_cleanly_then_a_rerun_continues_without_repeats(server, tmp
     assert server.count() == 4
     stopped = [r for r in first if r["description_status"] == "budget"]
     assert len(stopped) == 6 and all(r["description"] is None for r in stopped)
-    assert "request budget exhausted (max_requests=4)" in stopped[0]["description_error"]
+    assert "request budget exhausted (max_requests=4" in stopped[0]["description_error"]
     done = {data_block(r["body"])["episode_id"] for r in server.requests}
     language(server, tmp_path).run(steps, episodes, Statistics(), "resume")
     resumed = [data_block(r["body"])["episode_id"] for r in server.requests[4:]]
@@ -356,6 +356,7 @@ def _all_bytes(*roots: Path) -> list[tuple[Path, bytes]]:
     return [(p, p.read_bytes()) for root in roots for p in root.rglob("*") if p.is_file()]
 
 
+@pytest.mark.ray
 def test_relabel_job_with_the_model_end_to_end(ray_local, tiny_dataset, server, tmp_path, fake_key):
     from engine.dataset import open_dataset
     from jobs.relabel_job import RelabelOptions, run_relabel
@@ -403,6 +404,7 @@ def test_relabel_job_with_the_model_end_to_end(ray_local, tiny_dataset, server, 
         assert FAKE_KEY.encode() not in data, path
 
 
+@pytest.mark.ray
 def test_relabel_job_offline_is_deterministic(ray_local, tiny_dataset, tmp_path, no_endpoint):
     from engine.dataset import open_dataset
     from jobs.relabel_job import RelabelOptions, run_relabel
@@ -421,6 +423,8 @@ def test_relabel_job_offline_is_deterministic(ray_local, tiny_dataset, tmp_path,
     assert episodes.column("description").null_count == 0
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_hindsight_relabel_command_uses_the_key_and_writes_it_nowhere(
     tiny_dataset, server, tmp_path
 ):
