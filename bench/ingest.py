@@ -220,7 +220,9 @@ def run_baseline(source: str, output: str) -> dict:
 
 
 def run_ingest_measurement(source: str, output: str, part_steps: int) -> dict:
-    """`run_ingest` on the embedded local Ray; Ray start-up timed separately."""
+    """`run_ingest` on the embedded local Ray, twice: cold (a fresh Ray whose workers
+    still import everything, as a one-off command on a laptop) and warm (workers already
+    started, as on a long-lived cluster). Ray's own start-up is timed separately."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TQDM_DISABLE", "1")
     import ray
@@ -228,26 +230,37 @@ def run_ingest_measurement(source: str, output: str, part_steps: int) -> dict:
     from jobs.ingest_job import IngestOptions, run_ingest
     from jobs.runtime import init_ray
 
+    measured = {}
     with TreeMemory() as memory:
         started = time.perf_counter()
         init_ray()
         ray_started = time.perf_counter()
-        cpu_before = memory.cpu_seconds()
-        manifest = run_ingest(
-            IngestOptions(source=source, output=output, env_id="Bench-v0", part_steps=part_steps)
-        )
-        finished = time.perf_counter()
-        cpu = memory.cpu_seconds() - cpu_before
+        for run in ("cold", "warm"):
+            cpu_before = memory.cpu_seconds()
+            began = time.perf_counter()
+            manifest = run_ingest(
+                IngestOptions(
+                    source=source,
+                    output=f"{output}-{run}",
+                    env_id="Bench-v0",
+                    part_steps=part_steps,
+                )
+            )
+            seconds = time.perf_counter() - began
+            cpu = memory.cpu_seconds() - cpu_before
+            measured[run] = {
+                "seconds": seconds,
+                "cpu_seconds": cpu,
+                "steps_per_second": manifest.steps / seconds,
+                "steps_per_cpu_second": manifest.steps / cpu,
+            }
         cpus = int(ray.cluster_resources().get("CPU", 1))
     ray.shutdown()
-    seconds = finished - ray_started
-    output_bytes = sum(f.stat().st_size for f in Path(output).rglob("*.parquet"))
+    output_bytes = sum(f.stat().st_size for f in Path(f"{output}-cold").rglob("*.parquet"))
     return {
-        "seconds": seconds,
+        **measured["cold"],
+        "warm": measured["warm"],
         "ray_start_seconds": ray_started - started,
-        "cpu_seconds": cpu,
-        "steps_per_second": manifest.steps / seconds,
-        "steps_per_cpu_second": manifest.steps / cpu,
         "cpus": cpus,
         "parts": len(manifest.parts),
         "part_steps": part_steps,
@@ -283,6 +296,29 @@ def _mib(value: int) -> float:
     return round(value / 2**20, 1)
 
 
+def markdown_table(results: dict) -> str:
+    """The README's performance table."""
+    lines = [
+        "| steps | bare pyarrow, 1 process | ingest, cold Ray | ingest, warm Ray "
+        "| warm ingest per core / bare | steps per CPU-second, warm ingest / bare "
+        "| peak RSS: bare | ingest driver | largest Ray worker |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in results["runs"]:
+        base, ingest = run["baseline"], run["ingest"]
+        lines.append(
+            f"| {run['source']['steps']:,} | {base['steps_per_second']:,.0f} steps/s "
+            f"| {ingest['steps_per_second']:,.0f} steps/s ({ingest['cpus']} CPUs) "
+            f"| {ingest['warm']['steps_per_second']:,.0f} steps/s "
+            f"| {run['warm_ingest_per_core_vs_baseline']:.2f} "
+            f"| {run['warm_ingest_per_cpu_second_vs_baseline']:.2f} "
+            f"| {_mib(base['peak_rss_driver_bytes'])} MiB "
+            f"| {_mib(ingest['peak_rss_driver_bytes'])} MiB "
+            f"| {_mib(ingest['peak_rss_largest_child_bytes'])} MiB |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/results/ingest.json", help="JSON results file.")
@@ -290,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         "--steps",
         type=int,
         nargs="+",
-        default=[2_000_000],
+        default=[500_000, 2_000_000],
         help="Source sizes in steps (several sizes show whether memory grows with the file).",
     )
     parser.add_argument("--part-steps", type=int, default=250_000, help="Steps per ingest part.")
@@ -327,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
             "ingest_per_core_vs_baseline": per_core / baseline["steps_per_second"],
             "ingest_per_cpu_second_vs_baseline": ingest["steps_per_cpu_second"]
             / baseline["steps_per_cpu_second"],
+            "warm_ingest_per_core_vs_baseline": ingest["warm"]["steps_per_second"]
+            / ingest["cpus"]
+            / baseline["steps_per_second"],
+            "warm_ingest_per_cpu_second_vs_baseline": ingest["warm"]["steps_per_cpu_second"]
+            / baseline["steps_per_cpu_second"],
         }
         runs.append(run)
         print(
@@ -340,6 +381,22 @@ def main(argv: list[str] | None = None) -> int:
             f"{run['ingest_per_cpu_second_vs_baseline']:.2f}x)",
             file=sys.stderr,
         )
+    marginal = []
+    for small, large in zip(runs[:-1], runs[1:]):
+        # Between two sizes the fixed costs (Ray start of the job, worker imports, planning)
+        # cancel out: what is left is the cost of each additional step.
+        extra = large["source"]["steps"] - small["source"]["steps"]
+        rates = {}
+        for kind in ("baseline", "ingest"):
+            wall = large[kind]["seconds"] - small[kind]["seconds"]
+            cpu = large[kind]["cpu_seconds"] - small[kind]["cpu_seconds"]
+            rates[kind] = {
+                "steps_per_second": extra / wall if wall > 0 else None,
+                "steps_per_cpu_second": extra / cpu if cpu > 0 else None,
+            }
+        marginal.append(
+            {"from_steps": small["source"]["steps"], "to_steps": large["source"]["steps"], **rates}
+        )
     results = {
         "benchmark": "ingest",
         "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
@@ -347,9 +404,12 @@ def main(argv: list[str] | None = None) -> int:
         "action_dim": ACTION_DIM,
         "part_steps": args.part_steps,
         "runs": runs,
+        "marginal": marginal,
+        "load_average_at_end": os.getloadavg(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown_table(results), file=sys.stderr)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
