@@ -20,7 +20,13 @@ import pytest
 from relabelers import llm
 from relabelers.base import RelabelError, Statistics
 from relabelers.embed import EmbedRelabeler
-from relabelers.language import DEFAULT_PROMPT, LanguageRelabeler, PromptTemplate
+from relabelers.language import (
+    DEFAULT_PROMPT,
+    LanguageRelabeler,
+    PromptTemplate,
+    _units,
+    unit_facts,
+)
 from tests.llm_server import LLMServer, body_text, data_block
 from tests.synthetic import make_episodes
 
@@ -83,6 +89,62 @@ def test_offline_describer_is_deterministic_varied_and_partition_free(no_endpoin
     # Another seed gives other wording.
     other = LanguageRelabeler({"n": 3}, seed=1).run(steps, episodes, statistics, "s").episodes
     assert other.column("description").to_pylist() != whole.column("description").to_pylist()
+
+
+def test_facts_match_a_straightforward_per_episode_computation():
+    steps, episodes = make_episodes(9, seed=14, min_length=1, max_length=25, goal_dim=2)
+    relabeler = LanguageRelabeler({"per": "segment", "segment": 7, "goal_threshold": 1.0})
+    statistics = relabeler.combine([relabeler.summarize(steps, episodes)])
+    facts = unit_facts(
+        steps,
+        episodes,
+        _units(steps, "segment", 7),
+        statistics.values["return_quantiles"],
+        relabeler.params,
+    )
+    rows = steps.to_pylist()
+    expected = []
+    for episode_id in episodes.column("episode_id").to_pylist():
+        mine = [r for r in rows if r["episode_id"] == episode_id]
+        for first in range(0, len(mine), 7):
+            piece = mine[first : first + 7]
+            last = piece[-1]
+            at_end = first + 7 >= len(mine)
+            distance = float(
+                np.linalg.norm(
+                    np.subtract(
+                        last["observation"]["achieved_goal"], last["observation"]["desired_goal"]
+                    )
+                )
+            )
+            actions = np.array([r["action"] for r in piece], dtype=np.float64)
+            states = [r["observation"]["observation"] for r in piece]
+            expected.append(
+                {
+                    "episode_id": episode_id,
+                    "segment": first // 7,
+                    "length": len(piece),
+                    "return": sum(r["reward"] for r in piece),
+                    "outcome": ("terminated" if last["terminated"] else "truncated")
+                    if at_end
+                    else "continues",
+                    "goal_reached": distance <= 1.0,
+                    "final_goal_distance": distance,
+                    "mean_abs": float(np.abs(actions).mean()),
+                    "state_displacement": float(np.linalg.norm(np.subtract(states[-1], states[0]))),
+                }
+            )
+    returns = sorted(e["return"] for e in expected)
+    assert len(facts) == len(expected)
+    for fact, want in zip(facts, expected):
+        for key in ("episode_id", "segment", "length", "outcome", "goal_reached"):
+            assert fact[key] == want[key], key
+        assert fact["return"] == pytest.approx(want["return"], rel=1e-3, abs=1e-3)
+        assert fact["final_goal_distance"] == pytest.approx(want["final_goal_distance"], rel=1e-3)
+        assert fact["action"]["mean_abs"] == pytest.approx(want["mean_abs"], rel=1e-3)
+        assert fact["state_displacement"] == pytest.approx(want["state_displacement"], rel=1e-3)
+        below = sum(r < want["return"] - 1e-9 for r in returns) / (len(returns) - 1)
+        assert abs(fact["return_percentile"] - 100 * below) <= 100 / (len(returns) - 1) + 1
 
 
 def test_offline_segments_are_copied_to_their_steps(no_endpoint):
