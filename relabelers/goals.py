@@ -53,6 +53,7 @@ from relabelers.base import (
     Relabeler,
     RelabelError,
     Statistics,
+    _splitmix64,
     hash_uniform,
 )
 from schemas import steps as cols
@@ -152,6 +153,35 @@ class AchievedSpec:
             values = values[:, None]
         # Slice first, then convert: never a float64 copy of a whole observation.
         return np.ascontiguousarray(values[:, slice(self.start, self.stop)], dtype=np.float32)
+
+
+def step_uniforms(
+    seed: int, episode_ids: np.ndarray, t: np.ndarray, bounds: np.ndarray, stream: int
+) -> np.ndarray:
+    """Exactly `hash_uniform(seed, episode_ids, t, stream)` for a sorted step column, about
+    twice as fast: the episode-level half of the hash is computed once per episode and the
+    step-level half in place."""
+    starts, lengths = bounds[:-1], np.diff(bounds)
+    with np.errstate(over="ignore"):
+        key = _splitmix64(
+            np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
+            ^ np.uint64(stream * 0x632BE59BD9B4E019 & 0xFFFFFFFFFFFFFFFF)
+        )
+        per_episode = _splitmix64(key ^ episode_ids[starts].astype(np.uint64))
+    x = np.repeat(per_episode, lengths)
+    x ^= t.astype(np.uint64)
+    scratch = np.empty_like(x)
+    x += np.uint64(0x9E3779B97F4A7C15)
+    for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        np.right_shift(x, np.uint64(shift), out=scratch)
+        x ^= scratch
+        x *= np.uint64(multiplier)
+    np.right_shift(x, np.uint64(31), out=scratch)
+    x ^= scratch
+    x >>= np.uint64(11)
+    uniform = x.astype(np.float64)
+    uniform *= 1.0 / (1 << 53)
+    return uniform
 
 
 def resolve_reward_function(name: str) -> Callable[[np.ndarray, np.ndarray, Any], np.ndarray]:
@@ -302,11 +332,10 @@ class GoalsRelabeler(Relabeler):
             )
         return achieved
 
-    def goal_rows(
-        self, episode_ids: np.ndarray, t: np.ndarray, starts: np.ndarray, lengths: np.ndarray
-    ) -> np.ndarray:
+    def goal_rows(self, episode_ids: np.ndarray, t: np.ndarray, bounds: np.ndarray) -> np.ndarray:
         """Row index (within the part) of the source step of each of the k goals: (n, k)."""
         n, k = len(episode_ids), self.params.k
+        starts, lengths = bounds[:-1], np.diff(bounds)
         episode_start = np.repeat(starts, lengths)
         last = np.repeat(starts + lengths - 1, lengths)  # row of the episode's last step
         rows = np.empty((n, k), dtype=np.int64)
@@ -319,9 +348,8 @@ class GoalsRelabeler(Relabeler):
             low = np.minimum(np.arange(1, n + 1), last)
         span = last - low + 1
         for j in range(k):
-            offset = (hash_uniform(self.seed, episode_ids, t, _STREAM_GOAL + j) * span).astype(
-                np.int64
-            )
+            uniform = step_uniforms(self.seed, episode_ids, t, bounds, _STREAM_GOAL + j)
+            offset = (uniform * span).astype(np.int64)
             np.minimum(offset, span - 1, out=offset)  # u * span may round up to span
             rows[:, j] = low + offset
         return rows
@@ -332,7 +360,6 @@ class GoalsRelabeler(Relabeler):
         achieved = self._achieved_checked(steps, episode_ids)
         n, goal_dim, k = len(episode_ids), achieved.shape[1], self.params.k
         bounds = cols.episode_boundaries(episode_ids)
-        starts, lengths = bounds[:-1], np.diff(bounds)
 
         if self.params.strategy == "random":
             pool_ids = np.asarray(statistics.values["pool_episode_ids"], dtype=np.int64)
@@ -341,7 +368,10 @@ class GoalsRelabeler(Relabeler):
             if pool_goals.shape[1] != goal_dim:
                 raise RelabelError("relabeler 'goals': the random-goal pool has another goal_dim")
             uniform = np.stack(
-                [hash_uniform(self.seed, episode_ids, t, _STREAM_GOAL + j) for j in range(k)],
+                [
+                    step_uniforms(self.seed, episode_ids, t, bounds, _STREAM_GOAL + j)
+                    for j in range(k)
+                ],
                 axis=1,
             )
             picks = np.minimum((uniform * len(pool_ids)).astype(np.int64), len(pool_ids) - 1)
@@ -352,7 +382,7 @@ class GoalsRelabeler(Relabeler):
             goals = pool_goals[picks]  # (n, k, G)
             goal_steps = pa.nulls(n, type=pa.list_(pa.field("item", pa.int32()), k))
         else:
-            rows = self.goal_rows(episode_ids, t, starts, lengths)  # (n, k)
+            rows = self.goal_rows(episode_ids, t, bounds)  # (n, k)
             goals = _take_rows(achieved, rows)
             goal_steps = _fixed_lists(t[rows].astype(np.int32), pa.int32())
 

@@ -167,3 +167,16 @@ def test_nan_achieved_goal_names_the_episode():
 def test_bad_strategy_lists_valid_parameters():
     with pytest.raises(RelabelError, match="strategy.*valid parameters: strategy"):
         GoalsRelabeler({"strategy": "past"})
+
+
+def test_step_uniforms_are_exactly_hash_uniform():
+    from relabelers.base import hash_uniform
+    from relabelers.goals import step_uniforms
+
+    steps, _ = make_episodes(6, seed=9, max_length=20)
+    ids, t = steps.column("episode_id").to_numpy(), steps.column("t").to_numpy()
+    bounds = cols.episode_boundaries(ids)
+    for seed, stream in ((0, 0), (123, 1_003), (2**40 + 5, 7)):
+        assert np.array_equal(
+            step_uniforms(seed, ids, t, bounds, stream), hash_uniform(seed, ids, t, stream)
+        )
