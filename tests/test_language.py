@@ -212,9 +212,9 @@ def test_segments_described_by_the_model(server, tmp_path, fake_key):
 def test_faults_are_retried_and_retries_are_bounded(server, tmp_path, fake_key):
     steps, episodes = make_episodes(8, seed=7)
     server.faults.extend(["429", "500", "503", "reset", "nonjson", "empty", "timeout"])
-    server.timeout_sleep = 1.0
+    server.timeout_sleep = 3.0
     server.fail_when = lambda body: data_block(body)["episode_id"] == 27  # always 500
-    relabeler = language(server, tmp_path, max_retries=3, timeout=0.4, concurrency=4)
+    relabeler = language(server, tmp_path, max_retries=3, timeout=1.5, concurrency=4)
     output = relabeler.run(steps, episodes, Statistics(), "faults").episodes.to_pylist()
     by_id = dict(zip(episodes.column("episode_id").to_pylist(), output))
     assert by_id[27]["description_status"] == "failed" and by_id[27]["description"] is None
