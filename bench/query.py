@@ -207,7 +207,8 @@ def run(args: argparse.Namespace) -> dict:
     root = args.data or tempfile.mkdtemp(prefix="hs-bench-query-")
     start = time.perf_counter()
     uri = os.path.join(root, "labeled")
-    if os.path.exists(os.path.join(uri, "manifest.json")):
+    reused = os.path.exists(os.path.join(uri, "manifest.json"))
+    if reused:
         print(f"reusing {uri}")
     else:
         uri = build_dataset(root, args.steps, args.part_steps, args.run_episodes, args.seed)
@@ -264,8 +265,9 @@ def run(args: argparse.Namespace) -> dict:
         "obs_dim": OBS_DIM,
         "action_dim": ACTION_DIM,
         "stored_step_bytes": stored_step_bytes,
-        "build_seconds": round(build_seconds, 1),
+        "build_seconds": None if reused else round(build_seconds, 1),
         "repeats": args.repeats,
+        "load_average_1min": round(os.getloadavg()[0], 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared",
         "queries": {name: sql for name, (sql, _) in queries.items()},
         "results": results,

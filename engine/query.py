@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from engine import storage
 from engine.dataset import Dataset, DatasetError, open_dataset, write_dataset
 from schemas import steps as cols
-from schemas.manifest import Manifest
+from schemas.manifest import MANIFEST_NAME, Manifest
 
 LEVELS = ("steps", "episodes")
 _SQL_PREFIX = "SELECT * FROM t WHERE "
@@ -662,6 +662,11 @@ def write_subset(
     with at least one step matching `where`; its history records the query and the parent.
     """
     dataset = _open(dataset)
+    if storage.exists(storage.join(storage.normalize(out_uri), MANIFEST_NAME)):
+        raise QueryError(
+            f"{out_uri} is already a committed dataset version; versions are immutable, "
+            "choose a new --out path"
+        )
     selected = matching_episodes(dataset, where)
     if not selected.height:
         raise QueryError(

@@ -305,8 +305,10 @@ def test_out_writes_a_self_contained_version_of_whole_episodes(labeled, raw, tmp
     assert manifest.parent_uri == storage.normalize(labeled)
     assert [h.operation for h in manifest.history] == ["ingest", "relabel", "query"]
     assert manifest.history[-1].details["where"] == where
-    # The subset is queryable like any version.
+    # The subset is queryable like any version, and immutable.
     assert query(out, "skill = 'novice'").frame.height == 0
+    with pytest.raises(QueryError, match="immutable"):
+        run_query(QueryOptions(dataset=labeled, where=where, out=out), stdout=io.StringIO())
 
 
 def test_cli_formats(labeled, raw, tmp_path, capsys):
