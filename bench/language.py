@@ -55,9 +55,9 @@ def describe(server: ServerProcess, episodes: int, concurrency: int, cache: str)
     )
     statistics = relabeler.combine([relabeler.summarize(steps, table)])
     before = server.count()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     output = relabeler.run(steps, table, statistics, "bench").episodes
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     ok = output.column("description_status").to_pylist().count("ok")
     assert ok == episodes, f"only {ok} of {episodes} described"
     return {
@@ -66,6 +66,8 @@ def describe(server: ServerProcess, episodes: int, concurrency: int, cache: str)
         "seconds": round(seconds, 3),
         "descriptions_per_s": round(episodes / seconds, 2),
         "requests": server.count() - before,
+        # The client's own CPU per description: what caps the rate when latency does not.
+        "client_cpu_ms_per_description": round(1000 * cpu / episodes, 2),
     }
 
 
@@ -114,7 +116,11 @@ def main() -> None:
         "goal_descriptions_per_s": round(0.8 * ideal, 2),
         "efficiency": round(concurrent["descriptions_per_s"] / ideal, 3),
         "goal_met": concurrent["descriptions_per_s"] >= 0.8 * ideal,
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "load_average_1min": round(os.getloadavg()[0], 1),
+        },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,1 @@
+"""Versioned prompt templates of the language relabeler (package data)."""
