@@ -53,6 +53,9 @@ from schemas.steps import arrow_to_numpy, episode_boundaries
 PROMPTS = Path(__file__).parent / "prompts"
 DEFAULT_PROMPT = PROMPTS / "describe_v1.txt"
 SUCCESS_COLUMNS = ("goal_reached", "is_success", "success")
+# Up to this many units a part sends its returns exactly; beyond, a quantile grid.
+EXACT_RETURNS = 20_000
+GRID_POINTS = 2_001
 log = logging.getLogger("hindsight.language")
 
 
@@ -118,19 +121,20 @@ class LanguageRelabeler(Relabeler):
 
     # ------------------------------------------------------------ pass one: statistics
     def summarize(self, steps: pa.Table, episodes: pa.Table) -> dict[str, Any]:
+        """Returns of this part's units: all of them, or a fine quantile grid when many."""
         units = _units(steps, self.params.per, self.params.segment)
-        ids = units["episode_id"]
+        ids, returns = units["episode_id"], units["return"]
+        if len(returns) > EXACT_RETURNS:
+            returns = np.quantile(returns, np.linspace(0, 1, GRID_POINTS))
         return {
-            "unit_returns": units["return"].tolist(),
+            "units": len(ids),
+            "unit_returns": returns.tolist(),
             "first_episode": int(ids[0]) if len(ids) else None,
         }
 
     def combine(self, summaries: list[dict[str, Any]]) -> Statistics:
         p = self.params
-        returns = np.concatenate([np.asarray(s["unit_returns"], float) for s in summaries] or [[]])
-        quantiles = (
-            np.quantile(returns, np.linspace(0, 1, 101)).tolist() if len(returns) else [0.0] * 101
-        )
+        quantiles = _merge_quantiles(summaries)
         use_llm = p.describer == "llm" or (
             p.describer == "auto" and llm.endpoint_configured(p.base_url)
         )
@@ -474,13 +478,35 @@ def _id_range(steps: pa.Table) -> str:
     return f"{pc.min(ids).as_py()}..{pc.max(ids).as_py()}"
 
 
+def _merge_quantiles(summaries: list[dict[str, Any]]) -> list[float]:
+    """The 101-point return quantile grid of the whole dataset from every part's summary.
+
+    A part's returns are exact (weight 1 each) or a quantile grid standing for `units`
+    returns (weight units / points each); a weighted quantile merges both kinds.
+    """
+    values, weights = [], []
+    for summary in summaries:
+        returns = np.asarray(summary["unit_returns"], float)
+        if len(returns):
+            values.append(returns)
+            weights.append(np.full(len(returns), summary.get("units", len(returns)) / len(returns)))
+    if not values:
+        return [0.0] * 101
+    order = np.argsort(np.concatenate(values), kind="stable")
+    sorted_values = np.concatenate(values)[order]
+    cumulative = np.cumsum(np.concatenate(weights)[order])
+    # Position of each value as a fraction of the whole, as np.quantile's linear method does.
+    position = (cumulative - cumulative[0]) / max(cumulative[-1] - cumulative[0], 1e-12)
+    return np.interp(np.linspace(0, 1, 101), position, sorted_values).tolist()
+
+
 def _split_budget(p: LanguageParams, summaries: list[dict[str, Any]]) -> dict[str, dict]:
     """The job's request/token budget split over parts in proportion to their units.
 
     Parts run in parallel Ray tasks, so each gets a fixed share; keyed by the part's first
     episode id, which `relabel` sees too. The shares add up to the job's budget.
     """
-    units = np.array([len(s["unit_returns"]) for s in summaries], dtype=np.int64)
+    units = np.array([s.get("units", len(s["unit_returns"])) for s in summaries], dtype=np.int64)
     total = max(int(units.sum()), 1)
     shares: dict[str, dict[str, int]] = {}
     for key, limit in (("requests", p.max_requests), ("tokens", p.max_tokens_budget)):

@@ -287,6 +287,31 @@ def test_budget_is_split_over_parts():
     assert budgets["1"]["requests"] >= budgets["20"]["requests"]
 
 
+def test_return_percentiles_merge_exact_parts_and_large_part_grids():
+    rng = np.random.default_rng(0)
+    large, small = rng.normal(size=50_000), rng.normal(3.0, 1.0, size=300)
+    relabeler = LanguageRelabeler()
+    summaries = [
+        {
+            "units": len(large),
+            "first_episode": 0,
+            "unit_returns": np.quantile(large, np.linspace(0, 1, 2001)).tolist(),
+        },
+        {"units": len(small), "first_episode": 1, "unit_returns": small.tolist()},
+    ]
+    merged = relabeler.combine(summaries).values["return_quantiles"]
+    exact = np.quantile(np.concatenate([large, small]), np.linspace(0, 1, 101))
+    assert np.allclose(merged, exact, atol=0.01)
+    parts = [
+        {"unit_returns": small[:100].tolist(), "first_episode": 0},
+        {"unit_returns": small[100:].tolist(), "first_episode": 5},
+    ]
+    assert np.allclose(
+        relabeler.combine(parts).values["return_quantiles"],
+        np.quantile(small, np.linspace(0, 1, 101)),
+    )
+
+
 KILL_SCRIPT = """
 import sys
 from relabelers.base import Statistics
