@@ -100,6 +100,18 @@ def command_line(name: str, options: BaseModel) -> str:
     )
 
 
+def refuse_committed_output(output: str) -> None:
+    """Fail before any work when the output is already a committed version (immutable)."""
+    from schemas.manifest import MANIFEST_NAME
+
+    uri = storage.normalize(output)
+    if storage.exists(storage.join(uri, MANIFEST_NAME)):
+        raise ValueError(
+            f"{uri} is already a committed dataset version; versions are immutable, "
+            "write to a new path"
+        )
+
+
 def _write_version(
     uri: str,
     tasks: list[dict[str, Any]],
@@ -160,6 +172,7 @@ def run_collect(options: CollectOptions, command: str | None = None) -> Manifest
     """Roll out a gymnasium environment at each noise level into a committed dataset."""
     from engine.collect import collect_part, describe_spaces, load_policy, scalar_info_keys
 
+    refuse_committed_output(options.output)
     load_policy(options.policy, options.env_id)  # fail early on a bad policy spec
     info_keys = scalar_info_keys(options.env_id, options.max_steps)
     init_ray(options.address)
@@ -212,6 +225,7 @@ def run_ingest(options: IngestOptions, command: str | None = None) -> Manifest:
     parts on Ray and commit."""
     from engine.ingest import ingest_part, part_tasks, plan_ingest, write_skipped_report
 
+    refuse_committed_output(options.output)
     plan = plan_ingest(
         options.source,
         format=options.format,
@@ -283,6 +297,7 @@ def materialize_part(task: dict[str, Any]) -> dict[str, Any]:
 
 def run_materialize(options: MaterializeOptions, command: str | None = None) -> Manifest:
     """A self-contained copy of a version with all its columns in one `base` group."""
+    refuse_committed_output(options.output)
     source = open_dataset(options.dataset)
     init_ray(options.address)
     uri = begin_version(options.output)

@@ -123,6 +123,8 @@ def test_d4rl_npz_round_trip(ray_local, tmp_path):
     uri = str(tmp_path / "ds")
     run_ingest(IngestOptions(source=str(source), output=uri, part_steps=200))
     assert_matches_d4rl(uri, arrays)
+    with pytest.raises(ValueError, match="versions are immutable"):
+        run_ingest(IngestOptions(source=str(source), output=uri))
 
 
 def test_tail_without_flags_is_kept_truncated_and_reported(ray_local, tmp_path):
