@@ -122,6 +122,8 @@ GENERIC_PARAMS = {"llm_base_url": "base_url", "retry_failed": "retry_failed"}
 
 def create_relabelers(options: RelabelOptions) -> list[Relabeler]:
     """Instantiate (and so validate) every relabeler of the options, in order."""
+    import engine.envs  # noqa: F401  registers hindsight/* gymnasium envs (reward functions)
+
     relabelers = []
     for spec in options.relabelers:
         relabeler_class = registry.get(spec.name)
@@ -236,7 +238,7 @@ def summarize_task(task: dict[str, Any]) -> dict[str, Any]:
         relabeler, dataset = _task_relabeler(task)
         steps, episodes = _read_inputs(relabeler, dataset, task["index"])
         return {"summary": relabeler.summarize(steps, episodes), "steps": steps.num_rows}
-    except (RelabelError, ValueError, KeyError) as error:
+    except (ValueError, KeyError, RuntimeError, OSError) as error:  # reported by the driver
         return {"error": f"part {task['index']}: {error}", "steps": 0}
 
 
@@ -262,7 +264,7 @@ def relabel_task(task: dict[str, Any]) -> dict[str, Any]:
         if summarize_output is not None:
             result["output_summary"] = summarize_output(steps, episodes, output)
         return result
-    except (RelabelError, ValueError, KeyError) as error:
+    except (ValueError, KeyError, RuntimeError, OSError) as error:  # reported by the driver
         return {"error": f"part {task['index']}: {error}", "steps": 0}
 
 
