@@ -433,6 +433,20 @@ def test_embed_vectors_from_the_endpoint_then_cached(server, tmp_path, fake_key)
     assert server.count("/v1/embeddings") == 2
 
 
+def test_embed_retries_faults_and_fails_clearly(server, tmp_path, fake_key):
+    episodes = pa.table({"episode_id": pa.array([1, 2], pa.int64()), "description": ["a", "b"]})
+    steps = pa.table({"episode_id": pa.array([1, 2], pa.int64())})
+    params = {"base_url": server.url, "cache": str(tmp_path / "cache"), "dimensions": 8}
+    server.faults.extend(["500", "empty", "nonjson"])
+    output = EmbedRelabeler(params).run(steps, episodes, Statistics(), "faults").episodes
+    assert np.allclose(output.column(0).to_pylist()[1], server.embedding("b"), atol=1e-6)
+    assert server.count("/v1/embeddings") == 4
+    server.faults.extend(["503"] * 3)
+    episodes = episodes.set_column(1, "description", pa.array(["c", "d"]))
+    with pytest.raises(RelabelError, match="failed after retries"):
+        EmbedRelabeler({**params, "max_retries": 2}).run(steps, episodes, Statistics(), "x")
+
+
 def test_embed_offline_hashing_is_deterministic(no_endpoint):
     episodes = pa.table({"episode_id": pa.array([1, 2], pa.int64()), "description": ["a b", "c"]})
     steps = pa.table({"episode_id": pa.array([1, 2], pa.int64())})
