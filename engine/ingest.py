@@ -192,8 +192,13 @@ def detect_format(source: str) -> str:
     if lower.endswith((".jsonl", ".json", ".ndjson")):
         return "jsonl"
     if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "data", "main_data.hdf5")) or os.path.exists(
-            os.path.join(path, "main_data.hdf5")
+        if any(
+            os.path.exists(os.path.join(path, *parts))
+            for parts in (
+                ("data", "main_data.hdf5"),
+                ("main_data.hdf5",),
+                ("data", "metadata.json"),
+            )
         ):
             return "minari"
         names = os.listdir(path)
@@ -526,39 +531,97 @@ def read_flat_arrays_part(task: dict[str, Any]) -> tuple[pa.Table, pa.Table]:
 # ---------------------------------------------------------------- Minari
 
 
-def minari_data_file(path: str) -> str:
-    """The `main_data.hdf5` of a Minari dataset directory (or the file itself)."""
-    for candidate in (
-        os.path.join(path, "data", "main_data.hdf5"),
-        os.path.join(path, "main_data.hdf5"),
-        path,
-    ):
-        if os.path.isfile(candidate):
-            return candidate
+@dataclass(frozen=True)
+class MinariSource:
+    """Where a Minari dataset's data lives and in which of Minari's storage formats."""
+
+    data_dir: str
+    data_format: str  # "hdf5" (read with h5py) or "arrow" (read with minari's API)
+    env_id: str | None
+
+
+def minari_source(path: str) -> MinariSource:
+    """A Minari dataset directory (or its `data` folder, or `main_data.hdf5`)."""
+    path = path.rstrip("/")
+    if os.path.isfile(path):
+        path = os.path.dirname(path)
+    for data_dir in (os.path.join(path, "data"), path):
+        metadata_file = os.path.join(data_dir, "metadata.json")
+        hdf5_file = os.path.join(data_dir, "main_data.hdf5")
+        if os.path.isfile(metadata_file) or os.path.isfile(hdf5_file):
+            metadata = {}
+            if os.path.isfile(metadata_file):
+                with open(metadata_file) as handle:
+                    metadata = json.load(handle)
+            spec = metadata.get("env_spec")
+            if isinstance(spec, str):
+                spec = json.loads(spec)
+            return MinariSource(
+                data_dir=data_dir,
+                data_format=metadata.get("data_format", "hdf5"),
+                env_id=(spec or {}).get("id"),
+            )
     raise FileNotFoundError(
-        f"{path}: not a Minari dataset directory (no data/main_data.hdf5 inside)"
+        f"{path}: not a Minari dataset directory (no data/metadata.json or data/main_data.hdf5)"
     )
 
 
-def _minari_env_id(data_file: str) -> str | None:
-    metadata_file = os.path.join(os.path.dirname(data_file), "metadata.json")
-    if not os.path.exists(metadata_file):
-        return None
-    with open(metadata_file) as handle:
-        metadata = json.load(handle)
-    spec = metadata.get("env_spec")
-    if isinstance(spec, str):
-        spec = json.loads(spec)
-    return (spec or {}).get("id")
-
-
-def _h5_tree(item: Any) -> Any:
+def _h5_tree(item: Any, shapes_only: bool = False) -> Any:
     """An HDF5 group as a dict of its datasets (nested groups as nested dicts)."""
     import h5py
 
     if isinstance(item, h5py.Dataset):
-        return item[()]
-    return {name: _h5_tree(item[name]) for name in item}
+        return np.empty(item.shape, dtype=bool) if shapes_only else item[()]
+    return {name: _h5_tree(item[name], shapes_only) for name in item}
+
+
+def minari_episodes(
+    source: MinariSource, episode_ids: list[int] | None = None, shapes_only: bool = False
+):
+    """Episodes as dicts (id, observations, actions, rewards, terminations, truncations,
+    infos) in Minari's own layout: n+1 observations and infos, n of everything else.
+
+    HDF5 datasets are read with h5py (minari is not needed; `shapes_only` reads no
+    observation or action data); other formats with minari's storage API.
+    """
+    if source.data_format == "hdf5":
+        import h5py
+
+        data_file = os.path.join(source.data_dir, "main_data.hdf5")
+        try:
+            handle = h5py.File(data_file, "r")
+        except OSError as error:
+            raise ValueError(
+                f"{data_file}: cannot read it as HDF5 (truncated or corrupt file?): {error}"
+            ) from error
+        with handle:
+            names = (
+                _minari_episode_names(handle)
+                if episode_ids is None
+                else [f"episode_{e}" for e in episode_ids]
+            )
+            for name in names:
+                group = handle[name]
+                episode = {"id": int(group.attrs.get("id", int(name.removeprefix("episode_"))))}
+                try:
+                    for key in group:
+                        lazy = shapes_only and key in ("observations", "actions")
+                        episode[key] = _h5_tree(group[key], shapes_only=lazy)
+                except (OSError, KeyError) as error:
+                    episode["error"] = f"cannot read episode (truncated file?): {error}"
+                yield episode
+        return
+    try:
+        from minari.dataset.minari_storage import MinariStorage
+    except ImportError as error:
+        raise ValueError(
+            f"{source.data_dir}: Minari datasets in the {source.data_format!r} format are read "
+            "with minari's API; install it with `pip install hindsight-engine[minari]`"
+        ) from error
+    storage = MinariStorage.read(source.data_dir)
+    ids = list(range(storage.total_episodes)) if episode_ids is None else episode_ids
+    for episode in storage.get_episodes(ids):
+        yield {**episode, "id": int(episode["id"])}
 
 
 def _minari_step_infos(infos: dict[str, Any], length: int) -> dict[str, np.ndarray]:
@@ -579,91 +642,92 @@ def _minari_episode_names(handle: Any) -> list[str]:
     return sorted(names, key=lambda n: int(n.removeprefix("episode_")))
 
 
-def plan_minari(path: str, env_id: str | None, part_steps: int) -> IngestPlan:
-    import h5py
+def _check_minari_episode(file: str, episode: dict[str, Any]) -> list[Problem]:
+    """Lengths of one episode's arrays agree (n+1 observations, n of the rest)."""
+    episode_id = episode["id"]
+    if "error" in episode:
+        return [Problem(file, "episode", episode["error"], episode_id)]
+    problems = [
+        Problem(file, column, "is missing", episode_id)
+        for column in ("observations", "actions", "rewards", "terminations", "truncations")
+        if column not in episode
+    ]
+    if problems:
+        return problems
+    length = len(episode["rewards"])
+    for column in ("actions", "terminations", "truncations"):
+        actual = len(_first_leaf(episode[column]))
+        if actual != length:
+            problems.append(
+                Problem(file, column, f"has {actual} rows, rewards has {length}", episode_id)
+            )
+    observations = episode["observations"]
+    for key, values in (
+        observations.items() if isinstance(observations, dict) else [("", observations)]
+    ):
+        if len(values) != length + 1:
+            problems.append(
+                Problem(
+                    file,
+                    f"observations{'/' + key if key else ''}",
+                    f"has {len(values)} rows, expected {length + 1} (steps + 1)",
+                    episode_id,
+                )
+            )
+    return problems
 
-    data_file = minari_data_file(path)
-    try:
-        handle = h5py.File(data_file, "r")
-    except OSError as error:
-        raise ValueError(
-            f"{data_file}: cannot read it as HDF5 (truncated or corrupt file?): {error}"
-        ) from error
+
+def _first_leaf(values: Any) -> Any:
+    while isinstance(values, dict):
+        values = next(iter(values.values()))
+    return values
+
+
+def plan_minari(path: str, env_id: str | None, part_steps: int) -> IngestPlan:
+    source = minari_source(path)
+    file = (
+        os.path.join(source.data_dir, "main_data.hdf5")
+        if source.data_format == "hdf5"
+        else source.data_dir
+    )
     problems: list[Problem] = []
     episode_ids, lengths = [], []
     info_changes: dict[str, bool] = {}
-    with handle:
-        for name in _minari_episode_names(handle):
-            group = handle[name]
-            episode = int(group.attrs.get("id", int(name.removeprefix("episode_"))))
-            try:
-                rewards = group["rewards"][()]
-                length = len(rewards)
-                for column in ("actions", "terminations", "truncations"):
-                    if column not in group:
-                        problems.append(Problem(data_file, column, "is missing", episode))
-                    elif len(group[column]) != length:
-                        problems.append(
-                            Problem(
-                                data_file,
-                                column,
-                                f"has {len(group[column])} rows, rewards has {length}",
-                                episode,
-                            )
-                        )
-                observations = _h5_tree(group["observations"])
-                for key, values in (
-                    observations.items() if isinstance(observations, dict) else [("", observations)]
-                ):
-                    if len(values) != length + 1:
-                        problems.append(
-                            Problem(
-                                data_file,
-                                f"observations{'/' + key if key else ''}",
-                                f"has {len(values)} rows, expected {length + 1} (steps + 1)",
-                                episode,
-                            )
-                        )
-                infos = (
-                    _minari_step_infos(_h5_tree(group["infos"]), length) if "infos" in group else {}
-                )
-            except (OSError, KeyError) as error:
+    for episode in minari_episodes(source, shapes_only=True):
+        found = _check_minari_episode(file, episode)
+        problems += found
+        if found:
+            continue
+        episode_id = episode["id"]
+        rewards = np.asarray(episode["rewards"])
+        length = len(rewards)
+        problems += check_finite(file, cols.REWARD, rewards, np.full(length, episode_id))
+        starts = np.zeros(length, bool)
+        starts[:1] = True
+        for name, values in _minari_step_infos(episode.get("infos", {}), length).items():
+            if len(values) != length:
                 problems.append(
                     Problem(
-                        data_file, name, f"cannot read episode (truncated file?): {error}", episode
+                        file,
+                        f"infos/{name}",
+                        f"has {len(values)} rows, expected {length}",
+                        episode_id,
                     )
                 )
                 continue
-            problems += check_finite(
-                data_file, cols.REWARD, rewards, np.full(length, episode, dtype=np.int64)
+            info_changes[name] = info_changes.get(name, False) or changes_within_episodes(
+                values, starts
             )
-            starts = np.zeros(length, bool)
-            starts[:1] = True
-            for info_name, values in infos.items():
-                if len(values) != length:
-                    problems.append(
-                        Problem(
-                            data_file,
-                            f"infos/{info_name}",
-                            f"has {len(values)} rows, expected {length}",
-                            episode,
-                        )
-                    )
-                    continue
-                info_changes[info_name] = info_changes.get(
-                    info_name, False
-                ) or changes_within_episodes(values, starts)
-            episode_ids.append(episode)
-            lengths.append(length)
+        episode_ids.append(episode_id)
+        lengths.append(length)
     bad = {p.episode for p in problems}
     kept = [i for i, e in enumerate(episode_ids) if e not in bad]
     kept_lengths = np.asarray([lengths[i] for i in kept], dtype=np.int64)
     episode_info_columns = sorted(n for n, changes in info_changes.items() if not changes)
-    resolved_env = env_id or _minari_env_id(data_file) or "unknown"
     parts = [
         {
             "format": "minari",
-            "path": data_file,
+            "path": path,
             "episodes": [episode_ids[i] for i in kept[start:stop]],
             "episode_info_columns": episode_info_columns,
             "steps": int(kept_lengths[start:stop].sum()),
@@ -673,47 +737,43 @@ def plan_minari(path: str, env_id: str | None, part_steps: int) -> IngestPlan:
     return IngestPlan(
         format="minari",
         source=path,
-        env_id=resolved_env,
+        env_id=env_id or source.env_id or "unknown",
         parts=parts,
         steps=int(kept_lengths.sum()),
         episodes=len(kept),
         skipped=problems,
         episode_info_columns=episode_info_columns,
+        metadata={"minari_data_format": source.data_format},
     )
 
 
 def read_minari_part(task: dict[str, Any]) -> tuple[pa.Table, pa.Table]:
-    import h5py
-
+    source = minari_source(task["path"])
     columns: dict[str, list] = {
         k: [] for k in ("episode_ids", "obs", "next_obs", "actions", "rewards", "term", "trunc")
     }
     infos: dict[str, list] = {}
-    with h5py.File(task["path"], "r") as handle:
-        for episode in sorted(task["episodes"]):
-            group = handle[f"episode_{episode}"]
-            rewards = group["rewards"][()]
-            length = len(rewards)
-            observations = _h5_tree(group["observations"])
-            if isinstance(observations, dict):
-                columns["obs"].append({k: v[:-1] for k, v in observations.items()})
-                columns["next_obs"].append({k: v[1:] for k, v in observations.items()})
-            else:
-                columns["obs"].append(observations[:-1])
-                columns["next_obs"].append(observations[1:])
-            columns["episode_ids"].append(np.full(length, episode, dtype=np.int64))
-            columns["actions"].append(group["actions"][()])
-            columns["rewards"].append(rewards)
-            columns["term"].append(group["terminations"][()].astype(bool))
-            truncated = group["truncations"][()].astype(bool)
-            if length and not (truncated[-1] or columns["term"][-1][-1]):
-                truncated[-1] = True
-            columns["trunc"].append(truncated)
-            step_infos = (
-                _minari_step_infos(_h5_tree(group["infos"]), length) if "infos" in group else {}
-            )
-            for name, values in step_infos.items():
-                infos.setdefault(name, []).append(values)
+    for episode in minari_episodes(source, sorted(task["episodes"])):
+        rewards = np.asarray(episode["rewards"])
+        length = len(rewards)
+        observations = episode["observations"]
+        if isinstance(observations, dict):
+            columns["obs"].append({k: np.asarray(v)[:-1] for k, v in observations.items()})
+            columns["next_obs"].append({k: np.asarray(v)[1:] for k, v in observations.items()})
+        else:
+            columns["obs"].append(np.asarray(observations)[:-1])
+            columns["next_obs"].append(np.asarray(observations)[1:])
+        columns["episode_ids"].append(np.full(length, episode["id"], dtype=np.int64))
+        columns["actions"].append(np.asarray(episode["actions"]))
+        columns["rewards"].append(rewards)
+        terminated = np.asarray(episode["terminations"], dtype=bool)
+        truncated = np.asarray(episode["truncations"], dtype=bool).copy()
+        if length and not (truncated[-1] or terminated[-1]):
+            truncated[-1] = True  # an episode cut off without a flag: truncated
+        columns["term"].append(terminated)
+        columns["trunc"].append(truncated)
+        for name, values in _minari_step_infos(episode.get("infos", {}), length).items():
+            infos.setdefault(name, []).append(values)
 
     def concat(pieces):
         if pieces and isinstance(pieces[0], dict):
