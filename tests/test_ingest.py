@@ -26,6 +26,7 @@ from jobs.ingest_job import (
     run_ingest,
     run_materialize,
 )
+from schemas import steps as cols
 from schemas.manifest import SKIPPED_REPORT_NAME
 from tests.synthetic import make_episodes, write_synthetic_dataset
 
@@ -194,6 +195,25 @@ def test_parquet_round_trip_several_files(ray_local, tmp_path):
         )
     )
     assert_matches_steps(uri, steps, episodes)
+
+
+def test_parquet_struct_observations_and_discrete_actions(ray_local, tmp_path):
+    steps, episodes = make_episodes(num_episodes=6, seed=8, goal_dim=2, discrete_actions=4)
+    path = step_file(tmp_path, steps)
+    uri = str(tmp_path / "ds")
+    run_ingest(IngestOptions(source=path, output=uri))
+    read = open_dataset(uri).read()
+    assert read.schema.field("action").type == pa.int64()
+    assert read.column("action").equals(steps.column("action"))
+    for field in ("observation", "achieved_goal", "desired_goal"):
+        np.testing.assert_array_equal(
+            cols.struct_to_numpy(read.column("observation"), field),
+            cols.struct_to_numpy(steps.column("observation"), field),
+        )
+    assert (
+        engine.scan_episodes(uri).collect()["length"].to_list()
+        == episodes.column("length").to_pylist()
+    )
 
 
 def test_jsonl_round_trip_with_variable_lists(ray_local, tmp_path):
@@ -444,8 +464,11 @@ def test_killed_ingest_leaves_no_dataset_and_rerun_succeeds(ray_local, tmp_path)
     ingest_part(part_tasks(plan, staged)[0])
     with pytest.raises(DatasetError, match="died before committing"):
         open_dataset(uri)
-    run_ingest(IngestOptions(source=source, output=uri, part_steps=150))
+    rerun = run_ingest(IngestOptions(source=source, output=uri, part_steps=150))
     assert_matches_d4rl(uri, arrays)
+    # the re-run's output is identical to an ingest that never died
+    clean = run_ingest(IngestOptions(source=source, output=str(tmp_path / "clean"), part_steps=150))
+    assert rerun.dataset_id == clean.dataset_id
 
 
 def test_failing_part_removes_the_staged_version(ray_local, tmp_path):
