@@ -41,7 +41,7 @@ class TrainOptions(BaseModel):
     n_layer: int = Field(default=3, ge=1, description="Transformer blocks.")
     n_head: int = Field(default=4, ge=1, description="Attention heads.")
     hidden: int = Field(default=256, ge=8, description="MLP hidden width.")
-    shuffle_buffer: int = Field(default=2048, ge=1, description="Loader shuffle buffer (windows).")
+    shuffle_buffer: int = Field(default=65536, ge=1, description="Loader shuffle buffer (windows).")
     log_every: int = Field(default=50, ge=1, description="Steps between metrics lines.")
     checkpoint_every: int = Field(default=500, ge=1, description="Steps between checkpoints.")
     workers: int = Field(default=1, ge=1, description="Data-parallel Ray Train workers.")
@@ -52,9 +52,8 @@ class TrainOptions(BaseModel):
 
 def run_train(options: TrainOptions) -> dict[str, Any]:
     """Train (or resume) a run; returns a summary with steps, loss and samples/s."""
-    from trainers.data import read_index
-
     from trainers import train
+    from trainers.data import read_index
 
     condition = [c for c in options.condition if c and c != "none"]
     options = options.model_copy(update={"condition": condition})
