@@ -20,6 +20,7 @@ when validation fails, unless the user asked to skip bad episodes.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
@@ -191,7 +193,15 @@ def detect_format(source: str) -> str:
         return "parquet"
     if lower.endswith((".jsonl", ".json", ".ndjson")):
         return "jsonl"
-    if os.path.isdir(path):
+    if storage.is_s3(path):
+        names = [os.path.basename(f) for f in storage.list_files(path)]
+        if "main_data.hdf5" in names or "metadata.json" in names:
+            raise ValueError(f"{source}: Minari datasets must be local directories")
+        if any(n.endswith(".parquet") for n in names):
+            return "parquet"
+        if any(n.endswith((".jsonl", ".ndjson")) for n in names):
+            return "jsonl"
+    elif os.path.isdir(path):
         if any(
             os.path.exists(os.path.join(path, *parts))
             for parts in (
@@ -288,15 +298,22 @@ class FlatArrays:
     def __init__(self, path: str):
         self.path = path
         self.is_hdf5 = not path.lower().endswith(".npz")
+        # On S3 both h5py and NumPy read through a seekable pyarrow file (range requests).
+        self._stream = None
+        target: Any = path
         try:
+            if storage.is_s3(path):
+                fs, key = storage.filesystem(path)
+                self._stream = fs.open_input_file(key)
+                target = self._stream
             if self.is_hdf5:
                 import h5py
 
-                self._file = h5py.File(path, "r")
+                self._file = h5py.File(target, "r")
                 self._arrays: dict[str, Any] = {}
                 self._file.visititems(self._collect)
             else:
-                self._file = np.load(path, allow_pickle=False)
+                self._file = np.load(target, allow_pickle=False)
                 self._arrays = {name: None for name in self._file.files}
         except FileNotFoundError:
             raise
@@ -343,6 +360,8 @@ class FlatArrays:
 
     def close(self) -> None:
         self._file.close()
+        if self._stream is not None:
+            self._stream.close()
 
 
 def _episode_ends(terminals: np.ndarray, timeouts: np.ndarray) -> np.ndarray:
@@ -350,7 +369,7 @@ def _episode_ends(terminals: np.ndarray, timeouts: np.ndarray) -> np.ndarray:
 
 
 def plan_flat_arrays(path: str, env_id: str | None, part_steps: int) -> IngestPlan:
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     arrays = FlatArrays(path)
     try:
@@ -801,10 +820,21 @@ STEP_TABLE_VECTOR_COLUMNS = (cols.OBSERVATION, cols.ACTION, cols.NEXT_OBSERVATIO
 
 
 def step_table_files(source: str, format: str) -> list[str]:
-    """A file, every file of the format in a directory, or a glob; sorted."""
+    """A file, every file of the format in a directory, or a glob; sorted. Local or S3."""
     suffixes = (".parquet",) if format == "parquet" else (".jsonl", ".ndjson", ".json")
     if any(ch in source for ch in "*?["):
-        files = sorted(glob.glob(source))
+        if storage.is_s3(source):
+            first = min(source.index(ch) for ch in "*?[" if ch in source)
+            parent = source[: source.rindex("/", 0, first)]
+            files = [f for f in storage.list_files(parent) if fnmatch.fnmatch(f, source)]
+        else:
+            files = sorted(glob.glob(source))
+    elif storage.is_s3(source):
+        fs, key = storage.filesystem(source)
+        if fs.get_file_info(key).type == pafs.FileType.File:
+            files = [source]
+        else:
+            files = [f for f in storage.list_files(source) if f.endswith(suffixes)]
     elif os.path.isdir(source):
         files = sorted(os.path.join(source, n) for n in os.listdir(source) if n.endswith(suffixes))
     elif os.path.exists(source):
@@ -820,10 +850,12 @@ def read_step_file(
     path: str, format: str, columns: list[str] | None = None, filters: Any = None
 ) -> pa.Table:
     """One step-table file as Arrow, with a clear error for a truncated or corrupt file."""
+    fs, key = storage.filesystem(path)
     try:
         if format == "parquet":
-            return pq.read_table(path, columns=columns, filters=filters)
-        table = pajson.read_json(path)
+            return pq.read_table(key, filesystem=fs, columns=columns, filters=filters)
+        with fs.open_input_stream(key) as stream:
+            table = pajson.read_json(stream)
         return table.select(columns) if columns else table
     except (pa.ArrowInvalid, OSError) as error:
         raise ValueError(
@@ -833,8 +865,9 @@ def read_step_file(
 
 def step_file_schema(path: str, format: str) -> pa.Schema:
     if format == "parquet":
+        fs, key = storage.filesystem(path)
         try:
-            return pq.read_schema(path)
+            return pq.read_schema(key, filesystem=fs)
         except (pa.ArrowInvalid, OSError) as error:
             raise ValueError(
                 f"{path}: cannot read it as parquet (truncated or corrupt file?): {error}"

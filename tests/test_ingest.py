@@ -613,11 +613,19 @@ def ray_with_s3(s3_server, ray_local):
     return ray
 
 
-def test_ingest_to_s3(ray_with_s3, s3_bucket, tmp_path):
+def test_ingest_from_and_to_s3(ray_with_s3, s3_bucket, tmp_path):
     arrays = d4rl_arrays(seed=12)
+    local = write_hdf5(tmp_path / "logs.h5", arrays)
+    storage.write_bytes(f"{s3_bucket}/raw/logs.h5", open(local, "rb").read())
     uri = f"{s3_bucket}/pendulum"
-    run_ingest(
-        IngestOptions(source=write_hdf5(tmp_path / "logs.h5", arrays), output=uri, part_steps=200)
-    )
+    run_ingest(IngestOptions(source=f"{s3_bucket}/raw/logs.h5", output=uri, part_steps=200))
     assert_matches_d4rl(uri, arrays)
     assert run_info(InfoOptions(dataset=uri))["steps"] == len(arrays["rewards"])
+
+    steps, episodes = make_episodes(num_episodes=6, seed=13)
+    ids = steps.column("episode_id").to_numpy()
+    for name, rows in (("a", ids < 30), ("b", ids >= 30)):
+        local = step_file(tmp_path, steps.filter(pa.array(rows)), f"{name}.parquet")
+        storage.write_bytes(f"{s3_bucket}/steps/{name}.parquet", open(local, "rb").read())
+    run_ingest(IngestOptions(source=f"{s3_bucket}/steps/*.parquet", output=str(tmp_path / "ds")))
+    assert_matches_steps(str(tmp_path / "ds"), steps, episodes)
