@@ -875,13 +875,6 @@ def step_file_schema(path: str, format: str) -> pa.Schema:
     return read_step_file(path, format).schema
 
 
-def _vector_size(column: pa.ChunkedArray | pa.Array) -> np.ndarray | None:
-    """Values per row of a list column (None for fixed-size and scalar columns)."""
-    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        return pc.list_value_length(column).to_numpy(zero_copy_only=False)
-    return None
-
-
 def plan_step_tables(
     source: str,
     format: str,
@@ -987,13 +980,14 @@ def plan_step_tables(
                 path, name, pc.is_valid(column).to_numpy(zero_copy_only=False), episode_ids
             )
         for name in list_vectors:
-            sizes = _vector_size(table.column(name))
-            sizes = (
-                np.where(np.isnan(sizes.astype(float)), -1, sizes)
-                if sizes.dtype.kind == "f"
-                else sizes
-            )
-            expected = expected_sizes.setdefault(name, int(sizes[0]) if len(sizes) else 0)
+            column = table.column(name)
+            valid = pc.is_valid(column).to_numpy(zero_copy_only=False)
+            problems += check_not_null(path, name, valid, episode_ids)
+            sizes = pc.fill_null(pc.list_value_length(column), -1).to_numpy()
+            if valid.any():
+                expected_sizes.setdefault(name, int(sizes[np.argmax(valid)]))
+            expected = expected_sizes.get(name, 0)
+            sizes = np.where(valid, sizes, expected)  # missing rows are reported above
             problems += check_row_shapes(path, name, sizes, expected, episode_ids)
         starts = np.ones(len(sorted_ids), bool)
         starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
