@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine import storage
 from engine.dataset import (
@@ -56,6 +56,13 @@ class CollectOptions(_Options):
         50, ge=1, description="Episodes per part (one Ray task and one file per part)."
     )
     address: str | None = Field(None, description="Ray address; embedded local Ray if unset.")
+
+    @field_validator("noise")
+    @classmethod
+    def _noise_is_a_probability(cls, noise: list[float]) -> list[float]:
+        if not noise or any(not 0.0 <= level <= 1.0 for level in noise):
+            raise ValueError(f"noise levels are probabilities in [0, 1], got {noise}")
+        return noise
 
 
 class IngestOptions(_Options):

@@ -152,3 +152,5 @@ def test_collect_cli(ray_local, tmp_path, capsys):
     assert main(["collect", "CartPole-v1", str(tmp_path / "x"), "--policy", "bad"]) == 2
     assert "module:function" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    assert main(["collect", "CartPole-v1", str(tmp_path / "y"), "--noise", "0,1.5"]) == 2
+    assert "noise levels are probabilities" in capsys.readouterr().err
