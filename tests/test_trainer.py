@@ -245,3 +245,125 @@ def test_unknown_condition_column_is_a_clear_error():
             tiny_index(CONTINUOUS, {}),
             TrainOptions(shards="x", run_dir="y", condition=["return_to_go"]).model_dump(),
         )
+
+
+# --- the real pipeline: dataset -> relabel -> shards -> loader -> trainer -------------------
+
+
+@pytest.fixture(scope="module")
+def real_shards(tmp_path_factory, ray_local):
+    """A tiny synthetic dataset relabeled with returns and skill, sharded into 3 shards."""
+    from jobs.relabel_job import RelabelOptions, run_relabel
+    from jobs.shard_job import ShardOptions, run_shard
+    from tests.synthetic import make_episodes, write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("real")
+    steps, episodes = make_episodes(num_episodes=24, obs_dim=3, action_dim=2, seed=0)
+    write_synthetic_dataset(str(root / "raw"), steps, episodes, part_steps=120)
+    run_relabel(
+        RelabelOptions(
+            input=str(root / "raw"),
+            output=str(root / "relabeled"),
+            relabelers=["returns", "skill:levels=2"],
+        )
+    )
+    run_shard(
+        ShardOptions(
+            dataset=str(root / "relabeled"),
+            out=str(root / "shards"),
+            condition=["return_to_go", "skill"],
+            window=4,
+            shard_steps=150,
+            block_steps=64,
+        )
+    )
+    return str(root / "shards")
+
+
+def test_train_command_on_real_shards(tmp_path, real_shards, capsys):
+    from jobs.cli import main as cli_main
+
+    run = str(tmp_path / "run")
+    args = ["train", real_shards, run, "--condition", "return_to_go,skill", "--model",
+            "transformer", "--steps", "12", "--batch-size", "16", "--d-model", "16",
+            "--n-layer", "1", "--n-head", "2", "--log-every", "4"]  # fmt: skip
+    assert cli_main(args) == 0
+    assert [m["step"] for m in train.read_metrics(run)] == [4, 8, 12]
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 12 and checkpoint["loader"][0]
+    assert set(checkpoint["config"]["model"]["conditions"]) == {"return_to_go", "skill"}
+
+    # A finished run is not silently overwritten; --resume extends it.
+    assert cli_main(args) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert cli_main([*args[:8], "20", *args[9:], "--resume"]) == 0
+    assert int(train.load_checkpoint(run)["step"]) == 20
+
+
+def test_resume_through_the_real_loader_matches(tmp_path, real_shards):
+    """Interrupted after a checkpoint, resumed from the loader's saved position: the same
+    parameters, bitwise, as an uninterrupted run over the same shards."""
+    from trainers.data import read_index
+
+    index = read_index(real_shards).model_dump(mode="json")
+
+    def config(run_dir):
+        options = TrainOptions(
+            shards=real_shards, run_dir=str(run_dir), condition=["return_to_go"], model="mlp",
+            steps=16, batch_size=8, hidden=16, d_model=8, checkpoint_every=8, shuffle_buffer=64,
+            device="cpu",
+        )  # fmt: skip
+        return train.new_run_config(index, options.model_dump())
+
+    def crashing(factory, after):
+        class Crashing:
+            def __init__(self, inner):
+                self.inner = inner
+
+            def __iter__(self):
+                for served, batch in enumerate(self.inner):
+                    if served == after:
+                        raise RuntimeError("simulated crash")
+                    yield batch
+
+            def state_dict(self):
+                return self.inner.state_dict()
+
+        return lambda state, rank, world: Crashing(factory(state, rank, world))
+
+    straight = config(tmp_path / "straight")
+    train.train_loop(straight, train.default_stream_factory(straight))
+    resumed = config(tmp_path / "resumed")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.train_loop(resumed, crashing(train.default_stream_factory(resumed), 11))
+    train.train_loop(resumed, train.default_stream_factory(resumed))
+
+    a = train.load_checkpoint(str(tmp_path / "straight"))
+    b = train.load_checkpoint(str(tmp_path / "resumed"))
+    assert a["step"] == b["step"] == 16 and a["loader"] == b["loader"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+@pytest.mark.slow
+def test_two_ray_train_workers(tmp_path, real_shards):
+    from jobs.train_job import run_train
+
+    summary = run_train(
+        TrainOptions(
+            shards=real_shards,
+            run_dir=str(tmp_path / "ddp"),
+            condition=["skill"],
+            model="mlp",
+            steps=6,
+            batch_size=8,
+            hidden=16,
+            d_model=8,
+            log_every=3,
+            workers=2,
+        )  # fmt: skip
+    )
+    assert summary["workers"] == 2 and summary["steps"] == 6
+    checkpoint = train.load_checkpoint(str(tmp_path / "ddp"))
+    assert len(checkpoint["loader"]) == 2  # one loader position per rank
+    assert [m["step"] for m in train.read_metrics(str(tmp_path / "ddp"))] == [3, 6]
