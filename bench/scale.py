@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in plan_result["table"]:
         print(
             f"  {row['nodes']:4d} nodes: {row['steps_per_s']:12,.0f} steps/s "
-            f"{row['hours_for_1e9_steps']:8.2f} h  ({row['bottleneck']})"
+            f"{row['hours_for_1e9_steps']:8.3f} h  ({row['bottleneck']})"
         )
     language = plan_result["language_relabeler"]
     print(

@@ -62,18 +62,21 @@ def read_spec_argument(argument: str, check_inputs: bool = True) -> Spec:
     return read_spec(argument, check_inputs=check_inputs)
 
 
-def ray_address_for_run(address: str | None) -> str | None:
-    """Inside a submitted job Ray sets RAY_ADDRESS: join that cluster rather than start one."""
+def ray_address_for_run(address: str | None, spec: Spec) -> str | None:
+    """Where `hindsight run` runs: --address, else the cluster of a submitted job (Ray sets
+    RAY_ADDRESS for its drivers), else the spec's own `address`, else an embedded Ray."""
     if address:
         return address
-    return "auto" if os.environ.get("RAY_ADDRESS") else None
+    if os.environ.get("RAY_ADDRESS"):
+        return "auto"
+    return getattr(spec.options, "address", None)
 
 
 def run_command(args) -> int:
     from jobs.runtime import init_ray
 
     spec = read_spec_argument(args.spec)
-    init_ray(ray_address_for_run(args.address))
+    init_ray(ray_address_for_run(args.address, spec))
     started = time.perf_counter()
     result = run_spec(spec.kind, spec.options)
     summary = describe_result(spec.kind, spec.options, result)
@@ -135,8 +138,9 @@ def submit_spec(
     )
 
 
-def follow_logs(client, job_id: str, out=sys.stdout) -> str:
+def follow_logs(client, job_id: str, out=None) -> str:
     """Stream the job's logs until it ends; returns the full log text."""
+    out = out if out is not None else sys.stdout
     collected: list[str] = []
 
     async def tail() -> None:

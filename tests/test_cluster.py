@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -227,13 +228,23 @@ def group_bytes(uri: str, group: str = "returns") -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def embedded_output(parent_dataset, bucket, tmp_path_factory, ray_local):
-    """The reference: the same spec run with `hindsight run` on the embedded Ray."""
-    from jobs.cli import main
-
+def embedded_output(parent_dataset, bucket, cluster, tmp_path_factory):
+    """The reference: the same spec run with `hindsight run` on an embedded Ray, as a user
+    runs it (a fresh process, so its Ray workers see the loopback S3 settings)."""
     output = f"{bucket}/embedded"
     spec = relabel_spec(tmp_path_factory.mktemp("embedded"), parent_dataset, output)
-    assert main(["run", str(spec)]) == 0
+    env = {**cluster.env, "RAY_TMPDIR": cluster.temp_dir + "-embedded"}
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "run", str(spec)],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"dataset_id"' in done.stdout
     files = group_bytes(output)
     assert len(files) == 2 * len(open_manifest(parent_dataset).parts)
     return files
@@ -274,6 +285,13 @@ def test_submitted_job_writes_the_same_bytes_as_the_embedded_run(
     assert group_bytes(output) == embedded_output
     assert manifest.group("returns").relabeler.params["gamma"] == 0.99
 
+    # The job is listed, and its logs hold the same result line.
+    job_id = re.search(r"submitted (\S+)", captured.err).group(1)
+    assert main(["jobs", "list", "--address", cluster.jobs_address]) == 0
+    assert re.search(rf"{job_id}\s+SUCCEEDED", capsys.readouterr().out)
+    assert main(["jobs", "logs", job_id, "--address", cluster.jobs_address]) == 0
+    assert manifest.dataset_id in capsys.readouterr().out
+
 
 def test_job_survives_a_worker_node_killed_mid_job(
     cluster, parent_dataset, bucket, embedded_output, tmp_path
@@ -287,7 +305,7 @@ def test_job_survives_a_worker_node_killed_mid_job(
     job_id = submit_spec(
         read_spec(relabel_spec(tmp_path, parent_dataset, output)), cluster.jobs_address
     )
-    wait_for_files(output, 2)
+    wait_for_files(output, 1)
     cluster.kill_worker()
     killed_mid_job = not _committed(output)
     status = wait_for_job(client, job_id, timeout=120)
@@ -297,9 +315,10 @@ def test_job_survives_a_worker_node_killed_mid_job(
 
 
 def test_stopped_job_leaves_no_version_and_a_rerun_is_identical(
-    cluster, parent_dataset, bucket, embedded_output, tmp_path
+    cluster, parent_dataset, bucket, embedded_output, tmp_path, capsys
 ):
     from engine.dataset import DatasetError, open_dataset
+    from jobs.cli import main
     from jobs.spec import read_spec
     from jobs.submit import jobs_client, submit_spec, wait_for_job
 
@@ -308,9 +327,9 @@ def test_stopped_job_leaves_no_version_and_a_rerun_is_identical(
     spec = read_spec(relabel_spec(tmp_path, parent_dataset, output))
     client = jobs_client(cluster.jobs_address)
     job_id = submit_spec(spec, cluster.jobs_address)
-    wait_for_files(output, 2)
-    client.stop_job(job_id)
-    assert wait_for_job(client, job_id, timeout=60) == "STOPPED"
+    wait_for_files(output, 1)
+    assert main(["jobs", "stop", job_id, "--address", cluster.jobs_address]) == 0
+    assert f"job {job_id} STOPPED" in capsys.readouterr().out
     # Half a version is never visible: readers get a clear error, not partial data.
     assert not _committed(output)
     with pytest.raises(DatasetError, match="died before committing"):
