@@ -173,9 +173,7 @@ class IngestPlan:
     def skipped_report(self) -> dict[str, Any]:
         return {
             "source": self.source,
-            "skipped_episodes": len(
-                {(p.file, p.episode) for p in self.skipped if p.episode is not None}
-            ),
+            "skipped_episodes": len({p.episode for p in self.skipped if p.episode is not None}),
             "skipped": [p.to_dict() for p in self.skipped],
             "truncated_tails": self.truncated_tails,
         }
@@ -1017,12 +1015,14 @@ def plan_step_tables(
             seen_in.setdefault(episode, path)
         file_plans.append((path, unique_ids, counts))
 
-    bad = {(p.file, p.episode) for p in problems if p.episode is not None}
+    # Episode ids name one episode across the whole source: an episode with a problem in
+    # any file (or spread over two files) is left out everywhere.
+    bad = {p.episode for p in problems if p.episode is not None}
     episode_info_columns = [n for n, changes in info_changes.items() if not changes]
     parts: list[dict[str, Any]] = []
     steps = episodes = 0
     for path, unique_ids, counts in file_plans:
-        keep = np.asarray([(path, int(e)) not in bad for e in unique_ids], dtype=bool)
+        keep = ~np.isin(unique_ids, np.fromiter(bad, dtype=np.int64, count=len(bad)))
         kept_ids, kept_counts = unique_ids[keep], counts[keep]
         steps += int(kept_counts.sum())
         episodes += len(kept_ids)

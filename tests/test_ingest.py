@@ -385,6 +385,11 @@ def test_episode_in_two_files(tmp_path, clean_steps):
     step_file(tmp_path, clean_steps.slice(0, 3), "a.parquet")
     step_file(tmp_path, clean_steps.slice(3), "b.parquet")
     assert "episode also appears in" in problems_of(str(tmp_path))
+    # Skipping leaves the split episode out of both files, not half of it in.
+    plan = plan_ingest(str(tmp_path), on_error="skip")
+    first_episode = clean_steps.column("episode_id")[0].as_py()
+    assert all(first_episode < part["episode_min"] for part in plan.parts)
+    assert plan.episodes == len(set(clean_steps.column("episode_id").to_pylist())) - 1
 
 
 def test_unknown_and_misaligned_hdf5_arrays(tmp_path):
