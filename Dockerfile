@@ -7,6 +7,8 @@
 # project afterwards finds it already satisfied and pulls no other build.
 FROM python:3.11-slim
 
+# The client that runs `hindsight submit` should use the same Ray version as the cluster.
+ARG RAY_VERSION=2.60.0
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_VARIANT=cpu
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
@@ -16,7 +18,8 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TQDM_DISABLE=1
 
-RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
+    && pip install "ray[data,train,default]==${RAY_VERSION}"
 
 WORKDIR /opt/hindsight
 # Dependencies first (cached while only the code changes), then the code.
