@@ -196,6 +196,15 @@ def check_paths(kind: str, options: BaseModel, source: str) -> None:
                 )
 
 
+def local_paths(spec: Spec) -> list[tuple[str, str]]:
+    """The (field, path) pairs of a spec's inputs and outputs that are not URIs (s3://...)."""
+    values = spec.options.model_dump()
+    fields = DATASET_INPUT_FIELDS + RAW_INPUT_FIELDS + DATASET_OUTPUT_FIELDS + ("run_dir",)
+    return [
+        (field, uri) for field in fields for uri in _uris(values.get(field)) if "://" not in uri
+    ]
+
+
 def check_command(kind: str, options: BaseModel, source: str) -> None:
     """The command's own cheap checks (e.g. relabeler name and parameters), when it has them."""
     module = importlib.import_module(KINDS[kind][0])

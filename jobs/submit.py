@@ -22,7 +22,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from jobs.spec import Spec, SpecError, describe_result, load_spec_text, read_spec, run_spec
+from jobs.spec import (
+    Spec,
+    SpecError,
+    describe_result,
+    load_spec_text,
+    local_paths,
+    read_spec,
+    run_spec,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # What never travels to the cluster: environments, data, outputs, caches, VCS.
@@ -123,9 +131,10 @@ def submit_spec(
     *,
     submission_id: str | None = None,
     upload: bool = True,
+    client=None,
 ) -> str:
     """Submit a validated spec through the Job Submission API; returns the job id."""
-    client = jobs_client(address)
+    client = client or jobs_client(address)
     job_id = (
         submission_id
         or f"hindsight-{spec.kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -161,7 +170,7 @@ def wait_for_job(client, job_id: str, timeout: float | None = None, poll: float 
         if status in TERMINAL_STATUSES:
             return status
         if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"job {job_id} still {status} after {timeout:.0f} s")
+            raise RuntimeError(f"job {job_id} still {status} after {timeout:.0f} s")
         time.sleep(poll)
 
 
@@ -189,8 +198,16 @@ def report_job(client, job_id: str, logs: str | None = None) -> int:
 
 def submit_command(args) -> int:
     spec = read_spec_argument(args.spec, check_inputs=not args.skip_input_check)
+    for field, path in local_paths(spec):
+        print(
+            f"warning: {field} {path!r} is a local path: every Ray node must see it at that "
+            "path (a shared volume); use s3:// for data the cluster reads and writes",
+            file=sys.stderr,
+        )
     client = jobs_client(args.address)
-    job_id = submit_spec(spec, args.address, submission_id=args.job_id, upload=not args.no_upload)
+    job_id = submit_spec(
+        spec, args.address, submission_id=args.job_id, upload=not args.no_upload, client=client
+    )
     print(f"submitted {job_id} ({spec.kind}) to {args.address}", file=sys.stderr)
     if not args.follow:
         print(job_id)
