@@ -47,9 +47,13 @@ def init_ray(
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     from ray.data import DataContext
 
+    # Our own tqdm bar reports steps/s; Ray Data's bars and per-dataset INFO lines would
+    # only repeat it on stderr.
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def map_parts(

@@ -24,8 +24,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """An embedded local Ray for the whole session (2 CPUs, like CI)."""
+def ray_local(s3_server):
+    """An embedded local Ray for the whole session (2 CPUs, like CI).
+
+    Started after the loopback S3 server so that its workers inherit the AWS variables.
+    """
     import ray
 
     from jobs.runtime import init_ray
