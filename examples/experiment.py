@@ -257,20 +257,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = args.work or tempfile.mkdtemp(prefix="hs-experiment-")
     started = time.perf_counter()
     results = []
+    report: dict[str, Any] = {}
     for env_id in args.envs:
-        if env_id == "PointGoal":
-            results.append(goal_experiment(work, args))
-        else:
-            results.append(return_experiment(env_id, work, args))
-    report = {
-        "experiment": "ask for generalization (issue 7)",
-        "size": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
-        "results": results,
-        "seconds": time.perf_counter() - started,
-    }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(report, handle, indent=2)
+        try:
+            if env_id == "PointGoal":
+                results.append(goal_experiment(work, args))
+            else:
+                results.append(return_experiment(env_id, work, args))
+        except Exception as error:  # one environment failing must not lose the others
+            results.append(
+                {"env": env_id, "error": f"{type(error).__name__}: {error}", "claims": []}
+            )
+        report = {
+            "experiment": "ask for generalization (issue 7)",
+            "size": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
+            "results": results,
+            "seconds": time.perf_counter() - started,
+        }
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as handle:
+            json.dump(report, handle, indent=2)
     for result in results:
         for item in result["claims"]:
             d = item["difference"]

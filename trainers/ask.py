@@ -317,26 +317,22 @@ def plot_sweep(report: dict[str, Any], dataset_return: dict[str, Any] | None, pa
     figure, axis = plt.subplots(figsize=(6, 4.5))
     axis.errorbar(xs, means, yerr=[lows, highs], fmt="o-", capsize=4, label="achieved (95% CI)")
     if dataset_return and report["metric"] == "return":
-        quantiles = dataset_return.get("quantiles") or {}
-        low = quantiles.get("0.05", quantiles.get("0.1", dataset_return.get("min")))
-        high = quantiles.get("0.95", quantiles.get("0.9", dataset_return.get("max")))
-        if low is not None and high is not None:
-            axis.axhspan(low, high, color="grey", alpha=0.2, label="dataset returns (5-95%)")
+        # The dataset's own returns: mean, 5th-95th percentiles, and the quantiles as a rug
+        # on the right edge, so "above the data" is visible at a glance.
+        quantiles = {float(q): v for q, v in (dataset_return.get("quantiles") or {}).items()}
         axis.axhline(
             dataset_return["mean"], color="grey", linestyle="--", label="dataset mean return"
         )
+        for q, label in ((0.05, "dataset 5th / 95th percentile"), (0.95, None)):
+            if q in quantiles:
+                axis.axhline(quantiles[q], color="grey", linestyle=":", linewidth=1, label=label)
+        if quantiles:
+            axis.plot([1.0] * len(quantiles), list(quantiles.values()), "_", color="grey",
+                      markersize=14, transform=axis.get_yaxis_transform(), clip_on=False,
+                      label="dataset return quantiles")  # fmt: skip
         if numeric and is_return_to_go(report["condition"]):
             line = [min(xs), max(xs)]
-            axis.plot(
-                line,
-                line,
-                color="black",
-                linewidth=0.8,
-                linestyle=":",
-                label="achieved = requested",
-            )
-            if low is not None and high is not None:
-                axis.axvspan(low, high, color="tab:orange", alpha=0.08, label="dataset range (x)")
+            axis.plot(line, line, color="black", linewidth=0.8, label="achieved = requested")
     if not numeric:
         axis.set_xticks(xs, [str(r["requested"]) for r in results])
     axis.set_xlabel(f"requested {report['condition']}")
