@@ -12,6 +12,7 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from engine.dataset import open_dataset
 from schemas.shard_index import encode_text
@@ -279,3 +280,44 @@ def test_a_dropped_s3_read_is_resumed_from_where_it_stopped(written):
     data = reader.read()
     assert reader.raw.retries == 1
     assert data == open(f"{written['local']}/{name}", "rb").read()
+
+
+@pytest.mark.ray
+def test_discrete_actions_and_goal_env_observations(tmp_path, ray_local):
+    """Discrete actions stream as int64 [B, W]; a struct observation streams its
+    `observation` field, and a goal field is a vector condition."""
+    from jobs.shard_job import ShardOptions, run_shard
+    from tests.synthetic import make_episodes, write_synthetic_dataset
+
+    steps, episodes = make_episodes(
+        num_episodes=8, obs_dim=4, seed=5, discrete_actions=3, goal_dim=2, max_length=20
+    )
+    write_synthetic_dataset(str(tmp_path / "ds"), steps, episodes)
+    out = str(tmp_path / "shards")
+    index = run_shard(
+        ShardOptions(
+            dataset=str(tmp_path / "ds"),
+            out=out,
+            condition=["observation.desired_goal"],
+            window=3,
+            shard_steps=1000,
+        )
+    )
+    assert index.action.kind == "discrete" and index.action.n == 3
+    assert index.observation.shape == [4]
+    assert index.conditions["observation.desired_goal"].dim == 2
+    batches = list(stream(out, 7, "observation.desired_goal", epochs=1))
+    ids, t = steps.column("episode_id").to_numpy(), steps.column("t").to_numpy()
+    row_of = {(int(e), int(s)): i for i, (e, s) in enumerate(zip(ids, t))}
+    action = steps.column("action").to_numpy()
+    goal = steps.column("observation").combine_chunks().field("desired_goal").flatten()
+    goal = goal.to_numpy().reshape(-1, 2)
+    for batch in batches:
+        assert batch["action"].dtype == torch.int64 and batch["action"].shape[1] == 3
+        for i, key in enumerate(window_keys([batch])):
+            row = row_of[key]
+            assert batch["action"][i, -1].item() == action[row]
+            np.testing.assert_array_equal(
+                batch["observation.desired_goal"][i, -1].numpy(), goal[row]
+            )
+    assert len(window_keys(batches)) == steps.num_rows

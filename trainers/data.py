@@ -419,7 +419,16 @@ def pool_arrays(pool: Pool) -> PoolArrays:
             seen[id(block)] = len(blocks)
             blocks.append(block)
     row_offsets = np.cumsum([0] + [len(b.steps["reward"]) for b in blocks])
-    steps = {name: np.concatenate([b.steps[name] for b in blocks]) for name in blocks[0].steps}
+    # One zero row after the steps: padded window positions gather it (no mask multiply).
+    steps = {
+        name: np.concatenate(
+            [
+                *(b.steps[name] for b in blocks),
+                np.zeros((1, *blocks[0].steps[name].shape[1:]), blocks[0].steps[name].dtype),
+            ]
+        )
+        for name in blocks[0].steps
+    }
     ends, starts, episodes = [], [], []
     text_index: dict[str, list[np.ndarray]] = {name: [] for name in blocks[0].texts}
     text_offsets = {
@@ -462,28 +471,33 @@ def cut_windows(
     conditions: Sequence[str],
     rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
-    """The windows `selected` (pool positions) as batch arrays, left-padded with a mask."""
+    """The windows `selected` (pool positions) as batch arrays, left-padded with a mask.
+
+    Every per-step array is one `np.take` of [B * W] rows; padded positions take the pool's
+    trailing zero row, so padding is 0 everywhere.
+    """
     end = arrays.end[selected]
     start = arrays.start[selected]
     rows = end[:, None] + np.arange(1 - window, 1)[None, :]
     mask = rows >= start[:, None]
-    rows = np.maximum(rows, start[:, None])
-    float_mask = mask.astype(np.float32)
-    observation = arrays.steps["observation"][rows]
-    observation *= float_mask[..., None]
-    action = arrays.steps["action"][rows]
-    if action.ndim == 3:
-        action *= float_mask[..., None]
-    else:
-        action = np.where(mask, action, 0).astype(np.int64)
+    zero_row = len(arrays.steps["reward"]) - 1
+    flat = np.where(mask, rows, zero_row).reshape(-1)
+    shape = rows.shape
+
+    def gather(values: np.ndarray, positions: np.ndarray = flat) -> np.ndarray:
+        taken = np.take(values, positions, axis=0)
+        return taken.reshape(*shape, *values.shape[1:])
+
     batch = {
-        "observation": observation,
-        "action": action,
-        "reward": arrays.steps["reward"][rows] * float_mask,
-        "timestep": np.where(mask, arrays.steps["timestep"][rows], 0).astype(np.int64),
+        "observation": gather(arrays.steps["observation"]),
+        "action": gather(arrays.steps["action"]),
+        "reward": gather(arrays.steps["reward"]),
+        "timestep": gather(arrays.steps["timestep"]).astype(np.int64),
         "mask": mask,
         "episode_id": arrays.episode_id[selected].astype(np.int64),
     }
+    if batch["action"].dtype != np.float32:
+        batch["action"] = batch["action"].astype(np.int64)
     for name in conditions:
         info = index.conditions[name]
         if info.type == "text":
@@ -494,14 +508,14 @@ def cut_windows(
             continue
         values = arrays.steps[f"cond.{name}"]
         if info.type == "vector" and info.count:
+            # One of the k goals per window: row * k + goal in the [n * k, D] view.
             goal = rng.integers(0, info.count, size=len(selected))
-            picked = values[rows, goal[:, None]]
-            batch[name] = (picked * float_mask[..., None]).astype(np.float32)
+            positions = (flat.reshape(shape) * info.count + goal[:, None]).reshape(-1)
+            batch[name] = gather(values.reshape(-1, values.shape[-1]), positions)
         elif info.type == "categorical":
-            batch[name] = np.where(mask, values[rows], 0).astype(np.int64)
+            batch[name] = gather(values).astype(np.int64)
         else:
-            scale = float_mask[..., None] if values.ndim == 2 else float_mask
-            batch[name] = (values[rows] * scale).astype(np.float32)
+            batch[name] = gather(values).astype(np.float32, copy=False)
     return batch
 
 
@@ -572,8 +586,36 @@ class WindowDataset(torch.utils.data.IterableDataset):
                         "worker": worker,
                         "lost_windows": counter.lost_windows,
                     }
-                    yield {k: torch.from_numpy(v) for k, v in batch.items()}, state
+                    if info is None:
+                        yield {k: torch.from_numpy(v) for k, v in batch.items()}, state
+                    else:
+                        yield pack_batch(batch), state
             epoch += 1
+
+
+def pack_batch(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, list[tuple]]:
+    """A batch as one uint8 tensor plus its layout: a DataLoader worker hands the main
+    process one shared-memory buffer per batch instead of one per array (~10x cheaper)."""
+    layout, offset = [], 0
+    for name, value in batch.items():
+        layout.append((name, value.dtype.str, value.shape, offset))
+        offset += -(-value.nbytes // 8) * 8  # 8-byte aligned views
+    buffer = np.empty(offset, dtype=np.uint8)
+    for (_, _, _, start), value in zip(layout, batch.values()):
+        buffer[start : start + value.nbytes] = (
+            np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+        )
+    return torch.from_numpy(buffer), layout
+
+
+def unpack_batch(buffer: torch.Tensor, layout: list[tuple]) -> dict[str, torch.Tensor]:
+    """The tensors of a packed batch, as views of the buffer (no copies)."""
+    batch = {}
+    for name, dtype, shape, start in layout:
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        torch_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+        batch[name] = buffer[start : start + size].view(torch_dtype).view(tuple(shape))
+    return batch
 
 
 def _without_batch(position: Position) -> Position:
@@ -630,6 +672,8 @@ class ShardStream:
                 )
             )
         for batch, state in source:
+            if isinstance(batch, (tuple, list)):
+                batch = unpack_batch(*batch)
             worker = int(state.pop("worker"))
             self.positions[worker] = {k: int(v) for k, v in state.items()}
             yield batch
