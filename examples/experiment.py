@@ -213,7 +213,7 @@ def goal_experiment(work: str, args: argparse.Namespace) -> dict[str, Any]:
         bc = ask.ask(runs["bc"], env_id, {}, args.episodes_eval, eval_seeds)
         goal = ask.ask(runs["hindsight_goal"], env_id, {}, args.episodes_eval, eval_seeds)
         per_seed.append(
-            {"seed": seed, "bc": bc["achieved_mean"], "hindsight_goal": goal["achieved_mean"]}
+            {"seed": seed, "bc": bc["success_mean"], "hindsight_goal": goal["success_mean"]}
         )
         print(f"{env_id} seed {seed}: {json.dumps(per_seed[-1])}", flush=True)
     bc = [row["bc"] for row in per_seed]

@@ -204,6 +204,7 @@ def test_goal_conditioned_rollout_reports_success_on_point_goal(tmp_path):
     )
     result = ask.ask(run, "hindsight/PointGoal-v0", {}, episodes=3)
     assert result["metric"] == "success" and result["episodes"] == 3
+    assert result["success_mean"] == result["achieved_mean"]
     assert 0.0 <= result["achieved_mean"] <= 1.0
     commanded = ask.ask(run, "hindsight/PointGoal-v0", {"hindsight_goal": "0.5:-0.5"}, episodes=2)
     assert commanded["episodes"] == 2

@@ -253,7 +253,7 @@ def ask(
     achieved = successes if metric == "success" and successes else returns
     mean, low, high = mean_ci95(achieved)
     return_mean, return_low, return_high = mean_ci95(returns)
-    return {
+    result = {
         "metric": metric if achieved is successes else "return",
         "achieved_mean": mean,
         "achieved_ci95": [low, high],
@@ -261,6 +261,10 @@ def ask(
         "return_mean": return_mean,
         "return_ci95": [return_low, return_high],
     }
+    if successes:  # goal environments report success whatever the policy is conditioned on
+        result["success_mean"], *interval = mean_ci95(successes)
+        result["success_ci95"] = interval
+    return result
 
 
 def sweep(
