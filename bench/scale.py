@@ -25,16 +25,17 @@ from typing import Any
 BILLION = 1_000_000_000
 
 
-def build_dataset(root: Path, steps: int, parts: int, seed: int = 0) -> str:
-    """A synthetic MuJoCo-sized dataset (obs 17, action 6) of about `steps` steps."""
+def build_dataset(root: Path, steps: int, parts: int, obs_dim: int = 17, seed: int = 0) -> str:
+    """A synthetic dataset (MuJoCo-sized by default: obs 17, action 6) of about `steps`
+    steps in ~500-step episodes."""
     from tests.synthetic import make_episodes, write_synthetic_dataset
 
     mean_length = 500
     num_episodes = max(parts, steps // mean_length)
     steps_table, episodes = make_episodes(
         num_episodes=num_episodes,
-        obs_dim=17,
-        action_dim=6,
+        obs_dim=obs_dim,
+        action_dim=min(6, obs_dim),
         seed=seed,
         min_length=mean_length // 2,
         max_length=mean_length * 3 // 2,
@@ -64,25 +65,31 @@ def relabel_once(parent: str, output: str, relabeler: str, params: dict[str, Any
     return time.perf_counter() - started
 
 
-def measure(
-    parent: str, root: Path, workers: int, repeats: int, relabeler: str, params: dict
-) -> dict[str, Any]:
-    """Best of `repeats` runs on a fresh local Ray with `workers` CPUs (after a warm-up run
-    that starts the worker processes)."""
+def measure_once(parent: str, root: Path, workers: int, run: int, relabeler: str, params: dict):
+    """Seconds of one timed job on a fresh local Ray with `workers` CPUs, after a warm-up
+    job that starts the worker processes."""
     import ray
 
     from jobs.runtime import init_ray
 
     init_ray(num_cpus=workers, object_store_memory=256 * 1024 * 1024)
     try:
-        relabel_once(parent, str(root / f"warmup-{workers}"), relabeler, params)
-        times = [
-            relabel_once(parent, str(root / f"out-{workers}-{i}"), relabeler, params)
-            for i in range(repeats)
-        ]
+        relabel_once(parent, str(root / f"warmup-{workers}-{run}"), relabeler, params)
+        return relabel_once(parent, str(root / f"out-{workers}-{run}"), relabeler, params)
     finally:
         ray.shutdown()
-    return {"workers": workers, "seconds": min(times), "all_seconds": times}
+
+
+def measure(
+    parent: str, root: Path, repeats: int, relabeler: str, params: dict
+) -> list[dict[str, Any]]:
+    """1 and 2 workers in alternating rounds (so both see the same background load);
+    the best of `repeats` runs of each."""
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for run in range(repeats):
+        for workers in (1, 2):
+            times[workers].append(measure_once(parent, root, workers, run, relabeler, params))
+    return [{"workers": w, "seconds": min(times[w]), "all_seconds": times[w]} for w in (1, 2)]
 
 
 def bytes_per_step(parent: str, output: str, relabeler: str) -> dict[str, float]:
@@ -206,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results/scale.json", help="JSON result file")
     parser.add_argument("--steps", type=int, default=2_000_000, help="dataset size in steps")
     parser.add_argument("--parts", type=int, default=16, help="parts (Ray tasks) of the dataset")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per configuration")
+    parser.add_argument(
+        "--obs-dim", type=int, default=17, help="observation size (1: a lighter dataset)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration")
     parser.add_argument("--relabeler", default="returns", help="registered relabeler to run")
     parser.add_argument("--params", default='{"gamma": 0.99}', help="its parameters (JSON)")
     plan = parser.add_argument_group("capacity plan assumptions")
@@ -227,11 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hs-bench-scale-") as tmp:
         root = Path(tmp)
         os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="hsb-", dir="/tmp"))
-        parent = build_dataset(root, args.steps, args.parts)
+        parent = build_dataset(root, args.steps, args.parts, obs_dim=args.obs_dim)
         from engine.dataset import open_dataset
 
         steps = open_dataset(parent).manifest.steps
-        runs = [measure(parent, root, w, args.repeats, args.relabeler, params) for w in (1, 2)]
+        runs = measure(parent, root, args.repeats, args.relabeler, params)
         io = bytes_per_step(parent, str(root / "out-1-0"), args.relabeler)
 
     for run in runs:
@@ -245,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": params,
         "steps": steps,
         "parts": args.parts,
+        "obs_dim": args.obs_dim,
         "machine_cpus": os.cpu_count(),
         "load_average_1m": os.getloadavg()[0],
         "runs": runs,
