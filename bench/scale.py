@@ -1,6 +1,6 @@
 """Scaling of a relabel job: 1 vs 2 Ray workers on this machine, and a capacity plan.
 
-    python -m bench.scale --out bench/results/scale.json [--steps 2000000] [--repeats 2]
+    python -m bench.scale --out bench/results/scale.json [--steps 10000000] [--repeats 3]
 
 The same relabel job spec (`returns:gamma=0.99` by default) runs on a local Ray with
 `num_cpus` = 1 and then 2 (one Ray Data task per part, so one busy worker per CPU), on the
@@ -211,10 +211,13 @@ def capacity_plan(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/results/scale.json", help="JSON result file")
-    parser.add_argument("--steps", type=int, default=2_000_000, help="dataset size in steps")
-    parser.add_argument("--parts", type=int, default=16, help="parts (Ray tasks) of the dataset")
+    parser.add_argument("--steps", type=int, default=10_000_000, help="dataset size in steps")
+    parser.add_argument("--parts", type=int, default=32, help="parts (Ray tasks) of the dataset")
     parser.add_argument(
-        "--obs-dim", type=int, default=17, help="observation size (1: a lighter dataset)"
+        "--obs-dim",
+        type=int,
+        default=1,
+        help="observation size (17: MuJoCo-sized rows, for relabelers that read observations)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration")
     parser.add_argument("--relabeler", default="returns", help="registered relabeler to run")
