@@ -15,6 +15,7 @@ The driver writes `index.json` last. Same dataset, options and seed -> byte-iden
 
 from __future__ import annotations
 
+import re
 import shlex
 from typing import Any
 
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine import shards, storage
-from engine.dataset import Dataset, open_dataset
+from engine.dataset import Dataset, DatasetError, open_dataset
 from schemas.manifest import MANIFEST_NAME, now_iso
 from schemas.shard_index import (
     INDEX_NAME,
@@ -198,9 +199,34 @@ def write_task(task: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the job
 
 
+def _run_tasks(function, tasks: list[dict[str, Any]], description: str, total: int):
+    """map_parts, with an error of ours inside a Ray task re-raised as itself (the CLI then
+    prints its message instead of Ray's wrapper and traceback)."""
+    from jobs.runtime import map_parts
+
+    try:
+        return map_parts(function, tasks, description=description, total=total)
+    except Exception as error:
+        seen: set[int] = set()
+        pending: list[BaseException | None] = [error]
+        while pending:
+            cause = pending.pop()
+            if cause is None or id(cause) in seen:
+                continue
+            seen.add(id(cause))
+            if isinstance(cause, (shards.ShardError, DatasetError, KeyError)):
+                raise shards.ShardError(str(cause)) from error
+            pending += [cause.__cause__, cause.__context__, getattr(cause, "cause", None)]
+        # Ray may carry only the text of the task's exception.
+        found = re.findall(r"(?:ShardError|DatasetError|StorageError): (.+)", str(error))
+        if found:
+            raise shards.ShardError(found[-1]) from error
+        raise
+
+
 def run_shard(options: ShardOptions) -> ShardIndex:
     """Write the shards of `options.dataset` to `options.out` and commit index.json last."""
-    from jobs.runtime import init_ray, map_parts
+    from jobs.runtime import init_ray
 
     if not options.condition and options.text:
         raise ValueError("--text names text columns among --condition; give --condition too")
@@ -217,7 +243,7 @@ def run_shard(options: ShardOptions) -> ShardIndex:
     infos: dict[str, ConditionInfo] = {}
     labelled = [c for c in conditions if c.type in ("categorical", "text")]
     if labelled:
-        results = map_parts(
+        results = _run_tasks(
             vocabulary_task,
             [
                 {
@@ -229,8 +255,8 @@ def run_shard(options: ShardOptions) -> ShardIndex:
                 }
                 for i in range(dataset.num_parts)
             ],
-            description="shard vocabularies",
-            total=dataset.manifest.steps,
+            "shard vocabularies",
+            dataset.manifest.steps,
         )
         for condition in labelled:
             group = dataset.group_of(condition.name.partition(".")[0], condition.level)
@@ -257,7 +283,7 @@ def run_shard(options: ShardOptions) -> ShardIndex:
         }
         for task in plan_tasks(dataset, options.shard_steps)
     ]
-    results = map_parts(write_task, tasks, description="shard", total=dataset.manifest.steps)
+    results = _run_tasks(write_task, tasks, "shard", dataset.manifest.steps)
     shard_infos = [ShardInfo(**s) for r in results for s in r["shards"]]
     statistics = shards.combine_numeric([r["statistics"] for r in results], conditions)
     for condition in conditions:

@@ -313,3 +313,18 @@ def test_cli_shard_command(dataset, tmp_path, ray_local, capsys):
     steps = open_dataset(dataset).read("episodes").column("length").to_numpy()
     assert index["windows"] == int(((steps - 1) // 2 + 1).sum())
     assert main(["shard", dataset, out]) == 2  # committed: refused with a clean error
+
+
+@pytest.mark.ray
+def test_nan_rewards_are_a_clear_error_naming_part_episode_and_column(tmp_path, ray_local):
+    from jobs.shard_job import ShardOptions, run_shard
+
+    steps, episodes = make_episodes(num_episodes=4, seed=1)
+    reward = steps.column("reward").to_numpy().copy()
+    reward[5] = np.nan
+    steps = steps.set_column(steps.schema.get_field_index("reward"), "reward", pa.array(reward))
+    write_synthetic_dataset(str(tmp_path / "nan"), steps, episodes)
+    episode = steps.column("episode_id")[5].as_py()
+    with pytest.raises(shards.ShardError, match=f"part 0: column 'reward'.*episode {episode}"):
+        run_shard(ShardOptions(dataset=str(tmp_path / "nan"), out=str(tmp_path / "s")))
+    assert not storage.exists(str(tmp_path / "s" / "index.json"))

@@ -10,7 +10,9 @@
 
 `stream(uri, batch_size, condition=None | "col" | ["col", ...], *, shuffle_buffer=65536,
 seed=0, rank=0, world_size=1, num_workers=0, epochs=None (forever), start_state=None,
-drop_last=False, on_error="raise" | "skip")` returns a `ShardStream`; `read_index(uri)`
+drop_last=False, on_error="raise" | "skip", pin_memory=False,
+multiprocessing_context=None (DataLoader's; "forkserver" where the process has threads that
+make fork unsafe))` returns a `ShardStream`; `read_index(uri)`
 refuses a directory without a committed index.json.
 
 A batch is a dict of torch tensors (B = batch size, W = window):
@@ -669,6 +671,7 @@ class ShardStream:
                     prefetch_factor=options.get("prefetch_factor", 4),
                     pin_memory=options.get("pin_memory", False),
                     persistent_workers=False,
+                    multiprocessing_context=options.get("multiprocessing_context"),
                 )
             )
         for batch, state in source:
@@ -694,6 +697,7 @@ def stream(
     drop_last: bool = False,
     on_error: str = "raise",
     pin_memory: bool = False,
+    multiprocessing_context: str | None = None,
 ) -> ShardStream:
     """Batches of windows from the shards at `uri` (see the module docstring)."""
     uri = storage.normalize(uri)
@@ -732,6 +736,7 @@ def stream(
         "drop_last": drop_last,
         "on_error": on_error,
         "pin_memory": pin_memory,
+        "multiprocessing_context": multiprocessing_context,
         "start_positions": None,
     }
     if start_state is not None:
