@@ -554,6 +554,10 @@ class WindowDataset(torch.utils.data.IterableDataset):
             if epoch != position.epoch:
                 position = Position(epoch=epoch)
             shard_list = epoch_shards(self.index, o["seed"], epoch, consumer, o["consumers"])
+            if not shard_list:
+                return  # fewer shards than consumers: this one has none (stream() warned)
+            from_start = position == Position(epoch=epoch)
+            produced = 0
             for pool in pools(
                 shard_list,
                 self.root,
@@ -588,10 +592,13 @@ class WindowDataset(torch.utils.data.IterableDataset):
                         "worker": worker,
                         "lost_windows": counter.lost_windows,
                     }
+                    produced += 1
                     if info is None:
                         yield {k: torch.from_numpy(v) for k, v in batch.items()}, state
                     else:
                         yield pack_batch(batch), state
+            if from_start and not produced:
+                return  # a whole epoch without a window (every shard skipped): stop, not spin
             epoch += 1
 
 
