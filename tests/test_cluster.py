@@ -101,6 +101,7 @@ class LocalCluster:
             [
                 f"--address=127.0.0.1:{self.gcs_port}",
                 "--node-ip-address=127.0.0.1",
+                f"--temp-dir={self.temp_dir}",
                 "--num-cpus=1",
                 "--object-store-memory=100000000",
                 *node_ports(),
