@@ -260,7 +260,7 @@ def _demo(args) -> int:
 def add_commands(subparsers) -> None:
     fields = DemoOptions.model_fields
     demo = subparsers.add_parser(
-        "demo", help="Collect, relabel, shard, train and ask on Pendulum-v1, end to end."
+        "demo", help="collect, relabel, shard, train and ask on Pendulum-v1, end to end"
     )
     demo.add_argument("--out", default="demo-output", help=fields["out"].description)
     demo.add_argument("--small", action="store_true", help=fields["small"].description)

@@ -194,7 +194,7 @@ def _ask_handler(args) -> int:
 
 def add_commands(subparsers) -> None:
     fields = TrainOptions.model_fields
-    train = subparsers.add_parser("train", help="Train a conditional policy on shards.")
+    train = subparsers.add_parser("train", help="train a conditional policy on shards")
     train.add_argument("shards", help=fields["shards"].description)
     train.add_argument("run_dir", help=fields["run_dir"].description)
     train.add_argument(
@@ -235,7 +235,7 @@ def add_commands(subparsers) -> None:
     train.set_defaults(handler=_train_handler)
 
     ask_fields = AskOptions.model_fields
-    ask = subparsers.add_parser("ask", help="Roll out a trained policy conditioned on a value.")
+    ask = subparsers.add_parser("ask", help="roll out a trained policy conditioned on a value")
     ask.add_argument("run_dir", help=ask_fields["run_dir"].description)
     ask.add_argument("--env", required=True, help=ask_fields["env"].description)
     group = ask.add_mutually_exclusive_group()
