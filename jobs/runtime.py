@@ -6,6 +6,7 @@ All parallel work goes through Ray Data (`map_parts`); there are no home-made po
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -75,7 +76,15 @@ def map_parts(
 
     def run_one(row: dict[str, Any]) -> dict[str, Any]:
         task = json.loads(row["task"])
-        return {"index": task["index"], "result": json.dumps(function(task))}
+        try:
+            result = function(task)
+        except Exception as error:
+            if not is_ours(error):
+                raise
+            # Ray Data keeps only the text of a task's exception; send ours back as data
+            # so the driver re-raises the same type with the same message.
+            result = {ERROR_KEY: [type(error).__module__, type(error).__qualname__, str(error)]}
+        return {"index": task["index"], "result": json.dumps(result)}
 
     if not tasks:
         return []
@@ -87,6 +96,27 @@ def map_parts(
     with tqdm(total=total, desc=description, unit=f" {unit}", unit_scale=True, disable=None) as bar:
         for row in dataset.iter_rows():
             result = json.loads(row["result"])
+            if ERROR_KEY in result:
+                raise rebuild_error(*result[ERROR_KEY])
             results[int(row["index"])] = result
             bar.update(int(result.get(unit, 0)))
     return [results[int(task["index"])] for task in tasks]
+
+
+ERROR_KEY = "__hindsight_error__"
+OUR_PACKAGES = ("engine", "relabelers", "jobs", "schemas", "trainers")
+
+
+def is_ours(error: BaseException) -> bool:
+    """Errors meant for people (ours, and plain ValueError/KeyError) rather than bugs."""
+    module = type(error).__module__.split(".")[0]
+    return module in OUR_PACKAGES or type(error) in (ValueError, KeyError)
+
+
+def rebuild_error(module: str, name: str, message: str) -> Exception:
+    """The exception a task raised, as the same type where it can be rebuilt."""
+    try:
+        error_type = getattr(importlib.import_module(module), name)
+        return error_type(message)
+    except Exception:
+        return RuntimeError(message)

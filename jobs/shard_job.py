@@ -15,7 +15,6 @@ The driver writes `index.json` last. Same dataset, options and seed -> byte-iden
 
 from __future__ import annotations
 
-import re
 import shlex
 from typing import Any
 
@@ -200,28 +199,13 @@ def write_task(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_tasks(function, tasks: list[dict[str, Any]], description: str, total: int):
-    """map_parts, with an error of ours inside a Ray task re-raised as itself (the CLI then
-    prints its message instead of Ray's wrapper and traceback)."""
+    """map_parts, with a dataset or key error inside a task reported as a ShardError."""
     from jobs.runtime import map_parts
 
     try:
         return map_parts(function, tasks, description=description, total=total)
-    except Exception as error:
-        seen: set[int] = set()
-        pending: list[BaseException | None] = [error]
-        while pending:
-            cause = pending.pop()
-            if cause is None or id(cause) in seen:
-                continue
-            seen.add(id(cause))
-            if isinstance(cause, (shards.ShardError, DatasetError, KeyError)):
-                raise shards.ShardError(str(cause)) from error
-            pending += [cause.__cause__, cause.__context__, getattr(cause, "cause", None)]
-        # Ray may carry only the text of the task's exception.
-        found = re.findall(r"(?:ShardError|DatasetError|StorageError): (.+)", str(error))
-        if found:
-            raise shards.ShardError(found[-1]) from error
-        raise
+    except (DatasetError, KeyError) as error:
+        raise shards.ShardError(str(error)) from error
 
 
 def run_shard(options: ShardOptions) -> ShardIndex:

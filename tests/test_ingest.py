@@ -598,27 +598,7 @@ def test_ingest_killed_mid_run_leaves_no_dataset(ray_local, tmp_path):
     assert_matches_d4rl(str(uri), arrays)
 
 
-@pytest.fixture
-def ray_with_s3(s3_server, ray_local):
-    """Ray workers that see the loopback S3 server: a Ray started before the s3_server
-    fixture set the AWS variables is restarted (its workers inherited the old environment)."""
-    import os
-
-    import ray
-
-    from jobs.runtime import init_ray
-
-    @ray.remote
-    def endpoint():
-        return os.environ.get("AWS_ENDPOINT_URL")
-
-    if ray.get(endpoint.remote()) != s3_server:
-        ray.shutdown()
-        init_ray(num_cpus=2, object_store_memory=512 * 1024 * 1024)
-    return ray
-
-
-def test_ingest_from_and_to_s3(ray_with_s3, s3_bucket, tmp_path):
+def test_ingest_from_and_to_s3(ray_local, s3_bucket, tmp_path):
     arrays = d4rl_arrays(seed=12)
     local = write_hdf5(tmp_path / "logs.h5", arrays)
     storage.write_bytes(f"{s3_bucket}/raw/logs.h5", open(local, "rb").read())

@@ -23,25 +23,7 @@ CONDITIONS = ["return_to_go", "skill", "description", "descriptions", "hindsight
 
 
 @pytest.fixture(scope="module")
-def ray_with_s3(s3_server, ray_local):
-    """Ray workers that see the loopback S3 server: a Ray started before the s3_server
-    fixture set the AWS variables is restarted (its workers inherited the old environment)."""
-    import ray
-
-    from jobs.runtime import init_ray
-
-    @ray.remote
-    def endpoint():
-        return os.environ.get("AWS_ENDPOINT_URL")
-
-    if ray.get(endpoint.remote()) != s3_server:
-        ray.shutdown()
-        init_ray(num_cpus=2, object_store_memory=512 * 1024 * 1024)
-    return ray
-
-
-@pytest.fixture(scope="module")
-def written(tmp_path_factory, s3_server, ray_with_s3):
+def written(tmp_path_factory, s3_server, ray_local):
     """One dataset, sharded to the loopback S3 server and to a local directory."""
     import boto3
 

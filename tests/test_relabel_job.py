@@ -233,28 +233,8 @@ def test_entry_point_plugin_is_discovered_and_runs(
     np.testing.assert_allclose(steps.column("progress").to_numpy(), expected, rtol=1e-6)
 
 
-@pytest.fixture
-def ray_with_s3(s3_server, ray_local):
-    """Ray workers that see the loopback S3 server: a Ray started before the s3_server
-    fixture set the AWS variables is restarted (its workers inherited the old environment)."""
-    import os
-
-    import ray
-
-    from jobs.runtime import init_ray
-
-    @ray.remote
-    def endpoint():
-        return os.environ.get("AWS_ENDPOINT_URL")
-
-    if ray.get(endpoint.remote()) != s3_server:
-        ray.shutdown()
-        init_ray(num_cpus=2, object_store_memory=512 * 1024 * 1024)
-    return ray
-
-
 @pytest.mark.s3
-def test_relabel_on_s3(ray_with_s3, s3_bucket):
+def test_relabel_on_s3(ray_local, s3_bucket):
     steps, episodes = make_episodes(8, goal_dim=2, seed=5)
     write_synthetic_dataset(f"{s3_bucket}/in", steps, episodes, part_steps=50)
     relabel(f"{s3_bucket}/in", f"{s3_bucket}/out", ["returns", "goals:strategy=final,k=1"])
