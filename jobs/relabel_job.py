@@ -200,12 +200,9 @@ def check_plan(dataset: Dataset, relabelers: list[Relabeler]) -> None:
 
 
 def check_relabeler_schema(relabeler: Relabeler, schemas: dict[str, pa.Schema], where: str) -> None:
-    """The relabeler's own `check_schema(steps_schema, episodes_schema)`, if it has one."""
-    check = getattr(relabeler, "check_schema", None)
-    if check is None:
-        return
+    """The relabeler's own `check_schema(steps_schema, episodes_schema)`."""
     try:
-        check(schemas["steps"], schemas["episodes"])
+        relabeler.check_schema(schemas["steps"], schemas["episodes"])
     except KeyError as error:
         raise RelabelError(f"{where}: {error.args[0] if error.args else error}") from None
 
@@ -225,7 +222,7 @@ def _read_inputs(relabeler: Relabeler, dataset: Dataset, index: int):
     reads = relabeler.reads()
     step_columns = [cols.EPISODE_ID, cols.T] + [c.split(".")[0] for c in reads.steps]
     episode_columns = [cols.EPISODE_ID] + [c.split(".")[0] for c in reads.episodes]
-    extra = getattr(relabeler, "report_episode_columns", ())
+    extra = relabeler.report_episode_columns
     episode_columns += [c for c in extra if c in dataset.columns("episodes")]
     steps = dataset.read_part(index, "steps", step_columns)
     episodes = dataset.read_part(index, "episodes", episode_columns)
@@ -260,9 +257,7 @@ def relabel_task(task: dict[str, Any]) -> dict[str, Any]:
                 "steps": [f.model_dump() for f in fields_of([output.steps])],
                 "episodes": [f.model_dump() for f in fields_of([output.episodes])],
             }
-        summarize_output = getattr(relabeler, "summarize_output", None)
-        if summarize_output is not None:
-            result["output_summary"] = summarize_output(steps, episodes, output)
+        result["output_summary"] = relabeler.summarize_output(steps, episodes, output)
         return result
     except (ValueError, KeyError, RuntimeError, OSError) as error:  # reported by the driver
         return {"error": f"part {task['index']}: {error}", "steps": 0}
@@ -342,9 +337,7 @@ def run_relabel(options: RelabelOptions) -> Manifest:
         _raise_errors(results, relabeler, output_uri)
 
         report = dict(statistics.report)
-        finish_report = getattr(relabeler, "finish_report", None)
-        if finish_report is not None:
-            report.update(finish_report(statistics, [r["output_summary"] for r in results]))
+        report.update(relabeler.finish_report(statistics, [r["output_summary"] for r in results]))
         fields = results[0]["fields"] if results else {"steps": [], "episodes": []}
         group = assemble_group(
             output_uri,

@@ -69,6 +69,9 @@ class Relabeler(ABC):
     version: ClassVar[str]
     Params: ClassVar[type[Params]] = Params
     needs_statistics: ClassVar[bool] = False
+    # Episode columns the job also hands to `relabel`/`summarize_output` when the dataset
+    # has them (optional facts such as `skill`), beyond what `reads()` requires.
+    report_episode_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: dict[str, Any] | Params | None = None, seed: int = 0):
         if isinstance(params, Params):
@@ -91,6 +94,11 @@ class Relabeler(ABC):
     def writes(self) -> Columns:
         """The columns this relabeler adds."""
 
+    def check_schema(self, steps: pa.Schema, episodes: pa.Schema) -> None:
+        """Before anything runs: raise RelabelError (or KeyError) if the input cannot work,
+        e.g. an achieved-goal slice that does not fit the observation."""
+        return None
+
     def summarize(self, steps: pa.Table, episodes: pa.Table) -> dict[str, Any]:
         """Pass one, per part: a small summary (e.g. episode returns) for `combine`."""
         return {}
@@ -102,6 +110,18 @@ class Relabeler(ABC):
     @abstractmethod
     def relabel(self, steps: pa.Table, episodes: pa.Table, statistics: Statistics) -> Output:
         """Pass two, per part: the new columns for these whole episodes."""
+
+    def summarize_output(
+        self, steps: pa.Table, episodes: pa.Table, output: Output
+    ) -> dict[str, Any]:
+        """After `relabel`, per part: a small summary of what was written, for `finish_report`."""
+        return {}
+
+    def finish_report(
+        self, statistics: Statistics, summaries: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """In the driver, after pass two: facts for the manifest (merged into `report`)."""
+        return {}
 
     def run(
         self, steps: pa.Table, episodes: pa.Table, statistics: Statistics, where: str
@@ -152,7 +172,8 @@ def _describe(error: ValidationError) -> str:
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 mixer, elementwise on uint64 (the core of `hash_uniform`)."""
     with np.errstate(over="ignore"):
         x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
         x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
@@ -168,12 +189,12 @@ def hash_uniform(
     Counter-based, so the same step gets the same number however episodes are batched.
     """
     with np.errstate(over="ignore"):
-        key = _splitmix64(
+        key = splitmix64(
             np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
             ^ np.uint64(stream * 0x632BE59BD9B4E019 & 0xFFFFFFFFFFFFFFFF)
         )
-        x = _splitmix64(key ^ np.asarray(episode_id).astype(np.uint64))
-        x = _splitmix64(x ^ np.asarray(t).astype(np.uint64))
+        x = splitmix64(key ^ np.asarray(episode_id).astype(np.uint64))
+        x = splitmix64(x ^ np.asarray(t).astype(np.uint64))
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 

@@ -53,8 +53,8 @@ from relabelers.base import (
     Relabeler,
     RelabelError,
     Statistics,
-    _splitmix64,
     hash_uniform,
+    splitmix64,
 )
 from schemas import steps as cols
 
@@ -163,11 +163,11 @@ def step_uniforms(
     step-level half in place."""
     starts, lengths = bounds[:-1], np.diff(bounds)
     with np.errstate(over="ignore"):
-        key = _splitmix64(
+        key = splitmix64(
             np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
             ^ np.uint64(stream * 0x632BE59BD9B4E019 & 0xFFFFFFFFFFFFFFFF)
         )
-        per_episode = _splitmix64(key ^ episode_ids[starts].astype(np.uint64))
+        per_episode = splitmix64(key ^ episode_ids[starts].astype(np.uint64))
     x = np.repeat(per_episode, lengths)
     x ^= t.astype(np.uint64)
     scratch = np.empty_like(x)
