@@ -66,9 +66,15 @@ class PointGoalEnv(gym.Env):
         }
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """`options={"goal": [x, y]}` commands a goal; otherwise one is drawn at random."""
         super().reset(seed=seed)
         self._position = self.np_random.uniform(-0.8, 0.8, size=2).astype(np.float32)
         self._goal = self.np_random.uniform(-0.8, 0.8, size=2).astype(np.float32)
+        if options and options.get("goal") is not None:
+            goal = np.asarray(options["goal"], dtype=np.float32).reshape(-1)
+            if goal.shape != (2,):
+                raise ValueError(f"PointGoal-v0: a goal is 2 numbers, got {options['goal']!r}")
+            self._goal = np.clip(goal, -1.0, 1.0)
         self._velocity = np.zeros(2, dtype=np.float32)
         return self._observation(), {"is_success": False}
 

@@ -67,16 +67,6 @@ def parse_value(spec: dict[str, Any], column: str, text: str) -> Any:
     return text
 
 
-def _set_goal(env: gym.Env, goal: list[float]) -> None:
-    unwrapped = env.unwrapped
-    if hasattr(unwrapped, "set_goal"):
-        unwrapped.set_goal(np.asarray(goal, dtype=np.float32))
-    elif hasattr(unwrapped, "_goal"):
-        unwrapped._goal = np.asarray(goal, dtype=np.float32)
-    else:
-        raise ValueError(f"{env.spec.id if env.spec else env} has no goal that can be set")
-
-
 def _observation_vector(observation: Any) -> np.ndarray:
     if isinstance(observation, dict):
         return np.asarray(observation["observation"], dtype=np.float32).reshape(-1)
@@ -101,15 +91,10 @@ def rollout(
     envs = [gym.make(env_id) for _ in range(episodes)]
     observations = []
     for i, env in enumerate(envs):
-        observation, _ = env.reset(seed=seed * 100_003 + i)
-        for column, value in condition.items():
-            if specs[column]["type"] == "vector" and value is not None:
-                _set_goal(env, value)
-                observation = (
-                    env.unwrapped._observation()
-                    if hasattr(env.unwrapped, "_observation")
-                    else observation
-                )
+        # A requested goal goes to the environment the gymnasium way: reset options.
+        goals = [v for c, v in condition.items() if specs[c]["type"] == "vector" and v is not None]
+        options = {"goal": goals[0]} if goals else None
+        observation, _ = env.reset(seed=seed * 100_003 + i, options=options)
         observations.append(observation)
     horizon = max(int(env.spec.max_episode_steps or 1000) for env in envs)
     obs_dim = model["observation_dim"]
