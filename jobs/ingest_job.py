@@ -43,7 +43,7 @@ class CollectOptions(_Options):
     episodes: int = Field(100, ge=1, description="Number of episodes to roll out.")
     noise: list[float] = Field(
         default_factory=lambda: [0.0],
-        description="Epsilon-noise levels; episode e uses noise[e % len(noise)].",
+        description="Epsilon-noise levels; episode e uses noise[e mod len(noise)].",
     )
     policy: str = Field(
         "heuristic",
