@@ -12,17 +12,11 @@ import engine
 from engine import storage
 from engine.dataset import (
     DatasetError,
-    assemble_group,
     begin_version,
-    commit_version,
-    fields_of,
-    inherit_groups,
-    new_manifest,
     open_dataset,
     split_into_parts,
-    write_group_part,
 )
-from tests.synthetic import make_episodes, write_synthetic_dataset
+from tests.synthetic import attach_group, make_episodes, write_synthetic_dataset
 
 
 def test_round_trip_equals_source(tmp_path):
@@ -71,24 +65,12 @@ def test_changed_file_is_detected(tiny_dataset):
 def test_child_group_is_zipped_and_parent_not_copied(tiny_dataset, tmp_path):
     import pyarrow as pa
 
-    parent = open_dataset(tiny_dataset)
-    child_uri = begin_version(str(tmp_path / "child"))
-    written = []
-    for index in range(parent.num_parts):
+    def doubled(parent, index):
         steps = parent.read_part(index, columns=["reward"])
-        doubled = pa.table({"double_reward": pa.compute.multiply(steps.column("reward"), 2)})
-        written.append(write_group_part(child_uri, "double", index, doubled, None))
-    group = assemble_group(child_uri, "double", written, fields_of([doubled]), [])
-    manifest = new_manifest(
-        child_uri,
-        groups=inherit_groups(parent, [group]),
-        parts=parent.manifest.parts,
-        operation="relabel",
-        command="test",
-        parent=parent.manifest,
-        parent_uri=parent.uri,
-    )
-    commit_version(child_uri, manifest)
+        return pa.table({"double_reward": pa.compute.multiply(steps.column("reward"), 2)}), None
+
+    parent = open_dataset(tiny_dataset)
+    child_uri = attach_group(tiny_dataset, str(tmp_path / "child"), "double", doubled)
     frame = engine.scan(child_uri).collect()
     np.testing.assert_allclose(frame["double_reward"], 2 * frame["reward"])
     assert not any("base" in f for f in storage.list_files(child_uri))

@@ -18,20 +18,13 @@ from engine import query as query_module
 from engine import storage
 from engine.dataset import (
     DatasetError,
-    assemble_group,
-    begin_version,
-    commit_version,
-    fields_of,
-    inherit_groups,
-    new_manifest,
     open_dataset,
-    write_group_part,
 )
 from engine.query import PartReader, QueryError, ReadStats, count, query, row_spans
 from jobs.cli import main as cli_main
 from jobs.query_job import QueryOptions, run_query
 from schemas import steps as cols
-from tests.synthetic import make_episodes, write_synthetic_dataset
+from tests.synthetic import attach_group, make_episodes, write_synthetic_dataset
 
 SKILL_BY_NOISE = {0.0: "expert", 0.5: "intermediate", 1.0: "novice"}
 
@@ -42,10 +35,8 @@ def relabeled_dataset(root: str, num_episodes: int = 40, part_steps: int = 150) 
     steps, episodes = make_episodes(num_episodes=num_episodes, seed=3, max_length=25)
     base_uri = storage.join(root, "base")
     write_synthetic_dataset(base_uri, steps, episodes, part_steps=part_steps)
-    parent = open_dataset(base_uri)
-    child_uri = begin_version(storage.join(root, "labeled"))
-    written = []
-    for index in range(parent.num_parts):
+
+    def labels(parent, index):
         part_steps_table = pl.from_arrow(parent.read_part(index, columns=["episode_id", "reward"]))
         return_to_go = part_steps_table.select(
             pl.col("reward").reverse().cum_sum().reverse().over("episode_id").alias("return_to_go")
@@ -54,27 +45,9 @@ def relabeled_dataset(root: str, num_episodes: int = 40, part_steps: int = 150) 
         skill = part_episodes.select(
             pl.col("noise").replace_strict(SKILL_BY_NOISE, return_dtype=pl.String).alias("skill")
         )
-        written.append(
-            write_group_part(child_uri, "labels", index, return_to_go.to_arrow(), skill.to_arrow())
-        )
-    group = assemble_group(
-        child_uri,
-        "labels",
-        written,
-        fields_of([return_to_go.to_arrow()]),
-        fields_of([skill.to_arrow()]),
-    )
-    manifest = new_manifest(
-        child_uri,
-        groups=inherit_groups(parent, [group]),
-        parts=parent.manifest.parts,
-        operation="relabel",
-        command="tests",
-        parent=parent.manifest,
-        parent_uri=parent.uri,
-    )
-    commit_version(child_uri, manifest)
-    return child_uri
+        return return_to_go.to_arrow(), skill.to_arrow()
+
+    return attach_group(base_uri, storage.join(root, "labeled"), "labels", labels)
 
 
 def raw_tables(uri: str) -> tuple[pl.DataFrame, pl.DataFrame]:

@@ -12,18 +12,11 @@ import pytest
 
 from engine import shards, storage
 from engine.dataset import (
-    assemble_group,
-    begin_version,
-    commit_version,
-    fields_of,
-    inherit_groups,
-    new_manifest,
     open_dataset,
-    write_group_part,
 )
 from schemas.manifest import RelabelerInfo
 from schemas.shard_index import encode_text
-from tests.synthetic import make_episodes, write_synthetic_dataset
+from tests.synthetic import attach_group, make_episodes, write_synthetic_dataset
 
 SKILL_LABELS = ["novice", "intermediate", "expert"]  # relabeler order, not alphabetical
 GOALS, GOAL_DIM = 2, 3
@@ -38,10 +31,8 @@ def conditioned_dataset(uri: str, num_episodes: int = 30, part_steps: int = 150,
     )
     base = uri + "-base"
     write_synthetic_dataset(base, steps, episodes, part_steps=part_steps)
-    parent = open_dataset(base)
-    child = begin_version(uri)
-    written = []
-    for index in range(parent.num_parts):
+
+    def conditions(parent, index):
         step_part = parent.read_part(index, columns=["episode_id", "t", "reward"])
         episode_part = parent.read_part(index, "episodes", columns=["episode_id", "noise"])
         ids = step_part.column("episode_id").to_numpy()
@@ -75,25 +66,12 @@ def conditioned_dataset(uri: str, num_episodes: int = 30, part_steps: int = 150,
                 ],
             }
         )
-        written.append(write_group_part(child, "cond", index, step_columns, episode_columns))
+        return step_columns, episode_columns
+
     relabeler = RelabelerInfo(
         name="goals", version="1", params={"k": GOALS}, report={"labels": SKILL_LABELS}
     )
-    group = assemble_group(
-        child, "cond", written, fields_of([step_columns]), fields_of([episode_columns]), relabeler
-    )
-    manifest = new_manifest(
-        child,
-        groups=inherit_groups(parent, [group]),
-        parts=parent.manifest.parts,
-        operation="relabel",
-        command="tests",
-        parent=parent.manifest,
-        parent_uri=parent.uri,
-        metadata={"env_id": "Synthetic-v0"},
-    )
-    commit_version(child, manifest)
-    return child
+    return attach_group(base, uri, "cond", conditions, relabeler, {"env_id": "Synthetic-v0"})
 
 
 @pytest.fixture(scope="module")
