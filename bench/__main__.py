@@ -18,14 +18,18 @@ def main(argv: list[str]) -> int:
     names, extra = argv[:split], argv[split + 1 :]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
-        print(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
+        print(
+            f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr
+        )
         return 2
     failed = []
     for name in names or BENCHMARKS:
         started = time.perf_counter()
         print(f"== bench.{name}", flush=True)
         code = subprocess.call([sys.executable, "-m", f"bench.{name}", *extra])
-        print(f"== bench.{name}: exit {code} after {time.perf_counter() - started:.0f} s", flush=True)
+        print(
+            f"== bench.{name}: exit {code} after {time.perf_counter() - started:.0f} s", flush=True
+        )
         if code:
             failed.append(name)
     if failed:

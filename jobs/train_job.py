@@ -35,7 +35,9 @@ class TrainOptions(BaseModel):
     batch_size: int = Field(default=64, ge=1, description="Windows per batch (per worker).")
     lr: float = Field(default=3e-4, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(default=1e-4, ge=0, description="AdamW weight decay.")
-    warmup: int = Field(default=100, ge=0, description="Linear warmup steps (capped at 10 percent of the steps).")
+    warmup: int = Field(
+        default=100, ge=0, description="Linear warmup steps (capped at 10 percent of the steps)."
+    )
     grad_clip: float = Field(default=1.0, gt=0, description="Gradient norm clipping.")
     d_model: int = Field(default=128, ge=8, description="Width of embeddings and tokens.")
     n_layer: int = Field(default=3, ge=1, description="Transformer blocks.")

@@ -67,9 +67,8 @@ def load_checkpoint(run_dir: str, map_location: str | torch.device = "cpu") -> d
     uri = storage.join(run_dir, CHECKPOINT)
     if not storage.exists(uri):
         raise FileNotFoundError(f"{uri} does not exist: is {run_dir} a `hindsight train` run?")
-    return torch.load(
-        io.BytesIO(storage.read_bytes(uri)), map_location=map_location, weights_only=True
-    )
+    stream = io.BytesIO(storage.read_bytes(uri))
+    return torch.load(stream, map_location=map_location, weights_only=True)
 
 
 def load_policy(run_dir: str, device: str | torch.device = "cpu") -> tuple[Policy, dict[str, Any]]:
