@@ -28,6 +28,7 @@ import argparse
 import json
 import shlex
 import sys
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -470,6 +471,7 @@ def relabel_command(args: argparse.Namespace) -> int:
         )
         print(job_id)
         return 0
+    started = time.perf_counter()
     manifest = run_relabel(options)
     summary = {
         "output": storage.normalize(options.output),
@@ -480,7 +482,18 @@ def relabel_command(args: argparse.Namespace) -> int:
             g.name: g.relabeler.report for g in manifest.groups if not g.inherited and g.relabeler
         },
     }
-    print(json.dumps(summary, indent=2))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    for name, report in summary["groups"].items():
+        if report:
+            print(f"  {name}: {json.dumps(report, default=str)[:300]}")
+    seconds = time.perf_counter() - started
+    print(
+        f"relabeled {manifest.steps:,} steps, {manifest.episodes:,} episodes with "
+        f"{', '.join(summary['groups'])} into {summary['output']} "
+        f"(dataset {manifest.dataset_id}) in {seconds:.1f} s, {manifest.steps / seconds:,.0f} steps/s"
+    )
     return 0
 
 
@@ -520,6 +533,9 @@ def add_commands(subparsers) -> None:
         "--retry-failed",
         action="store_true",
         help="retry_failed=true on relabelers that support it",
+    )
+    relabel.add_argument(
+        "--json", action="store_true", help="print the summary (with relabeler reports) as JSON"
     )
     relabel.add_argument("--debug", action="store_true", help="show tracebacks")
     relabel.set_defaults(handler=relabel_command)

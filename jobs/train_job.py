@@ -157,7 +157,15 @@ def _train_handler(args) -> int:
     condition = [c for part in args.condition for c in part.split(",") if c]
     values = {k: v for k, v in vars(args).items() if k in TrainOptions.model_fields}
     summary = run_train(TrainOptions(**{**values, "condition": condition}))
-    print(json.dumps(summary, indent=2))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    line = ", ".join(
+        f"{key} {value:,.4g}" if isinstance(value, float) else f"{key} {value}"
+        for key, value in summary.items()
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool)
+    )
+    print(f"trained: {line}")
     return 0
 
 
@@ -199,6 +207,7 @@ def add_commands(subparsers) -> None:
     train = subparsers.add_parser("train", help="train a conditional policy on shards")
     train.add_argument("shards", help=fields["shards"].description)
     train.add_argument("run_dir", help=fields["run_dir"].description)
+    train.add_argument("--json", action="store_true", help="print the summary as JSON")
     train.add_argument(
         "--condition",
         action="append",
