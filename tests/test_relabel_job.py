@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -148,8 +149,14 @@ def test_command_line_and_spec(ray_local, tiny_dataset, tmp_path, capsys):
         cli.main(["relabel", tiny_dataset, str(tmp_path / "cli"), "--with", "returns:gamma=0.9"])
         == 0
     )
-    assert '"dataset_id"' in capsys.readouterr().out
-    assert open_dataset(str(tmp_path / "cli")).manifest.command.startswith("hindsight")
+    manifest = open_dataset(str(tmp_path / "cli")).manifest
+    assert f"(dataset {manifest.dataset_id})" in capsys.readouterr().out.splitlines()[-1]
+    assert manifest.command.startswith("hindsight")
+    assert (
+        cli.main(["relabel", tiny_dataset, str(tmp_path / "json"), "--with", "returns", "--json"])
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["steps"] == manifest.steps
 
     spec = tmp_path / "relabel.yaml"
     spec.write_text(
