@@ -14,7 +14,6 @@ parent's URI as their `root` and adds its own groups under its own URI.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -64,20 +63,20 @@ def write_parquet(uri: str, table: pa.Table) -> DataFile:
         for name in table.column_names
         if name in cols.DICTIONARY_COLUMNS or pa.types.is_string(table.schema.field(name).type)
     ]
-    buffer = io.BytesIO()
-    pq.write_table(
-        table,
-        buffer,
-        compression="zstd",
-        row_group_size=ROW_GROUP_ROWS,
-        use_dictionary=dictionary_columns,
-        write_statistics=True,
-    )
-    data = buffer.getvalue()
-    storage.write_bytes(uri, data)
-    return DataFile(
-        path="", bytes=len(data), sha256=storage.sha256_bytes(data), rows=table.num_rows
-    )
+
+    def produce(sink) -> None:
+        pq.write_table(
+            table,
+            sink,
+            compression="zstd",
+            row_group_size=ROW_GROUP_ROWS,
+            use_dictionary=dictionary_columns,
+            write_statistics=True,
+        )
+
+    # Streamed to the file and hashed on the way: no in-memory copy of the file, no re-read.
+    size, sha256 = storage.write_stream(uri, produce)
+    return DataFile(path="", bytes=size, sha256=sha256, rows=table.num_rows)
 
 
 def check_sorted(steps: pa.Table, where: str) -> None:

@@ -8,10 +8,13 @@ never stored in anything we write.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import posixpath
 import uuid
+from collections.abc import Callable
 from functools import lru_cache
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -124,6 +127,47 @@ def write_bytes(uri: str, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, handle: BinaryIO):
+        self.handle = handle
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.handle.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def write_stream(uri: str, produce: Callable[[BinaryIO], None]) -> tuple[int, str]:
+    """Write an object that `produce` streams into a file, atomically as `write_bytes`
+    does, and return its size and sha256 (computed on the way, not by reading back)."""
+    if is_s3(uri):
+        buffer = io.BytesIO()
+        produce(buffer)
+        data = buffer.getvalue()
+        write_bytes(uri, data)
+        return len(data), sha256_bytes(data)
+    path = normalize(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(temporary, "wb") as handle:
+        writer = _HashingWriter(handle)
+        produce(writer)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    return writer.size, writer.digest.hexdigest()
 
 
 def sha256_bytes(data: bytes | pa.Buffer) -> str:
