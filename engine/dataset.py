@@ -306,11 +306,38 @@ def write_dataset(
         written.append(
             write_base_part(uri, index, part_steps_table, episodes.slice(start, stop - start))
         )
-    group = assemble_group(uri, BASE_GROUP, written, fields_of([steps]), fields_of([episodes]))
-    manifest = new_manifest(
+    fields = {"steps": fields_of([steps]), "episodes": fields_of([episodes])}
+    return commit_base_version(
         uri,
+        written,
+        fields,
+        operation=operation,
+        command=command,
+        metadata=metadata,
+        details=details,
+        parent=parent,
+        parent_uri=parent_uri,
+    )
+
+
+def commit_base_version(
+    dataset_uri: str,
+    written: Sequence[WrittenPart],
+    fields: dict[str, list[FieldInfo]],
+    *,
+    operation: str,
+    command: str,
+    metadata: dict | None = None,
+    details: dict | None = None,
+    parent: Manifest | None = None,
+    parent_uri: str | None = None,
+) -> Manifest:
+    """Commit a self-contained version whose only group is `base`, from its written parts."""
+    group = assemble_group(dataset_uri, BASE_GROUP, written, fields["steps"], fields["episodes"])
+    manifest = new_manifest(
+        dataset_uri,
         groups=[group],
-        parts=[w.part for w in written],
+        parts=[w.part for w in sorted(written, key=lambda w: w.index)],
         operation=operation,
         command=command,
         parent=parent,
@@ -318,7 +345,7 @@ def write_dataset(
         metadata=metadata,
         details=details,
     )
-    return commit_version(uri, manifest)
+    return commit_version(dataset_uri, manifest)
 
 
 # ---------------------------------------------------------------- reading

@@ -19,13 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine import storage
 from engine.dataset import (
-    BASE_GROUP,
     DEFAULT_PART_STEPS,
     WrittenPart,
-    assemble_group,
     begin_version,
-    commit_version,
-    new_manifest,
+    commit_base_version,
     open_dataset,
 )
 from engine.ingest import write_part
@@ -146,32 +143,6 @@ def _write_version(
         raise
 
 
-def _commit_base(
-    uri: str,
-    parts: list[WrittenPart],
-    fields: dict[str, list[FieldInfo]],
-    operation: str,
-    command: str,
-    metadata: dict[str, Any],
-    details: dict[str, Any] | None = None,
-    parent: Manifest | None = None,
-    parent_uri: str | None = None,
-) -> Manifest:
-    group = assemble_group(uri, BASE_GROUP, parts, fields["steps"], fields["episodes"])
-    manifest = new_manifest(
-        uri,
-        groups=[group],
-        parts=[p.part for p in sorted(parts, key=lambda p: p.index)],
-        operation=operation,
-        command=command,
-        metadata=metadata,
-        details=details,
-        parent=parent,
-        parent_uri=parent_uri,
-    )
-    return commit_version(uri, manifest)
-
-
 # ---------------------------------------------------------------- collect
 
 
@@ -212,13 +183,13 @@ def run_collect(options: CollectOptions, command: str | None = None) -> Manifest
         collect_part,
         description=f"collect {options.env_id}",
         total=None,
-        finish=lambda parts, fields: _commit_base(
+        finish=lambda parts, fields: commit_base_version(
             uri,
             parts,
             fields,
-            "collect",
-            command or command_line("collect", options),
-            metadata,
+            operation="collect",
+            command=command or command_line("collect", options),
+            metadata=metadata,
             details={"episodes": options.episodes, "noise": options.noise},
         ),
     )
@@ -261,13 +232,13 @@ def run_ingest(options: IngestOptions, command: str | None = None) -> Manifest:
     def finish(parts: list[WrittenPart], fields: dict[str, list[FieldInfo]]) -> Manifest:
         if plan.skipped or plan.truncated_tails:
             write_skipped_report(uri, plan, SKIPPED_REPORT_NAME)
-        return _commit_base(
+        return commit_base_version(
             uri,
             parts,
             fields,
-            "ingest",
-            command or command_line("ingest", options),
-            metadata,
+            operation="ingest",
+            command=command or command_line("ingest", options),
+            metadata=metadata,
             details={"format": plan.format, "source": plan.source},
         )
 
@@ -329,13 +300,13 @@ def run_materialize(options: MaterializeOptions, command: str | None = None) -> 
         materialize_part,
         description="materialize",
         total=source.manifest.steps,
-        finish=lambda parts, fields: _commit_base(
+        finish=lambda parts, fields: commit_base_version(
             uri,
             parts,
             fields,
-            "materialize",
-            command or command_line("materialize", options),
-            metadata,
+            operation="materialize",
+            command=command or command_line("materialize", options),
+            metadata=metadata,
             parent=source.manifest,
             parent_uri=source.uri,
         ),
