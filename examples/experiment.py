@@ -63,8 +63,26 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(np.corrcoef(rank_x, rank_y)[0, 1])
 
 
+def train_policy(shards: str, run: str, condition: list[str], seed: int, args) -> None:
+    """One policy, trained the same way for every arm of the experiment."""
+    from jobs.demo import train_run
+
+    train_run(
+        shards,
+        run,
+        condition,
+        model=args.model,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=1e-3,
+        seed=seed,
+        log_every=max(10, args.steps // 10),
+        checkpoint_every=args.steps,
+    )
+
+
 def return_experiment(env_id: str, work: str, args: argparse.Namespace) -> dict[str, Any]:
-    from jobs.demo import build_shards, dataset_return, high_return, train_run
+    from jobs.demo import build_shards, dataset_return, high_return
     from trainers import ask
 
     started = time.perf_counter()
@@ -90,18 +108,7 @@ def return_experiment(env_id: str, work: str, args: argparse.Namespace) -> dict[
             ("skill", ["skill"]),
         ):
             runs[name] = os.path.join(work, env_id, "runs", f"{name}-{seed}")
-            train_run(
-                paths["shards"],
-                runs[name],
-                condition,
-                model=args.model,
-                steps=args.steps,
-                batch_size=args.batch_size,
-                lr=1e-3,
-                seed=seed,
-                log_every=max(10, args.steps // 10),
-                checkpoint_every=args.steps,
-            )
+            train_policy(paths["shards"], runs[name], condition, seed, args)
         eval_seeds = [1000 + seed]
         bc = ask.ask(runs["bc"], env_id, {}, args.episodes_eval, eval_seeds)
         sweep = [
@@ -178,7 +185,7 @@ def return_experiment(env_id: str, work: str, args: argparse.Namespace) -> dict[
 
 
 def goal_experiment(work: str, args: argparse.Namespace) -> dict[str, Any]:
-    from jobs.demo import build_shards, train_run
+    from jobs.demo import build_shards
     from trainers import ask
 
     env_id = "hindsight/PointGoal-v0"
@@ -197,18 +204,7 @@ def goal_experiment(work: str, args: argparse.Namespace) -> dict[str, Any]:
         runs = {}
         for name, condition in (("bc", []), ("hindsight_goal", ["hindsight_goal"])):
             runs[name] = os.path.join(work, "pointgoal", "runs", f"{name}-{seed}")
-            train_run(
-                paths["shards"],
-                runs[name],
-                condition,
-                model=args.model,
-                steps=args.steps,
-                batch_size=args.batch_size,
-                lr=1e-3,
-                seed=seed,
-                log_every=max(10, args.steps // 10),
-                checkpoint_every=args.steps,
-            )
+            train_policy(paths["shards"], runs[name], condition, seed, args)
         eval_seeds = [1000 + seed]
         bc = ask.ask(runs["bc"], env_id, {}, args.episodes_eval, eval_seeds)
         goal = ask.ask(runs["hindsight_goal"], env_id, {}, args.episodes_eval, eval_seeds)
