@@ -17,6 +17,9 @@ Measured in the same run, on the same files, taking turns, each the best of `--r
 - full scan: `engine.scan(uri).collect()`, every step column of every row;
 - naive: `engine.scan(uri)` semi-joined with the filtered `engine.scan_episodes(uri)`;
 - query: `engine.query.query(uri, where)` (what `hindsight query` runs), all step columns.
+- the same full scan and scattered query on a copy of the dataset whose step files have
+  `--compare-row-group-rows` rows per Parquet row group (default: 65536, the earlier
+  layout), to show what the row-group size costs a full scan and buys a query.
 Bytes read are what the process read from files (`rchar` in /proc/self/io; the page cache is
 warm for every variant alike), and for `query` also the Parquet bytes it planned to read.
 """
@@ -24,6 +27,7 @@ warm for every variant alike), and for `query` also the Parquet bytes it planned
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -35,6 +39,7 @@ import polars as pl
 import pyarrow as pa
 
 import engine
+import engine.dataset
 from engine.dataset import (
     assemble_group,
     begin_version,
@@ -102,6 +107,18 @@ def generate_part(
         }
     )
     return steps, episodes
+
+
+@contextlib.contextmanager
+def step_row_groups(rows: int | None):
+    """Write step files with `rows` rows per row group (None: the engine's default)."""
+    default = dict(engine.dataset.ROW_GROUP_ROWS)
+    if rows:
+        engine.dataset.ROW_GROUP_ROWS["steps"] = rows
+    try:
+        yield
+    finally:
+        engine.dataset.ROW_GROUP_ROWS.update(default)
 
 
 def build_dataset(root: str, num_steps: int, part_steps: int, run_episodes: int, seed: int) -> str:
@@ -213,10 +230,21 @@ def run(args: argparse.Namespace) -> dict:
     else:
         uri = build_dataset(root, args.steps, args.part_steps, args.run_episodes, args.seed)
     build_seconds = time.perf_counter() - start
+    compare_rows = args.compare_row_group_rows
+    compare_uri = os.path.join(root, f"rows-{compare_rows}", "labeled")
+    if compare_rows and not os.path.exists(os.path.join(compare_uri, "manifest.json")):
+        with step_row_groups(compare_rows):
+            compare_uri = build_dataset(
+                os.path.dirname(compare_uri),
+                args.steps,
+                args.part_steps,
+                args.run_episodes,
+                args.seed,
+            )
     dataset = open_dataset(uri)
     stored_step_bytes = sum(f.bytes for g in dataset.manifest.groups for f in g.steps_files)
 
-    def full_scan() -> dict:
+    def full_scan(uri: str = uri) -> dict:
         frame = engine.scan(uri).collect()
         return {"rows": frame.height}
 
@@ -225,7 +253,7 @@ def run(args: argparse.Namespace) -> dict:
         frame = engine.scan(uri).join(chosen, on=cols.EPISODE_ID, how="semi").collect()
         return {"rows": frame.height}
 
-    def ours(where: str, level: str = "steps") -> dict:
+    def ours(where: str, level: str = "steps", uri: str = uri) -> dict:
         result = query(uri, where, level=level)
         return {
             "rows": result.frame.height,
@@ -244,6 +272,10 @@ def run(args: argparse.Namespace) -> dict:
         variants[f"{name}_naive"] = lambda e=expression: naive(e)
         variants[f"{name}_query"] = lambda s=sql: ours(s)
         variants[f"{name}_episodes_query"] = lambda s=sql: ours(s, "episodes")
+    if compare_rows:
+        label = f"{compare_rows}_row_groups"
+        variants[f"full_scan_{label}"] = lambda: full_scan(compare_uri)
+        variants[f"scattered_query_{label}"] = lambda: ours("flagged", uri=compare_uri)
     results = measure(variants, args.repeats)
     for name in queries:
         assert results[f"{name}_query"]["rows"] == results[f"{name}_naive"]["rows"]
@@ -266,6 +298,8 @@ def run(args: argparse.Namespace) -> dict:
         "action_dim": ACTION_DIM,
         "stored_step_bytes": stored_step_bytes,
         "build_seconds": None if reused else round(build_seconds, 1),
+        "step_row_group_rows": engine.dataset.ROW_GROUP_ROWS["steps"],
+        "compare_row_group_rows": compare_rows,
         "repeats": args.repeats,
         "load_average_1min": round(os.getloadavg()[0], 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared",
@@ -282,6 +316,12 @@ def main() -> None:
         "--run-episodes", type=int, default=50, help="episodes per collection run (skill)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    parser.add_argument(
+        "--compare-row-group-rows",
+        type=int,
+        default=65536,
+        help="also measure a copy with this many step rows per row group (0: do not)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--data",

@@ -41,7 +41,11 @@ from schemas.manifest import (
 STAGING_MARKER = "_staging"
 BASE_GROUP = "base"
 LEVELS = ("steps", "episodes")
-ROW_GROUP_ROWS = 64 * 1024
+# Parquet row groups are the unit a reader can skip. Step files: small enough that a query
+# for a few scattered episodes skips most of a file, as large as can be without slowing a
+# full scan (measured with obs 17 + action 6: 4096 rows reads as fast as 64k, 1024 is 20-75%
+# slower). Episode files are small and read whole.
+ROW_GROUP_ROWS = {"steps": 4096, "episodes": 64 * 1024}
 DEFAULT_PART_STEPS = 1_000_000
 
 
@@ -56,7 +60,7 @@ def part_path(group: str, level: str, index: int) -> str:
     return f"{group}/{level}/part-{index:05d}.parquet"
 
 
-def write_parquet(uri: str, table: pa.Table) -> DataFile:
+def write_parquet(uri: str, table: pa.Table, row_group_rows: int) -> DataFile:
     """Write one Parquet file (zstd, dictionary only for ids and strings) and checksum it."""
     dictionary_columns = [
         name
@@ -69,7 +73,7 @@ def write_parquet(uri: str, table: pa.Table) -> DataFile:
             table,
             sink,
             compression="zstd",
-            row_group_size=ROW_GROUP_ROWS,
+            row_group_size=row_group_rows,
             use_dictionary=dictionary_columns,
             write_statistics=True,
         )
@@ -150,7 +154,9 @@ def write_group_part(
         if table is None or table.num_columns == 0:
             continue
         relative_path = part_path(group, level, index)
-        data_file = write_parquet(storage.join(dataset_uri, relative_path), table)
+        data_file = write_parquet(
+            storage.join(dataset_uri, relative_path), table, ROW_GROUP_ROWS[level]
+        )
         written[level] = data_file.model_copy(update={"path": relative_path})
     return WrittenPart(group, index, written["steps"], written["episodes"])
 

@@ -220,49 +220,32 @@ class ReadStats:
         return dict(self.__dict__)
 
 
-# Row ranges closer than this are read as one span (decoding a few extra rows is cheaper
-# than another scan); a file is read in at most MAX_SPANS spans.
-SPAN_GAP_ROWS = 2048
-MAX_SPANS = 16
-
-
-def row_spans(
-    rows: np.ndarray, row_group_offsets: np.ndarray | None = None
+def row_group_selection(
+    rows: np.ndarray, row_group_offsets: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted row positions as few [start, stop) spans: runs of consecutive rows, joined
-    across gaps of at most SPAN_GAP_ROWS, across gaps inside one row group (each row group
-    is then fetched once), and beyond MAX_SPANS across the smallest gaps."""
-    if len(rows) == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    breaks = np.flatnonzero(np.diff(rows) > 1)
-    starts = np.concatenate([[rows[0]], rows[breaks + 1]])
-    stops = np.concatenate([rows[breaks] + 1, [rows[-1] + 1]])
-    gaps = starts[1:] - stops[:-1]
-    close = gaps <= SPAN_GAP_ROWS
-    if row_group_offsets is not None:
-        group_before = np.searchsorted(row_group_offsets, stops[:-1] - 1, side="right")
-        group_after = np.searchsorted(row_group_offsets, starts[1:], side="right")
-        close |= group_before == group_after
-    if (~close).sum() >= MAX_SPANS:
-        open_gaps = np.flatnonzero(~close)
-        smallest = open_gaps[np.argsort(gaps[open_gaps], kind="stable")]
-        close[smallest[: len(open_gaps) - (MAX_SPANS - 1)]] = True
-    keep_start = np.concatenate([[True], ~close])
-    keep_stop = np.concatenate([~close, [True]])
-    return starts[keep_start], stops[keep_stop]
+    """For sorted row positions in a file whose row groups start at `row_group_offsets`
+    (with the total row count last): the row groups that hold any of them, and each row's
+    position in those row groups read one after another."""
+    group_of_row = np.searchsorted(row_group_offsets, rows, side="right") - 1
+    groups = np.unique(group_of_row)
+    sizes = np.diff(row_group_offsets)[groups]
+    first_row_read = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    slot = np.searchsorted(groups, group_of_row)
+    positions = rows - row_group_offsets[group_of_row] + first_row_read[slot]
+    return groups, positions
 
 
 def collect(frames: Sequence[pl.LazyFrame]) -> list[pl.DataFrame]:
-    """Collect scans together, in parallel. Common-subplan elimination is off: it would
-    merge several slices of one file into a single scan of the whole file."""
-    return pl.collect_all(frames, optimizations=pl.QueryOptFlags(comm_subplan_elim=False))
+    """Collect scans together, in parallel."""
+    return pl.collect_all(frames)
 
 
 class PartReader:
     """Reads chosen columns of one part at one level, from whichever groups hold them.
 
-    Reading goes through Polars with projection and slice pushdown: only the row groups
-    that overlap a wanted span are fetched, and only the wanted rows decoded.
+    Whole parts are Polars scans. Chosen rows are read as whole Parquet row groups (the
+    smallest unit a Parquet reader can skip), only those that hold a chosen row, and the
+    rows are then taken from them: one read per file, however scattered the rows are.
     """
 
     def __init__(self, dataset: Dataset, level: str, stats: ReadStats):
@@ -321,25 +304,17 @@ class PartReader:
                 f"{uri}: has {offsets[-1]} rows, the episodes table says at least "
                 f"{rows[-1] + 1}; the column groups of this version are not aligned"
             )
-        starts, stops = row_spans(rows, offsets)
-        first_group = np.searchsorted(offsets, starts, side="right") - 1
-        last_group = np.searchsorted(offsets, stops - 1, side="right") - 1
-        touched = np.zeros(len(sizes), dtype=bool)
-        for first, last in zip(first_group, last_group):
-            touched[first : last + 1] = True
-        self._count(metadata, np.flatnonzero(touched), columns)
-        if len(starts) == 0:
-            return scan.head(0)
-        pieces = [scan.slice(int(a), int(b - a)) for a, b in zip(starts, stops)]
-        spanned = pl.concat(pieces) if len(pieces) > 1 else pieces[0]
-        span_rows = int((stops - starts).sum())
-        if span_rows == len(rows):
-            return spanned
-        # Spans joined across gaps hold extra rows: keep the wanted ones.
-        span_offsets = np.concatenate([[0], np.cumsum(stops - starts)[:-1]])
-        span_of_row = np.searchsorted(starts, rows, side="right") - 1
-        positions = rows - starts[span_of_row] + span_offsets[span_of_row]
-        return spanned.select(pl.all().gather(pl.Series(positions)))
+        groups, positions = row_group_selection(rows, offsets)
+        self._count(metadata, groups, columns)
+
+        def read() -> pl.DataFrame:
+            fs, path = storage.filesystem(uri)
+            parquet = pq.ParquetFile(path, filesystem=fs, metadata=metadata, pre_buffer=True)
+            table = parquet.read_row_groups(groups.tolist(), columns=columns)
+            return pl.from_arrow(table.take(pa.array(positions)))
+
+        schema = metadata.schema.to_arrow_schema().empty_table().select(columns)
+        return pl.defer(read, schema=pl.from_arrow(schema).schema)
 
     def _count(self, metadata: pq.FileMetaData, groups: np.ndarray, columns: list[str]) -> None:
         wanted = set(columns)

@@ -20,7 +20,7 @@ from engine.dataset import (
     DatasetError,
     open_dataset,
 )
-from engine.query import PartReader, QueryError, ReadStats, count, query, row_spans
+from engine.query import PartReader, QueryError, ReadStats, count, query, row_group_selection
 from jobs.cli import main as cli_main
 from jobs.query_job import QueryOptions, run_query
 from schemas import steps as cols
@@ -74,7 +74,7 @@ def raw_tables(uri: str) -> tuple[pl.DataFrame, pl.DataFrame]:
 def labeled(tmp_path_factory):
     # Small row groups, so that skipping row groups is exercised on a tiny dataset.
     mp = pytest.MonkeyPatch()
-    mp.setattr(engine.dataset, "ROW_GROUP_ROWS", 16)
+    mp.setattr(engine.dataset, "ROW_GROUP_ROWS", {"steps": 16, "episodes": 16})
     try:
         uri = relabeled_dataset(str(tmp_path_factory.mktemp("query")))
     finally:
@@ -185,23 +185,16 @@ def test_selective_query_reads_only_needed_row_groups_and_columns(labeled):
     assert "HCONCAT" in plan
 
 
-def test_row_spans_join_small_gaps_and_stay_few(monkeypatch):
-    starts, stops = row_spans(np.array([0, 1, 2, 5, 6, 9000, 9001]))
-    assert starts.tolist() == [0, 9000] and stops.tolist() == [7, 9002]
-    monkeypatch.setattr(query_module, "SPAN_GAP_ROWS", 0)
-    monkeypatch.setattr(query_module, "MAX_SPANS", 2)
-    rows = np.array([0, 10, 11, 50, 1000, 1001])
-    starts, stops = row_spans(rows)
-    assert starts.tolist() == [0, 1000] and stops.tolist() == [51, 1002]
-    monkeypatch.setattr(query_module, "MAX_SPANS", 16)
-    row_groups = np.array([0, 20, 1000, 2000])
-    starts, stops = row_spans(rows, row_groups)
-    assert starts.tolist() == [0, 50, 1000] and stops.tolist() == [12, 51, 1002]
+def test_row_group_selection_positions_rows_in_the_groups_read():
+    offsets = np.array([0, 10, 20, 30, 35])
+    rows = np.array([3, 4, 25, 26, 34])
+    groups, positions = row_group_selection(rows, offsets)
+    assert groups.tolist() == [0, 2, 3]
+    # Groups 0, 2 and 3 read one after another: rows 0-9, then 20-29 at 10-19, 30-34 at 20-24.
+    assert positions.tolist() == [3, 4, 15, 16, 24]
 
 
-@pytest.mark.parametrize("gap", [0, 4])
-def test_part_reader_takes_the_right_rows_across_row_groups(labeled, monkeypatch, gap):
-    monkeypatch.setattr(query_module, "SPAN_GAP_ROWS", gap)
+def test_part_reader_takes_the_right_rows_across_row_groups(labeled):
     dataset = open_dataset(labeled)
     whole = pl.read_parquet(dataset.file_uris(dataset.manifest.groups[0], "steps")[0])
     rows = np.array([0, 3, 15, 16, 17, 40, 41, 42, whole.height - 1])
