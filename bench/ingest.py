@@ -174,6 +174,7 @@ def run_baseline(source: str, output: str) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from engine.dataset import ROW_GROUP_ROWS
     from schemas import steps as cols
 
     started = time.perf_counter()
@@ -203,7 +204,8 @@ def run_baseline(source: str, output: str) -> dict:
                 writer = pq.ParquetWriter(
                     output, table.schema, compression="zstd", use_dictionary=["episode_id"]
                 )
-            writer.write_table(table, row_group_size=64 * 1024)
+            # The same row-group size as the dataset's step files.
+            writer.write_table(table, row_group_size=ROW_GROUP_ROWS["steps"])
         writer.close()
     seconds = time.perf_counter() - started
     cpu = memory.cpu_seconds()
