@@ -30,10 +30,15 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 OBS_DIM = 17
 ACTION_DIM = 6
@@ -154,7 +159,7 @@ def numpy_ceiling(rewards: np.ndarray, achieved: np.ndarray, length: int, seed: 
     return time.perf_counter() - start
 
 
-def _pandas_seconds(frame, columns: list[str], per_episode) -> float:
+def _pandas_seconds(frame: pd.DataFrame, columns: list[str], per_episode: Callable) -> float:
     best = float("inf")
     for _ in range(2):
         start = time.perf_counter()
@@ -189,8 +194,11 @@ def pandas_baselines(steps: pa.Table, achieved: np.ndarray, seed: int) -> dict[s
     rng = np.random.default_rng(seed)
 
     def returns(episode: pd.DataFrame) -> pd.DataFrame:
-        rtg = _return_to_go(episode["reward"].to_numpy())
-        return pd.DataFrame({"return_to_go": rtg}, index=episode.index)
+        rewards = episode["reward"].to_numpy()
+        return pd.DataFrame(
+            {"return_to_go": _return_to_go(rewards), "episode_return": rewards.sum()},
+            index=episode.index,
+        )
 
     def goals(episode: pd.DataFrame) -> pd.DataFrame:
         goal_source = episode[achieved_columns].to_numpy()
@@ -400,6 +408,7 @@ def main() -> None:
         for name in ("returns", "goals_future_k4"):
             shutil.rmtree(workdir / f"out-{label}-{name}", ignore_errors=True)
 
+    results["load_average_1min"] = round(os.getloadavg()[0], 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

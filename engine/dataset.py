@@ -15,8 +15,9 @@ parent's URI as their `root` and adds its own groups under its own URI.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 import polars as pl
@@ -42,10 +43,10 @@ STAGING_MARKER = "_staging"
 BASE_GROUP = "base"
 LEVELS = ("steps", "episodes")
 # Parquet row groups are the unit a reader can skip. Step files: small enough that a query
-# for a few scattered episodes skips most of a file, as large as can be without slowing a
-# full scan (measured with obs 17 + action 6: 4096 rows reads as fast as 64k, 1024 is 20-75%
-# slower). Episode files are small and read whole.
-ROW_GROUP_ROWS = {"steps": 4096, "episodes": 64 * 1024}
+# for 1% of episodes scattered at random skips ~80% of a file, large enough that a full
+# scan stays within ~10% of 64k-row groups (bench/results/query.json; 1024 rows made it 30%
+# slower, query-compare-1024-rows.json). Episode files are small and read whole.
+ROW_GROUP_ROWS: Mapping[str, int] = MappingProxyType({"steps": 4096, "episodes": 64 * 1024})
 DEFAULT_PART_STEPS = 1_000_000
 
 

@@ -235,8 +235,23 @@ def row_group_selection(
     return groups, positions
 
 
+def read_rows(
+    uri: str,
+    metadata: pq.FileMetaData,
+    columns: list[str],
+    groups: np.ndarray,
+    positions: np.ndarray,
+) -> pl.DataFrame:
+    """`columns` of the row groups `groups` of one Parquet file, in one read, then the
+    rows at `positions` within them (see `row_group_selection`)."""
+    fs, path = storage.filesystem(uri)
+    with pq.ParquetFile(path, filesystem=fs, metadata=metadata, pre_buffer=True) as parquet:
+        table = parquet.read_row_groups(groups.tolist(), columns=columns)
+    return pl.from_arrow(table.take(pa.array(positions)))
+
+
 def collect(frames: Sequence[pl.LazyFrame]) -> list[pl.DataFrame]:
-    """Collect scans together, in parallel."""
+    """Collect the scans of several parts in one call, so Polars runs them in parallel."""
     return pl.collect_all(frames)
 
 
@@ -292,29 +307,27 @@ class PartReader:
             dtype=np.int64,
         )
         offsets = np.concatenate([[0], np.cumsum(sizes)])
-        scan = pl.scan_parquet(uri, storage_options=storage.polars_storage_options(uri)).select(
-            columns
-        )
         self.stats.files += 1
         if rows is None:
             self._count(metadata, np.arange(len(sizes)), columns)
-            return scan
-        if len(rows) and rows[-1] >= offsets[-1]:
+            options = storage.polars_storage_options(uri)
+            return pl.scan_parquet(uri, storage_options=options).select(columns)
+        if len(rows) and (rows.min() < 0 or rows.max() >= offsets[-1]):
             raise DatasetError(
-                f"{uri}: has {offsets[-1]} rows, the episodes table says at least "
-                f"{rows[-1] + 1}; the column groups of this version are not aligned"
+                f"{uri}: has {offsets[-1]} rows, the episodes table says rows "
+                f"{rows.min()}..{rows.max()}; the column groups of this version are not aligned"
             )
         groups, positions = row_group_selection(rows, offsets)
         self._count(metadata, groups, columns)
-
-        def read() -> pl.DataFrame:
-            fs, path = storage.filesystem(uri)
-            parquet = pq.ParquetFile(path, filesystem=fs, metadata=metadata, pre_buffer=True)
-            table = parquet.read_row_groups(groups.tolist(), columns=columns)
-            return pl.from_arrow(table.take(pa.array(positions)))
-
-        schema = metadata.schema.to_arrow_schema().empty_table().select(columns)
-        return pl.defer(read, schema=pl.from_arrow(schema).schema)
+        empty = metadata.schema.to_arrow_schema().empty_table().select(columns)
+        schema = pl.from_arrow(empty).schema
+        if not len(rows):
+            return pl.LazyFrame(schema=schema)
+        return pl.defer(
+            lambda: read_rows(uri, metadata, columns, groups, positions),
+            schema=schema,
+            validate_schema=True,
+        )
 
     def _count(self, metadata: pq.FileMetaData, groups: np.ndarray, columns: list[str]) -> None:
         wanted = set(columns)

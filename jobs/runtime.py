@@ -6,15 +6,17 @@ All parallel work goes through Ray Data (`map_parts`); there are no home-made po
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from ray.data import DataContext
 
 
 def init_ray(
@@ -90,14 +92,11 @@ def map_parts(
     if not tasks:
         return []
     rows = [{"task": json.dumps(task)} for task in tasks]
+    items = ray.data.from_items(rows, override_num_blocks=len(rows))
+    run_without_object_store_budget(items.context)  # this dataset's own copy of the context
+    dataset = items.map(run_one, num_cpus=num_cpus)
     results: dict[int, dict[str, Any]] = {}
-    with (
-        without_object_store_budget(),  # a Dataset copies the context when it is made
-        tqdm(total=total, desc=description, unit=f" {unit}", unit_scale=True, disable=None) as bar,
-    ):
-        dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
-            run_one, num_cpus=num_cpus
-        )
+    with tqdm(total=total, desc=description, unit=f" {unit}", unit_scale=True, disable=None) as bar:
         for row in dataset.iter_rows():
             result = json.loads(row["result"])
             if ERROR_KEY in result:
@@ -107,17 +106,14 @@ def map_parts(
     return [results[int(task["index"])] for task in tasks]
 
 
-@contextlib.contextmanager
-def without_object_store_budget() -> Iterator[None]:
-    """Run Ray Data without its object-store budget backpressure, for `map_parts` only.
+def run_without_object_store_budget(context: DataContext) -> None:
+    """Turn off Ray Data's object-store budget backpressure in one dataset's context.
 
     That policy starts a single task until it has seen one task's output size, so on 2
     CPUs one part ran alone for a whole task's time (8 tasks of 0.9 s: 4.9 s instead of
     3.7 s). Our tasks write their data to files and return a few hundred bytes of JSON,
     so there is no object-store budget to protect. The other policies stay on.
     """
-    from ray.data import DataContext
-
     try:  # internal names: if Ray moves them, run with Ray's defaults
         from ray.data._internal.execution.backpressure_policy import (
             ENABLED_BACKPRESSURE_POLICIES,
@@ -125,22 +121,15 @@ def without_object_store_budget() -> Iterator[None]:
             ResourceBudgetBackpressurePolicy,
         )
     except ImportError:
-        yield
+        logging.getLogger(__name__).debug("Ray Data's backpressure policies moved; defaults kept")
         return
-    context = DataContext.get_current()
-    before = context.get_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY)
-    policies = before if before is not None else ENABLED_BACKPRESSURE_POLICIES
+    policies = context.get_config(
+        ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, ENABLED_BACKPRESSURE_POLICIES
+    )
     context.set_config(
         ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY,
         [policy for policy in policies if policy is not ResourceBudgetBackpressurePolicy],
     )
-    try:
-        yield
-    finally:
-        if before is None:
-            context.remove_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY)
-        else:
-            context.set_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, before)
 
 
 ERROR_KEY = "__hindsight_error__"

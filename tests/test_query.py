@@ -206,6 +206,30 @@ def test_part_reader_takes_the_right_rows_across_row_groups(labeled):
     assert stats.row_groups_skipped > 0
 
 
+def test_chosen_rows_read_as_row_groups_have_the_types_of_a_whole_scan(tmp_path, monkeypatch):
+    """Struct observations and bool lists come back typed as Polars' own reader types them."""
+    monkeypatch.setattr(engine.dataset, "ROW_GROUP_ROWS", {"steps": 8, "episodes": 8})
+    steps, episodes = make_episodes(num_episodes=12, goal_dim=2, seed=3)
+    base = str(tmp_path / "base")
+    write_synthetic_dataset(base, steps, episodes)
+
+    def flags(parent, index):
+        n = parent.manifest.parts[index].steps
+        values = pa.array(np.arange(n * 2) % 3 == 0)
+        return pa.table({"reached": pa.FixedSizeListArray.from_arrays(values, 2)}), None
+
+    child = attach_group(base, str(tmp_path / "child"), "flags", flags)
+    dataset = open_dataset(child)
+    columns = ["observation", "reached", "t"]
+    reader = PartReader(dataset, "steps", ReadStats())
+    whole = reader.read(0, columns)
+    rows = np.array([1, 2, 9, 30, whole.height - 1])
+    assert_frame_equal(reader.read(0, columns, rows), whole[rows])
+    assert reader.read(0, columns, np.array([], dtype=np.int64)).schema == whole.schema
+    with pytest.raises(DatasetError, match="not aligned"):
+        reader.read(0, columns, np.array([whole.height]))
+
+
 def test_unknown_column_lists_the_available_ones(labeled):
     with pytest.raises(QueryError) as error:
         query(labeled, "skil = 'expert'")
