@@ -283,6 +283,22 @@ def split_into_parts(episode_lengths: np.ndarray, part_steps: int) -> list[tuple
     return ranges
 
 
+def part_slices(
+    steps: pa.Table, episodes: pa.Table, part_steps: int
+) -> list[tuple[pa.Table, pa.Table]]:
+    """(steps, episodes) slices of whole episodes, about `part_steps` steps each
+    (`split_into_parts`); `steps` sorted by (episode_id, t), `episodes` by episode_id."""
+    lengths = episodes.column(cols.LENGTH).to_numpy()
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return [
+        (
+            steps.slice(offsets[start], offsets[stop] - offsets[start]),
+            episodes.slice(start, stop - start),
+        )
+        for start, stop in split_into_parts(lengths, part_steps)
+    ]
+
+
 def write_dataset(
     dataset_uri: str,
     steps: pa.Table,
@@ -303,16 +319,12 @@ def write_dataset(
     episode_id, with the same episodes.
     """
     uri = begin_version(dataset_uri)
-    lengths = episodes.column(cols.LENGTH).to_numpy()
-    step_offsets = np.concatenate([[0], np.cumsum(lengths)])
-    written = []
-    for index, (start, stop) in enumerate(split_into_parts(lengths, part_steps)):
-        part_steps_table = steps.slice(
-            step_offsets[start], step_offsets[stop] - step_offsets[start]
+    written = [
+        write_base_part(uri, index, part_steps_table, part_episodes)
+        for index, (part_steps_table, part_episodes) in enumerate(
+            part_slices(steps, episodes, part_steps)
         )
-        written.append(
-            write_base_part(uri, index, part_steps_table, episodes.slice(start, stop - start))
-        )
+    ]
     fields = {"steps": fields_of([steps]), "episodes": fields_of([episodes])}
     return commit_base_version(
         uri,

@@ -23,7 +23,7 @@ and no `episode_id` needs to be read from the step files at all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +32,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import storage
-from engine.dataset import Dataset, DatasetError, open_dataset, write_dataset
+from engine.dataset import (
+    DEFAULT_PART_STEPS,
+    Dataset,
+    DatasetError,
+    WrittenPart,
+    begin_version,
+    commit_base_version,
+    fields_of,
+    open_dataset,
+    part_slices,
+    write_base_part,
+)
 from schemas import steps as cols
 from schemas.manifest import MANIFEST_NAME, Manifest
 
@@ -594,11 +605,12 @@ def matching_episodes(
 # ---------------------------------------------------------------- writing a subset
 
 
-def read_episodes(
+def iter_episodes(
     dataset: Dataset | str, episode_ids: Sequence[int] | np.ndarray, stats: ReadStats | None = None
-) -> tuple[pa.Table, pa.Table]:
-    """Every step and episode column of the given whole episodes, sorted by episode_id,
-    with the dataset's Arrow types.
+) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """Every step and episode column of the given whole episodes, one source part at a time
+    (sorted by episode_id, with the dataset's Arrow types): memory holds at most
+    PARTS_PER_BATCH parts' worth of chosen rows, read together.
 
     Parts whose [min_episode_id, max_episode_id] in the manifest holds none of the ids are
     not opened.
@@ -606,36 +618,36 @@ def read_episodes(
     dataset = _open(dataset)
     stats = stats if stats is not None else ReadStats()
     wanted = np.unique(np.asarray(episode_ids, dtype=np.int64))
+    schemas = {level: arrow_schema(dataset, level) for level in LEVELS}
     step_reader = PartReader(dataset, "steps", stats)
     episode_reader = PartReader(dataset, "episodes", stats)
-    step_scans, episode_frames = [], []
-    for index, part in enumerate(dataset.manifest.parts):
-        low, high = np.searchsorted(wanted, [part.min_episode_id, part.max_episode_id + 1])
-        if low == high:
-            stats.parts_skipped += 1
-            continue
-        episodes = episode_reader.read(index, dataset.columns("episodes")).sort(cols.EPISODE_ID)
-        starts = np.concatenate([[0], np.cumsum(episodes[cols.LENGTH].to_numpy())[:-1]])
-        chosen = episodes[cols.EPISODE_ID].is_in(pl.Series(wanted[low:high]).implode())
-        if not chosen.any():
-            continue
-        chosen_array = chosen.to_numpy()
-        rows, _ = _episode_rows(
-            starts[chosen_array], episodes[cols.LENGTH].to_numpy()[chosen_array]
-        )
-        whole = len(rows) == part.steps
-        step_scans.append(
-            step_reader.scan(index, dataset.columns("steps"), None if whole else rows)
-        )
-        episode_frames.append(episodes.filter(chosen))
-    if not step_scans:
-        raise QueryError(f"{dataset.uri}: none of the requested episodes are in the dataset")
-    steps = pl.concat(collect(step_scans)).to_arrow()
-    episodes = pl.concat(episode_frames).to_arrow()
-    return (
-        steps.cast(arrow_schema(dataset, "steps")),
-        episodes.cast(arrow_schema(dataset, "episodes")),
-    )
+    for batch in _batches(dataset.num_parts):
+        step_scans, episode_frames = [], []
+        for index in batch:
+            part = dataset.manifest.parts[index]
+            low, high = np.searchsorted(wanted, [part.min_episode_id, part.max_episode_id + 1])
+            if low == high:
+                stats.parts_skipped += 1
+                continue
+            episodes = episode_reader.read(index, dataset.columns("episodes"))
+            episodes = episodes.sort(cols.EPISODE_ID)
+            lengths = episodes[cols.LENGTH].to_numpy()
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            chosen = episodes[cols.EPISODE_ID].is_in(pl.Series(wanted[low:high]).implode())
+            if not chosen.any():
+                continue
+            chosen_array = chosen.to_numpy()
+            rows, _ = _episode_rows(starts[chosen_array], lengths[chosen_array])
+            whole = len(rows) == part.steps
+            step_scans.append(
+                step_reader.scan(index, dataset.columns("steps"), None if whole else rows)
+            )
+            episode_frames.append(episodes.filter(chosen))
+        for steps, episodes in zip(collect(step_scans), episode_frames):
+            yield (
+                steps.to_arrow().cast(schemas["steps"]),
+                episodes.to_arrow().cast(schemas["episodes"]),
+            )
 
 
 def write_subset(
@@ -645,9 +657,13 @@ def write_subset(
     *,
     command: str,
     limit_episodes: int | None = None,
+    part_steps: int = DEFAULT_PART_STEPS,
 ) -> tuple[Manifest, ReadStats]:
     """A new self-contained version (one `base` group, every column) of the whole episodes
     with at least one step matching `where`; its history records the query and the parent.
+
+    Written part by part as the episodes are read, in parts of about `part_steps` steps, so
+    memory stays bounded however large the subset is. A failure leaves nothing behind.
     """
     dataset = _open(dataset)
     if storage.exists(storage.join(storage.normalize(out_uri), MANIFEST_NAME)):
@@ -664,23 +680,42 @@ def write_subset(
     if limit_episodes is not None:
         episode_ids = episode_ids[:limit_episodes]
     stats = ReadStats()
-    steps, episodes = read_episodes(dataset, episode_ids, stats)
-    manifest = write_dataset(
-        out_uri,
-        steps,
-        episodes,
-        operation="query",
-        command=command,
-        parent=dataset.manifest,
-        parent_uri=dataset.uri,
-        details={
-            "where": where,
-            "limit_episodes": limit_episodes,
-            "parent_uri": dataset.uri,
-            "parent_id": dataset.manifest.dataset_id,
-            "episodes": episodes.num_rows,
-            "steps": steps.num_rows,
-            "groups_merged": [g.name for g in dataset.manifest.groups],
-        },
-    )
+    uri = begin_version(out_uri)
+    try:
+        written: list[WrittenPart] = []
+        pending: tuple[pa.Table, pa.Table] | None = None
+        for steps, episodes in iter_episodes(dataset, episode_ids, stats):
+            if pending is not None:
+                steps = pa.concat_tables([pending[0], steps])
+                episodes = pa.concat_tables([pending[1], episodes])
+            # Whole parts of `part_steps` (as write_dataset cuts them); the rest waits.
+            *full, last = part_slices(steps, episodes, part_steps)
+            for part_steps_table, part_episodes in full:
+                written.append(write_base_part(uri, len(written), part_steps_table, part_episodes))
+            pending = last
+        if pending is not None:
+            written.append(write_base_part(uri, len(written), *pending))
+        steps_count = sum(w.part.steps for w in written)
+        episodes_count = sum(w.part.episodes for w in written)
+        manifest = commit_base_version(
+            uri,
+            written,
+            {level: fields_of([arrow_schema(dataset, level).empty_table()]) for level in LEVELS},
+            operation="query",
+            command=command,
+            parent=dataset.manifest,
+            parent_uri=dataset.uri,
+            details={
+                "where": where,
+                "limit_episodes": limit_episodes,
+                "parent_uri": dataset.uri,
+                "parent_id": dataset.manifest.dataset_id,
+                "episodes": episodes_count,
+                "steps": steps_count,
+                "groups_merged": [g.name for g in dataset.manifest.groups],
+            },
+        )
+    except BaseException:
+        storage.delete_tree(uri)
+        raise
     return manifest, stats

@@ -20,7 +20,15 @@ from engine.dataset import (
     DatasetError,
     open_dataset,
 )
-from engine.query import PartReader, QueryError, ReadStats, count, query, row_group_selection
+from engine.query import (
+    PartReader,
+    QueryError,
+    ReadStats,
+    count,
+    query,
+    row_group_selection,
+    write_subset,
+)
 from jobs.cli import main as cli_main
 from jobs.query_job import QueryOptions, run_query
 from schemas import steps as cols
@@ -299,6 +307,36 @@ def test_out_writes_a_self_contained_version_of_whole_episodes(labeled, raw, tmp
     assert query(out, "skill = 'novice'").frame.height == 0
     with pytest.raises(QueryError, match="immutable"):
         run_query(QueryOptions(dataset=labeled, where=where, out=out), stdout=io.StringIO())
+
+
+def test_out_is_written_part_by_part_and_a_failure_leaves_nothing(
+    labeled, raw, tmp_path, monkeypatch
+):
+    steps, episodes = raw
+    where = "skill = 'expert'"
+    out = str(tmp_path / "parts")
+    manifest, _ = write_subset(labeled, where, out, command="test", part_steps=40)
+    chosen = episodes.filter(pl.col("skill") == "expert")
+    expected_steps = steps.join(chosen.select("episode_id"), on="episode_id", how="semi")
+    assert_valid_subset(out, expected_steps, chosen)
+    # Whole episodes per part; a part passes 40 steps by less than one episode.
+    assert len(manifest.parts) > 1
+    longest = int(chosen["length"].max())
+    assert all(part.steps < 40 + longest for part in manifest.parts)
+
+    calls = []
+
+    def fail_on_the_second_part(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return engine.dataset.write_base_part(*args)
+
+    monkeypatch.setattr(query_module, "write_base_part", fail_on_the_second_part)
+    broken = tmp_path / "broken"
+    with pytest.raises(OSError, match="disk full"):
+        write_subset(labeled, where, str(broken), command="test", part_steps=40)
+    assert not broken.exists()
 
 
 def test_cli_formats(labeled, raw, tmp_path, capsys):
