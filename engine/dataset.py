@@ -3,7 +3,9 @@
 Layout of a version at URI `D` (local directory or `s3://bucket/prefix`):
 
     D/manifest.json                          written last, atomically: the commit
-    D/_staging                               present only while a writer works
+    D/_staging                               present only while a writer works; holds the
+                                             run's token, which its tasks check before
+                                             each file appears (storage.check_staging)
     D/<group>/steps/part-00000.parquet       one file per part and group
     D/<group>/episodes/part-00000.parquet
 
@@ -14,8 +16,9 @@ parent's URI as their `root` and adds its own groups under its own URI.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -39,7 +42,7 @@ from schemas.manifest import (
     now_iso,
 )
 
-STAGING_MARKER = "_staging"
+STAGING_MARKER = storage.STAGING_MARKER
 BASE_GROUP = "base"
 LEVELS = ("steps", "episodes")
 # Parquet row groups are the unit a reader can skip. Step files: small enough that a query
@@ -61,7 +64,12 @@ def part_path(group: str, level: str, index: int) -> str:
     return f"{group}/{level}/part-{index:05d}.parquet"
 
 
-def write_parquet(uri: str, table: pa.Table, row_group_rows: int) -> DataFile:
+def write_parquet(
+    uri: str,
+    table: pa.Table,
+    row_group_rows: int,
+    before_commit: Callable[[], None] | None = None,
+) -> DataFile:
     """Write one Parquet file (zstd, dictionary only for ids and strings) and checksum it."""
     dictionary_columns = [
         name
@@ -80,7 +88,7 @@ def write_parquet(uri: str, table: pa.Table, row_group_rows: int) -> DataFile:
         )
 
     # Streamed to the file and hashed on the way: no in-memory copy of the file, no re-read.
-    size, sha256 = storage.write_stream(uri, produce)
+    size, sha256 = storage.write_stream(uri, produce, before_commit)
     return DataFile(path="", bytes=size, sha256=sha256, rows=table.num_rows)
 
 
@@ -127,12 +135,16 @@ class WrittenPart:
 
 
 def write_base_part(
-    dataset_uri: str, index: int, steps: pa.Table, episodes: pa.Table
+    dataset_uri: str,
+    index: int,
+    steps: pa.Table,
+    episodes: pa.Table,
+    staging_token: str | None = None,
 ) -> WrittenPart:
     """Write part `index` of the base group: whole episodes, sorted by (episode_id, t)."""
     check_sorted(steps, f"{dataset_uri} part {index}")
     episode_ids = episodes.column(cols.EPISODE_ID).to_numpy()
-    step_files = write_group_part(dataset_uri, BASE_GROUP, index, steps, episodes)
+    step_files = write_group_part(dataset_uri, BASE_GROUP, index, steps, episodes, staging_token)
     part = PartInfo(
         steps=steps.num_rows,
         episodes=episodes.num_rows,
@@ -148,15 +160,25 @@ def write_group_part(
     index: int,
     steps: pa.Table | None,
     episodes: pa.Table | None,
+    staging_token: str | None = None,
 ) -> WrittenPart:
-    """Write part `index` of a column group; either level may be absent."""
+    """Write part `index` of a column group; either level may be absent.
+
+    Ray tasks pass their run's `staging_token` (`begin_version`): a task of a run that
+    died then cannot overwrite the files of the run that redoes the work.
+    """
+    guard = (
+        functools.partial(storage.check_staging, dataset_uri, staging_token)
+        if staging_token
+        else None
+    )
     written: dict[str, DataFile | None] = {"steps": None, "episodes": None}
     for level, table in (("steps", steps), ("episodes", episodes)):
         if table is None or table.num_columns == 0:
             continue
         relative_path = part_path(group, level, index)
         data_file = write_parquet(
-            storage.join(dataset_uri, relative_path), table, ROW_GROUP_ROWS[level]
+            storage.join(dataset_uri, relative_path), table, ROW_GROUP_ROWS[level], guard
         )
         written[level] = data_file.model_copy(update={"path": relative_path})
     return WrittenPart(group, index, written["steps"], written["episodes"])
@@ -170,6 +192,7 @@ def begin_version(dataset_uri: str) -> str:
 
     A committed version is immutable: writing onto one is an error. Leftovers of a writer
     that died (marked by `_staging`) are removed so the re-run redoes the work cleanly.
+    The new `_staging` marker holds this run's token (`storage.staging_token`).
     """
     uri = storage.normalize(dataset_uri)
     if storage.exists(storage.join(uri, MANIFEST_NAME)):
@@ -183,17 +206,14 @@ def begin_version(dataset_uri: str) -> str:
             f"{uri} exists, is not empty and is not a hindsight dataset; choose another output path"
         )
     storage.delete_tree(uri)
-    storage.write_bytes(storage.join(uri, STAGING_MARKER), now_iso().encode())
+    storage.start_staging(uri)
     return uri
 
 
 def commit_version(dataset_uri: str, manifest: Manifest) -> Manifest:
     """Write the manifest last and atomically: from now on readers see the version."""
     storage.write_bytes(storage.join(dataset_uri, MANIFEST_NAME), manifest.to_json().encode())
-    marker = storage.join(dataset_uri, STAGING_MARKER)
-    if storage.exists(marker):
-        fs, path = storage.filesystem(marker)
-        fs.delete_file(path)
+    storage.end_staging(dataset_uri)
     return manifest
 
 

@@ -266,7 +266,9 @@ def write_part(task: dict[str, Any], steps: pa.Table, episodes: pa.Table) -> dic
     """Write part `task["index"]` of the base group into `task["dataset"]` and say what
     was written: the files, the step count (drives the progress bar) and the in-memory
     schema (the type names `engine.dataset.fields_of` records)."""
-    written = write_base_part(task["dataset"], task["index"], steps, episodes)
+    written = write_base_part(
+        task["dataset"], task["index"], steps, episodes, task.get("staging_token")
+    )
     return {
         **written.to_dict(),
         "steps": steps.num_rows,

@@ -41,7 +41,7 @@ import io
 import os
 import tarfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -660,12 +660,17 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def put_object(uri: str, data: bytes, attempts: int = 5) -> None:
+def put_object(
+    uri: str, data: bytes, attempts: int = 5, before_commit: Callable[[], None] | None = None
+) -> None:
     """Write a whole object: locally atomically (rename), on S3 with boto3 (multipart above
-    64 MiB, botocore's standard retries plus our own on a failed transfer)."""
+    64 MiB, botocore's standard retries plus our own on a failed transfer). `before_commit`
+    runs just before the object appears (the rename) or, on S3, before the upload starts."""
     if not storage.is_s3(uri):
-        storage.write_bytes(uri, data)
+        storage.write_bytes(uri, data, before_commit)
         return
+    if before_commit:
+        before_commit()
     from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import BotoCoreError, ClientError
 

@@ -7,6 +7,7 @@ never stored in anything we write.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import os
@@ -109,24 +110,21 @@ def read_bytes(uri: str) -> bytes:
         raise StorageError(f"cannot read {uri}: {error}") from error
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def write_bytes(uri: str, data: bytes, before_commit: Callable[[], None] | None = None) -> None:
     """Write a whole object so readers never see part of it.
 
     Locally: a temporary file in the same directory, then an atomic rename.
-    On S3 a single PUT is already atomic.
+    On S3 a single PUT is already atomic. `before_commit` runs just before the object
+    appears (the rename, or the PUT); if it raises, nothing appears.
     """
     fs, path = filesystem(uri)
     if is_s3(uri):
+        if before_commit:
+            before_commit()
         with fs.open_output_stream(path) as stream:
             stream.write(data)
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    write_stream(uri, lambda handle: handle.write(data), before_commit)
 
 
 class _HashingWriter(io.RawIOBase):
@@ -149,25 +147,79 @@ class _HashingWriter(io.RawIOBase):
         return self.size
 
 
-def write_stream(uri: str, produce: Callable[[BinaryIO], None]) -> tuple[int, str]:
+def write_stream(
+    uri: str,
+    produce: Callable[[BinaryIO], None],
+    before_commit: Callable[[], None] | None = None,
+) -> tuple[int, str]:
     """Write an object that `produce` streams into a file, atomically as `write_bytes`
     does, and return its size and sha256 (computed on the way, not by reading back)."""
     if is_s3(uri):
         buffer = io.BytesIO()
         produce(buffer)
         data = buffer.getvalue()
-        write_bytes(uri, data)
+        write_bytes(uri, data, before_commit)
         return len(data), sha256_bytes(data)
     path = normalize(uri)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(temporary, "wb") as handle:
-        writer = _HashingWriter(handle)
-        produce(writer)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            writer = _HashingWriter(handle)
+            produce(writer)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if before_commit:
+            before_commit()
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
     return writer.size, writer.digest.hexdigest()
+
+
+# ---------------------------------------------------------------- staging markers
+
+STAGING_MARKER = "_staging"
+
+
+class StaleWriterError(StorageError):
+    """A task of a run that no longer owns the directory it writes into."""
+
+
+def start_staging(directory_uri: str) -> str:
+    """Mark a directory as being written by a new run; return the run's token.
+
+    Every task of the run carries the token and checks it (`check_staging`) just before
+    a file of its appears. A task of an earlier run that died (a Ray worker outliving its
+    killed driver) then cannot overwrite the files of the re-run, nor add files to a
+    committed directory, whose marker is gone.
+    """
+    token = f"{datetime.datetime.now(datetime.timezone.utc).isoformat()} {uuid.uuid4().hex}"
+    write_bytes(join(directory_uri, STAGING_MARKER), token.encode())
+    return token
+
+
+def staging_token(directory_uri: str) -> str | None:
+    """The token of the run writing a directory now, or None if none is."""
+    marker = join(directory_uri, STAGING_MARKER)
+    return read_bytes(marker).decode() if exists(marker) else None
+
+
+def check_staging(directory_uri: str, token: str) -> None:
+    """Raise StaleWriterError unless the run with `token` still owns the directory."""
+    if staging_token(directory_uri) != token:
+        raise StaleWriterError(
+            f"{directory_uri}: another run has started writing here, or the version was "
+            "committed or removed, since this task's run began; its file is not written"
+        )
+
+
+def end_staging(directory_uri: str) -> None:
+    marker = join(directory_uri, STAGING_MARKER)
+    if exists(marker):
+        fs, path = filesystem(marker)
+        fs.delete_file(path)
 
 
 def sha256_bytes(data: bytes | pa.Buffer) -> str:

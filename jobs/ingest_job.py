@@ -127,6 +127,8 @@ def _write_version(
 ) -> Manifest:
     """Write all parts of a new version on Ray, then `finish` (commit). On any failure the
     staged files are removed, so no half-written version is left behind."""
+    token = storage.staging_token(uri)  # begin_version's: tasks of another run cannot write
+    tasks = [{**task, "staging_token": token} for task in tasks]
     try:
         results = map_parts(part_function, tasks, description=description, total=total)
         parts = [

@@ -250,7 +250,12 @@ def relabel_task(task: dict[str, Any]) -> dict[str, Any]:
         where = f"{dataset.uri} part {index}"
         output = relabeler.run(steps, episodes, statistics, where)
         written = write_group_part(
-            task["output_uri"], relabeler.name, index, output.steps, output.episodes
+            task["output_uri"],
+            relabeler.name,
+            index,
+            output.steps,
+            output.episodes,
+            task["staging_token"],
         )
         result = {"written": written.to_dict(), "steps": steps.num_rows}
         if index == 0:
@@ -311,6 +316,7 @@ def run_relabel(options: RelabelOptions) -> Manifest:
             "dataset_uri": parent.uri,
             "manifest": manifest_so_far.to_json(),
             "output_uri": output_uri,
+            "staging_token": storage.staging_token(output_uri),
         }
         tasks = [{**base_task, "index": i} for i in range(parent.num_parts)]
 

@@ -15,6 +15,7 @@ The driver writes `index.json` last. Same dataset, options and seed -> byte-iden
 
 from __future__ import annotations
 
+import functools
 import shlex
 from typing import Any
 
@@ -35,7 +36,7 @@ from schemas.shard_index import (
     ShardInfo,
 )
 
-STAGING_MARKER = "_staging"
+STAGING_MARKER = storage.STAGING_MARKER
 
 
 class ShardOptions(BaseModel):
@@ -139,7 +140,7 @@ def begin_shards(uri: str) -> str:
     if leftovers and storage.join(uri, STAGING_MARKER) not in leftovers:
         raise ValueError(f"{uri} exists and is not empty; choose a new output path for shards")
     storage.delete_tree(uri)
-    storage.write_bytes(storage.join(uri, STAGING_MARKER), now_iso().encode())
+    storage.start_staging(uri)
     return uri
 
 
@@ -176,7 +177,14 @@ def write_task(task: dict[str, Any]) -> dict[str, Any]:
     for offset, group in enumerate(groups):
         built = shards.build_shard(group, task["window"], task["stride"], task["block_steps"])
         name = f"shard-{task['first_shard'] + offset:05d}.tar"
-        shards.put_object(storage.join(task["out"], name), built.data)
+        # A task of a shard run that died must not overwrite the re-run's shards.
+        shards.put_object(
+            storage.join(task["out"], name),
+            built.data,
+            before_commit=functools.partial(
+                storage.check_staging, task["out"], task["staging_token"]
+            ),
+        )
         written.append(
             ShardInfo(
                 name=name,
@@ -260,6 +268,7 @@ def run_shard(options: ShardOptions) -> ShardIndex:
             **task,
             "infos": {name: info.model_dump() for name, info in infos.items()},
             "out": out,
+            "staging_token": storage.staging_token(out),
             "seed": options.seed,
             "window": options.window,
             "stride": options.stride,
@@ -303,9 +312,7 @@ def run_shard(options: ShardOptions) -> ShardIndex:
         metadata=dataset.manifest.metadata,
     )
     storage.write_bytes(storage.join(out, INDEX_NAME), index.to_json().encode())
-    marker = storage.join(out, STAGING_MARKER)
-    fs, path = storage.filesystem(marker)
-    fs.delete_file(path)
+    storage.end_staging(out)
     return index
 
 

@@ -86,3 +86,27 @@ def test_round_trip_on_s3(s3_bucket):
     write_synthetic_dataset(uri, steps, episodes)
     assert engine.scan(uri).select(pl.len()).collect().item() == steps.num_rows
     assert open_dataset(uri, verify_checksums=True).manifest.episodes == 5
+
+
+def test_a_task_of_a_run_that_died_cannot_overwrite_the_rerun(tmp_path):
+    """Ray workers can outlive a killed driver: their writes are fenced by the run token."""
+    from engine.dataset import commit_base_version, fields_of, write_base_part
+
+    steps, episodes = make_episodes(num_episodes=3, seed=5)
+    uri = begin_version(str(tmp_path / "ds"))
+    dead_run = storage.staging_token(uri)
+    uri = begin_version(uri)  # the re-run: the leftovers go, a new token is written
+    rerun = storage.staging_token(uri)
+    assert dead_run != rerun
+
+    with pytest.raises(storage.StaleWriterError, match="another run"):
+        write_base_part(uri, 0, steps, episodes, dead_run)
+    assert storage.list_files(uri) == [storage.join(uri, "_staging")]  # no file, no temp file
+
+    written = write_base_part(uri, 0, steps, episodes, rerun)
+    fields = {"steps": fields_of([steps]), "episodes": fields_of([episodes])}
+    commit_base_version(uri, [written], fields, operation="ingest", command="test")
+    assert open_dataset(uri).manifest.steps == steps.num_rows
+    # Committed: not even the run's own token writes any more.
+    with pytest.raises(storage.StaleWriterError):
+        write_base_part(uri, 1, steps, episodes, rerun)
