@@ -235,6 +235,20 @@ def test_truncated_shard_is_an_error_or_skipped_with_a_count(written, tmp_path):
         list(stream(str(copy), 8, epochs=1))
 
 
+def test_a_shard_replaced_by_another_valid_shard_fails_its_checksum(written, tmp_path):
+    """A well-formed tar that is not the shard the index describes (a stale writer, a copy
+    mistake) is caught by the size and sha256 check at the end of the shard."""
+    copy = tmp_path / "swapped"
+    shutil.copytree(written["local"], copy)
+    index = read_index(str(copy))
+    first, second = index.shards[0], index.shards[1]
+    shutil.copy(copy / first.name, copy / second.name)
+    with pytest.raises(ShardError, match=f"{second.name}.*sha256"):
+        list(stream(str(copy), 8, epochs=1))
+    # The untouched shards read as before.
+    assert len(window_keys(stream(written["local"], 8, epochs=1))) == index.windows
+
+
 @pytest.mark.s3
 def test_a_dropped_s3_read_is_resumed_from_where_it_stopped(written):
     """The S3 object is real (loopback server); the connection drop is injected once."""

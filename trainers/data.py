@@ -47,7 +47,8 @@ the shard, window within the block, pool, batch within the pool); pools and thei
 are deterministic, so `start_state` resumes at exactly the next batch each worker would have
 produced. A state is valid for the same seed, world size, workers, batch and buffer sizes.
 
-Errors: a truncated or corrupt shard is a `ShardError` naming the shard; with
+Errors: a truncated or corrupt shard, or one whose size and sha256 (checked when its last
+block has been read) differ from the index's, is a `ShardError` naming the shard; with
 on_error="skip" a warning, and `lost_windows` in the state counts what was lost. S3 reads
 that drop are retried from the byte where they stopped. Pickle members and names outside the
 shard are always refused.
@@ -56,13 +57,14 @@ shard are always refused.
 from __future__ import annotations
 
 import ast
+import hashlib
 import io
 import math
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -72,7 +74,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from engine import storage
 from engine.shards import ALLOWED_SUFFIXES, ShardError, split_s3
-from schemas.shard_index import INDEX_NAME, ShardIndex
+from schemas.shard_index import INDEX_NAME, ShardIndex, ShardInfo
 
 STATE_FORMAT = 1
 STEP_MEMBERS = ("observation", "action", "reward", "timestep")
@@ -282,16 +284,55 @@ def decode_block(sample: dict[str, Any], url: str, index: ShardIndex, conditions
     return block
 
 
+class VerifyingReader(io.RawIOBase):
+    """Passes a shard's bytes through, counting and hashing them, so that the end of the
+    shard can be checked against the size and sha256 the index recorded."""
+
+    def __init__(self, stream: BinaryIO):
+        self.stream = stream
+        self.size = 0
+        self.digest = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = self.stream.readinto(buffer)
+        self.digest.update(memoryview(buffer)[:count])
+        self.size += count
+        return count
+
+    def verify(self, url: str, expected: ShardInfo) -> None:
+        """Read what the tar reader left (end-of-archive padding), then compare."""
+        while self.read(1 << 20):
+            pass
+        if (self.size, self.digest.hexdigest()) != (expected.bytes, expected.sha256):
+            raise ShardError(
+                f"{url}: {self.size} bytes with sha256 {self.digest.hexdigest()[:12]}..., but "
+                f"the index records {expected.bytes} bytes with sha256 "
+                f"{expected.sha256[:12]}...: the shard changed after the shard job wrote it "
+                "(its windows were read before this could be known)"
+            )
+
+
 def shard_blocks(
-    url: str, index: ShardIndex, conditions: Sequence[str], skip_blocks: int = 0
+    url: str,
+    index: ShardIndex,
+    conditions: Sequence[str],
+    skip_blocks: int = 0,
+    expected: ShardInfo | None = None,
 ) -> Iterator[Block]:
     """The blocks of one shard in order, from block `skip_blocks` on (earlier ones are read
-    but not decoded)."""
-    with open_shard(url) as stream_:
+    but not decoded). With `expected` (the index's entry), the whole shard's size and sha256
+    are checked once its last block has been read."""
+    with open_shard(url) as raw:
+        stream_ = VerifyingReader(raw) if expected else raw
         files = tar_file_iterator(stream_)
         for number, sample in enumerate(group_by_keys(checked_members(files, url))):
             if number >= skip_blocks:
                 yield decode_block(sample, url, index, conditions)
+        if expected:
+            stream_.verify(url, expected)
 
 
 # ---------------------------------------------------------------- positions and pools
@@ -359,7 +400,8 @@ def pools(
         seen_blocks, seen_windows = first_block, 0
         try:
             for block_number, block in enumerate(
-                shard_blocks(url, index, conditions, first_block), start=first_block
+                shard_blocks(url, index, conditions, first_block, expected=info),
+                start=first_block,
             ):
                 seen_blocks += 1
                 seen_windows += block.num_windows
