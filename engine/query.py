@@ -619,9 +619,10 @@ def iter_episodes(
     stats = stats if stats is not None else ReadStats()
     wanted = np.unique(np.asarray(episode_ids, dtype=np.int64))
     schemas = {level: arrow_schema(dataset, level) for level in LEVELS}
-    step_reader = PartReader(dataset, "steps", stats)
-    episode_reader = PartReader(dataset, "episodes", stats)
     for batch in _batches(dataset.num_parts):
+        # Readers per batch: their footer caches then hold only this batch's files.
+        step_reader = PartReader(dataset, "steps", stats)
+        episode_reader = PartReader(dataset, "episodes", stats)
         step_scans, episode_frames = [], []
         for index in batch:
             part = dataset.manifest.parts[index]
@@ -679,12 +680,21 @@ def write_subset(
     episode_ids = selected[cols.EPISODE_ID].to_numpy()
     if limit_episodes is not None:
         episode_ids = episode_ids[:limit_episodes]
+    if not len(episode_ids):
+        raise QueryError(f"--limit {limit_episodes} keeps no episode; nothing written to {out_uri}")
     stats = ReadStats()
     uri = begin_version(out_uri)
+    token = storage.staging_token(uri)
     try:
         written: list[WrittenPart] = []
         pending: tuple[pa.Table, pa.Table] | None = None
         for steps, episodes in iter_episodes(dataset, episode_ids, stats):
+            first_id = episodes.column(cols.EPISODE_ID)[0].as_py()
+            if pending is not None and first_id <= pending[1].column(cols.EPISODE_ID)[-1].as_py():
+                # Source parts whose episode ids interleave: a part is sorted, not the
+                # dataset, so what waits becomes a part of its own.
+                written.append(write_base_part(uri, len(written), *pending))
+                pending = None
             if pending is not None:
                 steps = pa.concat_tables([pending[0], steps])
                 episodes = pa.concat_tables([pending[1], episodes])
@@ -716,6 +726,6 @@ def write_subset(
             },
         )
     except BaseException:
-        storage.delete_tree(uri)
+        storage.discard_staging(uri, token)
         raise
     return manifest, stats

@@ -161,6 +161,8 @@ def write_stream(
         write_bytes(uri, data, before_commit)
         return len(data), sha256_bytes(data)
     path = normalize(uri)
+    if before_commit:  # also before any file is made: a stale writer leaves nothing
+        before_commit()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -213,6 +215,12 @@ def check_staging(directory_uri: str, token: str) -> None:
             f"{directory_uri}: another run has started writing here, or the version was "
             "committed or removed, since this task's run began; its file is not written"
         )
+
+
+def discard_staging(directory_uri: str, token: str | None) -> None:
+    """Remove what a failed run wrote, unless another run has taken the directory over."""
+    if token is None or staging_token(directory_uri) == token:
+        delete_tree(directory_uri)
 
 
 def end_staging(directory_uri: str) -> None:

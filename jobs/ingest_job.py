@@ -139,9 +139,10 @@ def _write_version(
             level: [FieldInfo(**f) for f in results[0][f"{level}_fields"]]
             for level in ("steps", "episodes")
         }
+        storage.check_staging(uri, token)  # still this run's directory: commit
         return finish(parts, fields)
     except BaseException:
-        storage.delete_tree(uri)
+        storage.discard_staging(uri, token)
         raise
 
 

@@ -281,10 +281,12 @@ def default_command(options: RelabelOptions) -> str:
     return shlex.join(words)
 
 
-def _raise_errors(results: list[dict[str, Any]], relabeler: Relabeler, output_uri: str) -> None:
+def _raise_errors(
+    results: list[dict[str, Any]], relabeler: Relabeler, output_uri: str, token: str | None
+) -> None:
     errors = [r["error"] for r in results if "error" in r]
     if errors:
-        storage.delete_tree(output_uri)  # nothing of a failed run stays behind
+        storage.discard_staging(output_uri, token)  # nothing of a failed run stays behind
         more = f" (and {len(errors) - 1} more part(s))" if len(errors) > 1 else ""
         raise RelabelError(f"relabeler {relabeler.name!r}: {errors[0]}{more}; nothing was written")
 
@@ -299,6 +301,7 @@ def run_relabel(options: RelabelOptions) -> Manifest:
     init_ray(options.address)
 
     output_uri = begin_version(options.output)
+    token = storage.staging_token(output_uri)  # this run's: tasks of another run cannot write
     manifest_so_far = parent.manifest.model_copy(deep=True)
     new_groups: list[ColumnGroup] = []
     for relabeler in relabelers:
@@ -307,7 +310,7 @@ def run_relabel(options: RelabelOptions) -> Manifest:
                 relabeler, parent_schemas(Dataset(parent.uri, manifest_so_far)), relabeler.name
             )
         except RelabelError:
-            storage.delete_tree(output_uri)
+            storage.discard_staging(output_uri, token)
             raise
         base_task = {
             "relabeler": relabeler.name,
@@ -316,7 +319,7 @@ def run_relabel(options: RelabelOptions) -> Manifest:
             "dataset_uri": parent.uri,
             "manifest": manifest_so_far.to_json(),
             "output_uri": output_uri,
-            "staging_token": storage.staging_token(output_uri),
+            "staging_token": token,
         }
         tasks = [{**base_task, "index": i} for i in range(parent.num_parts)]
 
@@ -328,11 +331,11 @@ def run_relabel(options: RelabelOptions) -> Manifest:
                 description=f"{relabeler.name} (statistics)",
                 total=parent.manifest.steps,
             )
-            _raise_errors(results, relabeler, output_uri)
+            _raise_errors(results, relabeler, output_uri, token)
             try:
                 statistics = relabeler.combine([r["summary"] for r in results])
             except RelabelError:
-                storage.delete_tree(output_uri)
+                storage.discard_staging(output_uri, token)
                 raise
 
         results = map_parts(
@@ -341,7 +344,7 @@ def run_relabel(options: RelabelOptions) -> Manifest:
             description=relabeler.name,
             total=parent.manifest.steps,
         )
-        _raise_errors(results, relabeler, output_uri)
+        _raise_errors(results, relabeler, output_uri, token)
 
         report = dict(statistics.report)
         report.update(relabeler.finish_report(statistics, [r["output_summary"] for r in results]))
@@ -374,6 +377,7 @@ def run_relabel(options: RelabelOptions) -> Manifest:
         parent_uri=parent.uri,
         details={"relabelers": [g.relabeler.model_dump(mode="json") for g in new_groups]},
     )
+    storage.check_staging(output_uri, token)  # still this run's directory: commit
     return commit_version(output_uri, manifest)
 
 

@@ -226,6 +226,7 @@ def run_shard(options: ShardOptions) -> ShardIndex:
     conditions = resolve_conditions(dataset, options)
     init_ray(options.address)
     out = begin_shards(options.out)
+    token = storage.staging_token(out)  # this run's: tasks of another run cannot write
     common = {
         "dataset": dataset.uri,
         "conditions": [c.to_dict() for c in conditions],
@@ -268,7 +269,7 @@ def run_shard(options: ShardOptions) -> ShardIndex:
             **task,
             "infos": {name: info.model_dump() for name, info in infos.items()},
             "out": out,
-            "staging_token": storage.staging_token(out),
+            "staging_token": token,
             "seed": options.seed,
             "window": options.window,
             "stride": options.stride,
@@ -311,6 +312,7 @@ def run_shard(options: ShardOptions) -> ShardIndex:
         conditions={c.name: infos[c.name] for c in conditions},
         metadata=dataset.manifest.metadata,
     )
+    storage.check_staging(out, token)  # still this run's directory: commit
     storage.write_bytes(storage.join(out, INDEX_NAME), index.to_json().encode())
     storage.end_staging(out)
     return index

@@ -110,3 +110,13 @@ def test_a_task_of_a_run_that_died_cannot_overwrite_the_rerun(tmp_path):
     # Committed: not even the run's own token writes any more.
     with pytest.raises(storage.StaleWriterError):
         write_base_part(uri, 1, steps, episodes, rerun)
+
+
+def test_a_failed_run_removes_its_directory_only_while_it_owns_it(tmp_path):
+    uri = begin_version(str(tmp_path / "ds"))
+    first = storage.staging_token(uri)
+    begin_version(uri)  # another run takes the directory over
+    storage.discard_staging(uri, first)
+    assert storage.exists(storage.join(uri, "_staging"))  # the new run's marker stays
+    storage.discard_staging(uri, storage.staging_token(uri))
+    assert not (tmp_path / "ds").exists()

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from polars.testing import assert_frame_equal
 
@@ -337,6 +338,41 @@ def test_out_is_written_part_by_part_and_a_failure_leaves_nothing(
     with pytest.raises(OSError, match="disk full"):
         write_subset(labeled, where, str(broken), command="test", part_steps=40)
     assert not broken.exists()
+
+
+def test_out_with_a_limit_of_zero_writes_nothing(labeled, tmp_path):
+    with pytest.raises(QueryError, match="keeps no episode"):
+        write_subset(
+            labeled, "skill = 'expert'", str(tmp_path / "none"), command="t", limit_episodes=0
+        )
+    assert not (tmp_path / "none").exists()
+
+
+def test_out_from_parts_whose_episode_ids_interleave(tmp_path):
+    """One part per source file, ids interleaved across files: each part is sorted, the
+    dataset is not; the subset still has sorted parts of whole episodes."""
+    from engine.dataset import begin_version, commit_base_version, fields_of, write_base_part
+
+    steps, episodes = make_episodes(num_episodes=6, seed=9)
+    ids = episodes.column("episode_id").to_numpy()
+    uri = begin_version(str(tmp_path / "interleaved"))
+    written = []
+    for index, chosen in enumerate((ids[0::2], ids[1::2])):
+        keep_steps = pc.is_in(steps.column("episode_id"), pa.array(chosen))
+        keep_episodes = pc.is_in(episodes.column("episode_id"), pa.array(chosen))
+        written.append(
+            write_base_part(uri, index, steps.filter(keep_steps), episodes.filter(keep_episodes))
+        )
+    fields = {"steps": fields_of([steps]), "episodes": fields_of([episodes])}
+    commit_base_version(uri, written, fields, operation="ingest", command="t")
+
+    out = str(tmp_path / "all")
+    manifest, _ = write_subset(uri, "return > -1000", out, command="t")
+    assert manifest.episodes == 6 and manifest.steps == steps.num_rows
+    subset = pl.concat(
+        pl.from_arrow(open_dataset(out).read_part(i)) for i in range(len(manifest.parts))
+    )
+    assert sorted(subset["episode_id"].unique().to_list()) == sorted(ids.tolist())
 
 
 def test_cli_formats(labeled, raw, tmp_path, capsys):
