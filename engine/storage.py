@@ -15,7 +15,7 @@ import posixpath
 import uuid
 from collections.abc import Callable
 from functools import lru_cache
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -124,7 +124,30 @@ def write_bytes(uri: str, data: bytes, before_commit: Callable[[], None] | None 
         with fs.open_output_stream(path) as stream:
             stream.write(data)
         return
-    write_stream(uri, lambda handle: handle.write(data), before_commit)
+    _write_local(path, lambda handle: handle.write(data), before_commit)
+
+
+def _write_local(
+    path: str, produce: Callable[[BinaryIO], Any], before_commit: Callable[[], None] | None
+) -> None:
+    """A temporary file next to `path`, fsynced, then renamed onto it; the temporary file
+    never stays. `before_commit` runs before anything is made and again before the rename:
+    a stale writer (see `check_staging`) leaves nothing."""
+    if before_commit:
+        before_commit()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(temporary, "wb") as handle:
+            produce(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if before_commit:
+            before_commit()
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 class _HashingWriter(io.RawIOBase):
@@ -160,24 +183,14 @@ def write_stream(
         data = buffer.getvalue()
         write_bytes(uri, data, before_commit)
         return len(data), sha256_bytes(data)
-    path = normalize(uri)
-    if before_commit:  # also before any file is made: a stale writer leaves nothing
-        before_commit()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(temporary, "wb") as handle:
-            writer = _HashingWriter(handle)
-            produce(writer)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if before_commit:
-            before_commit()
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return writer.size, writer.digest.hexdigest()
+    writers: list[_HashingWriter] = []
+
+    def hashed(handle: BinaryIO) -> None:
+        writers.append(_HashingWriter(handle))
+        produce(writers[0])
+
+    _write_local(normalize(uri), hashed, before_commit)
+    return writers[0].size, writers[0].digest.hexdigest()
 
 
 # ---------------------------------------------------------------- staging markers
