@@ -28,7 +28,6 @@ import os
 import platform
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+
+from bench.memory import TreeMemory
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -243,40 +244,7 @@ def kernel_seconds(relabeler, steps: pa.Table, episodes: pa.Table, repeats: int 
     return best
 
 
-# ---------------------------------------------------------------- memory sampling
-
-
-class TreeMemory:
-    """Samples the RSS of this process and its descendants (Ray workers) every 0.2 s."""
-
-    def __init__(self) -> None:
-        self.peak_tree = 0
-        self.peak_single = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> TreeMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        while not self._stop.is_set():
-            sizes = []
-            for process in [me, *me.children(recursive=True)]:
-                try:
-                    sizes.append(process.memory_info().rss)
-                except psutil.Error:
-                    pass
-            self.peak_tree = max(self.peak_tree, sum(sizes))
-            self.peak_single = max(self.peak_single, max(sizes, default=0))
-            self._stop.wait(0.2)
+# ---------------------------------------------------------------- whole jobs
 
 
 def run_job(input_uri: str, output_uri: str, relabeler: str) -> dict:
