@@ -28,7 +28,7 @@ from jobs.ingest_job import (
 )
 from schemas import steps as cols
 from schemas.manifest import SKIPPED_REPORT_NAME
-from tests.synthetic import make_episodes, write_synthetic_dataset
+from tests.synthetic import attach_group, make_episodes, write_synthetic_dataset
 
 # ---------------------------------------------------------------- D4RL-style source files
 
@@ -510,39 +510,15 @@ def test_info_json_parses(ray_local, tiny_dataset, capsys):
 
 
 def test_materialize_zips_all_groups_into_one(ray_local, tmp_path):
-    from engine.dataset import (
-        assemble_group,
-        commit_version,
-        fields_of,
-        inherit_groups,
-        new_manifest,
-        write_group_part,
-    )
-
     steps, episodes = make_episodes(num_episodes=10, seed=11)
     parent_uri = str(tmp_path / "parent")
     write_synthetic_dataset(parent_uri, steps, episodes, part_steps=60)
-    parent = open_dataset(parent_uri)
-    child_uri = begin_version(str(tmp_path / "child"))
-    written, tables = [], []
-    for index in range(parent.num_parts):
+
+    def double_reward(parent, index):
         reward = parent.read_part(index, columns=["reward"]).column("reward")
-        table = pa.table({"double_reward": pa.compute.multiply(reward, 2)})
-        tables.append(table)
-        written.append(write_group_part(child_uri, "double", index, table, None))
-    group = assemble_group(child_uri, "double", written, fields_of(tables), [])
-    commit_version(
-        child_uri,
-        new_manifest(
-            child_uri,
-            groups=inherit_groups(parent, [group]),
-            parts=parent.manifest.parts,
-            operation="relabel",
-            command="test",
-            parent=parent.manifest,
-            parent_uri=parent_uri,
-        ),
-    )
+        return pa.table({"double_reward": pa.compute.multiply(reward, 2)}), None
+
+    child_uri = attach_group(parent_uri, str(tmp_path / "child"), "double", double_reward)
     output = str(tmp_path / "flat")
     manifest = run_materialize(MaterializeOptions(dataset=child_uri, output=output))
     assert [g.name for g in manifest.groups] == ["base"]
