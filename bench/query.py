@@ -17,7 +17,8 @@ Measured in the same run, on the same files, taking turns, each the best of `--r
 - full scan: `engine.scan(uri).collect()`, every step column of every row;
 - naive: `engine.scan(uri)` semi-joined with the filtered `engine.scan_episodes(uri)`;
 - query: `engine.query.query(uri, where)` (what `hindsight query` runs), all step columns.
-- the same full scan and scattered query on a copy of the dataset whose step files have
+- narrow scan: `episode_id` and `reward` of every row (what a relabel job reads);
+- the same full scan, narrow scan and scattered query on a copy of the dataset whose step files have
   `--compare-row-group-rows` rows per Parquet row group (default: 65536, the earlier
   layout), to show what the row-group size costs a full scan and buys a query.
 Bytes read are what the process read from files (`rchar` in /proc/self/io; the page cache is
@@ -247,6 +248,11 @@ def run(args: argparse.Namespace) -> dict:
         frame = engine.scan(uri).collect()
         return {"rows": frame.height}
 
+    def narrow_scan(uri: str = uri) -> dict:
+        """Two scalar columns of every row: what a relabel job reads."""
+        frame = engine.scan(uri).select(cols.EPISODE_ID, cols.REWARD).collect()
+        return {"rows": frame.height}
+
     def naive(where: pl.Expr) -> dict:
         chosen = engine.scan_episodes(uri).filter(where).select(cols.EPISODE_ID)
         frame = engine.scan(uri).join(chosen, on=cols.EPISODE_ID, how="semi").collect()
@@ -266,7 +272,7 @@ def run(args: argparse.Namespace) -> dict:
         "clustered": ("skill = 'expert'", pl.col("skill") == "expert"),
         "scattered": ("flagged", pl.col("flagged")),
     }
-    variants = {"full_scan": full_scan}
+    variants = {"full_scan": full_scan, "narrow_scan": narrow_scan}
     for name, (sql, expression) in queries.items():
         variants[f"{name}_naive"] = lambda e=expression: naive(e)
         variants[f"{name}_query"] = lambda s=sql: ours(s)
@@ -274,6 +280,7 @@ def run(args: argparse.Namespace) -> dict:
     if compare_rows:
         label = f"{compare_rows}_row_groups"
         variants[f"full_scan_{label}"] = lambda: full_scan(compare_uri)
+        variants[f"narrow_scan_{label}"] = lambda: narrow_scan(compare_uri)
         variants[f"scattered_query_{label}"] = lambda: ours(
             queries["scattered"][0], uri=compare_uri
         )
@@ -293,6 +300,13 @@ def run(args: argparse.Namespace) -> dict:
             value["bytes_fraction_of_full_scan"] = round(
                 value["bytes_read"] / max(full["bytes_read"], 1), 4
             )
+    if compare_rows:
+        # The compared layout's time for the same work, as a multiple of the default's.
+        suffix = f"_{compare_rows}_row_groups"
+        for key, value in results.items():
+            if key.endswith(suffix):
+                default = results[key.removesuffix(suffix)]
+                value["time_vs_default_layout"] = round(value["seconds"] / default["seconds"], 2)
     return {
         "benchmark": "query",
         "steps": dataset.manifest.steps,

@@ -23,6 +23,7 @@ and no `episode_id` needs to be read from the step files at all.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -45,7 +46,7 @@ from engine.dataset import (
     write_base_part,
 )
 from schemas import steps as cols
-from schemas.manifest import MANIFEST_NAME, Manifest
+from schemas.manifest import MANIFEST_NAME, ColumnGroup, Manifest
 
 LEVELS = ("steps", "episodes")
 _SQL_PREFIX = "SELECT * FROM t WHERE "
@@ -217,6 +218,10 @@ def plan_query(
 # ---------------------------------------------------------------- reading only what is needed
 
 
+# Reads of several parts run in parallel on Polars' threads; their counts meet here.
+_STATS_LOCK = threading.Lock()
+
+
 @dataclass
 class ReadStats:
     """What a query read: Parquet column chunks (compressed bytes, as stored) and footers."""
@@ -226,6 +231,28 @@ class ReadStats:
     row_groups_skipped: int = 0
     bytes: int = 0
     parts_skipped: int = 0
+
+    def add(self, **counts: int) -> None:
+        with _STATS_LOCK:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def count_file(self, metadata: pq.FileMetaData, groups: np.ndarray, columns: list[str]) -> None:
+        """Count a read of the row groups `groups` of `columns` from one file."""
+        wanted = set(columns)
+        chunk_bytes = 0
+        for index in groups:
+            row_group = metadata.row_group(int(index))
+            for j in range(row_group.num_columns):
+                chunk = row_group.column(j)
+                if chunk.path_in_schema.split(".")[0] in wanted:
+                    chunk_bytes += chunk.total_compressed_size
+        self.add(
+            files=1,
+            row_groups=len(groups),
+            row_groups_skipped=metadata.num_row_groups - len(groups),
+            bytes=metadata.serialized_size + chunk_bytes,
+        )
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -246,24 +273,33 @@ def row_group_selection(
     return groups, positions
 
 
-def read_rows(
-    uri: str,
-    metadata: pq.FileMetaData,
-    columns: list[str],
-    groups: np.ndarray,
-    positions: np.ndarray,
-) -> pl.DataFrame:
-    """`columns` of the row groups `groups` of one Parquet file, in one read, then the
-    rows at `positions` within them (see `row_group_selection`)."""
+def _not_aligned(uri: str, num_rows: int, rows: np.ndarray) -> DatasetError:
+    return DatasetError(
+        f"{uri}: has {num_rows} rows, the episodes table says rows "
+        f"{rows.min()}..{rows.max()}; the column groups of this version are not aligned"
+    )
+
+
+def read_rows(uri: str, columns: list[str], rows: np.ndarray, stats: ReadStats) -> pl.DataFrame:
+    """`columns` of one Parquet file at the sorted row positions `rows`: the row groups that
+    hold them, in one read, then the rows taken from those (see `row_group_selection`).
+
+    The footer is parsed here, not up front, so the footers of the parts a query reads
+    together are parsed in parallel too (with small row groups they are not small)."""
     fs, path = storage.filesystem(uri)
-    with pq.ParquetFile(path, filesystem=fs, metadata=metadata, pre_buffer=True) as parquet:
-        table = parquet.read_row_groups(groups.tolist(), columns=columns)
+    try:
+        with pq.ParquetFile(path, filesystem=fs, pre_buffer=True) as parquet:
+            metadata = parquet.metadata
+            sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+            offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+            if rows[-1] >= offsets[-1]:
+                raise _not_aligned(uri, int(offsets[-1]), rows)
+            groups, positions = row_group_selection(rows, offsets)
+            stats.count_file(metadata, groups, columns)
+            table = parquet.read_row_groups(groups.tolist(), columns=columns)
+    except (OSError, pa.ArrowException) as error:
+        raise DatasetError(f"{uri}: cannot read column(s) {', '.join(columns)}: {error}") from error
     return pl.from_arrow(table.take(pa.array(positions)))
-
-
-def collect(frames: Sequence[pl.LazyFrame]) -> list[pl.DataFrame]:
-    """Collect the scans of several parts in one call, so Polars runs them in parallel."""
-    return pl.collect_all(frames)
 
 
 class PartReader:
@@ -272,6 +308,9 @@ class PartReader:
     Whole parts are Polars scans. Chosen rows are read as whole Parquet row groups (the
     smallest unit a Parquet reader can skip), only those that hold a chosen row, and the
     rows are then taken from them: one read per file, however scattered the rows are.
+    Those reads are Python functions that Polars runs on its threads (`pl.defer`); an
+    exception must not cross Polars' threads (the process can abort at exit while other
+    reads still run), so each read keeps its error and `collect` raises it afterwards.
     """
 
     def __init__(self, dataset: Dataset, level: str, stats: ReadStats):
@@ -283,13 +322,8 @@ class PartReader:
             for group in dataset.manifest.groups
             for f in getattr(group, f"{level}_columns")
         }
-        self._metadata: dict[str, pq.FileMetaData] = {}
-
-    def metadata(self, uri: str) -> pq.FileMetaData:
-        if uri not in self._metadata:
-            fs, path = storage.filesystem(uri)
-            self._metadata[uri] = pq.read_metadata(path, filesystem=fs)
-        return self._metadata[uri]
+        self._schemas: dict[str, pl.Schema] = {}
+        self._errors: list[Exception] = []
 
     def scan(
         self, index: int, columns: Sequence[str], rows: np.ndarray | None = None
@@ -302,55 +336,65 @@ class PartReader:
         for group_columns in by_group.values():
             group = self.group_of[group_columns[0]]
             data_file = getattr(group, f"{self.level}_files")[index]
-            frames.append(self._scan(storage.join(group.root, data_file.path), group_columns, rows))
+            uri = storage.join(group.root, data_file.path)
+            frames.append(self._scan(uri, data_file.rows, group, group_columns, rows))
         frame = pl.concat(frames, how="horizontal") if len(frames) > 1 else frames[0]
         return frame.select(list(dict.fromkeys(columns)))
+
+    def collect(self, frames: Sequence[pl.LazyFrame]) -> list[pl.DataFrame]:
+        """Collect scans of several parts in one call, so Polars runs them in parallel;
+        then raise the first error any read met."""
+        collected = pl.collect_all(frames)
+        if self._errors:
+            error, self._errors = self._errors[0], []
+            raise error
+        return collected
 
     def read(
         self, index: int, columns: Sequence[str], rows: np.ndarray | None = None
     ) -> pl.DataFrame:
-        return collect([self.scan(index, columns, rows)])[0]
+        return self.collect([self.scan(index, columns, rows)])[0]
 
-    def _scan(self, uri: str, columns: list[str], rows: np.ndarray | None) -> pl.LazyFrame:
-        metadata = self.metadata(uri)
-        sizes = np.array(
-            [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)],
-            dtype=np.int64,
-        )
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
-        self.stats.files += 1
+    def _schema(self, group: ColumnGroup) -> pl.Schema:
+        """The Polars schema of a group's files at this level (all its parts share it).
+
+        Read from the first part's footer once per reader; like the manifest, this is the
+        version's description, not counted in `stats`."""
+        if group.name not in self._schemas:
+            first = getattr(group, f"{self.level}_files")[0]
+            fs, path = storage.filesystem(storage.join(group.root, first.path))
+            empty = pq.read_schema(path, filesystem=fs).empty_table()
+            self._schemas[group.name] = pl.from_arrow(empty).schema
+        return self._schemas[group.name]
+
+    def _scan(
+        self,
+        uri: str,
+        num_rows: int,
+        group: ColumnGroup,
+        columns: list[str],
+        rows: np.ndarray | None,
+    ) -> pl.LazyFrame:
         if rows is None:
-            self._count(metadata, np.arange(len(sizes)), columns)
+            fs, path = storage.filesystem(uri)
+            metadata = pq.read_metadata(path, filesystem=fs)
+            self.stats.count_file(metadata, np.arange(metadata.num_row_groups), columns)
             options = storage.polars_storage_options(uri)
             return pl.scan_parquet(uri, storage_options=options).select(columns)
-        if len(rows) and (rows.min() < 0 or rows.max() >= offsets[-1]):
-            raise DatasetError(
-                f"{uri}: has {offsets[-1]} rows, the episodes table says rows "
-                f"{rows.min()}..{rows.max()}; the column groups of this version are not aligned"
-            )
-        groups, positions = row_group_selection(rows, offsets)
-        self._count(metadata, groups, columns)
-        empty = metadata.schema.to_arrow_schema().empty_table().select(columns)
-        schema = pl.from_arrow(empty).schema
+        if len(rows) and (rows.min() < 0 or rows.max() >= num_rows):
+            raise _not_aligned(uri, num_rows, rows)
+        schema = pl.Schema({name: self._schema(group)[name] for name in columns})
         if not len(rows):
             return pl.LazyFrame(schema=schema)
-        return pl.defer(
-            lambda: read_rows(uri, metadata, columns, groups, positions),
-            schema=schema,
-            validate_schema=True,
-        )
 
-    def _count(self, metadata: pq.FileMetaData, groups: np.ndarray, columns: list[str]) -> None:
-        wanted = set(columns)
-        self.stats.row_groups += len(groups)
-        self.stats.row_groups_skipped += metadata.num_row_groups - len(groups)
-        self.stats.bytes += metadata.serialized_size
-        for index in groups:
-            row_group = metadata.row_group(int(index))
-            for j in range(row_group.num_columns):
-                chunk = row_group.column(j)
-                if chunk.path_in_schema.split(".")[0] in wanted:
-                    self.stats.bytes += chunk.total_compressed_size
+        def read() -> pl.DataFrame:
+            try:
+                return read_rows(uri, columns, rows, self.stats)
+            except Exception as error:  # raised by `collect`, on the caller's thread
+                self._errors.append(error)
+                return pl.DataFrame(schema=schema).clear(len(rows))
+
+        return pl.defer(read, schema=schema, validate_schema=True)
 
 
 def _episode_table(
@@ -360,7 +404,7 @@ def _episode_table(
     reader = PartReader(dataset, "episodes", stats)
     wanted = list(dict.fromkeys([cols.EPISODE_ID, cols.LENGTH, *columns]))
     parts = list(parts)
-    frames = collect([reader.scan(index, wanted) for index in parts])
+    frames = reader.collect([reader.scan(index, wanted) for index in parts])
     with_rows = []
     for index, frame in zip(parts, frames):
         frame = frame.sort(cols.EPISODE_ID)
@@ -391,7 +435,9 @@ def _episode_rows(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, 
 
 # ---------------------------------------------------------------- running a query
 
-# Parts read together (Polars decodes them in parallel); a `limit` is checked in between.
+# Parts are read together (Polars decodes them in parallel) until their candidate rows add
+# up to this many parts' worth: whole parts go 4 at a time, a sparse selection from many
+# parts at once. Memory holds one batch; a `limit` is checked in between.
 PARTS_PER_BATCH = 4
 
 
@@ -454,7 +500,7 @@ def _match_parts(
         return matches
     whole_parts = plan.episode_condition is None
     if plan.row_step_columns:
-        frames = collect(
+        frames = reader.collect(
             [
                 reader.scan(m.index, plan.row_step_columns, None if whole_parts else m.rows)
                 for m in matches
@@ -477,10 +523,27 @@ def _match_parts(
     return matches
 
 
-def _batches(count: int) -> list[list[int]]:
-    return [
-        list(range(i, min(i + PARTS_PER_BATCH, count))) for i in range(0, count, PARTS_PER_BATCH)
-    ]
+def _batches(
+    dataset: Dataset, candidates: pl.DataFrame, limit: int | None = None
+) -> list[list[int]]:
+    """Every part, in order, cut into batches of at most PARTS_PER_BATCH largest parts'
+    worth of candidate rows, or `limit` rows (a part with more is a batch of its own)."""
+    rows = np.zeros(dataset.num_parts, dtype=np.int64)
+    if candidates.height:
+        per_part = candidates.group_by(_PART).agg(pl.col(cols.LENGTH).sum())
+        rows[per_part[_PART].to_numpy()] = per_part[cols.LENGTH].to_numpy()
+    budget = PARTS_PER_BATCH * max((part.steps for part in dataset.manifest.parts), default=0)
+    if limit is not None:
+        budget = min(budget, limit)
+    batches: list[list[int]] = []
+    total = 0
+    for index, part_rows in enumerate(rows.tolist()):
+        if not batches or (total + part_rows > budget and total > 0):
+            batches.append([])
+            total = 0
+        batches[-1].append(index)
+        total += part_rows
+    return batches
 
 
 def query(
@@ -512,7 +575,9 @@ def query(
     step_select = [c for c in plan.select if c not in plan.select_episode_columns]
     pieces: list[pl.DataFrame] = []
     found = 0
-    for batch in _batches(dataset.num_parts):
+    # Only when the episodes decide alone are candidate rows the rows a limit counts.
+    rows_limit = limit if plan.row_condition is None else None
+    for batch in _batches(dataset, candidates, rows_limit):
         if (limit is not None and found >= limit) or not candidates.height:
             stats.parts_skipped += len(batch)
             continue
@@ -532,7 +597,7 @@ def query(
                 scans.append(reader.scan(match.index, to_read, None if whole else match.rows))
             else:
                 scans.append(pl.LazyFrame())
-        for match, frame in zip(matches, collect(scans)):
+        for match, frame in zip(matches, reader.collect(scans)):
             if not len(match.rows):
                 continue
             columns = [frame] if frame.width else []
@@ -594,7 +659,7 @@ def matching_episodes(
     reader = PartReader(dataset, "steps", stats)
     kept = []
     steps = 0
-    for batch in _batches(dataset.num_parts):
+    for batch in _batches(dataset, candidates):
         for match in _match_parts(dataset, plan, batch, candidates, reader):
             steps += len(match.rows)
             kept.append(match.candidates[np.unique(match.owner)].select(cols.EPISODE_ID))
@@ -609,8 +674,9 @@ def iter_episodes(
     dataset: Dataset | str, episode_ids: Sequence[int] | np.ndarray, stats: ReadStats | None = None
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """Every step and episode column of the given whole episodes, one source part at a time
-    (sorted by episode_id, with the dataset's Arrow types): memory holds at most
-    PARTS_PER_BATCH parts' worth of chosen rows, read together.
+    (sorted by episode_id, with the dataset's Arrow types). Memory holds one batch (see
+    PARTS_PER_BATCH) of chosen rows, read together, plus the row groups of the files being
+    decoded at that moment (one file per Polars thread).
 
     Parts whose [min_episode_id, max_episode_id] in the manifest holds none of the ids are
     not opened.
@@ -619,32 +685,37 @@ def iter_episodes(
     stats = stats if stats is not None else ReadStats()
     wanted = np.unique(np.asarray(episode_ids, dtype=np.int64))
     schemas = {level: arrow_schema(dataset, level) for level in LEVELS}
-    for batch in _batches(dataset.num_parts):
-        # Readers per batch: their footer caches then hold only this batch's files.
-        step_reader = PartReader(dataset, "steps", stats)
-        episode_reader = PartReader(dataset, "episodes", stats)
+    parts = []
+    for index, part in enumerate(dataset.manifest.parts):
+        low, high = np.searchsorted(wanted, [part.min_episode_id, part.max_episode_id + 1])
+        if low == high:
+            stats.parts_skipped += 1
+        else:
+            parts.append(index)
+    chosen = _episode_table(dataset, [], stats, parts)
+    if chosen.height:
+        chosen = chosen.filter(pl.col(cols.EPISODE_ID).is_in(pl.Series(wanted).implode()))
+    step_reader = PartReader(dataset, "steps", stats)
+    episode_reader = PartReader(dataset, "episodes", stats)
+    for batch in _batches(dataset, chosen):
         step_scans, episode_frames = [], []
         for index in batch:
-            part = dataset.manifest.parts[index]
-            low, high = np.searchsorted(wanted, [part.min_episode_id, part.max_episode_id + 1])
-            if low == high:
-                stats.parts_skipped += 1
+            part_chosen = chosen.filter(pl.col(_PART) == index) if chosen.height else chosen
+            if not part_chosen.height:
                 continue
-            episodes = episode_reader.read(index, dataset.columns("episodes"))
-            episodes = episodes.sort(cols.EPISODE_ID)
-            lengths = episodes[cols.LENGTH].to_numpy()
-            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-            chosen = episodes[cols.EPISODE_ID].is_in(pl.Series(wanted[low:high]).implode())
-            if not chosen.any():
-                continue
-            chosen_array = chosen.to_numpy()
-            rows, _ = _episode_rows(starts[chosen_array], lengths[chosen_array])
-            whole = len(rows) == part.steps
+            rows, _ = _episode_rows(
+                part_chosen[_START].to_numpy(), part_chosen[cols.LENGTH].to_numpy()
+            )
+            whole = len(rows) == dataset.manifest.parts[index].steps
             step_scans.append(
                 step_reader.scan(index, dataset.columns("steps"), None if whole else rows)
             )
-            episode_frames.append(episodes.filter(chosen))
-        for steps, episodes in zip(collect(step_scans), episode_frames):
+            episodes = episode_reader.read(index, dataset.columns("episodes"))
+            ids = part_chosen[cols.EPISODE_ID].implode()
+            episode_frames.append(
+                episodes.filter(pl.col(cols.EPISODE_ID).is_in(ids)).sort(cols.EPISODE_ID)
+            )
+        for steps, episodes in zip(step_reader.collect(step_scans), episode_frames):
             yield (
                 steps.to_arrow().cast(schemas["steps"]),
                 episodes.to_arrow().cast(schemas["episodes"]),

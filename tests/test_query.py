@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
 
@@ -215,6 +219,26 @@ def test_part_reader_takes_the_right_rows_across_row_groups(labeled):
     assert stats.row_groups_skipped > 0
 
 
+def test_parts_are_batched_by_their_candidate_rows(labeled, monkeypatch):
+    """Whole parts are read PARTS_PER_BATCH at a time; a few episodes from every part are
+    read in one batch, so all parts are decoded in parallel."""
+    monkeypatch.setattr(query_module, "PARTS_PER_BATCH", 2)
+    dataset = open_dataset(labeled)
+    steps = [part.steps for part in dataset.manifest.parts]
+    assert len(steps) >= 4
+    everything = query_module._episode_table(dataset, [], ReadStats(), range(len(steps)))
+    batches = query_module._batches(dataset, everything)
+    assert [index for batch in batches for index in batch] == list(range(len(steps)))
+    for batch in batches:
+        assert len(batch) == 1 or sum(steps[i] for i in batch) <= 2 * max(steps)
+    assert len(batches) >= len(steps) // 3
+    one_episode_per_part = everything.group_by("__part", maintain_order=True).head(1)
+    assert query_module._batches(dataset, one_episode_per_part) == [list(range(len(steps)))]
+    # With a limit, parts are read only until their candidate rows could fill it.
+    limited = query_module._batches(dataset, everything, limit=1)
+    assert limited == [[index] for index in range(len(steps))]
+
+
 def test_chosen_rows_read_as_row_groups_have_the_types_of_a_whole_scan(tmp_path, monkeypatch):
     """Struct observations and bool lists come back typed as Polars' own reader types them."""
     monkeypatch.setattr(engine.dataset, "ROW_GROUP_ROWS", {"steps": 8, "episodes": 8})
@@ -237,6 +261,47 @@ def test_chosen_rows_read_as_row_groups_have_the_types_of_a_whole_scan(tmp_path,
     assert reader.read(0, columns, np.array([], dtype=np.int64)).schema == whole.schema
     with pytest.raises(DatasetError, match="not aligned"):
         reader.read(0, columns, np.array([whole.height]))
+
+
+def test_a_file_that_breaks_after_opening_fails_with_its_name(tmp_path, monkeypatch):
+    """Reads run on Polars' threads; their errors come back on the caller's thread as a
+    DatasetError naming the file, and the CLI exits cleanly with status 2."""
+    monkeypatch.setattr(engine.dataset, "ROW_GROUP_ROWS", {"steps": 16, "episodes": 16})
+    uri = relabeled_dataset(str(tmp_path))
+    dataset = open_dataset(uri)
+    labels = dataset.manifest.group("labels")
+    broken = storage.join(labels.root, labels.steps_files[2].path)
+    with open(broken, "r+b") as handle:  # the footer length, file size unchanged
+        handle.seek(-8, io.SEEK_END)
+        handle.write(b"\xff\xff\xff\x7f")
+    with pytest.raises(DatasetError, match="part-00002.parquet: cannot read column"):
+        query(dataset, "episode_id % 3 = 0")
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.cli",
+            "query",
+            uri,
+            "--where",
+            "episode_id % 3 = 0",
+            "--format",
+            "csv",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
+    assert completed.returncode == 2, completed.stderr
+    assert "part-00002.parquet: cannot read column" in completed.stderr
+
+    # A file with fewer rows than the episodes say: the alignment error, not an IndexError.
+    short = storage.join(labels.root, labels.steps_files[1].path)
+    table = pq.read_table(short)
+    pq.write_table(table.slice(0, table.num_rows - 5), short, row_group_size=16)
+    reader = PartReader(dataset, "steps", ReadStats())
+    with pytest.raises(DatasetError, match="not aligned"):
+        reader.read(1, ["return_to_go"], np.array([0, table.num_rows - 1]))
 
 
 def test_unknown_column_lists_the_available_ones(labeled):
