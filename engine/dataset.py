@@ -57,6 +57,14 @@ class DatasetError(RuntimeError):
     """A dataset that cannot be opened or written, with the URI and what to do."""
 
 
+def unreadable(uri: str, error: Exception) -> DatasetError:
+    """A file of a committed version that fails to read: it may have changed since."""
+    return DatasetError(
+        f"{uri}: cannot read: {error}\n  (`hindsight info DATASET --verify` checks every "
+        "file against the manifest's sha256)"
+    )
+
+
 # ---------------------------------------------------------------- writing files
 
 
@@ -429,8 +437,12 @@ class Dataset:
             if not selected:
                 continue
             data_file = getattr(group, f"{level}_files")[index]
-            fs, path = storage.filesystem(storage.join(group.root, data_file.path))
-            part = pq.read_table(path, filesystem=fs, columns=selected)
+            uri = storage.join(group.root, data_file.path)
+            fs, path = storage.filesystem(uri)
+            try:
+                part = pq.read_table(path, filesystem=fs, columns=selected)
+            except (OSError, pa.ArrowException) as error:
+                raise unreadable(uri, error) from error
             if table is None:
                 table = part
             else:
@@ -451,24 +463,35 @@ class Dataset:
         """The whole table in memory: for small datasets and tests."""
         return pa.concat_tables([self.read_part(i, level, columns) for i in range(self.num_parts)])
 
-    def check_files(self, checksums: bool = False) -> None:
-        """Every referenced file exists with the recorded size (and sha256 if asked)."""
+    def check_files(self, checksums: bool = False) -> int:
+        """Every referenced file exists with the recorded size (and sha256 if asked); the
+        number of files checked. The error lists every missing or changed file."""
+        problems = []
+        checked = 0
         for group in self.manifest.groups:
             for level in LEVELS:
                 for data_file in getattr(group, f"{level}_files"):
                     uri = storage.join(group.root, data_file.path)
+                    checked += 1
                     actual = storage.size(uri)
                     if actual is None:
-                        raise DatasetError(
-                            f"{self.uri}: file {uri} of column group {group.name!r} is missing"
+                        problems.append(f"{uri} (column group {group.name!r}) is missing")
+                    elif actual != data_file.bytes:
+                        problems.append(
+                            f"{uri} (column group {group.name!r}) has {actual} bytes, "
+                            f"the manifest says {data_file.bytes}"
                         )
-                    if actual != data_file.bytes or (
-                        checksums and storage.sha256_uri(uri) != data_file.sha256
-                    ):
-                        raise DatasetError(
-                            f"{self.uri}: file {uri} of column group {group.name!r} has changed "
-                            "since the version was committed (size or sha256 differs)"
+                    elif checksums and storage.sha256_uri(uri) != data_file.sha256:
+                        problems.append(
+                            f"{uri} (column group {group.name!r}) has another sha256 "
+                            "than the manifest records"
                         )
+        if problems:
+            raise DatasetError(
+                f"{self.uri}: {len(problems)} file(s) changed since the version was committed:\n  "
+                + "\n  ".join(problems)
+            )
+        return checked
 
 
 def open_dataset(uri: str, verify_checksums: bool = False) -> Dataset:

@@ -51,9 +51,11 @@ def _grouping_columns(episodes: pl.DataFrame) -> list[str]:
     return names
 
 
-def dataset_info(uri: str, bins: int = HISTOGRAM_BINS) -> dict[str, Any]:
-    """Everything `hindsight info` shows, as plain JSON-able data."""
+def dataset_info(uri: str, bins: int = HISTOGRAM_BINS, verify: bool = False) -> dict[str, Any]:
+    """Everything `hindsight info` shows, as plain JSON-able data. `verify` first checks
+    every file's sha256 against the manifest (a DatasetError lists the files that differ)."""
     dataset = open_dataset(uri)
+    verified_files = dataset.check_files(checksums=True) if verify else None
     manifest = dataset.manifest
     episodes = scan_episodes(uri).collect()
     returns = episodes[cols.RETURN].cast(pl.Float64).to_numpy()
@@ -89,6 +91,7 @@ def dataset_info(uri: str, bins: int = HISTOGRAM_BINS) -> dict[str, Any]:
         "steps": manifest.steps,
         "episodes": manifest.episodes,
         "parts": len(manifest.parts),
+        "verified_files": verified_files,
         "episode_length": _stats(episodes[cols.LENGTH].cast(pl.Float64).to_numpy()),
         "env_ids": sorted(str(v) for v in episodes[cols.ENV_ID].unique().to_list())
         if cols.ENV_ID in episodes.columns

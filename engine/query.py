@@ -43,6 +43,7 @@ from engine.dataset import (
     fields_of,
     open_dataset,
     part_slices,
+    unreadable,
     write_base_part,
 )
 from schemas import steps as cols
@@ -298,7 +299,7 @@ def read_rows(uri: str, columns: list[str], rows: np.ndarray, stats: ReadStats) 
             stats.count_file(metadata, groups, columns)
             table = parquet.read_row_groups(groups.tolist(), columns=columns)
     except (OSError, pa.ArrowException) as error:
-        raise DatasetError(f"{uri}: cannot read column(s) {', '.join(columns)}: {error}") from error
+        raise unreadable(uri, error) from error
     return pl.from_arrow(table.take(pa.array(positions)))
 
 
@@ -324,6 +325,7 @@ class PartReader:
         }
         self._schemas: dict[str, pl.Schema] = {}
         self._errors: list[Exception] = []
+        self._files_of: dict[int, list[str]] = {}  # id of a frame from `scan` -> its files
 
     def scan(
         self, index: int, columns: Sequence[str], rows: np.ndarray | None = None
@@ -332,23 +334,39 @@ class PartReader:
         by_group: dict[str, list[str]] = {}
         for column in dict.fromkeys(columns):
             by_group.setdefault(self.group_of[column].name, []).append(column)
-        frames = []
+        frames, uris = [], []
         for group_columns in by_group.values():
             group = self.group_of[group_columns[0]]
             data_file = getattr(group, f"{self.level}_files")[index]
-            uri = storage.join(group.root, data_file.path)
-            frames.append(self._scan(uri, data_file.rows, group, group_columns, rows))
+            uris.append(storage.join(group.root, data_file.path))
+            frames.append(self._scan(uris[-1], data_file.rows, group, group_columns, rows))
         frame = pl.concat(frames, how="horizontal") if len(frames) > 1 else frames[0]
-        return frame.select(list(dict.fromkeys(columns)))
+        frame = frame.select(list(dict.fromkeys(columns)))
+        self._files_of[id(frame)] = uris
+        return frame
 
     def collect(self, frames: Sequence[pl.LazyFrame]) -> list[pl.DataFrame]:
         """Collect scans of several parts in one call, so Polars runs them in parallel;
-        then raise the first error any read met."""
-        collected = pl.collect_all(frames)
+        then raise the first error any read met, naming its files."""
+        try:
+            collected = pl.collect_all(frames)
+        except pl.exceptions.PolarsError as error:
+            raise self._locate(frames, error) from error
         if self._errors:
             error, self._errors = self._errors[0], []
             raise error
         return collected
+
+    def _locate(self, frames: Sequence[pl.LazyFrame], error: Exception) -> DatasetError:
+        """Polars does not say which file a failed read came from: read the frames one by
+        one (only after a failure) to name the files of the part that fails."""
+        for frame in frames:
+            try:
+                frame.collect()
+            except pl.exceptions.PolarsError:
+                files = self._files_of.get(id(frame), [self.dataset.uri])
+                return unreadable(", ".join(files), error)
+        return unreadable(self.dataset.uri, error)
 
     def read(
         self, index: int, columns: Sequence[str], rows: np.ndarray | None = None
@@ -377,7 +395,10 @@ class PartReader:
     ) -> pl.LazyFrame:
         if rows is None:
             fs, path = storage.filesystem(uri)
-            metadata = pq.read_metadata(path, filesystem=fs)
+            try:
+                metadata = pq.read_metadata(path, filesystem=fs)
+            except (OSError, pa.ArrowException) as error:
+                raise unreadable(uri, error) from error
             self.stats.count_file(metadata, np.arange(metadata.num_row_groups), columns)
             options = storage.polars_storage_options(uri)
             return pl.scan_parquet(uri, storage_options=options).select(columns)

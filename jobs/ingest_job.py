@@ -89,6 +89,10 @@ class InfoOptions(_Options):
     dataset: str = Field(description="Dataset directory (local path or s3://bucket/prefix).")
     json_output: bool = Field(False, description="Print JSON instead of text.")
     bins: int = Field(10, ge=1, description="Bins of the return histograms.")
+    verify: bool = Field(
+        False,
+        description="Also check every file's sha256 against the manifest (reads every byte).",
+    )
 
 
 class MaterializeOptions(_Options):
@@ -262,7 +266,7 @@ def run_info(options: InfoOptions) -> dict[str, Any]:
     """The dataset summary as a JSON-able dict (see engine.info)."""
     from engine.info import dataset_info
 
-    return dataset_info(options.dataset, bins=options.bins)
+    return dataset_info(options.dataset, bins=options.bins, verify=options.verify)
 
 
 # ---------------------------------------------------------------- materialize
@@ -389,7 +393,10 @@ def _ingest(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from engine.info import format_info
 
-    info = run_info(InfoOptions(dataset=args.dataset, json_output=args.json, bins=args.bins))
+    options = InfoOptions(
+        dataset=args.dataset, json_output=args.json, bins=args.bins, verify=args.verify
+    )
+    info = run_info(options)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:
@@ -398,6 +405,8 @@ def _info(args: argparse.Namespace) -> int:
             f"\n{info['dataset_id']}: {info['steps']:,} steps, {info['episodes']:,} episodes, "
             f"{len(info['groups'])} column group(s)"
         )
+        if info["verified_files"] is not None:
+            print(f"verified: all {info['verified_files']} files match their sha256")
     return 0
 
 
@@ -469,6 +478,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("dataset", help=_help(InfoOptions, "dataset"))
     info.add_argument("--json", action="store_true", help=_help(InfoOptions, "json_output"))
     info.add_argument("--bins", type=int, default=10, help=_help(InfoOptions, "bins"))
+    info.add_argument("--verify", action="store_true", help=_help(InfoOptions, "verify"))
     info.set_defaults(handler=_info)
 
     materialize = subparsers.add_parser(

@@ -62,6 +62,18 @@ def test_changed_file_is_detected(tiny_dataset):
         open_dataset(tiny_dataset)
 
 
+def test_a_damaged_file_of_the_same_size_fails_to_read_with_its_name(tiny_dataset):
+    dataset = open_dataset(tiny_dataset)
+    victim = dataset.file_uris(dataset.manifest.groups[0], "steps")[1]
+    with open(victim, "r+b") as handle:  # the footer's length: unreadable, same size
+        handle.seek(-8, 2)
+        handle.write(b"\xff\xff\xff\x7f")
+    with pytest.raises(DatasetError, match=r"part-00001.parquet: cannot read(.|\n)*--verify"):
+        open_dataset(tiny_dataset).read_part(1)
+    with pytest.raises(DatasetError, match="part-00001.parquet .* another sha256"):
+        open_dataset(tiny_dataset, verify_checksums=True)
+
+
 def test_child_group_is_zipped_and_parent_not_copied(tiny_dataset, tmp_path):
     import pyarrow as pa
 

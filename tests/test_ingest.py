@@ -509,6 +509,28 @@ def test_info_json_parses(ray_local, tiny_dataset, capsys):
     assert "returns by noise" in capsys.readouterr().out
 
 
+def test_info_verify_names_every_file_whose_sha256_differs(tiny_dataset, capsys):
+    assert main(["info", tiny_dataset, "--verify"]) == 0
+    dataset = open_dataset(tiny_dataset)
+    files = [
+        uri
+        for group in dataset.manifest.groups
+        for level in ("steps", "episodes")
+        for uri in dataset.file_uris(group, level)
+    ]
+    assert f"verified: all {len(files)} files match their sha256" in capsys.readouterr().out
+    for victim in (files[0], files[-1]):  # same size, other bytes: only a checksum sees it
+        with open(victim, "r+b") as handle:
+            handle.seek(10)
+            byte = handle.read(1)
+            handle.seek(10)
+            handle.write(bytes([byte[0] ^ 0xFF]))
+    assert main(["info", tiny_dataset, "--verify"]) == 2
+    error = capsys.readouterr().err
+    assert "2 file(s) changed" in error
+    assert files[0] in error and files[-1] in error
+
+
 def test_materialize_zips_all_groups_into_one(ray_local, tmp_path):
     steps, episodes = make_episodes(num_episodes=10, seed=11)
     parent_uri = str(tmp_path / "parent")

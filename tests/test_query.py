@@ -274,7 +274,7 @@ def test_a_file_that_breaks_after_opening_fails_with_its_name(tmp_path, monkeypa
     with open(broken, "r+b") as handle:  # the footer length, file size unchanged
         handle.seek(-8, io.SEEK_END)
         handle.write(b"\xff\xff\xff\x7f")
-    with pytest.raises(DatasetError, match="part-00002.parquet: cannot read column"):
+    with pytest.raises(DatasetError, match="part-00002.parquet: cannot read"):
         query(dataset, "episode_id % 3 = 0")
     completed = subprocess.run(
         [
@@ -293,7 +293,17 @@ def test_a_file_that_breaks_after_opening_fails_with_its_name(tmp_path, monkeypa
         env={**os.environ, "RAY_AUTH_MODE": "disabled"},
     )
     assert completed.returncode == 2, completed.stderr
-    assert "part-00002.parquet: cannot read column" in completed.stderr
+    assert "part-00002.parquet: cannot read" in completed.stderr
+
+    # Damaged data pages in a whole-part read (Polars' own scan) name the part's files.
+    base = dataset.manifest.group("base")
+    damaged = storage.join(base.root, base.steps_files[3].path)
+    size = os.path.getsize(damaged)
+    with open(damaged, "r+b") as handle:
+        handle.seek(4)
+        handle.write(np.random.default_rng(0).bytes(size // 2))
+    with pytest.raises(DatasetError, match=r"steps/part-00003.parquet.*cannot read"):
+        query(dataset, select=["t", "observation"])  # base files only: part 2 is fine
 
     # A file with fewer rows than the episodes say: the alignment error, not an IndexError.
     short = storage.join(labels.root, labels.steps_files[1].path)
