@@ -23,6 +23,7 @@ and no `episode_id` needs to be read from the step files at all.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +101,46 @@ def conjuncts(expression: pl.Expr) -> list[pl.Expr]:
             if (left & right).meta.eq(expression):
                 return conjuncts(left) + conjuncts(right)
     return [expression]
+
+
+# Expression nodes whose value for a row depends on other rows (Polars' serialized names).
+_ACROSS_ROWS_NODES = {"Agg", "Len", "SubPlan", "Gather", "Slice", "Filter", "Sort", "SortBy"}
+_ACROSS_ROWS_FUNCTIONS = (
+    "Cum", "Shift", "Rank", "Diff", "PctChange", "Rolling", "Unique", "Mode", "Reverse",
+    "FillNullWithStrategy", "Interpolate", "ArgSort", "ArgMin", "ArgMax", "Implode",
+)  # fmt: skip
+
+
+def across_rows(expression: pl.Expr) -> str | None:
+    """What in a row condition depends on other rows (an aggregate, a shift, a window over
+    more than one episode), or None. A window partitioned by episode_id is fine: episodes
+    are never split across parts."""
+
+    def find(node: object) -> str | None:
+        if node == "Len":
+            return "an aggregate (count)"
+        if isinstance(node, list):
+            return next((found for item in node if (found := find(item))), None)
+        if not isinstance(node, dict):
+            return None
+        for key, value in node.items():
+            if key in ("Column", "Literal"):
+                continue
+            if key == "Over":
+                if value.get("partition_by") == [{"Column": cols.EPISODE_ID}]:
+                    continue
+                return "a window over more than one episode"
+            if key in _ACROSS_ROWS_NODES:
+                return f"an aggregate ({key})"
+            if key == "function":
+                name = value if isinstance(value, str) else next(iter(value), "")
+                if isinstance(value, dict | str) and str(name).startswith(_ACROSS_ROWS_FUNCTIONS):
+                    return f"a function of other rows ({name})"
+            if found := find(value):
+                return found
+        return None
+
+    return find(json.loads(expression.meta.serialize(format="json")))
 
 
 def _all(expressions: Sequence[pl.Expr]) -> pl.Expr | None:
@@ -204,6 +245,17 @@ def plan_query(
     parts = conjuncts(expression)
     episode_parts = [p for p in parts if uses_only_episode_columns(p)]
     row_parts = [p for p in parts if not uses_only_episode_columns(p)]
+    for part in row_parts:
+        across = across_rows(part)
+        if across:
+            raise QueryError(
+                f"--where {where!r}: {across} over step rows is not supported: steps are "
+                "filtered part by part, so it would not be computed over the whole dataset. "
+                "Aggregates over episode columns work (they run on the whole episodes "
+                "table), and so do windows within an episode (`... OVER (PARTITION BY "
+                "episode_id)`); otherwise compute the value first, e.g. "
+                "engine.scan(uri).select(pl.col('reward').mean()).collect()."
+            )
     row_names = list(dict.fromkeys(n for p in row_parts for n in p.meta.root_names()))
     return Plan(
         level=level,
@@ -485,6 +537,11 @@ def _open(dataset: Dataset | str) -> Dataset:
     return dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
 
 
+def _cannot_evaluate(condition: pl.Expr, error: Exception) -> QueryError:
+    """A condition that parses but does not fit the columns' types (`return > 'abc'`)."""
+    return QueryError(f"--where: cannot evaluate {condition}: {str(error).splitlines()[0]}")
+
+
 def _candidate_episodes(
     dataset: Dataset, plan: Plan, extra_columns: Sequence[str], stats: ReadStats
 ) -> pl.DataFrame:
@@ -495,7 +552,10 @@ def _candidate_episodes(
     ]
     episodes = _episode_table(dataset, needed, stats, range(dataset.num_parts))
     if plan.episode_condition is not None and episodes.height:
-        episodes = episodes.filter(plan.episode_condition)
+        try:
+            episodes = episodes.filter(plan.episode_condition)
+        except pl.exceptions.PolarsError as error:
+            raise _cannot_evaluate(plan.episode_condition, error) from None
     return episodes
 
 
@@ -536,7 +596,10 @@ def _match_parts(
             values = pl.concat([values, broadcast], how="horizontal") if values.width else broadcast
         if not values.width:
             values = pl.DataFrame({"__row": match.rows})
-        keep = values.select(plan.row_condition.fill_null(False).alias("keep")).to_series()
+        try:
+            keep = values.select(plan.row_condition.fill_null(False).alias("keep")).to_series()
+        except pl.exceptions.PolarsError as error:
+            raise _cannot_evaluate(plan.row_condition, error) from None
         keep_array = np.full(len(match.rows), bool(keep[0])) if keep.len() == 1 else keep.to_numpy()
         match.rows = match.rows[keep_array]
         match.owner = match.owner[keep_array]

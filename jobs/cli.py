@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from pydantic import ValidationError
+
 # One module per command group; `hindsight --help` lists them all.
 COMMAND_MODULES = (
     "jobs.ingest_job",  # collect, ingest, info, materialize
@@ -21,6 +23,22 @@ COMMAND_MODULES = (
 
 class UserError(RuntimeError):
     """An error whose message is all the user needs (no traceback)."""
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Options that failed validation, one line each, without pydantic's internals."""
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        got = problem.get("input")
+        shown = (
+            f" (got {got!r})"
+            if where and not isinstance(got, dict) and "got" not in message
+            else ""
+        )
+        lines.append(f"{where}: {message}{shown}" if where else message)
+    return "\n  ".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, KeyError, FileNotFoundError, RuntimeError) as error:
         if getattr(args, "debug", False):
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        if isinstance(error, ValidationError):
+            message = describe_validation_error(error)
+        elif isinstance(error, KeyError) and error.args:
+            message = error.args[0]
+        else:
+            message = error
         print(f"hindsight {args.command}: error: {message}", file=sys.stderr)
         return 2
     return int(result or 0)

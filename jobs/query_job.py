@@ -14,13 +14,20 @@ import sys
 from typing import Literal
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine import query as engine_query
 from engine import storage
 from engine.dataset import open_dataset
 
 TABLE_ROWS = 20
+FORMAT_OF_SUFFIX = {
+    "csv": "csv",
+    "json": "json",
+    "jsonl": "json",
+    "ndjson": "json",
+    "parquet": "parquet",
+}
 
 
 class QueryOptions(BaseModel):
@@ -43,10 +50,11 @@ class QueryOptions(BaseModel):
         description="Columns to return (default: all columns of the level). On steps, "
         "episode columns are repeated on every step of their episode.",
     )
-    format: Literal["table", "csv", "json", "parquet"] = Field(
-        default="table",
-        description="table: readable, first rows only; csv; json (one object per line); "
-        "parquet (to --output-file or a redirected stdout).",
+    format: Literal["table", "csv", "json", "parquet"] | None = Field(
+        default=None,
+        description="table: readable, first rows only (the default); csv; json (one object "
+        "per line); parquet (to --output-file or a redirected stdout). With --output-file, "
+        "the default is the file's extension.",
     )
     limit: int | None = Field(
         default=None,
@@ -65,6 +73,24 @@ class QueryOptions(BaseModel):
     explain: bool = Field(
         default=False, description="Print the query plan and the bytes read to stderr."
     )
+
+    @model_validator(mode="after")
+    def _resolve_format(self) -> QueryOptions:
+        """The output format, from --format or the --output-file's extension."""
+        if self.output_file is not None:
+            if self.format is None:
+                suffix = self.output_file.rsplit(".", 1)[-1].lower()
+                self.format = FORMAT_OF_SUFFIX.get(suffix)
+                if self.format is None:
+                    raise ValueError(
+                        f"--output-file {self.output_file}: give --format csv|json|parquet "
+                        "(the extension does not say which)"
+                    )
+            elif self.format == "table":
+                raise ValueError("--format table prints to the terminal; drop --output-file")
+        elif self.format is None:
+            self.format = "table"
+        return self
 
 
 def run_query(options: QueryOptions, stdout: io.IOBase | None = None) -> dict:
@@ -212,7 +238,6 @@ def add_commands(subparsers) -> None:
     parser.add_argument(
         "--format",
         choices=["table", "csv", "json", "parquet"],
-        default="table",
         help=fields["format"].description,
     )
     parser.add_argument("--limit", type=int, metavar="N", help=fields["limit"].description)

@@ -321,6 +321,45 @@ def test_unknown_column_lists_the_available_ones(labeled):
     assert "'skil'" in message and "return_to_go" in message and "skill" in message
 
 
+@pytest.mark.parametrize(
+    "where, expected",
+    [
+        ("reward > avg(reward)", "an aggregate"),
+        ("count(*) > 3", "an aggregate"),
+        ("reward > lag(reward) OVER (ORDER BY t)", "a window over more than one episode"),
+        ("rank() OVER (ORDER BY reward) < 3", "a function of other rows"),
+    ],
+)
+def test_conditions_across_step_rows_are_refused(labeled, where, expected):
+    """Steps are filtered part by part: an aggregate over them would be per part."""
+    with pytest.raises(QueryError, match=f"{expected}.*not supported"):
+        query(labeled, where)
+
+
+def test_aggregates_over_episodes_and_windows_within_an_episode_work(labeled, raw):
+    steps, episodes = raw
+    result = query(labeled, "return > avg(return)", level="episodes")
+    mean = episodes["return"].mean()
+    assert_frame_equal(result.frame, episodes.filter(pl.col("return") > mean))
+    per_episode_best = "reward = max(reward) OVER (PARTITION BY episode_id) AND skill = 'expert'"
+    expected = (
+        steps.join(episodes.select("episode_id", "skill"), on="episode_id")
+        .filter(
+            (pl.col("reward") == pl.col("reward").max().over("episode_id"))
+            & (pl.col("skill") == "expert")
+        )
+        .select(steps.columns)
+    )
+    assert_frame_equal(query(labeled, per_episode_best).frame, expected)
+
+
+def test_a_condition_that_does_not_fit_the_types_is_a_query_error(labeled):
+    with pytest.raises(QueryError, match="cannot evaluate.*cannot compare string"):
+        query(labeled, "return > 'abc'", level="episodes")
+    with pytest.raises(QueryError, match="cannot evaluate"):
+        query(labeled, "observation > 1")
+
+
 def test_syntax_error_shows_where(labeled):
     with pytest.raises(QueryError) as error:
         query(labeled, "return > > 3")
@@ -489,6 +528,15 @@ def test_cli_formats(labeled, raw, tmp_path, capsys):
 
     assert cli_main(["query", labeled, "--where", "nope > 1"]) == 2
     assert "step columns:" in capsys.readouterr().err
+
+    # --output-file alone: the format is the file's extension; an unknown one is an error.
+    csv_file = tmp_path / "slice.csv"
+    assert cli_main([*args, "--output-file", str(csv_file)]) == 0
+    assert pl.read_csv(csv_file).height == expected.height
+    assert cli_main([*args, "--output-file", str(tmp_path / "slice.txt")]) == 2
+    assert "give --format csv|json|parquet" in capsys.readouterr().err
+    assert cli_main([*args, "--limit", "-5"]) == 2
+    assert "limit: Input should be greater than or equal to 0 (got -5)" in capsys.readouterr().err
 
 
 @pytest.mark.s3
