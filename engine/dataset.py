@@ -219,8 +219,19 @@ def begin_version(dataset_uri: str) -> str:
 
 
 def commit_version(dataset_uri: str, manifest: Manifest) -> Manifest:
-    """Write the manifest last and atomically: from now on readers see the version."""
-    storage.write_bytes(storage.join(dataset_uri, MANIFEST_NAME), manifest.to_json().encode())
+    """Write the manifest last and atomically: from now on readers see the version.
+
+    Group roots are stored relative to the version (its own files: "."; a parent's:
+    "../parent"), so a tree of versions can be moved, copied or synced to S3 together."""
+    stored = manifest.model_copy(
+        update={
+            "groups": [
+                group.model_copy(update={"root": storage.relative_to(dataset_uri, group.root)})
+                for group in manifest.groups
+            ]
+        }
+    )
+    storage.write_bytes(storage.join(dataset_uri, MANIFEST_NAME), stored.to_json().encode())
     storage.end_staging(dataset_uri)
     return manifest
 
@@ -475,7 +486,13 @@ class Dataset:
                     checked += 1
                     actual = storage.size(uri)
                     if actual is None:
-                        problems.append(f"{uri} (column group {group.name!r}) is missing")
+                        where = (
+                            f", inherited from the parent version at {group.root}: move "
+                            "versions that share files together"
+                            if group.inherited
+                            else ""
+                        )
+                        problems.append(f"{uri} (column group {group.name!r}{where}) is missing")
                     elif actual != data_file.bytes:
                         problems.append(
                             f"{uri} (column group {group.name!r}) has {actual} bytes, "
@@ -510,7 +527,8 @@ def open_dataset(uri: str, verify_checksums: bool = False) -> Dataset:
         manifest = Manifest.from_json(storage.read_bytes(manifest_uri))
     except (ValueError, json.JSONDecodeError) as error:
         raise DatasetError(f"{manifest_uri} is not a valid manifest: {error}") from error
-    dataset = Dataset(uri, manifest)
+    groups = [g.model_copy(update={"root": storage.resolve(uri, g.root)}) for g in manifest.groups]
+    dataset = Dataset(uri, manifest.model_copy(update={"groups": groups}))
     dataset.check_files(checksums=verify_checksums)
     return dataset
 

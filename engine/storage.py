@@ -43,7 +43,43 @@ def join(uri: str, *parts: str) -> str:
 
 
 def relative(root: str, uri: str) -> str:
-    return posixpath.relpath(uri, root) if is_s3(uri) else os.path.relpath(uri, root)
+    if is_s3(uri):
+        return _key_relpath(uri, root)
+    return os.path.relpath(uri, root)
+
+
+def _key_relpath(uri: str, root: str) -> str:
+    """A relative path between two S3 URIs, by their keys made absolute ("/bucket/key"):
+    posixpath.relpath would otherwise consult the working directory, which a Ray job's
+    process may not have."""
+    return posixpath.relpath("/" + uri.removeprefix("s3://"), "/" + root.removeprefix("s3://"))
+
+
+def _bucket(uri: str) -> str:
+    return uri.removeprefix("s3://").split("/", 1)[0]
+
+
+def relative_to(directory_uri: str, uri: str) -> str:
+    """`uri` as a path relative to `directory_uri` when both are on one filesystem (local
+    disk, or one S3 bucket), so the two can be moved or copied together; else `uri`."""
+    directory_uri, uri = normalize(directory_uri), normalize(uri)
+    if is_s3(directory_uri) != is_s3(uri):
+        return uri
+    if is_s3(uri):
+        if _bucket(uri) != _bucket(directory_uri):
+            return uri
+        return _key_relpath(uri, directory_uri)
+    return os.path.relpath(uri, directory_uri)
+
+
+def resolve(directory_uri: str, path: str) -> str:
+    """A path stored by `relative_to` as a full URI again (an absolute one is kept)."""
+    if is_s3(path) or os.path.isabs(path):
+        return normalize(path)
+    if is_s3(directory_uri):
+        key = posixpath.normpath(posixpath.join("/" + directory_uri.removeprefix("s3://"), path))
+        return f"s3:/{key}"
+    return os.path.normpath(os.path.join(normalize(directory_uri), path))
 
 
 @lru_cache(maxsize=8)

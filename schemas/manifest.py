@@ -65,7 +65,11 @@ class ColumnGroup(_Model):
     """Columns that were written together, in files aligned with the base parts."""
 
     name: str
-    root: str = Field(description="URI of the dataset directory that holds this group's files.")
+    root: str = Field(
+        description="The dataset directory that holds this group's files: stored relative to "
+        "this version's directory ('.' for its own files, '../parent' for a parent's) when "
+        "both are on one filesystem, else a full URI; a full URI once opened."
+    )
     steps_files: list[DataFile] = Field(default_factory=list)
     episodes_files: list[DataFile] = Field(default_factory=list)
     steps_columns: list[FieldInfo] = Field(default_factory=list)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import polars as pl
@@ -89,6 +90,37 @@ def test_child_group_is_zipped_and_parent_not_copied(tiny_dataset, tmp_path):
     saved = json.loads(open(storage.join(child_uri, "manifest.json")).read())
     assert [h["operation"] for h in saved["history"]] == ["ingest", "relabel"]
     assert saved["parent_id"] == parent.manifest.dataset_id
+
+
+def test_a_tree_of_versions_can_be_moved_together(tmp_path):
+    """Roots are stored relative to the version: a parent and its child copied elsewhere
+    read their own copies; a child moved without its parent says where the parent was."""
+    import pyarrow as pa
+
+    steps, episodes = make_episodes(num_episodes=8, seed=4)
+    write_synthetic_dataset(str(tmp_path / "data" / "base"), steps, episodes, part_steps=40)
+
+    def labels(parent, index):
+        n = parent.manifest.parts[index].steps
+        return pa.table({"label": np.full(n, index, dtype=np.int32)}), None
+
+    attach_group(str(tmp_path / "data" / "base"), str(tmp_path / "data" / "child"), "l", labels)
+    saved = json.loads((tmp_path / "data" / "child" / "manifest.json").read_text())
+    assert [g["root"] for g in saved["groups"]] == ["../base", "."]
+    expected = engine.scan(str(tmp_path / "data" / "child")).collect()
+
+    shutil.copytree(tmp_path / "data", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "data")
+    moved = open_dataset(str(tmp_path / "moved" / "child"), verify_checksums=True)
+    assert {g.root for g in moved.manifest.groups} == {
+        str(tmp_path / "moved" / "base"),
+        str(tmp_path / "moved" / "child"),
+    }
+    assert engine.scan(moved.uri).collect().equals(expected)
+
+    shutil.move(tmp_path / "moved" / "child", tmp_path / "child-alone")
+    with pytest.raises(DatasetError, match="inherited from the parent version at"):
+        open_dataset(str(tmp_path / "child-alone"))
 
 
 @pytest.mark.s3
