@@ -341,7 +341,9 @@ def read_rows(uri: str, columns: list[str], rows: np.ndarray, stats: ReadStats) 
     together are parsed in parallel too (with small row groups they are not small)."""
     fs, path = storage.filesystem(uri)
     try:
-        with pq.ParquetFile(path, filesystem=fs, pre_buffer=True) as parquet:
+        with pq.ParquetFile(
+            path, filesystem=fs, pre_buffer=True, page_checksum_verification=True
+        ) as parquet:
             metadata = parquet.metadata
             sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
             offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])

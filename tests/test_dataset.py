@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 import engine
@@ -73,6 +74,30 @@ def test_a_damaged_file_of_the_same_size_fails_to_read_with_its_name(tiny_datase
         open_dataset(tiny_dataset).read_part(1)
     with pytest.raises(DatasetError, match="part-00001.parquet .* another sha256"):
         open_dataset(tiny_dataset, verify_checksums=True)
+
+
+def test_a_flipped_byte_in_a_data_page_is_caught_by_the_page_crc(tiny_dataset):
+    """Without page CRCs such a file reads fine and gives wrong numbers (zstd frames of
+    incompressible floats are stored raw)."""
+    from engine.query import PartReader, ReadStats
+
+    dataset = open_dataset(tiny_dataset)
+    victim = dataset.file_uris(dataset.manifest.groups[0], "steps")[0]
+    metadata = pq.read_metadata(victim)
+    chunk = next(
+        metadata.row_group(0).column(j)
+        for j in range(metadata.num_columns)
+        if metadata.row_group(0).column(j).path_in_schema.startswith("observation")
+    )
+    with open(victim, "r+b") as handle:  # the last bytes of the chunk: values, not headers
+        handle.seek(chunk.data_page_offset + chunk.total_compressed_size - 8)
+        value = handle.read(4)
+        handle.seek(-4, 1)
+        handle.write(bytes(b ^ 0x5A for b in value))
+    with pytest.raises(DatasetError, match=r"part-00000.parquet: cannot read.*CRC"):
+        dataset.read_part(0)
+    with pytest.raises(DatasetError, match=r"part-00000.parquet: cannot read.*CRC"):
+        PartReader(dataset, "steps", ReadStats()).read(0, ["observation"], np.array([0, 1]))
 
 
 def test_child_group_is_zipped_and_parent_not_copied(tiny_dataset, tmp_path):
