@@ -191,6 +191,13 @@ def test_skill_on_cartpole_and_text_through_the_cli(tmp_path, capsys):
 
     assert cli_main(["ask", run, "--env", "Pendulum-v1", "--condition", "skill=expert"]) == 2
     assert "cannot ask for ['skill']" in capsys.readouterr().err
+    condition = ["--condition", "description=fast"]
+    assert cli_main(["ask", run, "--env", "CartPole-v1", *condition]) == 2
+    assert "CartPole-v1 observations have 4 numbers, the policy was trained on 3" in (
+        capsys.readouterr().err
+    )
+    assert cli_main(["ask", run, "--env", "Pendulm-v1", *condition]) == 2
+    assert "Did you mean: `Pendulum`" in capsys.readouterr().err
 
 
 def test_goal_conditioned_rollout_reports_success_on_point_goal(tmp_path):

@@ -24,11 +24,11 @@ import os
 import re
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import torch
 
 import engine.envs  # noqa: F401  (registers hindsight/PointGoal-v0)
+from engine.collect import make_env
 from schemas.shard_index import encode_text
 from trainers.train import load_policy
 
@@ -88,7 +88,7 @@ def rollout(
     specs = model["conditions"]
     window = 1 if model["kind"] == "mlp" else model["window"]
     discrete = model["action"]["kind"] == "discrete"
-    envs = [gym.make(env_id) for _ in range(episodes)]
+    envs = [make_env(env_id) for _ in range(episodes)]
     observations = []
     for i, env in enumerate(envs):
         # A requested goal goes to the environment the gymnasium way: reset options.
@@ -98,6 +98,12 @@ def rollout(
         observations.append(observation)
     horizon = max(int(env.spec.max_episode_steps or 1000) for env in envs)
     obs_dim = model["observation_dim"]
+    env_obs_dim = _observation_vector(observations[0]).size
+    if env_obs_dim != obs_dim:
+        raise ValueError(
+            f"{env_id} observations have {env_obs_dim} numbers, the policy was trained on "
+            f"{obs_dim}: ask in the environment its shards came from"
+        )
     act_shape = () if discrete else (int(model["action"]["dim"]),)
 
     history_obs = np.zeros((episodes, horizon, obs_dim), np.float32)
