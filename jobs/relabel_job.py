@@ -169,8 +169,21 @@ def check_plan(dataset: Dataset, relabelers: list[Relabeler]) -> None:
     produced: set[str] = set()
     schemas = parent_schemas(dataset)
     groups = {g.name for g in dataset.manifest.groups}
+    owner = {
+        (level, f.name): g.name
+        for g in dataset.manifest.groups
+        for level in LEVELS
+        for f in getattr(g, f"{level}_columns")
+    }
+    in_this_job: set[str] = set()
     for position, relabeler in enumerate(relabelers, start=1):
         where = f"relabeler {position} ({relabeler.name!r}) on {dataset.uri}"
+        if relabeler.name in in_this_job:
+            raise RelabelError(
+                f"{where}: {relabeler.name!r} is given twice; a relabeler runs once per "
+                "version (relabel the output again for a second run with other parameters)"
+            )
+        in_this_job.add(relabeler.name)
         if relabeler.name in groups:
             raise RelabelError(
                 f"{where}: the dataset already has a column group {relabeler.name!r}; "
@@ -192,9 +205,12 @@ def check_plan(dataset: Dataset, relabelers: list[Relabeler]) -> None:
         for level in LEVELS:
             clash = available[level] & set(getattr(writes, level))
             if clash:
+                holders = sorted({owner.get((level, c), "an earlier relabeler") for c in clash})
                 raise RelabelError(
                     f"{where}: would write {level} column(s) {sorted(clash)} that already "
-                    "exist; every column belongs to exactly one group"
+                    f"exist (in {', '.join(map(repr, holders))}); every column belongs to "
+                    "exactly one group. Relabel a version without them (for a `query --out` "
+                    "or `materialize` copy: its parent, then query again)"
                 )
             available[level] |= set(getattr(writes, level))
             produced |= set(getattr(writes, level))

@@ -122,7 +122,7 @@ def test_two_successive_relabels_record_the_lineage(ray_local, tiny_dataset, tmp
         (["returns:reward_column=score"], "reads steps column 'score'.*available steps columns"),
         (["goals:achieved=observation[0:9]"], "does not fit 'observation', which has 3 values"),
         (["goals:achieved=observation.achieved_goal"], "'observation' is fixed_size_list"),
-        (["returns", "returns:gamma=0.5"], "apply each relabeler once"),
+        (["returns", "returns:gamma=0.5"], "'returns' is given twice"),
         (["returns:gama=0.5"], "valid parameters: gamma"),
         (["nosuch"], "no relabeler named 'nosuch'; installed: .*returns"),
     ],
@@ -131,6 +131,15 @@ def test_bad_plans_fail_before_anything_is_written(tiny_dataset, tmp_path, relab
     with pytest.raises(RelabelError, match=message):
         relabel(tiny_dataset, tmp_path / "out", relabelers)
     assert not (tmp_path / "out").exists()
+
+
+def test_relabeling_a_column_a_flat_copy_already_has_says_what_to_do(tmp_path):
+    """A `query --out` or `materialize` copy holds every column in one `base` group."""
+    steps, episodes = make_episodes(num_episodes=4, seed=2)
+    steps = steps.append_column("return_to_go", pa.array(np.zeros(steps.num_rows, np.float32)))
+    write_synthetic_dataset(str(tmp_path / "flat"), steps, episodes)
+    with pytest.raises(RelabelError, match=r"\['return_to_go'\] .*\(in 'base'\).*its parent"):
+        relabel(tmp_path / "flat", tmp_path / "out", ["returns"])
 
 
 def test_nan_rewards_fail_and_leave_nothing_behind(ray_local, tmp_path):
