@@ -104,6 +104,9 @@ def run_query(options: QueryOptions, stdout: io.IOBase | None = None) -> dict:
             raise ValueError(
                 "--out writes whole episodes with every column; drop --select/--episodes"
             )
+        if options.explain:
+            plan = engine_query.plan_query(dataset, options.where, "steps", None)
+            print(plan.describe(), file=sys.stderr)
         manifest, stats = engine_query.write_subset(
             dataset,
             options.where,
@@ -111,6 +114,8 @@ def run_query(options: QueryOptions, stdout: io.IOBase | None = None) -> dict:
             command=_command_line(options),
             limit_episodes=options.limit,
         )
+        if options.explain:
+            print(f"read: {stats.to_dict()}", file=sys.stderr)
         summary = {
             "out": storage.normalize(options.out),
             "episodes": manifest.episodes,
@@ -139,12 +144,15 @@ def run_query(options: QueryOptions, stdout: io.IOBase | None = None) -> dict:
 
     if options.format == "table":
         total = engine_query.count(dataset, options.where, level=level)
-        if options.limit is not None:
-            total = min(total, options.limit)
         summary["matching"] = total
         print(format_table(frame), file=stdout)
         shown = f"showing {frame.height} of " if frame.height < total else ""
-        hint = "; use --limit N --format csv|json|parquet for more" if shown else ""
+        if shown and options.limit is not None and frame.height == options.limit:
+            hint = f" (--limit {options.limit})"
+        elif shown:
+            hint = "; use --limit N --format csv|json|parquet for more"
+        else:
+            hint = ""
         print(f"{shown}{total:,} matching {level}{hint}", file=stdout)
         return summary
 

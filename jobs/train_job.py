@@ -61,7 +61,6 @@ def run_train(options: TrainOptions) -> dict[str, Any]:
     options = options.model_copy(update={"condition": condition})
     if storage.is_s3(options.run_dir):
         raise ValueError("RUN_DIR must be a local directory (checkpoints and metrics live there)")
-    os.makedirs(options.run_dir, exist_ok=True)
     has_checkpoint = os.path.exists(os.path.join(options.run_dir, train.CHECKPOINT))
     config_path = os.path.join(options.run_dir, train.CONFIG)
     if has_checkpoint and not options.resume:
@@ -84,6 +83,7 @@ def run_train(options: TrainOptions) -> dict[str, Any]:
     else:
         index = read_index(options.shards).model_dump(mode="json")
         config = train.new_run_config(index, options.model_dump())
+    os.makedirs(options.run_dir, exist_ok=True)  # only once the shards and options check out
     with open(config_path, "w") as handle:
         json.dump(config, handle, indent=2)
     if options.workers > 1 or options.address:

@@ -299,6 +299,11 @@ def test_train_command_on_real_shards(tmp_path, real_shards, capsys):
     assert cli_main([*args[:8], "20", *args[9:], "--resume"]) == 0
     assert int(train.load_checkpoint(run)["step"]) == 20
 
+    # A run that cannot start leaves no directory behind.
+    assert cli_main(["train", str(tmp_path / "nothing"), str(tmp_path / "bad-run")]) == 2
+    assert "no index.json" in capsys.readouterr().err
+    assert not (tmp_path / "bad-run").exists()
+
 
 def test_resume_through_the_real_loader_matches(tmp_path, real_shards):
     """Interrupted after a checkpoint, resumed from the loader's saved position: the same
