@@ -158,8 +158,9 @@ def run_collect(options: CollectOptions, command: str | None = None) -> Manifest
     from engine.collect import collect_part, describe_spaces, load_policy, scalar_info_keys
 
     refuse_committed_output(options.output)
-    load_policy(options.policy, options.env_id)  # fail early on a bad policy spec
+    # Fail early: an unknown env id first (gymnasium suggests the near miss), then the policy.
     info_keys = scalar_info_keys(options.env_id, options.max_steps)
+    load_policy(options.policy, options.env_id)
     init_ray(options.address)
     uri = begin_version(options.output)
     tasks = [

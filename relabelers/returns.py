@@ -104,6 +104,14 @@ class ReturnsRelabeler(Relabeler):
         episodes = (EPISODE_RETURN, NORMALIZED_RETURN) if self.normalized else (EPISODE_RETURN,)
         return Columns(steps=(RETURN_TO_GO,), episodes=episodes)
 
+    def check_schema(self, steps: pa.Schema, episodes: pa.Schema) -> None:
+        data_type = steps.field(self.params.reward_column).type
+        if not (pa.types.is_integer(data_type) or pa.types.is_floating(data_type)):
+            raise RelabelError(
+                f"relabeler 'returns': reward_column {self.params.reward_column!r} is "
+                f"{data_type}; rewards must be numbers (one per step)"
+            )
+
     def relabel(self, steps: pa.Table, episodes: pa.Table, statistics: Statistics) -> Output:
         episode_ids = steps.column(cols.EPISODE_ID).to_numpy()
         rewards = steps.column(self.params.reward_column).to_numpy(zero_copy_only=False)

@@ -116,6 +116,11 @@ class SkillRelabeler(Relabeler):
                 f"relabeler 'skill': source {self.params.source!r} is {data_type}; expected "
                 "numbers, or strings with an order"
             )
+        elif self.params.order:
+            raise RelabelError(
+                f"relabeler 'skill': source {self.params.source!r} holds numbers, ranked by "
+                "value; order= is for string sources (drop it, or choose a string source)"
+            )
 
     def scores(self, episodes: pa.Table) -> np.ndarray:
         """Higher = more skilled, as float64; clear errors for missing or unknown values."""

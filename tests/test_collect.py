@@ -77,6 +77,13 @@ def test_user_policy_and_bad_specs():
         heuristic_for("LunarLander-v3")
 
 
+def test_a_mistyped_env_id_is_named_before_the_policy(tmp_path):
+    options = CollectOptions(env_id="Pendulm-v1", output=str(tmp_path / "out"), episodes=2)
+    with pytest.raises(ValueError, match="Did you mean: `Pendulum`"):
+        run_collect(options)
+    assert not (tmp_path / "out").exists()
+
+
 def test_point_goal_env_rewards_match_compute_reward():
     steps, episodes = collect_tables(ENV_ID, "heuristic", range(4), [0.0], 0)
     observation = steps.column(cols.OBSERVATION)

@@ -124,6 +124,7 @@ def test_two_successive_relabels_record_the_lineage(ray_local, tiny_dataset, tmp
         (["goals:achieved=observation.achieved_goal"], "'observation' is fixed_size_list"),
         (["returns", "returns:gamma=0.5"], "'returns' is given twice"),
         (["returns:gama=0.5"], "valid parameters: gamma"),
+        (["skill:source=noise,order=a;b"], "order= is for string"),
         (["nosuch"], "no relabeler named 'nosuch'; installed: .*returns"),
     ],
 )
