@@ -41,12 +41,22 @@ def describe_validation_error(error: ValidationError) -> str:
     return "\n  ".join(lines)
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser: `--help` shows each option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hindsight",
         description="A data engine for hindsight-relabeled trajectory datasets.",
     )
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
+    )
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).add_commands(subparsers)
     return parser
