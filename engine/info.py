@@ -51,6 +51,16 @@ def _grouping_columns(episodes: pl.DataFrame) -> list[str]:
     return names
 
 
+def _ordered_values(episodes: pl.DataFrame, name: str) -> list:
+    """A column's values in order: by their `<name>_level` where the skill relabeler wrote
+    one (novice before expert), else sorted."""
+    level = f"{name}_level"
+    if level in episodes.columns:
+        by_level = episodes.group_by(name).agg(pl.col(level).min()).sort(level, name)
+        return by_level[name].to_list()
+    return episodes[name].unique().sort().to_list()
+
+
 def dataset_info(uri: str, bins: int = HISTOGRAM_BINS, verify: bool = False) -> dict[str, Any]:
     """Everything `hindsight info` shows, as plain JSON-able data. `verify` first checks
     every file's sha256 against the manifest (a DatasetError lists the files that differ)."""
@@ -67,7 +77,7 @@ def dataset_info(uri: str, bins: int = HISTOGRAM_BINS, verify: bool = False) -> 
     by_value: dict[str, list[dict[str, Any]]] = {}
     for name in _grouping_columns(episodes):
         rows = []
-        for value in episodes[name].unique().sort().to_list():
+        for value in _ordered_values(episodes, name):
             selected = (
                 episodes.filter(pl.col(name) == value)
                 if value is not None

@@ -509,6 +509,20 @@ def test_info_json_parses(ray_local, tiny_dataset, capsys):
     assert "returns by noise" in capsys.readouterr().out
 
 
+def test_info_orders_skill_labels_by_their_level():
+    from engine.info import _ordered_values
+
+    episodes = pl.DataFrame(
+        {"skill": ["expert", "novice", "intermediate", "novice"], "skill_level": [2, 0, 1, 0]}
+    )
+    assert _ordered_values(episodes, "skill") == ["novice", "intermediate", "expert"]
+    assert _ordered_values(episodes.drop("skill_level"), "skill") == [
+        "expert",
+        "intermediate",
+        "novice",
+    ]
+
+
 def test_info_verify_names_every_file_whose_sha256_differs(tiny_dataset, capsys):
     assert main(["info", tiny_dataset, "--verify"]) == 0
     dataset = open_dataset(tiny_dataset)
