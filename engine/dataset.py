@@ -57,6 +57,15 @@ class DatasetError(RuntimeError):
     """A dataset that cannot be opened or written, with the URI and what to do."""
 
 
+def read_schema(uri: str) -> pa.Schema:
+    """The Arrow schema of one data file, from its footer."""
+    fs, path = storage.filesystem(uri)
+    try:
+        return pq.read_schema(path, filesystem=fs)
+    except (OSError, pa.ArrowException) as error:
+        raise unreadable(uri, error) from error
+
+
 def unreadable(uri: str, error: Exception) -> DatasetError:
     """A file of a committed version that fails to read: it may have changed since."""
     return DatasetError(
@@ -425,6 +434,15 @@ class Dataset:
 
     def columns(self, level: str = "steps") -> list[str]:
         return [f.name for g in self.manifest.groups for f in getattr(g, f"{level}_columns")]
+
+    def arrow_schema(self, level: str = "steps") -> pa.Schema:
+        """The Arrow schema of a level, all groups together, from the first part's footers."""
+        fields: list[pa.Field] = []
+        for group in self.manifest.groups:
+            files = getattr(group, f"{level}_files")
+            if files:
+                fields.extend(read_schema(storage.join(group.root, files[0].path)))
+        return pa.schema(fields)
 
     def group_of(self, column: str, level: str = "steps") -> ColumnGroup:
         for group in self.manifest.groups:

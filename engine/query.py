@@ -44,6 +44,7 @@ from engine.dataset import (
     fields_of,
     open_dataset,
     part_slices,
+    read_schema,
     unreadable,
     write_base_part,
 )
@@ -108,6 +109,7 @@ _ACROSS_ROWS_NODES = {"Agg", "Len", "SubPlan", "Gather", "Slice", "Filter", "Sor
 _ACROSS_ROWS_FUNCTIONS = (
     "Cum", "Shift", "Rank", "Diff", "PctChange", "Rolling", "Unique", "Mode", "Reverse",
     "FillNullWithStrategy", "Interpolate", "ArgSort", "ArgMin", "ArgMax", "Implode",
+    "Quantile", "Correlation",
 )  # fmt: skip
 
 
@@ -434,8 +436,7 @@ class PartReader:
         version's description, not counted in `stats`."""
         if group.name not in self._schemas:
             first = getattr(group, f"{self.level}_files")[0]
-            fs, path = storage.filesystem(storage.join(group.root, first.path))
-            empty = pq.read_schema(path, filesystem=fs).empty_table()
+            empty = read_schema(storage.join(group.root, first.path)).empty_table()
             self._schemas[group.name] = pl.from_arrow(empty).schema
         return self._schemas[group.name]
 
@@ -698,22 +699,11 @@ def query(
     return QueryResult(frame, plan, stats)
 
 
-def arrow_schema(dataset: Dataset, level: str) -> pa.Schema:
-    """The Arrow schema of a level, all groups together, from the first part's footers."""
-    fields = []
-    for group in dataset.manifest.groups:
-        files = getattr(group, f"{level}_files")
-        if files:
-            fs, path = storage.filesystem(storage.join(group.root, files[0].path))
-            fields.extend(pq.read_schema(path, filesystem=fs))
-    return pa.schema(fields)
-
-
 def _empty(dataset: Dataset, plan: Plan) -> pl.DataFrame:
     """A zero-row frame with the right schema (columns of the level win over the other)."""
     other = "episodes" if plan.level == "steps" else "steps"
-    schema = {f.name: f.type for f in arrow_schema(dataset, other)}
-    schema.update({f.name: f.type for f in arrow_schema(dataset, plan.level)})
+    schema = {f.name: f.type for f in dataset.arrow_schema(other)}
+    schema.update({f.name: f.type for f in dataset.arrow_schema(plan.level)})
     return pl.from_arrow(pa.schema([(c, schema[c]) for c in plan.select]).empty_table())
 
 
@@ -770,7 +760,7 @@ def iter_episodes(
     dataset = _open(dataset)
     stats = stats if stats is not None else ReadStats()
     wanted = np.unique(np.asarray(episode_ids, dtype=np.int64))
-    schemas = {level: arrow_schema(dataset, level) for level in LEVELS}
+    schemas = {level: dataset.arrow_schema(level) for level in LEVELS}
     parts = []
     for index, part in enumerate(dataset.manifest.parts):
         low, high = np.searchsorted(wanted, [part.min_episode_id, part.max_episode_id + 1])
@@ -867,7 +857,7 @@ def write_subset(
         manifest = commit_base_version(
             uri,
             written,
-            {level: fields_of([arrow_schema(dataset, level).empty_table()]) for level in LEVELS},
+            {level: fields_of([dataset.arrow_schema(level).empty_table()]) for level in LEVELS},
             operation="query",
             command=command,
             parent=dataset.manifest,

@@ -60,8 +60,9 @@ def _bucket(uri: str) -> str:
 
 
 def relative_to(directory_uri: str, uri: str) -> str:
-    """`uri` as a path relative to `directory_uri` when both are on one filesystem (local
-    disk, or one S3 bucket), so the two can be moved or copied together; else `uri`."""
+    """`uri` as a path relative to `directory_uri` when both are in one S3 bucket or share
+    a local directory below `/` (symlinks resolved), so the two can be moved or copied
+    together; else `uri`."""
     directory_uri, uri = normalize(directory_uri), normalize(uri)
     if is_s3(directory_uri) != is_s3(uri):
         return uri
@@ -69,6 +70,9 @@ def relative_to(directory_uri: str, uri: str) -> str:
         if _bucket(uri) != _bucket(directory_uri):
             return uri
         return _key_relpath(uri, directory_uri)
+    directory_uri, uri = os.path.realpath(directory_uri), os.path.realpath(uri)
+    if os.path.commonpath([directory_uri, uri]) == os.path.sep:
+        return uri  # nothing in common but the root (another disk): keep it absolute
     return os.path.relpath(uri, directory_uri)
 
 
@@ -79,7 +83,7 @@ def resolve(directory_uri: str, path: str) -> str:
     if is_s3(directory_uri):
         key = posixpath.normpath(posixpath.join("/" + directory_uri.removeprefix("s3://"), path))
         return f"s3:/{key}"
-    return os.path.normpath(os.path.join(normalize(directory_uri), path))
+    return os.path.normpath(os.path.join(os.path.realpath(normalize(directory_uri)), path))
 
 
 @lru_cache(maxsize=8)

@@ -32,7 +32,6 @@ import time
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine import storage
@@ -148,16 +147,7 @@ def check_options(options: RelabelOptions) -> None:
 
 def parent_schemas(dataset: Dataset) -> dict[str, pa.Schema]:
     """The Arrow schema of every column at each level, from part 0's file footers."""
-    schemas: dict[str, pa.Schema] = {}
-    for level in LEVELS:
-        fields: list[pa.Field] = []
-        for group in dataset.manifest.groups:
-            files = getattr(group, f"{level}_files")
-            if files:
-                fs, path = storage.filesystem(storage.join(group.root, files[0].path))
-                fields.extend(pq.read_schema(path, filesystem=fs))
-        schemas[level] = pa.schema(fields)
-    return schemas
+    return {level: dataset.arrow_schema(level) for level in LEVELS}
 
 
 def check_plan(dataset: Dataset, relabelers: list[Relabeler]) -> None:

@@ -19,11 +19,10 @@ import functools
 import shlex
 from typing import Any
 
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine import shards, storage
-from engine.dataset import Dataset, DatasetError, open_dataset
+from engine.dataset import Dataset, DatasetError, open_dataset, read_schema
 from schemas.manifest import MANIFEST_NAME, now_iso
 from schemas.shard_index import (
     INDEX_NAME,
@@ -88,9 +87,7 @@ def resolve_conditions(dataset: Dataset, options: ShardOptions) -> list[shards.C
                 f"{', '.join(dataset.columns('episodes'))}"
             )
         group = dataset.group_of(head, level)
-        uri = dataset.file_uris(group, level)[0]
-        fs, path = storage.filesystem(uri)
-        data_type = pq.read_schema(path, filesystem=fs).field(head).type
+        data_type = read_schema(dataset.file_uris(group, level)[0]).field(head).type
         for part in rest.split(".") if rest else []:
             data_type = data_type.field(part).type
         relabeler = group.relabeler

@@ -74,6 +74,13 @@ def test_a_damaged_file_of_the_same_size_fails_to_read_with_its_name(tiny_datase
         open_dataset(tiny_dataset).read_part(1)
     with pytest.raises(DatasetError, match="part-00001.parquet .* another sha256"):
         open_dataset(tiny_dataset, verify_checksums=True)
+    # Schemas come from part 0's footers (query, relabel and shard plans read them).
+    first = dataset.file_uris(dataset.manifest.groups[0], "steps")[0]
+    with open(first, "r+b") as handle:
+        handle.seek(-8, 2)
+        handle.write(b"\xff\xff\xff\x7f")
+    with pytest.raises(DatasetError, match=r"part-00000.parquet: cannot read"):
+        open_dataset(tiny_dataset).arrow_schema("steps")
 
 
 def test_a_flipped_byte_in_a_data_page_is_caught_by_the_page_crc(tiny_dataset):
@@ -142,6 +149,14 @@ def test_a_tree_of_versions_can_be_moved_together(tmp_path):
         str(tmp_path / "moved" / "child"),
     }
     assert engine.scan(moved.uri).collect().equals(expected)
+
+    # Written through a symlinked directory, opened through the real one (and back).
+    link = tmp_path / "deeper" / "down" / "link"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(tmp_path / "moved")
+    attach_group(str(tmp_path / "moved" / "base"), str(link / "other"), "l", labels)
+    for opened in (tmp_path / "moved" / "other", link / "other"):
+        assert engine.scan(str(opened)).collect().equals(expected)
 
     shutil.move(tmp_path / "moved" / "child", tmp_path / "child-alone")
     with pytest.raises(DatasetError, match="inherited from the parent version at"):

@@ -328,6 +328,7 @@ def test_unknown_column_lists_the_available_ones(labeled):
         ("count(*) > 3", "an aggregate"),
         ("reward > lag(reward) OVER (ORDER BY t)", "a window over more than one episode"),
         ("rank() OVER (ORDER BY reward) < 3", "a function of other rows"),
+        ("reward > quantile_cont(reward, 0.5)", "a function of other rows"),
     ],
 )
 def test_conditions_across_step_rows_are_refused(labeled, where, expected):
