@@ -29,22 +29,31 @@ VENV_BIN = Path(sys.executable).parent
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
+def distinct_free_port() -> int:
+    """A free port not handed out before in this session: a port freed by `free_port`
+    can come back from the next call, and Ray refuses two components on one port."""
+    while (port := free_port()) in _GIVEN_PORTS:
+        pass
+    _GIVEN_PORTS.add(port)
+    return port
+
+
 def node_ports() -> list[str]:
     """Every port a node listens on, chosen free, so we never meet another Ray here."""
     low = random.randrange(20000, 32000, 500)  # below the ephemeral range of free_port()
-    return [
+    names = [
         "--node-manager-port",
-        str(free_port()),
         "--object-manager-port",
-        str(free_port()),
         "--dashboard-agent-listen-port",
-        str(free_port()),
         "--dashboard-agent-grpc-port",
-        str(free_port()),
         "--runtime-env-agent-port",
-        str(free_port()),
         "--metrics-export-port",
-        str(free_port()),
+    ]
+    return [
+        *(item for name in names for item in (name, str(distinct_free_port()))),
         f"--min-worker-port={low}",
         f"--max-worker-port={low + 499}",
     ]
@@ -59,8 +68,8 @@ class LocalCluster:
         # Ray's Unix sockets live under the temp dir and must stay under 107 bytes, so a
         # short directory of ours in /tmp rather than pytest's long tmp paths.
         self.temp_dir = tempfile.mkdtemp(prefix="hsray-", dir="/tmp")
-        self.gcs_port = free_port()
-        self.dashboard_port = free_port()
+        self.gcs_port = distinct_free_port()
+        self.dashboard_port = distinct_free_port()
         self.head: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
 
@@ -87,7 +96,7 @@ class LocalCluster:
                 "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dashboard_port}",
-                f"--ray-client-server-port={free_port()}",
+                f"--ray-client-server-port={distinct_free_port()}",
                 f"--temp-dir={self.temp_dir}",
                 "--num-cpus=1",
                 "--object-store-memory=100000000",
