@@ -134,9 +134,9 @@ def across_rows(expression: pl.Expr) -> str | None:
                 return "a window over more than one episode"
             if key in _ACROSS_ROWS_NODES:
                 return f"an aggregate ({key})"
-            if key == "function":
+            if key == "function" and isinstance(value, dict | str):
                 name = value if isinstance(value, str) else next(iter(value), "")
-                if isinstance(value, dict | str) and str(name).startswith(_ACROSS_ROWS_FUNCTIONS):
+                if name.startswith(_ACROSS_ROWS_FUNCTIONS):
                     return f"a function of other rows ({name})"
             if found := find(value):
                 return found

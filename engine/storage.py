@@ -42,12 +42,6 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
-def relative(root: str, uri: str) -> str:
-    if is_s3(uri):
-        return _key_relpath(uri, root)
-    return os.path.relpath(uri, root)
-
-
 def _key_relpath(uri: str, root: str) -> str:
     """A relative path between two S3 URIs, by their keys made absolute ("/bucket/key"):
     posixpath.relpath would otherwise consult the working directory, which a Ray job's

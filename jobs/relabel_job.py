@@ -179,7 +179,6 @@ def check_plan(dataset: Dataset, relabelers: list[Relabeler]) -> None:
                 f"{where}: the dataset already has a column group {relabeler.name!r}; "
                 "relabel its parent instead, or apply each relabeler once per version"
             )
-        groups.add(relabeler.name)
         reads, writes = relabeler.reads(), relabeler.writes()
         read_heads = set()
         for level in LEVELS:

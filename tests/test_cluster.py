@@ -234,7 +234,7 @@ def group_bytes(uri: str, group: str = "returns") -> dict[str, bytes]:
     from engine import storage
 
     files = [f for f in storage.list_files(f"{uri}/{group}") if f.endswith(".parquet")]
-    return {storage.relative(uri, f): storage.read_bytes(f) for f in files}
+    return {storage.relative_to(uri, f): storage.read_bytes(f) for f in files}
 
 
 @pytest.fixture(scope="module")
