@@ -93,7 +93,7 @@ def run_baseline(source: str, output: str) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from engine.dataset import ROW_GROUP_ROWS
+    from engine.writer import ROW_GROUP_ROWS
     from schemas import steps as cols
 
     started = time.perf_counter()

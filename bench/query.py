@@ -41,6 +41,7 @@ import pyarrow as pa
 
 import engine
 import engine.dataset
+import engine.writer
 from engine.dataset import (
     assemble_group,
     begin_version,
@@ -113,12 +114,12 @@ def generate_part(
 @contextlib.contextmanager
 def step_row_groups(rows: int):
     """Write step files with `rows` rows per row group instead of the engine's default."""
-    default = engine.dataset.ROW_GROUP_ROWS
-    engine.dataset.ROW_GROUP_ROWS = {**default, "steps": rows}
+    default = engine.writer.ROW_GROUP_ROWS
+    engine.writer.ROW_GROUP_ROWS = {**default, "steps": rows}
     try:
         yield
     finally:
-        engine.dataset.ROW_GROUP_ROWS = default
+        engine.writer.ROW_GROUP_ROWS = default
 
 
 def build_dataset(root: str, num_steps: int, part_steps: int, run_episodes: int, seed: int) -> str:
@@ -316,7 +317,7 @@ def run(args: argparse.Namespace) -> dict:
         "action_dim": ACTION_DIM,
         "stored_step_bytes": stored_step_bytes,
         "build_seconds": None if reused else round(build_seconds, 1),
-        "step_row_group_rows": engine.dataset.ROW_GROUP_ROWS["steps"],
+        "step_row_group_rows": engine.writer.ROW_GROUP_ROWS["steps"],
         "compare_row_group_rows": compare_rows,
         "repeats": args.repeats,
         "load_average_1min": round(os.getloadavg()[0], 1),

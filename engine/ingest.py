@@ -35,7 +35,6 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from engine import storage
-from engine.dataset import DEFAULT_PART_STEPS, fields_of, split_into_parts, write_base_part
 from engine.validate import (
     Problem,
     ValidationError,
@@ -47,6 +46,7 @@ from engine.validate import (
     check_same_schema,
     check_step_index,
 )
+from engine.writer import DEFAULT_PART_STEPS, VersionWriter, WrittenPart, split_into_parts
 from schemas import steps as cols
 
 FORMATS = ("d4rl", "minari", "parquet", "jsonl")
@@ -262,22 +262,13 @@ def _source_label(format: str, path: str) -> str:
     return f"{format}:{os.path.basename(path.rstrip('/'))}"
 
 
-def write_part(task: dict[str, Any], steps: pa.Table, episodes: pa.Table) -> dict[str, Any]:
-    """Write part `task["index"]` of the base group into `task["dataset"]` and say what
-    was written: the files, the step count (drives the progress bar) and the in-memory
-    schema (the type names `engine.dataset.fields_of` records)."""
-    written = write_base_part(
-        task["dataset"], task["index"], steps, episodes, task.get("staging_token")
-    )
-    return {
-        **written.to_dict(),
-        "steps": steps.num_rows,
-        "steps_fields": [f.model_dump() for f in fields_of([steps])],
-        "episodes_fields": [f.model_dump() for f in fields_of([episodes])],
-    }
+def write_part(task: dict[str, Any], steps: pa.Table, episodes: pa.Table) -> WrittenPart:
+    """Write part `task["index"]` of the base group with the run's `task["writer"]`."""
+    writer: VersionWriter = task["writer"]
+    return writer.write_part(task["index"], steps, episodes)
 
 
-def ingest_part(task: dict[str, Any]) -> dict[str, Any]:
+def ingest_part(task: dict[str, Any]) -> WrittenPart:
     """Read, convert and write one part (runs in a Ray task); returns the WrittenPart."""
     readers = {
         "d4rl": read_flat_arrays_part,
@@ -1127,14 +1118,14 @@ def read_step_table_part(task: dict[str, Any]) -> tuple[pa.Table, pa.Table]:
     )
 
 
-def part_tasks(plan: IngestPlan, dataset_uri: str) -> list[dict[str, Any]]:
-    """The JSON-able Ray tasks of a plan: one per part, writing into `dataset_uri`."""
+def part_tasks(plan: IngestPlan, writer: VersionWriter) -> list[dict[str, Any]]:
+    """The Ray tasks of a plan: one per part, writing with `writer`."""
     source = _source_label(plan.format, plan.source)
     return [
         {
             **part,
             "index": index,
-            "dataset": dataset_uri,
+            "writer": writer,
             "env_id": plan.env_id,
             "source": source,
         }
@@ -1142,8 +1133,5 @@ def part_tasks(plan: IngestPlan, dataset_uri: str) -> list[dict[str, Any]]:
     ]
 
 
-def write_skipped_report(dataset_uri: str, plan: IngestPlan, name: str) -> None:
-    storage.write_bytes(
-        storage.join(dataset_uri, name),
-        (json.dumps(plan.skipped_report(), indent=2, default=str) + "\n").encode(),
-    )
+def write_skipped_report(writer: VersionWriter, plan: IngestPlan, name: str) -> None:
+    writer.write_file(name, (json.dumps(plan.skipped_report(), indent=2, default=str) + "\n").encode())

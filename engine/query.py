@@ -34,22 +34,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import storage
-from engine.dataset import (
+from engine.dataset import Dataset, DatasetError, open_dataset, read_schema, unreadable
+from engine.writer import (
     DEFAULT_PART_STEPS,
-    Dataset,
-    DatasetError,
+    VersionWriter,
     WrittenPart,
-    begin_version,
-    commit_base_version,
-    fields_of,
-    open_dataset,
+    base_manifest,
+    check_new_output,
     part_slices,
-    read_schema,
-    unreadable,
-    write_base_part,
 )
 from schemas import steps as cols
-from schemas.manifest import MANIFEST_NAME, ColumnGroup, Manifest
+from schemas.manifest import ColumnGroup, Manifest
 
 LEVELS = ("steps", "episodes")
 _SQL_PREFIX = "SELECT * FROM t WHERE "
@@ -814,11 +809,7 @@ def write_subset(
     memory stays bounded however large the subset is. A failure leaves nothing behind.
     """
     dataset = _open(dataset)
-    if storage.exists(storage.join(storage.normalize(out_uri), MANIFEST_NAME)):
-        raise QueryError(
-            f"{out_uri} is already a committed dataset version; versions are immutable, "
-            "choose a new --out path"
-        )
+    check_new_output(out_uri)
     selected = matching_episodes(dataset, where)
     if not selected.height:
         raise QueryError(
@@ -830,9 +821,7 @@ def write_subset(
     if not len(episode_ids):
         raise QueryError(f"--limit {limit_episodes} keeps no episode; nothing written to {out_uri}")
     stats = ReadStats()
-    uri = begin_version(out_uri)
-    token = storage.staging_token(uri)
-    try:
+    with VersionWriter(out_uri) as writer:
         written: list[WrittenPart] = []
         pending: tuple[pa.Table, pa.Table] | None = None
         for steps, episodes in iter_episodes(dataset, episode_ids, stats):
@@ -840,7 +829,7 @@ def write_subset(
             if pending is not None and first_id <= pending[1].column(cols.EPISODE_ID)[-1].as_py():
                 # Source parts whose episode ids interleave: a part is sorted, not the
                 # dataset, so what waits becomes a part of its own.
-                written.append(write_base_part(uri, len(written), *pending))
+                written.append(writer.write_part(len(written), *pending))
                 pending = None
             if pending is not None:
                 steps = pa.concat_tables([pending[0], steps])
@@ -848,20 +837,18 @@ def write_subset(
             # Whole parts of `part_steps` (as write_dataset cuts them); the rest waits.
             *full, last = part_slices(steps, episodes, part_steps)
             for part_steps_table, part_episodes in full:
-                written.append(write_base_part(uri, len(written), part_steps_table, part_episodes))
+                written.append(writer.write_part(len(written), part_steps_table, part_episodes))
             pending = last
         if pending is not None:
-            written.append(write_base_part(uri, len(written), *pending))
+            written.append(writer.write_part(len(written), *pending))
         steps_count = sum(w.part.steps for w in written)
         episodes_count = sum(w.part.episodes for w in written)
-        manifest = commit_base_version(
-            uri,
+        manifest = base_manifest(
+            writer.uri,
             written,
-            {level: fields_of([dataset.arrow_schema(level).empty_table()]) for level in LEVELS},
             operation="query",
             command=command,
-            parent=dataset.manifest,
-            parent_uri=dataset.uri,
+            parent=dataset,
             details={
                 "where": where,
                 "limit_episodes": limit_episodes,
@@ -872,7 +859,5 @@ def write_subset(
                 "groups_merged": [g.name for g in dataset.manifest.groups],
             },
         )
-    except BaseException:
-        storage.discard_staging(uri, token)
-        raise
+        writer.commit(manifest)
     return manifest, stats

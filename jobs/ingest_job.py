@@ -18,16 +18,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine import storage
-from engine.dataset import (
-    DEFAULT_PART_STEPS,
-    WrittenPart,
-    begin_version,
-    commit_base_version,
-    open_dataset,
-)
+from engine.dataset import open_dataset
 from engine.ingest import write_part
-from jobs.runtime import init_ray, map_parts
-from schemas.manifest import SKIPPED_REPORT_NAME, FieldInfo, Manifest
+from engine.writer import (
+    DEFAULT_PART_STEPS,
+    VersionWriter,
+    WrittenPart,
+    base_manifest,
+    check_new_output,
+)
+from jobs.runtime import RayExecutor, init_ray
+from schemas.manifest import SKIPPED_REPORT_NAME, Manifest
 
 
 class _Options(BaseModel):
@@ -110,44 +111,26 @@ def command_line(name: str, options: BaseModel) -> str:
 
 def refuse_committed_output(output: str) -> None:
     """Fail before any work when the output is already a committed version (immutable)."""
-    from schemas.manifest import MANIFEST_NAME
-
-    uri = storage.normalize(output)
-    if storage.exists(storage.join(uri, MANIFEST_NAME)):
-        raise ValueError(
-            f"{uri} is already a committed dataset version; versions are immutable, "
-            "write to a new path"
-        )
+    check_new_output(output)
 
 
 def _write_version(
-    uri: str,
+    writer: VersionWriter,
     tasks: list[dict[str, Any]],
-    part_function: Callable[[dict[str, Any]], dict[str, Any]],
+    part_function: Callable[[dict[str, Any]], WrittenPart],
     *,
     description: str,
     total: int | None,
-    finish: Callable[[list[WrittenPart], dict[str, list[FieldInfo]]], Manifest],
+    finish: Callable[[list[WrittenPart]], Manifest],
 ) -> Manifest:
-    """Write all parts of a new version on Ray, then `finish` (commit). On any failure the
-    staged files are removed, so no half-written version is left behind."""
-    token = storage.staging_token(uri)  # begin_version's: tasks of another run cannot write
-    tasks = [{**task, "staging_token": token} for task in tasks]
-    try:
-        results = map_parts(part_function, tasks, description=description, total=total)
-        parts = [
-            WrittenPart.from_dict({k: r[k] for k in WrittenPart.__dataclass_fields__})
-            for r in results
-        ]
-        fields = {
-            level: [FieldInfo(**f) for f in results[0][f"{level}_fields"]]
-            for level in ("steps", "episodes")
-        }
-        storage.check_staging(uri, token)  # still this run's directory: commit
-        return finish(parts, fields)
-    except BaseException:
-        storage.discard_staging(uri, token)
-        raise
+    """Write all parts of a new version on Ray, then `finish` (the manifest) and commit.
+    On any failure the staged files are removed, so no half-written version is left."""
+    with writer:
+        tasks = [{**task, "writer": writer} for task in tasks]
+        parts = RayExecutor().map(part_function, tasks, description=description, total=total)
+        manifest = finish(parts)
+        writer.commit(manifest)
+    return manifest
 
 
 # ---------------------------------------------------------------- collect
@@ -162,11 +145,10 @@ def run_collect(options: CollectOptions, command: str | None = None) -> Manifest
     info_keys = scalar_info_keys(options.env_id, options.max_steps)
     load_policy(options.policy, options.env_id)
     init_ray(options.address)
-    uri = begin_version(options.output)
+    writer = VersionWriter(options.output)
     tasks = [
         {
             "index": index,
-            "dataset": uri,
             "env_id": options.env_id,
             "policy": options.policy,
             "episode_start": start,
@@ -186,15 +168,14 @@ def run_collect(options: CollectOptions, command: str | None = None) -> Manifest
         **describe_spaces(options.env_id, options.max_steps),
     }
     return _write_version(
-        uri,
+        writer,
         tasks,
         collect_part,
         description=f"collect {options.env_id}",
         total=None,
-        finish=lambda parts, fields: commit_base_version(
-            uri,
+        finish=lambda parts: base_manifest(
+            writer.uri,
             parts,
-            fields,
             operation="collect",
             command=command or command_line("collect", options),
             metadata=metadata,
@@ -222,7 +203,7 @@ def run_ingest(options: IngestOptions, command: str | None = None) -> Manifest:
         step_column=options.step_column,
     )
     init_ray(options.address)
-    uri = begin_version(options.output)
+    writer = VersionWriter(options.output)
     metadata: dict[str, Any] = {
         "env_id": plan.env_id,
         "source_format": plan.format,
@@ -237,13 +218,12 @@ def run_ingest(options: IngestOptions, command: str | None = None) -> Manifest:
             truncated_tails=len(plan.truncated_tails),
         )
 
-    def finish(parts: list[WrittenPart], fields: dict[str, list[FieldInfo]]) -> Manifest:
+    def finish(parts: list[WrittenPart]) -> Manifest:
         if plan.skipped or plan.truncated_tails:
-            write_skipped_report(uri, plan, SKIPPED_REPORT_NAME)
-        return commit_base_version(
-            uri,
+            write_skipped_report(writer, plan, SKIPPED_REPORT_NAME)
+        return base_manifest(
+            writer.uri,
             parts,
-            fields,
             operation="ingest",
             command=command or command_line("ingest", options),
             metadata=metadata,
@@ -251,8 +231,8 @@ def run_ingest(options: IngestOptions, command: str | None = None) -> Manifest:
         )
 
     return _write_version(
-        uri,
-        part_tasks(plan, uri),
+        writer,
+        part_tasks(plan, writer),
         ingest_part,
         description=f"ingest {plan.format}",
         total=plan.steps,
@@ -273,7 +253,7 @@ def run_info(options: InfoOptions) -> dict[str, Any]:
 # ---------------------------------------------------------------- materialize
 
 
-def materialize_part(task: dict[str, Any]) -> dict[str, Any]:
+def materialize_part(task: dict[str, Any]) -> WrittenPart:
     """Zip every group of one part into a single base part of the new dataset."""
     source = open_dataset(task["source"])
     steps = source.read_part(task["index"], "steps")
@@ -286,8 +266,8 @@ def run_materialize(options: MaterializeOptions, command: str | None = None) -> 
     refuse_committed_output(options.output)
     source = open_dataset(options.dataset)
     init_ray(options.address)
-    uri = begin_version(options.output)
-    tasks = [{"index": i, "source": source.uri, "dataset": uri} for i in range(source.num_parts)]
+    writer = VersionWriter(options.output)
+    tasks = [{"index": i, "source": source.uri} for i in range(source.num_parts)]
     metadata = {
         **source.manifest.metadata,
         "materialized_from": {
@@ -303,20 +283,18 @@ def run_materialize(options: MaterializeOptions, command: str | None = None) -> 
         },
     }
     return _write_version(
-        uri,
+        writer,
         tasks,
         materialize_part,
         description="materialize",
         total=source.manifest.steps,
-        finish=lambda parts, fields: commit_base_version(
-            uri,
+        finish=lambda parts: base_manifest(
+            writer.uri,
             parts,
-            fields,
             operation="materialize",
             command=command or command_line("materialize", options),
             metadata=metadata,
-            parent=source.manifest,
-            parent_uri=source.uri,
+            parent=source,
         ),
     )
 

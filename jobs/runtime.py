@@ -1,22 +1,22 @@
 """Ray, embedded by default: with no address a local Ray starts in-process; with an
 address (`ray://host:10001`, `host:6379` or `auto`) the same code runs on a cluster.
 
-All parallel work goes through Ray Data (`map_parts`); there are no home-made pools.
+The engine's jobs run their parts through an `engine.executor.Executor`; `RayExecutor`
+is Ray's: one plain Ray task per part, scheduled by Ray as CPUs free up, results in task
+order, progress as parts finish. There are no home-made pools.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from tqdm import tqdm
-
-if TYPE_CHECKING:
-    from ray.data import DataContext
+from engine.executor import Result, Task, work_done
+from engine.progress import Progress
 
 
 def init_ray(
@@ -49,90 +49,8 @@ def init_ray(
         )
     else:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    from ray.data import DataContext
-
-    # Our own tqdm bar reports steps/s; Ray Data's bars and per-dataset INFO lines would
-    # only repeat it on stderr.
-    context = DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
-def map_parts(
-    function: Callable[[dict[str, Any]], dict[str, Any]],
-    tasks: list[dict[str, Any]],
-    *,
-    description: str,
-    unit: str = "steps",
-    total: int | None = None,
-    num_cpus: float = 1.0,
-) -> list[dict[str, Any]]:
-    """Run `function` on every task dict with Ray Data, one task per block, and return the
-    results in task order. Each task needs an integer "index"; each result may carry a
-    count under `unit` that drives the progress bar (steps/s).
-
-    Tasks and results cross process boundaries as JSON strings, so they stay plain data.
-    """
-    import ray.data
-
-    def run_one(row: dict[str, Any]) -> dict[str, Any]:
-        task = json.loads(row["task"])
-        try:
-            result = function(task)
-        except Exception as error:
-            if not is_ours(error):
-                raise
-            # Ray Data keeps only the text of a task's exception; send ours back as data
-            # so the driver re-raises the same type with the same message.
-            result = {ERROR_KEY: [type(error).__module__, type(error).__qualname__, str(error)]}
-        return {"index": task["index"], "result": json.dumps(result)}
-
-    if not tasks:
-        return []
-    rows = [{"task": json.dumps(task)} for task in tasks]
-    items = ray.data.from_items(rows, override_num_blocks=len(rows))
-    run_without_object_store_budget(items.context)  # this dataset's own copy of the context
-    dataset = items.map(run_one, num_cpus=num_cpus)
-    results: dict[int, dict[str, Any]] = {}
-    with tqdm(total=total, desc=description, unit=f" {unit}", unit_scale=True, disable=None) as bar:
-        for row in dataset.iter_rows():
-            result = json.loads(row["result"])
-            if ERROR_KEY in result:
-                raise rebuild_error(*result[ERROR_KEY])
-            results[int(row["index"])] = result
-            bar.update(int(result.get(unit, 0)))
-    return [results[int(task["index"])] for task in tasks]
-
-
-def run_without_object_store_budget(context: DataContext) -> None:
-    """Turn off Ray Data's object-store budget backpressure in one dataset's context.
-
-    That policy starts a single task until it has seen one task's output size, so on 2
-    CPUs one part ran alone for a whole task's time (8 tasks of 0.9 s: 4.9 s instead of
-    3.7 s). Our tasks write their data to files and return a few hundred bytes of JSON,
-    so there is no object-store budget to protect. The other policies stay on.
-    """
-    try:  # internal names: if Ray moves them, run with Ray's defaults
-        from ray.data._internal.execution.backpressure_policy import (
-            ENABLED_BACKPRESSURE_POLICIES,
-            ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY,
-            ResourceBudgetBackpressurePolicy,
-        )
-    except ImportError:
-        logging.getLogger(__name__).debug("Ray Data's backpressure policies moved; defaults kept")
-        return
-    policies = context.get_config(
-        ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, ENABLED_BACKPRESSURE_POLICIES
-    )
-    context.set_config(
-        ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY,
-        [policy for policy in policies if policy is not ResourceBudgetBackpressurePolicy],
-    )
-
-
-ERROR_KEY = "__hindsight_error__"
 OUR_PACKAGES = ("engine", "relabelers", "jobs", "schemas", "trainers")
 
 
@@ -142,10 +60,69 @@ def is_ours(error: BaseException) -> bool:
     return module in OUR_PACKAGES or type(error) in (ValueError, KeyError)
 
 
-def rebuild_error(module: str, name: str, message: str) -> Exception:
-    """The exception a task raised, as the same type where it can be rebuilt."""
+@dataclass(frozen=True)
+class TaskFailure:
+    """An error of ours raised in a task, sent back as data: Ray cannot deserialize every
+    exception (one whose __init__ takes other arguments than its message), and the user
+    must see the same type and message as in-process."""
+
+    module: str
+    name: str
+    message: str
+
+    def rebuild(self) -> Exception:
+        try:
+            error_type = getattr(importlib.import_module(self.module), self.name)
+            return error_type(self.message)
+        except Exception:
+            return RuntimeError(self.message)
+
+
+def _run_task(function: Callable[[Task], Result], task: Task) -> Result | TaskFailure:
     try:
-        error_type = getattr(importlib.import_module(module), name)
-        return error_type(message)
-    except Exception:
-        return RuntimeError(message)
+        return function(task)
+    except Exception as error:
+        if not is_ours(error):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        return TaskFailure(type(error).__module__, type(error).__qualname__, str(message))
+
+
+class RayExecutor:
+    """One Ray task per part (`num_cpus` each) on the Ray that `init_ray` connected to."""
+
+    def __init__(self, num_cpus: float = 1.0):
+        self.num_cpus = num_cpus
+
+    def map(
+        self,
+        function: Callable[[Task], Result],
+        tasks: Sequence[Task],
+        *,
+        description: str,
+        total: int | None = None,
+        unit: str = "steps",
+    ) -> list[Result]:
+        import ray
+
+        if not tasks:
+            return []
+        remote = ray.remote(num_cpus=self.num_cpus)(_run_task)
+        function_ref = ray.put(function)  # shipped once, not once per task
+        pending = {remote.remote(function_ref, task): index for index, task in enumerate(tasks)}
+        results: dict[int, Any] = {}
+        try:
+            with Progress(description, total, unit) as progress:
+                while pending:
+                    done, _ = ray.wait(list(pending), num_returns=1)
+                    for ref in done:
+                        result = ray.get(ref)
+                        if isinstance(result, TaskFailure):
+                            raise result.rebuild()
+                        results[pending.pop(ref)] = result
+                        progress.advance(work_done(result))
+        except BaseException:
+            for ref in pending:  # a failed or interrupted job stops its other parts
+                ray.cancel(ref)
+            raise
+        return [results[index] for index in range(len(tasks))]

@@ -1,25 +1,40 @@
 """The relabeler contract: a deterministic function from whole episodes to new columns.
 
-A relabeler declares its name, version, parameters (a pydantic model: wrong parameters are
-a clear error listing the valid ones), the columns it reads and the columns it writes.
-The job hands it one part at a time: whole episodes, sorted by (episode_id, t). Its output
-must not depend on how episodes are split into parts, so randomness is derived from
-(seed, episode_id, t) with `hash_uniform`, never from a generator shared across episodes.
+A relabeler is a small class (docs/plugins.md walks through a complete one):
 
-Relabelers that need a dataset-wide statistic (quantiles, a trained reward model) set
-`needs_statistics` and implement two passes: `summarize` runs on every part, `combine`
-merges the small summaries in the driver, and `relabel` receives the result.
+    name, version           registered name and version, recorded in the manifest
+    Params                  a pydantic model: wrong parameters are errors listing the valid ones
+    reads() / writes()      the columns it needs and the columns it adds
+    setup(inputs)           optional, in the driver, once: check the input types
+                            (inputs.steps_schema, inputs.episodes_schema) and, if the
+                            relabeler needs dataset-wide facts (quantiles, a trained reward
+                            net), compute them with one pass: `inputs.summarize(function)`
+                            runs function(steps, episodes, part) on every part and returns
+                            the results in part order. Keep what `relabel` needs on `self`.
+    relabel(steps, episodes, part) -> Output(steps=..., episodes=..., report={...})
+                            per part, in a Ray task: the new columns for these whole
+                            episodes, sorted by (episode_id, t); `part` says which part this
+                            is; `report` holds small facts about this part.
+    finish(reports)         optional, in the driver, after every part: the report stored in
+                            the manifest, from the parts' reports (in part order).
+
+The output must not depend on how episodes are split into parts, so randomness comes from
+(seed, episode_id, t) through `hash_uniform`, never from a generator shared across
+episodes, and `relabel` never changes `self` (each part runs on its own copy).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+Summary = TypeVar("Summary")
 
 
 class RelabelError(ValueError):
@@ -34,26 +49,47 @@ class Params(BaseModel):
 
 @dataclass(frozen=True)
 class Columns:
-    """Column names at the step and episode level."""
+    """Column names at the step and episode level. `episodes_if_present`: episode columns
+    also handed to the relabeler when the dataset has them (optional facts, e.g. `skill`)."""
 
     steps: tuple[str, ...] = ()
     episodes: tuple[str, ...] = ()
+    episodes_if_present: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Part:
+    """Which part of the dataset a call runs on."""
+
+    index: int
+    count: int
+    where: str = ""  # for messages: "data/pendulum part 3"
+
+    def __str__(self) -> str:
+        return self.where or f"part {self.index}"
 
 
 @dataclass
 class Output:
-    """New columns for one part: rows aligned with the input steps / episodes."""
+    """New columns for one part, rows aligned with the input steps / episodes, and small
+    facts about this part for `finish`."""
 
     steps: pa.Table | None = None
     episodes: pa.Table | None = None
-
-
-@dataclass
-class Statistics:
-    """What `combine` made of every part's summary; `report` goes into the manifest."""
-
-    values: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+
+
+class Inputs(Protocol):
+    """What `setup` sees of the dataset: its schemas and one pass over its parts."""
+
+    steps_schema: pa.Schema
+    episodes_schema: pa.Schema
+    parts: int
+
+    def summarize(self, function: Callable[[pa.Table, pa.Table, Part], Summary]) -> list[Summary]:
+        """`function(steps, episodes, part)` on every part (the columns of `reads()`), in
+        parallel; the results in part order. Keep them small: they come to the driver."""
+        ...
 
 
 class Relabeler(ABC):
@@ -68,10 +104,6 @@ class Relabeler(ABC):
     name: ClassVar[str]
     version: ClassVar[str]
     Params: ClassVar[type[Params]] = Params
-    needs_statistics: ClassVar[bool] = False
-    # Episode columns the job also hands to `relabel`/`summarize_output` when the dataset
-    # has them (optional facts such as `skill`), beyond what `reads()` requires.
-    report_episode_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: dict[str, Any] | Params | None = None, seed: int = 0):
         if isinstance(params, Params):
@@ -94,40 +126,22 @@ class Relabeler(ABC):
     def writes(self) -> Columns:
         """The columns this relabeler adds."""
 
-    def check_schema(self, steps: pa.Schema, episodes: pa.Schema) -> None:
-        """Before anything runs: raise RelabelError (or KeyError) if the input cannot work,
-        e.g. an achieved-goal slice that does not fit the observation."""
+    def setup(self, inputs: Inputs) -> None:
+        """In the driver, before any part: raise RelabelError if the input types cannot
+        work; compute dataset-wide facts with `inputs.summarize` if needed."""
         return None
 
-    def summarize(self, steps: pa.Table, episodes: pa.Table) -> dict[str, Any]:
-        """Pass one, per part: a small summary (e.g. episode returns) for `combine`."""
-        return {}
-
-    def combine(self, summaries: list[dict[str, Any]]) -> Statistics:
-        """Pass one, in the driver: merge summaries of all parts (in part order)."""
-        return Statistics()
-
     @abstractmethod
-    def relabel(self, steps: pa.Table, episodes: pa.Table, statistics: Statistics) -> Output:
-        """Pass two, per part: the new columns for these whole episodes."""
+    def relabel(self, steps: pa.Table, episodes: pa.Table, part: Part) -> Output:
+        """Per part: the new columns for these whole episodes."""
 
-    def summarize_output(
-        self, steps: pa.Table, episodes: pa.Table, output: Output
-    ) -> dict[str, Any]:
-        """After `relabel`, per part: a small summary of what was written, for `finish_report`."""
+    def finish(self, reports: list[dict[str, Any]]) -> dict[str, Any]:
+        """In the driver, after every part: the report stored in the manifest."""
         return {}
 
-    def finish_report(
-        self, statistics: Statistics, summaries: list[dict[str, Any]]
-    ) -> dict[str, Any]:
-        """In the driver, after pass two: facts for the manifest (merged into `report`)."""
-        return {}
-
-    def run(
-        self, steps: pa.Table, episodes: pa.Table, statistics: Statistics, where: str
-    ) -> Output:
+    def run(self, steps: pa.Table, episodes: pa.Table, part: Part) -> Output:
         """`relabel`, checked against the declared contract."""
-        output = self.relabel(steps, episodes, statistics)
+        output = self.relabel(steps, episodes, part)
         declared = self.writes()
         for level, table, rows in (
             ("steps", output.steps, steps.num_rows),
@@ -136,21 +150,48 @@ class Relabeler(ABC):
             names = tuple(table.column_names) if table is not None else ()
             if set(names) != set(getattr(declared, level)):
                 raise RelabelError(
-                    f"{where}: relabeler {self.name!r} wrote {level} columns {list(names)} "
+                    f"{part}: relabeler {self.name!r} wrote {level} columns {list(names)} "
                     f"but declares {list(getattr(declared, level))}"
                 )
             if table is not None and table.num_rows != rows:
                 raise RelabelError(
-                    f"{where}: relabeler {self.name!r} returned {table.num_rows} {level} rows for {rows}"
+                    f"{part}: relabeler {self.name!r} returned {table.num_rows} {level} rows "
+                    f"for {rows}"
                 )
         return output
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "params": self.params.model_dump(mode="json"),
-        }
+
+@dataclass
+class TableInputs:
+    """`Inputs` over one in-memory table pair, as a single part."""
+
+    steps: pa.Table
+    episodes: pa.Table
+    where: str = "in memory"
+    parts: int = 1
+
+    @property
+    def steps_schema(self) -> pa.Schema:
+        return self.steps.schema
+
+    @property
+    def episodes_schema(self) -> pa.Schema:
+        return self.episodes.schema
+
+    def summarize(self, function: Callable[[pa.Table, pa.Table, Part], Summary]) -> list[Summary]:
+        return [function(self.steps, self.episodes, Part(0, 1, self.where))]
+
+
+def relabel_tables(
+    relabeler: Relabeler, steps: pa.Table, episodes: pa.Table, where: str = "in memory"
+) -> Output:
+    """setup, relabel and finish on whole tables in this process (tests, notebooks, small
+    data): the tables are the whole dataset, one part. `Output.report` is what the job
+    would store in the manifest."""
+    relabeler.setup(TableInputs(steps, episodes, where))
+    output = relabeler.run(steps, episodes, Part(0, 1, where))
+    output.report = relabeler.finish([output.report])
+    return output
 
 
 def describe_params(params_model: type[BaseModel]) -> str:

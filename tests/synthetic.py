@@ -7,17 +7,13 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 
-from engine.dataset import (
-    Dataset,
+from engine.dataset import Dataset, open_dataset
+from engine.writer import (
+    VersionWriter,
     assemble_group,
-    begin_version,
-    commit_version,
-    fields_of,
     inherit_groups,
     new_manifest,
-    open_dataset,
     write_dataset,
-    write_group_part,
 )
 from schemas import steps as cols
 from schemas.manifest import RelabelerInfo
@@ -126,24 +122,19 @@ def attach_group(
     """Commit a child version of `parent_uri` with one new column group, as a relabeler
     would attach it: `columns_for_part(parent, i)` gives part i's new (steps, episodes)."""
     parent = open_dataset(parent_uri)
-    uri = begin_version(child_uri)
-    written = []
-    steps_fields, episodes_fields = [], []
-    for index in range(parent.num_parts):
-        steps, episodes = columns_for_part(parent, index)
-        written.append(write_group_part(uri, name, index, steps, episodes))
-        steps_fields = steps_fields or fields_of([steps])
-        episodes_fields = episodes_fields or fields_of([episodes])
-    group = assemble_group(uri, name, written, steps_fields, episodes_fields, relabeler)
-    manifest = new_manifest(
-        uri,
-        groups=inherit_groups(parent, [group]),
-        parts=parent.manifest.parts,
-        operation="relabel",
-        command="tests.synthetic.attach_group",
-        parent=parent.manifest,
-        parent_uri=parent.uri,
-        metadata=metadata,
-    )
-    commit_version(uri, manifest)
-    return uri
+    with VersionWriter(child_uri) as writer:
+        written = [
+            writer.write_part(index, *columns_for_part(parent, index), group=name)
+            for index in range(parent.num_parts)
+        ]
+        group = assemble_group(writer.uri, name, written, relabeler)
+        manifest = new_manifest(
+            groups=inherit_groups(parent, [group]),
+            parts=parent.manifest.parts,
+            operation="relabel",
+            command="tests.synthetic.attach_group",
+            parent=parent,
+            metadata=metadata,
+        )
+        writer.commit(manifest)
+    return writer.uri

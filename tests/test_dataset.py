@@ -12,12 +12,8 @@ import pytest
 
 import engine
 from engine import storage
-from engine.dataset import (
-    DatasetError,
-    begin_version,
-    open_dataset,
-    split_into_parts,
-)
+from engine.dataset import DatasetError, open_dataset
+from engine.writer import VersionWriter, base_manifest, split_into_parts
 from tests.synthetic import attach_group, make_episodes, write_synthetic_dataset
 
 
@@ -45,14 +41,14 @@ def test_parts_hold_whole_episodes():
 
 
 def test_uncommitted_version_is_not_a_dataset(tmp_path):
-    uri = begin_version(str(tmp_path / "half"))
+    writer = VersionWriter(str(tmp_path / "half")).begin()
     with pytest.raises(DatasetError, match="died before committing"):
-        open_dataset(uri)
+        open_dataset(writer.uri)
 
 
 def test_committed_version_is_immutable(tiny_dataset):
     with pytest.raises(DatasetError, match="immutable"):
-        begin_version(tiny_dataset)
+        VersionWriter(tiny_dataset).begin()
 
 
 def test_changed_file_is_detected(tiny_dataset):
@@ -174,33 +170,49 @@ def test_round_trip_on_s3(s3_bucket):
 
 def test_a_task_of_a_run_that_died_cannot_overwrite_the_rerun(tmp_path):
     """Ray workers can outlive a killed driver: their writes are fenced by the run token."""
-    from engine.dataset import commit_base_version, fields_of, write_base_part
-
     steps, episodes = make_episodes(num_episodes=3, seed=5)
-    uri = begin_version(str(tmp_path / "ds"))
-    dead_run = storage.staging_token(uri)
-    uri = begin_version(uri)  # the re-run: the leftovers go, a new token is written
-    rerun = storage.staging_token(uri)
-    assert dead_run != rerun
+    dead_run = VersionWriter(str(tmp_path / "ds")).begin()
+    rerun = VersionWriter(dead_run.uri).begin()  # the leftovers go, a new token is written
+    assert dead_run.token != rerun.token
 
     with pytest.raises(storage.StaleWriterError, match="another run"):
-        write_base_part(uri, 0, steps, episodes, dead_run)
-    assert storage.list_files(uri) == [storage.join(uri, "_staging")]  # no file, no temp file
+        dead_run.write_part(0, steps, episodes)
+    assert storage.list_files(rerun.uri) == [storage.join(rerun.uri, "_staging")]  # no file
 
-    written = write_base_part(uri, 0, steps, episodes, rerun)
-    fields = {"steps": fields_of([steps]), "episodes": fields_of([episodes])}
-    commit_base_version(uri, [written], fields, operation="ingest", command="test")
-    assert open_dataset(uri).manifest.steps == steps.num_rows
+    written = rerun.write_part(0, steps, episodes)
+    rerun.commit(base_manifest(rerun.uri, [written], operation="ingest", command="test"))
+    assert open_dataset(rerun.uri).manifest.steps == steps.num_rows
     # Committed: not even the run's own token writes any more.
     with pytest.raises(storage.StaleWriterError):
-        write_base_part(uri, 1, steps, episodes, rerun)
+        rerun.write_part(1, steps, episodes)
 
 
 def test_a_failed_run_removes_its_directory_only_while_it_owns_it(tmp_path):
-    uri = begin_version(str(tmp_path / "ds"))
-    first = storage.staging_token(uri)
-    begin_version(uri)  # another run takes the directory over
-    storage.discard_staging(uri, first)
-    assert storage.exists(storage.join(uri, "_staging"))  # the new run's marker stays
-    storage.discard_staging(uri, storage.staging_token(uri))
+    first = VersionWriter(str(tmp_path / "ds")).begin()
+    second = VersionWriter(first.uri).begin()  # another run takes the directory over
+    first.abort()
+    assert storage.exists(storage.join(first.uri, "_staging"))  # the new run's marker stays
+    second.abort()
     assert not (tmp_path / "ds").exists()
+
+
+def test_a_failure_inside_the_writer_leaves_nothing(tmp_path):
+    steps, episodes = make_episodes(num_episodes=3, seed=5)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        with VersionWriter(str(tmp_path / "ds")) as writer:
+            writer.write_part(0, steps, episodes)
+            raise RuntimeError("disk on fire")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_an_existing_file_or_foreign_directory_is_refused_before_any_work(tmp_path):
+    from engine.writer import OutputExistsError, check_new_output
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputExistsError, match="existing file"):
+        check_new_output(str(tmp_path / "file"))
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("x")
+    with pytest.raises(OutputExistsError, match="not written by hindsight"):
+        check_new_output(str(tmp_path / "theirs"))
+    assert (tmp_path / "theirs" / "notes.txt").exists()

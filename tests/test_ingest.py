@@ -13,9 +13,10 @@ import pytest
 
 import engine
 from engine import storage
-from engine.dataset import DatasetError, begin_version, open_dataset
+from engine.dataset import DatasetError, open_dataset
 from engine.ingest import ingest_part, part_tasks, plan_ingest
 from engine.validate import ValidationError
+from engine.writer import VersionWriter
 from jobs.cli import main
 from jobs.ingest_job import (
     InfoOptions,
@@ -465,7 +466,7 @@ def test_killed_ingest_leaves_no_dataset_and_rerun_succeeds(ray_local, tmp_path)
     uri = str(tmp_path / "ds")
     # A writer that died after its first part: staged files, no manifest.
     plan = plan_ingest(source, part_steps=150)
-    staged = begin_version(uri)
+    staged = VersionWriter(uri).begin()
     ingest_part(part_tasks(plan, staged)[0])
     with pytest.raises(DatasetError, match="died before committing"):
         open_dataset(uri)
@@ -480,7 +481,7 @@ def test_failing_part_removes_the_staged_version(ray_local, tmp_path):
     source = write_hdf5(tmp_path / "logs.h5", d4rl_arrays())
     uri = str(tmp_path / "ds")
     plan = plan_ingest(source, part_steps=150)
-    staged = begin_version(uri)
+    staged = VersionWriter(uri)
     tasks = part_tasks(plan, staged)
     tasks[-1]["path"] = str(tmp_path / "vanished.h5")  # the source disappears mid-run
     with pytest.raises(Exception, match="vanished.h5"):

@@ -19,6 +19,7 @@ from polars.testing import assert_frame_equal
 
 import engine
 import engine.dataset
+import engine.writer
 from engine import query as query_module
 from engine import storage
 from engine.dataset import (
@@ -34,6 +35,7 @@ from engine.query import (
     row_group_selection,
     write_subset,
 )
+from engine.writer import VersionWriter
 from jobs.cli import main as cli_main
 from jobs.query_job import QueryOptions, run_query
 from schemas import steps as cols
@@ -87,7 +89,7 @@ def raw_tables(uri: str) -> tuple[pl.DataFrame, pl.DataFrame]:
 def labeled(tmp_path_factory):
     # Small row groups, so that skipping row groups is exercised on a tiny dataset.
     mp = pytest.MonkeyPatch()
-    mp.setattr(engine.dataset, "ROW_GROUP_ROWS", {"steps": 16, "episodes": 16})
+    mp.setattr(engine.writer, "ROW_GROUP_ROWS", {"steps": 16, "episodes": 16})
     try:
         uri = relabeled_dataset(str(tmp_path_factory.mktemp("query")))
     finally:
@@ -241,7 +243,7 @@ def test_parts_are_batched_by_their_candidate_rows(labeled, monkeypatch):
 
 def test_chosen_rows_read_as_row_groups_have_the_types_of_a_whole_scan(tmp_path, monkeypatch):
     """Struct observations and bool lists come back typed as Polars' own reader types them."""
-    monkeypatch.setattr(engine.dataset, "ROW_GROUP_ROWS", {"steps": 8, "episodes": 8})
+    monkeypatch.setattr(engine.writer, "ROW_GROUP_ROWS", {"steps": 8, "episodes": 8})
     steps, episodes = make_episodes(num_episodes=12, goal_dim=2, seed=3)
     base = str(tmp_path / "base")
     write_synthetic_dataset(base, steps, episodes)
@@ -266,7 +268,7 @@ def test_chosen_rows_read_as_row_groups_have_the_types_of_a_whole_scan(tmp_path,
 def test_a_file_that_breaks_after_opening_fails_with_its_name(tmp_path, monkeypatch):
     """Reads run on Polars' threads; their errors come back on the caller's thread as a
     DatasetError naming the file, and the CLI exits cleanly with status 2."""
-    monkeypatch.setattr(engine.dataset, "ROW_GROUP_ROWS", {"steps": 16, "episodes": 16})
+    monkeypatch.setattr(engine.writer, "ROW_GROUP_ROWS", {"steps": 16, "episodes": 16})
     uri = relabeled_dataset(str(tmp_path))
     dataset = open_dataset(uri)
     labels = dataset.manifest.group("labels")
@@ -442,13 +444,15 @@ def test_out_is_written_part_by_part_and_a_failure_leaves_nothing(
 
     calls = []
 
-    def fail_on_the_second_part(*args):
+    write_part = VersionWriter.write_part
+
+    def fail_on_the_second_part(*args, **kwargs):
         calls.append(args)
         if len(calls) == 2:
             raise OSError("disk full")
-        return engine.dataset.write_base_part(*args)
+        return write_part(*args, **kwargs)
 
-    monkeypatch.setattr(query_module, "write_base_part", fail_on_the_second_part)
+    monkeypatch.setattr(VersionWriter, "write_part", fail_on_the_second_part)
     broken = tmp_path / "broken"
     with pytest.raises(OSError, match="disk full"):
         write_subset(labeled, where, str(broken), command="test", part_steps=40)
@@ -466,20 +470,20 @@ def test_out_with_a_limit_of_zero_writes_nothing(labeled, tmp_path):
 def test_out_from_parts_whose_episode_ids_interleave(tmp_path):
     """One part per source file, ids interleaved across files: each part is sorted, the
     dataset is not; the subset still has sorted parts of whole episodes."""
-    from engine.dataset import begin_version, commit_base_version, fields_of, write_base_part
+    from engine.writer import base_manifest
 
     steps, episodes = make_episodes(num_episodes=6, seed=9)
     ids = episodes.column("episode_id").to_numpy()
-    uri = begin_version(str(tmp_path / "interleaved"))
+    writer = VersionWriter(str(tmp_path / "interleaved")).begin()
+    uri = writer.uri
     written = []
     for index, chosen in enumerate((ids[0::2], ids[1::2])):
         keep_steps = pc.is_in(steps.column("episode_id"), pa.array(chosen))
         keep_episodes = pc.is_in(episodes.column("episode_id"), pa.array(chosen))
         written.append(
-            write_base_part(uri, index, steps.filter(keep_steps), episodes.filter(keep_episodes))
+            writer.write_part(index, steps.filter(keep_steps), episodes.filter(keep_episodes))
         )
-    fields = {"steps": fields_of([steps]), "episodes": fields_of([episodes])}
-    commit_base_version(uri, written, fields, operation="ingest", command="t")
+    writer.commit(base_manifest(uri, written, operation="ingest", command="t"))
 
     out = str(tmp_path / "all")
     manifest, _ = write_subset(uri, "return > -1000", out, command="t")

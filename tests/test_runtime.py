@@ -1,4 +1,4 @@
-"""jobs.runtime.map_parts: parts run side by side on Ray Data; results and errors return."""
+"""jobs.runtime.RayExecutor: parts run side by side as Ray tasks; results and errors return."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.runtime import map_parts
+from engine.executor import InProcess
+from jobs.runtime import RayExecutor
 
 
 def meet_another(task: dict) -> dict:
@@ -21,25 +22,25 @@ def meet_another(task: dict) -> dict:
 
 
 def test_two_parts_run_at_the_same_time_from_the_start(ray_local, tmp_path):
-    from ray.data import DataContext
-
-    before = DataContext.get_current().get_config("backpressure_policies.enabled", None)
     tasks = [{"index": i, "folder": str(tmp_path), "wait_s": 10.0} for i in range(4)]
-    results = map_parts(meet_another, tasks, description="meet")
-    # One at a time, each task would wait 10 s in vain. (Ray Data's object-store budget
-    # policy, which map_parts turns off, held back the second task in jobs of heavy parts.)
+    results = RayExecutor().map(meet_another, tasks, description="meet")
+    # One at a time, each task would wait 10 s in vain.
     assert all(r["saw_another"] for r in results)
-    assert DataContext.get_current().get_config("backpressure_policies.enabled", None) == before
 
 
 def refuse(task: dict) -> dict:
     if task["index"] == 1:
         raise ValueError(f"part {task['index']}: bad input")
+    if task["index"] == 3:
+        raise KeyError("part 3: no column 'x'")
     return {"index_seen": task["index"]}
 
 
-def test_results_come_back_in_task_order_and_our_errors_keep_their_type(ray_local):
+@pytest.mark.parametrize("executor", [RayExecutor(), InProcess()], ids=["ray", "in-process"])
+def test_results_come_back_in_task_order_and_errors_keep_type_and_message(ray_local, executor):
     tasks = [{"index": i} for i in (2, 0)]
-    assert [r["index_seen"] for r in map_parts(refuse, tasks, description="x")] == [2, 0]
+    assert [r["index_seen"] for r in executor.map(refuse, tasks, description="x")] == [2, 0]
     with pytest.raises(ValueError, match="part 1: bad input"):
-        map_parts(refuse, [{"index": i} for i in range(3)], description="x")
+        executor.map(refuse, [{"index": i} for i in range(3)], description="x")
+    with pytest.raises(KeyError, match="part 3: no column 'x'"):
+        executor.map(refuse, [{"index": 3}], description="x")

@@ -1,0 +1,64 @@
+"""Running one function over many tasks: the seam between the engine and Ray.
+
+The engine's jobs (ingest, collect, materialize, shards, relabel passes) are written as
+`executor.map(function, tasks)` and never import Ray. jobs/runtime.py provides the Ray
+executor (plain Ray tasks on the embedded Ray or on a cluster); `InProcess` runs the same
+function over the same tasks one after another in this process (tests, small jobs, a
+debugger). Either way the output bytes are the same: they depend on the tasks only.
+
+A task is any picklable value; a result that has a `steps` count (an attribute or a key)
+moves the progress bar by that much.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from engine.progress import Progress
+
+Task = TypeVar("Task")
+Result = TypeVar("Result")
+
+
+class Executor(Protocol):
+    def map(
+        self,
+        function: Callable[[Task], Result],
+        tasks: Sequence[Task],
+        *,
+        description: str,
+        total: int | None = None,
+        unit: str = "steps",
+    ) -> list[Result]:
+        """`[function(task) for task in tasks]`, in task order, with progress; the first
+        error raised by a task is raised here (with its own type and message)."""
+        ...
+
+
+def work_done(result: Any) -> int:
+    """How far a result moves the progress bar: its `steps` count, else 0."""
+    if isinstance(result, dict):
+        return int(result.get("steps", 0) or 0)
+    return int(getattr(result, "steps", 0) or 0)
+
+
+class InProcess:
+    """Every task here, one after another."""
+
+    def map(
+        self,
+        function: Callable[[Task], Result],
+        tasks: Sequence[Task],
+        *,
+        description: str,
+        total: int | None = None,
+        unit: str = "steps",
+    ) -> list[Result]:
+        results = []
+        with Progress(description, total, unit) as progress:
+            for task in tasks:
+                result = function(task)
+                results.append(result)
+                progress.advance(work_done(result))
+        return results
