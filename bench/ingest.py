@@ -6,8 +6,9 @@
    ending at terminals or timeouts), written chunk by chunk.
 2. Baseline, in one process: read the arrays from the HDF5 file chunk by chunk and write
    one Parquet file with pyarrow (zstd, no dictionary on floats): the practical ceiling.
-3. `hindsight ingest` of the same file on the embedded local Ray (planning pass,
-   validation, parts written in parallel, commit).
+3. Ingest of the same file on the embedded local Ray, as `hindsight ingest` runs it
+   (`engine.ingest.plan_ingest`: planning pass and validation; `engine.ingest.ingest` with
+   `RayExecutor`: parts written in parallel, commit).
 
 Each measurement runs in its own subprocess, so that peak memory is its own: the peak
 RSS of the process (ru_maxrss) and, sampled every 0.2 s from /proc, the peak RSS of its
@@ -141,15 +142,16 @@ def run_baseline(source: str, output: str) -> dict:
 
 
 def run_ingest_measurement(source: str, output: str, part_steps: int) -> dict:
-    """`run_ingest` on the embedded local Ray, twice: cold (a fresh Ray whose workers
-    still import everything, as a one-off command on a laptop) and warm (workers already
-    started, as on a long-lived cluster). Ray's own start-up is timed separately."""
+    """Ingest (planning pass, then parts as Ray tasks, commit) on the embedded local Ray,
+    twice: cold (a fresh Ray whose workers still import everything, as a one-off command
+    on a laptop) and warm (workers already started, as on a long-lived cluster). Ray's own
+    start-up is timed separately."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TQDM_DISABLE", "1")
     import ray
 
-    from jobs.ingest_job import IngestOptions, run_ingest
-    from jobs.runtime import init_ray
+    from engine.ingest import ingest, plan_ingest
+    from jobs.runtime import RayExecutor, init_ray
 
     measured = {}
     with TreeMemory() as memory:
@@ -159,13 +161,9 @@ def run_ingest_measurement(source: str, output: str, part_steps: int) -> dict:
         for run in ("cold", "warm"):
             cpu_before = memory.cpu_seconds()
             began = time.perf_counter()
-            manifest = run_ingest(
-                IngestOptions(
-                    source=source,
-                    output=f"{output}-{run}",
-                    env_id="Bench-v0",
-                    part_steps=part_steps,
-                )
+            plan = plan_ingest(source, env_id="Bench-v0", part_steps=part_steps)
+            manifest = ingest(
+                plan, f"{output}-{run}", executor=RayExecutor(), command="bench.ingest"
             )
             seconds = time.perf_counter() - began
             cpu = memory.cpu_seconds() - cpu_before

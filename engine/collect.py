@@ -8,13 +8,18 @@ noise-injected rollouts that D-REX ranks. Episode `e` uses noise level
 does not depend on how episodes are spread over parts or workers.
 
 The environment step loop is Python by nature (gymnasium steps one transition at a time);
-everything after it is array code (`engine.ingest.build_tables`).
+everything after it is array code (`engine.sources.tables.build_tables`).
+
+Like ingest, collect runs in two steps: `plan_collect` fails early (an unknown env id, a
+bad policy) and cuts the episodes into parts; `collect` rolls out and writes each part in
+a task of the executor through the version writer and commits the manifest last.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -22,7 +27,10 @@ import numpy as np
 import pyarrow as pa
 
 import engine.envs  # noqa: F401  (registers hindsight/PointGoal-v0)
-from engine.ingest import build_tables, write_part
+from engine.executor import Executor
+from engine.sources.tables import EpisodeLabels, build_tables
+from engine.writer import VersionWriter, WrittenPart, base_manifest
+from schemas.manifest import Manifest
 
 Policy = Callable[[Any], Any]
 NOISE_COLUMN = "noise"
@@ -222,24 +230,8 @@ def collect_tables(
         terminated=cat("terminated"),
         truncated=cat("truncated"),
         infos=infos,
-        episode_info_columns=[NOISE_COLUMN],
-        env_id=env_id,
-        source=f"collect:{policy_spec}",
+        labels=EpisodeLabels(env_id, f"collect:{policy_spec}", (NOISE_COLUMN,)),
     )
-
-
-def collect_part(task: dict[str, Any]) -> dict[str, Any]:
-    """Roll out and write one part (a Ray task); returns the WrittenPart and its steps."""
-    steps, episodes = collect_tables(
-        task["env_id"],
-        task["policy"],
-        range(task["episode_start"], task["episode_stop"]),
-        task["noise_levels"],
-        task["seed"],
-        task.get("max_steps"),
-        task["info_keys"],
-    )
-    return write_part(task, steps, episodes)
 
 
 def describe_spaces(env_id: str, max_steps: int | None = None) -> dict[str, str]:
@@ -251,3 +243,102 @@ def describe_spaces(env_id: str, max_steps: int | None = None) -> dict[str, str]
     }
     env.close()
     return spaces
+
+
+# ---------------------------------------------------------------- the collect job
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    """How every episode is rolled out."""
+
+    env_id: str  # a gymnasium environment id
+    policy: str = "heuristic"  # random, heuristic or module:function
+    noise_levels: tuple[float, ...] = (0.0,)  # episode e uses noise_levels[e % len]
+    seed: int = 0  # episode e is seeded from (seed, e)
+    max_steps: int | None = None  # overrides the environment's time limit
+
+
+@dataclass(frozen=True)
+class CollectPlan:
+    """The rollouts, the episode ranges of the parts, and what the first step showed."""
+
+    rollouts: Rollouts
+    parts: list[range]  # episode indices of each part
+    info_keys: dict[str, str]  # scalar info entries recorded as step columns, with kinds
+    spaces: dict[str, str]  # observation and action spaces as text
+
+    @property
+    def episodes(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+
+def plan_collect(rollouts: Rollouts, episodes: int, episodes_per_part: int) -> CollectPlan:
+    """Check the environment and the policy (an unknown env id first: gymnasium suggests
+    the near miss) and cut `episodes` episodes into parts; nothing is rolled out."""
+    info_keys = scalar_info_keys(rollouts.env_id, rollouts.max_steps)
+    load_policy(rollouts.policy, rollouts.env_id)
+    parts = [
+        range(start, min(start + episodes_per_part, episodes))
+        for start in range(0, episodes, episodes_per_part)
+    ]
+    spaces = describe_spaces(rollouts.env_id, rollouts.max_steps)
+    return CollectPlan(rollouts, parts, info_keys, spaces)
+
+
+@dataclass(frozen=True)
+class CollectTask:
+    """Roll out `episodes` and write them as part `index` (a task of the executor)."""
+
+    index: int
+    rollouts: Rollouts
+    episodes: range
+    info_keys: dict[str, str]
+    writer: VersionWriter
+
+
+def collect_part(task: CollectTask) -> WrittenPart:
+    """Roll out and write one part (runs in a Ray task)."""
+    rollouts = task.rollouts
+    steps, episodes = collect_tables(
+        rollouts.env_id,
+        rollouts.policy,
+        task.episodes,
+        list(rollouts.noise_levels),
+        rollouts.seed,
+        rollouts.max_steps,
+        task.info_keys,
+    )
+    return task.writer.write_part(task.index, steps, episodes)
+
+
+def collect(plan: CollectPlan, output: str, *, executor: Executor, command: str) -> Manifest:
+    """Roll out a plan's parts into a new committed version at `output`; its manifest.
+
+    The bytes depend on the plan alone (each episode is seeded from (seed, episode)), not
+    on the executor or the part size. On any failure nothing is left: no staged files, no
+    version."""
+    rollouts = plan.rollouts
+    metadata = {
+        "env_id": rollouts.env_id,
+        "policy": rollouts.policy,
+        "noise_levels": list(rollouts.noise_levels),
+        "seed": rollouts.seed,
+        **plan.spaces,
+    }
+    with VersionWriter(output) as writer:
+        tasks = [
+            CollectTask(index, rollouts, episodes, plan.info_keys, writer)
+            for index, episodes in enumerate(plan.parts)
+        ]
+        written = executor.map(collect_part, tasks, description=f"collect {rollouts.env_id}")
+        manifest = base_manifest(
+            writer.uri,
+            written,
+            operation="collect",
+            command=command,
+            metadata=metadata,
+            details={"episodes": plan.episodes, "noise": list(rollouts.noise_levels)},
+        )
+        writer.commit(manifest)
+    return manifest

@@ -8,16 +8,32 @@ import pyarrow as pa
 import pytest
 
 import engine
-from engine.collect import collect_tables, heuristic_for, load_policy
+from engine import storage
+from engine.collect import (
+    Rollouts,
+    collect,
+    collect_tables,
+    heuristic_for,
+    load_policy,
+    plan_collect,
+)
+from engine.dataset import DatasetError, open_dataset
 from engine.envs import ENV_ID, PointGoalEnv, heuristic_policy
+from engine.executor import InProcess
 from jobs.cli import main
 from jobs.ingest_job import CollectOptions, run_collect
+from jobs.runtime import RayExecutor
 from schemas import steps as cols
 
 
 def always_push_left(observation):
     """A user policy for CartPole, loaded as tests.test_collect:always_push_left."""
     return 0
+
+
+def broken_policy(observation):
+    """A user policy that fails, loaded as tests.test_collect:broken_policy."""
+    raise ValueError("the policy failed")
 
 
 def test_output_does_not_depend_on_how_episodes_are_split():
@@ -161,3 +177,36 @@ def test_collect_cli(ray_local, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     assert main(["collect", "CartPole-v1", str(tmp_path / "y"), "--noise", "0,1.5"]) == 2
     assert "noise levels are probabilities" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("executor", ["in-process", "ray"])
+def test_a_part_failing_mid_collect_leaves_no_staging_and_no_version(executor, request, tmp_path):
+    # At noise 1.0 every action is random and the policy is never called: only episode 5,
+    # in the last of three parts, calls it (the parts before it are written first).
+    rollouts = Rollouts(
+        "Pendulum-v1",
+        policy="tests.test_collect:broken_policy",
+        noise_levels=(1.0,) * 5 + (0.0,),
+        max_steps=5,
+    )
+    plan = plan_collect(rollouts, episodes=6, episodes_per_part=2)
+    assert len(plan.parts) == 3
+    if executor == "ray":
+        request.getfixturevalue("ray_local")
+    output = str(tmp_path / "collected")
+    with pytest.raises(ValueError, match="the policy failed"):
+        collect(
+            plan,
+            output,
+            executor=InProcess() if executor == "in-process" else RayExecutor(),
+            command="test",
+        )
+    assert storage.list_files(output) == []
+    with pytest.raises(DatasetError):
+        open_dataset(output)
+    # the same output can be written by a run that succeeds
+    working = plan_collect(
+        Rollouts("Pendulum-v1", policy="random", max_steps=5), episodes=6, episodes_per_part=2
+    )
+    manifest = collect(working, output, executor=InProcess(), command="test")
+    assert open_dataset(output).manifest.dataset_id == manifest.dataset_id

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass, replace
 
 import h5py
 import numpy as np
@@ -12,21 +14,25 @@ import pyarrow.parquet as pq
 import pytest
 
 import engine
-from engine import storage
+from engine import sources, storage
 from engine.dataset import DatasetError, open_dataset
-from engine.ingest import ingest_part, part_tasks, plan_ingest
-from engine.validate import ValidationError
+from engine.executor import InProcess
+from engine.ingest import ingest, ingest_part, part_tasks, plan_ingest
+from engine.materialize import materialize
+from engine.sources.base import IngestPlan, Part, PlanOptions, Source, part_ranges, source_label
+from engine.sources.tables import EpisodeLabels, build_tables
+from engine.validate import ValidationError, check_finite
 from engine.writer import VersionWriter
 from jobs.cli import main
 from jobs.ingest_job import (
     InfoOptions,
     IngestOptions,
     MaterializeOptions,
-    _write_version,
     run_info,
     run_ingest,
     run_materialize,
 )
+from jobs.runtime import RayExecutor
 from schemas import steps as cols
 from schemas.manifest import SKIPPED_REPORT_NAME
 from tests.synthetic import attach_group, make_episodes, write_synthetic_dataset
@@ -389,7 +395,7 @@ def test_episode_in_two_files(tmp_path, clean_steps):
     # Skipping leaves the split episode out of both files, not half of it in.
     plan = plan_ingest(str(tmp_path), on_error="skip")
     first_episode = clean_steps.column("episode_id")[0].as_py()
-    assert all(first_episode < part["episode_min"] for part in plan.parts)
+    assert all(first_episode < part.episode_min for part in plan.parts)
     assert plan.episodes == len(set(clean_steps.column("episode_id").to_pylist())) - 1
 
 
@@ -481,11 +487,11 @@ def test_failing_part_removes_the_staged_version(ray_local, tmp_path):
     source = write_hdf5(tmp_path / "logs.h5", d4rl_arrays())
     uri = str(tmp_path / "ds")
     plan = plan_ingest(source, part_steps=150)
-    staged = VersionWriter(uri)
-    tasks = part_tasks(plan, staged)
-    tasks[-1]["path"] = str(tmp_path / "vanished.h5")  # the source disappears mid-run
+    # the source disappears mid-run: its last part reads a file that is gone
+    vanished = replace(plan.parts[-1], path=str(tmp_path / "vanished.h5"))
+    plan = replace(plan, parts=[*plan.parts[:-1], vanished])
     with pytest.raises(Exception, match="vanished.h5"):
-        _write_version(staged, tasks, ingest_part, description="t", total=None, finish=None)
+        ingest(plan, uri, executor=RayExecutor(), command="t")
     assert storage.list_files(uri) == []
     with pytest.raises(DatasetError):
         open_dataset(uri)
@@ -572,6 +578,43 @@ def test_materialize_zips_all_groups_into_one(ray_local, tmp_path):
     assert flat.select(pl.len()).item() == steps.num_rows
 
 
+@pytest.mark.parametrize("executor", ["in-process", "ray"])
+def test_a_part_failing_mid_materialize_leaves_no_staging_and_no_version(
+    executor, request, tmp_path
+):
+    steps, episodes = make_episodes(num_episodes=10, seed=11)
+    parent_uri = str(tmp_path / "parent")
+    write_synthetic_dataset(parent_uri, steps, episodes, part_steps=40)
+
+    def double_reward(parent, index):
+        reward = parent.read_part(index, columns=["reward"]).column("reward")
+        return pa.table({"double_reward": pa.compute.multiply(reward, 2)}), None
+
+    child = open_dataset(attach_group(parent_uri, str(tmp_path / "child"), "double", double_reward))
+    assert child.num_parts > 2
+    # The last part of the relabeled group is damaged on disk (same size, other bytes):
+    # the parts before it are copied, then its read fails.
+    damaged = child.file_uris(child.manifest.groups[-1], "steps")[-1]
+    with open(damaged, "r+b") as handle:
+        handle.seek(10)
+        byte = handle.read(1)
+        handle.seek(10)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    if executor == "ray":
+        request.getfixturevalue("ray_local")
+    output = str(tmp_path / "flat")
+    with pytest.raises(DatasetError, match="part-.*cannot read"):
+        materialize(
+            child,
+            output,
+            executor=InProcess() if executor == "in-process" else RayExecutor(),
+            command="test",
+        )
+    assert storage.list_files(output) == []
+    with pytest.raises(DatasetError):
+        open_dataset(output)
+
+
 @pytest.mark.slow
 def test_ingest_killed_mid_run_leaves_no_dataset(ray_local, tmp_path):
     """A real `hindsight ingest` process (with its own embedded Ray) killed while it
@@ -627,3 +670,96 @@ def test_ingest_from_and_to_s3(ray_local, s3_bucket, tmp_path):
         storage.write_bytes(f"{s3_bucket}/steps/{name}.parquet", open(local, "rb").read())
     run_ingest(IngestOptions(source=f"{s3_bucket}/steps/*.parquet", output=str(tmp_path / "ds")))
     assert_matches_steps(str(tmp_path / "ds"), steps, episodes)
+
+
+# ---------------------------------------------------------------- a new format: one file, one line
+
+
+@dataclass(frozen=True, kw_only=True)
+class EpisodeFilesPart(Part):
+    files: tuple[str, ...]  # episode_<id>.npz files, by id
+
+
+class EpisodeFiles(Source[EpisodeFilesPart]):
+    """The example of docs/ingest.md: a directory with one `episode_<id>.npz` per episode
+    (observations, actions, rewards, terminals, timeouts)."""
+
+    name = "episode-npz"
+
+    def detect(self, path: str) -> bool:
+        return os.path.isdir(path) and any(n.startswith("episode_") for n in os.listdir(path))
+
+    def plan(self, path: str, options: PlanOptions) -> IngestPlan:
+        files = sorted(
+            (os.path.join(path, n) for n in os.listdir(path) if n.startswith("episode_")),
+            key=episode_id_of,
+        )
+        problems = []
+        for file in files:
+            rewards = np.load(file)["rewards"]
+            problems += check_finite(
+                file, "reward", rewards, np.full(len(rewards), episode_id_of(file))
+            )
+        bad = {p.episode for p in problems}
+        kept = [file for file in files if episode_id_of(file) not in bad]
+        lengths = [len(np.load(file)["rewards"]) for file in kept]
+        labels = EpisodeLabels(options.env_id or "unknown", source_label(self.name, path))
+        parts = [
+            EpisodeFilesPart(
+                files=tuple(kept[start:stop]), steps=sum(lengths[start:stop]), labels=labels
+            )
+            for start, stop in part_ranges(lengths, options.part_steps)
+        ]
+        return IngestPlan(self.name, path, labels.env_id, parts, sum(lengths), len(kept), problems)
+
+    def read_part(self, part: EpisodeFilesPart) -> tuple[pa.Table, pa.Table]:
+        episodes = [np.load(file) for file in part.files]
+        lengths = [len(episode["rewards"]) for episode in episodes]
+
+        def concatenated(name: str) -> np.ndarray:
+            return np.concatenate([episode[name] for episode in episodes])
+
+        return build_tables(
+            episode_ids=np.repeat([episode_id_of(file) for file in part.files], lengths),
+            observation=concatenated("observations"),
+            action=concatenated("actions"),
+            reward=concatenated("rewards"),
+            terminated=concatenated("terminals"),
+            truncated=concatenated("timeouts"),
+            labels=part.labels,
+        )
+
+
+def episode_id_of(file: str) -> int:
+    return int(os.path.basename(file).removeprefix("episode_").removesuffix(".npz"))
+
+
+def test_a_new_format_is_one_source_and_one_registration(tmp_path, monkeypatch):
+    monkeypatch.setitem(sources.SOURCES, EpisodeFiles.name, EpisodeFiles())  # the one line
+    arrays = d4rl_arrays(num_steps=200, seed=21)
+    lengths = episode_lengths(arrays)
+    folder = tmp_path / "episodes"
+    folder.mkdir()
+    arrays["rewards"][lengths[0] + 1] = np.nan  # episode 1 is skipped
+    for episode, (start, stop) in enumerate(zip(np.cumsum(lengths) - lengths, np.cumsum(lengths))):
+        np.savez(
+            folder / f"episode_{episode}.npz",
+            **{
+                name: arrays[name][start:stop]
+                for name in ("observations", "actions", "rewards", "terminals", "timeouts")
+            },
+        )
+    with pytest.raises(ValidationError, match=r"episode_1.npz: episode 1: column 'reward'"):
+        plan_ingest(str(folder))
+    plan = plan_ingest(str(folder), on_error="skip", part_steps=60, env_id="Toy-v0")
+    assert plan.format == "episode-npz" and len(plan.parts) > 1
+    uri = str(tmp_path / "ds")
+    manifest = ingest(plan, uri, executor=InProcess(), command="test")
+    assert manifest.metadata["skipped_episodes"] == 1
+    kept = np.repeat(np.arange(len(lengths)), lengths) != 1
+    steps = engine.scan(uri).collect()
+    np.testing.assert_array_equal(steps["observation"].to_numpy(), arrays["observations"][kept])
+    np.testing.assert_array_equal(steps["reward"].to_numpy(), arrays["rewards"][kept])
+    episodes = engine.scan_episodes(uri).collect()
+    assert episodes["episode_id"].to_list() == [e for e in range(len(lengths)) if e != 1]
+    assert episodes["source"].unique().to_list() == ["episode-npz:episodes"]

@@ -1,0 +1,146 @@
+"""The interface of an ingest format: a `Source` plans parts and reads a part into Arrow.
+
+A format is one module in engine/sources/ holding one `Source` subclass and the frozen
+dataclass that describes one of its parts:
+
+    @dataclass(frozen=True, kw_only=True)
+    class LeRobotPart(Part):
+        path: str
+        episodes: tuple[int, ...]
+
+    class LeRobot(Source[LeRobotPart]):
+        name = "lerobot"                          # the --format value
+        def detect(self, path) -> bool: ...       # is this path in my format? (cheap)
+        def plan(self, path, options) -> IngestPlan: ...   # in the driver: validate, cut
+        def read_part(self, part) -> tuple[pa.Table, pa.Table]: ...   # in a task
+
+plus one line in engine/sources/__init__.py that registers it. Ingest (engine/ingest.py)
+does the rest: format detection, --on-error, the version writer, the skipped report.
+
+`plan` reads only what is cheap (episode boundaries, rewards, schemas), reports every
+problem it finds as a `Problem` naming the file, the episode and the column (a problem
+without an episode fails the whole ingest; one with an episode can be skipped), and cuts
+the episodes that are left into parts of about `options.part_steps` steps, whole episodes
+only. `read_part` runs in a Ray task: it reads the part's rows and returns the base step
+and episode tables through `engine.sources.tables.build_tables`. Its output must depend on
+the part alone, so that a re-run writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+import numpy as np
+import pyarrow as pa
+
+from engine import storage
+from engine.sources.tables import EpisodeLabels
+from engine.validate import Problem
+from engine.writer import DEFAULT_PART_STEPS, split_into_parts
+from schemas import steps as cols
+
+
+@dataclass(frozen=True, kw_only=True)
+class Part:
+    """One part of a source: whole episodes that one task reads and writes. Each source
+    adds where its rows are (a row range, a list of episode ids, ...)."""
+
+    steps: int  # steps the part holds once read (progress, part sizes)
+    labels: EpisodeLabels  # env id, source label and episode info columns of its episodes
+
+
+PartType = TypeVar("PartType", bound=Part)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What the user said about a source; each format uses the fields that apply to it."""
+
+    env_id: str | None = None  # recorded per episode; else the source's own, else "unknown"
+    part_steps: int = DEFAULT_PART_STEPS  # steps per part (whole episodes)
+    episode_column: str = cols.EPISODE_ID  # step tables: the episode id column
+    step_column: str = cols.T  # step tables: the step index column
+
+
+@dataclass(frozen=True)
+class IngestPlan:
+    """What the cheap first pass found: parts to write, and what was left out and why."""
+
+    format: str
+    source: str
+    env_id: str
+    parts: list[Part]
+    steps: int
+    episodes: int
+    skipped: list[Problem] = field(default_factory=list)
+    truncated_tails: list[dict[str, Any]] = field(default_factory=list)
+    episode_info_columns: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def refused(cls, format: str, source: str, problems: list[Problem]) -> IngestPlan:
+        """A plan with nothing to write: problems of whole files found early."""
+        return cls(format, source, "unknown", [], 0, 0, skipped=problems)
+
+    def skipped_report(self) -> dict[str, Any]:
+        """The contents of the skipped report (`skipped.json`)."""
+        return {
+            "source": self.source,
+            "skipped_episodes": len({p.episode for p in self.skipped if p.episode is not None}),
+            "skipped": [p.to_dict() for p in self.skipped],
+            "truncated_tails": self.truncated_tails,
+        }
+
+
+class Source(ABC, Generic[PartType]):
+    """An ingest format: recognize a path, plan its parts, read one part into Arrow.
+
+    Sources are plain objects: the one that planned a part travels with it to the Ray task
+    that reads it."""
+
+    name: ClassVar[str]  # the --format value, recorded in the manifest
+
+    @abstractmethod
+    def detect(self, path: str) -> bool:
+        """True when `path` (a file, a directory or a glob; local or S3) holds this format.
+        Cheap: a file name or a directory listing, never the data."""
+
+    @abstractmethod
+    def plan(self, path: str, options: PlanOptions) -> IngestPlan:
+        """Validate the source and cut it into parts of whole episodes; nothing is written.
+        Problems go into `IngestPlan.skipped`; an unreadable file raises ValueError."""
+
+    @abstractmethod
+    def read_part(self, part: PartType) -> tuple[pa.Table, pa.Table]:
+        """The base (steps, episodes) tables of one part, sorted by (episode_id, t)."""
+
+
+# ---------------------------------------------------------------- helpers for sources
+
+
+def part_ranges(lengths: np.ndarray | list[int], part_steps: int) -> list[tuple[int, int]]:
+    """Index ranges [start, stop) of episodes (with these lengths) making up each part."""
+    return split_into_parts(np.asarray(lengths, dtype=np.int64), max(1, int(part_steps)))
+
+
+def source_label(format: str, path: str) -> str:
+    """The `source` of every episode in the episodes table, e.g. `d4rl:logs.h5`."""
+    return f"{format}:{os.path.basename(path.rstrip('/'))}"
+
+
+def file_name(path: str) -> str:
+    """The last component of a path, lower case: what a format is recognized by."""
+    return os.path.basename(path.rstrip("/")).lower()
+
+
+def directory_names(path: str) -> list[str]:
+    """Names of the files in a local directory, or of every file below an S3 prefix;
+    empty when there is no such directory."""
+    if storage.is_s3(path):
+        return [os.path.basename(f) for f in storage.list_files(path)]
+    if os.path.isdir(path):
+        return os.listdir(path)
+    return []

@@ -1,0 +1,474 @@
+"""`parquet` and `jsonl`: step tables, one row per step, in any row order.
+
+Columns: an episode id and a step index (names configurable: `--episode-column`,
+`--step-column`), `observation`, `action`, `reward`, `terminated`, `truncated`, optional
+`next_observation`; every other column is kept as a per-step info column. A source is a
+file, a directory of files or a glob, local or on S3. Each episode must be in one file.
+
+Planning reads the cheap columns of each file (ids, step indices, rewards, flags, infos,
+and the sizes of list vectors), checks them, and cuts each file into parts of episode id
+ranges; a part reads its file with a filter on that range.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from engine import storage
+from engine.sources.base import (
+    IngestPlan,
+    Part,
+    PlanOptions,
+    Source,
+    directory_names,
+    file_name,
+    part_ranges,
+    source_label,
+)
+from engine.sources.tables import EpisodeLabels, build_tables, vector_column
+from engine.validate import (
+    Problem,
+    changes_within_episodes,
+    check_columns,
+    check_finite,
+    check_not_null,
+    check_row_shapes,
+    check_same_schema,
+    check_step_index,
+)
+from schemas import steps as cols
+
+VECTOR_COLUMNS = (cols.OBSERVATION, cols.ACTION, cols.NEXT_OBSERVATION)
+# File names a format reads, and the ones that make a directory of that format.
+FILE_SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".ndjson", ".json")}
+DIRECTORY_SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".ndjson")}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepTablePart(Part):
+    """The episodes with ids in [episode_min, episode_max] of one file, but the skipped."""
+
+    path: str
+    episode_column: str
+    step_column: str
+    episode_min: int
+    episode_max: int
+    skip_episodes: tuple[int, ...] = ()
+
+
+class StepTables(Source[StepTablePart]):
+    """Step tables in one file format: `Parquet` and `JsonLines` below."""
+
+    def detect(self, path: str) -> bool:
+        if file_name(path).endswith(FILE_SUFFIXES[self.name]):
+            return True
+        return any(n.endswith(DIRECTORY_SUFFIXES[self.name]) for n in directory_names(path))
+
+    def plan(self, path: str, options: PlanOptions) -> IngestPlan:
+        files = step_table_files(path, self.name)
+        schemas = {file: step_file_schema(file, self.name) for file in files}
+        columns = StepColumns.of(schemas[files[0]], options)
+        problems = schema_problems(schemas, columns.required)
+        if problems:
+            return IngestPlan.refused(self.name, path, problems)
+        scans: list[FileScan] = []  # the files whose episode ids are usable
+        seen_in: dict[int, str] = {}  # episode id -> the first file that holds it
+        for file in files:
+            scan = scan_file(file, self.name, columns, scans[-1] if scans else None)
+            problems += scan.problems
+            if scan.episode_ids is not None:
+                problems += episodes_in_two_files(file, scan.episode_ids, columns.episode, seen_in)
+                scans.append(scan)
+        # Episode ids name one episode across the whole source: an episode with a problem
+        # in any file (or spread over two files) is left out everywhere.
+        bad = np.fromiter({p.episode for p in problems if p.episode is not None}, np.int64)
+        info_changes = scans[-1].info_changes if scans else {}
+        episode_info_columns = [n for n in columns.infos if not info_changes.get(n, False)]
+        env_id = options.env_id or "unknown"
+        labels = EpisodeLabels(env_id, source_label(self.name, path), tuple(episode_info_columns))
+        parts = [part for scan in scans for part in file_parts(scan, bad, columns, labels, options)]
+        # Parts in episode order, so that the dataset is sorted by episode id where the
+        # source allows it.
+        parts.sort(key=lambda part: part.episode_min)
+        return IngestPlan(
+            format=self.name,
+            source=path,
+            env_id=env_id,
+            parts=parts,
+            steps=sum(part.steps for part in parts),
+            episodes=sum(int(scan.kept(bad).sum()) for scan in scans),
+            skipped=problems,
+            episode_info_columns=episode_info_columns,
+        )
+
+    def read_part(self, part: StepTablePart) -> tuple[pa.Table, pa.Table]:
+        table = read_episode_range(part, self.name)
+        action = table.column(cols.ACTION)
+        if pa.types.is_integer(action.type):
+            action = action.combine_chunks().cast(pa.int64())
+        else:
+            action = vector_column(action)
+        core = {part.episode_column, part.step_column, *VECTOR_COLUMNS, cols.REWARD}
+        core |= {cols.TERMINATED, cols.TRUNCATED}
+        infos = {
+            name: table.column(name).combine_chunks()
+            for name in table.column_names
+            if name not in core
+        }
+        return build_tables(
+            episode_ids=table.column(part.episode_column).to_numpy().astype(np.int64),
+            t=table.column(part.step_column).to_numpy(),
+            observation=vector_column(table.column(cols.OBSERVATION)),
+            action=action,
+            reward=table.column(cols.REWARD).to_numpy(),
+            terminated=table.column(cols.TERMINATED).to_numpy(zero_copy_only=False),
+            truncated=table.column(cols.TRUNCATED).to_numpy(zero_copy_only=False),
+            next_observation=(
+                vector_column(table.column(cols.NEXT_OBSERVATION))
+                if cols.NEXT_OBSERVATION in table.column_names
+                else None
+            ),
+            infos=infos,
+            labels=part.labels,
+        )
+
+
+class Parquet(StepTables):
+    name = "parquet"
+
+
+class JsonLines(StepTables):
+    name = "jsonl"
+
+
+# ---------------------------------------------------------------- files
+
+
+def step_table_files(source: str, format: str) -> list[str]:
+    """A file, every file of the format in a directory, or a glob; sorted. Local or S3."""
+    suffixes = FILE_SUFFIXES[format]
+    if any(ch in source for ch in "*?["):
+        if storage.is_s3(source):
+            first = min(source.index(ch) for ch in "*?[" if ch in source)
+            parent = source[: source.rindex("/", 0, first)]
+            files = [f for f in storage.list_files(parent) if fnmatch.fnmatch(f, source)]
+        else:
+            files = sorted(glob.glob(source))
+    elif storage.is_s3(source):
+        fs, key = storage.filesystem(source)
+        if fs.get_file_info(key).type == pafs.FileType.File:
+            files = [source]
+        else:
+            files = [f for f in storage.list_files(source) if f.endswith(suffixes)]
+    elif os.path.isdir(source):
+        files = sorted(os.path.join(source, n) for n in os.listdir(source) if n.endswith(suffixes))
+    elif os.path.exists(source):
+        files = [source]
+    else:
+        raise FileNotFoundError(f"{source}: no such file or directory")
+    if not files:
+        raise FileNotFoundError(f"{source}: no {format} files found")
+    return files
+
+
+def read_step_file(
+    path: str, format: str, columns: list[str] | None = None, filters: list | None = None
+) -> pa.Table:
+    """One step-table file as Arrow, with a clear error for a truncated or corrupt file."""
+    fs, key = storage.filesystem(path)
+    try:
+        if format == "parquet":
+            return pq.read_table(key, filesystem=fs, columns=columns, filters=filters)
+        with fs.open_input_stream(key) as stream:
+            table = pajson.read_json(stream)
+        return table.select(columns) if columns else table
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ValueError(
+            f"{path}: cannot read it as {format} (truncated or corrupt file?): {error}"
+        ) from error
+
+
+def step_file_schema(path: str, format: str) -> pa.Schema:
+    """The schema of one file: Parquet's footer; a JSON Lines file is read whole."""
+    if format == "parquet":
+        fs, key = storage.filesystem(path)
+        try:
+            return pq.read_schema(key, filesystem=fs)
+        except (pa.ArrowInvalid, OSError) as error:
+            raise ValueError(
+                f"{path}: cannot read it as parquet (truncated or corrupt file?): {error}"
+            ) from error
+    return read_step_file(path, format).schema
+
+
+def read_episode_range(part: StepTablePart, format: str) -> pa.Table:
+    """The rows of a part's episodes, sorted by (episode, step)."""
+    episode_column, step_column = part.episode_column, part.step_column
+    filters = [(episode_column, ">=", part.episode_min), (episode_column, "<=", part.episode_max)]
+    table = read_step_file(part.path, format, filters=filters if format == "parquet" else None)
+    episode_ids = table.column(episode_column).cast(pa.int64())
+    mask = pc.and_(
+        pc.greater_equal(episode_ids, part.episode_min),
+        pc.less_equal(episode_ids, part.episode_max),
+    )
+    if part.skip_episodes:
+        mask = pc.and_(mask, pc.invert(pc.is_in(episode_ids, pa.array(part.skip_episodes))))
+    table = table.filter(mask)
+    return table.take(
+        pc.sort_indices(table, [(episode_column, "ascending"), (step_column, "ascending")])
+    )
+
+
+# ---------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class StepColumns:
+    """The columns a planning pass reads, named as in the source."""
+
+    episode: str
+    step: str
+    infos: tuple[str, ...]  # every column that is not a core column
+    list_vectors: tuple[str, ...]  # vectors stored as lists of any size: sizes are checked
+
+    @property
+    def required(self) -> list[str]:
+        return [
+            self.episode,
+            self.step,
+            cols.OBSERVATION,
+            cols.ACTION,
+            cols.REWARD,
+            cols.TERMINATED,
+            cols.TRUNCATED,
+        ]
+
+    @property
+    def boundary_columns(self) -> list[str]:
+        """What the planning pass reads: everything but vectors of a fixed size."""
+        return [
+            self.episode,
+            self.step,
+            cols.REWARD,
+            cols.TERMINATED,
+            cols.TRUNCATED,
+            *self.infos,
+            *self.list_vectors,
+        ]
+
+    @classmethod
+    def of(cls, schema: pa.Schema, options: PlanOptions) -> StepColumns:
+        """The columns of a source whose files all have `schema`."""
+        required = cls(options.episode_column, options.step_column, (), ()).required
+        core = {*required, cols.NEXT_OBSERVATION}
+        list_types = (pa.types.is_list, pa.types.is_large_list)
+        return cls(
+            episode=options.episode_column,
+            step=options.step_column,
+            infos=tuple(n for n in schema.names if n not in core),
+            list_vectors=tuple(
+                n
+                for n in VECTOR_COLUMNS
+                if n in schema.names
+                and any(is_list(schema.field(n).type) for is_list in list_types)
+            ),
+        )
+
+
+def schema_problems(schemas: Mapping[str, pa.Schema], required: list[str]) -> list[Problem]:
+    """Every file has the required columns, and the same columns and types as the first."""
+    files = list(schemas)
+    reference = {f.name: str(f.type) for f in schemas[files[0]]}
+    problems: list[Problem] = []
+    for file in files:
+        problems += check_columns(file, schemas[file].names, required)
+        if file != files[0]:
+            types = {f.name: str(f.type) for f in schemas[file]}
+            problems += check_same_schema(files[0], reference, file, types)
+    return problems
+
+
+@dataclass
+class FileScan:
+    """What the planning pass found in one file, and what it knows from the files before."""
+
+    path: str
+    problems: list[Problem] = field(default_factory=list)
+    episode_ids: np.ndarray | None = None  # unique, sorted; None when the ids are unusable
+    steps_per_episode: np.ndarray | None = None
+    # Since the first file: does each info column change inside some episode?
+    info_changes: dict[str, bool] = field(default_factory=dict)
+    # Since the first file: values per row of each list vector (the first row sets it).
+    vector_sizes: dict[str, int] = field(default_factory=dict)
+
+    def kept(self, bad: np.ndarray) -> np.ndarray:
+        """Which of the file's episodes are ingested (a mask over `episode_ids`)."""
+        return ~np.isin(self.episode_ids, bad)
+
+
+def scan_file(path: str, format: str, columns: StepColumns, before: FileScan | None) -> FileScan:
+    """Read the boundary columns of one file and check them; `before` is the scan of the
+    previous file with usable episode ids (vector sizes and info changes so far)."""
+    table = read_step_file(path, format, columns.boundary_columns)
+    scan = FileScan(
+        path,
+        info_changes=dict(before.info_changes) if before else dict.fromkeys(columns.infos, False),
+        vector_sizes=dict(before.vector_sizes) if before else {},
+    )
+    episode_ids, scan.problems = usable_episode_ids(path, columns.episode, table)
+    if episode_ids is None:
+        return scan
+    t_column = table.column(columns.step)
+    t = pc.fill_null(t_column, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.lexsort((t, episode_ids))
+    sorted_ids = episode_ids[order]
+    problems = scan.problems
+    problems += check_not_null(path, columns.step, _valid(t_column), episode_ids)
+    problems += check_step_index(path, sorted_ids, t[order], columns.step)
+    problems += reward_problems(path, table.column(cols.REWARD), episode_ids)
+    problems += flag_problems(path, table, episode_ids)
+    for name in columns.list_vectors:
+        problems += vector_size_problems(
+            path, name, table.column(name), episode_ids, scan.vector_sizes
+        )
+    starts = np.ones(len(sorted_ids), bool)
+    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    for name in columns.infos:
+        # Once a column changed in some episode it is a step column: no need to look again.
+        if not scan.info_changes[name]:
+            scan.info_changes[name] = info_changes_within_episodes(
+                table.column(name), order, starts
+            )
+    scan.episode_ids, scan.steps_per_episode = np.unique(sorted_ids, return_counts=True)
+    return scan
+
+
+def _valid(column: pa.ChunkedArray) -> np.ndarray:
+    return pc.is_valid(column).to_numpy(zero_copy_only=False)
+
+
+def usable_episode_ids(
+    path: str, episode_column: str, table: pa.Table
+) -> tuple[np.ndarray | None, list[Problem]]:
+    """The episode id of every row as int64; None, with a problem of the whole file, when
+    the column does not hold integers or some rows have none."""
+    column = table.column(episode_column)
+    if not pa.types.is_integer(column.type):
+        return None, [Problem(path, episode_column, f"must hold integers, has type {column.type}")]
+    valid = _valid(column)
+    if not valid.all():
+        missing = int((~valid).sum())
+        return None, [Problem(path, episode_column, f"{missing} row(s) have no episode id")]
+    return column.to_numpy().astype(np.int64), []
+
+
+def reward_problems(path: str, reward: pa.ChunkedArray, episode_ids: np.ndarray) -> list[Problem]:
+    """Rewards are present and finite."""
+    problems = check_not_null(path, cols.REWARD, _valid(reward), episode_ids)
+    return problems + check_finite(
+        path, cols.REWARD, pc.fill_null(reward.cast(pa.float64()), 0.0).to_numpy(), episode_ids
+    )
+
+
+def flag_problems(path: str, table: pa.Table, episode_ids: np.ndarray) -> list[Problem]:
+    """`terminated` and `truncated` are booleans without missing values."""
+    problems = []
+    for name in (cols.TERMINATED, cols.TRUNCATED):
+        column = table.column(name)
+        if not pa.types.is_boolean(column.type):
+            problems.append(Problem(path, name, f"must be boolean, has type {column.type}"))
+        problems += check_not_null(path, name, _valid(column), episode_ids)
+    return problems
+
+
+def vector_size_problems(
+    path: str,
+    name: str,
+    column: pa.ChunkedArray,
+    episode_ids: np.ndarray,
+    expected_sizes: dict[str, int],
+) -> list[Problem]:
+    """Every row of a list vector has a value and as many values as the first row that
+    has one (in this file or an earlier one; recorded in `expected_sizes`)."""
+    valid = _valid(column)
+    problems = check_not_null(path, name, valid, episode_ids)
+    sizes = pc.fill_null(pc.list_value_length(column), -1).to_numpy()
+    if valid.any():
+        expected_sizes.setdefault(name, int(sizes[np.argmax(valid)]))
+    expected = expected_sizes.get(name, 0)
+    sizes = np.where(valid, sizes, expected)  # missing rows are reported above
+    return problems + check_row_shapes(path, name, sizes, expected, episode_ids)
+
+
+def info_changes_within_episodes(
+    column: pa.ChunkedArray, order: np.ndarray, starts: np.ndarray
+) -> bool:
+    """Whether an info column changes inside some episode (rows in `order`, episodes
+    starting where `starts` is set). Nested values are compared as JSON."""
+    if pa.types.is_nested(column.type):
+        values = np.asarray(column.to_pylist(), dtype=object)
+        values = np.asarray([json.dumps(v) for v in values[order]])
+    else:
+        values = column.to_numpy(zero_copy_only=False)[order]
+    return changes_within_episodes(values, starts)
+
+
+def episodes_in_two_files(
+    path: str, episode_ids: np.ndarray, episode_column: str, seen_in: dict[int, str]
+) -> list[Problem]:
+    """Episodes of this file that an earlier file holds too; records this file's."""
+    problems = [
+        Problem(
+            path,
+            episode_column,
+            f"episode also appears in {seen_in[episode]}; each episode must be in one file",
+            episode,
+        )
+        for episode in episode_ids.tolist()
+        if episode in seen_in
+    ]
+    for episode in episode_ids.tolist():
+        seen_in.setdefault(episode, path)
+    return problems
+
+
+def file_parts(
+    scan: FileScan,
+    bad: np.ndarray,
+    columns: StepColumns,
+    labels: EpisodeLabels,
+    options: PlanOptions,
+) -> list[StepTablePart]:
+    """One file's kept episodes cut into parts; each part names an episode id range and
+    the skipped episodes inside it."""
+    keep = scan.kept(bad)
+    kept_ids, kept_counts = scan.episode_ids[keep], scan.steps_per_episode[keep]
+    parts = []
+    for start, stop in part_ranges(kept_counts, options.part_steps):
+        low, high = int(kept_ids[start]), int(kept_ids[stop - 1])
+        inside = (scan.episode_ids >= low) & (scan.episode_ids <= high) & ~keep
+        parts.append(
+            StepTablePart(
+                path=scan.path,
+                episode_column=columns.episode,
+                step_column=columns.step,
+                episode_min=low,
+                episode_max=high,
+                skip_episodes=tuple(int(e) for e in scan.episode_ids[inside]),
+                steps=int(kept_counts[start:stop].sum()),
+                labels=labels,
+            )
+        )
+    return parts

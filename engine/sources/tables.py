@@ -1,0 +1,142 @@
+"""The base step and episode tables, built from arrays: one place for every source (and
+for `collect`).
+
+A source reads its rows as NumPy arrays (or Arrow columns), in (episode_id, t) order, and
+hands them to `build_tables`, which converts them to the base schema (schemas/steps.py):
+observations and actions as float32 fixed-size lists (dict observations as structs,
+discrete actions as int64), per-step info columns with their own types, and the
+episodes table (length, return, env id, source, and the info columns that are constant
+within every episode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from schemas import steps as cols
+
+
+@dataclass(frozen=True)
+class EpisodeLabels:
+    """What the episodes table says about every episode of a part besides its rows."""
+
+    env_id: str
+    source: str  # e.g. "d4rl:logs.h5", "collect:heuristic"
+    # Info columns constant within every episode (a noise level, a skill): copied to the
+    # episodes table too.
+    episode_info_columns: tuple[str, ...] = ()
+
+
+def observation_to_arrow(values: Any) -> pa.Array:
+    """Observations as float32 fixed-size lists; a dict of arrays becomes a struct."""
+    if isinstance(values, dict):
+        names = sorted(values)
+        return pa.StructArray.from_arrays(
+            [observation_to_arrow(values[name]) for name in names], names=names
+        )
+    values = np.asarray(values)
+    if values.ndim == 1:
+        values = values.reshape(-1, 1)
+    return cols.vectors_to_arrow(values.astype(np.float32, copy=False))
+
+
+def action_to_arrow(values: np.ndarray) -> pa.Array:
+    """Discrete actions (1-D integers) as int64; everything else float32 fixed-size lists."""
+    values = np.asarray(values)
+    if values.ndim == 1 and np.issubdtype(values.dtype, np.integer):
+        return pa.array(values.astype(np.int64, copy=False))
+    if values.ndim == 1:
+        values = values.reshape(-1, 1)
+    return cols.vectors_to_arrow(values.astype(np.float32, copy=False))
+
+
+def info_to_arrow(values: np.ndarray) -> pa.Array:
+    """A per-step info array with its own dtype; vectors become fixed-size lists."""
+    values = np.asarray(values)
+    if values.dtype.kind in "SO":
+        return pa.array([v.decode() if isinstance(v, bytes) else str(v) for v in values])
+    if values.ndim == 1:
+        return pa.array(values)
+    return cols.vectors_to_arrow(values, pa.from_numpy_dtype(values.dtype))
+
+
+def vector_column(
+    column: pa.Array | pa.ChunkedArray, value_type: pa.DataType = pa.float32()
+) -> pa.Array:
+    """A list, fixed-size list or scalar Arrow column as a fixed-size list of `value_type`
+    (a struct of such columns stays a struct): vectors read from Parquet or JSON."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_struct(array.type):
+        names = [array.type.field(i).name for i in range(array.type.num_fields)]
+        return pa.StructArray.from_arrays(
+            [vector_column(array.field(n), value_type) for n in names], names=names
+        )
+    if pa.types.is_fixed_size_list(array.type):
+        return pa.FixedSizeListArray.from_arrays(
+            array.flatten().cast(value_type), array.type.list_size
+        )
+    if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+        size = len(array.flatten()) // len(array) if len(array) else 0
+        return pa.FixedSizeListArray.from_arrays(array.flatten().cast(value_type), size)
+    return pa.FixedSizeListArray.from_arrays(array.cast(value_type), 1)
+
+
+def build_tables(
+    *,
+    episode_ids: np.ndarray,
+    observation: Any,
+    action: np.ndarray | pa.Array,
+    reward: np.ndarray,
+    terminated: np.ndarray,
+    truncated: np.ndarray,
+    labels: EpisodeLabels,
+    next_observation: Any = None,
+    infos: dict[str, np.ndarray | pa.Array] | None = None,
+    t: np.ndarray | None = None,
+) -> tuple[pa.Table, pa.Table]:
+    """The base step and episode tables of whole episodes given in (episode_id, t) order.
+
+    Array arguments are NumPy (or already-converted Arrow) columns, one row per step; `t`
+    defaults to 0, 1, 2, ... within each episode. `labels` names the environment and the
+    source of every episode and the info columns that are constant within episodes.
+    """
+    episode_ids = np.asarray(episode_ids, dtype=np.int64)
+    boundaries = cols.episode_boundaries(episode_ids)
+    starts, lengths = boundaries[:-1], np.diff(boundaries)
+    if t is None:
+        t = np.arange(len(episode_ids), dtype=np.int64) - np.repeat(starts, lengths)
+    reward = np.asarray(reward, dtype=np.float32)
+
+    def arrow(values, convert):
+        return values if isinstance(values, pa.Array | pa.ChunkedArray) else convert(values)
+
+    steps = {
+        cols.EPISODE_ID: pa.array(episode_ids),
+        cols.T: pa.array(np.asarray(t, dtype=np.int32)),
+        cols.OBSERVATION: arrow(observation, observation_to_arrow),
+        cols.ACTION: arrow(action, action_to_arrow),
+        cols.REWARD: pa.array(reward),
+        cols.TERMINATED: pa.array(np.asarray(terminated, dtype=bool)),
+        cols.TRUNCATED: pa.array(np.asarray(truncated, dtype=bool)),
+    }
+    if next_observation is not None:
+        steps[cols.NEXT_OBSERVATION] = arrow(next_observation, observation_to_arrow)
+    for name, values in (infos or {}).items():
+        steps[name] = arrow(values, info_to_arrow)
+    steps_table = pa.table(steps)
+
+    returns = np.add.reduceat(reward.astype(np.float64), starts) if len(starts) else np.zeros(0)
+    episodes = {
+        cols.EPISODE_ID: pa.array(episode_ids[starts]),
+        cols.LENGTH: pa.array(lengths.astype(np.int64)),
+        cols.RETURN: pa.array(returns.astype(np.float32)),
+        cols.ENV_ID: pa.array([labels.env_id] * len(starts), type=pa.string()),
+        cols.SOURCE: pa.array([labels.source] * len(starts), type=pa.string()),
+    }
+    for name in labels.episode_info_columns:
+        episodes[name] = steps_table.column(name).take(pa.array(starts))
+    return steps_table, pa.table(episodes)
