@@ -42,18 +42,16 @@ import pyarrow as pa
 import engine
 import engine.dataset
 import engine.writer
-from engine.dataset import (
-    assemble_group,
-    begin_version,
-    commit_version,
-    fields_of,
-    new_manifest,
-    open_dataset,
-    split_into_parts,
-    write_base_part,
-    write_group_part,
-)
+from engine.dataset import open_dataset
 from engine.query import query
+from engine.writer import (
+    VersionWriter,
+    assemble_group,
+    base_manifest,
+    inherit_groups,
+    new_manifest,
+    split_into_parts,
+)
 from schemas import steps as cols
 
 OBS_DIM = 17
@@ -126,24 +124,14 @@ def build_dataset(root: str, num_steps: int, part_steps: int, run_episodes: int,
     """A base version and a relabeled child (skill, flagged, return_to_go)."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(100, 301, size=max(num_steps // 200, 1))
-    base_uri = begin_version(os.path.join(root, "base"))
-    written = []
-    first = 0
-    for index, (start, stop) in enumerate(split_into_parts(lengths, part_steps)):
-        steps, episodes = generate_part(rng, first + start, lengths[start:stop])
-        written.append(write_base_part(base_uri, index, steps, episodes))
-    base = assemble_group(
-        base_uri,
-        "base",
-        written,
-        fields_of([steps]),
-        fields_of([episodes]),
-    )
-    parts = [w.part for w in written]
-    commit_version(
-        base_uri,
-        new_manifest(base_uri, groups=[base], parts=parts, operation="ingest", command="bench"),
-    )
+    ranges = split_into_parts(lengths, part_steps)
+    with VersionWriter(os.path.join(root, "base")) as writer:
+        written = []
+        for index, (start, stop) in enumerate(ranges):
+            steps, episodes = generate_part(rng, start, lengths[start:stop])
+            written.append(writer.write_part(index, steps, episodes))
+        writer.commit(base_manifest(writer.uri, written, operation="ingest", command="bench"))
+    parent = open_dataset(writer.uri)
 
     # Labels as a relabeler would attach them.
     num_episodes = len(lengths)
@@ -153,46 +141,39 @@ def build_dataset(root: str, num_steps: int, part_steps: int, run_episodes: int,
     run_skill[expert_runs] = "expert"
     skill = run_skill[np.arange(num_episodes) // run_episodes]
     flagged = rng.random(num_episodes) < 0.01
-    parent = open_dataset(base_uri)
-    child_uri = begin_version(os.path.join(root, "labeled"))
-    label_parts = []
-    for index, (start, stop) in enumerate(split_into_parts(lengths, part_steps)):
-        part = parent.read_part(index, columns=[cols.EPISODE_ID, cols.REWARD])
-        return_to_go = (
-            pl.from_arrow(part)
-            .select(
-                pl.col(cols.REWARD)
-                .reverse()
-                .cum_sum()
-                .reverse()
-                .over(cols.EPISODE_ID)
-                .alias("return_to_go")
+    with VersionWriter(os.path.join(root, "labeled")) as writer:
+        label_parts = []
+        for index, (start, stop) in enumerate(ranges):
+            part = parent.read_part(index, columns=[cols.EPISODE_ID, cols.REWARD])
+            return_to_go = (
+                pl.from_arrow(part)
+                .select(
+                    pl.col(cols.REWARD)
+                    .reverse()
+                    .cum_sum()
+                    .reverse()
+                    .over(cols.EPISODE_ID)
+                    .alias("return_to_go")
+                )
+                .to_arrow()
             )
-            .to_arrow()
+            episode_labels = pa.table(
+                {"skill": skill[start:stop].tolist(), "flagged": flagged[start:stop]}
+            )
+            label_parts.append(
+                writer.write_part(index, return_to_go, episode_labels, group="labels")
+            )
+        labels = assemble_group(writer.uri, "labels", label_parts)
+        writer.commit(
+            new_manifest(
+                groups=inherit_groups(parent, [labels]),
+                parts=parent.manifest.parts,
+                operation="relabel",
+                command="bench",
+                parent=parent,
+            )
         )
-        episode_labels = pa.table(
-            {"skill": skill[start:stop].tolist(), "flagged": flagged[start:stop]}
-        )
-        label_parts.append(
-            write_group_part(child_uri, "labels", index, return_to_go, episode_labels)
-        )
-    labels = assemble_group(
-        child_uri, "labels", label_parts, fields_of([return_to_go]), fields_of([episode_labels])
-    )
-    groups = [base.model_copy(update={"inherited": True}), labels]
-    commit_version(
-        child_uri,
-        new_manifest(
-            child_uri,
-            groups=groups,
-            parts=parts,
-            operation="relabel",
-            command="bench",
-            parent=parent.manifest,
-            parent_uri=base_uri,
-        ),
-    )
-    return child_uri
+    return writer.uri
 
 
 def measure(variants: dict, repeats: int) -> dict:

@@ -1,0 +1,267 @@
+"""Reading only what a query needs: chosen columns of chosen rows of a part, whole Parquet
+row groups at a time, with a count of what was read.
+
+Episodes are contiguous runs of rows in every part (steps are sorted by episode_id, t), and
+the episodes table gives each one's length, so the rows of an episode are a range and no
+`episode_id` needs to be read from the step files to find them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine import storage
+from engine.dataset import Dataset, DatasetError, open_dataset, read_schema, unreadable
+from schemas import steps as cols
+from schemas.manifest import ColumnGroup
+
+# Columns `episode_table` adds: each episode's part and first step row within the part.
+# Double underscores: never a user's column.
+PART = "__part"
+START = "__start"
+
+# Reads of several parts run in parallel on Polars' threads; their counts meet here.
+_STATS_LOCK = threading.Lock()
+
+
+def as_dataset(dataset: Dataset | str) -> Dataset:
+    """The dataset itself, or the version at a URI, opened."""
+    return dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
+
+
+@dataclass
+class ReadStats:
+    """What a query read: Parquet column chunks (compressed bytes, as stored) and footers."""
+
+    files: int = 0
+    row_groups: int = 0
+    row_groups_skipped: int = 0
+    bytes: int = 0
+    parts_skipped: int = 0
+
+    def add(self, **counts: int) -> None:
+        with _STATS_LOCK:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def count_file(self, metadata: pq.FileMetaData, groups: np.ndarray, columns: list[str]) -> None:
+        """Count a read of the row groups `groups` of `columns` from one file."""
+        wanted = set(columns)
+        chunk_bytes = 0
+        for index in groups:
+            row_group = metadata.row_group(int(index))
+            for j in range(row_group.num_columns):
+                chunk = row_group.column(j)
+                if chunk.path_in_schema.split(".")[0] in wanted:
+                    chunk_bytes += chunk.total_compressed_size
+        self.add(
+            files=1,
+            row_groups=len(groups),
+            row_groups_skipped=metadata.num_row_groups - len(groups),
+            bytes=metadata.serialized_size + chunk_bytes,
+        )
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def row_group_selection(
+    rows: np.ndarray, row_group_offsets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For sorted row positions in a file whose row groups start at `row_group_offsets`
+    (with the total row count last): the row groups that hold any of them, and each row's
+    position in those row groups read one after another."""
+    group_of_row = np.searchsorted(row_group_offsets, rows, side="right") - 1
+    groups = np.unique(group_of_row)
+    sizes = np.diff(row_group_offsets)[groups]
+    first_row_read = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    slot = np.searchsorted(groups, group_of_row)
+    positions = rows - row_group_offsets[group_of_row] + first_row_read[slot]
+    return groups, positions
+
+
+def _not_aligned(uri: str, num_rows: int, rows: np.ndarray) -> DatasetError:
+    return DatasetError(
+        f"{uri}: has {num_rows} rows, the episodes table says rows "
+        f"{rows.min()}..{rows.max()}; the column groups of this version are not aligned"
+    )
+
+
+def read_rows(uri: str, columns: list[str], rows: np.ndarray, stats: ReadStats) -> pl.DataFrame:
+    """`columns` of one Parquet file at the sorted row positions `rows`: the row groups that
+    hold them, in one read, then the rows taken from those (see `row_group_selection`).
+
+    The footer is parsed here, not up front, so the footers of the parts a query reads
+    together are parsed in parallel too (with small row groups they are not small)."""
+    fs, path = storage.filesystem(uri)
+    try:
+        with pq.ParquetFile(
+            path, filesystem=fs, pre_buffer=True, page_checksum_verification=True
+        ) as parquet:
+            metadata = parquet.metadata
+            sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+            offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+            if rows[-1] >= offsets[-1]:
+                raise _not_aligned(uri, int(offsets[-1]), rows)
+            groups, positions = row_group_selection(rows, offsets)
+            stats.count_file(metadata, groups, columns)
+            table = parquet.read_row_groups(groups.tolist(), columns=columns)
+    except (OSError, pa.ArrowException) as error:
+        raise unreadable(uri, error) from error
+    return pl.from_arrow(table.take(pa.array(positions)))
+
+
+class PartReader:
+    """Reads chosen columns of one part at one level, from whichever groups hold them.
+
+    Whole parts are Polars scans. Chosen rows are read as whole Parquet row groups (the
+    smallest unit a Parquet reader can skip), only those that hold a chosen row, and the
+    rows are then taken from them: one read per file, however scattered the rows are.
+    Those reads are Python functions that Polars runs on its threads (`pl.defer`); an
+    exception must not cross Polars' threads (the process can abort at exit while other
+    reads still run), so each read keeps its error and `collect` raises it afterwards.
+    """
+
+    def __init__(self, dataset: Dataset, level: str, stats: ReadStats):
+        self.dataset = dataset
+        self.level = level
+        self.stats = stats
+        self.group_of = {
+            f.name: group
+            for group in dataset.manifest.groups
+            for f in getattr(group, f"{level}_columns")
+        }
+        self._schemas: dict[str, pl.Schema] = {}
+        self._errors: list[Exception] = []
+        self._files_of: dict[int, list[str]] = {}  # id of a frame from `scan` -> its files
+
+    def scan(
+        self, index: int, columns: Sequence[str], rows: np.ndarray | None = None
+    ) -> pl.LazyFrame:
+        """`columns` of part `index` at the sorted row positions `rows` (None: all rows)."""
+        by_group: dict[str, list[str]] = {}
+        for column in dict.fromkeys(columns):
+            by_group.setdefault(self.group_of[column].name, []).append(column)
+        frames, uris = [], []
+        for group_columns in by_group.values():
+            group = self.group_of[group_columns[0]]
+            data_file = getattr(group, f"{self.level}_files")[index]
+            uris.append(storage.join(group.root, data_file.path))
+            frames.append(self._scan(uris[-1], data_file.rows, group, group_columns, rows))
+        frame = pl.concat(frames, how="horizontal") if len(frames) > 1 else frames[0]
+        frame = frame.select(list(dict.fromkeys(columns)))
+        self._files_of[id(frame)] = uris
+        return frame
+
+    def collect(self, frames: Sequence[pl.LazyFrame]) -> list[pl.DataFrame]:
+        """Collect scans of several parts in one call, so Polars runs them in parallel;
+        then raise the first error any read met, naming its files."""
+        try:
+            collected = pl.collect_all(frames)
+        except pl.exceptions.PolarsError as error:
+            raise self._locate(frames, error) from error
+        if self._errors:
+            error, self._errors = self._errors[0], []
+            raise error
+        return collected
+
+    def _locate(self, frames: Sequence[pl.LazyFrame], error: Exception) -> DatasetError:
+        """Polars does not say which file a failed read came from: read the frames one by
+        one (only after a failure) to name the files of the part that fails."""
+        for frame in frames:
+            try:
+                frame.collect()
+            except pl.exceptions.PolarsError:
+                files = self._files_of.get(id(frame), [self.dataset.uri])
+                return unreadable(", ".join(files), error)
+        return unreadable(self.dataset.uri, error)
+
+    def read(
+        self, index: int, columns: Sequence[str], rows: np.ndarray | None = None
+    ) -> pl.DataFrame:
+        return self.collect([self.scan(index, columns, rows)])[0]
+
+    def _schema(self, group: ColumnGroup) -> pl.Schema:
+        """The Polars schema of a group's files at this level (all its parts share it).
+
+        Read from the first part's footer once per reader; like the manifest, this is the
+        version's description, not counted in `stats`."""
+        if group.name not in self._schemas:
+            first = getattr(group, f"{self.level}_files")[0]
+            empty = read_schema(storage.join(group.root, first.path)).empty_table()
+            self._schemas[group.name] = pl.from_arrow(empty).schema
+        return self._schemas[group.name]
+
+    def _scan(
+        self,
+        uri: str,
+        num_rows: int,
+        group: ColumnGroup,
+        columns: list[str],
+        rows: np.ndarray | None,
+    ) -> pl.LazyFrame:
+        if rows is None:
+            fs, path = storage.filesystem(uri)
+            try:
+                metadata = pq.read_metadata(path, filesystem=fs)
+            except (OSError, pa.ArrowException) as error:
+                raise unreadable(uri, error) from error
+            self.stats.count_file(metadata, np.arange(metadata.num_row_groups), columns)
+            options = storage.polars_storage_options(uri)
+            return pl.scan_parquet(uri, storage_options=options).select(columns)
+        if len(rows) and (rows.min() < 0 or rows.max() >= num_rows):
+            raise _not_aligned(uri, num_rows, rows)
+        schema = pl.Schema({name: self._schema(group)[name] for name in columns})
+        if not len(rows):
+            return pl.LazyFrame(schema=schema)
+
+        def read() -> pl.DataFrame:
+            try:
+                return read_rows(uri, columns, rows, self.stats)
+            except Exception as error:  # raised by `collect`, on the caller's thread
+                self._errors.append(error)
+                return pl.DataFrame(schema=schema).clear(len(rows))
+
+        return pl.defer(read, schema=schema, validate_schema=True)
+
+
+def episode_table(
+    dataset: Dataset, columns: Sequence[str], stats: ReadStats, parts: Sequence[int]
+) -> pl.DataFrame:
+    """Episodes of `parts` with `columns`, their part (PART) and first step row within the
+    part (START), sorted by episode_id within each part."""
+    reader = PartReader(dataset, "episodes", stats)
+    wanted = list(dict.fromkeys([cols.EPISODE_ID, cols.LENGTH, *columns]))
+    parts = list(parts)
+    frames = reader.collect([reader.scan(index, wanted) for index in parts])
+    with_rows = []
+    for index, frame in zip(parts, frames):
+        frame = frame.sort(cols.EPISODE_ID)
+        lengths = frame[cols.LENGTH].to_numpy()
+        expected = dataset.manifest.parts[index].steps
+        if int(lengths.sum()) != expected:
+            raise DatasetError(
+                f"{dataset.uri}: part {index} holds {expected} steps but its episodes' lengths "
+                f"add up to {int(lengths.sum())}; validate the dataset"
+            )
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        with_rows.append(
+            frame.with_columns(pl.lit(index, dtype=pl.Int64).alias(PART), pl.Series(START, starts))
+        )
+    return pl.concat(with_rows) if with_rows else pl.DataFrame()
+
+
+def episode_rows(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every row of the given episodes (sorted ranges) and, per row, which episode it is."""
+    lengths = lengths.astype(np.int64)
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    first_row_of_owner = np.repeat(starts.astype(np.int64) - np.cumsum(lengths) + lengths, lengths)
+    rows = first_row_of_owner + np.arange(int(lengths.sum()), dtype=np.int64)
+    return rows, owner
