@@ -6,13 +6,14 @@ Data: synthetic episodes of 1000 steps, observation 17 floats, action 6, one ste
 scalar condition (`noise`), window 20, stride 1 (a window per step).
 
 Measured:
-- writing: `run_shard` on the embedded Ray (2 CPUs), steps/s; and the pure shard function
-  (read a part, shuffle, cut blocks, build the tar) in this process, steps/s per core;
+- writing: `write_shards` on the embedded Ray (2 CPUs), steps/s; and the pure shard
+  functions (read a part, shuffle, cut blocks, build the tar) in this process, steps/s per
+  core;
 - reading, windows/s into batches of 256 (torch tensors):
   (a) raw: reading the same shard bytes front to back (no parsing), as windows/s and MB/s;
   (b) memory: windows cut from the same data held in memory as torch tensors (random
       windows, gathered with torch indexing, with the mask), one process;
-  the loader (`trainers.data.stream`) from local disk and from a loopback S3 server (moto),
+  the loader (`trainers.loader.stream`) from local disk and from a loopback S3 server (moto),
   with 0 and 2 DataLoader workers.
 """
 
@@ -81,7 +82,7 @@ class Clock:
 
 
 def loader_rate(uri: str, workers: int) -> dict:
-    from trainers.data import stream
+    from trainers.loader import stream
 
     loader = stream(
         uri, BATCH, "noise", shuffle_buffer=65536, num_workers=workers, epochs=1, seed=0
@@ -96,20 +97,11 @@ def loader_rate(uri: str, workers: int) -> dict:
 def memory_rate(index, shard_dir: str) -> dict:
     """Baseline (b): the same steps as torch tensors in memory; random windows cut with
     torch indexing (the left-padding mask included), batch by batch."""
-    from trainers.data import pool_arrays, pools
+    from trainers.loader import LostWindows, Position, epoch_blocks, pool_arrays, pools
 
-    arrays = []
-    for pool in pools(
-        index.shards,
-        shard_dir,
-        index,
-        ["noise"],
-        __import__("trainers.data").data.Position(),
-        10**12,
-        "raise",
-        __import__("trainers.data").data._Counter(),
-    ):
-        arrays.append(pool_arrays(pool))
+    start = Position()
+    blocks = epoch_blocks(index.shards, shard_dir, index, ["noise"], start, "raise", LostWindows())
+    arrays = [pool_arrays(pool) for pool in pools(blocks, start, 10**12, len(index.shards))]
     data = arrays[0]
     # The steps as torch tensors (with pool_arrays' trailing zero row for padding).
     tensors = {
@@ -146,7 +138,7 @@ def memory_rate(index, shard_dir: str) -> dict:
 
 
 def raw_rate(index, shard_dir: str) -> dict:
-    from trainers.data import read_shard_bytes
+    from trainers.loader import read_shard_bytes
 
     with Clock() as clock:
         total = sum(read_shard_bytes(f"{shard_dir}/{s.name}") for s in index.shards)
@@ -217,21 +209,28 @@ def main() -> None:
                 AWS_SECRET_ACCESS_KEY="bench",
                 AWS_DEFAULT_REGION="us-east-1",
             )
-        from jobs.runtime import init_ray
-        from jobs.shard_job import ShardOptions, run_shard
+        from engine.dataset import open_dataset
+        from engine.shards import ShardSettings, write_shards
+        from jobs.runtime import RayExecutor, init_ray
 
         dataset = make_dataset(os.path.join(work, "ds"), args.steps)
         init_ray(num_cpus=2)
         local = os.path.join(work, "shards")
-        options = ShardOptions(
-            dataset=dataset,
-            out=local,
-            condition=["noise"],
-            window=WINDOW,
-            shard_steps=max(1000, args.steps // 8),
+        settings = ShardSettings(
+            condition=("noise",), window=WINDOW, shard_steps=max(1000, args.steps // 8)
         )
+
+        def shard(output: str):
+            return write_shards(
+                open_dataset(dataset),
+                settings,
+                output,
+                executor=RayExecutor(),
+                command="bench.shards",
+            )
+
         with Clock() as clock:
-            index = run_shard(options)
+            index = shard(local)
         results["write_ray_2cpu"] = {
             "steps": index.steps,
             "wall_seconds": clock.wall,
@@ -241,9 +240,8 @@ def main() -> None:
         }
         # The same job again on the now-warm Ray (workers started, modules imported): the
         # first run pays worker start-up that a long job or a second job does not.
-        warm_options = options.model_copy(update={"out": os.path.join(work, "shards-warm")})
         with Clock() as clock:
-            run_shard(warm_options)
+            shard(os.path.join(work, "shards-warm"))
         results["write_ray_2cpu_warm"] = {
             "steps": index.steps,
             "wall_seconds": clock.wall,
@@ -258,11 +256,13 @@ def main() -> None:
         if args.s3:
             import boto3
 
-            client = boto3.client("s3")
-            client.create_bucket(Bucket="bench")
-            for name in [s.name for s in index.shards] + ["index.json"]:
-                client.upload_file(os.path.join(local, name), "bench", f"shards/{name}")
+            from engine import storage
+
+            boto3.client("s3").create_bucket(Bucket="bench")  # the fake server's set-up
             remote = "s3://bench/shards"
+            for name in [s.name for s in index.shards] + ["index.json"]:
+                with open(os.path.join(local, name), "rb") as handle:
+                    storage.write_bytes(storage.join(remote, name), handle.read())
             results["read_raw_s3"] = raw_rate(index, remote)
             for workers in (0, 2):
                 results[f"loader_s3_{workers}_workers"] = loader_rate(remote, workers)

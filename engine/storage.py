@@ -2,7 +2,10 @@
 
 S3 goes through pyarrow.fs with the standard AWS environment (`AWS_ENDPOINT_URL` for MinIO,
 moto or other S3-compatible stores; credentials from the usual variables). Credentials are
-never stored in anything we write.
+never stored in anything we write. This is the only S3 stack: every floor reads and writes
+objects through these functions. Each S3 request is retried inside pyarrow's client (AWS's
+standard strategy); a read that drops mid-object is resumed by `open_input` with the one
+retry policy of schemas/retry.py.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+from schemas.retry import ATTEMPTS, retrying
 
 
 class StorageError(RuntimeError):
@@ -142,6 +147,105 @@ def read_bytes(uri: str) -> bytes:
             return stream.read()
     except (FileNotFoundError, OSError) as error:
         raise StorageError(f"cannot read {uri}: {error}") from error
+
+
+# AWS errors that another try cannot fix; pyarrow reports S3 failures as OSError (no errno)
+# with the AWS error name in the message.
+_PERMANENT_S3_ERRORS = (
+    "ACCESS_DENIED",
+    "INVALID_ACCESS_KEY_ID",
+    "SIGNATURE_DOES_NOT_MATCH",
+    "NO_SUCH_BUCKET",
+    "NO_SUCH_KEY",
+    "RESOURCE_NOT_FOUND",
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether another try may succeed: a dropped, refused or timed-out connection, a network
+    or server error of S3; not a missing object, a denied access, a local disk error or a
+    stale writer."""
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(error, OSError) and error.errno is None:
+        message = str(error)
+        return not any(name in message for name in _PERMANENT_S3_ERRORS)
+    return False
+
+
+class ResumableInput(io.RawIOBase):
+    """A read-only file over pyarrow.fs (local or S3) that survives a dropped connection: a
+    read that fails transiently (after pyarrow's own retries of the request) reopens the
+    object at the byte where it stopped, with the retry policy of schemas/retry.py.
+    `retries` counts the reopenings. Errors are StorageError naming the URI and byte."""
+
+    def __init__(self, uri: str):
+        super().__init__()
+        self.uri = uri
+        self.position = 0
+        self.retries = 0
+        # Opening is not retried here: pyarrow's client has already retried the request, and
+        # there is nothing to resume yet.
+        try:
+            self._source: pa.NativeFile | None = self._open()
+        except OSError as error:
+            raise StorageError(f"cannot read {uri}: {error}") from error
+
+    def _open(self) -> pa.NativeFile:
+        """The object, opened at `self.position`."""
+        fs, path = filesystem(self.uri)
+        source = fs.open_input_file(path)
+        if self.position:
+            source.seek(self.position)
+        return source
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        def read_once() -> int:
+            if self._source is None:
+                self.retries += 1
+                self._source = self._open()
+            try:
+                return self._source.readinto(buffer)
+            except BaseException:
+                self._close_source()  # the next try reopens at self.position
+                raise
+
+        count = self._with_retries(read_once)
+        self.position += count
+        return count
+
+    def _with_retries(self, action: Callable[[], int]) -> int:
+        try:
+            return retrying(is_transient)(action)
+        except OSError as error:
+            attempts = f" after {ATTEMPTS} attempts" if is_transient(error) else ""
+            raise StorageError(
+                f"reading {self.uri} failed at byte {self.position}{attempts}: {error}"
+            ) from error
+
+    def _close_source(self) -> None:
+        source, self._source = self._source, None
+        if source is not None:
+            try:
+                source.close()
+            except OSError:
+                pass  # a broken connection may not close cleanly; it is dropped either way
+
+    def close(self) -> None:
+        self._close_source()
+        super().close()
+
+
+def open_input(uri: str, buffer_size: int | None = None) -> io.BufferedReader:
+    """A buffered binary file reading `uri` front to back (local or S3, no temporary copy),
+    resumed where it stopped if the connection drops (`ResumableInput`). Each buffer fill is
+    one read; on S3 one ranged GET, so the default buffer there is larger (8 MiB)."""
+    if buffer_size is None:
+        buffer_size = 8 << 20 if is_s3(uri) else 1 << 20
+    return io.BufferedReader(ResumableInput(uri), buffer_size=buffer_size)
 
 
 def write_bytes(uri: str, data: bytes, before_commit: Callable[[], None] | None = None) -> None:

@@ -1,6 +1,8 @@
-"""`index.json`: what a directory of training shards holds, written last by the shard job.
+"""`index.json`: what a directory of training shards holds, written last by the shard job,
+and the names of the files and tar members in it (one place for the writer, engine/shards/,
+and the reader, trainers/loader/).
 
-A reader (trainers/data.py) refuses a shard directory without it. Besides the shard list it
+A reader refuses a shard directory without index.json. Besides the shard list it
 carries everything a trainer needs to build its model without touching the dataset: the
 observation shape, the action space, reward and return statistics, and for every
 conditioning column its type and statistics (mean/std of scalars, vocabularies of
@@ -24,6 +26,69 @@ INDEX_NAME = "index.json"
 PAD_TOKEN = "<pad>"
 UNKNOWN_TOKEN = "<unk>"
 WORD_PATTERN = re.compile(r"[a-z0-9]+")
+
+
+class ShardError(RuntimeError):
+    """Shards that cannot be written or read, with the shard and what to do."""
+
+
+# ---------------------------------------------------------------- names in a shard directory
+
+
+def shard_name(number: int) -> str:
+    """The file name of shard `number` in its directory."""
+    return f"shard-{number:05d}.tar"
+
+
+# A tar sample (a block of steps, see engine/shards/) is the members `{key}.{member}.npy`
+# with key `block_key(number)`; webdataset groups them by key.
+BLOCK_PREFIX = "b"
+NPY_SUFFIX = ".npy"
+# Member suffixes a reader accepts at all: never a pickle.
+ALLOWED_SUFFIXES = (".npy", ".json", ".txt")
+
+# Per step (one row per step of the block).
+OBSERVATION = "observation"  # float32 [n, obs_dim]
+ACTION = "action"  # float32 [n, act_dim] (continuous) or int64 [n] (discrete)
+REWARD = "reward"  # float32 [n]
+TIMESTEP = "timestep"  # int32 [n], t within the episode
+# Per window (one row per window that ends in the block).
+WINDOW_END = "window_end"  # int32 [m], block row of the window's last step
+WINDOW_START = "window_start"  # int32 [m], block row of the window's first valid step
+EPISODE_ID = "episode_id"  # int64 [m]
+STEP_MEMBERS = (OBSERVATION, ACTION, REWARD, TIMESTEP)
+WINDOW_MEMBERS = (WINDOW_END, WINDOW_START, EPISODE_ID)
+CONDITION_PREFIX = "cond."
+
+
+def block_key(number: int) -> str:
+    """The tar key of block `number` of a shard."""
+    return f"{BLOCK_PREFIX}{number:06d}"
+
+
+def member_file(member: str) -> str:
+    """A member's name after its block key: the array `member` as an .npy file."""
+    return member + NPY_SUFFIX
+
+
+def condition_member(column: str) -> str:
+    """Per step: the values of a scalar, vector or categorical condition column."""
+    return f"{CONDITION_PREFIX}{column}"
+
+
+def text_index_member(column: str) -> str:
+    """Per window: the row of the block's text table holding the window's text(s)."""
+    return f"{CONDITION_PREFIX}{column}.index"
+
+
+def text_tokens_member(column: str) -> str:
+    """The block's text table: int32 [u, P, L] token ids (P texts per row, 0-padded)."""
+    return f"{CONDITION_PREFIX}{column}.tokens"
+
+
+def text_count_member(column: str) -> str:
+    """The block's text table: int32 [u], how many of the P texts of a row are real."""
+    return f"{CONDITION_PREFIX}{column}.count"
 
 
 class _Model(BaseModel):

@@ -14,10 +14,11 @@ import pyarrow as pa
 import pytest
 import torch
 
+from engine import storage
 from engine.dataset import open_dataset
 from schemas.shard_index import encode_text
 from tests.test_shards import GOAL_DIM, GOALS, conditioned_dataset, shard_options
-from trainers.data import S3Reader, ShardError, UnsafeShardError, read_index, stream
+from trainers.loader import ShardError, UnsafeShardError, read_index, stream
 
 CONDITIONS = ["return_to_go", "skill", "description", "descriptions", "hindsight_goal"]
 
@@ -253,26 +254,31 @@ def test_a_shard_replaced_by_another_valid_shard_fails_its_checksum(written, tmp
 def test_a_dropped_s3_read_is_resumed_from_where_it_stopped(written):
     """The S3 object is real (loopback server); the connection drop is injected once."""
 
-    class DroppingReader(S3Reader):
+    class DroppingInput(storage.ResumableInput):
         dropped = False
 
         def _open(self):
-            body = super()._open()
-            if DroppingReader.dropped:
-                return body
-            DroppingReader.dropped = True
-            original = body.read
+            source = super()._open()
+            if DroppingInput.dropped:
+                return source
+            DroppingInput.dropped = True
+            position = self
 
-            def read(size=-1):
-                if self.position > 3000:
-                    raise ConnectionError("connection reset by peer")
-                return original(min(size, 1000))
+            class Dropping:
+                """The object as read through a connection that drops after 3000 bytes."""
 
-            body.read = read
-            return body
+                def readinto(self, buffer):
+                    if position.position > 3000:
+                        raise ConnectionError("connection reset by peer")
+                    return source.readinto(memoryview(buffer)[:1000])
+
+                def close(self):
+                    source.close()
+
+            return Dropping()
 
     name = read_index(written["s3"]).shards[0].name
-    reader = io.BufferedReader(DroppingReader(f"{written['s3']}/{name}"), buffer_size=1000)
+    reader = io.BufferedReader(DroppingInput(f"{written['s3']}/{name}"), buffer_size=1000)
     data = reader.read()
     assert reader.raw.retries == 1
     assert data == open(f"{written['local']}/{name}", "rb").read()
@@ -317,3 +323,48 @@ def test_discrete_actions_and_goal_env_observations(tmp_path, ray_local):
                 batch["observation.desired_goal"][i, -1].numpy(), goal[row]
             )
     assert len(window_keys(batches)) == steps.num_rows
+
+
+def test_pools_stage_alone_cuts_consecutive_windows_and_resumes_at_a_pool_end():
+    """The pool stage over hand-made blocks (no shards): every window once and in order,
+    pools of the asked size, and starting at a pool's end position gives the pools after it."""
+    from trainers.loader import Block, PlacedBlock, Position, pools
+
+    def block(windows: int) -> Block:
+        return Block(steps={}, windows={"window_end": np.arange(windows)})
+
+    placed = [PlacedBlock(0, 0, block(5)), PlacedBlock(0, 1, block(3)), PlacedBlock(2, 0, block(9))]
+    keys = [(p.shard, p.number, w) for p in placed for w in range(p.block.num_windows)]
+
+    def windows_of(pool_list):
+        found = []
+        for pool in pool_list:
+            for piece, first, stop in pool.pieces:
+                where = next(p for p in placed if p.block is piece)
+                found += [(where.shard, where.number, w) for w in range(first, stop)]
+        return found
+
+    every = list(pools(placed, Position(epoch=1), 4, shards=3))
+    assert [pool.windows for pool in every] == [4, 4, 4, 4, 1]
+    assert windows_of(every) == keys
+    assert every[0].start == Position(epoch=1) and every[-1].end == Position(1, 3, 0, 0, 5)
+    assert every[1].end == Position(1, 0, 1, 3, 2)  # pool 2 starts at window 3 of block 1
+    resume_at = every[2].end  # inside the last block: shard 2, block 0, window 4
+    assert resume_at == Position(1, 2, 0, 4, 3)
+    rest = list(pools([p for p in placed if p.shard >= resume_at.shard], resume_at, 4, shards=3))
+    assert windows_of(rest) == windows_of(every[3:])
+    assert [(pool.start, pool.end) for pool in rest] == [
+        (pool.start, pool.end) for pool in every[3:]
+    ]
+
+
+@pytest.mark.s3
+def test_a_missing_shard_object_fails_at_once_naming_it(written):
+    """Not found is not transient: no retries, a StorageError with the URI."""
+    import time
+
+    uri = f"{written['s3']}/shard-99999.tar"
+    began = time.monotonic()
+    with pytest.raises(storage.StorageError, match="shard-99999.tar"):
+        storage.open_input(uri)
+    assert time.monotonic() - began < 5

@@ -198,7 +198,7 @@ def test_same_input_and_seed_give_byte_identical_shards(dataset, tmp_path, ray_l
             assert (member.mtime, member.uid, member.uname, member.pax_headers) == (0, 0, "", {})
             assert member.name.endswith(".npy")
     # A committed shard directory is immutable.
-    with pytest.raises(ValueError, match="already holds committed shards"):
+    with pytest.raises(ValueError, match="already committed"):
         run_shard(shard_options(dataset, str(tmp_path / "a")))
 
 
@@ -252,12 +252,13 @@ def test_long_episodes_are_chunked_with_context_and_stride():
 
 
 def test_text_encoding_and_unknown_columns(dataset, tmp_path):
-    from jobs.shard_job import resolve_conditions, run_shard
+    from jobs.shard_job import run_shard
 
     assert encode_text(["Reach the RED block!"], ["<pad>", "<unk>", "the", "red"], 6).tolist() == [
         [1, 2, 3, 1, 0, 0]
     ]
-    resolved = resolve_conditions(open_dataset(dataset), shard_options(dataset, "x"))
+    options = shard_options(dataset, "x")
+    resolved = shards.resolve_conditions(open_dataset(dataset), options.condition, options.text)
     assert [c.type for c in resolved] == ["scalar", "categorical", "text", "text", "vector"]
     with pytest.raises(KeyError, match="no column 'return_to_goal'"):
         run_shard(shard_options(dataset, str(tmp_path / "s"), condition=["return_to_goal"]))
@@ -306,3 +307,31 @@ def test_nan_rewards_are_a_clear_error_naming_part_episode_and_column(tmp_path, 
     with pytest.raises(shards.ShardError, match=f"part 0: column 'reward'.*episode {episode}"):
         run_shard(ShardOptions(dataset=str(tmp_path / "nan"), out=str(tmp_path / "s")))
     assert not storage.exists(str(tmp_path / "s" / "index.json"))
+
+
+@pytest.mark.ray
+def test_a_failed_shard_job_leaves_no_staging_and_no_partial_shards(tmp_path, ray_local):
+    """The last part has a NaN reward: the tasks before it have written their shards when it
+    fails, and all of it goes (in this process, and on Ray through `hindsight shard`)."""
+    from engine.executor import InProcess
+    from jobs.shard_job import ShardOptions, run_shard
+
+    steps, episodes = make_episodes(num_episodes=12, seed=2)
+    reward = steps.column("reward").to_numpy().copy()
+    reward[-1] = np.nan
+    steps = steps.set_column(steps.schema.get_field_index("reward"), "reward", pa.array(reward))
+    write_synthetic_dataset(str(tmp_path / "nan"), steps, episodes, part_steps=40)
+    dataset = open_dataset(str(tmp_path / "nan"))
+    settings = shards.ShardSettings(shard_steps=40)
+    tasks = shards.plan_tasks(dataset, settings.shard_steps)
+    assert len(tasks) >= 3  # shards are written before the failing last task runs
+
+    out = str(tmp_path / "in-process")
+    with pytest.raises(shards.ShardError, match="column 'reward'"):
+        shards.write_shards(dataset, settings, out, executor=InProcess(), command="test")
+    assert storage.list_files(out) == [] and not storage.exists(out)
+
+    out = str(tmp_path / "ray")
+    with pytest.raises(shards.ShardError, match="column 'reward'"):
+        run_shard(ShardOptions(dataset=dataset.uri, out=out, shard_steps=40))
+    assert storage.list_files(out) == []

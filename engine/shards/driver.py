@@ -1,0 +1,373 @@
+"""The shard job's driver: a dataset version -> a committed directory of shards.
+
+    index = write_shards(open_dataset("data/pendulum-rl"), ShardSettings(condition=("skill",)),
+                         "s3://bucket/shards/pendulum-v3", executor=InProcess(), command="...")
+
+Two passes, each one `executor.map` over typed tasks (plain Ray tasks on a cluster, or this
+process):
+1. (only with categorical or text conditions) every part counts its labels / words
+   (`vocabulary_task`); the driver builds the vocabularies.
+2. every task (consecutive parts holding about `shard_steps` steps or more, `plan_tasks`)
+   reads its episodes, shuffles them (seeded), deals them into shards, cuts blocks and
+   writes the tars through the version writer (`write_task`); it returns the shard sizes and
+   the numeric statistics.
+The driver commits `index.json` last (`VersionWriter(..., commit_file=INDEX_NAME)`): a job
+that fails leaves nothing behind, a committed directory is refused before any work. Same
+dataset, settings and seed -> byte-identical shards, whichever executor runs the tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from engine import storage
+from engine.dataset import Dataset, DatasetError, open_dataset, read_schema
+from engine.executor import Executor
+from engine.shards.conditions import (
+    TEXT_COLUMNS,
+    ConditionColumn,
+    classify_condition,
+    combine_vocabulary,
+    summarize_vocabulary,
+)
+from engine.shards.episodes import concat_episodes, read_part_episodes, shuffled_shards
+from engine.shards.statistics import combine_numeric, numeric_summary
+from engine.shards.writer import build_shard
+from engine.writer import VersionWriter, check_new_output
+from schemas import steps as cols
+from schemas.manifest import MANIFEST_NAME, now_iso
+from schemas.retry import retrying
+from schemas.shard_index import (
+    INDEX_NAME,
+    ActionInfo,
+    ConditionInfo,
+    ObservationInfo,
+    ReturnInfo,
+    RewardInfo,
+    ShardError,
+    ShardIndex,
+    ShardInfo,
+    condition_member,
+    shard_name,
+)
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """How to cut a dataset into shards (the engine's side of `hindsight shard`)."""
+
+    condition: tuple[str, ...] = ()
+    """Conditioning columns (step or episode level, or a struct field) stored per window."""
+    window: int = 20
+    """Steps per training window."""
+    stride: int = 1
+    """A window ends every `stride` steps, counted back from the episode's last step."""
+    shard_steps: int = 200_000
+    """About this many steps per shard."""
+    block_steps: int = 2048
+    """About this many steps per tar sample (block of episodes)."""
+    seed: int = 0
+    """Seed of the episode shuffle across shards."""
+    text: tuple[str, ...] | None = None
+    """String columns holding free text (None: description(s), instruction(s) and columns
+    of the `language` relabeler)."""
+    max_tokens: int = 64
+    """Most tokens kept per text."""
+    max_words: int = 20000
+    """Largest text vocabulary (with pad/unk)."""
+
+    def __post_init__(self) -> None:
+        small = {
+            name: getattr(self, name)
+            for name in ("window", "stride", "shard_steps", "block_steps", "max_tokens")
+            if getattr(self, name) < 1
+        }
+        if small or self.max_words < 3:
+            raise ValueError(
+                f"shard settings out of range: {small or {'max_words': self.max_words}} "
+                "(window, stride, shard steps, block steps and max tokens >= 1; max words >= 3)"
+            )
+        if self.text and not self.condition:
+            raise ValueError("--text names text columns among --condition; give --condition too")
+
+
+# ---------------------------------------------------------------- planning
+
+
+def resolve_conditions(
+    dataset: Dataset, names: Sequence[str], text: Sequence[str] | None = None
+) -> list[ConditionColumn]:
+    """Type and level of each requested conditioning column, from the Parquet schemas.
+
+    Raises KeyError naming the column and the dataset's columns for an unknown one."""
+    resolved = []
+    for name in names:
+        head, _, rest = name.partition(".")
+        for level in ("steps", "episodes"):
+            if head in dataset.columns(level):
+                break
+        else:
+            raise KeyError(
+                f"{dataset.uri}: no column {name!r} to condition on; step columns: "
+                f"{', '.join(dataset.columns('steps'))}; episode columns: "
+                f"{', '.join(dataset.columns('episodes'))}"
+            )
+        group = dataset.group_of(head, level)
+        data_type = read_schema(dataset.file_uris(group, level)[0]).field(head).type
+        for part in rest.split(".") if rest else []:
+            data_type = data_type.field(part).type
+        relabeler = group.relabeler
+        is_text = (
+            name in text
+            if text is not None
+            else name in TEXT_COLUMNS or (relabeler is not None and relabeler.name == "language")
+        )
+        goals = None
+        if relabeler is not None and relabeler.name == "goals" and name == "hindsight_goal":
+            goals = int(relabeler.params.get("k", 1))
+        resolved.append(
+            classify_condition(name, data_type, level, text=is_text, goals_per_step=goals)
+        )
+    return resolved
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One write task's share: dataset parts `parts`, dealt into shards `first_shard`,
+    `first_shard + 1`, ... (`shards` of them). `index` seeds its shuffle."""
+
+    index: int
+    parts: tuple[int, ...]
+    first_shard: int
+    shards: int
+
+
+def plan_tasks(dataset: Dataset, shard_steps: int) -> list[ShardTask]:
+    """Consecutive parts grouped until each group holds >= shard_steps steps; each group is
+    dealt into round(steps / shard_steps) shards (at least one)."""
+    groups: list[list[int]] = []
+    steps: list[int] = []
+    for index, part in enumerate(dataset.manifest.parts):
+        if not groups or steps[-1] >= shard_steps:
+            groups.append([])
+            steps.append(0)
+        groups[-1].append(index)
+        steps[-1] += part.steps
+    if len(groups) > 1 and steps[-1] < shard_steps / 2:
+        groups[-2].extend(groups.pop())
+        steps[-2] += steps.pop()
+    tasks, first_shard = [], 0
+    for task, (parts, total) in enumerate(zip(groups, steps)):
+        count = max(1, round(total / shard_steps))
+        tasks.append(ShardTask(task, tuple(parts), first_shard, count))
+        first_shard += count
+    return tasks
+
+
+# ---------------------------------------------------------------- pass one: vocabularies
+
+
+@dataclass(frozen=True)
+class VocabularyTask:
+    """Count the labels / words of the categorical and text `conditions` in one part."""
+
+    dataset: str
+    part: int
+    conditions: tuple[ConditionColumn, ...]
+
+
+@dataclass(frozen=True)
+class VocabularyResult:
+    summaries: dict[str, dict[str, Any]]  # by condition name: summarize_vocabulary's output
+    steps: int  # the part's steps (moves the progress bar)
+
+
+def vocabulary_task(task: VocabularyTask) -> VocabularyResult:
+    """Pass one: label and word counts of one part's categorical and text conditions."""
+    dataset = open_dataset(task.dataset)
+    summaries = {}
+    for condition in task.conditions:
+        head = condition.name.partition(".")[0]
+        table = dataset.read_part(task.part, condition.level, [head])
+        column = cols.column_by_path(table, condition.name)
+        summaries[condition.name] = summarize_vocabulary(column, condition)
+    return VocabularyResult(summaries, dataset.manifest.parts[task.part].steps)
+
+
+def vocabularies(
+    dataset: Dataset,
+    conditions: Sequence[ConditionColumn],
+    settings: ShardSettings,
+    executor: Executor,
+) -> dict[str, ConditionInfo]:
+    """The index entries of the categorical and text conditions (one pass over the parts)."""
+    labelled = tuple(c for c in conditions if c.type in ("categorical", "text"))
+    if not labelled:
+        return {}
+    tasks = [VocabularyTask(dataset.uri, part, labelled) for part in range(dataset.num_parts)]
+    results = _run(executor, vocabulary_task, tasks, "shard vocabularies", dataset.manifest.steps)
+    infos = {}
+    for condition in labelled:
+        group = dataset.group_of(condition.name.partition(".")[0], condition.level)
+        report = group.relabeler.report if group.relabeler else {}
+        infos[condition.name] = combine_vocabulary(
+            [result.summaries[condition.name] for result in results],
+            condition,
+            ordered_labels=report.get("labels"),
+            max_words=settings.max_words,
+            max_tokens=settings.max_tokens,
+        )
+    return infos
+
+
+# ---------------------------------------------------------------- pass two: shards
+
+
+@dataclass(frozen=True)
+class WriteTask:
+    """Write the shards of one `ShardTask` through `writer` (which travels with the task)."""
+
+    dataset: str
+    plan: ShardTask
+    conditions: tuple[ConditionColumn, ...]
+    infos: Mapping[str, ConditionInfo]
+    settings: ShardSettings
+    writer: VersionWriter
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    shards: list[ShardInfo]
+    statistics: dict[str, Any]  # numeric_summary of the task's episodes
+    steps: int  # moves the progress bar
+
+
+def write_task(task: WriteTask) -> WriteResult:
+    """Pass two: read the task's parts, shuffle its episodes into shards, write the tars."""
+    dataset = open_dataset(task.dataset)
+    plan, settings = task.plan, task.settings
+    episodes = concat_episodes(
+        [read_part_episodes(dataset, part, task.conditions, task.infos) for part in plan.parts]
+    )
+    written = []
+    for offset, group in enumerate(
+        shuffled_shards(episodes, plan.shards, settings.seed, plan.index)
+    ):
+        built = build_shard(group, settings.window, settings.stride, settings.block_steps)
+        name = shard_name(plan.first_shard + offset)
+        # A whole shard is written again after a failed upload (pyarrow already retries each
+        # S3 request); the writer's fence keeps a task of a dead run from writing at all.
+        data_file = retrying(storage.is_transient)(task.writer.write_file, name, built.data)
+        written.append(
+            ShardInfo(
+                name=name,
+                windows=built.windows,
+                episodes=built.episodes,
+                steps=built.steps,
+                blocks=built.blocks,
+                bytes=data_file.bytes,
+                sha256=data_file.sha256,
+            )
+        )
+    return WriteResult(
+        shards=written,
+        statistics=numeric_summary(episodes, task.conditions),
+        steps=int(episodes.lengths.sum()),
+    )
+
+
+# ---------------------------------------------------------------- the job
+
+
+def write_shards(
+    dataset: Dataset,
+    settings: ShardSettings,
+    output: str,
+    *,
+    executor: Executor,
+    command: str,
+) -> ShardIndex:
+    """Write the shards of `dataset` to `output` and commit its index.json last.
+
+    Refuses a committed or foreign `output` before any work (`check_new_output`); on any
+    error nothing stays at `output` (no staging, no partial shards). `command` is recorded
+    in the index. Returns the committed index."""
+    output = check_new_output(output, INDEX_NAME)
+    conditions = tuple(resolve_conditions(dataset, settings.condition, settings.text))
+    with VersionWriter(output, commit_file=INDEX_NAME) as writer:
+        infos = vocabularies(dataset, conditions, settings, executor)
+        tasks = [
+            WriteTask(dataset.uri, plan, conditions, infos, settings, writer)
+            for plan in plan_tasks(dataset, settings.shard_steps)
+        ]
+        results = _run(executor, write_task, tasks, "shard", dataset.manifest.steps)
+        index = shard_index(dataset, settings, conditions, infos, results, command)
+        writer.commit(index.to_json().encode())
+    return index
+
+
+def shard_index(
+    dataset: Dataset,
+    settings: ShardSettings,
+    conditions: Sequence[ConditionColumn],
+    vocabularies: Mapping[str, ConditionInfo],
+    results: Sequence[WriteResult],
+    command: str,
+) -> ShardIndex:
+    """The index of the written shards: the shard list in order, and the statistics."""
+    shard_infos = [shard for result in results for shard in result.shards]
+    statistics = combine_numeric([result.statistics for result in results], conditions)
+    infos = dict(vocabularies)
+    for condition in conditions:
+        if condition.type in ("scalar", "vector"):
+            infos[condition.name] = ConditionInfo(
+                type=condition.type,
+                level=condition.level,
+                dim=condition.dim,
+                count=condition.count,
+                **statistics[condition_member(condition.name)],
+            )
+    observation_dim = len(statistics["observation"]["mean"])
+    manifest_bytes = storage.read_bytes(storage.join(dataset.uri, MANIFEST_NAME))
+    return ShardIndex(
+        source_dataset_id=dataset.manifest.dataset_id,
+        source_uri=dataset.uri,
+        source_manifest_sha256=storage.sha256_bytes(manifest_bytes),
+        seed=settings.seed,
+        window=settings.window,
+        stride=settings.stride,
+        block_steps=settings.block_steps,
+        created_at=now_iso(),
+        command=command,
+        windows=sum(s.windows for s in shard_infos),
+        episodes=sum(s.episodes for s in shard_infos),
+        steps=sum(s.steps for s in shard_infos),
+        shards=shard_infos,
+        observation=ObservationInfo(shape=[observation_dim], **statistics["observation"]),
+        action=ActionInfo(**statistics.get("action", {"kind": "continuous", "dim": 0})),
+        reward=RewardInfo(**statistics["reward"]),
+        episode_return=ReturnInfo(**statistics["episode_return"]),
+        conditions={c.name: infos[c.name] for c in conditions},
+        metadata=dataset.manifest.metadata,
+    )
+
+
+Task = TypeVar("Task")
+Result = TypeVar("Result")
+
+
+def _run(
+    executor: Executor,
+    function: Callable[[Task], Result],
+    tasks: Sequence[Task],
+    description: str,
+    total: int,
+) -> list[Result]:
+    """`executor.map`, with a dataset or key error inside a task reported as a ShardError."""
+    try:
+        return executor.map(function, tasks, description=description, total=total)
+    except (DatasetError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        raise ShardError(str(message)) from error

@@ -1,0 +1,193 @@
+"""Whole episodes as NumPy arrays: read from dataset parts, concatenated, shuffled, dealt
+into shards. Steps are gathered with vectorized index arithmetic, never a loop over steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from engine.dataset import Dataset
+from engine.shards.conditions import ConditionColumn, TextTable, condition_values
+from schemas import steps as cols
+from schemas.shard_index import ConditionInfo, ShardError
+
+
+@dataclass
+class EpisodeArrays:
+    """Whole episodes as NumPy arrays, steps sorted by (episode, t) within each episode.
+
+    `conditions` holds one array per conditioning column with one row per step (episode
+    columns already broadcast; categoricals as vocabulary indices; text as row indices into
+    `texts[name]`, a (tokens [u, P, L], count [u]) pair).
+    """
+
+    episode_ids: np.ndarray  # [E] int64
+    lengths: np.ndarray  # [E] int64
+    returns: np.ndarray  # [E] float64
+    timestep: np.ndarray  # [N] int32
+    observation: np.ndarray  # [N, obs_dim] float32
+    action: np.ndarray  # [N, act_dim] float32 or [N] int64
+    reward: np.ndarray  # [N] float32
+    conditions: dict[str, np.ndarray] = field(default_factory=dict)
+    texts: dict[str, TextTable] = field(default_factory=dict)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+
+
+def expand_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated aranges [start, start + length) without a Python loop."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    shifts = np.repeat(np.asarray(starts, dtype=np.int64) - np.cumsum(lengths) + lengths, lengths)
+    return np.arange(total, dtype=np.int64) + shifts
+
+
+def read_part_episodes(
+    dataset: Dataset,
+    index: int,
+    conditions: Sequence[ConditionColumn],
+    infos: Mapping[str, ConditionInfo],
+) -> EpisodeArrays:
+    """Part `index` of a dataset version as EpisodeArrays (episode columns broadcast).
+
+    Raises ShardError naming the part (and episode) for steps that do not match the episode
+    lengths, NaN/inf/null rewards, and condition values that cannot be stored."""
+    where = f"{dataset.uri} part {index}"
+    step_conditions = [c.name for c in conditions if c.level == "steps"]
+    episode_conditions = [c.name for c in conditions if c.level == "episodes"]
+    heads = {name.partition(".")[0] for name in step_conditions}
+    step_columns = [cols.EPISODE_ID, cols.T, cols.OBSERVATION, cols.ACTION, cols.REWARD]
+    steps = dataset.read_part(index, "steps", list(dict.fromkeys(step_columns + sorted(heads))))
+    episodes = dataset.read_part(
+        index,
+        "episodes",
+        list(dict.fromkeys([cols.EPISODE_ID, cols.LENGTH, cols.RETURN, *episode_conditions])),
+    )
+    lengths = episodes.column(cols.LENGTH).to_numpy().astype(np.int64)
+    boundaries = cols.episode_boundaries(steps.column(cols.EPISODE_ID).to_numpy())
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    if len(boundaries) != len(offsets) or not np.array_equal(boundaries, offsets):
+        raise ShardError(
+            f"{where}: the steps do not match the episode lengths (steps sorted by "
+            "(episode_id, t) with one episodes row per episode expected)"
+        )
+    observation = steps.column(cols.OBSERVATION)
+    if pa.types.is_struct(observation.type):
+        observation = cols.column_by_path(steps, f"{cols.OBSERVATION}.{cols.OBSERVATION}")
+    reward = steps.column(cols.REWARD)
+    if reward.null_count or not np.all(np.isfinite(reward.to_numpy(zero_copy_only=False))):
+        bad = np.flatnonzero(~np.isfinite(reward.fill_null(np.nan).to_numpy(zero_copy_only=False)))
+        episode_id = steps.column(cols.EPISODE_ID)[int(bad[0])].as_py()
+        raise ShardError(
+            f"{where}: column 'reward' has {len(bad)} NaN/inf/null values (first in episode "
+            f"{episode_id}); fix the dataset before sharding"
+        )
+    action = cols.arrow_to_numpy(steps.column(cols.ACTION))
+    arrays = EpisodeArrays(
+        episode_ids=episodes.column(cols.EPISODE_ID).to_numpy().astype(np.int64),
+        lengths=lengths,
+        returns=episodes.column(cols.RETURN).to_numpy(zero_copy_only=False).astype(np.float64),
+        timestep=steps.column(cols.T).to_numpy().astype(np.int32),
+        observation=cols.arrow_to_numpy(observation).astype(np.float32, copy=False),
+        action=action.astype(np.int64 if action.ndim == 1 else np.float32, copy=False),
+        reward=reward.to_numpy(zero_copy_only=False).astype(np.float32, copy=False),
+    )
+    if arrays.observation.ndim == 1:
+        arrays.observation = arrays.observation[:, None]
+    if arrays.action.ndim == 1 and np.issubdtype(action.dtype, np.floating):
+        arrays.action = action.astype(np.float32)[:, None]
+    for condition in conditions:
+        table = steps if condition.level == "steps" else episodes
+        column = cols.column_by_path(table, condition.name)
+        values, text_table = condition_values(condition, column, infos.get(condition.name), where)
+        if condition.level == "episodes":
+            values = np.repeat(values, lengths, axis=0)
+        arrays.conditions[condition.name] = values
+        if text_table is not None:
+            arrays.texts[condition.name] = text_table
+    return arrays
+
+
+def concat_episodes(chunks: Sequence[EpisodeArrays]) -> EpisodeArrays:
+    """Episodes of several parts as one set (text tables are renumbered)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    conditions: dict[str, np.ndarray] = {}
+    texts: dict[str, TextTable] = {}
+    for name in chunks[0].conditions:
+        if name in chunks[0].texts:
+            shift = np.cumsum([0] + [len(c.texts[name][1]) for c in chunks[:-1]])
+            conditions[name] = np.concatenate(
+                [c.conditions[name] + s for c, s in zip(chunks, shift)]
+            ).astype(np.int32)
+            texts[name] = concat_text_tables([c.texts[name] for c in chunks])
+        else:
+            conditions[name] = np.concatenate([c.conditions[name] for c in chunks])
+    return EpisodeArrays(
+        episode_ids=np.concatenate([c.episode_ids for c in chunks]),
+        lengths=np.concatenate([c.lengths for c in chunks]),
+        returns=np.concatenate([c.returns for c in chunks]),
+        timestep=np.concatenate([c.timestep for c in chunks]),
+        observation=np.concatenate([c.observation for c in chunks]),
+        action=np.concatenate([c.action for c in chunks]),
+        reward=np.concatenate([c.reward for c in chunks]),
+        conditions=conditions,
+        texts=texts,
+    )
+
+
+def concat_text_tables(tables: Sequence[TextTable]) -> TextTable:
+    """Token tables one after another, padded to the widest paraphrase count."""
+    width = max(tokens.shape[1] for tokens, _ in tables)
+    tokens = np.concatenate(
+        [np.pad(tokens, ((0, 0), (0, width - tokens.shape[1]), (0, 0))) for tokens, _ in tables]
+    )
+    return tokens, np.concatenate([count for _, count in tables])
+
+
+def select_episodes(episodes: EpisodeArrays, order: np.ndarray) -> EpisodeArrays:
+    """The episodes at positions `order` (in that order), steps gathered vectorized."""
+    rows = expand_ranges(episodes.offsets[order], episodes.lengths[order])
+    return EpisodeArrays(
+        episode_ids=episodes.episode_ids[order],
+        lengths=episodes.lengths[order],
+        returns=episodes.returns[order],
+        timestep=episodes.timestep[rows],
+        observation=episodes.observation[rows],
+        action=episodes.action[rows],
+        reward=episodes.reward[rows],
+        conditions={name: values[rows] for name, values in episodes.conditions.items()},
+        texts=episodes.texts,
+    )
+
+
+def split_for_shards(lengths: np.ndarray, shards: int) -> list[tuple[int, int]]:
+    """Episode ranges [start, stop) of `shards` groups with about equal step counts."""
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if len(ends) else 0
+    cuts = [0]
+    for j in range(1, shards):
+        cut = int(np.searchsorted(ends, total * j / shards, side="left")) + 1
+        cuts.append(min(max(cut, cuts[-1]), len(lengths)))
+    cuts.append(len(lengths))
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def shuffled_shards(
+    episodes: EpisodeArrays, shards: int, seed: int, task: int
+) -> list[EpisodeArrays]:
+    """Episodes permuted (seeded by seed and task) and dealt into `shards` groups."""
+    order = np.random.default_rng([seed, task]).permutation(len(episodes.lengths))
+    permuted = select_episodes(episodes, order)
+    return [
+        select_episodes(permuted, np.arange(start, stop))
+        for start, stop in split_for_shards(permuted.lengths, shards)
+    ]

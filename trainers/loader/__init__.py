@@ -1,0 +1,115 @@
+"""The streaming loader: WebDataset shards (engine/shards/) -> batches of training windows.
+
+    from trainers.loader import read_index, stream
+    index = read_index("s3://bucket/shards/pendulum-v3")          # schemas.shard_index.ShardIndex
+    loader = stream("s3://bucket/shards/pendulum-v3", batch_size=256, condition="return_to_go",
+                    num_workers=2)
+    for batch in loader: ...                                      # dict of torch tensors
+    state = loader.state_dict()                                   # checkpoint it
+    loader = stream(..., start_state=state)                       # resume exactly there
+
+`stream(uri, batch_size, condition=None | "col" | ["col", ...], *, shuffle_buffer=65536,
+seed=0, rank=0, world_size=1, num_workers=0, epochs=None (forever), start_state=None,
+drop_last=False, on_error="raise" | "skip", pin_memory=False,
+multiprocessing_context=None (DataLoader's; "forkserver" where the process has threads that
+make fork unsafe))` returns a `ShardStream`; `read_index(uri)` refuses a directory without a
+committed index.json.
+
+A batch is a dict of torch tensors (B = batch size, W = window):
+    observation  float32 [B, W, obs_dim]          (0 on padding)
+    action       float32 [B, W, act_dim] (continuous) or int64 [B, W] (discrete)
+    reward       float32 [B, W]
+    timestep     int64   [B, W]                    t within the episode
+    mask         bool    [B, W]                    False on left padding at episode start
+    episode_id   int64   [B]                       the episode each window comes from
+    one entry per requested condition column, named as the column:
+      scalar      float32 [B, W]       raw (normalize with the index's mean/std)
+      vector      float32 [B, W, D]    for k goals per step (hindsight_goal) one of the k is
+                                       picked per window, seeded
+      categorical int64   [B, W]       index into the index's vocabulary
+      text        int64   [B, L]       token ids of the text at the window's last step (0-padded);
+                                       for a list of texts one is picked per window, seeded
+The last batch of an epoch of each (rank, worker) may be smaller unless drop_last.
+
+The pipeline is a chain of small generator stages, each testable alone, in three modules:
+    stream.py   epoch_shards (seeded shard order per epoch, split by rank and DataLoader
+                worker) -> epoch_blocks (each shard in turn; a bad one raises or is skipped)
+    shards.py   -> open_shard (engine/storage: local file or S3 through pyarrow.fs, resumed
+                where it stopped if the connection drops, no temp copies) -> tar expansion
+                (webdataset's tar_file_iterator + group_by_keys) -> checked_members (only
+                .npy/.json/.txt, no path outside the shard) -> decode_block (np arrays, never
+                unpickled)
+    windows.py  -> pools (the shuffle buffer: `shuffle_buffer` windows) -> pool_batches (a
+                seeded permutation of the pool, windows cut vectorized with left padding and
+                a mask)
+Every consumer (rank r, worker w of W) reads the shards at positions r * W + w, (r * W + w) +
+R * W, ... of the epoch's shard order, so across R ranks x W workers each window is seen
+exactly once per epoch. Use at least R x W shards (fewer leaves some consumers idle).
+
+Resuming: every batch carries its consumer's position (epoch, shard, offset = block within
+the shard, window within the block, pool, batch within the pool); pools and their permutations
+are deterministic, so `start_state` resumes at exactly the next batch each worker would have
+produced. A state is valid for the same seed, world size, workers, batch and buffer sizes.
+
+Errors: a truncated or corrupt shard, or one whose size and sha256 (checked when its last
+block has been read) differ from the index's, is a `ShardError` naming the shard; with
+on_error="skip" a warning, and `lost_windows` in the state counts what was lost. S3 reads
+that drop are retried from the byte where they stopped (schemas/retry.py's policy). Pickle
+members and names outside the shard are always refused.
+"""
+
+from schemas.shard_index import ShardError
+from trainers.loader.shards import (
+    Block,
+    UnsafeShardError,
+    decode_block,
+    open_shard,
+    read_index,
+    read_shard_bytes,
+    shard_blocks,
+)
+from trainers.loader.stream import (
+    LostWindows,
+    ShardStream,
+    StreamOptions,
+    WindowDataset,
+    epoch_blocks,
+    epoch_shards,
+    stream,
+)
+from trainers.loader.windows import (
+    PlacedBlock,
+    Pool,
+    PoolArrays,
+    Position,
+    cut_windows,
+    pool_arrays,
+    pool_batches,
+    pools,
+)
+
+__all__ = [
+    "Block",
+    "LostWindows",
+    "PlacedBlock",
+    "Pool",
+    "PoolArrays",
+    "Position",
+    "ShardError",
+    "ShardStream",
+    "StreamOptions",
+    "UnsafeShardError",
+    "WindowDataset",
+    "cut_windows",
+    "decode_block",
+    "epoch_blocks",
+    "epoch_shards",
+    "open_shard",
+    "pool_arrays",
+    "pool_batches",
+    "pools",
+    "read_index",
+    "read_shard_bytes",
+    "shard_blocks",
+    "stream",
+]
