@@ -90,34 +90,19 @@ def part_tables(first_episode: int, episodes: int, length: int, seed: int):
 
 def write_bench_dataset(uri: str, steps: int, length: int, part_steps: int) -> None:
     """Part by part, so generating 20M steps never holds more than one part."""
-    from engine.dataset import (
-        BASE_GROUP,
-        assemble_group,
-        begin_version,
-        commit_version,
-        fields_of,
-        new_manifest,
-        write_base_part,
-    )
+    from engine.writer import VersionWriter, base_manifest
 
-    uri = begin_version(uri)
     episodes_per_part = max(part_steps // length, 1)
     total_episodes = max(steps // length, 1)
-    written, schemas = [], None
-    for index, first in enumerate(range(0, total_episodes, episodes_per_part)):
-        count = min(episodes_per_part, total_episodes - first)
-        step_table, episode_table = part_tables(first, count, length, seed=index)
-        schemas = schemas or (fields_of([step_table]), fields_of([episode_table]))
-        written.append(write_base_part(uri, index, step_table, episode_table))
-    group = assemble_group(uri, BASE_GROUP, written, *schemas)
-    manifest = new_manifest(
-        uri,
-        groups=[group],
-        parts=[w.part for w in written],
-        operation="ingest",
-        command="bench.relabel",
-    )
-    commit_version(uri, manifest)
+    with VersionWriter(uri) as writer:
+        written = []
+        for index, first in enumerate(range(0, total_episodes, episodes_per_part)):
+            count = min(episodes_per_part, total_episodes - first)
+            step_table, episode_table = part_tables(first, count, length, seed=index)
+            written.append(writer.write_part(index, step_table, episode_table))
+        writer.commit(
+            base_manifest(writer.uri, written, operation="ingest", command="bench.relabel")
+        )
 
 
 # ---------------------------------------------------------------- the three ways
@@ -234,12 +219,14 @@ def pandas_baselines(steps: pa.Table, achieved: np.ndarray, seed: int) -> dict[s
 
 
 def kernel_seconds(relabeler, steps: pa.Table, episodes: pa.Table, repeats: int = 3) -> float:
-    from relabelers.base import Statistics
+    """The best of `repeats` runs of `relabeler.relabel` on one part (after its setup)."""
+    from relabelers.base import Part, TableInputs
 
+    relabeler.setup(TableInputs(steps, episodes))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        relabeler.relabel(steps, episodes, Statistics())
+        relabeler.relabel(steps, episodes, Part(0, 1))
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -275,7 +262,7 @@ def run_job(input_uri: str, output_uri: str, relabeler: str) -> dict:
 # ---------------------------------------------------------------- main
 
 
-def _noop(task: dict) -> dict:
+def _noop(task: int) -> dict:
     return {"steps": 0}
 
 
@@ -347,12 +334,12 @@ def main() -> None:
     )  # < 2 is the goal
 
     # 4: whole jobs at the full size and at a quarter of it.
-    from jobs.runtime import init_ray, map_parts
+    from jobs.runtime import RayExecutor, init_ray
 
-    # Start-up: Ray itself plus the first Ray Data run (worker processes, executor).
+    # Start-up: Ray itself plus the first tasks (worker processes).
     start = time.perf_counter()
     init_ray()
-    map_parts(_noop, [{"index": i} for i in range(4)], description="warm-up")
+    RayExecutor().map(_noop, list(range(4)), description="warm-up")
     results["ray_startup_seconds"] = round(time.perf_counter() - start, 2)
     pandas_rates = results["kernel"]["pandas_groupby_apply_steps_per_s"]
     for label, size in (("quarter", args.steps // 4), ("full", args.steps)):

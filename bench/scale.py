@@ -3,7 +3,7 @@
     python -m bench.scale --out bench/results/scale.json [--steps 10000000] [--repeats 3]
 
 The same relabel job spec (`returns:gamma=0.99` by default) runs on a local Ray with
-`num_cpus` = 1 and then 2 (one Ray Data task per part, so one busy worker per CPU), on the
+`num_cpus` = 1 and then 2 (one Ray task per part, so one busy worker per CPU), on the
 same synthetic dataset. Reported: steps/s of each, the speed-up and the per-worker
 efficiency (speed-up / workers). From the measured single-worker throughput and the bytes
 each step moves, the capacity plan estimates nodes and hours for 1 billion steps and where
@@ -48,20 +48,19 @@ def build_dataset(root: Path, steps: int, parts: int, obs_dim: int = 17, seed: i
 
 
 def relabel_once(parent: str, output: str, relabeler: str, params: dict[str, Any]) -> float:
-    """Seconds of one relabel job run through the job spec path (`run_spec`)."""
-    from jobs.spec import load_spec_text, run_spec
+    """Seconds of one relabel job (jobs/relabeling.py on the Ray that is running)."""
+    from jobs.relabeling import relabel
+    from jobs.runtime import RayExecutor
+    from relabelers import registry
 
-    text = json.dumps(
-        {
-            "kind": "relabel",
-            "input": parent,
-            "output": output,
-            "relabelers": [{"name": relabeler, "params": params}],
-        }
-    )
-    spec = load_spec_text(text, source="bench")
     started = time.perf_counter()
-    run_spec(spec.kind, spec.options)
+    relabel(
+        parent,
+        output,
+        [registry.create(relabeler, params)],
+        executor=RayExecutor(),
+        command=f"bench.scale {relabeler}",
+    )
     return time.perf_counter() - started
 
 

@@ -4,21 +4,24 @@ Brown et al. (2019), "Better-than-Demonstrator Imitation Learning via Automatica
 Demonstrations": rollouts of a policy with more injected noise are assumed worse. From
 episodes whose noise level is known (`noise_column`, an episode column) we
 
-1. pass one, per part (`summarize`): sample `snippets_per_episode` snippets of
-   `snippet_length` steps from each episode, keeping a bounded, partition-independent
-   sample (the episodes with the smallest hash of their id, at most `max_episodes`);
-2. in the driver (`combine`): split episodes by a hash of their id into train and held-out,
-   build ranked snippet pairs from episodes of different noise (less noise ranked better),
-   and train a small MLP r(observation) with the T-REX / Bradley-Terry loss
+1. `setup`, one pass over every part (`part_sample`): sample `snippets_per_episode`
+   snippets of `snippet_length` steps from each episode, keeping a bounded,
+   partition-independent sample (the episodes with the smallest hash of their id, at most
+   `max_episodes`);
+2. still in `setup`, in the driver (`train_reward`): split episodes by a hash of their id
+   into train and held-out, build ranked snippet pairs from episodes of different noise
+   (less noise ranked better), and train a small MLP r(observation) with the T-REX /
+   Bradley-Terry loss
        -log softmax(sum r(better snippet), sum r(worse snippet));
-   the weights travel to the workers as JSON lists in `Statistics.values`;
-3. pass two (`relabel`): `drex_reward` per step (the network on each observation, in NumPy
+   the weights stay on the relabeler, which travels to the workers;
+3. per part (`relabel`): `drex_reward` per step (the network on each observation, in NumPy
    with a fixed summation order, so identical however the dataset is partitioned) and
    `drex_return` per episode (its sum).
 
 The manifest report holds the held-out pair accuracy (pairs of held-out episodes never
-seen in training), and, after pass two, the Spearman rank correlation of `drex_return`
-with the true episode return over all episodes and over the held-out episodes alone.
+seen in training), and, from every part's output (`finish`), the Spearman rank
+correlation of `drex_return` with the true episode return over all episodes and over the
+held-out episodes alone.
 With `extrapolate=true`, episodes of the least noisy level are kept out of training
 entirely; `heldout_best_above_rest` then reports how often such an episode outranks the
 training episodes, i.e. whether the learned reward extrapolates beyond what it was shown.
@@ -26,6 +29,7 @@ training episodes, i.e. whether the learned reward extrapolates beyond what it w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,11 +38,12 @@ from pydantic import Field
 
 from relabelers.base import (
     Columns,
+    Inputs,
     Output,
     Params,
+    Part,
     Relabeler,
     RelabelError,
-    Statistics,
     hash_uniform,
 )
 from schemas import steps as cols
@@ -112,32 +117,48 @@ def mlp_forward(weights: dict[str, Any], features: np.ndarray) -> np.ndarray:
     return reward
 
 
+@dataclass(frozen=True)
+class RewardNet:
+    """What `setup` learned: the weights of r(observation) and which episodes it saw."""
+
+    weights: dict[str, Any]
+    train_episode_ids: np.ndarray
+    heldout_episode_ids: np.ndarray
+    best_noise: float
+    report: dict[str, Any]
+
+
 class DrexRelabeler(Relabeler):
     """D-REX reward per step and return per episode, learned from noise rankings."""
 
     name = "drex"
     version = "1.0"
     Params = DrexParams
-    needs_statistics = True
-    # Episode columns the job also reads for `summarize_output` when the dataset has them.
-    report_episode_columns = (cols.RETURN,)
+
+    def __init__(self, params=None, seed: int = 0):
+        super().__init__(params, seed)
+        self.reward_net: RewardNet | None = None  # set by `setup`
 
     def reads(self) -> Columns:
         return Columns(
             steps=(cols.EPISODE_ID, cols.T, self.params.features),
             episodes=(cols.EPISODE_ID, self.params.noise_column),
+            # The true return, when the dataset has it, for the rank correlations in the report.
+            episodes_if_present=(cols.RETURN,),
         )
 
     def writes(self) -> Columns:
         return Columns(steps=(DREX_REWARD,), episodes=(DREX_RETURN,))
 
-    def check_schema(self, steps: pa.Schema, episodes: pa.Schema) -> None:
-        data_type = episodes.field(self.params.noise_column).type
+    def setup(self, inputs: Inputs) -> None:
+        """Check the noise column's type, sample snippets from every part, train the net."""
+        data_type = inputs.episodes_schema.field(self.params.noise_column).type
         if not (pa.types.is_floating(data_type) or pa.types.is_integer(data_type)):
             raise RelabelError(
                 f"relabeler 'drex': noise column {self.params.noise_column!r} is {data_type}; "
                 "expected numbers (the injected noise level per episode)"
             )
+        self.reward_net = self.train_reward(inputs.summarize(self.part_sample))
 
     def _features(self, steps: pa.Table) -> np.ndarray:
         values = cols.arrow_to_numpy(cols.column_by_path(steps, self.params.features))
@@ -157,9 +178,10 @@ class DrexRelabeler(Relabeler):
             )
         return values
 
-    # ------------------------------------------------------------ pass one
+    # ------------------------------------------------------------ setup, per part
 
-    def summarize(self, steps: pa.Table, episodes: pa.Table) -> dict[str, Any]:
+    def part_sample(self, steps: pa.Table, episodes: pa.Table, part: Part) -> dict[str, Any]:
+        """Snippets of this part's sampled episodes (at most `max_episodes` of them)."""
         episode_ids = episodes.column(cols.EPISODE_ID).to_numpy()
         noise_column = episodes.column(self.params.noise_column)
         noise = np.asarray(noise_column.to_numpy(zero_copy_only=False), dtype=np.float64)
@@ -184,7 +206,7 @@ class DrexRelabeler(Relabeler):
                 * span
             ).astype(np.int64)
             snippets = [
-                features[start + o : min(start + o + length, stop)].tolist() for o in offsets
+                np.array(features[start + o : min(start + o + length, stop)]) for o in offsets
             ]
             sample.append(
                 {
@@ -196,9 +218,10 @@ class DrexRelabeler(Relabeler):
             )
         return {"episodes": sample}
 
-    # ------------------------------------------------------------ in the driver
+    # ------------------------------------------------------------ setup, in the driver
 
-    def combine(self, summaries: list[dict[str, Any]]) -> Statistics:
+    def train_reward(self, summaries: list[dict[str, Any]]) -> RewardNet:
+        """Train r(observation) on ranked snippet pairs from every part's sample."""
         import torch
 
         sample = sorted(
@@ -310,13 +333,11 @@ class DrexRelabeler(Relabeler):
             }
         finally:
             torch.set_num_threads(previous_threads)
-        return Statistics(
-            values={
-                "weights": weights,
-                "heldout_episode_ids": [e["episode_id"] for e in test],
-                "train_episode_ids": [e["episode_id"] for e in train],
-                "best_noise": noise_levels[0],
-            },
+        return RewardNet(
+            weights=weights,
+            heldout_episode_ids=np.array([e["episode_id"] for e in test], dtype=np.int64),
+            train_episode_ids=np.array([e["episode_id"] for e in train], dtype=np.int64),
+            best_noise=noise_levels[0],
             report={
                 "train_episodes": len(train),
                 "heldout_episodes": len(test),
@@ -329,53 +350,58 @@ class DrexRelabeler(Relabeler):
             },
         )
 
-    # ------------------------------------------------------------ pass two
+    # ------------------------------------------------------------ per part
 
-    def relabel(self, steps: pa.Table, episodes: pa.Table, statistics: Statistics) -> Output:
-        reward = mlp_forward(statistics.values["weights"], self._features(steps))
+    def relabel(self, steps: pa.Table, episodes: pa.Table, part: Part) -> Output:
+        if self.reward_net is None:
+            raise RelabelError(
+                f"{part}: relabeler 'drex' needs the reward net trained by setup(); for "
+                "tables in memory use relabelers.base.relabel_tables"
+            )
+        reward = mlp_forward(self.reward_net.weights, self._features(steps))
         bounds = cols.episode_boundaries(steps.column(cols.EPISODE_ID).to_numpy())
         episode_return = np.add.reduceat(reward, bounds[:-1]) if len(reward) else np.zeros(0)
+        has_return = cols.RETURN in episodes.column_names
+        noise = episodes.column(self.params.noise_column).to_numpy(zero_copy_only=False)
         return Output(
             steps=pa.table({DREX_REWARD: pa.array(reward.astype(np.float32))}),
             episodes=pa.table({DREX_RETURN: pa.array(episode_return, type=pa.float64())}),
+            # For the rank correlations of `finish`: what this part's episodes got.
+            report={
+                "episode_ids": episodes.column(cols.EPISODE_ID).to_numpy(),
+                "drex_return": episode_return,
+                "return": (
+                    episodes.column(cols.RETURN).to_numpy(zero_copy_only=False)
+                    if has_return
+                    else None
+                ),
+                "noise": np.asarray(noise, dtype=np.float64),  # a null noise level: NaN
+            },
         )
 
-    # ------------------------------------------------------------ report after pass two
-    # Optional hooks the relabel job calls when present: a small per-part summary of the
-    # output, then a report from all of them (here: rank correlation with the true return).
+    # ------------------------------------------------------------ the report, in the driver
 
-    def summarize_output(self, steps: pa.Table, episodes: pa.Table, output: Output) -> dict:
-        true_return = (
-            episodes.column(cols.RETURN).to_numpy(zero_copy_only=False).tolist()
-            if cols.RETURN in episodes.column_names
-            else None
-        )
-        return {
-            "episode_ids": episodes.column(cols.EPISODE_ID).to_numpy().tolist(),
-            "drex_return": output.episodes.column(DREX_RETURN).to_numpy().tolist(),
-            "return": true_return,
-            "noise": episodes.column(self.params.noise_column).to_pylist(),
-        }
-
-    def finish_report(self, statistics: Statistics, summaries: list[dict]) -> dict[str, Any]:
-        if any(s["return"] is None for s in summaries):
-            return {}
-        ids = np.concatenate([np.asarray(s["episode_ids"], dtype=np.int64) for s in summaries])
-        predicted = np.concatenate([np.asarray(s["drex_return"]) for s in summaries])
-        true = np.concatenate([np.asarray(s["return"], dtype=np.float64) for s in summaries])
-        noise = np.concatenate(
-            [np.asarray([np.nan if v is None else v for v in s["noise"]]) for s in summaries]
-        )
-        heldout = np.isin(ids, np.asarray(statistics.values["heldout_episode_ids"]))
-        train = np.isin(ids, np.asarray(statistics.values["train_episode_ids"]))
-        report = {
-            "spearman_return": round(spearman(predicted, true), 4),
-            "spearman_return_heldout": round(spearman(predicted[heldout], true[heldout]), 4),
-            "spearman_negative_noise": round(
+    def finish(self, reports: list[dict[str, Any]]) -> dict[str, Any]:
+        """The training report, and how `drex_return` ranks episodes against the true return
+        (when the dataset has one) and against the noise level."""
+        assert self.reward_net is not None
+        report = dict(self.reward_net.report)
+        if any(r["return"] is None for r in reports):
+            return report
+        ids = np.concatenate([np.asarray(r["episode_ids"], dtype=np.int64) for r in reports])
+        predicted = np.concatenate([np.asarray(r["drex_return"]) for r in reports])
+        true = np.concatenate([np.asarray(r["return"], dtype=np.float64) for r in reports])
+        noise = np.concatenate([np.asarray(r["noise"], dtype=np.float64) for r in reports])
+        heldout = np.isin(ids, self.reward_net.heldout_episode_ids)
+        train = np.isin(ids, self.reward_net.train_episode_ids)
+        report.update(
+            spearman_return=round(spearman(predicted, true), 4),
+            spearman_return_heldout=round(spearman(predicted[heldout], true[heldout]), 4),
+            spearman_negative_noise=round(
                 spearman(predicted[np.isfinite(noise)], -noise[np.isfinite(noise)]), 4
             ),
-        }
-        best = heldout & (noise == statistics.values["best_noise"])
+        )
+        best = heldout & (noise == self.reward_net.best_noise)
         if self.params.extrapolate and best.any() and train.any():
             # How often an episode of the never-seen best level outranks training episodes.
             above = (predicted[best][:, None] > predicted[train][None, :]).mean()

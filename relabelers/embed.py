@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -23,7 +24,8 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from relabelers import llm
-from relabelers.base import Columns, Output, Params, Relabeler, RelabelError, Statistics
+from relabelers.base import Columns, Inputs, Output, Params, Part, Relabeler, RelabelError
+from schemas import retry
 from schemas import steps as cols
 
 PROBE_TEXT = "dimension probe"
@@ -44,16 +46,30 @@ class EmbedParams(Params):
     batch_size: int = Field(64, ge=1, description="texts per request")
     concurrency: int = Field(8, ge=1, description="requests in flight per part")
     timeout: float = Field(60.0, gt=0, description="seconds per request")
-    max_retries: int = Field(4, ge=0, description="retries per request")
+    max_retries: int = Field(
+        retry.ATTEMPTS - 1, ge=0, description="retries per request (schemas/retry.py's backoff)"
+    )
     max_requests: int | None = Field(None, ge=0, description="request budget per part")
     cache: str | None = Field(None, description=f"vector cache directory ({llm.DEFAULT_CACHE})")
+
+
+@dataclass(frozen=True)
+class Embedder:
+    """Decided once, in the driver, for every part: who writes the vectors, and their size."""
+
+    kind: Literal["endpoint", "hash"]
+    dimensions: int
+    base_url: str | None
 
 
 class EmbedRelabeler(Relabeler):
     name: ClassVar[str] = "embed"
     version: ClassVar[str] = "1"
     Params: ClassVar[type[Params]] = EmbedParams
-    needs_statistics: ClassVar[bool] = True
+
+    def __init__(self, params: Any = None, seed: int = 0):
+        super().__init__(params, seed)
+        self.embedder: Embedder | None = None  # set by `setup`
 
     @property
     def output_name(self) -> str:
@@ -69,8 +85,9 @@ class EmbedRelabeler(Relabeler):
             return Columns(steps=(self.output_name,))
         return Columns(episodes=(self.output_name,))
 
-    def combine(self, summaries: list[dict[str, Any]]) -> Statistics:
-        """Decide the embedder and the vector size once, in the driver, for every part."""
+    def setup(self, inputs: Inputs) -> None:
+        """Decide the embedder and the vector size once, for every part; reads no data (an
+        endpoint is asked once for its vector size unless `dimensions` is given)."""
         p = self.params
         use_endpoint = p.embedder == "endpoint" or (
             p.embedder == "auto" and llm.endpoint_configured(p.base_url)
@@ -85,19 +102,18 @@ class EmbedRelabeler(Relabeler):
             if failures:
                 raise RelabelError(f"embed: the endpoint did not answer a probe: {failures[0]}")
             dimensions = len(vectors[PROBE_TEXT])
-        values = {
-            "embedder": "endpoint" if use_endpoint else "hash",
-            "dimensions": dimensions,
-            "base_url": base_url,
-        }
-        report = {
-            "embedder": values["embedder"],
-            "dimensions": dimensions,
-            "model": p.model if use_endpoint else "hashed-words-v1",
-        }
-        return Statistics(values=values, report=report)
+        self.embedder = Embedder("endpoint" if use_endpoint else "hash", dimensions, base_url)
 
-    def relabel(self, steps: pa.Table, episodes: pa.Table, statistics: Statistics) -> Output:
+    def finish(self, reports: list[dict[str, Any]]) -> dict[str, Any]:
+        assert self.embedder is not None
+        endpoint = self.embedder.kind == "endpoint"
+        return {
+            "embedder": self.embedder.kind,
+            "dimensions": self.embedder.dimensions,
+            "model": self.params.model if endpoint else "hashed-words-v1",
+        }
+
+    def relabel(self, steps: pa.Table, episodes: pa.Table, part: Part) -> Output:
         p = self.params
         table = steps if p.level == "steps" else episodes
         if p.column not in table.column_names:
@@ -105,14 +121,18 @@ class EmbedRelabeler(Relabeler):
                 f"embed: the {p.level} table has no column {p.column!r}; "
                 f"available: {', '.join(table.column_names)}"
             )
-        if not statistics.values:
-            statistics = self.combine([])
-        dimensions = int(statistics.values["dimensions"])
+        embedder = self.embedder
+        if embedder is None:
+            raise RelabelError(
+                f"{part}: relabeler 'embed' decides its embedder in setup(); for tables in "
+                "memory use relabelers.base.relabel_tables"
+            )
+        dimensions = embedder.dimensions
         # Embed each distinct text once; rows point at their text (vectorized take).
         encoded = pc.cast(table.column(p.column), pa.string()).combine_chunks().dictionary_encode()
         texts = encoded.dictionary.to_pylist()
-        if statistics.values["embedder"] == "endpoint":
-            vectors, failures = self._embed_with_endpoint(texts, statistics.values["base_url"])
+        if embedder.kind == "endpoint":
+            vectors, failures = self._embed_with_endpoint(texts, embedder.base_url)
             if failures:
                 raise RelabelError(
                     f"embed: {len(failures)} batch(es) of {p.level} column {p.column!r} failed "

@@ -7,7 +7,7 @@ For every step, `k` goals are drawn from goals that were actually achieved:
              same episode (t' = T - 1 at the last step);
 - `episode`: the achieved goal at a uniformly drawn step t' in [0, T - 1] of the episode;
 - `random`:  the achieved goal of a step of another episode, from a dataset-wide pool built
-             in pass one (bottom-k by a hash of the episode id, so it does not depend on
+             in `setup` (bottom-k by a hash of the episode id, so it does not depend on
              how the dataset is split into parts).
 
 The achieved-goal source (`achieved`) is a column (`achieved_goal`), a struct field
@@ -36,6 +36,7 @@ with `reward_function`, whatever that function returns for (achieved, goal):
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from collections.abc import Callable
@@ -48,11 +49,12 @@ from pydantic import Field
 
 from relabelers.base import (
     Columns,
+    Inputs,
     Output,
     Params,
+    Part,
     Relabeler,
     RelabelError,
-    Statistics,
     hash_uniform,
     splitmix64,
 )
@@ -184,9 +186,11 @@ def step_uniforms(
     return uniform
 
 
+@functools.lru_cache(maxsize=16)
 def resolve_reward_function(name: str) -> Callable[[np.ndarray, np.ndarray, Any], np.ndarray]:
     """A batched reward function (achieved_goal, desired_goal, info) -> reward from a
-    gymnasium env id (`[module:]ns/Env-v0`) or a dotted path (`package.module:function`)."""
+    gymnasium env id (`[module:]ns/Env-v0`) or a dotted path (`package.module:function`).
+    Kept per process: every part a worker runs uses the same environment."""
     module_name, sep, attribute = name.rpartition(":")
     if sep and "/" not in attribute and "-v" not in attribute:
         try:
@@ -256,11 +260,9 @@ class GoalsRelabeler(Relabeler):
     def __init__(self, params=None, seed: int = 0):
         super().__init__(params, seed)
         self.achieved = AchievedSpec.parse(self.params.achieved)
-        self._reward_function = None
-
-    @property
-    def needs_statistics(self) -> bool:  # type: ignore[override]
-        return self.params.strategy == "random"
+        # Set by `setup` for strategy=random: the dataset-wide goal pool, one goal per episode.
+        self.pool_episode_ids: np.ndarray | None = None
+        self.pool_goals: np.ndarray | None = None
 
     def reads(self) -> Columns:
         return Columns(steps=(cols.EPISODE_ID, cols.T, self.achieved.path))
@@ -270,15 +272,25 @@ class GoalsRelabeler(Relabeler):
             steps=(HINDSIGHT_GOAL, HINDSIGHT_GOAL_STEP, HINDSIGHT_REWARD, HINDSIGHT_REACHED)
         )
 
-    def check_schema(self, steps: pa.Schema, episodes: pa.Schema) -> None:
-        """Called by the job before anything is written: the achieved spec must fit."""
-        self.achieved.goal_dim(steps)
+    def setup(self, inputs: Inputs) -> None:
+        """The achieved-goal spec must fit the schema and the reward function load; for
+        strategy=random, one pass builds the goal pool."""
+        self.achieved.goal_dim(inputs.steps_schema)
         if self.params.reward_function:
             resolve_reward_function(self.params.reward_function)
+        if self.params.strategy == "random":
+            self.pool_episode_ids, self.pool_goals = merge_pools(
+                inputs.summarize(self.part_pool), self.params.pool_size
+            )
 
-    # ------------------------------------------------------------ pass one (random only)
+    def finish(self, reports: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.pool_episode_ids is None:
+            return {}
+        return {"pool_size": int(len(self.pool_episode_ids))}
 
-    def summarize(self, steps: pa.Table, episodes: pa.Table) -> dict[str, Any]:
+    # ------------------------------------------------------------ the pool (random only)
+
+    def part_pool(self, steps: pa.Table, episodes: pa.Table, part: Part) -> dict[str, np.ndarray]:
         """One achieved goal per episode, keeping the `pool_size` smallest hashes."""
         episode_ids = steps.column(cols.EPISODE_ID).to_numpy()
         achieved = self._achieved_checked(steps, episode_ids)
@@ -291,32 +303,9 @@ class GoalsRelabeler(Relabeler):
         )
         keys = hash_uniform(self.seed, ids, 0, _STREAM_POOL)
         keep = np.argsort(keys, kind="stable")[: self.params.pool_size]
-        return {
-            "keys": keys[keep].tolist(),
-            "episode_ids": ids[keep].tolist(),
-            "goals": achieved[rows[keep]].tolist(),
-        }
+        return {"keys": keys[keep], "episode_ids": ids[keep], "goals": achieved[rows[keep]]}
 
-    def combine(self, summaries: list[dict[str, Any]]) -> Statistics:
-        keys = np.concatenate([np.asarray(s["keys"], dtype=np.float64) for s in summaries])
-        ids = np.concatenate([np.asarray(s["episode_ids"], dtype=np.int64) for s in summaries])
-        goals = [g for s in summaries for g in s["goals"]]
-        # Order by (hash, episode id): the same pool whatever the partitioning.
-        order = np.lexsort((ids, keys))[: self.params.pool_size]
-        if len(np.unique(ids)) < 2:
-            raise RelabelError(
-                "relabeler 'goals': strategy=random draws goals from other episodes, "
-                "but the dataset has fewer than two episodes"
-            )
-        return Statistics(
-            values={
-                "pool_episode_ids": ids[order].tolist(),
-                "pool_goals": [goals[i] for i in order],
-            },
-            report={"pool_size": int(len(order))},
-        )
-
-    # ------------------------------------------------------------ pass two
+    # ------------------------------------------------------------ per part
 
     def _achieved_checked(self, steps: pa.Table, episode_ids: np.ndarray) -> np.ndarray:
         achieved = self.achieved.read(steps)
@@ -354,7 +343,7 @@ class GoalsRelabeler(Relabeler):
             rows[:, j] = low + offset
         return rows
 
-    def relabel(self, steps: pa.Table, episodes: pa.Table, statistics: Statistics) -> Output:
+    def relabel(self, steps: pa.Table, episodes: pa.Table, part: Part) -> Output:
         episode_ids = steps.column(cols.EPISODE_ID).to_numpy()
         t = steps.column(cols.T).to_numpy()
         achieved = self._achieved_checked(steps, episode_ids)
@@ -362,9 +351,12 @@ class GoalsRelabeler(Relabeler):
         bounds = cols.episode_boundaries(episode_ids)
 
         if self.params.strategy == "random":
-            pool_ids = np.asarray(statistics.values["pool_episode_ids"], dtype=np.int64)
-            pool_goals = np.asarray(statistics.values["pool_goals"], dtype=np.float32)
-            pool_goals = pool_goals.reshape(len(pool_ids), -1)
+            if self.pool_episode_ids is None or self.pool_goals is None:
+                raise RelabelError(
+                    f"{part}: relabeler 'goals' with strategy=random needs the goal pool from "
+                    "setup(); for tables in memory use relabelers.base.relabel_tables"
+                )
+            pool_ids, pool_goals = self.pool_episode_ids, self.pool_goals
             if pool_goals.shape[1] != goal_dim:
                 raise RelabelError("relabeler 'goals': the random-goal pool has another goal_dim")
             uniform = np.stack(
@@ -397,10 +389,9 @@ class GoalsRelabeler(Relabeler):
             squared += difference * difference
         reached = squared <= self.params.threshold**2
         if self.params.reward_function:
-            if self._reward_function is None:
-                self._reward_function = resolve_reward_function(self.params.reward_function)
+            reward_function = resolve_reward_function(self.params.reward_function)
             reward = np.asarray(
-                self._reward_function(
+                reward_function(
                     np.repeat(achieved_after, k, axis=0),
                     goals.reshape(n * k, goal_dim),
                     None,
@@ -420,6 +411,23 @@ class GoalsRelabeler(Relabeler):
                 }
             )
         )
+
+
+def merge_pools(
+    summaries: list[dict[str, np.ndarray]], pool_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The dataset-wide pool from every part's: (episode ids, goals as float32 rows)."""
+    keys = np.concatenate([np.asarray(s["keys"], dtype=np.float64) for s in summaries])
+    ids = np.concatenate([np.asarray(s["episode_ids"], dtype=np.int64) for s in summaries])
+    goals = np.concatenate([np.asarray(s["goals"], dtype=np.float32) for s in summaries])
+    if len(np.unique(ids)) < 2:
+        raise RelabelError(
+            "relabeler 'goals': strategy=random draws goals from other episodes, "
+            "but the dataset has fewer than two episodes"
+        )
+    # Order by (hash, episode id): the same pool whatever the partitioning.
+    order = np.lexsort((ids, keys))[:pool_size]
+    return ids[order], goals[order].reshape(len(order), -1)
 
 
 def _take_rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:

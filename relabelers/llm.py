@@ -3,9 +3,12 @@
 One job: send many requests to an OpenAI-compatible endpoint fast, safely and only once.
 
 - Bounded concurrency: an asyncio semaphore keeps `concurrency` requests in flight.
-- Retries: 429 (honouring Retry-After), 5xx, timeouts, connection resets and answers that
-  are not JSON or empty are retried with exponential backoff and jitter, `max_retries` times.
-  Errors that retrying cannot fix (a bad key, an unknown model) stop the run with `LLMError`.
+- Retries: 429, 5xx, 408/409, timeouts, connection resets and answers that are not JSON or
+  empty are retried `max_retries` times with the project's one retry policy
+  (schemas/retry.py: exponential backoff with jitter, through tenacity), waiting at least
+  as long as a server's Retry-After asks. Other 4xx answers are not retried (a bad request
+  stays bad); errors that retrying cannot fix (a bad key, an unknown model) stop the run
+  with `LLMError`.
 - Budget: `max_requests` / `max_tokens` per run; when spent, the remaining requests are not
   sent and come back with status "budget" and a clear message.
 - Cache: one JSON file per answer, keyed by a hash of (endpoint kind, model, request body),
@@ -23,7 +26,6 @@ import asyncio
 import hashlib
 import json
 import os
-import random
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -31,8 +33,12 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import tenacity
 
 from relabelers.base import RelabelError
+from schemas import retry
 
 DEFAULT_CACHE = "~/.cache/hindsight/llm"
 API_KEY_VARIABLE = "OPENAI_API_KEY"
@@ -64,6 +70,15 @@ def endpoint_configured(base_url: str | None) -> bool:
 
 def resolve_base_url(base_url: str | None) -> str | None:
     return base_url or os.environ.get(BASE_URL_VARIABLE) or None
+
+
+def public_url(url: str | None) -> str | None:
+    """A base URL without user info or query, safe for a manifest."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def request_key(kind: str, body: dict[str, Any]) -> str:
@@ -157,9 +172,7 @@ class Settings:
     base_url: str | None = None
     concurrency: int = 16
     timeout: float = 60.0
-    max_retries: int = 4
-    backoff: float = 0.5
-    backoff_max: float = 30.0
+    max_retries: int = retry.ATTEMPTS - 1
     retry_failed: bool = False
 
 
@@ -279,6 +292,28 @@ async def _run_all(
     return [r for r in results if r is not None], summary
 
 
+class _Failure(Exception):
+    """One attempt that failed: `transient` ones are tried again, after at least
+    `retry_after` seconds when the server asked for that."""
+
+    def __init__(self, reason: str, transient: bool = True, retry_after: float | None = None):
+        super().__init__(reason)
+        self.transient = transient
+        self.retry_after = retry_after
+
+
+def _wait(policy: tenacity.wait.wait_base) -> Callable[[tenacity.RetryCallState], float]:
+    """The shared backoff, or longer when the server's Retry-After asks for longer."""
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        delay = policy(state)
+        failure = state.outcome.exception() if state.outcome else None
+        asked = getattr(failure, "retry_after", None)
+        return max(delay, asked) if asked is not None else delay
+
+    return wait
+
+
 async def _one(
     client: Any,
     request: Request,
@@ -287,58 +322,73 @@ async def _one(
     budget: Budget,
     semaphore: asyncio.Semaphore,
 ) -> Result:
-    import openai
-
-    error = "no attempt made"
     sent = 0
-    for attempt in range(settings.max_retries + 1):
-        async with semaphore:
+
+    async def attempt() -> Result:
+        nonlocal sent
+        async with semaphore:  # held while a request is in flight, never while waiting
             refusal = budget.take_request()
             if refusal is not None:
                 return Result("budget", error=refusal, requests=sent)
             sent += 1
-            wait: float | None = None
-            try:
-                response = await _call(client, request)
-                budget.tokens += _total_tokens(response)
-                answer = request.parse(response)
-            except openai.RateLimitError as failure:
-                error = f"HTTP 429 rate limited: {_body_excerpt(failure)}"
-                wait = _retry_after(failure)
-            except openai.APIStatusError as failure:
-                if failure.status_code in (401, 403, 404):
-                    raise LLMError(
-                        redact(
-                            f"the endpoint refused the request with HTTP {failure.status_code} "
-                            f"({_body_excerpt(failure)}); check {API_KEY_VARIABLE}, the base URL "
-                            f"({resolve_base_url(settings.base_url) or 'OpenAI default'}) and the "
-                            f"model name {request.body.get('model')!r}"
-                        )
-                    ) from None
-                error = f"HTTP {failure.status_code}: {_body_excerpt(failure)}"
-                if failure.status_code < 500 and failure.status_code not in (408, 409):
-                    break  # a bad request stays bad
-            except openai.APITimeoutError:
-                error = f"timed out after {settings.timeout:g} s"
-            except openai.APIConnectionError as failure:
-                error = f"connection error: {type(failure.__cause__ or failure).__name__}"
-            except InvalidAnswer as failure:
-                error = f"invalid answer: {failure}"
-            except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as failure:
-                error = f"invalid answer: {type(failure).__name__}: {str(failure)[:200]}"
-            else:
-                if request.store:
-                    meta = {"kind": request.kind, "model": request.body.get("model")}
-                    cache.put(request.key, answer, meta)
-                return Result("ok", answer=answer, requests=sent)
-        if attempt < settings.max_retries:
-            delay = min(settings.backoff_max, settings.backoff * 2**attempt)
-            delay *= 0.5 + random.random()  # jitter: retries of many requests spread out
-            await asyncio.sleep(max(delay, wait) if wait is not None else delay)
-    reason = redact(f"{error} (after {sent} attempts)")
-    if request.store:
-        cache.put_failure(request.key, reason)
-    return Result("failed", error=reason, requests=sent)
+            answer = await _ask(client, request, settings, budget)
+        if request.store:
+            cache.put(
+                request.key, answer, {"kind": request.kind, "model": request.body.get("model")}
+            )
+        return Result("ok", answer=answer, requests=sent)
+
+    retrying = tenacity.AsyncRetrying(
+        stop=tenacity.stop_after_attempt(settings.max_retries + 1),
+        wait=_wait(retry.wait_policy()),
+        retry=tenacity.retry_if_exception(lambda e: isinstance(e, _Failure) and e.transient),
+        reraise=True,
+    )
+    try:
+        return await retrying(attempt)
+    except _Failure as failure:
+        reason = redact(f"{failure} (after {sent} attempts)")
+        if request.store:
+            cache.put_failure(request.key, reason)
+        return Result("failed", error=reason, requests=sent)
+
+
+async def _ask(client: Any, request: Request, settings: Settings, budget: Budget) -> Any:
+    """One request and its parsed answer; `_Failure` says what went wrong and whether
+    another attempt may help; LLMError when no attempt can (a bad key or model)."""
+    import openai
+
+    try:
+        response = await _call(client, request)
+        budget.tokens += _total_tokens(response)
+        return request.parse(response)
+    except openai.RateLimitError as failure:
+        raise _Failure(
+            f"HTTP 429 rate limited: {_body_excerpt(failure)}", retry_after=_retry_after(failure)
+        ) from None
+    except openai.APIStatusError as failure:
+        if failure.status_code in (401, 403, 404):
+            raise LLMError(
+                redact(
+                    f"the endpoint refused the request with HTTP {failure.status_code} "
+                    f"({_body_excerpt(failure)}); check {API_KEY_VARIABLE}, the base URL "
+                    f"({resolve_base_url(settings.base_url) or 'OpenAI default'}) and the "
+                    f"model name {request.body.get('model')!r}"
+                )
+            ) from None
+        status = failure.status_code
+        raise _Failure(
+            f"HTTP {status}: {_body_excerpt(failure)}",
+            transient=status >= 500 or status in (408, 409),  # a bad request stays bad
+        ) from None
+    except openai.APITimeoutError:
+        raise _Failure(f"timed out after {settings.timeout:g} s") from None
+    except openai.APIConnectionError as failure:
+        raise _Failure(f"connection error: {type(failure.__cause__ or failure).__name__}") from None
+    except InvalidAnswer as failure:
+        raise _Failure(f"invalid answer: {failure}") from None
+    except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as failure:
+        raise _Failure(f"invalid answer: {type(failure).__name__}: {str(failure)[:200]}") from None
 
 
 def _call(client: Any, request: Request) -> Awaitable[Any]:

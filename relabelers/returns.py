@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from relabelers.base import Columns, Output, Params, Relabeler, RelabelError, Statistics
+from relabelers.base import Columns, Inputs, Output, Params, Part, Relabeler, RelabelError
 from schemas import steps as cols
 
 RETURN_TO_GO = "return_to_go"
@@ -104,15 +104,15 @@ class ReturnsRelabeler(Relabeler):
         episodes = (EPISODE_RETURN, NORMALIZED_RETURN) if self.normalized else (EPISODE_RETURN,)
         return Columns(steps=(RETURN_TO_GO,), episodes=episodes)
 
-    def check_schema(self, steps: pa.Schema, episodes: pa.Schema) -> None:
-        data_type = steps.field(self.params.reward_column).type
+    def setup(self, inputs: Inputs) -> None:
+        data_type = inputs.steps_schema.field(self.params.reward_column).type
         if not (pa.types.is_integer(data_type) or pa.types.is_floating(data_type)):
             raise RelabelError(
                 f"relabeler 'returns': reward_column {self.params.reward_column!r} is "
                 f"{data_type}; rewards must be numbers (one per step)"
             )
 
-    def relabel(self, steps: pa.Table, episodes: pa.Table, statistics: Statistics) -> Output:
+    def relabel(self, steps: pa.Table, episodes: pa.Table, part: Part) -> Output:
         episode_ids = steps.column(cols.EPISODE_ID).to_numpy()
         rewards = steps.column(self.params.reward_column).to_numpy(zero_copy_only=False)
         rewards = np.asarray(rewards, dtype=np.float64)

@@ -3,7 +3,7 @@
 The score of an episode is its return (`source=return`, the default) or an episode-level
 metadata column: a noise level (less noise = more skill), a rating, or a policy id with an
 explicit `order` from worst to best. Percentiles are over the whole dataset (two passes:
-every part sends its episodes' scores, the driver sorts them):
+`setup` gathers every part's episode scores, the driver sorts them):
 
     skill_percentile = (#episodes scoring lower + 0.5 * #episodes scoring the same) / #episodes
     skill_level      = min(floor(skill_percentile * levels), levels - 1)      (0 = least skilled)
@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from relabelers.base import Columns, Output, Params, Relabeler, RelabelError, Statistics
+from relabelers.base import Columns, Inputs, Output, Params, Part, Relabeler, RelabelError
 from schemas import steps as cols
 
 SKILL = "skill"
@@ -83,12 +83,14 @@ class SkillRelabeler(Relabeler):
     name = "skill"
     version = "1.0"
     Params = SkillParams
-    needs_statistics = True
 
     def __init__(self, params=None, seed: int = 0):
         if isinstance(params, dict) and "order" in params:
             params = {**params, "order": _as_list(params["order"])}
         super().__init__(params, seed)
+        # Set by `setup`: every episode's score sorted (or a grid of them), and the report.
+        self.sorted_scores: np.ndarray | None = None
+        self.report: dict[str, Any] = {}
 
     @property
     def higher_is_better(self) -> bool:
@@ -103,7 +105,19 @@ class SkillRelabeler(Relabeler):
         names = (SKILL, SKILL_LEVEL, SKILL_PERCENTILE)
         return Columns(steps=names, episodes=names)
 
-    def check_schema(self, steps: pa.Schema, episodes: pa.Schema) -> None:
+    def setup(self, inputs: Inputs) -> None:
+        """Check the source's type, then sort the scores of every episode of the dataset."""
+        self.check_source(inputs.episodes_schema)
+        summaries = inputs.summarize(self.part_scores)
+        self.sorted_scores, total, exact = merge_scores(summaries, self.params.exact_limit)
+        self.report = {
+            "episodes": total,
+            "exact": exact,
+            "labels": list(level_labels(self.params.levels)),
+            "higher_is_better": self.higher_is_better,
+        }
+
+    def check_source(self, episodes: pa.Schema) -> None:
         data_type = episodes.field(self.params.source).type
         if pa.types.is_string(data_type) or pa.types.is_large_string(data_type):
             if not self.params.order:
@@ -151,47 +165,22 @@ class SkillRelabeler(Relabeler):
             )
         return scores if self.higher_is_better else -scores
 
-    def summarize(self, steps: pa.Table, episodes: pa.Table) -> dict[str, Any]:
+    def part_scores(self, steps: pa.Table, episodes: pa.Table, part: Part) -> dict[str, Any]:
+        """One part's scores, sorted (a grid of `exact_limit` of them when more)."""
         scores = np.sort(self.scores(episodes))
         limit = self.params.exact_limit
         if len(scores) > limit:
             scores = scores[np.linspace(0, len(scores) - 1, limit).round().astype(np.int64)]
-        return {"scores": scores.tolist(), "episodes": int(episodes.num_rows)}
+        return {"scores": scores, "episodes": int(episodes.num_rows)}
 
-    def combine(self, summaries: list[dict[str, Any]]) -> Statistics:
-        total = sum(s["episodes"] for s in summaries)
-        if total == 0:
-            raise RelabelError("relabeler 'skill': the dataset has no episodes")
-        # Parts sampled down to a grid weigh as many episodes as they stand for.
-        weights = np.concatenate(
-            [np.full(len(s["scores"]), s["episodes"] / max(len(s["scores"]), 1)) for s in summaries]
-        )
-        scores = np.concatenate([np.asarray(s["scores"], dtype=np.float64) for s in summaries])
-        order = np.argsort(scores, kind="stable")
-        scores, weights = scores[order], weights[order]
-        exact = bool(np.all(weights == 1.0)) and total <= self.params.exact_limit
-        if not exact:
-            cumulative = np.cumsum(weights) - weights / 2
-            grid = np.interp(
-                (np.arange(self.params.exact_limit) + 0.5) / self.params.exact_limit * total,
-                cumulative,
-                scores,
+    def relabel(self, steps: pa.Table, episodes: pa.Table, part: Part) -> Output:
+        if self.sorted_scores is None:
+            raise RelabelError(
+                f"{part}: relabeler 'skill' needs the dataset's scores from setup(); for "
+                "tables in memory use relabelers.base.relabel_tables"
             )
-            scores = grid
-        labels = level_labels(self.params.levels)
-        return Statistics(
-            values={"sorted_scores": scores.tolist(), "episodes": total},
-            report={
-                "episodes": total,
-                "exact": exact,
-                "labels": list(labels),
-                "higher_is_better": self.higher_is_better,
-            },
-        )
-
-    def relabel(self, steps: pa.Table, episodes: pa.Table, statistics: Statistics) -> Output:
         levels = self.params.levels
-        reference = np.asarray(statistics.values["sorted_scores"], dtype=np.float64)
+        reference = self.sorted_scores
         percentile = percentiles(self.scores(episodes), reference, len(reference))
         level = np.minimum((percentile * levels).astype(np.int64), levels - 1)
         episode_ids = episodes.column(cols.EPISODE_ID).to_numpy()
@@ -207,6 +196,9 @@ class SkillRelabeler(Relabeler):
             episodes=self._table(level, percentile),
         )
 
+    def finish(self, reports: list[dict[str, Any]]) -> dict[str, Any]:
+        return dict(self.report)
+
     def _table(self, level: np.ndarray, percentile: np.ndarray) -> pa.Table:
         labels = pa.array(level_labels(self.params.levels), type=pa.string())
         return pa.table(
@@ -216,3 +208,23 @@ class SkillRelabeler(Relabeler):
                 SKILL_PERCENTILE: pa.array(percentile, type=pa.float32()),
             }
         )
+
+
+def merge_scores(summaries: list[dict[str, Any]], exact_limit: int) -> tuple[np.ndarray, int, bool]:
+    """Every part's sorted scores merged: (sorted scores or a grid of `exact_limit` of them,
+    the number of episodes, whether the scores are exact)."""
+    total = sum(s["episodes"] for s in summaries)
+    if total == 0:
+        raise RelabelError("relabeler 'skill': the dataset has no episodes")
+    # Parts sampled down to a grid weigh as many episodes as they stand for.
+    weights = np.concatenate(
+        [np.full(len(s["scores"]), s["episodes"] / max(len(s["scores"]), 1)) for s in summaries]
+    )
+    scores = np.concatenate([np.asarray(s["scores"], dtype=np.float64) for s in summaries])
+    order = np.argsort(scores, kind="stable")
+    scores, weights = scores[order], weights[order]
+    exact = bool(np.all(weights == 1.0)) and total <= exact_limit
+    if not exact:
+        cumulative = np.cumsum(weights) - weights / 2
+        scores = np.interp((np.arange(exact_limit) + 0.5) / exact_limit * total, cumulative, scores)
+    return scores, total, exact

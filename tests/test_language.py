@@ -18,15 +18,11 @@ import pyarrow as pa
 import pytest
 
 from relabelers import llm
-from relabelers.base import RelabelError, Statistics
+from relabelers.base import Part, RelabelError, TableInputs, relabel_tables
 from relabelers.embed import EmbedRelabeler
-from relabelers.language import (
-    DEFAULT_PROMPT,
-    LanguageRelabeler,
-    PromptTemplate,
-    _units,
-    unit_facts,
-)
+from relabelers.language import DEFAULT_PROMPT, LanguageRelabeler, PromptTemplate
+from relabelers.language.describers import split_budget
+from relabelers.language.facts import merge_quantiles, unit_facts, units_of
 from tests.llm_server import LLMServer, body_text, data_block
 from tests.synthetic import make_episodes
 
@@ -66,15 +62,15 @@ def described_episode(text: str) -> int:
 def test_offline_describer_is_deterministic_varied_and_partition_free(no_endpoint):
     steps, episodes = make_episodes(12, seed=3, goal_dim=2)
     relabeler = LanguageRelabeler({"n": 3})
-    statistics = relabeler.combine([relabeler.summarize(steps, episodes)])
-    assert statistics.report["describer"] == "template" and statistics.report["model"] is None
-    whole = relabeler.run(steps, episodes, statistics, "all").episodes
-    assert whole.equals(relabeler.run(steps, episodes, statistics, "again").episodes)
+    output = relabel_tables(relabeler, steps, episodes)
+    assert output.report["describer"] == "template" and output.report["model"] is None
+    whole = output.episodes
+    assert whole.equals(relabeler.run(steps, episodes, Part(0, 1, "again")).episodes)
     # The same rows when the episodes come in two parts.
     cut = int(np.flatnonzero(steps.column("episode_id").to_numpy() == 67)[0])
     halves = [
-        relabeler.run(steps.slice(0, cut), episodes.slice(0, 6), statistics, "a").episodes,
-        relabeler.run(steps.slice(cut), episodes.slice(6), statistics, "b").episodes,
+        relabeler.run(steps.slice(0, cut), episodes.slice(0, 6), Part(0, 2, "a")).episodes,
+        relabeler.run(steps.slice(cut), episodes.slice(6), Part(1, 2, "b")).episodes,
     ]
     assert pa.concat_tables(halves).equals(whole)
     rows = whole.to_pylist()
@@ -87,19 +83,19 @@ def test_offline_describer_is_deterministic_varied_and_partition_free(no_endpoin
         assert f"{length} steps" in row["description"] or f"{length}-step" in row["description"]
         assert "goal" in row["description"]
     # Another seed gives other wording.
-    other = LanguageRelabeler({"n": 3}, seed=1).run(steps, episodes, statistics, "s").episodes
+    other = relabel_tables(LanguageRelabeler({"n": 3}, seed=1), steps, episodes).episodes
     assert other.column("description").to_pylist() != whole.column("description").to_pylist()
 
 
 def test_facts_match_a_straightforward_per_episode_computation():
     steps, episodes = make_episodes(9, seed=14, min_length=1, max_length=25, goal_dim=2)
     relabeler = LanguageRelabeler({"per": "segment", "segment": 7, "goal_threshold": 1.0})
-    statistics = relabeler.combine([relabeler.summarize(steps, episodes)])
+    relabeler.setup(TableInputs(steps, episodes))
     facts = unit_facts(
         steps,
         episodes,
-        _units(steps, "segment", 7),
-        statistics.values["return_quantiles"],
+        units_of(steps, "segment", 7),
+        relabeler.plan.return_quantiles,
         relabeler.params,
     )
     rows = steps.to_pylist()
@@ -149,8 +145,8 @@ def test_facts_match_a_straightforward_per_episode_computation():
 
 def test_offline_segments_are_copied_to_their_steps(no_endpoint):
     steps, episodes = make_episodes(5, seed=4, min_length=8, max_length=20, discrete_actions=3)
-    output = LanguageRelabeler({"per": "segment", "segment": 6, "n": 2}).run(
-        steps, episodes, Statistics(), "segments"
+    output = relabel_tables(
+        LanguageRelabeler({"per": "segment", "segment": 6, "n": 2}), steps, episodes, "segments"
     )
     assert output.episodes is None
     table = output.steps
@@ -169,11 +165,11 @@ def test_offline_segments_are_copied_to_their_steps(no_endpoint):
 def test_every_episode_described_by_the_model_then_cached(server, tmp_path, fake_key):
     steps, episodes = make_episodes(10, seed=5)
     relabeler = language(server, tmp_path, n=3, model="test-model")
-    statistics = relabeler.combine([relabeler.summarize(steps, episodes)])
-    assert statistics.report["describer"] == "llm"
-    assert statistics.report["model"] == "test-model"
-    assert statistics.report["prompt"] == "describe_v1"
-    first = relabeler.run(steps, episodes, statistics, "part 0").episodes
+    output = relabel_tables(relabeler, steps, episodes, "part 0")
+    assert output.report["describer"] == "llm"
+    assert output.report["model"] == "test-model"
+    assert output.report["prompt"] == "describe_v1"
+    first = output.episodes
     assert server.count() == 10
     rows = first.to_pylist()
     for row, episode_id in zip(rows, episodes.column("episode_id").to_pylist()):
@@ -184,23 +180,18 @@ def test_every_episode_described_by_the_model_then_cached(server, tmp_path, fake
     body = server.requests[0]["body"]
     assert body["model"] == "test-model" and body["max_tokens"] == 400
     # The second run makes zero requests and gives the same table.
-    again = language(server, tmp_path, n=3, model="test-model").run(
-        steps, episodes, statistics, "part 0"
-    )
+    again = relabel_tables(language(server, tmp_path, n=3, model="test-model"), steps, episodes)
     assert server.count() == 10
     assert again.episodes.equals(first)
     # Another model is another cache entry.
-    language(server, tmp_path, n=3, model="other").run(steps, episodes, statistics, "p")
+    relabel_tables(language(server, tmp_path, n=3, model="other"), steps, episodes)
     assert server.count() == 20
 
 
 def test_segments_described_by_the_model(server, tmp_path, fake_key):
     steps, episodes = make_episodes(4, seed=6, min_length=5, max_length=12)
-    table = (
-        language(server, tmp_path, per="segment", segment=4, n=1)
-        .run(steps, episodes, Statistics(), "segments")
-        .steps
-    )
+    relabeler = language(server, tmp_path, per="segment", segment=4, n=1)
+    table = relabel_tables(relabeler, steps, episodes, "segments").steps
     expected = [
         f"episode {e} segment {t // 4}: paraphrase 0"
         for e, t in zip(steps.column("episode_id").to_pylist(), steps.column("t").to_pylist())
@@ -215,7 +206,7 @@ def test_faults_are_retried_and_retries_are_bounded(server, tmp_path, fake_key):
     server.timeout_sleep = 3.0
     server.fail_when = lambda body: data_block(body)["episode_id"] == 27  # always 500
     relabeler = language(server, tmp_path, max_retries=3, timeout=1.5, concurrency=4)
-    output = relabeler.run(steps, episodes, Statistics(), "faults").episodes.to_pylist()
+    output = relabel_tables(relabeler, steps, episodes, "faults").episodes.to_pylist()
     by_id = dict(zip(episodes.column("episode_id").to_pylist(), output))
     assert by_id[27]["description_status"] == "failed" and by_id[27]["description"] is None
     assert "HTTP 500" in by_id[27]["description_error"]
@@ -228,14 +219,12 @@ def test_faults_are_retried_and_retries_are_bounded(server, tmp_path, fake_key):
     # A plain re-run does not ask again for the failure; --retry-failed asks only for it.
     server.fail_when = None
     count = server.count()
-    rerun = language(server, tmp_path).run(steps, episodes, Statistics(), "again").episodes
+    rerun = relabel_tables(language(server, tmp_path), steps, episodes, "again").episodes
     assert server.count() == count
     assert "use --retry-failed" in rerun.column("description_error").to_pylist()[2]
-    retried = (
-        language(server, tmp_path, retry_failed=True)
-        .run(steps, episodes, Statistics(), "retry")
-        .episodes
-    )
+    retried = relabel_tables(
+        language(server, tmp_path, retry_failed=True), steps, episodes, "retry"
+    ).episodes
     assert server.count() == count + 1
     assert data_block(server.requests[-1]["body"])["episode_id"] == 27
     assert set(retried.column("description_status").to_pylist()) == {"ok"}
@@ -245,7 +234,7 @@ def test_rate_limit_waits_for_retry_after(server, tmp_path, fake_key):
     steps, episodes = make_episodes(1, seed=8)
     server.faults.append("429")
     server.retry_after = "1"
-    output = language(server, tmp_path).run(steps, episodes, Statistics(), "429").episodes
+    output = relabel_tables(language(server, tmp_path), steps, episodes, "429").episodes
     assert output.column("description_status").to_pylist() == ["ok"]
     first, second = server.requests
     assert second["time"] - first["time"] >= 0.95
@@ -255,7 +244,7 @@ def test_bad_key_is_a_clear_error_without_the_key(server, tmp_path, fake_key):
     steps, episodes = make_episodes(2, seed=9)
     server.faults.extend(["401"] * 4)
     with pytest.raises(llm.LLMError) as error:
-        language(server, tmp_path).run(steps, episodes, Statistics(), "auth")
+        relabel_tables(language(server, tmp_path), steps, episodes, "auth")
     assert "HTTP 401" in str(error.value) and "OPENAI_API_KEY" in str(error.value)
     assert FAKE_KEY not in str(error.value)
 
@@ -263,63 +252,73 @@ def test_bad_key_is_a_clear_error_without_the_key(server, tmp_path, fake_key):
 def test_budget_stops_cleanly_then_a_rerun_continues_without_repeats(server, tmp_path, fake_key):
     steps, episodes = make_episodes(10, seed=10)
     relabeler = language(server, tmp_path, max_requests=4, concurrency=2)
-    first = relabeler.run(steps, episodes, Statistics(), "budget").episodes.to_pylist()
+    first = relabel_tables(relabeler, steps, episodes, "budget").episodes.to_pylist()
     assert server.count() == 4
     stopped = [r for r in first if r["description_status"] == "budget"]
     assert len(stopped) == 6 and all(r["description"] is None for r in stopped)
     assert "request budget exhausted (max_requests=4" in stopped[0]["description_error"]
     done = {data_block(r["body"])["episode_id"] for r in server.requests}
-    language(server, tmp_path).run(steps, episodes, Statistics(), "resume")
+    relabel_tables(language(server, tmp_path), steps, episodes, "resume")
     resumed = [data_block(r["body"])["episode_id"] for r in server.requests[4:]]
     assert len(resumed) == 6 and not set(resumed) & done
 
 
+def test_each_part_spends_its_own_share_of_the_budget(server, tmp_path, fake_key, tiny_dataset):
+    """Through the job (in this process): part i's share is found by its index."""
+    from engine.dataset import open_dataset
+    from engine.executor import InProcess
+    from jobs.relabeling import relabel
+
+    relabeler = language(server, tmp_path, max_requests=6, concurrency=1, n=1)
+    manifest = relabel(
+        tiny_dataset, str(tmp_path / "out"), [relabeler], executor=InProcess(), command="test"
+    )
+    report = manifest.group("language").relabeler.report
+    assert report["requests"] == server.count() == 6
+    assert report["descriptions_by_status"] == {"ok": 6, "budget": 6}
+    version = open_dataset(str(tmp_path / "out"))
+    units = [version.read_part(i, "episodes", ["episode_id"]).num_rows for i in range(3)]
+    shares = split_budget(relabeler.params, units)
+    for index, share in enumerate(shares):
+        status = version.read_part(index, "episodes", ["description_status", "description_error"])
+        assert status.column("description_status").to_pylist().count("ok") == share["requests"]
+        errors = [e for e in status.column("description_error").to_pylist() if e]
+        assert all(f"{share['requests']} for this part" in e for e in errors)
+
+
 def test_budget_is_split_over_parts():
     relabeler = LanguageRelabeler({"max_requests": 7, "max_tokens_budget": 1000})
-    summaries = [
-        {"unit_returns": [0.0] * 5, "first_episode": 1},
-        {"unit_returns": [0.0] * 3, "first_episode": 9},
-        {"unit_returns": [0.0] * 2, "first_episode": 20},
-    ]
-    budgets = relabeler.combine(summaries).values["budgets"]
-    assert sum(b["requests"] for b in budgets.values()) == 7
-    assert sum(b["tokens"] for b in budgets.values()) == 1000
-    assert budgets["1"]["requests"] >= budgets["20"]["requests"]
+    budgets = split_budget(relabeler.params, [5, 3, 2])  # units of parts 0, 1, 2
+    assert sum(b["requests"] for b in budgets) == 7
+    assert sum(b["tokens"] for b in budgets) == 1000
+    assert budgets[0]["requests"] >= budgets[2]["requests"]
 
 
 def test_return_percentiles_merge_exact_parts_and_large_part_grids():
     rng = np.random.default_rng(0)
     large, small = rng.normal(size=50_000), rng.normal(3.0, 1.0, size=300)
-    relabeler = LanguageRelabeler()
     summaries = [
-        {
-            "units": len(large),
-            "first_episode": 0,
-            "unit_returns": np.quantile(large, np.linspace(0, 1, 2001)).tolist(),
-        },
-        {"units": len(small), "first_episode": 1, "unit_returns": small.tolist()},
+        {"units": len(large), "unit_returns": np.quantile(large, np.linspace(0, 1, 2001))},
+        {"units": len(small), "unit_returns": small},
     ]
-    merged = relabeler.combine(summaries).values["return_quantiles"]
+    merged = merge_quantiles(summaries)
     exact = np.quantile(np.concatenate([large, small]), np.linspace(0, 1, 101))
     assert np.allclose(merged, exact, atol=0.01)
-    parts = [
-        {"unit_returns": small[:100].tolist(), "first_episode": 0},
-        {"unit_returns": small[100:].tolist(), "first_episode": 5},
-    ]
+    parts = [{"unit_returns": small[:100]}, {"unit_returns": small[100:]}]
     assert np.allclose(
-        relabeler.combine(parts).values["return_quantiles"],
+        merge_quantiles(parts),
         np.quantile(small, np.linspace(0, 1, 101)),
     )
 
 
 KILL_SCRIPT = """
 import sys
-from relabelers.base import Statistics
+from relabelers.base import relabel_tables
 from relabelers.language import LanguageRelabeler
 from tests.synthetic import make_episodes
 steps, episodes = make_episodes(12, seed=11)
-LanguageRelabeler({"base_url": sys.argv[1], "cache": sys.argv[2], "concurrency": 2}).run(
-    steps, episodes, Statistics(), "killed job")
+relabeler = LanguageRelabeler({"base_url": sys.argv[1], "cache": sys.argv[2], "concurrency": 2})
+relabel_tables(relabeler, steps, episodes, "killed job")
 """
 
 
@@ -345,7 +344,7 @@ def test_killed_job_resumes_without_repeating_finished_requests(server, tmp_path
     before = server.count()
     server.latency = 0.0
     steps, episodes = make_episodes(12, seed=11)
-    output = language(server, tmp_path, concurrency=2).run(steps, episodes, Statistics(), "rerun")
+    output = relabel_tables(language(server, tmp_path, concurrency=2), steps, episodes, "rerun")
     rerun = [
         data_block(r["body"])["episode_id"]
         for r in server.requests[before:]
@@ -361,15 +360,15 @@ def test_api_key_is_never_written(server, tmp_path, fake_key):
     server.faults.extend(["500", "429", "reset"])
     server.fail_when = lambda body: data_block(body)["episode_id"] == 17
     relabeler = language(server, tmp_path, max_retries=1, n=2)
-    statistics = relabeler.combine([relabeler.summarize(steps, episodes)])
-    output = relabeler.run(steps, episodes, statistics, "secret").episodes
+    result = relabel_tables(relabeler, steps, episodes, "secret")
+    output = result.episodes
     assert "failed" in output.column("description_status").to_pylist()
     assert all(r["headers"]["authorization"] == f"Bearer {FAKE_KEY}" for r in server.requests)
     written = [*(tmp_path / "cache").rglob("*")]
     assert any(p.suffix == ".failed" for p in written) and any(p.suffix == ".json" for p in written)
     texts = [p.read_bytes() for p in written if p.is_file()]
     texts.append(json.dumps(output.to_pylist()).encode())
-    texts.append(json.dumps([relabeler.describe(), statistics.report]).encode())
+    texts.append(json.dumps([relabeler.params.model_dump(mode="json"), result.report]).encode())
     assert not any(FAKE_KEY.encode() in text for text in texts)
     assert not any(FAKE_KEY[-12:].encode() in text for text in texts)
 
@@ -383,7 +382,7 @@ def test_instructions_inside_data_are_quoted_not_obeyed(server, tmp_path, fake_k
     episodes = episodes.set_column(
         episodes.column_names.index("env_id"), "env_id", pa.array([attack, "Synthetic-v0"])
     )
-    output = language(server, tmp_path, n=2).run(steps, episodes, Statistics(), "attack")
+    output = relabel_tables(language(server, tmp_path, n=2), steps, episodes, "attack")
     assert output.episodes.column("description_status").to_pylist() == ["ok", "ok"]
     body = next(r["body"] for r in server.requests if data_block(r["body"])["episode_id"] == 7)
     system, user = body["messages"]
@@ -404,8 +403,9 @@ def test_wrong_parameters_and_prompt_are_clear_errors(tmp_path):
     bad = tmp_path / "prompt.txt"
     bad.write_text("[system]\nhi\n[user]\nno data here\n")
     relabeler = LanguageRelabeler({"prompt": str(bad)})
+    steps, episodes = make_episodes(1)
     with pytest.raises(RelabelError, match=r"needs a \[user\] section containing \$facts"):
-        relabeler.combine([{"unit_returns": [1.0], "first_episode": 1}])
+        relabeler.setup(TableInputs(steps, episodes))
 
 
 # ---------------------------------------------------------------- embeddings
@@ -419,7 +419,7 @@ def test_embed_vectors_from_the_endpoint_then_cached(server, tmp_path, fake_key)
     steps = pa.table({"episode_id": pa.array([1, 2, 3, 4], pa.int64())})
     params = {"base_url": server.url, "cache": str(tmp_path / "cache"), "batch_size": 2}
     relabeler = EmbedRelabeler(params)
-    output = relabeler.run(steps, episodes, Statistics(), "embed").episodes
+    output = relabel_tables(relabeler, steps, episodes, "embed").episodes
     vectors = output.column("description_embedding")
     assert vectors.type == pa.list_(pa.field("item", pa.float32()), 8)
     values = vectors.to_pylist()
@@ -429,7 +429,7 @@ def test_embed_vectors_from_the_endpoint_then_cached(server, tmp_path, fake_key)
             assert np.allclose(vector, server.embedding(text), atol=1e-6)
     # One probe for the vector size, then two distinct texts in one batch.
     assert server.count("/v1/embeddings") == 2
-    EmbedRelabeler(params).run(steps, episodes, Statistics(), "again")
+    relabel_tables(EmbedRelabeler(params), steps, episodes, "again")
     assert server.count("/v1/embeddings") == 2
 
 
@@ -438,21 +438,26 @@ def test_embed_retries_faults_and_fails_clearly(server, tmp_path, fake_key):
     steps = pa.table({"episode_id": pa.array([1, 2], pa.int64())})
     params = {"base_url": server.url, "cache": str(tmp_path / "cache"), "dimensions": 8}
     server.faults.extend(["500", "empty", "nonjson"])
-    output = EmbedRelabeler(params).run(steps, episodes, Statistics(), "faults").episodes
+    output = relabel_tables(EmbedRelabeler(params), steps, episodes, "faults").episodes
     assert np.allclose(output.column(0).to_pylist()[1], server.embedding("b"), atol=1e-6)
     assert server.count("/v1/embeddings") == 4
     server.faults.extend(["503"] * 3)
     episodes = episodes.set_column(1, "description", pa.array(["c", "d"]))
     with pytest.raises(RelabelError, match="failed after retries"):
-        EmbedRelabeler({**params, "max_retries": 2}).run(steps, episodes, Statistics(), "x")
+        relabel_tables(EmbedRelabeler({**params, "max_retries": 2}), steps, episodes)
 
 
 def test_embed_offline_hashing_is_deterministic(no_endpoint):
     episodes = pa.table({"episode_id": pa.array([1, 2], pa.int64()), "description": ["a b", "c"]})
     steps = pa.table({"episode_id": pa.array([1, 2], pa.int64())})
     relabeler = EmbedRelabeler({"dimensions": 16})
-    first = relabeler.run(steps, episodes, Statistics(), "offline").episodes
-    assert first.equals(relabeler.run(steps, episodes, Statistics(), "again").episodes)
+    # Its setup reads no data: it runs on the schemas alone (summarize would raise).
+    from jobs.relabeling import SchemaInputs
+
+    relabeler.setup(SchemaInputs(steps.schema, episodes.schema, parts=1))
+    assert relabeler.embedder.kind == "hash" and relabeler.embedder.dimensions == 16
+    first = relabel_tables(relabeler, steps, episodes, "offline").episodes
+    assert first.equals(relabel_tables(relabeler, steps, episodes, "again").episodes)
     norms = np.linalg.norm(np.array(first.column(0).to_pylist()), axis=1)
     assert np.allclose(norms, 1.0, atol=1e-5)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from relabelers.base import RelabelError
+from relabelers.base import Part, RelabelError, TableInputs, relabel_tables
 from relabelers.drex import DrexRelabeler, spearman
 from schemas import steps as cols
 
@@ -38,20 +40,38 @@ def noisy_rollouts(num_episodes: int = 100, length: int = 30, seed: int = 0):
     return steps, episodes
 
 
+@dataclass
+class PartsInputs:
+    """`Inputs` over in-memory (steps, episodes) parts, as the job would see them."""
+
+    tables: list[tuple[pa.Table, pa.Table]]
+
+    @property
+    def steps_schema(self) -> pa.Schema:
+        return self.tables[0][0].schema
+
+    @property
+    def episodes_schema(self) -> pa.Schema:
+        return self.tables[0][1].schema
+
+    @property
+    def parts(self) -> int:
+        return len(self.tables)
+
+    def summarize(self, function):
+        count = len(self.tables)
+        return [function(s, e, Part(i, count)) for i, (s, e) in enumerate(self.tables)]
+
+
 def run_two_parts(relabeler, steps, episodes, cut=50, length=30):
     parts = [
         (steps.slice(0, cut * length), episodes.slice(0, cut)),
         (steps.slice(cut * length), episodes.slice(cut)),
     ]
-    statistics = relabeler.combine([relabeler.summarize(s, e) for s, e in parts])
-    outputs = [relabeler.run(s, e, statistics, "test") for s, e in parts]
-    report = {
-        **statistics.report,
-        **relabeler.finish_report(
-            statistics, [relabeler.summarize_output(s, e, o) for (s, e), o in zip(parts, outputs)]
-        ),
-    }
-    return statistics, outputs, report
+    relabeler.setup(PartsInputs(parts))
+    outputs = [relabeler.run(s, e, Part(i, 2)) for i, (s, e) in enumerate(parts)]
+    report = relabeler.finish([o.report for o in outputs])
+    return relabeler.reward_net, outputs, report
 
 
 PARAMS = {"pairs": 800, "epochs": 15, "snippet_length": 10, "hidden": 16}
@@ -76,14 +96,14 @@ def test_drex_ranks_heldout_episodes_and_extrapolates():
 
 def test_drex_is_deterministic_and_independent_of_partitioning():
     steps, episodes = noisy_rollouts(num_episodes=40)
-    relabeler = DrexRelabeler({**PARAMS, "epochs": 2}, seed=3)
-    one = relabeler.combine([relabeler.summarize(steps, episodes)])
-    _, outputs, _ = run_two_parts(relabeler, steps, episodes, cut=17)
-    assert (
-        one.values["weights"]
-        == relabeler.combine([relabeler.summarize(steps, episodes)]).values["weights"]
-    )
-    whole = relabeler.run(steps, episodes, one, "test").steps.column("drex_reward")
+    params = {**PARAMS, "epochs": 2}
+    relabeler = DrexRelabeler(params, seed=3)
+    whole = relabel_tables(relabeler, steps, episodes).steps.column("drex_reward")
+    one = relabeler.reward_net
+    _, outputs, _ = run_two_parts(DrexRelabeler(params, seed=3), steps, episodes, cut=17)
+    again = DrexRelabeler(params, seed=3)
+    again.setup(TableInputs(steps, episodes))
+    assert one.weights == again.reward_net.weights
     split = pa.concat_tables([o.steps for o in outputs]).column("drex_reward")
     assert whole.equals(split)
 
@@ -93,7 +113,7 @@ def test_one_noise_level_is_a_clear_error():
     episodes = episodes.set_column(2, "noise", pa.array(np.zeros(10)))
     relabeler = DrexRelabeler(PARAMS)
     with pytest.raises(RelabelError, match="at least two noise levels"):
-        relabeler.combine([relabeler.summarize(steps, episodes)])
+        relabeler.setup(TableInputs(steps, episodes))
 
 
 def test_spearman_matches_pearson_of_ranks():

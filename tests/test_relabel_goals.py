@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relabelers.base import RelabelError, Statistics
+from relabelers.base import Part, RelabelError, TableInputs, relabel_tables
 from relabelers.goals import GoalsRelabeler
 from schemas import steps as cols
 from tests.synthetic import make_episodes
@@ -20,12 +22,31 @@ def reward_sum(achieved_goal, desired_goal, info):
 
 
 def relabel(steps, episodes, **params):
-    relabeler = GoalsRelabeler(params, seed=3)
-    statistics = Statistics()
-    if relabeler.needs_statistics:
-        statistics = relabeler.combine([relabeler.summarize(steps, episodes)])
-    output = relabeler.run(steps, episodes, statistics, "test")
+    output = relabel_tables(GoalsRelabeler(params, seed=3), steps, episodes)
     return output.steps.to_pydict()
+
+
+@dataclass
+class PartsInputs:
+    """`Inputs` over in-memory (steps, episodes) parts, as the job would see them."""
+
+    tables: list[tuple[pa.Table, pa.Table]]
+
+    @property
+    def steps_schema(self) -> pa.Schema:
+        return self.tables[0][0].schema
+
+    @property
+    def episodes_schema(self) -> pa.Schema:
+        return self.tables[0][1].schema
+
+    @property
+    def parts(self) -> int:
+        return len(self.tables)
+
+    def summarize(self, function):
+        count = len(self.tables)
+        return [function(s, e, Part(i, count)) for i, (s, e) in enumerate(self.tables)]
 
 
 def per_step(steps: pa.Table):
@@ -84,25 +105,27 @@ def test_future_goal_of_the_next_step_is_reached():
 
 def test_random_goals_come_from_other_episodes_and_do_not_depend_on_parts():
     steps, episodes = make_episodes(9, goal_dim=2, seed=4, max_length=15)
-    relabeler = GoalsRelabeler({"strategy": "random", "k": 3}, seed=5)
-    one = relabeler.combine([relabeler.summarize(steps, episodes)])
+    params = {"strategy": "random", "k": 3}
+    one = GoalsRelabeler(params, seed=5)
+    one.setup(TableInputs(steps, episodes))
     cut_steps = int(np.sum(episodes.column("length").to_numpy()[:4]))
-    two = relabeler.combine(
-        [
-            relabeler.summarize(steps.slice(0, cut_steps), episodes.slice(0, 4)),
-            relabeler.summarize(steps.slice(cut_steps), episodes.slice(4)),
-        ]
+    two = GoalsRelabeler(params, seed=5)
+    two.setup(
+        PartsInputs(
+            [
+                (steps.slice(0, cut_steps), episodes.slice(0, 4)),
+                (steps.slice(cut_steps), episodes.slice(4)),
+            ]
+        )
     )
-    assert one.values == two.values
-    whole = relabeler.run(steps, episodes, one, "test").steps
-    first = relabeler.run(steps.slice(0, cut_steps), episodes.slice(0, 4), two, "test").steps
+    assert np.array_equal(one.pool_episode_ids, two.pool_episode_ids)
+    assert np.array_equal(one.pool_goals, two.pool_goals)
+    whole = one.run(steps, episodes, Part(0, 1)).steps
+    first = two.run(steps.slice(0, cut_steps), episodes.slice(0, 4), Part(0, 2)).steps
     assert whole.slice(0, cut_steps).equals(first)
     assert whole.column("hindsight_goal_step").null_count == steps.num_rows
     # Every goal is the pooled goal of an episode other than the step's own.
-    pool = {
-        tuple(np.float32(g)): e
-        for e, g in zip(one.values["pool_episode_ids"], one.values["pool_goals"])
-    }
+    pool = {tuple(np.float32(g)): e for e, g in zip(one.pool_episode_ids, one.pool_goals)}
     ids = steps.column("episode_id").to_pylist()
     for episode, goals in zip(ids, whole.column("hindsight_goal").to_pylist()):
         for goal in np.asarray(goals, dtype=np.float32).reshape(3, 2):
@@ -152,7 +175,7 @@ def test_reward_function_by_dotted_path_and_by_gymnasium_env():
 def test_bad_achieved_specs_are_clear_errors(achieved, message):
     steps, episodes = make_episodes(2, goal_dim=2)
     with pytest.raises(RelabelError, match=message):
-        GoalsRelabeler({"achieved": achieved}).check_schema(steps.schema, episodes.schema)
+        GoalsRelabeler({"achieved": achieved}).setup(TableInputs(steps, episodes))
 
 
 def test_nan_achieved_goal_names_the_episode():

@@ -14,12 +14,15 @@ import pytest
 
 from engine import storage
 from engine.dataset import open_dataset
-from jobs import cli
+from engine.executor import InProcess
+from jobs import cli, relabeling
 from jobs.relabel_job import RelabelOptions, run_relabel
 from relabelers import registry
-from relabelers.base import RelabelError, Statistics
+from relabelers.base import RelabelError, relabel_tables
+from relabelers.goals import GoalsRelabeler
 from relabelers.returns import ReturnsRelabeler
 from relabelers.skill import SkillRelabeler
+from schemas import steps as cols
 from tests.synthetic import make_episodes, write_synthetic_dataset
 
 pytestmark = pytest.mark.ray
@@ -102,11 +105,9 @@ def test_two_successive_relabels_record_the_lineage(ray_local, tiny_dataset, tmp
     parent = open_dataset(tiny_dataset)
     steps, episodes = parent.read("steps"), parent.read("episodes")
     version = open_dataset(str(tmp_path / "v2"))
-    expected = ReturnsRelabeler({"gamma": 0.5}).run(steps, episodes, Statistics(), "x")
+    expected = relabel_tables(ReturnsRelabeler({"gamma": 0.5}), steps, episodes)
     assert version.read("steps", ["return_to_go"]).equals(expected.steps)
-    skill = SkillRelabeler({"levels": 2})
-    statistics = skill.combine([skill.summarize(steps, episodes)])
-    expected = skill.run(steps, episodes, statistics, "x").episodes
+    expected = relabel_tables(SkillRelabeler({"levels": 2}), steps, episodes).episodes
     got = version.read("episodes", ["skill_level", "skill_percentile"])
     assert got.equals(expected.select(["skill_level", "skill_percentile"]))
     assert [c.name for c in version.manifest.group("skill").episodes_columns] == [
@@ -154,6 +155,60 @@ def test_nan_rewards_fail_and_leave_nothing_behind(ray_local, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_failure_in_the_middle_of_a_job_leaves_no_staging_and_no_version(tmp_path):
+    """`returns` commits its whole group to the staging, then `goals` writes some parts and
+    fails on a NaN in the last one: the error names the relabeler and the part, and the
+    output directory is gone (parts run in order, in this process)."""
+    steps, episodes = make_episodes(8, goal_dim=2, seed=4, min_length=5)
+    observation = steps.column("observation").combine_chunks()
+    achieved = np.asarray(observation.field("achieved_goal").to_pylist(), dtype=np.float32)
+    achieved[-1, 0] = np.nan  # the last step of the last episode: the last part
+    observation = pa.StructArray.from_arrays(
+        [
+            observation.field("observation"),
+            cols.vectors_to_arrow(achieved),
+            observation.field("desired_goal"),
+        ],
+        names=["observation", "achieved_goal", "desired_goal"],
+    )
+    steps = steps.set_column(
+        steps.schema.get_field_index("observation"), "observation", observation
+    )
+    write_synthetic_dataset(str(tmp_path / "in"), steps, episodes, part_steps=20)
+    parent = open_dataset(str(tmp_path / "in"))
+    assert parent.num_parts >= 3
+    output = tmp_path / "out"
+    relabelers = [ReturnsRelabeler({}), GoalsRelabeler({"strategy": "final", "k": 1})]
+    written: list[str] = []
+
+    class Watching(InProcess):
+        """Notes what the staging holds before each relabeler's parts run."""
+
+        def map(self, function, tasks, **options):
+            written.extend(str(p.relative_to(output)) for p in output.rglob("*.parquet"))
+            return super().map(function, tasks, **options)
+
+    last = parent.num_parts - 1
+    with pytest.raises(RelabelError, match=rf"relabeler 'goals': .* part {last}: .*non-finite"):
+        relabeling.relabel(
+            str(tmp_path / "in"), str(output), relabelers, executor=Watching(), command="test"
+        )
+    assert any(path.startswith("returns/") for path in written)  # the middle of the job
+    assert not output.exists()
+    # The output is free: the same job on good data commits there.
+    write_synthetic_dataset(str(tmp_path / "good"), *make_episodes(8, goal_dim=2, seed=4))
+    relabeling.relabel(
+        str(tmp_path / "good"), str(output), relabelers, executor=InProcess(), command="test"
+    )
+    assert open_dataset(str(output)).manifest.group("goals").relabeler.name == "goals"
+    assert not (output / storage.STAGING_MARKER).exists()
+    # A committed output is refused at once, before any work.
+    with pytest.raises(ValueError, match="already committed"):
+        relabeling.relabel(
+            str(tmp_path / "good"), str(output), relabelers, executor=InProcess(), command="test"
+        )
+
+
 def test_command_line_and_spec(ray_local, tiny_dataset, tmp_path, capsys):
     assert (
         cli.main(["relabel", tiny_dataset, str(tmp_path / "cli"), "--with", "returns:gamma=0.9"])
@@ -187,7 +242,7 @@ def test_command_line_and_spec(ray_local, tiny_dataset, tmp_path, capsys):
 
 
 def test_generic_llm_options_reach_relabelers_that_have_them():
-    from jobs.relabel_job import create_relabelers
+    from jobs.relabeling import create_relabelers
 
     options = RelabelOptions(
         input="x", output="y", relabelers=["returns"], llm_base_url="http://127.0.0.1:9/v1"
@@ -236,8 +291,10 @@ def test_entry_point_plugin_is_discovered_and_runs(
     else:
         parent = open_dataset(tiny_dataset)
         steps = parent.read("steps", ["episode_id", "t"])
-        output = registry.create("progress", {"scale": "2"}).run(
-            steps, parent.read("episodes", ["episode_id"]), Statistics(), "test"
+        output = relabel_tables(
+            registry.create("progress", {"scale": "2"}),
+            steps,
+            parent.read("episodes", ["episode_id"]),
         )
         steps = steps.append_column("progress", output.steps.column("progress"))
     lengths = {}

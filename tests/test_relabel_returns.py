@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relabelers.base import RelabelError, Statistics
+from relabelers.base import RelabelError, relabel_tables
 from relabelers.returns import ReturnsRelabeler, discounted_reverse_cumsum
 from schemas import steps as cols
 
@@ -54,7 +54,7 @@ episodes_strategy = st.lists(
 @given(rewards=episodes_strategy, gamma=st.floats(0.0, 1.0))
 def test_return_to_go_matches_backward_loop(rewards, gamma):
     steps, episodes = tables(rewards)
-    output = ReturnsRelabeler({"gamma": gamma}).run(steps, episodes, Statistics(), "test")
+    output = relabel_tables(ReturnsRelabeler({"gamma": gamma}), steps, episodes)
     float32_rewards = [list(np.asarray(r, dtype=np.float32).astype(float)) for r in rewards]
     expected = reference_return_to_go(float32_rewards, gamma)
     got = output.steps.column("return_to_go").to_numpy()
@@ -79,14 +79,14 @@ def test_long_episode_is_exact_to_float32_precision():
 def test_normalized_return_follows_d4rl():
     steps, episodes = tables([[1.0, 2.0], [5.0]])
     relabeler = ReturnsRelabeler({"reference_random": -1.0, "reference_expert": 9.0})
-    output = relabeler.run(steps, episodes, Statistics(), "test")
+    output = relabel_tables(relabeler, steps, episodes)
     np.testing.assert_allclose(output.episodes.column("normalized_return").to_numpy(), [40, 60])
 
 
 def test_nan_reward_is_a_clear_error():
     steps, episodes = tables([[1.0, float("nan")]])
     with pytest.raises(RelabelError, match=r"non-finite.*episode 1 step t=1"):
-        ReturnsRelabeler({}).run(steps, episodes, Statistics(), "test")
+        relabel_tables(ReturnsRelabeler({}), steps, episodes)
 
 
 def test_bad_parameters_list_the_valid_ones():

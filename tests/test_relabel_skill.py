@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relabelers.base import RelabelError
+from relabelers.base import Part, RelabelError, TableInputs, relabel_tables
 from relabelers.skill import SkillRelabeler
 
 
@@ -37,6 +39,29 @@ def tables(values, name="return", lengths=None):
     return steps, episodes
 
 
+@dataclass
+class PartsInputs:
+    """`Inputs` over in-memory (steps, episodes) parts, as the job would see them."""
+
+    tables: list[tuple[pa.Table, pa.Table]]
+
+    @property
+    def steps_schema(self) -> pa.Schema:
+        return self.tables[0][0].schema
+
+    @property
+    def episodes_schema(self) -> pa.Schema:
+        return self.tables[0][1].schema
+
+    @property
+    def parts(self) -> int:
+        return len(self.tables)
+
+    def summarize(self, function):
+        count = len(self.tables)
+        return [function(s, e, Part(i, count)) for i, (s, e) in enumerate(self.tables)]
+
+
 def run_in_parts(relabeler, steps, episodes, cut):
     """Two parts, as the job would see them."""
     cut_steps = 2 * cut
@@ -44,8 +69,8 @@ def run_in_parts(relabeler, steps, episodes, cut):
         (steps.slice(0, cut_steps), episodes.slice(0, cut)),
         (steps.slice(cut_steps), episodes.slice(cut)),
     ]
-    statistics = relabeler.combine([relabeler.summarize(s, e) for s, e in parts])
-    outputs = [relabeler.run(s, e, statistics, "test") for s, e in parts]
+    relabeler.setup(PartsInputs(parts))
+    outputs = [relabeler.run(s, e, Part(i, 2)) for i, (s, e) in enumerate(parts)]
     return pa.concat_tables([o.episodes for o in outputs]), pa.concat_tables(
         [o.steps for o in outputs]
     )
@@ -91,14 +116,14 @@ def test_policy_ids_with_an_order():
     episode_out, _ = run_in_parts(relabeler, steps, episodes, 1)
     assert episode_out.column("skill_level").to_pylist() == [0, 1, 2, 1]
     with pytest.raises(RelabelError, match="order"):
-        SkillRelabeler({"source": "policy"}).check_schema(steps.schema, episodes.schema)
+        SkillRelabeler({"source": "policy"}).setup(TableInputs(steps, episodes))
 
 
 def test_unknown_policy_id_is_a_clear_error():
     steps, episodes = tables(["random", "mystery"], name="policy")
     relabeler = SkillRelabeler({"source": "policy", "order": "random;expert"})
     with pytest.raises(RelabelError, match="mystery"):
-        relabeler.summarize(steps, episodes)
+        relabeler.setup(TableInputs(steps, episodes))
 
 
 def test_large_datasets_use_a_quantile_grid_close_to_exact():
@@ -109,14 +134,12 @@ def test_large_datasets_use_a_quantile_grid_close_to_exact():
     episode_out, _ = run_in_parts(relabeler, steps, episodes, 1700)
     exact, _ = reference(list(values), 4)
     assert np.abs(episode_out.column("skill_percentile").to_numpy() - exact).max() < 0.01
-    statistics = relabeler.combine([relabeler.summarize(steps, episodes)])
-    assert statistics.report["exact"] is False and len(statistics.values["sorted_scores"]) == 500
+    report = relabel_tables(relabeler, steps, episodes).report
+    assert report["exact"] is False and len(relabeler.sorted_scores) == 500
 
 
 def test_labels_are_ordered_in_the_report():
     steps, episodes = tables([1.0, 2.0])
-    relabeler = SkillRelabeler({"levels": 2})
-    statistics = relabeler.combine([relabeler.summarize(steps, episodes)])
-    assert statistics.report["labels"] == ["novice", "expert"]
-    output = relabeler.run(steps, episodes, statistics, "t")
+    output = relabel_tables(SkillRelabeler({"levels": 2}), steps, episodes)
+    assert output.report["labels"] == ["novice", "expert"]
     assert output.episodes.column("skill").to_pylist() == ["novice", "expert"]

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from relabelers.base import Columns, Output, Params, Relabeler, Statistics
+from relabelers.base import Columns, Output, Params, Part, Relabeler
 from schemas import steps as cols
 
 
@@ -25,7 +25,7 @@ class ProgressRelabeler(Relabeler):
     def writes(self) -> Columns:
         return Columns(steps=("progress",))
 
-    def relabel(self, steps: pa.Table, episodes: pa.Table, statistics: Statistics) -> Output:
+    def relabel(self, steps: pa.Table, episodes: pa.Table, part: Part) -> Output:
         bounds = cols.episode_boundaries(steps.column(cols.EPISODE_ID).to_numpy())
         lengths = np.diff(bounds)
         row_in_episode = np.arange(steps.num_rows) - np.repeat(bounds[:-1], lengths)
