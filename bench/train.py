@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.train --out bench/results/train.json [--episodes 400 --steps 300]
 
 On the same shards (Pendulum-v1, heuristic policy at mixed noise, return_to_go, window 20):
-  loader      windows/s of trainers.data.stream alone (no model)
+  loader      windows/s of trainers.loader.stream alone (no model)
   in-memory   training samples/s of each model on batches already in memory (the model's
               own speed: the ceiling a perfect loader would allow)
   streamed    training samples/s of the same loop fed by the loader
@@ -20,12 +20,16 @@ import platform
 import tempfile
 import time
 from itertools import islice
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from trainers.options import RunConfig
+
 
 def measure_loader(shards: str, batch_size: int, batches: int) -> dict[str, float]:
-    from trainers.data import stream
+    from trainers.loader import stream
 
     loader = stream(shards, batch_size, "return_to_go", seed=0)
     iterator = iter(loader)
@@ -36,14 +40,14 @@ def measure_loader(shards: str, batch_size: int, batches: int) -> dict[str, floa
     return {"windows_per_s": count / elapsed, "windows": count, "seconds": elapsed}
 
 
-def train_config(shards: str, run_dir: str, model: str, steps: int, batch_size: int) -> dict:
-    from jobs.train_job import TrainOptions
+def train_config(shards: str, run_dir: str, model: str, steps: int, batch_size: int) -> RunConfig:
     from trainers import train
-    from trainers.data import read_index
+    from trainers.loader import read_index
+    from trainers.options import TrainOptions
 
     options = TrainOptions(
-        shards=shards,
-        run_dir=run_dir,
+        input=shards,
+        output=run_dir,
         condition=["return_to_go"],
         model=model,
         steps=steps,
@@ -52,7 +56,7 @@ def train_config(shards: str, run_dir: str, model: str, steps: int, batch_size: 
         checkpoint_every=steps + 1,
     )
     index = read_index(shards).model_dump(mode="json")
-    return train.new_run_config(index, options.model_dump())
+    return train.new_run_config(index, options)
 
 
 def measure_model(shards: str, model: str, steps: int, batch_size: int, work: str) -> dict:
@@ -60,7 +64,7 @@ def measure_model(shards: str, model: str, steps: int, batch_size: int, work: st
 
     warmup = max(5, steps // 10)
     # In memory: batches read once up front, then the same loop cycles over them.
-    from trainers.data import stream
+    from trainers.loader import stream
 
     cached = list(islice(iter(stream(shards, batch_size, "return_to_go", seed=1)), 32))
 

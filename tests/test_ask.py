@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from jobs.cli import main as cli_main
-from jobs.train_job import AskOptions, TrainOptions, run_ask
+from jobs.train_job import AskOptions, run_ask
 from trainers import ask, train
+from trainers.options import TrainOptions
 
 PENDULUM_ACTION = {"kind": "continuous", "dim": 1, "low": [-2.0], "high": [2.0]}
 CARTPOLE_ACTION = {"kind": "discrete", "n": 2}
@@ -24,7 +25,9 @@ RETURN = {"mean": -800.0, "std": 300.0, "min": -1500.0, "max": -150.0,
           "quantiles": {"0.05": -1400.0, "0.5": -800.0, "0.95": -200.0}}  # fmt: skip
 
 
-def train_tiny_run(run_dir, obs_dim, action, conditions, model="transformer", window=4):
+def train_tiny_run(
+    run_dir, obs_dim, action, conditions, model="transformer", window=4, metadata=None
+):
     index = {
         "window": window,
         "observation": {"shape": [obs_dim], "dtype": "float32"},
@@ -33,11 +36,11 @@ def train_tiny_run(run_dir, obs_dim, action, conditions, model="transformer", wi
         "episode_return": RETURN,
         "conditions": conditions,
         "shards": [],
-        "metadata": {},
+        "metadata": metadata or {},
     }
     options = TrainOptions(
-        shards="memory://",
-        run_dir=str(run_dir),
+        input="memory://",
+        output=str(run_dir),
         condition=list(conditions),
         model=model,
         steps=3,
@@ -47,7 +50,7 @@ def train_tiny_run(run_dir, obs_dim, action, conditions, model="transformer", wi
         hidden=16,
         device="cpu",
     )
-    config = train.new_run_config(index, options.model_dump())
+    config = train.new_run_config(index, options)
     rng = np.random.default_rng(0)
     batch = {
         "observation": torch.as_tensor(rng.normal(size=(8, window, obs_dim)), dtype=torch.float32),
@@ -220,3 +223,90 @@ def test_goal_conditioned_rollout_reports_success_on_point_goal(tmp_path):
 def test_tokenize_matches_the_vocabulary():
     vocabulary = ["<pad>", "<unk>", "held", "it", "upright"]
     assert ask.tokenize("Held it UPRIGHT, wobbly", vocabulary, 6) == [2, 3, 4, 1, 0, 0]
+
+
+# --- the sweep's references: dataset mean return, rank correlation, warning -----------------
+
+RTG = {"return_to_go": {"type": "scalar", "level": "steps", "mean": -400.0, "std": 300.0}}
+
+
+def test_spearman_matches_a_hand_computation():
+    # No ties: rho = 1 - 6 * sum(d^2) / (n (n^2 - 1)); ranks of [10, 30, 20, 40] are
+    # [1, 3, 2, 4], d = [0, 1, 1, 0], so rho = 1 - 6 * 2 / 60 = 0.8.
+    assert ask.spearman([1.0, 2.0, 3.0, 4.0], [10.0, 30.0, 20.0, 40.0]) == pytest.approx(0.8)
+    # Ties take the mean of their ranks: [5, 5, 7] -> [1.5, 1.5, 3]; Pearson of
+    # [1, 2, 3] and [1.5, 1.5, 3] by hand: covariance 0.75, norms sqrt(2) and sqrt(1.5).
+    assert ask.ranks([5.0, 5.0, 7.0]).tolist() == [1.5, 1.5, 3.0]
+    expected = 1.5 / (2**0.5 * 1.5**0.5)
+    assert ask.spearman([1.0, 2.0, 3.0], [5.0, 5.0, 7.0]) == pytest.approx(expected)
+    assert ask.spearman([1.0, 2.0, 3.0], [-3.0, -2.0, -1.0]) == pytest.approx(1.0)
+    assert ask.spearman([1.0, 2.0], [4.0, 4.0]) is None  # constant: undefined
+    assert ask.spearman([1.0], [4.0]) is None
+
+
+def rows(requested, achieved):
+    return [
+        {"requested": r, "achieved_mean": a, "achieved_ci95": [a - 1, a + 1], "episodes": 2}
+        for r, a in zip(requested, achieved, strict=True)
+    ]
+
+
+def test_sweep_reference_says_when_achieved_does_not_follow_requested():
+    follows = ask.sweep_reference(rows([-900.0, -500.0, -150.0], [-800.0, -600.0, -300.0]), -600.0)
+    assert follows == {"dataset_mean_return": -600.0, "spearman": 1.0, "follows_request": True}
+    assert ask.follow_warning(follows, "return_to_go", "return") is None
+
+    # Requested listed out of order: ranked by value, not by position (rho = 0.5 by hand:
+    # requested ranks [3, 1, 2], achieved ranks [3, 2, 1], d = [0, -1, 1], 1 - 6*2/24).
+    flat = ask.sweep_reference(rows([-150.0, -900.0, -500.0], [-300.0, -600.0, -800.0]), None)
+    assert flat["spearman"] == pytest.approx(0.5) and flat["follows_request"] is False
+    warning = ask.follow_warning(flat, "return_to_go", "return")
+    assert warning.startswith("warning: the achieved return does not follow the requested")
+
+    # Labels rank in the order requested; the highest achieving less than the lowest fails
+    # even when the correlation is high elsewhere (2 rows: rho = -1).
+    labels = ask.sweep_reference(rows(["novice", "expert"], [-200.0, -900.0]), None)
+    assert labels["spearman"] == pytest.approx(-1.0) and labels["follows_request"] is False
+    constant = ask.sweep_reference(rows([1.0, 2.0], [500.0, 500.0]), None)
+    assert constant["spearman"] is None and constant["follows_request"] is False
+    assert "undefined" in ask.follow_warning(constant, "skill", "return")
+    assert ask.sweep_reference(rows([1.0], [5.0]), None)["follows_request"] is None
+
+
+def test_sweep_report_carries_the_references_and_the_env_recorded_with_the_run(tmp_path, capsys):
+    run = train_tiny_run(
+        tmp_path / "run", 3, PENDULUM_ACTION, RTG, model="mlp", metadata={"env_id": "Pendulum-v1"}
+    )
+    out = tmp_path / "report"
+    # No --env: the run's own environment (the dataset's env_id, recorded in the index facts).
+    args = ["ask", run, "--sweep", "return_to_go=-1000,-500,-150", "--episodes", "2",
+            "--out", str(out)]  # fmt: skip
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    written = json.loads((out / "ask.json").read_text())
+    assert written["env"] == "Pendulum-v1"
+    achieved = [row["achieved_mean"] for row in written["results"]]
+    # Independent: requested is already increasing, so rho is the rank correlation of the
+    # achieved means with [1, 2, 3]; 1 - 6 * sum(d^2) / (n (n^2 - 1)) with n = 3.
+    achieved_ranks = [sorted(achieved).index(value) + 1 for value in achieved]
+    expected = 1 - 6 * sum((r - i) ** 2 for i, r in enumerate(achieved_ranks, 1)) / 24
+    reference = written["reference"]
+    assert reference["spearman"] == pytest.approx(expected)
+    assert reference["dataset_mean_return"] == RETURN["mean"]
+    follows = expected > 0.5 and achieved[2] > achieved[0]
+    assert reference["follows_request"] is follows
+    assert "dataset mean return: -800.00" in printed
+    assert f"rank correlation of achieved vs requested (Spearman): {expected:.2f}" in printed
+    assert ("warning: the achieved return does not follow" in printed) is (not follows)
+    assert (written["warning"] is None) is follows
+    assert (out / "ask.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    single = ask.ask(run, None, {"return_to_go": "-200"}, episodes=1)
+    assert single["env"] == "Pendulum-v1" and single["dataset_mean_return"] == RETURN["mean"]
+
+
+def test_without_a_recorded_env_ask_needs_env(tmp_path, capsys):
+    run = train_tiny_run(tmp_path / "run", 3, PENDULUM_ACTION, RTG, model="mlp")
+    assert cli_main(["ask", run, "--condition", "return_to_go=-200", "--episodes", "1"]) == 2
+    error = capsys.readouterr().err
+    assert "does not record its environment" in error and "pass --env ENV_ID" in error

@@ -1,20 +1,28 @@
 """The trainer: the loss goes near zero on a tiny dataset for every conditioning type, and a
 run interrupted after a checkpoint and resumed ends bitwise where an uninterrupted run ends.
 
-Batches are built in memory exactly in the loader's format (trainers/data.py) so that each
+Batches are built in memory exactly in the loader's format (trainers/loader/) so that each
 test knows the function the model must learn: the action is a function of the condition,
 so only a model that reads the condition can drive the loss to zero.
 """
 
 from __future__ import annotations
 
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from jobs.train_job import TrainOptions
 from trainers import train
 from trainers.models import build_model
+from trainers.options import RunConfig, TrainOptions
 
 WINDOW, BATCH, OBS_DIM = 4, 32, 3
 
@@ -139,8 +147,8 @@ class InMemoryStream:
 def config_for(run_dir, condition: str, model: str, steps: int, **overrides) -> dict:
     action, conditions = CASES[condition]
     values = {
-        "shards": "memory://",
-        "run_dir": str(run_dir),
+        "input": "memory://",
+        "output": str(run_dir),
         "condition": [] if condition == "none" else [condition],
         "model": model,
         "steps": steps,
@@ -155,7 +163,7 @@ def config_for(run_dir, condition: str, model: str, steps: int, **overrides) -> 
         "device": "cpu",
     }
     options = TrainOptions(**{**values, **overrides})
-    return train.new_run_config(tiny_index(action, conditions), options.model_dump())
+    return train.new_run_config(tiny_index(action, conditions), options)
 
 
 @pytest.mark.parametrize(
@@ -175,7 +183,7 @@ def test_loss_goes_near_zero_for_each_conditioning_type(tmp_path, condition, mod
     torch.set_num_threads(1)
     batches = make_batches(condition)
     config = config_for(tmp_path, condition, model, steps=300)
-    policy = build_model(config["model"])
+    policy = build_model(config.model)
     policy.fit_observation_normalizer(batches[0])
     with torch.no_grad():
         initial = float(np.mean([float(policy.loss(b)) for b in batches]))
@@ -195,7 +203,9 @@ def test_without_the_condition_the_loss_stays_high(tmp_path):
     """The control: the same skill data with condition none cannot be fitted."""
     batches = make_batches("skill")
     config = config_for(tmp_path, "skill", "mlp", steps=200)
-    config = train.new_run_config(tiny_index(DISCRETE, {}), {**config["options"], "condition": []})
+    config = train.new_run_config(
+        tiny_index(DISCRETE, {}), config.options.model_copy(update={"condition": []})
+    )
     train.train_loop(config, lambda state, rank, world: InMemoryStream(batches, state))
     trained, _ = train.load_policy(str(tmp_path))
     with torch.no_grad():
@@ -239,11 +249,88 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
     assert checkpoint["config"]["model"]["conditions"]["skill"]["type"] == "categorical"
 
 
+def test_every_option_is_described_and_none_means_behaviour_cloning():
+    assert all(field.description for field in TrainOptions.model_fields.values())
+    assert TrainOptions(input="x", output="y", condition=["none"]).condition == []
+    assert TrainOptions(input="x", output="y", condition=["a,b", "c"]).condition == ["a", "b", "c"]
+
+
+def test_a_run_recorded_by_the_old_trainer_still_loads(tmp_path):
+    """Runs written before the options had their own model recorded `shards`/`run_dir` and
+    the command's fields (workers, address, resume) with them: they still load."""
+    batches = make_batches("skill", count=1)
+    config = config_for(tmp_path, "skill", "mlp", steps=2)
+    train.train_loop(config, lambda state, rank, world: InMemoryStream(batches, state))
+    checkpoint = train.load_checkpoint(str(tmp_path))
+    options = dict(checkpoint["config"]["options"])
+    options["shards"], options["run_dir"] = options.pop("input"), options.pop("output")
+    options.update(workers=1, address=None, resume=False)
+    checkpoint["config"]["options"] = options
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+
+    policy, loaded = train.load_policy(str(tmp_path))
+    assert loaded.options.input == "memory://" and loaded.options.output == str(tmp_path)
+    assert loaded.options.condition == ["skill"]
+    assert loaded == RunConfig.from_record(loaded.to_record())
+    with torch.no_grad():
+        assert torch.isfinite(policy.loss(batches[0]))
+
+
+class SignalAfter(InMemoryStream):
+    """Sends this process `signals` while serving batch number `after` (0-based)."""
+
+    def __init__(self, batches, start_state=None, after: int = 2, signals=(signal.SIGINT,)):
+        super().__init__(batches, start_state)
+        self.after, self.signals = after, signals
+
+    def __iter__(self):
+        for served, batch in enumerate(super().__iter__()):
+            if served == self.after:
+                for number in self.signals:
+                    os.kill(os.getpid(), number)
+            yield batch
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_after_the_step_in_flight_with_a_checkpoint(tmp_path, signal_number):
+    batches = make_batches("return_to_go", count=3)
+    config = config_for(tmp_path, "return_to_go", "mlp", steps=50, checkpoint_every=1000)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    summary = train.train_loop(
+        config,
+        lambda state, rank, world: SignalAfter(batches, state, after=2, signals=[signal_number]),
+    )
+    name = signal.Signals(signal_number).name
+    assert summary["stopped_by"] == name and summary["steps"] == 3
+    assert int(train.load_checkpoint(str(tmp_path))["step"]) == 3
+    assert train.STOP_EXIT_CODES[name] == 128 + signal_number
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    message = train.stop_message(summary, "hindsight train S R --resume")
+    assert "after step 3 of 50" in message and message.endswith("hindsight train S R --resume")
+
+    # Resumed, the run continues from step 3 to its end.
+    summary = train.train_loop(config, lambda state, rank, world: InMemoryStream(batches, state))
+    assert summary["stopped_by"] is None and summary["steps"] == 50
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    batches = make_batches("return_to_go", count=3)
+    config = config_for(tmp_path, "return_to_go", "mlp", steps=50, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_loop(
+            config,
+            lambda state, rank, world: SignalAfter(
+                batches, state, after=4, signals=[signal.SIGINT, signal.SIGINT]
+            ),
+        )
+    assert int(train.load_checkpoint(str(tmp_path))["step"]) == 4  # the last periodic one
+
+
 def test_unknown_condition_column_is_a_clear_error():
     with pytest.raises(KeyError, match="not in the shard index"):
         train.new_run_config(
             tiny_index(CONTINUOUS, {}),
-            TrainOptions(shards="x", run_dir="y", condition=["return_to_go"]).model_dump(),
+            TrainOptions(input="x", output="y", condition=["return_to_go"]),
         )
 
 
@@ -308,17 +395,17 @@ def test_train_command_on_real_shards(tmp_path, real_shards, capsys):
 def test_resume_through_the_real_loader_matches(tmp_path, real_shards):
     """Interrupted after a checkpoint, resumed from the loader's saved position: the same
     parameters, bitwise, as an uninterrupted run over the same shards."""
-    from trainers.data import read_index
+    from trainers.loader import read_index
 
     index = read_index(real_shards).model_dump(mode="json")
 
     def config(run_dir):
         options = TrainOptions(
-            shards=real_shards, run_dir=str(run_dir), condition=["return_to_go"], model="mlp",
+            input=real_shards, output=str(run_dir), condition=["return_to_go"], model="mlp",
             steps=16, batch_size=8, hidden=16, d_model=8, checkpoint_every=8, shuffle_buffer=64,
             device="cpu",
         )  # fmt: skip
-        return train.new_run_config(index, options.model_dump())
+        return train.new_run_config(index, options)
 
     def crashing(factory, after):
         class Crashing:
@@ -352,12 +439,13 @@ def test_resume_through_the_real_loader_matches(tmp_path, real_shards):
 
 @pytest.mark.slow
 def test_two_ray_train_workers(tmp_path, real_shards):
+    from jobs.train_job import TrainOptions as TrainCommandOptions
     from jobs.train_job import run_train
 
     summary = run_train(
-        TrainOptions(
-            shards=real_shards,
-            run_dir=str(tmp_path / "ddp"),
+        TrainCommandOptions(
+            input=real_shards,
+            output=str(tmp_path / "ddp"),
             condition=["skill"],
             model="mlp",
             steps=6,
@@ -372,3 +460,58 @@ def test_two_ray_train_workers(tmp_path, real_shards):
     checkpoint = train.load_checkpoint(str(tmp_path / "ddp"))
     assert len(checkpoint["loader"]) == 2  # one loader position per rank
     assert [m["step"] for m in train.read_metrics(str(tmp_path / "ddp"))] == [3, 6]
+
+
+def start_training(run: Path, shards: str, log: Path) -> subprocess.Popen:
+    """`hindsight train` in a child process, long enough to be stopped by a signal."""
+    args = [sys.executable, "-m", "jobs.cli", "train", shards, str(run), "--condition",
+            "return_to_go", "--model", "mlp", "--steps", "100000", "--batch-size", "8",
+            "--hidden", "16", "--d-model", "8", "--log-every", "5", "--checkpoint-every",
+            "100000", "--shuffle-buffer", "64"]  # fmt: skip
+    environment = {**os.environ, "HINDSIGHT_PROGRESS_SECONDS": "0.2"}
+    root = Path(__file__).resolve().parent.parent
+    with open(log, "w") as stderr:
+        return subprocess.Popen(args, cwd=root, env=environment, stdout=stderr, stderr=stderr)
+
+
+def stop_after_first_metrics_line(
+    process: subprocess.Popen, run: Path, log: Path, signal_number
+) -> int:
+    """Signal the child once it has written a metrics line and a progress line."""
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and metrics.read_text().strip() and "train: " in log.read_text()):
+        assert process.poll() is None, "training ended before its first metrics line"
+        assert time.monotonic() < deadline, "no metrics or progress line after 180 s"
+        time.sleep(0.05)
+    process.send_signal(signal_number)
+    return process.wait(timeout=120)
+
+
+@pytest.mark.parametrize(
+    "signal_number,code,said",
+    [(signal.SIGINT, 130, "train interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+)
+def test_a_signalled_train_command_checkpoints_and_says_how_to_resume(
+    tmp_path, real_shards, signal_number, code, said
+):
+    from jobs.cli import main as cli_main
+
+    run, log = tmp_path / "run", tmp_path / "stderr.txt"
+    process = start_training(run, real_shards, log)
+    assert stop_after_first_metrics_line(process, run, log, signal_number) == code
+    output = log.read_text()
+    last = output.strip().splitlines()[-1]
+    assert said in last and "Resume with: hindsight train" in last and last.endswith("--resume")
+    assert "train: " in output and "samples/s" in output and "ETA" in output  # progress lines
+
+    stopped = int(train.load_checkpoint(str(run))["step"])
+    assert 5 <= stopped < 100000 and f"after step {stopped:,} of 100,000" in last
+    # The printed command resumes the run (asked here to stop 7 steps later).
+    words = shlex.split(last.split("Resume with: ", 1)[1])
+    assert words[:2] == ["hindsight", "train"]
+    words[words.index("--steps") + 1] = str(stopped + 7)
+    assert cli_main(words[1:]) == 0
+    assert int(train.load_checkpoint(str(run))["step"]) == stopped + 7
+    resumed = [m["step"] for m in train.read_metrics(str(run)) if m["step"] > stopped]
+    assert resumed and resumed[-1] == stopped + 7 and resumed[0] > stopped

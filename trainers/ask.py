@@ -12,8 +12,15 @@
 
 The episodes of one seed run side by side in one batch through the model (one forward
 per environment step), the last `window` steps as context, left-padded like training.
-`sweep` writes ask.json and ask.png: achieved vs requested, with the dataset's own
-return distribution marked.
+The environment defaults to the one the run's shards were collected in (`env_id` in the
+dataset metadata the run recorded). Progress (episodes done, ETA) goes to stderr.
+
+`sweep` asks for each value in turn and reports achieved vs requested with two references:
+the dataset's mean return, and the Spearman rank correlation of achieved against requested
+(numbers by value; labels and sentences in the order they were listed). When achieved does
+not follow requested (correlation at most 0.5, or the highest request achieving no more than
+the lowest) the report carries a warning. It writes ask.json and ask.png (achieved vs
+requested, with the dataset's own return distribution marked).
 """
 
 from __future__ import annotations
@@ -29,8 +36,13 @@ import torch
 
 import engine.envs  # noqa: F401  (registers hindsight/PointGoal-v0)
 from engine.collect import make_env
+from engine.progress import Progress
 from schemas.shard_index import encode_text
+from trainers.options import RunConfig
 from trainers.train import load_policy
+
+# Achieved "follows" requested when their rank correlation is above this (and rises).
+FOLLOWS_CORRELATION = 0.5
 
 
 def tokenize(text: str, vocabulary: list[str], max_tokens: int) -> list[int]:
@@ -76,15 +88,16 @@ def _observation_vector(observation: Any) -> np.ndarray:
 @torch.no_grad()
 def rollout(
     policy: torch.nn.Module,
-    config: dict[str, Any],
+    config: RunConfig,
     env_id: str,
     condition: dict[str, Any],
     episodes: int,
     seed: int,
     device: str = "cpu",
+    progress: Progress | None = None,
 ) -> dict[str, list[float]]:
     """Run `episodes` episodes side by side; returns per-episode returns (and successes)."""
-    model = config["model"]
+    model = config.model
     specs = model["conditions"]
     window = 1 if model["kind"] == "mlp" else model["window"]
     discrete = model["action"]["kind"] == "discrete"
@@ -182,8 +195,12 @@ def rollout(
                 success[i] = bool(info["is_success"])
             observations[i] = observation
             done[i] = terminated or truncated
+            if done[i] and progress is not None:
+                progress.advance(1)
         if done.all():
             break
+    if progress is not None:
+        progress.advance(int((~done).sum()))  # episodes the horizon cut short
     for env in envs:
         env.close()
     result = {"returns": returns.tolist()}
@@ -202,23 +219,63 @@ def mean_ci95(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def achieved_metric(config: dict[str, Any], columns: list[str]) -> str:
+def achieved_metric(config: RunConfig, columns: list[str]) -> str:
     """What 'achieved' means: success rate for goal conditions, the return otherwise."""
-    specs = config["model"]["conditions"]
+    specs = config.model["conditions"]
     return "success" if any(specs[c]["type"] == "vector" for c in columns) else "return"
+
+
+def resolve_env(config: RunConfig, env_id: str | None, run_dir: str) -> str:
+    """The environment to ask in: the one given, else the one the run's data came from."""
+    if env_id:
+        return env_id
+    if config.env_id is None:
+        raise ValueError(
+            f"{run_dir} does not record its environment (its shards' dataset has no env_id); "
+            "pass --env ENV_ID"
+        )
+    return config.env_id
+
+
+def dataset_mean_return(config: RunConfig) -> float | None:
+    """The mean episode return of the dataset the run was trained on (shard index facts)."""
+    returns = config.index.get("episode_return") or {}
+    return float(returns["mean"]) if "mean" in returns else None
 
 
 def ask(
     run_dir: str,
-    env_id: str,
+    env_id: str | None,
     condition: dict[str, str],
     episodes: int = 10,
     seeds: list[int] | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """Roll the run's policy out under one condition over seeds; returns achieved stats."""
+    """Roll the run's policy out under one condition over seeds; returns achieved stats.
+
+    `env_id` None asks in the environment the run's data was collected in."""
     policy, config = load_policy(run_dir, device)
-    specs = config["model"]["conditions"]
+    env_id = resolve_env(config, env_id, run_dir)
+    seeds = seeds or [0]
+    with Progress(f"ask {env_id}", episodes * len(seeds), "episodes") as progress:
+        return ask_policy(
+            policy, config, run_dir, env_id, condition, episodes, seeds, device, progress
+        )
+
+
+def ask_policy(
+    policy: torch.nn.Module,
+    config: RunConfig,
+    run_dir: str,
+    env_id: str,
+    condition: dict[str, str],
+    episodes: int,
+    seeds: list[int],
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """`ask` for a policy already loaded (a sweep loads it once)."""
+    specs = config.model["conditions"]
     unknown = sorted(set(condition) - set(specs))
     if unknown:
         raise KeyError(
@@ -237,20 +294,22 @@ def ask(
         values.setdefault(column, None)  # goals default to the environment's own
     metric = achieved_metric(config, list(specs))
     returns, successes = [], []
-    for seed in seeds or [0]:
-        result = rollout(policy, config, env_id, values, episodes, seed, device)
+    for seed in seeds:
+        result = rollout(policy, config, env_id, values, episodes, seed, device, progress)
         returns += result["returns"]
         successes += result.get("successes", [])
     achieved = successes if metric == "success" and successes else returns
     mean, low, high = mean_ci95(achieved)
     return_mean, return_low, return_high = mean_ci95(returns)
     result = {
+        "env": env_id,
         "metric": metric if achieved is successes else "return",
         "achieved_mean": mean,
         "achieved_ci95": [low, high],
         "episodes": len(achieved),
         "return_mean": return_mean,
         "return_ci95": [return_low, return_high],
+        "dataset_mean_return": dataset_mean_return(config),
     }
     if successes:  # goal environments report success whatever the policy is conditioned on
         result["success_mean"], *interval = mean_ci95(successes)
@@ -260,7 +319,7 @@ def ask(
 
 def sweep(
     run_dir: str,
-    env_id: str,
+    env_id: str | None,
     column: str,
     values: list[str],
     episodes: int = 10,
@@ -268,32 +327,127 @@ def sweep(
     out_dir: str | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """Ask for each value of one column; write ask.json and ask.png under `out_dir`."""
+    """Ask for each value of one column; returns the report (rows, references, warning)
+    and writes it as ask.json, with the plot ask.png, under `out_dir`."""
+    policy, config = load_policy(run_dir, device)
+    env_id = resolve_env(config, env_id, run_dir)
+    seeds = seeds or [0]
     results, metric = [], "return"
-    for value in values:
-        outcome = ask(run_dir, env_id, {column: value}, episodes, seeds, device)
-        metric = outcome["metric"]
-        requested: Any = value
-        try:
-            requested = float(value)
-        except ValueError:
-            pass
-        results.append(
-            {
-                "requested": requested,
-                "achieved_mean": outcome["achieved_mean"],
-                "achieved_ci95": outcome["achieved_ci95"],
-                "episodes": outcome["episodes"],
-            }
-        )
-    report = {"env": env_id, "condition": column, "metric": metric, "results": results}
+    total = len(values) * len(seeds) * episodes
+    with Progress(f"ask {column} sweep", total, "episodes") as progress:
+        for value in values:
+            outcome = ask_policy(
+                policy, config, run_dir, env_id, {column: value}, episodes, seeds, device, progress
+            )
+            metric = outcome["metric"]
+            requested: Any = value
+            try:
+                requested = float(value)
+            except ValueError:
+                pass
+            results.append(
+                {
+                    "requested": requested,
+                    "achieved_mean": outcome["achieved_mean"],
+                    "achieved_ci95": outcome["achieved_ci95"],
+                    "episodes": outcome["episodes"],
+                }
+            )
+    reference = sweep_reference(results, dataset_mean_return(config))
+    report = {
+        "env": env_id,
+        "condition": column,
+        "metric": metric,
+        "results": results,
+        "reference": reference,
+        "warning": follow_warning(reference, column, metric),
+    }
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "ask.json"), "w") as handle:
             json.dump(report, handle, indent=2)
-        _, config = load_policy(run_dir)
-        plot_sweep(report, config["index"].get("episode_return"), os.path.join(out_dir, "ask.png"))
+        plot_sweep(report, config.index.get("episode_return"), os.path.join(out_dir, "ask.png"))
     return report
+
+
+# --- the sweep's references ------------------------------------------------------------------
+
+
+def ranks(values: list[float]) -> np.ndarray:
+    """1-based ranks; tied values share the mean of their ranks (as Spearman's rho wants)."""
+    _, inverse, counts = np.unique(
+        np.asarray(values, float), return_inverse=True, return_counts=True
+    )
+    last = np.cumsum(counts)
+    return (last - (counts - 1) / 2.0)[inverse]
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation (Pearson's over ranks); None for fewer than two points or
+    a constant side, where it is undefined."""
+    if len(xs) < 2:
+        return None
+    x, y = ranks(xs), ranks(ys)
+    x, y = x - x.mean(), y - y.mean()
+    scale = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / scale) if scale > 0 else None
+
+
+def sweep_reference(results: list[dict[str, Any]], dataset_return: float | None) -> dict[str, Any]:
+    """The references of a sweep's rows: the dataset's mean return, the rank correlation of
+    achieved against requested, and whether achieved follows requested (correlation above
+    0.5 and the highest request achieving more than the lowest; None for one row).
+
+    Numbers are ordered by value; labels and sentences in the order they were requested."""
+    requested = [row["requested"] for row in results]
+    order = (
+        requested if all(isinstance(v, float) for v in requested) else list(range(len(requested)))
+    )
+    achieved = [row["achieved_mean"] for row in results]
+    correlation = spearman(order, achieved)
+    follows = None
+    if len(results) >= 2:
+        lowest, highest = int(np.argmin(order)), int(np.argmax(order))
+        rises = achieved[highest] > achieved[lowest]
+        follows = correlation is not None and correlation > FOLLOWS_CORRELATION and rises
+    return {
+        "dataset_mean_return": dataset_return,
+        "spearman": correlation,
+        "follows_request": follows,
+    }
+
+
+def follow_warning(reference: dict[str, Any], column: str, metric: str) -> str | None:
+    """A warning line when achieved does not follow requested; None when it does."""
+    if reference["follows_request"] is not False:
+        return None
+    correlation = reference["spearman"]
+    shown = "undefined (achieved is constant)" if correlation is None else f"{correlation:.2f}"
+    return (
+        f"warning: the achieved {metric} does not follow the requested {column} "
+        f"(Spearman rank correlation {shown}; it should be above {FOLLOWS_CORRELATION} and the "
+        "highest request should achieve more than the lowest)"
+    )
+
+
+def format_sweep(report: dict[str, Any]) -> list[str]:
+    """The sweep as printed: one row per requested value, the references, the warning."""
+    lines = [f"{'requested':>12} {'achieved':>10}  95% CI"]
+    for row in report["results"]:
+        low, high = row["achieved_ci95"]
+        lines.append(
+            f"{row['requested']!s:>12} {row['achieved_mean']:>10.2f}  [{low:.2f}, {high:.2f}]"
+        )
+    reference = report["reference"]
+    if reference["dataset_mean_return"] is not None:
+        lines.append(f"dataset mean return: {reference['dataset_mean_return']:.2f}")
+    if reference["spearman"] is not None:
+        lines.append(
+            f"rank correlation of achieved vs requested (Spearman): {reference['spearman']:.2f}"
+        )
+    if report["warning"]:
+        lines.append(report["warning"])
+    return lines
 
 
 def plot_sweep(report: dict[str, Any], dataset_return: dict[str, Any] | None, path: str) -> None:
@@ -332,7 +486,9 @@ def plot_sweep(report: dict[str, Any], dataset_return: dict[str, Any] | None, pa
         axis.set_xticks(xs, [str(r["requested"]) for r in results])
     axis.set_xlabel(f"requested {report['condition']}")
     axis.set_ylabel(f"achieved {report['metric']}")
-    axis.set_title(f"{report['env']}: asking for {report['condition']}")
+    correlation = (report.get("reference") or {}).get("spearman")
+    shown = f" (Spearman {correlation:.2f})" if correlation is not None else ""
+    axis.set_title(f"{report['env']}: asking for {report['condition']}{shown}")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -5,7 +5,7 @@ encoder by its `type`; every encoder maps the loader's batch tensor to `[B, W, d
 and several columns are combined by summing their encodings (`ConditionEncoder`).
 `condition=none` means no encoder at all: plain behaviour cloning.
 
-Tensor shapes follow the loader's batch format (see trainers/data.py):
+Tensor shapes follow the loader's batch format (see trainers/loader/):
   scalar      float32 [B, W]     normalized here with the index's mean/std
   vector      float32 [B, W, D]  normalized per dimension with the index's mean/std
   categorical int64   [B, W]     index into the index's vocabulary

@@ -1,7 +1,7 @@
 """The two policies p(action | states, g): an MLP over (state, g) (RvS-style) and a small
 causal transformer over the window (Decision-Transformer-style).
 
-Both take a loader batch (trainers/data.py) and return one action prediction per step of
+Both take a loader batch (trainers/loader/) and return one action prediction per step of
 the window, so the same loss (`action_loss`) and the same rollout code serve both:
 - continuous actions: the prediction is the action scaled to [-1, 1] by the index's
   low/high, trained with mean squared error, un-scaled and clipped at act time;

@@ -1,19 +1,23 @@
 """The training loop: plain PyTorch over batches streamed from shards.
 
 One function, `train_loop`, does the work for a single process and for each Ray Train
-worker alike. Read it top to bottom:
-  1. build the model from the shard index and the requested condition columns;
+worker alike (jobs/training.py launches those). Read it top to bottom:
+  1. build the model from the run's config (`prepare_run`: the options plus the shard
+     index facts);
   2. resume model, optimizer, step and loader position from the run's checkpoint, if any;
-  3. stream batches (trainers.data.stream), one optimizer step per batch, with bf16 autocast
+  3. stream batches (trainers.loader.stream), one optimizer step per batch, with bf16 autocast
      on CUDA, gradient clipping and a warmup + cosine learning rate that depends only on the
      step (so a resumed run follows the same schedule);
-  4. every `log_every` steps one JSON line in `metrics.jsonl` (loss, lr, samples/s);
-     every `checkpoint_every` steps and at the end a checkpoint.
+  4. progress (a bar on a terminal, a line every few seconds in a log: steps, loss,
+     samples/s, ETA); every `log_every` steps one JSON line in `metrics.jsonl` (loss, lr,
+     samples/s); every `checkpoint_every` steps and at the end a checkpoint;
+  5. SIGINT (Ctrl-C) or SIGTERM: the step in flight finishes, a checkpoint is written and the
+     loop returns with `stopped_by` set, so the command can say how to resume and exit with
+     128 + the signal's number. A second Ctrl-C stops at once (the last checkpoint stays).
 
 A run directory holds `config.json` (what was asked, plain JSON), `checkpoint.pt` (tensors
 and plain containers only, loadable with `torch.load(..., weights_only=True)`) and
-`metrics.jsonl`. `--workers N` runs the same loop in N Ray Train workers
-(data-parallel with DDP, gloo on CPU); worker r streams its rank's share of the shards.
+`metrics.jsonl`.
 """
 
 from __future__ import annotations
@@ -22,28 +26,35 @@ import io
 import json
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from types import FrameType
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from engine import storage
+from engine.progress import Progress
 from trainers.models import Policy, build_model, model_config
+from trainers.options import FIXED_ON_RESUME, RESUMABLE, RunConfig, TrainOptions, trainer_options
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
+# The signals that stop a run cleanly, and the exit status a command then ends with.
+STOP_EXIT_CODES = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
 
 # A loader factory: (start_state, rank, world_size) -> iterable of batches with state_dict().
 StreamFactory = Callable[[Any, int, int], Iterable[dict[str, torch.Tensor]]]
 
 
-def learning_rate(step: int, options: dict[str, Any]) -> float:
+def learning_rate(step: int, options: TrainOptions) -> float:
     """Linear warmup, then cosine decay to 10% of the peak, as a pure function of the step."""
-    peak, total = options["lr"], max(1, options["steps"])
-    warmup = min(options["warmup"], max(1, total // 10))
+    peak, total = options.lr, max(1, options.steps)
+    warmup = min(options.warmup, max(1, total // 10))
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -54,6 +65,9 @@ def pick_device(requested: str | None = None) -> torch.device:
     if requested:
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --- run directory: config, checkpoint, metrics ---------------------------------------------
 
 
 def save_checkpoint(run_dir: str, state: dict[str, Any]) -> None:
@@ -71,28 +85,100 @@ def load_checkpoint(run_dir: str, map_location: str | torch.device = "cpu") -> d
     return torch.load(stream, map_location=map_location, weights_only=True)
 
 
-def load_policy(run_dir: str, device: str | torch.device = "cpu") -> tuple[Policy, dict[str, Any]]:
+def load_run_config(run_dir: str) -> RunConfig:
+    """The config recorded in the run's checkpoint (also of runs written by older versions)."""
+    return RunConfig.from_record(load_checkpoint(run_dir)["config"])
+
+
+def load_policy(run_dir: str, device: str | torch.device = "cpu") -> tuple[Policy, RunConfig]:
     """The trained policy of a run (eval mode) and the run's config."""
     checkpoint = load_checkpoint(run_dir, map_location=device)
-    config = checkpoint["config"]
-    model = build_model(config["model"])
+    config = RunConfig.from_record(checkpoint["config"])
+    model = build_model(config.model)
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval(), config
 
 
-def default_stream_factory(config: dict[str, Any]) -> StreamFactory:
-    """Batches from the run's shards through trainers.data.stream."""
-    from trainers import data
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    path = os.path.join(run_dir, METRICS)
+    if not os.path.exists(path):
+        return []
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
 
-    options = config["options"]
+
+def new_run_config(index: dict[str, Any], options: TrainOptions) -> RunConfig:
+    """The run's config: the options plus the model config and the index facts that a
+    rollout needs later without the shards (action space, conditions, return distribution)."""
+    options = trainer_options(options)
+    model = model_config(
+        index,
+        list(options.condition),
+        kind=options.model,
+        d_model=options.d_model,
+        n_layer=options.n_layer,
+        n_head=options.n_head,
+        hidden=options.hidden,
+    )
+    facts = {key: value for key, value in index.items() if key != "shards"}
+    return RunConfig(options=options, model=model, index=facts)
+
+
+def resumed_config(previous: RunConfig, options: TrainOptions) -> RunConfig:
+    """The recorded run, continued with `options`: what defines the model and its data must
+    match; only the length, logging and device may change (a clear error otherwise)."""
+    asked = trainer_options(options)
+    for key in FIXED_ON_RESUME:
+        before, now = getattr(previous.options, key), getattr(asked, key)
+        if before != now:
+            raise ValueError(
+                f"--resume: {key} was {before!r} in {asked.output}, now {now!r}; "
+                "a resumed run must match"
+            )
+    changes = {key: getattr(asked, key) for key in (*RESUMABLE, "output")}
+    return previous.model_copy(update={"options": previous.options.model_copy(update=changes)})
+
+
+def prepare_run(options: TrainOptions, *, resume: bool = False) -> RunConfig:
+    """Check the run directory and the shards, then write config.json; the run's config.
+
+    A directory that holds a checkpoint is continued only with `resume`; a new run reads the
+    shard index first, so a run that cannot start leaves no directory behind."""
+    from trainers import loader
+
+    run_dir = options.output
+    if storage.is_s3(run_dir):
+        raise ValueError("the run directory must be local (checkpoints and metrics live there)")
+    has_checkpoint = os.path.exists(os.path.join(run_dir, CHECKPOINT))
+    if has_checkpoint and not resume:
+        raise ValueError(
+            f"{run_dir} already holds a trained run; pass --resume to continue it "
+            "or choose a new run directory"
+        )
+    if has_checkpoint:
+        config = resumed_config(load_run_config(run_dir), options)
+    else:
+        index = loader.read_index(options.input).model_dump(mode="json")
+        config = new_run_config(index, options)
+    os.makedirs(run_dir, exist_ok=True)  # only once the shards and options check out
+    with open(os.path.join(run_dir, CONFIG), "w") as handle:
+        json.dump(config.to_record(), handle, indent=2)
+    return config
+
+
+def default_stream_factory(config: RunConfig) -> StreamFactory:
+    """Batches from the run's shards through trainers.loader.stream."""
+    from trainers import loader
+
+    options = config.options
 
     def make(start_state: Any, rank: int, world_size: int):
-        return data.stream(
-            options["shards"],
-            options["batch_size"],
-            list(options["condition"]) or None,
-            shuffle_buffer=options["shuffle_buffer"],
-            seed=options["seed"],
+        return loader.stream(
+            options.input,
+            options.batch_size,
+            list(options.condition) or None,
+            shuffle_buffer=options.shuffle_buffer,
+            seed=options.seed,
             rank=rank,
             world_size=world_size,
             start_state=start_state,
@@ -101,20 +187,49 @@ def default_stream_factory(config: dict[str, Any]) -> StreamFactory:
     return make
 
 
-def new_run_config(index: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-    """The run's config: the options plus the model config and the index facts that a
-    rollout needs later without the shards (action space, conditions, return distribution)."""
-    model = model_config(
-        index,
-        list(options["condition"]),
-        kind=options["model"],
-        d_model=options["d_model"],
-        n_layer=options["n_layer"],
-        n_head=options["n_head"],
-        hidden=options["hidden"],
+# --- stopping on a signal --------------------------------------------------------------------
+
+
+class StopRequest:
+    """Set by SIGINT or SIGTERM; the loop stops once the step in flight is done."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def __call__(self, signal_number: int, frame: FrameType | None) -> None:
+        if self.signal_name == "SIGINT" and signal_number == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, keep the last checkpoint
+        self.signal_name = signal.Signals(signal_number).name
+
+
+@contextmanager
+def stop_on_signals(enabled: bool = True) -> Iterator[StopRequest]:
+    """Catch SIGINT and SIGTERM while the block runs (main thread only: Python delivers
+    signals there; a Ray Train worker is stopped by Ray instead)."""
+    request = StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {
+        number: signal.signal(number, request) for number in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield request
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def stop_message(summary: dict[str, Any], resume_command: str) -> str:
+    """One line for a run stopped by a signal: where it stopped and how to continue."""
+    what = {"SIGINT": "interrupted", "SIGTERM": "terminated (SIGTERM)"}[summary["stopped_by"]]
+    return (
+        f"train {what} after step {summary['steps']:,} of {summary['total_steps']:,}; "
+        f"checkpoint saved in {summary['run_dir']}. Resume with: {resume_command}"
     )
-    facts = {key: value for key, value in index.items() if key != "shards"}
-    return {"options": dict(options), "model": model, "index": facts}
+
+
+# --- the loop --------------------------------------------------------------------------------
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -132,31 +247,33 @@ class _Loss(torch.nn.Module):
 
 
 def train_loop(
-    config: dict[str, Any],
+    config: RunConfig,
     make_stream: StreamFactory,
     *,
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | None = None,
     report: Callable[[dict[str, Any]], None] | None = None,
+    catch_signals: bool = True,
 ) -> dict[str, Any]:
-    """Train until `options["steps"]`, resuming from the run's checkpoint if present.
+    """Train until `options.steps`, resuming from the run's checkpoint if present.
 
-    Returns a summary (steps, final loss, samples/s). Rank 0 alone writes files.
+    Returns a summary (steps, final loss, samples/s, `stopped_by`: None, or "SIGINT" /
+    "SIGTERM" when a signal stopped the run after a checkpoint). Rank 0 alone writes files.
     """
-    options = config["options"]
-    run_dir = options["run_dir"]
+    options = config.options
+    run_dir = options.output
     os.makedirs(run_dir, exist_ok=True)
-    device = device or pick_device(options["device"])
-    torch.manual_seed(options["seed"])
+    device = device or pick_device(options.device)
+    torch.manual_seed(options.seed)
 
     # --- model, optimizer, resume -----------------------------------------------------
-    policy = build_model(config["model"]).to(device)
+    policy = build_model(config.model).to(device)
     optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=options["lr"], weight_decay=options["weight_decay"]
+        policy.parameters(), lr=options.lr, weight_decay=options.weight_decay
     )
     step, loader_states = 0, None
-    fitted = bool(config["model"].get("observation_mean"))
+    fitted = bool(config.model.get("observation_mean"))
     if storage.exists(storage.join(run_dir, CHECKPOINT)):
         checkpoint = load_checkpoint(run_dir, map_location=device)
         policy.load_state_dict(checkpoint["model"])
@@ -173,13 +290,7 @@ def train_loop(
     stream = make_stream(loader_state, rank, world_size)
     batches = iter(stream)
     metrics_path = os.path.join(run_dir, METRICS)
-    bar = tqdm(
-        total=options["steps"],
-        initial=step,
-        desc="train",
-        unit=" steps",
-        disable=True if rank else None,
-    )
+    record = config.to_record()
 
     def checkpoint_now() -> None:
         states = [stream.state_dict()]
@@ -196,20 +307,12 @@ def train_loop(
                     "step": step,
                     "loader": states,
                     "rng": torch.get_rng_state(),
-                    "config": config,
+                    "config": record,
                 },
             )
 
-    # --- the loop -----------------------------------------------------------------------
-    loss: torch.Tensor | None = None
-    window_samples, window_start = 0, time.perf_counter()
-    started, samples_total = time.perf_counter(), 0
-    while step < options["steps"]:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            break
-        batch = _to_device(batch, device)
+    def optimizer_step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        nonlocal fitted
         if not fitted:
             policy.fit_observation_normalizer(batch)
             fitted = True
@@ -219,104 +322,60 @@ def train_loop(
             loss = module(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), options["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), options.grad_clip)
         optimizer.step()
-        step += 1
-        size = int(batch["mask"].shape[0]) * world_size
-        window_samples += size
-        samples_total += size
+        return loss
 
-        if step % options["log_every"] == 0 or step == options["steps"]:
-            loss_value = float(loss.detach())
-            now = time.perf_counter()
-            record = {
-                "step": step,
-                "loss": loss_value,
-                "lr": learning_rate(step - 1, options),
-                "samples_per_s": window_samples / max(now - window_start, 1e-9),
-                "elapsed_s": now - started,
-            }
-            window_samples, window_start = 0, now
-            if rank == 0:
-                with open(metrics_path, "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                bar.set_postfix(
-                    loss=f"{loss_value:.4f}", samples_s=f"{record['samples_per_s']:.0f}"
-                )
-            if report is not None:
-                report(record)
-        bar.update(1)
-        if step % options["checkpoint_every"] == 0 and step < options["steps"]:
-            checkpoint_now()
-    checkpoint_now()
-    bar.close()
+    # --- the loop -----------------------------------------------------------------------
+    loss: torch.Tensor | None = None
+    window_samples, window_start = 0, time.perf_counter()
+    started, samples_total = time.perf_counter(), 0
+    progress_bar = Progress("train", options.steps, "steps", initial=step) if rank == 0 else None
+    with stop_on_signals(catch_signals) as stop, progress_bar or nullcontext() as progress:
+        while step < options.steps and stop.signal_name is None:
+            try:
+                batch = _to_device(next(batches), device)
+            except StopIteration:
+                break
+            loss = optimizer_step(batch)
+            step += 1
+            size = int(batch["mask"].shape[0]) * world_size
+            window_samples += size
+            samples_total += size
+
+            if step % options.log_every == 0 or step == options.steps:
+                now = time.perf_counter()
+                line = {
+                    "step": step,
+                    "loss": float(loss.detach()),
+                    "lr": learning_rate(step - 1, options),
+                    "samples_per_s": window_samples / max(now - window_start, 1e-9),
+                    "elapsed_s": now - started,
+                }
+                window_samples, window_start = 0, now
+                if rank == 0:
+                    with open(metrics_path, "a") as handle:
+                        handle.write(json.dumps(line) + "\n")
+                    progress.set_postfix(
+                        f"loss {line['loss']:.4f}, {line['samples_per_s']:,.0f} samples/s"
+                    )
+                if report is not None:
+                    report(line)
+            if progress is not None:
+                progress.advance(1)
+            if step % options.checkpoint_every == 0 and step < options.steps:
+                checkpoint_now()
+        checkpoint_now()
     elapsed = time.perf_counter() - started
     return {
         "run_dir": run_dir,
         "steps": step,
+        "total_steps": options.steps,
         "final_loss": float(loss.detach()) if loss is not None else float("nan"),
         "samples_per_s": samples_total / max(elapsed, 1e-9),
         "elapsed_s": elapsed,
         "device": str(device),
         "workers": world_size,
+        # A signal that came with the last step changes nothing: the run is complete.
+        "stopped_by": stop.signal_name if step < options.steps else None,
     }
-
-
-def _ray_worker(config: dict[str, Any]) -> None:
-    """Entry point of each Ray Train worker: the same loop, on this worker's rank."""
-    import ray.train
-    import ray.train.torch
-
-    context = ray.train.get_context()
-    train_loop(
-        config,
-        default_stream_factory(config),
-        rank=context.get_world_rank(),
-        world_size=context.get_world_size(),
-        device=ray.train.torch.get_device(),
-        report=lambda record: ray.train.report(record),
-    )
-
-
-def train_with_ray(config: dict[str, Any], workers: int, address: str | None) -> dict[str, Any]:
-    """Data-parallel training in `workers` Ray Train workers (embedded Ray by default)."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from jobs.runtime import init_ray
-
-    init_ray(address)
-    run_dir = config["options"]["run_dir"]
-    use_gpu = torch.cuda.is_available() and config["options"]["device"] != "cpu"
-    trainer = TorchTrainer(
-        _ray_worker,
-        train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-        run_config=RunConfig(
-            name="ray-train",
-            storage_path=os.path.abspath(os.path.join(run_dir, "ray")),
-        ),
-    )
-    started = time.perf_counter()
-    trainer.fit()
-    elapsed = time.perf_counter() - started
-    checkpoint = load_checkpoint(run_dir)
-    metrics = read_metrics(run_dir)
-    return {
-        "run_dir": run_dir,
-        "steps": int(checkpoint["step"]),
-        "final_loss": metrics[-1]["loss"] if metrics else float("nan"),
-        "samples_per_s": metrics[-1]["samples_per_s"] if metrics else float("nan"),
-        "elapsed_s": elapsed,
-        "device": "cuda" if use_gpu else "cpu",
-        "workers": workers,
-    }
-
-
-def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    path = os.path.join(run_dir, METRICS)
-    if not os.path.exists(path):
-        return []
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]

@@ -1,0 +1,104 @@
+"""What a training run is asked to do: `TrainOptions`, one typed model, field by field.
+
+The trainer (trainers/train.py) reads these fields and nothing else; a command adds only
+where and how the run is launched (a Ray address, workers, `--resume`) by subclassing it, so
+the command line, its help, a YAML spec and the recorded run all say the same thing.
+
+A run records its options in `config.json` and in `checkpoint.pt` as plain JSON data
+(`RunConfig.to_record`); `RunConfig.from_record` reads those back, including runs written
+before the options moved here (fields `shards`/`run_dir`, command-level fields inside).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class TrainOptions(BaseModel):
+    """Every setting of the training loop."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="Shard directory (local or s3://) with an index.json.")
+    output: str = Field(description="Run directory (local): config, checkpoint and metrics.")
+    condition: list[str] = Field(
+        default_factory=list,
+        description="Conditioning columns of the shard index; none = behaviour cloning.",
+    )
+    model: Literal["transformer", "mlp"] = Field(
+        default="transformer", description="Causal transformer over the window, or an MLP."
+    )
+    steps: int = Field(default=2000, ge=1, description="Optimizer steps (one batch each).")
+    seed: int = Field(default=0, description="Seed of model initialization and shuffling.")
+    batch_size: int = Field(default=64, ge=1, description="Windows per batch (per worker).")
+    lr: float = Field(default=3e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(default=1e-4, ge=0, description="AdamW weight decay.")
+    warmup: int = Field(
+        default=100, ge=0, description="Linear warmup steps (capped at 10 percent of the steps)."
+    )
+    grad_clip: float = Field(default=1.0, gt=0, description="Gradient norm clipping.")
+    d_model: int = Field(default=128, ge=8, description="Width of embeddings and tokens.")
+    n_layer: int = Field(default=3, ge=1, description="Transformer blocks.")
+    n_head: int = Field(default=4, ge=1, description="Attention heads.")
+    hidden: int = Field(default=256, ge=8, description="MLP hidden width.")
+    shuffle_buffer: int = Field(default=65536, ge=1, description="Loader shuffle buffer (windows).")
+    log_every: int = Field(default=50, ge=1, description="Steps between metrics lines.")
+    checkpoint_every: int = Field(default=500, ge=1, description="Steps between checkpoints.")
+    device: str | None = Field(default=None, description="cpu or cuda; CUDA when present.")
+
+    @field_validator("condition", mode="before")
+    @classmethod
+    def _columns(cls, value: Any) -> Any:
+        # `none` (or nothing) is behaviour cloning; `a,b` is two columns, as on the CLI.
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            return value
+        columns = [column.strip() for item in value for column in str(item).split(",")]
+        return [column for column in columns if column and column != "none"]
+
+
+# Settings a resumed run may change; every other setting is the recorded run's.
+RESUMABLE = ("steps", "log_every", "checkpoint_every", "device")
+# Settings that define the model and its data: a resumed run must ask for the same.
+FIXED_ON_RESUME = ("input", "condition", "model", "d_model", "n_layer", "n_head", "hidden")
+# How runs written before this module recorded two fields.
+_OLD_NAMES = {"shards": "input", "run_dir": "output"}
+
+
+def trainer_options(options: TrainOptions) -> TrainOptions:
+    """The trainer's own fields of `options` (a command's subclass drops its extra fields)."""
+    if type(options) is TrainOptions:
+        return options
+    return TrainOptions.model_validate(options.model_dump(include=set(TrainOptions.model_fields)))
+
+
+class RunConfig(BaseModel):
+    """A run: its options, the model it builds (trainers.models.model_config, plain data) and
+    the shard index facts a rollout needs without the shards (action space, conditions,
+    return distribution, dataset metadata such as `env_id`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    options: TrainOptions
+    model: dict[str, Any]
+    index: dict[str, Any]
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain JSON data: for config.json and for a `weights_only` checkpoint."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> RunConfig:
+        """A recorded run, also one written before the options had their own model."""
+        options = {_OLD_NAMES.get(key, key): value for key, value in record["options"].items()}
+        known = {key: value for key, value in options.items() if key in TrainOptions.model_fields}
+        return cls(options=TrainOptions(**known), model=record["model"], index=record["index"])
+
+    @property
+    def env_id(self) -> str | None:
+        """The environment the shards' dataset was collected in, if recorded."""
+        env_id = (self.index.get("metadata") or {}).get("env_id")
+        return str(env_id) if env_id and env_id != "unknown" else None
