@@ -6,30 +6,34 @@ import os
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+from pydantic_settings import CliPositionalArg
 
+from jobs import commands
 from jobs import spec as specs
-from jobs.spec import SpecError, load_spec, read_spec
+from jobs.command import Command, Dataset, NewDataset
+from jobs.spec import SpecError, read_spec
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "jobs" / "examples"
 
 
-# A stand-in command with the shape every pipeline command has (one Options model and a
-# run function), so the spec machinery is tested on its own.
-class CopyOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    input: str = Field(description="The dataset version to read.")
-    output: str = Field(description="Where the new version is written.")
+class Copy(Command):
+    """A stand-in command with the shape of every pipeline command, so the spec machinery
+    is tested on its own."""
+
+    name = "copy"
+    input: CliPositionalArg[Dataset] = Field(description="The dataset version to read.")
+    output: CliPositionalArg[NewDataset] = Field(description="Where the new version is written.")
     part_steps: int = Field(1000, description="Steps per part.")
 
-
-def run_copy(options: CopyOptions) -> dict:
-    return {"dataset_id": "copied", "output": options.output}
+    def run(self) -> dict:
+        return {"dataset_id": "copied", "output": self.output}
 
 
 @pytest.fixture
 def copy_kind(monkeypatch):
-    monkeypatch.setitem(specs.KINDS, "copy", ("tests.test_spec", "run_copy"))
+    monkeypatch.setitem(commands.COMMANDS, "copy", "tests.test_spec:Copy")
+    monkeypatch.setattr(specs, "SPEC_KINDS", (*specs.SPEC_KINDS, "copy"))
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -40,14 +44,11 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_valid_spec_loads_options(copy_kind, tiny_dataset, tmp_path):
     path = write(tmp_path, f"kind: copy\ninput: {tiny_dataset}\noutput: {tmp_path / 'out'}\n")
-    kind, options = load_spec(path)
-    assert kind == "copy"
-    assert isinstance(options, CopyOptions)
-    assert options.part_steps == 1000
-    assert specs.run_spec(kind, options) == {
-        "dataset_id": "copied",
-        "output": str(tmp_path / "out"),
-    }
+    spec = read_spec(path)
+    assert spec.kind == "copy"
+    assert isinstance(spec.command, Copy)
+    assert spec.command.part_steps == 1000
+    assert spec.command.run() == {"dataset_id": "copied", "output": str(tmp_path / "out")}
 
 
 @pytest.mark.parametrize(
@@ -58,6 +59,7 @@ def test_valid_spec_loads_options(copy_kind, tiny_dataset, tmp_path):
         ("kind: copy\noutput: y\n", "missing required field 'input': The dataset version"),
         ("input: x\n", "missing `kind:`"),
         ("kind: teleport\n", "unknown kind 'teleport'"),
+        ("kind: info\n", "'info' is a command, not a job"),
         ("kind: copy\ninput: [x\n", "not valid YAML"),
         ("- kind: copy\n", "a job spec is a YAML mapping"),
     ],
@@ -65,22 +67,22 @@ def test_valid_spec_loads_options(copy_kind, tiny_dataset, tmp_path):
 def test_bad_specs_fail_with_a_clear_message(copy_kind, tmp_path, text, expected):
     path = write(tmp_path, text)
     with pytest.raises(SpecError, match=expected) as error:
-        load_spec(path, check_inputs=False)
+        read_spec(path, check_inputs=False)
     assert str(path) in str(error.value)
 
 
 def test_missing_input_dataset_fails_before_running(copy_kind, tmp_path):
     missing = tmp_path / "no-such-dataset"
     path = write(tmp_path, f"kind: copy\ninput: {missing}\noutput: {tmp_path / 'out'}\n")
-    with pytest.raises(SpecError, match="field 'input'.*not a committed hindsight dataset"):
-        load_spec(path)
+    with pytest.raises(SpecError, match="input .*does not exist; expected a committed dataset"):
+        read_spec(path)
     assert not (tmp_path / "out").exists()
 
 
 def test_committed_output_is_refused(copy_kind, tiny_dataset, tmp_path):
     path = write(tmp_path, f"kind: copy\ninput: {tiny_dataset}\noutput: {tiny_dataset}\n")
-    with pytest.raises(SpecError, match="field 'output'.*already a committed dataset version"):
-        load_spec(path)
+    with pytest.raises(SpecError, match="already committed.*immutable"):
+        read_spec(path)
 
 
 def test_missing_spec_file(tmp_path):
@@ -92,7 +94,7 @@ def test_spec_round_trips_through_yaml(copy_kind, tiny_dataset, tmp_path):
     path = write(tmp_path, f"kind: copy\ninput: {tiny_dataset}\noutput: {tmp_path / 'out'}\n")
     spec = read_spec(path)
     again = specs.load_spec_text(spec.to_yaml(), source="again")
-    assert again.kind == spec.kind and again.options == spec.options
+    assert again.kind == spec.kind and again.command == spec.command
 
 
 def test_run_command_prints_the_result_line(copy_kind, tiny_dataset, tmp_path, capsys, ray_local):
@@ -115,8 +117,7 @@ def test_run_command_reports_a_bad_spec_as_a_user_error(copy_kind, tmp_path, cap
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_example_specs_are_valid(path):
-    kind, options = load_spec(path, check_inputs=False)
-    assert kind == path.stem
+    assert read_spec(path, check_inputs=False).kind == path.stem
 
 
 def test_compose_file_is_valid(tmp_path):

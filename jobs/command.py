@@ -1,0 +1,313 @@
+"""The command model: every `hindsight` command is one typed options model.
+
+A command is a pydantic model (a subclass of `Command`) whose fields are its options, each
+with a one-line description. From that one model come:
+
+- the command line (`jobs/cli.py`, through pydantic-settings): positional arguments are the
+  fields marked `CliPositionalArg`, every other field is `--kebab-case`, lists are
+  comma-separated (or the option repeated), help and defaults come from the fields;
+- the YAML job spec (`jobs/spec.py`): `kind: <command>` plus the same fields by name;
+- the line recorded in a manifest's history (`history_line`), the same for a command line and
+  a spec, with credentials stripped from URLs;
+- the checks of inputs and outputs before any work starts (`check`): a field annotated
+  `Dataset` must be a committed version, `NewDataset` must not be one yet, and so on.
+
+`run()` does the work and returns a result; `report()` turns it into the lines a person
+reads, `summary()` into the JSON a program reads (`--json`, `hindsight run`). Adding a
+command is one new module in jobs/commands/ and one line in `jobs.commands.COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import shlex
+import textwrap
+from typing import Annotated, Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine import storage
+from engine.executor import Executor, InProcess
+
+
+class UserError(RuntimeError):
+    """An error whose message is all the user needs (no traceback)."""
+
+
+class PathRole(enum.Enum):
+    """What a path option names, and so what `Command.check` requires of it."""
+
+    DATASET = "a committed dataset version"
+    SOURCE = "files or a directory to read"
+    SHARDS = "a committed set of shards"
+    RUN = "a training run directory"
+    NEW_DATASET = "a new dataset version"
+    NEW_SHARDS = "a new set of shards"
+    DIRECTORY = "a directory for results"
+
+
+Dataset = Annotated[str, PathRole.DATASET]
+Source = Annotated[str, PathRole.SOURCE]
+Shards = Annotated[str, PathRole.SHARDS]
+Run = Annotated[str, PathRole.RUN]
+NewDataset = Annotated[str, PathRole.NEW_DATASET]
+NewShards = Annotated[str, PathRole.NEW_SHARDS]
+Directory = Annotated[str, PathRole.DIRECTORY]
+
+# Options that shape how a command prints, not what it does: not part of a spec or of the
+# recorded history line.
+OUTPUT_ONLY = "output-only"
+
+
+class Command(BaseModel):
+    """Base of every command's options."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: ClassVar[str]
+
+    json_output: Annotated[bool, OUTPUT_ONLY] = Field(
+        False, alias="json", description="Print the result as JSON."
+    )
+    debug: Annotated[bool, OUTPUT_ONLY] = Field(
+        False, description="Show the traceback of an error."
+    )
+
+    # ------------------------------------------------------------ what subclasses give
+    def run(self) -> Any:
+        """Do the work and return its result."""
+        raise NotImplementedError
+
+    def report(self, result: Any, seconds: float) -> str:
+        """What a person reads when the command is done (one summary line, or a table)."""
+        return json.dumps(self.summary(result), indent=2, default=str)
+
+    def summary(self, result: Any) -> Any:
+        """What a program reads: plain JSON facts of the result."""
+        return plain_summary(result)
+
+    # ------------------------------------------------------------ derived from the fields
+    def check(self) -> None:
+        """Cheap checks before any work: inputs exist, outputs are new."""
+        for name, value in self.path_fields():
+            check_path(name, value, self.path_role(name))
+
+    @classmethod
+    def path_role(cls, field_name: str) -> PathRole | None:
+        for item in cls.model_fields[field_name].metadata:
+            if isinstance(item, PathRole):
+                return item
+        return None
+
+    def path_fields(self) -> list[tuple[str, str]]:
+        """(field, path) of every path option that is set."""
+        return [
+            (name, str(getattr(self, name)))
+            for name in type(self).model_fields
+            if self.path_role(name) is not None and getattr(self, name) is not None
+        ]
+
+    @classmethod
+    def spec_fields(cls) -> list[str]:
+        return [
+            name
+            for name, info in cls.model_fields.items()
+            if OUTPUT_ONLY not in info.metadata
+        ]
+
+    def to_spec(self) -> dict[str, Any]:
+        """The job spec of this command: `kind` and every option, defaults included."""
+        values = self.model_dump(mode="json", include=set(self.spec_fields()))
+        return {"kind": self.name, **values}
+
+    def history_line(self) -> str:
+        """The command line that makes this result, as recorded in a manifest: positional
+        arguments, then the options that differ from their defaults; URLs lose credentials."""
+        words = ["hindsight", self.name]
+        options: list[str] = []
+        for name in self.spec_fields():
+            info = type(self).model_fields[name]
+            value = getattr(self, name)
+            if is_positional(info):
+                words.append(command_word(value))
+                continue
+            if value == info.get_default(call_default_factory=True):
+                continue
+            flag = "--" + (info.alias or name).replace("_", "-")
+            if isinstance(value, bool):
+                options.append(flag if value else f"--no-{flag[2:]}")
+            elif isinstance(value, list) and not all(is_plain(item) for item in value):
+                for item in value:  # one option per item: items may hold commas
+                    options += [flag, command_word(item)]
+            else:
+                options += [flag, command_word(value)]
+        return shlex.join(words + options)
+
+
+class RayCommand(Command):
+    """A command whose work runs in parallel on Ray: an embedded local Ray by default,
+    a cluster with `--address`; an `http://` address submits the command as a Ray job."""
+
+    address: str | None = Field(
+        None,
+        description="Ray address (ray://HOST:10001, HOST:6379, auto) to run on a cluster, or "
+        "a dashboard http://HOST:8265 to submit it as a job; default: an embedded local Ray.",
+    )
+
+    def submits(self) -> bool:
+        return bool(self.address and self.address.startswith(("http://", "https://")))
+
+    def executor(self) -> Executor:
+        """Where the parts run: Ray (started, or joined, on first use)."""
+        from jobs.runtime import RayExecutor, init_ray
+
+        init_ray(self.address)
+        return RayExecutor()
+
+    def to_spec(self) -> dict[str, Any]:
+        spec = super().to_spec()
+        if self.submits():
+            spec["address"] = None  # on the cluster, the job runs on the cluster's own Ray
+        return spec
+
+
+def in_process() -> Executor:
+    """For commands and tests that run their parts in this process."""
+    return InProcess()
+
+
+def is_positional(info: Any) -> bool:
+    return any(type(item).__name__ == "_CliPositionalArg" for item in info.metadata)
+
+
+def is_plain(value: Any) -> bool:
+    """A value that can stand in a comma-separated list."""
+    return isinstance(value, (int, float, str)) and "," not in str(value)
+
+
+def command_word(value: Any) -> str:
+    """One value as typed on a command line (URLs without credentials)."""
+    if hasattr(value, "as_option"):  # e.g. a relabeler spec: returns:gamma=0.99
+        return public_url(value.as_option())
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return ",".join(f"{k}={command_word(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ",".join(command_word(v) for v in value)
+    return public_url(str(value))
+
+
+def public_url(text: str) -> str:
+    """`text` without the user, password or query of a URL (they may hold credentials)."""
+    if "://" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return text
+    if not parts.scheme or not parts.netloc:
+        return text
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+# ---------------------------------------------------------------- checks of paths
+
+
+def check_path(field: str, value: str, role: PathRole | None) -> None:
+    """Raise UserError if `value` cannot be what `role` says."""
+    from engine.writer import check_new_output
+    from schemas.manifest import MANIFEST_NAME
+    from schemas.shard_index import INDEX_NAME
+
+    if role is None:
+        return
+    uri = storage.normalize(value)
+    if role is PathRole.DATASET:
+        if not storage.exists(storage.join(uri, MANIFEST_NAME)):
+            raise UserError(f"{field} {value}: {what_is_there(uri)}; expected {role.value}")
+    elif role is PathRole.SHARDS:
+        if not storage.exists(storage.join(uri, INDEX_NAME)):
+            raise UserError(f"{field} {value}: {what_is_there(uri)}; expected {role.value}")
+    elif role is PathRole.SOURCE:
+        if "://" in value and not storage.is_s3(value):
+            return  # a generator such as gym://, not files
+        if not (storage.exists(uri) or storage.list_files(uri)):
+            raise UserError(f"{field} {value}: does not exist")
+    elif role is PathRole.RUN:
+        if storage.is_s3(value):
+            raise UserError(f"{field} {value}: a run directory is local (checkpoints live there)")
+    elif role is PathRole.NEW_DATASET:
+        check_new_output(uri)
+    elif role is PathRole.NEW_SHARDS:
+        check_new_output(uri, INDEX_NAME)
+
+
+def what_is_there(uri: str) -> str:
+    """A short description of what a path holds, for messages and `hindsight info`."""
+    from schemas.manifest import MANIFEST_NAME
+    from schemas.shard_index import INDEX_NAME
+
+    if storage.exists(storage.join(uri, MANIFEST_NAME)):
+        return "a dataset version"
+    if storage.exists(storage.join(uri, INDEX_NAME)):
+        return "a set of shards (hindsight shard)"
+    if storage.exists(storage.join(uri, storage.STAGING_MARKER)):
+        return "an unfinished version (a writer is at work or died before committing)"
+    if not storage.is_s3(uri) and os.path.isfile(os.path.join(uri, "config.json")):
+        return "a training run (hindsight train)"
+    if not storage.is_s3(uri) and os.path.isfile(uri):
+        return "a file, not a dataset directory"
+    if not storage.exists(uri) and not storage.list_files(uri):
+        return "does not exist"
+    return "not a hindsight dataset (no manifest.json)"
+
+
+# ---------------------------------------------------------------- results as text and JSON
+
+
+def plain_summary(result: Any) -> dict[str, Any]:
+    """The facts of a result as plain JSON: a manifest's id and counts, a dict as it is."""
+    from schemas.manifest import Manifest
+
+    if isinstance(result, Manifest):
+        return {
+            "dataset_id": result.dataset_id,
+            "steps": result.steps,
+            "episodes": result.episodes,
+            "parts": len(result.parts),
+        }
+    if isinstance(result, BaseModel):
+        return result.model_dump(mode="json")
+    if isinstance(result, dict):
+        return json.loads(json.dumps(result, default=str))
+    return {"result": str(result)} if result is not None else {}
+
+
+def wrap_report(name: str, report: dict[str, Any], width: int = 100) -> str:
+    """A relabeler's (or any) report as indented `key: value` lines, wrapped at words."""
+    lines = [f"  {name}:"]
+    for key, value in report.items():
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        lines.extend(
+            textwrap.wrap(
+                f"{key}: {text}",
+                width=width,
+                initial_indent="    ",
+                subsequent_indent="      ",
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+        )
+    return "\n".join(lines)
+
+
+def rate(count: int, seconds: float, unit: str = "steps") -> str:
+    return f"{seconds:.1f} s, {count / seconds:,.0f} {unit}/s" if seconds > 0 else "0.0 s"
+

@@ -1,0 +1,114 @@
+"""`hindsight ask`: roll a trained policy out under the conditions you ask for."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import CliPositionalArg
+
+from jobs.command import Command, Directory, Run
+
+
+class Ask(Command):
+    """Roll out a trained policy in its environment, conditioned on values you choose: one
+    request, or a sweep over one column with a report of achieved against requested (the
+    dataset's mean return and the rank correlation as references).
+
+        hindsight ask runs/pend-rtg --request return_to_go=-150 --episodes 20
+        hindsight ask runs/pend-rtg --sweep return_to_go=-1000,-600,-300,-150 --output reports/pend
+    """
+
+    name = "ask"
+
+    input: CliPositionalArg[Run] = Field(description="A run directory written by `hindsight train`.")
+    env: str | None = Field(
+        None,
+        description="Gymnasium environment id (default: the one the run's data was collected in).",
+    )
+    request: dict[str, str] = Field(
+        default_factory=dict,
+        description="The value asked for per condition column, COLUMN=VALUE (repeat for several).",
+        json_schema_extra={"metavar": "COLUMN=VALUE"},
+    )
+    sweep: str | None = Field(
+        default=None,
+        description="One column and the values to ask for in turn: COLUMN=V1,V2,...",
+        json_schema_extra={"metavar": "COLUMN=V1,V2,..."},
+    )
+    episodes: int = Field(default=10, ge=1, description="Episodes per seed and value.")
+    seeds: list[int] = Field(default=[0], description="Environment seeds.")
+    output: Directory | None = Field(
+        default=None,
+        description="Directory for ask.json (and ask.png for a sweep); default for a sweep: "
+        "INPUT/ask-COLUMN.",
+    )
+    device: str = Field(default="cpu", description="Device for the rollout.")
+
+    @field_validator("request", mode="before")
+    @classmethod
+    def _pairs(cls, value: Any) -> Any:
+        """`COLUMN=VALUE` strings (the command line) into a mapping."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            pairs = {}
+            for pair in value:
+                column, sep, text = str(pair).partition("=")
+                if not sep:
+                    raise ValueError(f"--request takes COLUMN=VALUE, got {pair!r}")
+                pairs[column.strip()] = text.strip()
+            return pairs
+        return value
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep(cls, value: str | None) -> str | None:
+        if value is not None:
+            column, sep, values = value.partition("=")
+            if not sep or not column.strip() or not values.strip(","):
+                raise ValueError(f"--sweep takes COLUMN=V1,V2,..., got {value!r}")
+        return value
+
+    def sweep_values(self) -> tuple[str, list[str]]:
+        """The swept column and its values."""
+        column, _, values = str(self.sweep).partition("=")
+        return column.strip(), [v.strip() for v in values.split(",") if v.strip()]
+
+    @model_validator(mode="after")
+    def _one_or_the_other(self) -> Ask:
+        if self.sweep and self.request:
+            raise ValueError("give --request or --sweep, not both")
+        return self
+
+    def run(self) -> dict[str, Any]:
+        from trainers import ask
+
+        if self.sweep:
+            column, values = self.sweep_values()
+            output = self.output or os.path.join(self.input, f"ask-{column}")
+            report = ask.sweep(
+                self.input, self.env, column, values, self.episodes, self.seeds, output, self.device
+            )
+            return {**report, "output": output}
+        result = ask.ask(self.input, self.env, self.request, self.episodes, self.seeds, self.device)
+        result = {"condition": self.request, **result}
+        if self.output:
+            os.makedirs(self.output, exist_ok=True)
+            with open(os.path.join(self.output, "ask.json"), "w") as handle:
+                json.dump(result, handle, indent=2)
+        return result
+
+    def report(self, result: dict[str, Any], seconds: float) -> str:
+        from trainers.ask import format_sweep
+
+        if self.sweep:
+            lines = format_sweep(result)
+            output = result["output"]
+            lines.append(
+                f"wrote {os.path.join(output, 'ask.json')} and {os.path.join(output, 'ask.png')}"
+            )
+            return "\n".join(lines)
+        return json.dumps(result, indent=2)

@@ -1,0 +1,73 @@
+"""`hindsight ingest`: trajectories you already have into a new dataset version."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import CliPositionalArg
+
+from engine import storage
+from engine.sources import FORMATS
+from engine.writer import DEFAULT_PART_STEPS
+from jobs.command import NewDataset, RayCommand, Source
+from jobs.commands.collect import version_line
+from schemas.manifest import SKIPPED_REPORT_NAME, Manifest
+
+
+class Ingest(RayCommand):
+    """Validate trajectories (nothing is written if any episode is bad, unless
+    --on-error skip), then write them part by part as a new dataset version.
+
+        hindsight ingest my_logs.h5 data/logs --format d4rl --env Pendulum-v1
+        hindsight ingest s3://bucket/raw/ data/robot --format parquet --on-error skip
+    """
+
+    name = "ingest"
+
+    input: CliPositionalArg[Source] = Field(
+        description="A D4RL .h5/.hdf5/.npz file, a Minari dataset directory, or Parquet/JSONL "
+        "step tables (a file, a directory or a glob)."
+    )
+    output: CliPositionalArg[NewDataset] = Field(
+        description="New dataset directory (local path or s3://bucket/prefix)."
+    )
+    format: Literal[FORMATS] | None = Field(  # type: ignore[valid-type]
+        None, description="Input format; guessed from the path if unset."
+    )
+    env: str | None = Field(None, description="Environment id recorded per episode.")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail",
+        description="fail: write nothing if any episode is bad; skip: ingest the others and "
+        f"write {SKIPPED_REPORT_NAME} saying what was skipped and why.",
+    )
+    part_steps: int = Field(
+        DEFAULT_PART_STEPS, ge=1, description="Steps per part (whole episodes; one Ray task each)."
+    )
+    episode_column: str = Field("episode_id", description="Episode id column of step tables.")
+    step_column: str = Field("t", description="Step index column of step tables.")
+
+    def run(self) -> Manifest:
+        from engine.ingest import ingest, plan_ingest
+
+        # Reads boundaries and validates every episode before Ray starts or anything is written.
+        plan = plan_ingest(
+            self.input,
+            format=self.format,
+            env_id=self.env,
+            on_error=self.on_error,
+            part_steps=self.part_steps,
+            episode_column=self.episode_column,
+            step_column=self.step_column,
+        )
+        return ingest(plan, self.output, executor=self.executor(), command=self.history_line())
+
+    def report(self, manifest: Manifest, seconds: float) -> str:
+        line = version_line("ingested", manifest, self.output, seconds)
+        if manifest.metadata.get("skipped_report"):
+            line += (
+                f"; skipped {manifest.metadata['skipped_episodes']} episode(s), "
+                f"{manifest.metadata['truncated_tails']} truncated tail(s): see "
+                f"{storage.join(storage.normalize(self.output), SKIPPED_REPORT_NAME)}"
+            )
+        return line
