@@ -15,7 +15,7 @@ of ~1M-step parts. Measured on the same data, in this order:
    `returns`; for `goals`, k future goals per step with their source step, reward and
    reached flag, vectorized with NumPy inside each episode. Also the issue's reference
    computation, return-to-go plus one future goal index per step;
-4. whole jobs (`run_relabel`: read, relabel, write the new group, commit) on the embedded
+4. whole jobs (`Relabel(...).run()`: read, relabel, write the new group, commit) on the embedded
    Ray, Ray start-up timed separately; the peak RSS of the largest process and of the
    whole process tree, at the full size and at a quarter of it (memory must stay flat).
 """
@@ -235,14 +235,12 @@ def kernel_seconds(relabeler, steps: pa.Table, episodes: pa.Table, repeats: int 
 
 
 def run_job(input_uri: str, output_uri: str, relabeler: str) -> dict:
-    from jobs.relabel_job import RelabelOptions, run_relabel
+    from jobs.commands.relabel import Relabel
 
     shutil.rmtree(output_uri, ignore_errors=True)
     with TreeMemory() as memory:
         start = time.perf_counter()
-        manifest = run_relabel(
-            RelabelOptions(input=input_uri, output=output_uri, relabelers=[relabeler])
-        )
+        manifest = Relabel(input=input_uri, output=output_uri, relabelers=[relabeler]).run()
         seconds = time.perf_counter() - start
     written = sum(
         f.bytes

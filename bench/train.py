@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from jobs.demo import build_shards
+    from jobs.commands.demo import build_shards
     from jobs.runtime import init_ray
 
     init_ray()

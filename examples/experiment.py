@@ -65,7 +65,7 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 def train_policy(shards: str, run: str, condition: list[str], seed: int, args) -> None:
     """One policy, trained the same way for every arm of the experiment."""
-    from jobs.demo import train_run
+    from jobs.commands.demo import train_run
 
     train_run(
         shards,
@@ -82,7 +82,7 @@ def train_policy(shards: str, run: str, condition: list[str], seed: int, args) -
 
 
 def return_experiment(env_id: str, work: str, args: argparse.Namespace) -> dict[str, Any]:
-    from jobs.demo import build_shards, dataset_return, high_return
+    from jobs.commands.demo import build_shards, dataset_return, high_return
     from trainers import ask
 
     started = time.perf_counter()
@@ -185,7 +185,7 @@ def return_experiment(env_id: str, work: str, args: argparse.Namespace) -> dict[
 
 
 def goal_experiment(work: str, args: argparse.Namespace) -> dict[str, Any]:
-    from jobs.demo import build_shards
+    from jobs.commands.demo import build_shards
     from trainers import ask
 
     env_id = "hindsight/PointGoal-v0"

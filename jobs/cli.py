@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError, create_model
 from pydantic_settings import CliApp, CliSettingsSource, CliSubCommand, SettingsError
 
-from jobs.command import Command, RayCommand, UserError
+from jobs.command import Command, RayCommand, UserError, has_cli_marker
 from jobs.commands import COMMANDS, command_class
 
 PROGRAM = "hindsight"
@@ -100,7 +100,7 @@ def _register_progs(prefix: str, model: type[BaseModel]) -> None:
     for name, info in model.model_fields.items():
         annotation = info.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            if any(type(m).__name__ == "_CliSubCommand" for m in info.metadata):
+            if has_cli_marker(info, "_CliSubCommand"):
                 _register_progs(f"{prefix} {name}", annotation)
 
 
@@ -129,8 +129,8 @@ def innermost_command(model: BaseModel) -> Command:
     """The chosen sub-command (and its chosen sub-command, for nested ones)."""
     for name in type(model).model_fields:
         value = getattr(model, name)
-        if isinstance(value, BaseModel) and any(
-            type(m).__name__ == "_CliSubCommand" for m in type(model).model_fields[name].metadata
+        if isinstance(value, BaseModel) and has_cli_marker(
+            type(model).model_fields[name], "_CliSubCommand"
         ):
             return innermost_command(value)
     if not isinstance(model, Command):
@@ -146,7 +146,13 @@ def describe_validation_error(error: ValidationError) -> str:
         where = "--" + ".".join(location).replace("_", "-") if location else ""
         message = problem["msg"].removeprefix("Value error, ")
         got = problem.get("input")
-        shown = f" (got {got!r})" if where and not isinstance(got, dict) and "got" not in message else ""
+        # A value from the command line is shown as typed (-5, not '-5').
+        typed = got if isinstance(got, str) and got else repr(got)
+        shown = (
+            f" (got {typed})"
+            if where and not isinstance(got, dict) and "got" not in message
+            else ""
+        )
         lines.append(f"{where}: {message}{shown}" if where else message)
     return "\n  ".join(lines)
 
@@ -164,7 +170,7 @@ def execute(command: Command) -> Any:
     """Check, then run (or submit) one command; print its report. Returns the result."""
     command.check()
     if isinstance(command, RayCommand) and command.submits():
-        from jobs.commands.submit import submit_command
+        from jobs.submit import submit_command
 
         return submit_command(command)
     started = time.perf_counter()
@@ -197,7 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROGRAM} {name}: interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, KeyError, FileNotFoundError, RuntimeError, SettingsError) as error:
+    except (
+        UserError,
+        ValueError,
+        KeyError,
+        FileNotFoundError,
+        RuntimeError,
+        SettingsError,
+    ) as error:
         if debug:
             raise
         if isinstance(error, ValidationError):

@@ -112,11 +112,7 @@ class Command(BaseModel):
 
     @classmethod
     def spec_fields(cls) -> list[str]:
-        return [
-            name
-            for name, info in cls.model_fields.items()
-            if OUTPUT_ONLY not in info.metadata
-        ]
+        return [name for name, info in cls.model_fields.items() if OUTPUT_ONLY not in info.metadata]
 
     def to_spec(self) -> dict[str, Any]:
         """The job spec of this command: `kind` and every option, defaults included."""
@@ -167,6 +163,12 @@ class RayCommand(Command):
         init_ray(self.address)
         return RayExecutor()
 
+    def history_line(self) -> str:
+        """As `Command.history_line`, without `--address`: where the parts ran does not
+        change what they computed, so a spec records the same line here and on a cluster
+        (where `hindsight run` sets the address to the job's own cluster)."""
+        return Command.history_line(self.model_copy(update={"address": None}))
+
     def to_spec(self) -> dict[str, Any]:
         spec = super().to_spec()
         if self.submits():
@@ -179,8 +181,17 @@ def in_process() -> Executor:
     return InProcess()
 
 
+def has_cli_marker(info: Any, marker: str) -> bool:
+    """Whether a field is marked by pydantic-settings (`CliPositionalArg`, `CliSubCommand`
+    put their marker class itself, not an instance, in the field's metadata)."""
+    return any(
+        (item if isinstance(item, type) else type(item)).__name__ == marker
+        for item in info.metadata
+    )
+
+
 def is_positional(info: Any) -> bool:
-    return any(type(item).__name__ == "_CliPositionalArg" for item in info.metadata)
+    return has_cli_marker(info, "_CliPositionalArg")
 
 
 def is_plain(value: Any) -> bool:
@@ -234,7 +245,13 @@ def check_path(field: str, value: str, role: PathRole | None) -> None:
             raise UserError(f"{field} {value}: {what_is_there(uri)}; expected {role.value}")
     elif role is PathRole.SHARDS:
         if not storage.exists(storage.join(uri, INDEX_NAME)):
-            raise UserError(f"{field} {value}: {what_is_there(uri)}; expected {role.value}")
+            found = what_is_there(uri)
+            # Name the missing index.json; "not a dataset (no manifest.json)" would mislead.
+            found = "" if found.startswith("not a hindsight dataset") else f"{found}, "
+            raise UserError(
+                f"{field} {value}: {found}no {INDEX_NAME}; expected {role.value} "
+                "(written by hindsight shard)"
+            )
     elif role is PathRole.SOURCE:
         if "://" in value and not storage.is_s3(value):
             return  # a generator such as gym://, not files
@@ -310,4 +327,3 @@ def wrap_report(name: str, report: dict[str, Any], width: int = 100) -> str:
 
 def rate(count: int, seconds: float, unit: str = "steps") -> str:
     return f"{seconds:.1f} s, {count / seconds:,.0f} {unit}/s" if seconds > 0 else "0.0 s"
-

@@ -51,6 +51,7 @@ def init_ray(
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
 
 
+CANCEL_WAIT_S = 60.0  # how long a failed job waits for its cancelled parts to stop
 OUR_PACKAGES = ("engine", "relabelers", "jobs", "schemas", "trainers")
 
 
@@ -122,7 +123,12 @@ class RayExecutor:
                         results[pending.pop(ref)] = result
                         progress.advance(work_done(result))
         except BaseException:
-            for ref in pending:  # a failed or interrupted job stops its other parts
+            # A failed or interrupted job stops its other parts, and waits until they have
+            # stopped: a part still running could otherwise write a file while the version
+            # writer removes the staging directory.
+            for ref in pending:
                 ray.cancel(ref)
+            if pending:
+                ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)
             raise
         return [results[index] for index in range(len(tasks))]

@@ -8,6 +8,7 @@ The runs are trained for a few steps on in-memory batches shaped like the enviro
 from __future__ import annotations
 
 import json
+import shlex
 
 import gymnasium as gym
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from jobs.cli import main as cli_main
-from jobs.train_job import AskOptions, run_ask
+from jobs.commands.ask import Ask
 from trainers import ask, train
 from trainers.options import TrainOptions
 
@@ -98,16 +99,14 @@ def test_return_to_go_sweep_writes_ask_json_and_plot(tmp_path, model):
         model=model,
     )
     out = tmp_path / "report"
-    report = run_ask(
-        AskOptions(
-            run_dir=run,
-            env="Pendulum-v1",
-            sweep=("return_to_go", ["-1000", "-150"]),
-            episodes=2,
-            seeds=[0, 1],
-            out=str(out),
-        )
-    )
+    report = Ask(
+        input=run,
+        env="Pendulum-v1",
+        sweep="return_to_go=-1000,-150",
+        episodes=2,
+        seeds=[0, 1],
+        output=str(out),
+    ).run()
     written = json.loads((out / "ask.json").read_text())
     assert written["env"] == "Pendulum-v1" and written["condition"] == "return_to_go"
     assert [r["requested"] for r in written["results"]] == [-1000.0, -150.0]
@@ -171,7 +170,7 @@ def test_skill_on_cartpole_and_text_through_the_cli(tmp_path, capsys):
             "skill=novice,expert",
             "--episodes",
             "2",
-            "--out",
+            "--output",
             str(tmp_path / "skill-report"),
         ]  # fmt: skip
     )
@@ -192,9 +191,9 @@ def test_skill_on_cartpole_and_text_through_the_cli(tmp_path, capsys):
     result = ask.ask(run, "Pendulum-v1", {"description": "Swung up, fast!"}, episodes=1)
     assert result["episodes"] == 1
 
-    assert cli_main(["ask", run, "--env", "Pendulum-v1", "--condition", "skill=expert"]) == 2
+    assert cli_main(["ask", run, "--env", "Pendulum-v1", "--request", "skill=expert"]) == 2
     assert "cannot ask for ['skill']" in capsys.readouterr().err
-    condition = ["--condition", "description=fast"]
+    condition = ["--request", "description=fast"]
     assert cli_main(["ask", run, "--env", "CartPole-v1", *condition]) == 2
     assert "CartPole-v1 observations have 4 numbers, the policy was trained on 3" in (
         capsys.readouterr().err
@@ -280,7 +279,7 @@ def test_sweep_report_carries_the_references_and_the_env_recorded_with_the_run(t
     out = tmp_path / "report"
     # No --env: the run's own environment (the dataset's env_id, recorded in the index facts).
     args = ["ask", run, "--sweep", "return_to_go=-1000,-500,-150", "--episodes", "2",
-            "--out", str(out)]  # fmt: skip
+            "--output", str(out)]  # fmt: skip
     assert cli_main(args) == 0
     printed = capsys.readouterr().out
     written = json.loads((out / "ask.json").read_text())
@@ -307,6 +306,18 @@ def test_sweep_report_carries_the_references_and_the_env_recorded_with_the_run(t
 
 def test_without_a_recorded_env_ask_needs_env(tmp_path, capsys):
     run = train_tiny_run(tmp_path / "run", 3, PENDULUM_ACTION, RTG, model="mlp")
-    assert cli_main(["ask", run, "--condition", "return_to_go=-200", "--episodes", "1"]) == 2
+    assert cli_main(["ask", run, "--request", "return_to_go=-200", "--episodes", "1"]) == 2
     error = capsys.readouterr().err
     assert "does not record its environment" in error and "pass --env ENV_ID" in error
+
+
+def test_a_requested_sentence_may_hold_commas_on_the_command_line():
+    """`--request` takes the text after `COLUMN=` whole (as before the command model): a new
+    pair starts only where `COLUMN=` follows a comma; the recorded line parses back the same."""
+    from jobs.cli import parse
+
+    command = parse(["ask", "R", "--request", "description=held it upright, wobbly"])
+    assert command.request == {"description": "held it upright, wobbly"}
+    command = parse(["ask", "R", "--request", "a=1", "--request", "observation.goal=0.5:-0.5"])
+    assert command.request == {"a": "1", "observation.goal": "0.5:-0.5"}
+    assert parse(shlex.split(command.history_line())[1:]).request == command.request

@@ -21,7 +21,7 @@ from engine.dataset import DatasetError, open_dataset
 from engine.envs import ENV_ID, PointGoalEnv, heuristic_policy
 from engine.executor import InProcess
 from jobs.cli import main
-from jobs.ingest_job import CollectOptions, run_collect
+from jobs.commands.collect import Collect
 from jobs.runtime import RayExecutor
 from schemas import steps as cols
 
@@ -94,9 +94,9 @@ def test_user_policy_and_bad_specs():
 
 
 def test_a_mistyped_env_id_is_named_before_the_policy(tmp_path):
-    options = CollectOptions(env_id="Pendulm-v1", output=str(tmp_path / "out"), episodes=2)
+    command = Collect(env="Pendulm-v1", output=str(tmp_path / "out"), episodes=2)
     with pytest.raises(ValueError, match="Did you mean: `Pendulum`"):
-        run_collect(options)
+        command.run()
     assert not (tmp_path / "out").exists()
 
 
@@ -135,9 +135,9 @@ def test_point_goal_heuristic_is_vectorized():
 
 
 def test_collect_writes_a_committed_dataset_independent_of_parallelism(ray_local, tmp_path):
-    options = dict(env_id="Pendulum-v1", episodes=6, noise=[0.0, 0.5, 1.0], max_steps=40, seed=1)
-    first = run_collect(CollectOptions(output=str(tmp_path / "a"), episodes_per_part=2, **options))
-    again = run_collect(CollectOptions(output=str(tmp_path / "b"), episodes_per_part=2, **options))
+    options = dict(env="Pendulum-v1", episodes=6, noise=[0.0, 0.5, 1.0], max_steps=40, seed=1)
+    first = Collect(output=str(tmp_path / "a"), episodes_per_part=2, **options).run()
+    again = Collect(output=str(tmp_path / "b"), episodes_per_part=2, **options).run()
     assert first.dataset_id == again.dataset_id
     assert first.steps == 240 and first.episodes == 6 and len(first.parts) == 3
     episodes = engine.scan_episodes(str(tmp_path / "a")).collect()
@@ -145,7 +145,7 @@ def test_collect_writes_a_committed_dataset_independent_of_parallelism(ray_local
     assert first.metadata["noise_levels"] == [0.0, 0.5, 1.0]
     assert first.history[0].operation == "collect"
     # one part for everything: same rows, other files
-    single = run_collect(CollectOptions(output=str(tmp_path / "c"), episodes_per_part=6, **options))
+    single = Collect(output=str(tmp_path / "c"), episodes_per_part=6, **options).run()
     assert len(single.parts) == 1
     assert (
         engine.scan(str(tmp_path / "c"))

@@ -12,7 +12,7 @@ from jobs.cli import main as cli_main
 @pytest.mark.slow
 def test_demo_small_runs_end_to_end(tmp_path, ray_local, capsys):
     out = tmp_path / "demo"
-    assert cli_main(["demo", "--small", "--out", str(out)]) == 0
+    assert cli_main(["demo", "--small", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     for line in (
         "dataset mean return",
@@ -33,5 +33,5 @@ def test_demo_small_runs_end_to_end(tmp_path, ray_local, capsys):
     # Re-running replaces the demo's own output; a foreign directory is refused.
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("mine")
-    assert cli_main(["demo", "--small", "--out", str(tmp_path / "other")]) == 2
+    assert cli_main(["demo", "--small", "--output", str(tmp_path / "other")]) == 2
     assert (tmp_path / "other" / "keep.txt").read_text() == "mine"

@@ -24,14 +24,9 @@ from engine.sources.tables import EpisodeLabels, build_tables
 from engine.validate import ValidationError, check_finite
 from engine.writer import VersionWriter
 from jobs.cli import main
-from jobs.ingest_job import (
-    InfoOptions,
-    IngestOptions,
-    MaterializeOptions,
-    run_info,
-    run_ingest,
-    run_materialize,
-)
+from jobs.commands.info import Info
+from jobs.commands.ingest import Ingest
+from jobs.commands.materialize import Materialize
 from jobs.runtime import RayExecutor
 from schemas import steps as cols
 from schemas.manifest import SKIPPED_REPORT_NAME
@@ -112,12 +107,10 @@ def test_d4rl_hdf5_round_trip(ray_local, tmp_path):
     arrays = d4rl_arrays()
     source = write_hdf5(tmp_path / "logs.h5", arrays)
     uri = str(tmp_path / "ds")
-    manifest = run_ingest(
-        IngestOptions(source=source, output=uri, env_id="Toy-v0", format="d4rl", part_steps=150)
-    )
+    manifest = Ingest(input=source, output=uri, env="Toy-v0", format="d4rl", part_steps=150).run()
     assert len(manifest.parts) > 1
     assert_matches_d4rl(uri, arrays)
-    info = run_info(InfoOptions(dataset=uri))
+    info = Info(input=uri).run()
     assert info["steps"] == len(arrays["rewards"])
     assert info["episodes"] == len(episode_lengths(arrays))
     assert info["env_ids"] == ["Toy-v0"]
@@ -129,18 +122,16 @@ def test_d4rl_npz_round_trip(ray_local, tmp_path):
     source = tmp_path / "logs.npz"
     np.savez(source, **arrays)
     uri = str(tmp_path / "ds")
-    run_ingest(IngestOptions(source=str(source), output=uri, part_steps=200))
+    Ingest(input=str(source), output=uri, part_steps=200).run()
     assert_matches_d4rl(uri, arrays)
     with pytest.raises(ValueError, match="versions are immutable"):
-        run_ingest(IngestOptions(source=str(source), output=uri))
+        Ingest(input=str(source), output=uri).run()
 
 
 def test_tail_without_flags_is_kept_truncated_and_reported(ray_local, tmp_path):
     arrays = d4rl_arrays(tail=True, seed=5)
     uri = str(tmp_path / "ds")
-    manifest = run_ingest(
-        IngestOptions(source=write_hdf5(tmp_path / "logs.h5", arrays), output=uri)
-    )
+    manifest = Ingest(input=write_hdf5(tmp_path / "logs.h5", arrays), output=uri).run()
     lengths = episode_lengths(arrays)
     steps = engine.scan(uri).collect()
     assert steps["truncated"][-1] is True
@@ -192,15 +183,13 @@ def test_parquet_round_trip_several_files(ray_local, tmp_path):
     pq.write_table(source.filter(pa.array(ids < 40)), folder / "a.parquet")
     pq.write_table(source.filter(pa.array(ids >= 40)), folder / "b.parquet")
     uri = str(tmp_path / "ds")
-    run_ingest(
-        IngestOptions(
-            source=str(folder),
-            output=uri,
-            episode_column="episode",
-            step_column="step",
-            part_steps=50,
-        )
-    )
+    Ingest(
+        input=str(folder),
+        output=uri,
+        episode_column="episode",
+        step_column="step",
+        part_steps=50,
+    ).run()
     assert_matches_steps(uri, steps, episodes)
 
 
@@ -208,7 +197,7 @@ def test_parquet_struct_observations_and_discrete_actions(ray_local, tmp_path):
     steps, episodes = make_episodes(num_episodes=6, seed=8, goal_dim=2, discrete_actions=4)
     path = step_file(tmp_path, steps)
     uri = str(tmp_path / "ds")
-    run_ingest(IngestOptions(source=path, output=uri))
+    Ingest(input=path, output=uri).run()
     read = open_dataset(uri).read()
     assert read.schema.field("action").type == pa.int64()
     assert read.column("action").equals(steps.column("action"))
@@ -230,9 +219,7 @@ def test_jsonl_round_trip_with_variable_lists(ray_local, tmp_path):
         for row in to_source_table(steps).to_pylist():
             handle.write(json.dumps(row) + "\n")
     uri = str(tmp_path / "ds")
-    run_ingest(
-        IngestOptions(source=str(source), output=uri, episode_column="episode", step_column="step")
-    )
+    Ingest(input=str(source), output=uri, episode_column="episode", step_column="step").run()
     # JSON numbers are parsed as float64 and stored as float32: equal to the float32 source.
     assert_matches_steps(uri, steps, episodes)
 
@@ -276,7 +263,7 @@ def test_minari_round_trip(ray_local, tmp_path, monkeypatch, data_format):
         )
     directory = tmp_path / "minari" / "test" / "pendulum-noisy-v0"
     uri = str(tmp_path / "ds")
-    manifest = run_ingest(IngestOptions(source=str(directory), output=uri, part_steps=15))
+    manifest = Ingest(input=str(directory), output=uri, part_steps=15).run()
     assert manifest.metadata["source_format"] == "minari"
     assert manifest.metadata["minari_data_format"] == data_format
     steps = engine.scan(uri).collect()
@@ -446,9 +433,9 @@ def test_on_error_skip_ingests_the_rest_and_reports(ray_local, tmp_path):
     source = write_hdf5(tmp_path / "logs.h5", arrays)
     uri = str(tmp_path / "ds")
     with pytest.raises(ValidationError, match="--on-error skip"):
-        run_ingest(IngestOptions(source=source, output=uri))
+        Ingest(input=source, output=uri).run()
     assert not (tmp_path / "ds").exists()
-    manifest = run_ingest(IngestOptions(source=source, output=uri, on_error="skip", part_steps=120))
+    manifest = Ingest(input=source, output=uri, on_error="skip", part_steps=120).run()
     episodes = engine.scan_episodes(uri).collect()
     kept = [e for e in range(len(lengths)) if e not in (0, 3)]
     assert episodes["episode_id"].to_list() == kept
@@ -476,10 +463,10 @@ def test_killed_ingest_leaves_no_dataset_and_rerun_succeeds(ray_local, tmp_path)
     ingest_part(part_tasks(plan, staged)[0])
     with pytest.raises(DatasetError, match="died before committing"):
         open_dataset(uri)
-    rerun = run_ingest(IngestOptions(source=source, output=uri, part_steps=150))
+    rerun = Ingest(input=source, output=uri, part_steps=150).run()
     assert_matches_d4rl(uri, arrays)
     # the re-run's output is identical to an ingest that never died
-    clean = run_ingest(IngestOptions(source=source, output=str(tmp_path / "clean"), part_steps=150))
+    clean = Ingest(input=source, output=str(tmp_path / "clean"), part_steps=150).run()
     assert rerun.dataset_id == clean.dataset_id
 
 
@@ -563,7 +550,7 @@ def test_materialize_zips_all_groups_into_one(ray_local, tmp_path):
 
     child_uri = attach_group(parent_uri, str(tmp_path / "child"), "double", double_reward)
     output = str(tmp_path / "flat")
-    manifest = run_materialize(MaterializeOptions(dataset=child_uri, output=output))
+    manifest = Materialize(input=child_uri, output=output).run()
     assert [g.name for g in manifest.groups] == ["base"]
     assert all(g.root == manifest.groups[0].root for g in manifest.groups)
     flat = engine.scan(output).collect()
@@ -650,7 +637,7 @@ def test_ingest_killed_mid_run_leaves_no_dataset(ray_local, tmp_path):
     assert not (uri / "manifest.json").exists()
     with pytest.raises(DatasetError, match="died before committing"):
         open_dataset(str(uri))
-    run_ingest(IngestOptions(source=source, output=str(uri), part_steps=150))
+    Ingest(input=source, output=str(uri), part_steps=150).run()
     assert_matches_d4rl(str(uri), arrays)
 
 
@@ -659,16 +646,16 @@ def test_ingest_from_and_to_s3(ray_local, s3_bucket, tmp_path):
     local = write_hdf5(tmp_path / "logs.h5", arrays)
     storage.write_bytes(f"{s3_bucket}/raw/logs.h5", open(local, "rb").read())
     uri = f"{s3_bucket}/pendulum"
-    run_ingest(IngestOptions(source=f"{s3_bucket}/raw/logs.h5", output=uri, part_steps=200))
+    Ingest(input=f"{s3_bucket}/raw/logs.h5", output=uri, part_steps=200).run()
     assert_matches_d4rl(uri, arrays)
-    assert run_info(InfoOptions(dataset=uri))["steps"] == len(arrays["rewards"])
+    assert Info(input=uri).run()["steps"] == len(arrays["rewards"])
 
     steps, episodes = make_episodes(num_episodes=6, seed=13)
     ids = steps.column("episode_id").to_numpy()
     for name, rows in (("a", ids < 30), ("b", ids >= 30)):
         local = step_file(tmp_path, steps.filter(pa.array(rows)), f"{name}.parquet")
         storage.write_bytes(f"{s3_bucket}/steps/{name}.parquet", open(local, "rb").read())
-    run_ingest(IngestOptions(source=f"{s3_bucket}/steps/*.parquet", output=str(tmp_path / "ds")))
+    Ingest(input=f"{s3_bucket}/steps/*.parquet", output=str(tmp_path / "ds")).run()
     assert_matches_steps(str(tmp_path / "ds"), steps, episodes)
 
 

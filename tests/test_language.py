@@ -470,19 +470,17 @@ def _all_bytes(*roots: Path) -> list[tuple[Path, bytes]]:
 @pytest.mark.ray
 def test_relabel_job_with_the_model_end_to_end(ray_local, tiny_dataset, server, tmp_path, fake_key):
     from engine.dataset import open_dataset
-    from jobs.relabel_job import RelabelOptions, run_relabel
+    from jobs.commands.relabel import Relabel
 
     cache = tmp_path / "llm-cache"
     spec = f"language:n=2,model=test-model,cache={cache}"
     server.fail_when = lambda body: data_block(body)["episode_id"] == 37
-    manifest = run_relabel(
-        RelabelOptions(
-            input=tiny_dataset,
-            output=str(tmp_path / "lang"),
-            relabelers=[spec + ",max_retries=1"],
-            llm_base_url=server.url,
-        )
-    )
+    manifest = Relabel(
+        input=tiny_dataset,
+        output=str(tmp_path / "lang"),
+        relabelers=[spec + ",max_retries=1"],
+        llm_base_url=server.url,
+    ).run()
     report = manifest.groups[-1].relabeler.report
     assert report["describer"] == "llm" and report["model"] == "test-model"
     assert report["prompt"] == "describe_v1" and report["requests"] == 11 + 2
@@ -497,15 +495,13 @@ def test_relabel_job_with_the_model_end_to_end(ray_local, tiny_dataset, server, 
     # --retry-failed on the next run asks only for the failed episode.
     server.fail_when = None
     before = server.count()
-    manifest = run_relabel(
-        RelabelOptions(
-            input=tiny_dataset,
-            output=str(tmp_path / "lang2"),
-            relabelers=[spec],
-            llm_base_url=server.url,
-            retry_failed=True,
-        )
-    )
+    manifest = Relabel(
+        input=tiny_dataset,
+        output=str(tmp_path / "lang2"),
+        relabelers=[spec],
+        llm_base_url=server.url,
+        retry_failed=True,
+    ).run()
     assert server.count() == before + 1
     report = manifest.groups[-1].relabeler.report
     assert report["requests"] == 1 and report["cached"] == 11
@@ -518,13 +514,13 @@ def test_relabel_job_with_the_model_end_to_end(ray_local, tiny_dataset, server, 
 @pytest.mark.ray
 def test_relabel_job_offline_is_deterministic(ray_local, tiny_dataset, tmp_path, no_endpoint):
     from engine.dataset import open_dataset
-    from jobs.relabel_job import RelabelOptions, run_relabel
+    from jobs.commands.relabel import Relabel
 
     outputs = []
     for name in ("a", "b"):
-        manifest = run_relabel(
-            RelabelOptions(input=tiny_dataset, output=str(tmp_path / name), relabelers=["language"])
-        )
+        manifest = Relabel(
+            input=tiny_dataset, output=str(tmp_path / name), relabelers=["language"]
+        ).run()
         outputs.append(tmp_path / name / "language")
     assert manifest.groups[-1].relabeler.report["describer"] == "template"
     files_a = {p.relative_to(outputs[0]): p.read_bytes() for p in outputs[0].rglob("*.parquet")}

@@ -28,15 +28,13 @@ def written(tmp_path_factory, s3_server, ray_local):
     """One dataset, sharded to the loopback S3 server and to a local directory."""
     import boto3
 
-    from jobs.shard_job import run_shard
-
     root = tmp_path_factory.mktemp("loader")
     dataset = conditioned_dataset(str(root / "ds"), num_episodes=24)
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="hs-loader")
     s3 = "s3://hs-loader/shards/v1"
-    run_shard(shard_options(dataset, s3, shard_steps=100))
+    shard_options(dataset, s3, shard_steps=100).run()
     local = str(root / "shards")
-    run_shard(shard_options(dataset, local, shard_steps=100))
+    shard_options(dataset, local, shard_steps=100).run()
     return {"dataset": dataset, "s3": s3, "local": local}
 
 
@@ -288,7 +286,7 @@ def test_a_dropped_s3_read_is_resumed_from_where_it_stopped(written):
 def test_discrete_actions_and_goal_env_observations(tmp_path, ray_local):
     """Discrete actions stream as int64 [B, W]; a struct observation streams its
     `observation` field, and a goal field is a vector condition."""
-    from jobs.shard_job import ShardOptions, run_shard
+    from jobs.commands.shard import Shard
     from tests.synthetic import make_episodes, write_synthetic_dataset
 
     steps, episodes = make_episodes(
@@ -296,15 +294,13 @@ def test_discrete_actions_and_goal_env_observations(tmp_path, ray_local):
     )
     write_synthetic_dataset(str(tmp_path / "ds"), steps, episodes)
     out = str(tmp_path / "shards")
-    index = run_shard(
-        ShardOptions(
-            dataset=str(tmp_path / "ds"),
-            out=out,
-            condition=["observation.desired_goal"],
-            window=3,
-            shard_steps=1000,
-        )
-    )
+    index = Shard(
+        input=str(tmp_path / "ds"),
+        output=out,
+        condition=["observation.desired_goal"],
+        window=3,
+        shard_steps=1000,
+    ).run()
     assert index.action.kind == "discrete" and index.action.n == 3
     assert index.observation.shape == [4]
     assert index.conditions["observation.desired_goal"].dim == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -41,7 +42,7 @@ from engine.query import (
 )
 from engine.writer import VersionWriter
 from jobs.cli import main as cli_main
-from jobs.query_job import QueryOptions, run_query
+from jobs.commands.query import Query
 from schemas import steps as cols
 from tests.synthetic import attach_group, make_episodes, write_synthetic_dataset
 
@@ -490,7 +491,7 @@ def test_out_writes_a_self_contained_version_of_whole_episodes(labeled, raw, tmp
     steps, episodes = raw
     out = str(tmp_path / "experts")
     where = "skill = 'expert' AND return_to_go > 2"
-    summary = run_query(QueryOptions(dataset=labeled, where=where, out=out), stdout=io.StringIO())
+    summary = Query(input=labeled, where=where, output=out).run(stdout=io.StringIO())
     matched = (
         steps.join(episodes.select("episode_id", "skill"), on="episode_id")
         .filter((pl.col("skill") == "expert") & (pl.col("return_to_go") > 2))["episode_id"]
@@ -509,7 +510,18 @@ def test_out_writes_a_self_contained_version_of_whole_episodes(labeled, raw, tmp
     # The subset is queryable like any version, and immutable.
     assert query(out, "skill = 'novice'").frame.height == 0
     with pytest.raises(QueryError, match="immutable"):
-        run_query(QueryOptions(dataset=labeled, where=where, out=out), stdout=io.StringIO())
+        Query(input=labeled, where=where, output=out).run(stdout=io.StringIO())
+
+
+def test_the_recorded_command_line_holds_only_the_options_given(labeled, tmp_path):
+    """A format derived from the other options is not recorded as if it had been typed."""
+    out = str(tmp_path / "experts")
+    Query(input=labeled, where="skill = 'expert'", output=out).run(stdout=io.StringIO())
+    assert open_dataset(out).manifest.history[-1].command == shlex.join(
+        ["hindsight", "query", labeled, "--where", "skill = 'expert'", "--output", out]
+    )
+    to_file = Query(input=labeled, output_file=str(tmp_path / "slice.csv"))
+    assert to_file.output_format() == "csv" and "--format" not in to_file.history_line()
 
 
 def test_out_is_written_part_by_part_and_a_failure_leaves_nothing(
@@ -611,7 +623,7 @@ def test_cli_formats(labeled, raw, tmp_path, capsys):
         expected.select("episode_id", "t", "return_to_go", "observation"),
     )
 
-    assert cli_main(["query", labeled, "--where", "skill = 'expert'", "--episodes"]) == 0
+    assert cli_main(["query", labeled, "--where", "skill = 'expert'", "--level", "episodes"]) == 0
     assert f"{episodes.filter(pl.col('skill') == 'expert').height} matching episodes" in (
         capsys.readouterr().out
     )
@@ -645,7 +657,7 @@ def test_query_and_out_on_s3(s3_bucket, labeled):
         episodes.filter(pl.col("skill") == "novice"),
     )
     out = f"{s3_bucket}/datasets/novices"
-    run_query(QueryOptions(dataset=uri, where="skill = 'novice'", out=out), stdout=io.StringIO())
+    Query(input=uri, where="skill = 'novice'", output=out).run(stdout=io.StringIO())
     chosen = episodes.filter(pl.col("skill") == "novice")
     assert_valid_subset(
         out,
@@ -657,8 +669,6 @@ def test_query_and_out_on_s3(s3_bucket, labeled):
 
 def test_pyarrow_types_survive_the_subset(labeled, tmp_path):
     out = str(tmp_path / "sub")
-    run_query(
-        QueryOptions(dataset=labeled, where="episode_id < 100", out=out), stdout=io.StringIO()
-    )
+    Query(input=labeled, where="episode_id < 100", output=out).run(stdout=io.StringIO())
     schema = open_dataset(out).read_part(0).schema
     assert pa.types.is_fixed_size_list(schema.field(cols.OBSERVATION).type)

@@ -16,7 +16,7 @@ from engine import storage
 from engine.dataset import open_dataset
 from engine.executor import InProcess
 from jobs import cli, relabeling
-from jobs.relabel_job import RelabelOptions, run_relabel
+from jobs.commands.relabel import Relabel
 from relabelers import registry
 from relabelers.base import RelabelError, relabel_tables
 from relabelers.goals import GoalsRelabeler
@@ -36,11 +36,9 @@ EVERYTHING = [
 
 
 def relabel(input_uri, output_uri, relabelers, **options):
-    return run_relabel(
-        RelabelOptions(
-            input=str(input_uri), output=str(output_uri), relabelers=relabelers, **options
-        )
-    )
+    return Relabel(
+        input=str(input_uri), output=str(output_uri), relabelers=relabelers, **options
+    ).run()
 
 
 def data_files(uri: str) -> dict[str, str]:
@@ -228,7 +226,7 @@ def test_command_line_and_spec(ray_local, tiny_dataset, tmp_path, capsys):
         f"kind: relabel\ninput: {tiny_dataset}\noutput: {tmp_path / 'spec'}\n"
         "relabelers:\n  - name: skill\n    params: {levels: 3, source: noise}\n"
     )
-    assert cli.main(["relabel", "--spec", str(spec)]) == 0
+    assert cli.main(["run", str(spec)]) == 0
     episodes = open_dataset(str(tmp_path / "spec")).read("episodes", ["noise", "skill"])
     by_noise = dict(zip(episodes.column("noise").to_pylist(), episodes.column("skill").to_pylist()))
     assert by_noise == {0.0: "expert", 0.5: "intermediate", 1.0: "novice"}
@@ -244,7 +242,7 @@ def test_command_line_and_spec(ray_local, tiny_dataset, tmp_path, capsys):
 def test_generic_llm_options_reach_relabelers_that_have_them():
     from jobs.relabeling import create_relabelers
 
-    options = RelabelOptions(
+    options = Relabel(
         input="x", output="y", relabelers=["returns"], llm_base_url="http://127.0.0.1:9/v1"
     )
     (relabeler,) = create_relabelers(options)  # returns has no base_url: left alone

@@ -80,11 +80,11 @@ def dataset(tmp_path_factory):
 
 
 def shard_options(dataset: str, out: str, **overrides):
-    from jobs.shard_job import ShardOptions
+    from jobs.commands.shard import Shard
 
     values = dict(
-        dataset=dataset,
-        out=out,
+        input=dataset,
+        output=out,
         condition=["return_to_go", "skill", "description", "descriptions", "hindsight_goal"],
         window=5,
         shard_steps=200,
@@ -92,7 +92,7 @@ def shard_options(dataset: str, out: str, **overrides):
         seed=0,
     )
     values.update(overrides)
-    return ShardOptions(**values)
+    return Shard(**values)
 
 
 def read_blocks(path: str) -> list[dict[str, np.ndarray]]:
@@ -110,10 +110,8 @@ def read_blocks(path: str) -> list[dict[str, np.ndarray]]:
 
 @pytest.mark.ray
 def test_shard_job_index_statistics_and_windows(dataset, tmp_path, ray_local):
-    from jobs.shard_job import run_shard
-
     out = str(tmp_path / "shards")
-    index = run_shard(shard_options(dataset, out))
+    index = shard_options(dataset, out).run()
     steps = open_dataset(dataset).read()
     episodes = open_dataset(dataset).read("episodes")
     assert index.windows == index.steps == steps.num_rows  # stride 1: a window per step
@@ -181,11 +179,9 @@ def test_shard_job_index_statistics_and_windows(dataset, tmp_path, ray_local):
 
 @pytest.mark.ray
 def test_same_input_and_seed_give_byte_identical_shards(dataset, tmp_path, ray_local):
-    from jobs.shard_job import run_shard
-
-    first = run_shard(shard_options(dataset, str(tmp_path / "a")))
-    second = run_shard(shard_options(dataset, str(tmp_path / "b")))
-    other_seed = run_shard(shard_options(dataset, str(tmp_path / "c"), seed=1))
+    first = shard_options(dataset, str(tmp_path / "a")).run()
+    second = shard_options(dataset, str(tmp_path / "b")).run()
+    other_seed = shard_options(dataset, str(tmp_path / "c"), seed=1).run()
     assert [s.sha256 for s in first.shards] == [s.sha256 for s in second.shards]
     for shard in first.shards:
         a = open(tmp_path / "a" / shard.name, "rb").read()
@@ -199,7 +195,7 @@ def test_same_input_and_seed_give_byte_identical_shards(dataset, tmp_path, ray_l
             assert member.name.endswith(".npy")
     # A committed shard directory is immutable.
     with pytest.raises(ValueError, match="already committed"):
-        run_shard(shard_options(dataset, str(tmp_path / "a")))
+        shard_options(dataset, str(tmp_path / "a")).run()
 
 
 def test_long_episodes_are_chunked_with_context_and_stride():
@@ -252,8 +248,6 @@ def test_long_episodes_are_chunked_with_context_and_stride():
 
 
 def test_text_encoding_and_unknown_columns(dataset, tmp_path):
-    from jobs.shard_job import run_shard
-
     assert encode_text(["Reach the RED block!"], ["<pad>", "<unk>", "the", "red"], 6).tolist() == [
         [1, 2, 3, 1, 0, 0]
     ]
@@ -261,7 +255,7 @@ def test_text_encoding_and_unknown_columns(dataset, tmp_path):
     resolved = shards.resolve_conditions(open_dataset(dataset), options.condition, options.text)
     assert [c.type for c in resolved] == ["scalar", "categorical", "text", "text", "vector"]
     with pytest.raises(KeyError, match="no column 'return_to_goal'"):
-        run_shard(shard_options(dataset, str(tmp_path / "s"), condition=["return_to_goal"]))
+        shard_options(dataset, str(tmp_path / "s"), condition=["return_to_goal"]).run()
     with pytest.raises(shards.ShardError, match="cannot be a condition"):
         shards.classify_condition("x", pa.struct([("a", pa.int8())]), "steps")
 
@@ -296,7 +290,7 @@ def test_cli_shard_command(dataset, tmp_path, ray_local, capsys):
 
 @pytest.mark.ray
 def test_nan_rewards_are_a_clear_error_naming_part_episode_and_column(tmp_path, ray_local):
-    from jobs.shard_job import ShardOptions, run_shard
+    from jobs.commands.shard import Shard
 
     steps, episodes = make_episodes(num_episodes=4, seed=1)
     reward = steps.column("reward").to_numpy().copy()
@@ -305,7 +299,7 @@ def test_nan_rewards_are_a_clear_error_naming_part_episode_and_column(tmp_path, 
     write_synthetic_dataset(str(tmp_path / "nan"), steps, episodes)
     episode = steps.column("episode_id")[5].as_py()
     with pytest.raises(shards.ShardError, match=f"part 0: column 'reward'.*episode {episode}"):
-        run_shard(ShardOptions(dataset=str(tmp_path / "nan"), out=str(tmp_path / "s")))
+        Shard(input=str(tmp_path / "nan"), output=str(tmp_path / "s")).run()
     assert not storage.exists(str(tmp_path / "s" / "index.json"))
 
 
@@ -314,7 +308,7 @@ def test_a_failed_shard_job_leaves_no_staging_and_no_partial_shards(tmp_path, ra
     """The last part has a NaN reward: the tasks before it have written their shards when it
     fails, and all of it goes (in this process, and on Ray through `hindsight shard`)."""
     from engine.executor import InProcess
-    from jobs.shard_job import ShardOptions, run_shard
+    from jobs.commands.shard import Shard
 
     steps, episodes = make_episodes(num_episodes=12, seed=2)
     reward = steps.column("reward").to_numpy().copy()
@@ -333,5 +327,5 @@ def test_a_failed_shard_job_leaves_no_staging_and_no_partial_shards(tmp_path, ra
 
     out = str(tmp_path / "ray")
     with pytest.raises(shards.ShardError, match="column 'reward'"):
-        run_shard(ShardOptions(dataset=dataset.uri, out=out, shard_steps=40))
+        Shard(input=dataset.uri, output=out, shard_steps=40).run()
     assert storage.list_files(out) == []

@@ -17,11 +17,11 @@ from jobs.spec import SpecError, read_spec
 EXAMPLES = Path(__file__).resolve().parent.parent / "jobs" / "examples"
 
 
-class Copy(Command):
+class Duplicate(Command):
     """A stand-in command with the shape of every pipeline command, so the spec machinery
     is tested on its own."""
 
-    name = "copy"
+    name = "duplicate"
     input: CliPositionalArg[Dataset] = Field(description="The dataset version to read.")
     output: CliPositionalArg[NewDataset] = Field(description="Where the new version is written.")
     part_steps: int = Field(1000, description="Steps per part.")
@@ -31,9 +31,9 @@ class Copy(Command):
 
 
 @pytest.fixture
-def copy_kind(monkeypatch):
-    monkeypatch.setitem(commands.COMMANDS, "copy", "tests.test_spec:Copy")
-    monkeypatch.setattr(specs, "SPEC_KINDS", (*specs.SPEC_KINDS, "copy"))
+def duplicate_kind(monkeypatch):
+    monkeypatch.setitem(commands.COMMANDS, "duplicate", "tests.test_spec:Duplicate")
+    monkeypatch.setattr(specs, "SPEC_KINDS", (*specs.SPEC_KINDS, "duplicate"))
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -42,11 +42,11 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_valid_spec_loads_options(copy_kind, tiny_dataset, tmp_path):
-    path = write(tmp_path, f"kind: copy\ninput: {tiny_dataset}\noutput: {tmp_path / 'out'}\n")
+def test_valid_spec_loads_options(duplicate_kind, tiny_dataset, tmp_path):
+    path = write(tmp_path, f"kind: duplicate\ninput: {tiny_dataset}\noutput: {tmp_path / 'out'}\n")
     spec = read_spec(path)
-    assert spec.kind == "copy"
-    assert isinstance(spec.command, Copy)
+    assert spec.kind == "duplicate"
+    assert isinstance(spec.command, Duplicate)
     assert spec.command.part_steps == 1000
     assert spec.command.run() == {"dataset_id": "copied", "output": str(tmp_path / "out")}
 
@@ -54,33 +54,33 @@ def test_valid_spec_loads_options(copy_kind, tiny_dataset, tmp_path):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("kind: copy\ninput: x\noutput: y\ngamma: 0.9\n", "unknown field 'gamma'"),
-        ("kind: copy\ninput: x\noutput: y\npart_steps: many\n", "field 'part_steps'"),
-        ("kind: copy\noutput: y\n", "missing required field 'input': The dataset version"),
+        ("kind: duplicate\ninput: x\noutput: y\ngamma: 0.9\n", "unknown field 'gamma'"),
+        ("kind: duplicate\ninput: x\noutput: y\npart_steps: many\n", "field 'part_steps'"),
+        ("kind: duplicate\noutput: y\n", "missing required field 'input': The dataset version"),
         ("input: x\n", "missing `kind:`"),
         ("kind: teleport\n", "unknown kind 'teleport'"),
         ("kind: info\n", "'info' is a command, not a job"),
-        ("kind: copy\ninput: [x\n", "not valid YAML"),
-        ("- kind: copy\n", "a job spec is a YAML mapping"),
+        ("kind: duplicate\ninput: [x\n", "not valid YAML"),
+        ("- kind: duplicate\n", "a job spec is a YAML mapping"),
     ],
 )
-def test_bad_specs_fail_with_a_clear_message(copy_kind, tmp_path, text, expected):
+def test_bad_specs_fail_with_a_clear_message(duplicate_kind, tmp_path, text, expected):
     path = write(tmp_path, text)
     with pytest.raises(SpecError, match=expected) as error:
         read_spec(path, check_inputs=False)
     assert str(path) in str(error.value)
 
 
-def test_missing_input_dataset_fails_before_running(copy_kind, tmp_path):
+def test_missing_input_dataset_fails_before_running(duplicate_kind, tmp_path):
     missing = tmp_path / "no-such-dataset"
-    path = write(tmp_path, f"kind: copy\ninput: {missing}\noutput: {tmp_path / 'out'}\n")
+    path = write(tmp_path, f"kind: duplicate\ninput: {missing}\noutput: {tmp_path / 'out'}\n")
     with pytest.raises(SpecError, match="input .*does not exist; expected a committed dataset"):
         read_spec(path)
     assert not (tmp_path / "out").exists()
 
 
-def test_committed_output_is_refused(copy_kind, tiny_dataset, tmp_path):
-    path = write(tmp_path, f"kind: copy\ninput: {tiny_dataset}\noutput: {tiny_dataset}\n")
+def test_committed_output_is_refused(duplicate_kind, tiny_dataset, tmp_path):
+    path = write(tmp_path, f"kind: duplicate\ninput: {tiny_dataset}\noutput: {tiny_dataset}\n")
     with pytest.raises(SpecError, match="already committed.*immutable"):
         read_spec(path)
 
@@ -90,27 +90,27 @@ def test_missing_spec_file(tmp_path):
         read_spec(tmp_path / "nope.yaml")
 
 
-def test_spec_round_trips_through_yaml(copy_kind, tiny_dataset, tmp_path):
-    path = write(tmp_path, f"kind: copy\ninput: {tiny_dataset}\noutput: {tmp_path / 'out'}\n")
+def test_spec_round_trips_through_yaml(duplicate_kind, tiny_dataset, tmp_path):
+    path = write(tmp_path, f"kind: duplicate\ninput: {tiny_dataset}\noutput: {tmp_path / 'out'}\n")
     spec = read_spec(path)
     again = specs.load_spec_text(spec.to_yaml(), source="again")
     assert again.kind == spec.kind and again.command == spec.command
 
 
-def test_run_command_prints_the_result_line(copy_kind, tiny_dataset, tmp_path, capsys, ray_local):
+def test_run_command_prints_the_result_line(duplicate_kind, tiny_dataset, tmp_path, capsys, ray_local):
     from jobs.cli import main
 
-    path = write(tmp_path, f"kind: copy\ninput: {tiny_dataset}\noutput: {tmp_path / 'out'}\n")
+    path = write(tmp_path, f"kind: duplicate\ninput: {tiny_dataset}\noutput: {tmp_path / 'out'}\n")
     assert main(["run", str(path)]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("hindsight-result: ")
     assert '"dataset_id": "copied"' in line
 
 
-def test_run_command_reports_a_bad_spec_as_a_user_error(copy_kind, tmp_path, capsys):
+def test_run_command_reports_a_bad_spec_as_a_user_error(duplicate_kind, tmp_path, capsys):
     from jobs.cli import main
 
-    path = write(tmp_path, "kind: copy\ninput: x\noutput: y\ncolour: red\n")
+    path = write(tmp_path, "kind: duplicate\ninput: x\noutput: y\ncolour: red\n")
     assert main(["run", str(path)]) == 2
     assert "unknown field 'colour'" in capsys.readouterr().err
 

@@ -340,30 +340,26 @@ def test_unknown_condition_column_is_a_clear_error():
 @pytest.fixture(scope="module")
 def real_shards(tmp_path_factory, ray_local):
     """A tiny synthetic dataset relabeled with returns and skill, sharded into 3 shards."""
-    from jobs.relabel_job import RelabelOptions, run_relabel
-    from jobs.shard_job import ShardOptions, run_shard
+    from jobs.commands.relabel import Relabel
+    from jobs.commands.shard import Shard
     from tests.synthetic import make_episodes, write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("real")
     steps, episodes = make_episodes(num_episodes=24, obs_dim=3, action_dim=2, seed=0)
     write_synthetic_dataset(str(root / "raw"), steps, episodes, part_steps=120)
-    run_relabel(
-        RelabelOptions(
-            input=str(root / "raw"),
-            output=str(root / "relabeled"),
-            relabelers=["returns", "skill:levels=2"],
-        )
-    )
-    run_shard(
-        ShardOptions(
-            dataset=str(root / "relabeled"),
-            out=str(root / "shards"),
-            condition=["return_to_go", "skill"],
-            window=4,
-            shard_steps=150,
-            block_steps=64,
-        )
-    )
+    Relabel(
+        input=str(root / "raw"),
+        output=str(root / "relabeled"),
+        relabelers=["returns", "skill:levels=2"],
+    ).run()
+    Shard(
+        input=str(root / "relabeled"),
+        output=str(root / "shards"),
+        condition=["return_to_go", "skill"],
+        window=4,
+        shard_steps=150,
+        block_steps=64,
+    ).run()
     return str(root / "shards")
 
 
@@ -439,23 +435,20 @@ def test_resume_through_the_real_loader_matches(tmp_path, real_shards):
 
 @pytest.mark.slow
 def test_two_ray_train_workers(tmp_path, real_shards):
-    from jobs.train_job import TrainOptions as TrainCommandOptions
-    from jobs.train_job import run_train
+    from jobs.commands.train import Train
 
-    summary = run_train(
-        TrainCommandOptions(
-            input=real_shards,
-            output=str(tmp_path / "ddp"),
-            condition=["skill"],
-            model="mlp",
-            steps=6,
-            batch_size=8,
-            hidden=16,
-            d_model=8,
-            log_every=3,
-            workers=2,
-        )  # fmt: skip
-    )
+    summary = Train(
+        input=real_shards,
+        output=str(tmp_path / "ddp"),
+        condition=["skill"],
+        model="mlp",
+        steps=6,
+        batch_size=8,
+        hidden=16,
+        d_model=8,
+        log_every=3,
+        workers=2,
+    ).run()
     assert summary["workers"] == 2 and summary["steps"] == 6
     checkpoint = train.load_checkpoint(str(tmp_path / "ddp"))
     assert len(checkpoint["loader"]) == 2  # one loader position per rank

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import re
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import CliPositionalArg
+from pydantic_settings import CliPositionalArg, NoDecode
 
 from jobs.command import Command, Directory, Run
+
+# Where a new `COLUMN=` pair starts inside a `--request` value (columns may be dotted paths).
+_NEXT_PAIR = re.compile(r",\s*(?=[A-Za-z_][A-Za-z0-9_.]*=)")
 
 
 class Ask(Command):
@@ -23,12 +27,16 @@ class Ask(Command):
 
     name = "ask"
 
-    input: CliPositionalArg[Run] = Field(description="A run directory written by `hindsight train`.")
+    input: CliPositionalArg[Run] = Field(
+        description="A run directory written by `hindsight train`."
+    )
     env: str | None = Field(
         None,
         description="Gymnasium environment id (default: the one the run's data was collected in).",
     )
-    request: dict[str, str] = Field(
+    # NoDecode: the command line hands the text over whole (repeated options joined by
+    # commas), so a sentence may hold commas; `_pairs` splits it only where `COLUMN=` starts.
+    request: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict,
         description="The value asked for per condition column, COLUMN=VALUE (repeat for several).",
         json_schema_extra={"metavar": "COLUMN=VALUE"},
@@ -52,13 +60,13 @@ class Ask(Command):
     def _pairs(cls, value: Any) -> Any:
         """`COLUMN=VALUE` strings (the command line) into a mapping."""
         if isinstance(value, str):
-            value = [value]
+            value = _NEXT_PAIR.split(value) if value.strip() else []
         if isinstance(value, list):
             pairs = {}
             for pair in value:
                 column, sep, text = str(pair).partition("=")
                 if not sep:
-                    raise ValueError(f"--request takes COLUMN=VALUE, got {pair!r}")
+                    raise ValueError(f"expected COLUMN=VALUE, got {pair!r}")
                 pairs[column.strip()] = text.strip()
             return pairs
         return value
@@ -69,7 +77,7 @@ class Ask(Command):
         if value is not None:
             column, sep, values = value.partition("=")
             if not sep or not column.strip() or not values.strip(","):
-                raise ValueError(f"--sweep takes COLUMN=V1,V2,..., got {value!r}")
+                raise ValueError(f"expected COLUMN=V1,V2,..., got {value!r}")
         return value
 
     def sweep_values(self) -> tuple[str, list[str]]:

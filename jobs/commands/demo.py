@@ -101,9 +101,7 @@ def build_shards(
         episodes_per_part=max(10, episodes // 4),
         address=address,
     ).run()
-    Relabel(
-        input=raw, output=relabeled, relabelers=relabelers, seed=seed, address=address
-    ).run()
+    Relabel(input=raw, output=relabeled, relabelers=relabelers, seed=seed, address=address).run()
     Shard(
         input=relabeled,
         output=shards,

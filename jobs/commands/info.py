@@ -119,7 +119,11 @@ def datasets_below(uri: str, limit: int = 200) -> list[dict[str, str]]:
     """Datasets, shards and unfinished versions one level below a folder."""
     if storage.is_s3(uri):
         files = storage.list_files(uri)
-        markers = {MANIFEST_NAME: "dataset", INDEX_NAME: "shards", storage.STAGING_MARKER: "staging"}
+        markers = {
+            MANIFEST_NAME: "dataset",
+            INDEX_NAME: "shards",
+            storage.STAGING_MARKER: "staging",
+        }
         found = []
         for file in files:
             relative = file[len(uri) + 1 :]
@@ -134,5 +138,7 @@ def datasets_below(uri: str, limit: int = 200) -> list[dict[str, str]]:
         path = os.path.join(uri, name)
         kind = what_is_there(path)
         if kind != "not a hindsight dataset (no manifest.json)" and os.path.isdir(path):
-            found.append({"kind": kind.split(" (")[0].removeprefix("a ").removeprefix("an "), "path": path})
+            found.append(
+                {"kind": kind.split(" (")[0].removeprefix("a ").removeprefix("an "), "path": path}
+            )
     return found

@@ -77,8 +77,8 @@ class Query(Command):
     )
 
     @model_validator(mode="after")
-    def _resolve_format(self) -> Query:
-        """The output format, from --format or the --output-file's extension."""
+    def _check_options(self) -> Query:
+        """Options that contradict each other, before anything is read."""
         if self.output is not None:
             if self.select or self.level == "episodes":
                 raise ValueError(
@@ -86,20 +86,25 @@ class Query(Command):
                 )
             if self.limit == 0:
                 raise ValueError("--limit 0 with --output keeps no episode")
-        if self.output_file is not None:
-            if self.format is None:
-                suffix = self.output_file.rsplit(".", 1)[-1].lower()
-                self.format = FORMAT_OF_SUFFIX.get(suffix)  # type: ignore[assignment]
-                if self.format is None:
-                    raise ValueError(
-                        f"--output-file {self.output_file}: give --format csv|json|parquet "
-                        "(the extension does not say which)"
-                    )
-            elif self.format == "table":
-                raise ValueError("--format table prints to the terminal; drop --output-file")
-        elif self.format is None:
-            self.format = "table"
+        self.output_format()
         return self
+
+    def output_format(self) -> str:
+        """--format, else the --output-file's extension, else table. Derived, not stored:
+        the recorded command line keeps only the options the user gave."""
+        if self.output_file is None:
+            return self.format or "table"
+        if self.format == "table":
+            raise ValueError("--format table prints to the terminal; drop --output-file")
+        if self.format is not None:
+            return self.format
+        suffix = self.output_file.rsplit(".", 1)[-1].lower()
+        if suffix not in FORMAT_OF_SUFFIX:
+            raise ValueError(
+                f"--output-file {self.output_file}: give --format csv|json|parquet "
+                "(the extension does not say which)"
+            )
+        return FORMAT_OF_SUFFIX[suffix]
 
     def run(self, stdout: Any = None) -> dict[str, Any]:
         """Run the query; print its rows (or write a new dataset) and return a summary."""
@@ -107,6 +112,7 @@ class Query(Command):
         from engine.dataset import open_dataset
 
         stdout = stdout if stdout is not None else sys.stdout
+        file_format = self.output_format()
         dataset = open_dataset(self.input)
         if self.output is not None:
             if self.explain:
@@ -131,7 +137,7 @@ class Query(Command):
             }
 
         limit = self.limit
-        if self.format == "table" and (limit is None or limit > TABLE_ROWS):
+        if file_format == "table" and (limit is None or limit > TABLE_ROWS):
             limit = TABLE_ROWS
         result = engine_query.query(
             dataset, self.where, level=self.level, select=self.select, limit=limit
@@ -141,7 +147,7 @@ class Query(Command):
             print(f"read: {result.stats.to_dict()}", file=sys.stderr)
         frame = result.frame
         summary: dict[str, Any] = {"rows": frame.height, "bytes_read": result.stats.bytes}
-        if self.format == "table":
+        if file_format == "table":
             total = engine_query.count(dataset, self.where, level=self.level)
             summary["matching"] = total
             print(format_table(frame, selected=self.select is not None), file=stdout)
@@ -156,12 +162,12 @@ class Query(Command):
             return summary
         if self.output_file is not None:
             with open(self.output_file, "wb") as handle:
-                write_frame(frame, str(self.format), handle)
+                write_frame(frame, file_format, handle)
             return summary
-        if self.format == "parquet" and getattr(stdout, "isatty", lambda: False)():
+        if file_format == "parquet" and getattr(stdout, "isatty", lambda: False)():
             raise UserError("--format parquet is binary: use --output-file or redirect stdout")
         target = getattr(stdout, "buffer", stdout)
-        write_frame(frame, str(self.format), target)
+        write_frame(frame, file_format, target)
         target.flush()
         return summary
 
