@@ -331,7 +331,13 @@ def collect(plan: CollectPlan, output: str, *, executor: Executor, command: str)
             CollectTask(index, rollouts, episodes, plan.info_keys, writer)
             for index, episodes in enumerate(plan.parts)
         ]
-        written = executor.map(collect_part, tasks, description=f"collect {rollouts.env_id}")
+        written = executor.map(
+            collect_part,
+            tasks,
+            description=f"collect {rollouts.env_id}",
+            total=plan.episodes,
+            unit="episodes",
+        )
         manifest = base_manifest(
             writer.uri,
             written,

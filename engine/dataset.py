@@ -27,7 +27,6 @@ import pyarrow.parquet as pq
 from engine import storage
 from schemas.manifest import MANIFEST_NAME, ColumnGroup, Manifest
 
-STAGING_MARKER = storage.STAGING_MARKER
 BASE_GROUP = "base"
 LEVELS = ("steps", "episodes")
 
@@ -174,7 +173,7 @@ def open_dataset(uri: str, verify_checksums: bool = False) -> Dataset:
     uri = storage.normalize(uri)
     manifest_uri = storage.join(uri, MANIFEST_NAME)
     if not storage.exists(manifest_uri):
-        staging = storage.exists(storage.join(uri, STAGING_MARKER))
+        staging = storage.exists(storage.join(uri, storage.STAGING_MARKER))
         reason = (
             "a writer is working on it or died before committing (no manifest.json yet)"
             if staging

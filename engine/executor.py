@@ -6,8 +6,8 @@ executor (plain Ray tasks on the embedded Ray or on a cluster); `InProcess` runs
 function over the same tasks one after another in this process (tests, small jobs, a
 debugger). Either way the output bytes are the same: they depend on the tasks only.
 
-A task is any picklable value; a result that has a `steps` count (an attribute or a key)
-moves the progress bar by that much.
+A task is any picklable value; a result that has a count of the progress unit (`steps`
+by default: an attribute or a key of that name) moves the progress bar by that much.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ class Executor(Protocol):
         ...
 
 
-def work_done(result: Any) -> int:
-    """How far a result moves the progress bar: its `steps` count, else 0."""
+def work_done(result: Any, unit: str = "steps") -> int:
+    """How far a result moves the progress bar: its count of `unit`, else 0."""
     if isinstance(result, dict):
-        return int(result.get("steps", 0) or 0)
-    return int(getattr(result, "steps", 0) or 0)
+        return int(result.get(unit, 0) or 0)
+    return int(getattr(result, unit, 0) or 0)
 
 
 class InProcess:
@@ -60,5 +60,5 @@ class InProcess:
             for task in tasks:
                 result = function(task)
                 results.append(result)
-                progress.advance(work_done(result))
+                progress.advance(work_done(result, unit))
         return results

@@ -2,8 +2,9 @@
 
 S3 goes through pyarrow.fs with the standard AWS environment (`AWS_ENDPOINT_URL` for MinIO,
 moto or other S3-compatible stores; credentials from the usual variables). Credentials are
-never stored in anything we write. This is the only S3 stack: every floor reads and writes
-objects through these functions. Each S3 request is retried inside pyarrow's client (AWS's
+never stored in anything we write. Every floor reads and writes objects through these
+functions; the one other S3 client is Polars' own Parquet reader (`engine.scan`, query's
+whole-part scans), which gets its settings from `polars_storage_options` here. Each S3 request is retried inside pyarrow's client (AWS's
 standard strategy); a read that drops mid-object is resumed by `open_input` with the one
 retry policy of schemas/retry.py.
 """

@@ -23,6 +23,7 @@ column groups, lineage).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
@@ -164,6 +165,11 @@ class WrittenPart:
         """Rows of steps written (drives progress bars)."""
         return self.steps_file.rows if self.steps_file else 0
 
+    @property
+    def episodes(self) -> int:
+        """Rows of episodes written (drives progress bars)."""
+        return self.episodes_file.rows if self.episodes_file else 0
+
 
 # ---------------------------------------------------------------- the writer
 
@@ -283,8 +289,15 @@ class VersionWriter:
             data = content
         self.check_fence()  # still this run's directory: commit
         storage.write_bytes(storage.join(self.uri, self.commit_file), data)
-        storage.end_staging(self.uri)
+        # Committed from here on: readers may already see it, so no error below may abort
+        # (remove) it. A marker left behind is harmless: the commit file is what counts.
         self.committed = True
+        try:
+            storage.end_staging(self.uri)
+        except OSError as error:
+            logging.getLogger(__name__).warning(
+                "%s: committed, but the staging marker stays (%s)", self.uri, error
+            )
         return content if isinstance(content, Manifest) else None
 
     # -- on_write_failed

@@ -13,6 +13,7 @@ import argparse
 import difflib
 import inspect
 import json
+import re
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -21,7 +22,13 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError, create_model
 from pydantic_settings import CliApp, CliSettingsSource, CliSubCommand, SettingsError
 
-from jobs.command import Command, RayCommand, UserError, has_cli_marker
+from jobs.command import (
+    Command,
+    RayCommand,
+    UserError,
+    describe_validation_error,
+    has_cli_marker,
+)
 from jobs.commands import COMMANDS, command_class
 
 PROGRAM = "hindsight"
@@ -50,25 +57,48 @@ def root_model(commands: dict[str, type[BaseModel]]) -> type[BaseModel]:
     return create_model(PROGRAM, __doc__=DESCRIPTION, **fields)
 
 
-def _metavar(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Readable metavars: `A,B,...` for lists rather than pydantic-settings' type names."""
+PLAIN_TYPES = ("int", "float", "str")
+_DEFAULT_SUFFIX = re.compile(r" ?\(default(?: factory)?: [^()]*\)$")
+
+
+def _metavar(flag: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Readable metavars, argparse's way: `--seed SEED`, `--noise NOISE,...`, rather than
+    pydantic-settings' type names (`--seed int`, `--noise list[float]`)."""
     metavar = kwargs.get("metavar")
-    if isinstance(metavar, str) and metavar.startswith("list["):
-        kwargs["metavar"] = metavar[len("list[") : -1].upper() + ",..."
-        if kwargs["metavar"] == "JSON,...":
-            kwargs["metavar"] = "VALUE"
+    name = flag.lstrip("-").replace("-", "_").upper()
+    if metavar in PLAIN_TYPES:
+        kwargs["metavar"] = name
+    elif isinstance(metavar, str) and metavar.startswith("list["):
+        kwargs["metavar"] = f"{name},..."
     return kwargs
+
+
+def _help(text: Any) -> Any:
+    """Field descriptions that state their default themselves keep only that; a default
+    made by a factory is not shown as `(default factory: list)`."""
+    if not isinstance(text, str):
+        return text
+    match = _DEFAULT_SUFFIX.search(text)
+    if not match:
+        return text
+    described = text[: match.start()]
+    if "default factory" in match.group(0) or "default" in described.lower():
+        return described
+    return text
 
 
 def _add_argument(parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
     metavars = getattr(parser, "hindsight_metavars", {})
     flags = [a for a in args if isinstance(a, str) and a.startswith("--")]
+    if "help" in kwargs:
+        kwargs["help"] = _help(kwargs["help"])
     for flag in flags:
         if flag in metavars:
             kwargs["metavar"] = metavars[flag]
             break
     else:
-        kwargs = _metavar(kwargs)
+        if flags:
+            kwargs = _metavar(flags[0], kwargs)
     return parser.add_argument(*args, **kwargs)
 
 
@@ -138,25 +168,6 @@ def innermost_command(model: BaseModel) -> Command:
     return model
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    """Options that failed validation, one line each, named as on the command line."""
-    lines = []
-    for problem in error.errors():
-        location = [str(part) for part in problem["loc"] if str(part) not in COMMANDS]
-        where = "--" + ".".join(location).replace("_", "-") if location else ""
-        message = problem["msg"].removeprefix("Value error, ")
-        got = problem.get("input")
-        # A value from the command line is shown as typed (-5, not '-5').
-        typed = got if isinstance(got, str) and got else repr(got)
-        shown = (
-            f" (got {typed})"
-            if where and not isinstance(got, dict) and "got" not in message
-            else ""
-        )
-        lines.append(f"{where}: {message}{shown}" if where else message)
-    return "\n  ".join(lines)
-
-
 def suggest(argv: list[str]) -> str | None:
     """`did you mean` for a mistyped command."""
     if not argv or argv[0].startswith("-") or argv[0] in COMMANDS:
@@ -166,8 +177,8 @@ def suggest(argv: list[str]) -> str | None:
     return f"{PROGRAM}: unknown command {argv[0]!r}{hint} (commands: {', '.join(COMMANDS)})"
 
 
-def execute(command: Command) -> Any:
-    """Check, then run (or submit) one command; print its report. Returns the result."""
+def execute(command: Command) -> int:
+    """Check, then run (or submit) one command; print its report. Returns the exit status."""
     command.check()
     if isinstance(command, RayCommand) and command.submits():
         from jobs.submit import submit_command
@@ -182,7 +193,7 @@ def execute(command: Command) -> Any:
         text = command.report(result, seconds)
         if text:
             print(text)
-    return result
+    return command.exit_status(result)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command = parse(argv)
         name = command.name
-        result = execute(command)
+        status = execute(command)
     except KeyboardInterrupt:
         print(f"{PROGRAM} {name}: interrupted", file=sys.stderr)
         return 130
@@ -214,19 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         if isinstance(error, ValidationError):
-            message = describe_validation_error(error)
+            message = describe_validation_error(error, options=True)
         elif isinstance(error, KeyError) and error.args:
             message = error.args[0]
         else:
             message = str(error).removeprefix("error parsing CLI: ")
         print(f"{PROGRAM} {name}: error: {message}", file=sys.stderr)
         return 2
-    return exit_status(result)
-
-
-def exit_status(result: Any) -> int:
-    """A command may say that it failed without raising (e.g. a followed job that failed)."""
-    return int(result) if isinstance(result, int) and not isinstance(result, bool) else 0
+    return status
 
 
 if __name__ == "__main__":

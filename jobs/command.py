@@ -25,12 +25,12 @@ import os
 import shlex
 import textwrap
 from typing import Annotated, Any, ClassVar
-from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine import storage
-from engine.executor import Executor, InProcess
+from engine.executor import Executor
+from schemas.manifest import public_url
 
 
 class UserError(RuntimeError):
@@ -68,6 +68,9 @@ class Command(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     name: ClassVar[str]
+    # A job reads and writes data, not the terminal: it can also run from a YAML spec
+    # (`hindsight run`, `hindsight submit`).
+    job: ClassVar[bool] = False
 
     json_output: Annotated[bool, OUTPUT_ONLY] = Field(
         False, alias="json", description="Print the result as JSON."
@@ -84,6 +87,12 @@ class Command(BaseModel):
     def report(self, result: Any, seconds: float) -> str:
         """What a person reads when the command is done (one summary line, or a table)."""
         return json.dumps(self.summary(result), indent=2, default=str)
+
+    def exit_status(self, result: Any) -> int:
+        """0, or the status of a command that ended without doing all it was asked (a
+        training run stopped by Ctrl-C, a followed cluster job that failed); it may print
+        one line to stderr saying what to do."""
+        return int(result) if isinstance(result, int) and not isinstance(result, bool) else 0
 
     def summary(self, result: Any) -> Any:
         """What a program reads: plain JSON facts of the result."""
@@ -176,11 +185,6 @@ class RayCommand(Command):
         return spec
 
 
-def in_process() -> Executor:
-    """For commands and tests that run their parts in this process."""
-    return InProcess()
-
-
 def has_cli_marker(info: Any, marker: str) -> bool:
     """Whether a field is marked by pydantic-settings (`CliPositionalArg`, `CliSubCommand`
     put their marker class itself, not an instance, in the field's metadata)."""
@@ -202,7 +206,7 @@ def is_plain(value: Any) -> bool:
 def command_word(value: Any) -> str:
     """One value as typed on a command line (URLs without credentials)."""
     if hasattr(value, "as_option"):  # e.g. a relabeler spec: returns:gamma=0.99
-        return public_url(value.as_option())
+        return value.as_option()  # its values are made public by as_option
     if isinstance(value, BaseModel):
         value = value.model_dump(mode="json")
     if isinstance(value, dict):
@@ -210,22 +214,6 @@ def command_word(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(command_word(v) for v in value)
     return public_url(str(value))
-
-
-def public_url(text: str) -> str:
-    """`text` without the user, password or query of a URL (they may hold credentials)."""
-    if "://" not in text:
-        return text
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        return text
-    if not parts.scheme or not parts.netloc:
-        return text
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 # ---------------------------------------------------------------- checks of paths
@@ -266,24 +254,76 @@ def check_path(field: str, value: str, role: PathRole | None) -> None:
         check_new_output(uri, INDEX_NAME)
 
 
-def what_is_there(uri: str) -> str:
-    """A short description of what a path holds, for messages and `hindsight info`."""
+PATH_KINDS = {
+    "dataset": "a dataset version",
+    "shards": "a set of shards (hindsight shard)",
+    "staging": "an unfinished version (a writer is at work or died before committing)",
+    "run": "a training run (hindsight train)",
+    "file": "a file, not a dataset directory",
+    "missing": "does not exist",
+    "other": "not a hindsight dataset (no manifest.json)",
+}
+
+
+def path_kind(uri: str) -> str:
+    """What a path holds: one of PATH_KINDS (looked up by the files each kind commits)."""
     from schemas.manifest import MANIFEST_NAME
     from schemas.shard_index import INDEX_NAME
+    from trainers.options import CONFIG
 
     if storage.exists(storage.join(uri, MANIFEST_NAME)):
-        return "a dataset version"
+        return "dataset"
     if storage.exists(storage.join(uri, INDEX_NAME)):
-        return "a set of shards (hindsight shard)"
+        return "shards"
     if storage.exists(storage.join(uri, storage.STAGING_MARKER)):
-        return "an unfinished version (a writer is at work or died before committing)"
-    if not storage.is_s3(uri) and os.path.isfile(os.path.join(uri, "config.json")):
-        return "a training run (hindsight train)"
+        return "staging"
+    if not storage.is_s3(uri) and os.path.isfile(os.path.join(uri, CONFIG)):
+        return "run"
     if not storage.is_s3(uri) and os.path.isfile(uri):
-        return "a file, not a dataset directory"
+        return "file"
     if not storage.exists(uri) and not storage.list_files(uri):
-        return "does not exist"
-    return "not a hindsight dataset (no manifest.json)"
+        return "missing"
+    return "other"
+
+
+def what_is_there(uri: str) -> str:
+    """A short description of what a path holds, for messages."""
+    return PATH_KINDS[path_kind(uri)]
+
+
+# ---------------------------------------------------------------- errors as text
+
+
+def describe_validation_error(
+    error: ValidationError, model: type[BaseModel] | None = None, *, options: bool = False
+) -> str:
+    """What failed validation, one phrase per problem, named as the user wrote it: an
+    option (`--episodes`, `options=True`: one line each) or a spec field (`field
+    'episodes'`, joined on one line), with what was expected and what was given."""
+    from jobs.commands import COMMANDS
+
+    phrases = []
+    for problem in error.errors():
+        location = [str(part) for part in problem["loc"] if str(part) not in COMMANDS]
+        dotted = ".".join(location)
+        name = ("--" + dotted.replace("_", "-")) if options else f"field {dotted!r}"
+        message = problem["msg"].removeprefix("Value error, ")
+        got = problem.get("input")
+        if problem["type"] == "extra_forbidden":
+            known = f" (known fields: {', '.join(model.model_fields)})" if model else ""
+            phrases.append(f"unknown {name}{known}")
+        elif problem["type"] == "missing":
+            info = model.model_fields.get(location[0]) if model and location else None
+            hint = f": {info.description}" if info and info.description else ""
+            phrases.append(f"missing required {name}{hint}")
+        elif not location:
+            phrases.append(message)
+        else:
+            # A value from the command line is shown as typed (-5, not '-5').
+            typed = got if options and isinstance(got, str) and got else repr(got)
+            shown = "" if isinstance(got, dict) or "got" in message else f" (got {typed})"
+            phrases.append(f"{name}: {message}{shown}")
+    return ("\n  " if options else "; ").join(phrases)
 
 
 # ---------------------------------------------------------------- results as text and JSON
@@ -327,3 +367,12 @@ def wrap_report(name: str, report: dict[str, Any], width: int = 100) -> str:
 
 def rate(count: int, seconds: float, unit: str = "steps") -> str:
     return f"{seconds:.1f} s, {count / seconds:,.0f} {unit}/s" if seconds > 0 else "0.0 s"
+
+
+def version_line(verb: str, manifest: Any, output: str, seconds: float) -> str:
+    """`collected 200 episodes, 40,000 steps into data/x (dataset ..., 4 part(s)) in ...`."""
+    return (
+        f"{verb} {manifest.episodes:,} episodes, {manifest.steps:,} steps into "
+        f"{storage.normalize(output)} (dataset {manifest.dataset_id}, {len(manifest.parts)} "
+        f"part(s)) in {rate(manifest.steps, seconds)}"
+    )

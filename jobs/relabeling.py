@@ -49,7 +49,7 @@ from engine.writer import (
 from relabelers import registry
 from relabelers.base import Part, Relabeler, RelabelError, Summary
 from schemas import steps as cols
-from schemas.manifest import ColumnGroup, Manifest, RelabelerInfo
+from schemas.manifest import ColumnGroup, Manifest, RelabelerInfo, public_params
 
 # --------------------------------------------------------------------- creating relabelers
 
@@ -249,7 +249,7 @@ def _in_task(relabeler: Relabeler, part: Part, work: Callable[[], Any]) -> Any:
     except StaleWriterError:
         raise  # another run owns the output now: its own message says so
     except (ValueError, KeyError, RuntimeError, OSError) as error:
-        raise RelabelError(f"relabeler {relabeler.name!r}: {part}: {_message(error)}") from None
+        raise RelabelError(f"relabeler {relabeler.name!r}: {part}: {_message(error)}") from error
 
 
 def summarize_part(
@@ -356,7 +356,7 @@ def relabel(
             )
             writer.commit(manifest)
     except RelabelError as error:  # the writer has removed the staging by now
-        raise RelabelError(f"{error}; nothing was written") from None
+        raise RelabelError(f"{error}; nothing was written") from error
     return manifest
 
 
@@ -383,7 +383,7 @@ def _apply(
         relabeler=RelabelerInfo(
             name=relabeler.name,
             version=relabeler.version,
-            params=relabeler.params.model_dump(mode="json"),
+            params=public_params(relabeler.params.model_dump(mode="json")),
             seed=relabeler.seed,
             report=report,
         ),

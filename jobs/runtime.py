@@ -72,11 +72,25 @@ class TaskFailure:
     message: str
 
     def rebuild(self) -> Exception:
+        """The same type with the same message where the type is made from a message
+        alone; else a RuntimeError that names the type."""
         try:
             error_type = getattr(importlib.import_module(self.module), self.name)
-            return error_type(self.message)
         except Exception:
-            return RuntimeError(self.message)
+            error_type = None
+        if isinstance(error_type, type) and takes_a_message(error_type):
+            return error_type(self.message)
+        return RuntimeError(f"{self.name}: {self.message}")
+
+
+def takes_a_message(error_type: type) -> bool:
+    """Whether `error_type(message)` rebuilds the error: no class of ours in its lineage
+    defines another __init__ (builtin exceptions all take a message)."""
+    return all(
+        "__init__" not in vars(cls) or cls.__module__ == "builtins"
+        for cls in error_type.__mro__
+        if cls is not object
+    )
 
 
 def _run_task(function: Callable[[Task], Result], task: Task) -> Result | TaskFailure:
@@ -121,7 +135,7 @@ class RayExecutor:
                         if isinstance(result, TaskFailure):
                             raise result.rebuild()
                         results[pending.pop(ref)] = result
-                        progress.advance(work_done(result))
+                        progress.advance(work_done(result, unit))
         except BaseException:
             # A failed or interrupted job stops its other parts, and waits until they have
             # stopped: a part still running could otherwise write a file while the version

@@ -25,11 +25,13 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from jobs.command import Command, UserError
+from jobs.command import Command, UserError, describe_validation_error
 from jobs.commands import COMMANDS, command_class
 
-# Commands that make sense as a job: they read and write data, not the terminal.
-SPEC_KINDS = ("collect", "ingest", "materialize", "relabel", "query", "shard", "train")
+
+def spec_kinds() -> list[str]:
+    """The commands that can run as a job spec (`Command.job`)."""
+    return [name for name in COMMANDS if getattr(command_class(name), "job", False)]
 
 
 class SpecError(UserError, ValueError):
@@ -69,30 +71,13 @@ def parse_spec_text(text: str, source: str) -> tuple[str, dict[str, Any]]:
     fields = dict(data)
     kind = fields.pop("kind", None)
     if kind is None:
-        raise SpecError(f"{source}: missing `kind:` (one of {', '.join(SPEC_KINDS)})")
-    if kind not in SPEC_KINDS:
+        raise SpecError(f"{source}: missing `kind:` (one of {', '.join(spec_kinds())})")
+    if kind not in spec_kinds():
         known = f"; {kind!r} is a command, not a job" if kind in COMMANDS else ""
         raise SpecError(
-            f"{source}: unknown kind {kind!r}; expected one of {', '.join(SPEC_KINDS)}{known}"
+            f"{source}: unknown kind {kind!r}; expected one of {', '.join(spec_kinds())}{known}"
         )
     return kind, fields
-
-
-def describe_validation_error(error: ValidationError, model: type[Command]) -> str:
-    """One phrase per problem: the field, what was wrong, and what was expected."""
-    lines = []
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "(spec)"
-        if item["type"] == "extra_forbidden":
-            known = ", ".join(model.spec_fields())
-            lines.append(f"unknown field {field!r} (known fields: {known})")
-        elif item["type"] == "missing":
-            info = model.model_fields.get(str(item["loc"][0]))
-            hint = f": {info.description}" if info and info.description else ""
-            lines.append(f"missing required field {field!r}{hint}")
-        else:
-            lines.append(f"field {field!r}: {item['msg']} (got {item.get('input')!r})")
-    return "; ".join(lines)
 
 
 def load_spec_text(text: str, source: str = "<spec>", check_inputs: bool = True) -> Spec:

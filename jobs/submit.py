@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.command import Command, UserError
-from jobs.spec import SPEC_KINDS, Spec
+from jobs.spec import Spec, spec_kinds
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # What never travels to the cluster: environments, data, outputs, caches, VCS.
@@ -149,10 +149,10 @@ def report_job(client, job_id: str, logs: str | None = None) -> int:
 def submit_command(command: Command) -> int:
     """Submit one command, given with an http:// `--address`, as a job; print its id."""
     address = command.address  # type: ignore[attr-defined]
-    if command.name not in SPEC_KINDS:  # the cluster's `hindsight run` would refuse it
+    if not command.job:  # the cluster's `hindsight run` would refuse it
         raise UserError(
             f"--address {address}: {command.name} does not run as a cluster job (jobs: "
-            f"{', '.join(SPEC_KINDS)}); give a Ray address (ray://HOST:10001) to run it on "
+            f"{', '.join(spec_kinds())}); give a Ray address (ray://HOST:10001) to run it on "
             "the cluster from here"
         )
     spec = Spec(command=command.model_copy(update={"address": None}), source=command.name)

@@ -20,19 +20,22 @@ A relabeler is a small class (docs/plugins.md walks through a complete one):
 
 The output must not depend on how episodes are split into parts, so randomness comes from
 (seed, episode_id, t) through `hash_uniform`, never from a generator shared across
-episodes, and `relabel` never changes `self` (each part runs on its own copy).
+episodes, and `relabel` never changes `self` (parts run in any order, in this process or
+in others, each with the relabeler as `setup` left it).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from schemas import steps as cols
 
 Summary = TypeVar("Summary")
 
@@ -161,37 +164,80 @@ class Relabeler(ABC):
         return output
 
 
-@dataclass
 class TableInputs:
-    """`Inputs` over one in-memory table pair, as a single part."""
+    """`Inputs` over in-memory tables: one (steps, episodes) pair as the whole dataset, or
+    several pairs (`of_parts`) as the job would see a dataset's parts."""
 
-    steps: pa.Table
-    episodes: pa.Table
-    where: str = "in memory"
-    parts: int = 1
+    def __init__(self, steps: pa.Table, episodes: pa.Table, where: str = "in memory"):
+        self.tables = [(steps, episodes)]
+        self.where = where
+
+    @classmethod
+    def of_parts(
+        cls, tables: Sequence[tuple[pa.Table, pa.Table]], where: str = "in memory"
+    ) -> TableInputs:
+        inputs = cls(*tables[0], where=where)
+        inputs.tables = list(tables)
+        return inputs
+
+    @property
+    def parts(self) -> int:
+        return len(self.tables)
 
     @property
     def steps_schema(self) -> pa.Schema:
-        return self.steps.schema
+        return self.tables[0][0].schema
 
     @property
     def episodes_schema(self) -> pa.Schema:
-        return self.episodes.schema
+        return self.tables[0][1].schema
+
+    def part(self, index: int) -> Part:
+        return Part(index, self.parts, f"{self.where} part {index}")
 
     def summarize(self, function: Callable[[pa.Table, pa.Table, Part], Summary]) -> list[Summary]:
-        return [function(self.steps, self.episodes, Part(0, 1, self.where))]
+        return [function(s, e, self.part(i)) for i, (s, e) in enumerate(self.tables)]
+
+
+def split_parts(steps: pa.Table, episodes: pa.Table, parts: int) -> list[tuple[pa.Table, pa.Table]]:
+    """(steps, episodes) cut into `parts` parts of whole episodes (about equal episode
+    counts); `steps` sorted by (episode_id, t), `episodes` by episode_id."""
+    lengths = np.asarray(episodes.column(cols.LENGTH).to_numpy(), dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    bounds = np.linspace(0, len(lengths), min(parts, max(len(lengths), 1)) + 1).round()
+    bounds = bounds.astype(np.int64)
+    return [
+        (steps.slice(offsets[a], offsets[b] - offsets[a]), episodes.slice(a, b - a))
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
 
 
 def relabel_tables(
-    relabeler: Relabeler, steps: pa.Table, episodes: pa.Table, where: str = "in memory"
+    relabeler: Relabeler,
+    steps: pa.Table,
+    episodes: pa.Table,
+    where: str = "in memory",
+    parts: int = 1,
 ) -> Output:
-    """setup, relabel and finish on whole tables in this process (tests, notebooks, small
-    data): the tables are the whole dataset, one part. `Output.report` is what the job
-    would store in the manifest."""
-    relabeler.setup(TableInputs(steps, episodes, where))
-    output = relabeler.run(steps, episodes, Part(0, 1, where))
-    output.report = relabeler.finish([output.report])
-    return output
+    """setup, relabel and finish on whole tables in this process, as the job would (tests,
+    notebooks, small data): the tables are the whole dataset, cut into `parts` parts of
+    whole episodes. `Output.report` is what the job would store in the manifest. A
+    relabeler's output must not depend on `parts`: comparing parts=1 with parts=3 is a
+    one-line test of that."""
+    tables = split_parts(steps, episodes, parts) if parts > 1 else [(steps, episodes)]
+    inputs = TableInputs.of_parts(tables, where)
+    relabeler.setup(inputs)
+    outputs = [relabeler.run(s, e, inputs.part(i)) for i, (s, e) in enumerate(tables)]
+
+    def joined(level: str) -> pa.Table | None:
+        chunks = [getattr(o, level) for o in outputs if getattr(o, level) is not None]
+        return pa.concat_tables(chunks) if chunks else None
+
+    return Output(
+        steps=joined("steps"),
+        episodes=joined("episodes"),
+        report=relabeler.finish([o.report for o in outputs]),
+    )
 
 
 def describe_params(params_model: type[BaseModel]) -> str:

@@ -25,13 +25,12 @@ from pydantic import Field
 
 from relabelers import llm
 from relabelers.base import Columns, Inputs, Output, Params, Part, Relabeler, RelabelError
-from schemas import retry
 from schemas import steps as cols
 
 PROBE_TEXT = "dimension probe"
 
 
-class EmbedParams(Params):
+class EmbedParams(llm.EndpointParams):
     column: str = Field("description", description="the text column to embed")
     level: Literal["episodes", "steps"] = Field("episodes", description="where the column is")
     output: str | None = Field(None, description="output column (default <column>_embedding)")
@@ -42,15 +41,9 @@ class EmbedParams(Params):
     dimensions: int | None = Field(
         None, ge=1, description="vector size (endpoint: asked for if given; hash: default 64)"
     )
-    base_url: str | None = Field(None, description="OpenAI-compatible endpoint")
     batch_size: int = Field(64, ge=1, description="texts per request")
     concurrency: int = Field(8, ge=1, description="requests in flight per part")
-    timeout: float = Field(60.0, gt=0, description="seconds per request")
-    max_retries: int = Field(
-        retry.ATTEMPTS - 1, ge=0, description="retries per request (schemas/retry.py's backoff)"
-    )
     max_requests: int | None = Field(None, ge=0, description="request budget per part")
-    cache: str | None = Field(None, description=f"vector cache directory ({llm.DEFAULT_CACHE})")
 
 
 @dataclass(frozen=True)

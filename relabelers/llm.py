@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import tenacity
+from pydantic import Field
 
-from relabelers.base import RelabelError
+from relabelers.base import Params, RelabelError
 from schemas import retry
 
 DEFAULT_CACHE = "~/.cache/hindsight/llm"
@@ -70,15 +70,6 @@ def endpoint_configured(base_url: str | None) -> bool:
 
 def resolve_base_url(base_url: str | None) -> str | None:
     return base_url or os.environ.get(BASE_URL_VARIABLE) or None
-
-
-def public_url(url: str | None) -> str | None:
-    """A base URL without user info or query, safe for a manifest."""
-    if not url:
-        return None
-    parts = urlsplit(url)
-    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def request_key(kind: str, body: dict[str, Any]) -> str:
@@ -162,6 +153,19 @@ class Budget:
             return f"token budget exhausted ({note})"
         self.requests += 1
         return None
+
+
+class EndpointParams(Params):
+    """The parameters of every relabeler that calls an OpenAI-compatible endpoint."""
+
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"
+    )
+    timeout: float = Field(60.0, gt=0, description="seconds per request")
+    max_retries: int = Field(
+        retry.ATTEMPTS - 1, ge=0, description="retries per request (schemas/retry.py's backoff)"
+    )
+    cache: str | None = Field(None, description=f"answer cache directory ({DEFAULT_CACHE})")
 
 
 # ---------------------------------------------------------------- requests

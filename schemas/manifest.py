@@ -13,6 +13,7 @@ import hashlib
 import json
 from datetime import datetime, timezone
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -118,6 +119,37 @@ class Manifest(_Model):
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
         return cls.model_validate(json.loads(text))
+
+
+def public_url(text: str) -> str:
+    """`text` as a manifest may record it: a URL loses its user, password and query (they
+    may hold credentials); anything else is kept."""
+    if "://" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        return text
+    if not parts.scheme or not parts.netloc:
+        return text
+    host = (parts.hostname or "") + (f":{port}" if port else "")
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def public_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Parameters as a manifest may record them: every URL among the values made public."""
+
+    def public(value: Any) -> Any:
+        if isinstance(value, str):
+            return public_url(value)
+        if isinstance(value, list):
+            return [public(item) for item in value]
+        if isinstance(value, dict):
+            return {key: public(item) for key, item in value.items()}
+        return value
+
+    return {key: public(value) for key, value in params.items()}
 
 
 def now_iso() -> str:

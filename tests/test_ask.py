@@ -321,3 +321,22 @@ def test_a_requested_sentence_may_hold_commas_on_the_command_line():
     command = parse(["ask", "R", "--request", "a=1", "--request", "observation.goal=0.5:-0.5"])
     assert command.request == {"a": "1", "observation.goal": "0.5:-0.5"}
     assert parse(shlex.split(command.history_line())[1:]).request == command.request
+
+
+def test_a_baseline_run_is_asked_the_same_way_and_reported(tmp_path, capsys):
+    metadata = {"env_id": "Pendulum-v1"}
+    run = train_tiny_run(tmp_path / "run", 3, PENDULUM_ACTION, RTG, model="mlp", metadata=metadata)
+    bc = train_tiny_run(tmp_path / "bc", 3, PENDULUM_ACTION, {}, model="mlp", metadata=metadata)
+    out = tmp_path / "report"
+    args = ["ask", run, "--sweep", "return_to_go=-1000,-150", "--episodes", "2",
+            "--baseline", bc, "--output", str(out)]  # fmt: skip
+    assert cli_main(args) == 0
+    written = json.loads((out / "ask.json").read_text())
+    baseline = written["reference"]["baseline"]
+    # Independent: the same baseline asked directly, same env, seeds and episodes.
+    direct = ask.ask(bc, "Pendulum-v1", {}, episodes=2, seeds=[0])
+    assert baseline["achieved_mean"] == pytest.approx(direct["achieved_mean"])
+    assert baseline["run"] == bc and baseline["episodes"] == 2
+    best = max(row["achieved_mean"] for row in written["results"])
+    printed = capsys.readouterr().out
+    assert f"the best request achieved {best - direct['achieved_mean']:+.2f} over it" in printed

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -40,35 +38,12 @@ def noisy_rollouts(num_episodes: int = 100, length: int = 30, seed: int = 0):
     return steps, episodes
 
 
-@dataclass
-class PartsInputs:
-    """`Inputs` over in-memory (steps, episodes) parts, as the job would see them."""
-
-    tables: list[tuple[pa.Table, pa.Table]]
-
-    @property
-    def steps_schema(self) -> pa.Schema:
-        return self.tables[0][0].schema
-
-    @property
-    def episodes_schema(self) -> pa.Schema:
-        return self.tables[0][1].schema
-
-    @property
-    def parts(self) -> int:
-        return len(self.tables)
-
-    def summarize(self, function):
-        count = len(self.tables)
-        return [function(s, e, Part(i, count)) for i, (s, e) in enumerate(self.tables)]
-
-
 def run_two_parts(relabeler, steps, episodes, cut=50, length=30):
     parts = [
         (steps.slice(0, cut * length), episodes.slice(0, cut)),
         (steps.slice(cut * length), episodes.slice(cut)),
     ]
-    relabeler.setup(PartsInputs(parts))
+    relabeler.setup(TableInputs.of_parts(parts))
     outputs = [relabeler.run(s, e, Part(i, 2)) for i, (s, e) in enumerate(parts)]
     report = relabeler.finish([o.report for o in outputs])
     return relabeler.reward_net, outputs, report

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -24,29 +22,6 @@ def reward_sum(achieved_goal, desired_goal, info):
 def relabel(steps, episodes, **params):
     output = relabel_tables(GoalsRelabeler(params, seed=3), steps, episodes)
     return output.steps.to_pydict()
-
-
-@dataclass
-class PartsInputs:
-    """`Inputs` over in-memory (steps, episodes) parts, as the job would see them."""
-
-    tables: list[tuple[pa.Table, pa.Table]]
-
-    @property
-    def steps_schema(self) -> pa.Schema:
-        return self.tables[0][0].schema
-
-    @property
-    def episodes_schema(self) -> pa.Schema:
-        return self.tables[0][1].schema
-
-    @property
-    def parts(self) -> int:
-        return len(self.tables)
-
-    def summarize(self, function):
-        count = len(self.tables)
-        return [function(s, e, Part(i, count)) for i, (s, e) in enumerate(self.tables)]
 
 
 def per_step(steps: pa.Table):
@@ -111,7 +86,7 @@ def test_random_goals_come_from_other_episodes_and_do_not_depend_on_parts():
     cut_steps = int(np.sum(episodes.column("length").to_numpy()[:4]))
     two = GoalsRelabeler(params, seed=5)
     two.setup(
-        PartsInputs(
+        TableInputs.of_parts(
             [
                 (steps.slice(0, cut_steps), episodes.slice(0, 4)),
                 (steps.slice(cut_steps), episodes.slice(4)),

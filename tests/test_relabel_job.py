@@ -319,3 +319,26 @@ def test_relabel_on_s3(ray_local, s3_bucket):
     assert [g[0] for g in got.column("hindsight_goal_step").to_pylist()] == [
         lengths[e] - 1 for e in got.column("episode_id").to_pylist()
     ]
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("returns", {"gamma": 0.9}),
+        ("skill", {"levels": 3}),
+        ("goals", {"strategy": "future", "k": 2}),
+        ("goals", {"strategy": "random", "k": 2}),
+    ],
+)
+def test_built_in_relabelers_do_not_depend_on_how_episodes_are_split(name, params):
+    """What docs/plugins.md asks of every relabeler, checked with the helper it names."""
+    from relabelers import registry
+    from relabelers.base import relabel_tables
+    from tests.synthetic import make_episodes
+
+    steps, episodes = make_episodes(num_episodes=13, goal_dim=2, seed=11)
+    whole = relabel_tables(registry.create(name, params, seed=4), steps, episodes)
+    cut = relabel_tables(registry.create(name, params, seed=4), steps, episodes, parts=3)
+    for level in ("steps", "episodes"):
+        expected, got = getattr(whole, level), getattr(cut, level)
+        assert (expected is None and got is None) or expected.equals(got)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -39,29 +37,6 @@ def tables(values, name="return", lengths=None):
     return steps, episodes
 
 
-@dataclass
-class PartsInputs:
-    """`Inputs` over in-memory (steps, episodes) parts, as the job would see them."""
-
-    tables: list[tuple[pa.Table, pa.Table]]
-
-    @property
-    def steps_schema(self) -> pa.Schema:
-        return self.tables[0][0].schema
-
-    @property
-    def episodes_schema(self) -> pa.Schema:
-        return self.tables[0][1].schema
-
-    @property
-    def parts(self) -> int:
-        return len(self.tables)
-
-    def summarize(self, function):
-        count = len(self.tables)
-        return [function(s, e, Part(i, count)) for i, (s, e) in enumerate(self.tables)]
-
-
 def run_in_parts(relabeler, steps, episodes, cut):
     """Two parts, as the job would see them."""
     cut_steps = 2 * cut
@@ -69,7 +44,7 @@ def run_in_parts(relabeler, steps, episodes, cut):
         (steps.slice(0, cut_steps), episodes.slice(0, cut)),
         (steps.slice(cut_steps), episodes.slice(cut)),
     ]
-    relabeler.setup(PartsInputs(parts))
+    relabeler.setup(TableInputs.of_parts(parts))
     outputs = [relabeler.run(s, e, Part(i, 2)) for i, (s, e) in enumerate(parts)]
     return pa.concat_tables([o.episodes for o in outputs]), pa.concat_tables(
         [o.steps for o in outputs]

@@ -22,6 +22,7 @@ class Duplicate(Command):
     is tested on its own."""
 
     name = "duplicate"
+    job = True
     input: CliPositionalArg[Dataset] = Field(description="The dataset version to read.")
     output: CliPositionalArg[NewDataset] = Field(description="Where the new version is written.")
     part_steps: int = Field(1000, description="Steps per part.")
@@ -33,7 +34,6 @@ class Duplicate(Command):
 @pytest.fixture
 def duplicate_kind(monkeypatch):
     monkeypatch.setitem(commands.COMMANDS, "duplicate", "tests.test_spec:Duplicate")
-    monkeypatch.setattr(specs, "SPEC_KINDS", (*specs.SPEC_KINDS, "duplicate"))
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -97,7 +97,9 @@ def test_spec_round_trips_through_yaml(duplicate_kind, tiny_dataset, tmp_path):
     assert again.kind == spec.kind and again.command == spec.command
 
 
-def test_run_command_prints_the_result_line(duplicate_kind, tiny_dataset, tmp_path, capsys, ray_local):
+def test_run_command_prints_the_result_line(
+    duplicate_kind, tiny_dataset, tmp_path, capsys, ray_local
+):
     from jobs.cli import main
 
     path = write(tmp_path, f"kind: duplicate\ninput: {tiny_dataset}\noutput: {tmp_path / 'out'}\n")

@@ -60,6 +60,11 @@ class TrainOptions(BaseModel):
         return [column for column in columns if column and column != "none"]
 
 
+# The files of a run directory.
+CONFIG = "config.json"  # what was asked (RunConfig, plain JSON)
+CHECKPOINT = "checkpoint.pt"  # tensors and plain containers (torch.load weights_only=True)
+METRICS = "metrics.jsonl"  # one JSON line every log_every steps
+
 # Settings a resumed run may change; every other setting is the recorded run's.
 RESUMABLE = ("steps", "log_every", "checkpoint_every", "device")
 # Settings that define the model and its data: a resumed run must ask for the same.

@@ -39,11 +39,17 @@ import torch
 from engine import storage
 from engine.progress import Progress
 from trainers.models import Policy, build_model, model_config
-from trainers.options import FIXED_ON_RESUME, RESUMABLE, RunConfig, TrainOptions, trainer_options
+from trainers.options import (  # noqa: E402  (re-exported)
+    CHECKPOINT,
+    CONFIG,
+    FIXED_ON_RESUME,
+    METRICS,
+    RESUMABLE,
+    RunConfig,
+    TrainOptions,
+    trainer_options,
+)
 
-CHECKPOINT = "checkpoint.pt"
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
 # The signals that stop a run cleanly, and the exit status a command then ends with.
 STOP_EXIT_CODES = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
 

@@ -139,7 +139,7 @@ def plan_query(
             hint = [c for c in unknown if c in step_columns]
             error = _unknown_columns_error(unknown, dataset, "--select of an episodes query")
             if hint:
-                error = QueryError(f"{error}\n  {hint} are step columns: drop --episodes")
+                error = QueryError(f"{error}\n  {hint} are step columns: query steps (--level steps)")
             raise error
     else:
         unknown = [c for c in selected if c not in step_columns | episode_columns]
@@ -161,7 +161,7 @@ def plan_query(
             raise QueryError(
                 f"--where {where!r} uses step column(s) {steps_only} in an episodes query; "
                 f"episode columns: {', '.join(dataset.columns('episodes'))}. "
-                "Drop --episodes to get the matching steps."
+                "Query steps (--level steps) to get the matching steps."
             )
         return Plan(level=level, select=selected, episode_condition=expression)
 

@@ -10,6 +10,7 @@ import polars as pl
 import pyarrow as pa
 
 from engine.dataset import LEVELS, Dataset
+from engine.progress import Progress
 from engine.query.plan import QueryError
 from engine.query.read import (
     PART,
@@ -118,10 +119,14 @@ def write_subset(
     if not len(episode_ids):
         raise QueryError(f"--limit {limit_episodes} keeps no episode; nothing written to {out_uri}")
     stats = ReadStats()
-    with VersionWriter(out_uri) as writer:
+    with (
+        VersionWriter(out_uri) as writer,
+        Progress("query --output", len(episode_ids), "episodes") as progress,
+    ):
         written: list[WrittenPart] = []
         pending: tuple[pa.Table, pa.Table] | None = None
         for steps, episodes in iter_episodes(dataset, episode_ids, stats):
+            progress.advance(episodes.num_rows)
             first_id = episodes.column(cols.EPISODE_ID)[0].as_py()
             if pending is not None and first_id <= pending[1].column(cols.EPISODE_ID)[-1].as_py():
                 # Source parts whose episode ids interleave: a part is sorted, not the

@@ -4,12 +4,12 @@ Layout of a shard directory at URI `S` (local directory or `s3://bucket/prefix`)
 
     S/index.json          written last (schemas/shard_index.py): readers refuse S without it
     S/_staging            present only while the shard job works
-    S/shard-00000.tar     WebDataset tar files; a sample is a block of steps (writer.py)
+    S/shard-00000.tar     WebDataset tar files; a sample is a block of steps (tar.py)
 
 The package, along its seams:
     conditions.py   condition columns: their types, vocabularies and values as arrays
     episodes.py     whole episodes of dataset parts as NumPy arrays, shuffled into shards
-    writer.py       episodes -> blocks -> tar bytes (pure, byte-identical for equal input)
+    tar.py          episodes -> blocks -> tar bytes (pure, byte-identical for equal input)
     statistics.py   numeric summaries per task, combined for the index
     driver.py       the job: plan, the vocabulary pass, the write pass, commit (`write_shards`)
 
@@ -42,7 +42,7 @@ from engine.shards.episodes import (
     split_for_shards,
 )
 from engine.shards.statistics import combine_numeric, numeric_summary
-from engine.shards.writer import BuiltShard, Segment, block_arrays, build_shard, plan_blocks
+from engine.shards.tar import BuiltShard, Segment, block_arrays, build_shard, plan_blocks
 from schemas.shard_index import ShardError
 
 __all__ = [

@@ -34,11 +34,10 @@ from engine.shards.conditions import (
 )
 from engine.shards.episodes import concat_episodes, read_part_episodes, shuffled_shards
 from engine.shards.statistics import combine_numeric, numeric_summary
-from engine.shards.writer import build_shard
+from engine.shards.tar import build_shard
 from engine.writer import VersionWriter, check_new_output
 from schemas import steps as cols
 from schemas.manifest import MANIFEST_NAME, now_iso
-from schemas.retry import retrying
 from schemas.shard_index import (
     INDEX_NAME,
     ActionInfo,
@@ -257,9 +256,9 @@ def write_task(task: WriteTask) -> WriteResult:
     ):
         built = build_shard(group, settings.window, settings.stride, settings.block_steps)
         name = shard_name(plan.first_shard + offset)
-        # A whole shard is written again after a failed upload (pyarrow already retries each
-        # S3 request); the writer's fence keeps a task of a dead run from writing at all.
-        data_file = retrying(storage.is_transient)(task.writer.write_file, name, built.data)
+        # pyarrow's S3 client retries each request (engine/storage.py); the writer's fence
+        # keeps a task of a dead run from writing at all.
+        data_file = task.writer.write_file(name, built.data)
         written.append(
             ShardInfo(
                 name=name,

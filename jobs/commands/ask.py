@@ -17,12 +17,14 @@ _NEXT_PAIR = re.compile(r",\s*(?=[A-Za-z_][A-Za-z0-9_.]*=)")
 
 
 class Ask(Command):
-    """Roll out a trained policy in its environment, conditioned on values you choose: one
-    request, or a sweep over one column with a report of achieved against requested (the
-    dataset's mean return and the rank correlation as references).
+    """Roll out a trained policy, conditioned on the values you ask for.
+
+    One request, or a sweep over one column with a report of achieved against requested,
+    with references: the dataset's mean return, the rank correlation of achieved against
+    requested, and (with --baseline) another run asked the same way, e.g. behaviour cloning.
 
         hindsight ask runs/pend-rtg --request return_to_go=-150 --episodes 20
-        hindsight ask runs/pend-rtg --sweep return_to_go=-1000,-600,-300,-150 --output reports/pend
+        hindsight ask runs/pend-rtg --sweep return_to_go=-1000,-600,-300,-150 --baseline runs/pend-bc
     """
 
     name = "ask"
@@ -37,7 +39,7 @@ class Ask(Command):
     # NoDecode: the command line hands the text over whole (repeated options joined by
     # commas), so a sentence may hold commas; `_pairs` splits it only where `COLUMN=` starts.
     request: Annotated[dict[str, str], NoDecode] = Field(
-        default_factory=dict,
+        default={},
         description="The value asked for per condition column, COLUMN=VALUE (repeat for several).",
         json_schema_extra={"metavar": "COLUMN=VALUE"},
     )
@@ -54,6 +56,11 @@ class Ask(Command):
         "INPUT/ask-COLUMN.",
     )
     device: str = Field(default="cpu", description="Device for the rollout.")
+    baseline: Run | None = Field(
+        default=None,
+        description="Another run asked the same way with no condition (e.g. behaviour "
+        "cloning: trained with --condition none), reported as a reference.",
+    )
 
     @field_validator("request", mode="before")
     @classmethod
@@ -100,20 +107,47 @@ class Ask(Command):
             report = ask.sweep(
                 self.input, self.env, column, values, self.episodes, self.seeds, output, self.device
             )
+            if self.baseline:
+                report["reference"]["baseline"] = self.ask_baseline(report["env"])
+                with open(os.path.join(output, "ask.json"), "w") as handle:
+                    json.dump(report, handle, indent=2)
             return {**report, "output": output}
         result = ask.ask(self.input, self.env, self.request, self.episodes, self.seeds, self.device)
         result = {"condition": self.request, **result}
+        if self.baseline:
+            result["baseline"] = self.ask_baseline(result["env"])
         if self.output:
             os.makedirs(self.output, exist_ok=True)
             with open(os.path.join(self.output, "ask.json"), "w") as handle:
                 json.dump(result, handle, indent=2)
         return result
 
+    def ask_baseline(self, env: str) -> dict[str, Any]:
+        """The baseline run, asked with no condition in the same environment and seeds."""
+        from trainers import ask
+
+        outcome = ask.ask(self.baseline, env, {}, self.episodes, self.seeds, self.device)
+        return {
+            "run": self.baseline,
+            "achieved_mean": outcome["achieved_mean"],
+            "achieved_ci95": outcome["achieved_ci95"],
+            "episodes": outcome["episodes"],
+        }
+
     def report(self, result: dict[str, Any], seconds: float) -> str:
         from trainers.ask import format_sweep
 
         if self.sweep:
             lines = format_sweep(result)
+            baseline = result["reference"].get("baseline")
+            if baseline:
+                low, high = baseline["achieved_ci95"]
+                best = max(row["achieved_mean"] for row in result["results"])
+                lines.append(
+                    f"baseline {baseline['run']}: {baseline['achieved_mean']:.2f} "
+                    f"[{low:.2f}, {high:.2f}]; the best request achieved "
+                    f"{best - baseline['achieved_mean']:+.2f} over it"
+                )
             output = result["output"]
             lines.append(
                 f"wrote {os.path.join(output, 'ask.json')} and {os.path.join(output, 'ask.png')}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 from pydantic_settings import CliPositionalArg
 
-from jobs.command import NewDataset, RayCommand, rate
+from jobs.command import NewDataset, RayCommand, version_line
 from schemas.manifest import Manifest
 
 
@@ -18,6 +18,7 @@ class Collect(RayCommand):
     """
 
     name = "collect"
+    job = True
 
     env: CliPositionalArg[str] = Field(description="Gymnasium environment id, e.g. Pendulum-v1.")
     output: CliPositionalArg[NewDataset] = Field(
@@ -63,14 +64,3 @@ class Collect(RayCommand):
 
     def report(self, manifest: Manifest, seconds: float) -> str:
         return version_line("collected", manifest, self.output, seconds)
-
-
-def version_line(verb: str, manifest: Manifest, output: str, seconds: float) -> str:
-    """`collected 200 episodes, 40,000 steps into data/x (dataset ..., 4 part(s)) in ...`."""
-    from engine import storage
-
-    return (
-        f"{verb} {manifest.episodes:,} episodes, {manifest.steps:,} steps into "
-        f"{storage.normalize(output)} (dataset {manifest.dataset_id}, {len(manifest.parts)} "
-        f"part(s)) in {rate(manifest.steps, seconds)}"
-    )

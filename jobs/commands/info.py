@@ -10,7 +10,7 @@ from pydantic import Field
 from pydantic_settings import CliPositionalArg
 
 from engine import storage
-from jobs.command import Command, UserError, what_is_there
+from jobs.command import PATH_KINDS, Command, UserError, path_kind
 from schemas.manifest import MANIFEST_NAME
 from schemas.shard_index import INDEX_NAME
 
@@ -40,16 +40,17 @@ class Info(Command):
         from engine.info import dataset_info
 
         uri = storage.normalize(self.input)
-        if storage.exists(storage.join(uri, MANIFEST_NAME)):
-            return {"kind": "dataset", **dataset_info(uri, bins=self.bins, verify=self.verify)}
-        if storage.exists(storage.join(uri, INDEX_NAME)):
-            return {"kind": "shards", **shards_info(uri)}
-        if not storage.is_s3(uri) and os.path.isfile(os.path.join(uri, "config.json")):
-            return {"kind": "run", **run_info(uri)}
-        inside = datasets_below(uri)
+        kind = path_kind(uri)
+        if kind == "dataset":
+            return {"kind": kind, **dataset_info(uri, bins=self.bins, verify=self.verify)}
+        if kind == "shards":
+            return {"kind": kind, **shards_info(uri)}
+        if kind == "run":
+            return {"kind": kind, **run_info(uri)}
+        inside = datasets_below(uri) if kind == "other" else []
         if inside:
             return {"kind": "folder", "uri": uri, "contents": inside}
-        raise UserError(f"{self.input}: {what_is_there(uri)}")
+        raise UserError(f"{self.input}: {PATH_KINDS[kind]}")
 
     def report(self, result: dict[str, Any], seconds: float) -> str:
         from engine.info import format_info
@@ -96,10 +97,12 @@ def shards_info(uri: str) -> dict[str, Any]:
 
 
 def run_info(path: str) -> dict[str, Any]:
-    with open(os.path.join(path, "config.json")) as handle:
+    from trainers.options import CONFIG, METRICS
+
+    with open(os.path.join(path, CONFIG)) as handle:
         config = json.load(handle)
     options = config.get("options", {})
-    metrics = os.path.join(path, "metrics.jsonl")
+    metrics = os.path.join(path, METRICS)
     steps_done = 0
     if os.path.exists(metrics):
         with open(metrics) as handle:
@@ -116,18 +119,16 @@ def run_info(path: str) -> dict[str, Any]:
 
 
 def datasets_below(uri: str, limit: int = 200) -> list[dict[str, str]]:
-    """Datasets, shards and unfinished versions one level below a folder."""
+    """Datasets, shards, runs and unfinished versions one level below a folder."""
     if storage.is_s3(uri):
-        files = storage.list_files(uri)
         markers = {
             MANIFEST_NAME: "dataset",
             INDEX_NAME: "shards",
             storage.STAGING_MARKER: "staging",
         }
         found = []
-        for file in files:
-            relative = file[len(uri) + 1 :]
-            parts = relative.split("/")
+        for file in storage.list_files(uri):
+            parts = file[len(uri) + 1 :].split("/")
             if len(parts) == 2 and parts[1] in markers:
                 found.append({"kind": markers[parts[1]], "path": storage.join(uri, parts[0])})
         return found[:limit]
@@ -136,9 +137,7 @@ def datasets_below(uri: str, limit: int = 200) -> list[dict[str, str]]:
     found = []
     for name in sorted(os.listdir(uri))[:limit]:
         path = os.path.join(uri, name)
-        kind = what_is_there(path)
-        if kind != "not a hindsight dataset (no manifest.json)" and os.path.isdir(path):
-            found.append(
-                {"kind": kind.split(" (")[0].removeprefix("a ").removeprefix("an "), "path": path}
-            )
+        kind = path_kind(path)
+        if kind in ("dataset", "shards", "staging", "run"):
+            found.append({"kind": kind, "path": path})
     return found

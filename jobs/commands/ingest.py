@@ -10,8 +10,7 @@ from pydantic_settings import CliPositionalArg
 from engine import storage
 from engine.sources import FORMATS
 from engine.writer import DEFAULT_PART_STEPS
-from jobs.command import NewDataset, RayCommand, Source
-from jobs.commands.collect import version_line
+from jobs.command import NewDataset, RayCommand, Source, version_line
 from schemas.manifest import SKIPPED_REPORT_NAME, Manifest
 
 
@@ -24,6 +23,7 @@ class Ingest(RayCommand):
     """
 
     name = "ingest"
+    job = True
 
     input: CliPositionalArg[Source] = Field(
         description="A D4RL .h5/.hdf5/.npz file, a Minari dataset directory, or Parquet/JSONL "

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import CliPositionalArg
 
-from jobs.command import Dataset, NewDataset, RayCommand
-from jobs.commands.collect import version_line
+from jobs.command import Dataset, NewDataset, RayCommand, version_line
 from schemas.manifest import Manifest
 
 
@@ -18,6 +17,7 @@ class Materialize(RayCommand):
     """
 
     name = "materialize"
+    job = True
 
     input: CliPositionalArg[Dataset] = Field(
         description="Dataset version to copy (with all its column groups)."

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import shutil
 import sys
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import polars as pl
 from pydantic import Field, model_validator
 from pydantic_settings import CliPositionalArg
 
 from engine import storage
 from jobs.command import Command, Dataset, NewDataset, UserError
+
+if TYPE_CHECKING:  # polars is imported where it is used: `hindsight --help` stays fast
+    import polars as pl
 
 TABLE_ROWS = 20
 FORMAT_OF_SUFFIX = {
@@ -33,6 +35,7 @@ class Query(Command):
     """
 
     name = "query"
+    job = True
 
     input: CliPositionalArg[Dataset] = Field(
         description="Dataset version to query: a local path or s3:// URI."
@@ -147,18 +150,9 @@ class Query(Command):
             print(f"read: {result.stats.to_dict()}", file=sys.stderr)
         frame = result.frame
         summary: dict[str, Any] = {"rows": frame.height, "bytes_read": result.stats.bytes}
-        if file_format == "table":
-            total = engine_query.count(dataset, self.where, level=self.level)
-            summary["matching"] = total
-            print(format_table(frame, selected=self.select is not None), file=stdout)
-            shown = f"showing {frame.height} of " if frame.height < total else ""
-            if shown and self.limit is not None and frame.height == self.limit:
-                hint = f" (--limit {self.limit})"
-            elif shown:
-                hint = "; use --limit N --format csv|json|parquet for more"
-            else:
-                hint = ""
-            print(f"{shown}{total:,} matching {self.level}{hint}", file=stdout)
+        if file_format == "table":  # `report` shows it; `--json` shows only the counts
+            summary["matching"] = engine_query.count(dataset, self.where, level=self.level)
+            summary["table"] = frame
             return summary
         if self.output_file is not None:
             with open(self.output_file, "wb") as handle:
@@ -167,9 +161,12 @@ class Query(Command):
         if file_format == "parquet" and getattr(stdout, "isatty", lambda: False)():
             raise UserError("--format parquet is binary: use --output-file or redirect stdout")
         target = getattr(stdout, "buffer", stdout)
-        write_frame(frame, file_format, target)
+        write_frame(frame, file_format, target)  # the rows are the output
         target.flush()
         return summary
+
+    def summary(self, result: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in result.items() if key != "table"}
 
     def report(self, result: dict[str, Any], seconds: float) -> str:
         if "output" in result:
@@ -177,12 +174,25 @@ class Query(Command):
                 f"wrote {result['episodes']} episodes ({result['steps']} steps) of "
                 f"{result['input']} to {result['output']} (dataset {result['dataset_id']})"
             )
-        return ""  # the rows were the output
+        if "table" not in result:
+            return ""  # the rows went to stdout or a file
+        frame, total = result["table"], result["matching"]
+        shown = f"showing {frame.height} of " if frame.height < total else ""
+        if shown and self.limit is not None and frame.height == self.limit:
+            hint = f" (--limit {self.limit})"
+        elif shown:
+            hint = "; use --limit N --format csv|json|parquet for more"
+        else:
+            hint = ""
+        table = format_table(frame, selected=self.select is not None)
+        return f"{table}\n{shown}{total:,} matching {self.level}{hint}"
 
 
 def format_table(frame: pl.DataFrame, selected: bool = False) -> str:
     """A readable table: a few elements of each vector, the columns that fit the terminal
     (all of them when the user chose them with --select)."""
+    import polars as pl
+
     width = shutil.get_terminal_size((160, 24)).columns
     hidden: list[str] = []
     if not selected:
@@ -211,6 +221,8 @@ def format_table(frame: pl.DataFrame, selected: bool = False) -> str:
 
 def flatten_for_text(frame: pl.DataFrame) -> pl.DataFrame:
     """CSV has no nested values: vectors become "[a, b]", structs JSON text."""
+    import polars as pl
+
     converted = []
     for name, dtype in frame.schema.items():
         column = pl.col(name)

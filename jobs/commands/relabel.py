@@ -10,7 +10,7 @@ from pydantic_settings import CliPositionalArg
 
 from engine import storage
 from jobs.command import Dataset, NewDataset, RayCommand, rate, wrap_report
-from schemas.manifest import Manifest
+from schemas.manifest import Manifest, public_url
 
 # `k=v` before any `:` — a parameter of the relabeler named before it, not a new one.
 _PARAMETER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
@@ -34,8 +34,8 @@ class RelabelerSpec(BaseModel):
 
 def _option_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
-        return ";".join(str(v) for v in value)  # list values use ';' inside --with
-    return str(value)
+        return ";".join(public_url(str(v)) for v in value)  # list values use ';' in --with
+    return public_url(str(value))
 
 
 def join_parameters(items: list[Any]) -> list[Any]:
@@ -61,6 +61,7 @@ class Relabel(RayCommand):
     """
 
     name = "relabel"
+    job = True
 
     input: CliPositionalArg[Dataset] = Field(
         description="The parent dataset version (local path or s3://)."

@@ -48,12 +48,16 @@ class RunSpec(Command):
         result = command.run()
         summary = {"kind": command.name, **command.summary(result)}
         summary["seconds"] = round(time.perf_counter() - started, 3)
+        summary["exit_status"] = command.exit_status(result)
         # One machine-readable line: `hindsight submit` reads it back from the job's logs.
         print(RESULT_PREFIX + json.dumps(summary, default=str), flush=True)
         return summary
 
     def report(self, result: Any, seconds: float) -> str:
         return ""  # the result line is the report
+
+    def exit_status(self, summary: dict[str, Any]) -> int:
+        return int(summary["exit_status"])
 
 
 def ray_address(address: str | None, command: RayCommand) -> str | None:

@@ -19,6 +19,7 @@ class Shard(RayCommand):
     """
 
     name = "shard"
+    job = True
 
     input: CliPositionalArg[Dataset] = Field(
         description="Dataset version to shard (local path or s3://)."
@@ -27,7 +28,7 @@ class Shard(RayCommand):
         description="Shard directory to create (local path or s3://); must be new."
     )
     condition: list[str] = Field(
-        default_factory=list,
+        default=[],
         description="Conditioning columns (step or episode level) to store with each window.",
         json_schema_extra={"metavar": "COLUMN,..."},
     )

@@ -11,6 +11,8 @@ from pydantic_settings import CliPositionalArg
 from jobs.command import RayCommand, Run, Shards
 from trainers.options import TrainOptions
 
+_trainer = TrainOptions.model_fields
+
 
 class Train(RayCommand, TrainOptions):
     """Train a policy p(action | state, condition) on shards, in plain PyTorch; Ctrl-C stops
@@ -21,16 +23,14 @@ class Train(RayCommand, TrainOptions):
     """
 
     name = "train"
+    job = True
 
-    input: CliPositionalArg[Shards] = Field(
-        description="Shard directory (local or s3://) with an index.json."
-    )
-    output: CliPositionalArg[Run] = Field(
-        description="Run directory (local): config, checkpoint and metrics."
-    )
+    # The trainer's own fields, marked for the command line (same descriptions).
+    input: CliPositionalArg[Shards] = Field(description=_trainer["input"].description)
+    output: CliPositionalArg[Run] = Field(description=_trainer["output"].description)
     condition: list[str] = Field(
-        default_factory=list,
-        description="Conditioning columns of the shard index; none = behaviour cloning.",
+        default=[],
+        description=_trainer["condition"].description,
         json_schema_extra={"metavar": "COLUMN,..."},
     )
     workers: int = Field(1, ge=1, description="Data-parallel Ray Train workers (1: this process).")
@@ -46,16 +46,19 @@ class Train(RayCommand, TrainOptions):
             resume=self.resume,
         )
 
-    def report(self, summary: dict[str, Any], seconds: float) -> str:
+    def exit_status(self, summary: dict[str, Any]) -> int:
         from trainers.train import STOP_EXIT_CODES, stop_message
 
-        if summary.get("stopped_by"):
-            resume = self.model_copy(update={"resume": True}).history_line()
-            print(stop_message(summary, resume), file=sys.stderr)
-            raise SystemExit(STOP_EXIT_CODES[summary["stopped_by"]])
+        if not summary.get("stopped_by"):
+            return 0
+        resume = self.model_copy(update={"resume": True}).history_line()
+        print(stop_message(summary, resume), file=sys.stderr)
+        return STOP_EXIT_CODES[summary["stopped_by"]]
+
+    def report(self, summary: dict[str, Any], seconds: float) -> str:
         line = ", ".join(
             f"{key} {value:,.4g}" if isinstance(value, float) else f"{key} {value}"
             for key, value in summary.items()
             if isinstance(value, (int, float, str)) and not isinstance(value, bool)
         )
-        return f"trained: {line}"
+        return f"{'stopped' if summary.get('stopped_by') else 'trained'}: {line}"

@@ -55,6 +55,7 @@ from relabelers.language.facts import (
 from relabelers.language.params import LanguageParams
 from relabelers.language.prompt import DEFAULT_PROMPT, PromptTemplate, read_prompt
 from schemas import steps as cols
+from schemas.manifest import public_url
 
 __all__ = ["DEFAULT_PROMPT", "LanguageParams", "LanguageRelabeler", "PromptTemplate"]
 
@@ -128,7 +129,7 @@ class LanguageRelabeler(Relabeler):
                 model=p.model,
                 prompt=prompt_path.stem,
                 prompt_sha256=hashlib.sha256(prompt_text.encode()).hexdigest(),
-                base_url=llm.public_url(describer.base_url) or "OpenAI default",
+                base_url=public_url(describer.base_url) if describer.base_url else "OpenAI default",
                 temperature=p.temperature,
             )
         else:

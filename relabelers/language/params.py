@@ -7,11 +7,9 @@ from typing import Literal
 from pydantic import Field
 
 from relabelers import llm
-from relabelers.base import Params
-from schemas import retry
 
 
-class LanguageParams(Params):
+class LanguageParams(llm.EndpointParams):
     model: str = Field("gpt-4o-mini", description="chat model name at the endpoint")
     per: Literal["episode", "segment"] = Field(
         "episode", description="describe whole episodes, or segments of `segment` steps"
@@ -21,19 +19,11 @@ class LanguageParams(Params):
     describer: Literal["auto", "llm", "template"] = Field(
         "auto", description="auto: the LLM when an endpoint is configured, else the template"
     )
-    base_url: str | None = Field(
-        None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"
-    )
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="sampling temperature")
     max_tokens: int = Field(400, ge=16, description="max tokens per answer")
     concurrency: int = Field(16, ge=1, description="requests in flight per part")
-    timeout: float = Field(60.0, gt=0, description="seconds per request")
-    max_retries: int = Field(
-        retry.ATTEMPTS - 1, ge=0, description="retries per request (schemas/retry.py's backoff)"
-    )
     max_requests: int | None = Field(None, ge=0, description="request budget for the job")
     max_tokens_budget: int | None = Field(None, ge=0, description="token budget for the job")
-    cache: str | None = Field(None, description=f"answer cache directory ({llm.DEFAULT_CACHE})")
     retry_failed: bool = Field(False, description="ask again for requests that failed before")
     prompt: str | None = Field(None, description="prompt template file (default describe_v1)")
     goal_threshold: float = Field(
