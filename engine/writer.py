@@ -48,6 +48,7 @@ from schemas.manifest import (
     content_id,
     now_iso,
 )
+from schemas.retry import retrying
 
 # Parquet row groups are the unit a reader can skip. Step files: small enough that a query
 # for 1% of episodes scattered at random skips ~80% of a file, large enough that a full
@@ -304,7 +305,11 @@ class VersionWriter:
     def abort(self) -> None:
         """Remove what this run staged, unless another run has taken the directory over."""
         if self.token is not None and not self.committed:
-            storage.discard_staging(self.uri, self.token)
+            # A task of this run interrupted mid-write may still add a file for a moment
+            # (its next fence check stops it): try again rather than leave files behind.
+            retrying(lambda error: isinstance(error, OSError), attempts=3)(
+                storage.discard_staging, self.uri, self.token
+            )
 
 
 # ---------------------------------------------------------------- manifests

@@ -51,7 +51,7 @@ def init_ray(
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
 
 
-CANCEL_WAIT_S = 60.0  # how long a failed job waits for its cancelled parts to stop
+RUNNING_WAIT_S = 120.0  # how long a failed job waits for its running parts to end
 OUR_PACKAGES = ("engine", "relabelers", "jobs", "schemas", "trainers")
 
 
@@ -104,10 +104,27 @@ def _run_task(function: Callable[[Task], Result], task: Task) -> Result | TaskFa
 
 
 class RayExecutor:
-    """One Ray task per part (`num_cpus` each) on the Ray that `init_ray` connected to."""
+    """One Ray task per part (`num_cpus` each) on the Ray that `init_ray` connected to.
 
-    def __init__(self, num_cpus: float = 1.0):
+    At most a few tasks per CPU of the cluster are submitted at a time, and more as they
+    finish (Ray's documented pattern for limiting pending tasks with `ray.wait`): every
+    CPU stays busy, and when a part fails no further part starts. The job then waits for
+    the parts still running before it raises, so that none writes a file while the
+    version writer removes the staging directory. (Cancelling them instead hits a Ray bug:
+    a task cancelled as its reply arrives aborts the driver, "Tried to complete task that
+    was not pending".)
+    """
+
+    def __init__(self, num_cpus: float = 1.0, tasks_per_cpu: int = 2):
         self.num_cpus = num_cpus
+        self.tasks_per_cpu = tasks_per_cpu
+
+    def in_flight(self) -> int:
+        """How many tasks are submitted at a time: a few per CPU of the cluster."""
+        import ray
+
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        return max(1, int(cpus / self.num_cpus) * self.tasks_per_cpu)
 
     def map(
         self,
@@ -124,25 +141,32 @@ class RayExecutor:
             return []
         remote = ray.remote(num_cpus=self.num_cpus)(_run_task)
         function_ref = ray.put(function)  # shipped once, not once per task
-        pending = {remote.remote(function_ref, task): index for index, task in enumerate(tasks)}
+        limit = self.in_flight()
+        waiting = iter(enumerate(tasks))
+        running: dict[Any, int] = {}
         results: dict[int, Any] = {}
-        try:
-            with Progress(description, total, unit) as progress:
-                while pending:
-                    done, _ = ray.wait(list(pending), num_returns=1)
+
+        def submit() -> None:
+            for index, task in waiting:
+                running[remote.remote(function_ref, task)] = index
+                if len(running) >= limit:
+                    return
+
+        with Progress(description, total, unit) as progress:
+            submit()
+            try:
+                while running:
+                    done, _ = ray.wait(list(running), num_returns=1)
                     for ref in done:
+                        index = running.pop(ref)
                         result = ray.get(ref)
                         if isinstance(result, TaskFailure):
                             raise result.rebuild()
-                        results[pending.pop(ref)] = result
+                        results[index] = result
                         progress.advance(work_done(result, unit))
-        except BaseException:
-            # A failed or interrupted job stops its other parts, and waits until they have
-            # stopped: a part still running could otherwise write a file while the version
-            # writer removes the staging directory.
-            for ref in pending:
-                ray.cancel(ref)
-            if pending:
-                ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)
-            raise
+                    submit()
+            except Exception:
+                if running:  # let the parts already running finish; start no other
+                    ray.wait(list(running), num_returns=len(running), timeout=RUNNING_WAIT_S)
+                raise
         return [results[index] for index in range(len(tasks))]

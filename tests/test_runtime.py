@@ -44,3 +44,26 @@ def test_results_come_back_in_task_order_and_errors_keep_type_and_message(ray_lo
         executor.map(refuse, [{"index": i} for i in range(3)], description="x")
     with pytest.raises(KeyError, match="part 3: no column 'x'"):
         executor.map(refuse, [{"index": 3}], description="x")
+
+
+def fail_first_or_work(task: dict) -> dict:
+    """Part 0 fails at once; every other part marks its start, works 0.5 s, marks its end."""
+    if task["index"] == 0:
+        raise ValueError("part 0: bad input")
+    folder = Path(task["folder"])
+    (folder / f"started-{task['index']}").touch()
+    time.sleep(0.5)
+    (folder / f"ended-{task['index']}").touch()
+    return {"index_seen": task["index"]}
+
+
+def test_a_failed_part_starts_no_other_and_waits_for_the_running_ones(ray_local, tmp_path):
+    executor = RayExecutor()
+    tasks = [{"index": i, "folder": str(tmp_path)} for i in range(40)]
+    with pytest.raises(ValueError, match="part 0: bad input"):
+        executor.map(fail_first_or_work, tasks, description="x")
+    started = {p.name.split("-")[1] for p in tmp_path.glob("started-*")}
+    ended = {p.name.split("-")[1] for p in tmp_path.glob("ended-*")}
+    # Only the first window of parts was submitted, and none is still running: nothing
+    # could write into a directory the version writer is about to remove.
+    assert len(started) < executor.in_flight() and started == ended
