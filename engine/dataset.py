@@ -13,11 +13,17 @@ Layout of a version at URI `D` (local directory or `s3://bucket/prefix`):
 Part `i` of every group holds the same rows in the same order as part `i` of `base`, so
 a version is read by zipping columns. A child version lists its parent's groups with the
 parent's URI as their `root` and adds its own groups under its own URI.
+
+Opening a version checks where its files are before reading any (`check_entries`,
+`check_parent`): its own groups' files lie inside its directory (plain relative paths, no
+`..`, no absolute path or URL), and inherited groups are exactly the groups of the parent
+the manifest records (`parent_id`), found where their roots lead, whose own groups are
+checked the same way up the chain. Anything else is refused, naming the entry.
 """
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Sequence
 
 import polars as pl
@@ -25,7 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import storage
-from schemas.manifest import MANIFEST_NAME, ColumnGroup, Manifest
+from schemas.manifest import MANIFEST_NAME, ColumnGroup, Manifest, content_id
+from schemas.shard_index import describe_invalid
 
 BASE_GROUP = "base"
 LEVELS = ("steps", "episodes")
@@ -47,7 +54,7 @@ def read_schema(uri: str) -> pa.Schema:
 def unreadable(uri: str, error: Exception) -> DatasetError:
     """A file of a committed version that fails to read: it may have changed since."""
     return DatasetError(
-        f"{uri}: cannot read: {error}\n  (`hindsight info DATASET --verify` checks every "
+        f"{uri}: cannot read: {error} (`hindsight info DATASET --verify` checks every "
         "file against the manifest's sha256)"
     )
 
@@ -160,6 +167,10 @@ class Dataset:
                             f"{uri} (column group {group.name!r}) has another sha256 "
                             "than the manifest records"
                         )
+        if len(problems) == 1:
+            raise DatasetError(
+                f"{self.uri}: a file changed since the version was committed: {problems[0]}"
+            )
         if problems:
             raise DatasetError(
                 f"{self.uri}: {len(problems)} file(s) changed since the version was committed:\n  "
@@ -167,10 +178,36 @@ class Dataset:
             )
         return checked
 
+    def verify(self) -> int:
+        """Every file's sha256 against the manifest (`check_files`), then the dataset id
+        recomputed from the manifest's groups and checksums (a manifest edited to match
+        changed files keeps its old id); the number of files checked."""
+        checked = self.check_files(checksums=True)
+        recomputed = content_id(self.manifest.groups, self.manifest.parent_id)
+        if recomputed != self.manifest.dataset_id:
+            raise DatasetError(
+                f"{self.uri}: the manifest's dataset id {self.manifest.dataset_id} is not the "
+                f"id recomputed from its groups and checksums ({recomputed}): the manifest "
+                "was edited after the version was committed"
+            )
+        return checked
+
 
 def open_dataset(uri: str, verify_checksums: bool = False) -> Dataset:
-    """Open a committed version; a missing manifest or changed file is a clear error."""
-    uri = storage.normalize(uri)
+    """Open a committed version; a missing manifest, an entry outside the version (or its
+    parent's), or a changed file is a clear error. `verify_checksums` also checks every
+    file's sha256 and the dataset id (`Dataset.verify`)."""
+    dataset = _load(storage.normalize(uri), ())
+    if verify_checksums:
+        dataset.verify()
+    else:
+        dataset.check_files()
+    return dataset
+
+
+def _load(uri: str, descendants: tuple[str, ...]) -> Dataset:
+    """The version at `uri` with its roots resolved and its entries checked (up its parent
+    chain), no data file touched. `descendants`: the versions that led here (a cycle stops)."""
     manifest_uri = storage.join(uri, MANIFEST_NAME)
     if not storage.exists(manifest_uri):
         staging = storage.exists(storage.join(uri, storage.STAGING_MARKER))
@@ -182,12 +219,112 @@ def open_dataset(uri: str, verify_checksums: bool = False) -> Dataset:
         raise DatasetError(f"{uri} is not a hindsight dataset: {reason}")
     try:
         manifest = Manifest.from_json(storage.read_bytes(manifest_uri))
-    except (ValueError, json.JSONDecodeError) as error:
-        raise DatasetError(f"{manifest_uri} is not a valid manifest: {error}") from error
+    except ValueError as error:  # bad JSON, or a field of the wrong type
+        raise DatasetError(
+            f"{manifest_uri} is not a valid manifest: {describe_invalid(error)}"
+        ) from error
     groups = [g.model_copy(update={"root": storage.resolve(uri, g.root)}) for g in manifest.groups]
     dataset = Dataset(uri, manifest.model_copy(update={"groups": groups}))
-    dataset.check_files(checksums=verify_checksums)
+    check_entries(dataset)
+    if any(group.inherited for group in groups):
+        check_parent(dataset, descendants)
     return dataset
+
+
+def _same_place(first: str, second: str) -> bool:
+    """Two directory URIs name one place (local paths with symlinks resolved)."""
+    if storage.is_s3(first) or storage.is_s3(second):
+        return first.rstrip("/") == second.rstrip("/")
+    return os.path.realpath(first) == os.path.realpath(second)
+
+
+def is_inside(path: str) -> bool:
+    """A relative path that stays below the directory it is relative to: no `..`, no
+    absolute path, no URL, no backslash, no empty or `.` component."""
+    if not path or "\\" in path or "://" in path or os.path.isabs(path):
+        return False
+    return all(part not in ("", ".", "..") for part in path.split("/"))
+
+
+def check_entries(dataset: Dataset) -> None:
+    """Every file entry is a plain path inside its group's root; a group of this version's
+    own lies in its directory; an inherited one needs a recorded parent. Names the entry."""
+    where = storage.join(dataset.uri, MANIFEST_NAME)
+    own = storage.resolve(dataset.uri, ".")
+    for group in dataset.manifest.groups:
+        for level in LEVELS:
+            for data_file in getattr(group, f"{level}_files"):
+                if not is_inside(data_file.path):
+                    raise DatasetError(
+                        f"{where}: column group {group.name!r} lists the {level} file "
+                        f"{data_file.path!r}, which points outside the group's directory "
+                        f"{group.root}; refused (a version reads only its own files and its "
+                        "parent's)"
+                    )
+        if not group.inherited and not _same_place(group.root, own):
+            raise DatasetError(
+                f"{where}: column group {group.name!r} has its files at {group.root}, not "
+                "this version's directory; refused (only groups inherited from the parent "
+                "may live elsewhere)"
+            )
+        if group.inherited and dataset.manifest.parent_id is None:
+            raise DatasetError(
+                f"{where}: column group {group.name!r} is inherited from {group.root}, but "
+                "the version records no parent; refused"
+            )
+
+
+def _comparable(group: ColumnGroup) -> ColumnGroup:
+    return group.model_copy(update={"root": "", "inherited": False})
+
+
+def check_parent(dataset: Dataset, descendants: tuple[str, ...]) -> None:
+    """The inherited groups are exactly the groups of the recorded parent (same names,
+    places, files, sizes and checksums, in order), and the parent checks out in turn.
+
+    The parent is found where the last inherited group's root leads (a parent's own group:
+    roots are stored relative, so a tree of versions moves together), and must have the
+    dataset id this version records as `parent_id`."""
+    where = storage.join(dataset.uri, MANIFEST_NAME)
+    manifest = dataset.manifest
+    inherited = [group for group in manifest.groups if group.inherited]
+    place = inherited[-1].root
+    if any(_same_place(place, uri) for uri in (dataset.uri, *descendants)):
+        raise DatasetError(
+            f"{where}: column group {inherited[-1].name!r} is inherited from {place}, which "
+            "is this version or one made from it; refused"
+        )
+    if not storage.exists(storage.join(place, MANIFEST_NAME)):
+        raise DatasetError(
+            f"{dataset.uri}: column group {inherited[-1].name!r} is inherited from the parent "
+            f"version at {place}, and there is no committed version there: move versions "
+            "that share files together"
+        )
+    parent = _load(place, (*descendants, dataset.uri))
+    if parent.manifest.dataset_id != manifest.parent_id:
+        raise DatasetError(
+            f"{where}: column group {inherited[-1].name!r} is inherited from {place}, which is "
+            f"not the parent this version was made from (parent {manifest.parent_id}, made "
+            f"at {manifest.parent_uri}; the version there is {parent.manifest.dataset_id}); "
+            "refused"
+        )
+    expected = parent.manifest.groups
+    for position, group in enumerate(inherited):
+        match = expected[position] if position < len(expected) else None
+        if (
+            match is None
+            or not _same_place(group.root, match.root)
+            or _comparable(group) != _comparable(match)
+        ):
+            raise DatasetError(
+                f"{where}: column group {group.name!r} (at {group.root}) is not the parent's "
+                f"group as the parent's manifest at {place} records it; refused"
+            )
+    if len(inherited) != len(expected):
+        raise DatasetError(
+            f"{where}: inherits {len(inherited)} column group(s), its parent at {place} has "
+            f"{len(expected)}; refused"
+        )
 
 
 def _scan_level(uri: str, level: str) -> pl.LazyFrame:

@@ -19,7 +19,7 @@ import re
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SHARD_FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
@@ -30,6 +30,23 @@ WORD_PATTERN = re.compile(r"[a-z0-9]+")
 
 class ShardError(RuntimeError):
     """Shards that cannot be written or read, with the shard and what to do."""
+
+
+def describe_invalid(error: ValueError) -> str:
+    """Why a JSON file of ours (index.json, manifest.json) did not load, on one line: each
+    field that is wrong with what was expected, or where the JSON breaks."""
+    if not isinstance(error, ValidationError):
+        return str(error).replace("\n", " ")
+    phrases = []
+    for problem in error.errors():
+        field = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        if not field:  # a check across fields: its message names them
+            phrases.append(message)
+            continue
+        got = "" if problem["type"] == "missing" else f" (got {problem.get('input')!r:.40})"
+        phrases.append(f"field {field}: {message}{got}")
+    return "; ".join(phrases)
 
 
 # ---------------------------------------------------------------- names in a shard directory
@@ -105,6 +122,14 @@ class ShardInfo(_Model):
     blocks: int = Field(description="Tar samples (blocks of consecutive steps) in the shard.")
     bytes: int
     sha256: str
+
+    @field_validator("name")
+    @classmethod
+    def _plain_file_name(cls, name: str) -> str:
+        """A shard is a file of the shard directory: never a path that leads elsewhere."""
+        if not name or name in (".", "..") or any(c in name for c in "/\\:"):
+            raise ValueError("must be a plain file name inside the shard directory")
+        return name
 
 
 class ObservationInfo(_Model):
@@ -183,6 +208,27 @@ class ShardIndex(_Model):
     episode_return: ReturnInfo
     conditions: dict[str, ConditionInfo] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ShardIndex:
+        """Totals that are the sum of the shards', sizes that can hold data (the loader
+        checks the rest against the shards themselves)."""
+        for total in ("windows", "episodes", "steps"):
+            summed = sum(getattr(shard, total) for shard in self.shards)
+            if getattr(self, total) != summed:
+                raise ValueError(
+                    f"field {total} is {getattr(self, total)}, the shards' {total} add up to "
+                    f"{summed}"
+                )
+        small = [f for f in ("window", "stride", "block_steps") if getattr(self, f) < 1]
+        if small or not self.observation.shape or min(self.observation.shape) < 1:
+            raise ValueError(
+                f"field(s) {small or ['observation.shape']} must be at least 1 (each dimension)"
+            )
+        names = [shard.name for shard in self.shards]
+        if len(set(names)) != len(names):
+            raise ValueError("field shards lists a shard name twice")
+        return self
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2) + "\n"

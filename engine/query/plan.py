@@ -139,7 +139,9 @@ def plan_query(
             hint = [c for c in unknown if c in step_columns]
             error = _unknown_columns_error(unknown, dataset, "--select of an episodes query")
             if hint:
-                error = QueryError(f"{error}\n  {hint} are step columns: query steps (--level steps)")
+                error = QueryError(
+                    f"{error}\n  {hint} are step columns: query steps (--level steps)"
+                )
             raise error
     else:
         unknown = [c for c in selected if c not in step_columns | episode_columns]

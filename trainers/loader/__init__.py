@@ -36,7 +36,8 @@ The pipeline is a chain of small generator stages, each testable alone, in three
                 worker) -> epoch_blocks (each shard in turn; a bad one raises or is skipped)
     shards.py   -> open_shard (engine/storage: local file or S3 through pyarrow.fs, resumed
                 where it stopped if the connection drops, no temp copies) -> tar expansion
-                (webdataset's tar_file_iterator + group_by_keys) -> checked_members (only
+                (tar_members: each member's size bounded by the index before it is read;
+                webdataset's group_by_keys) -> checked_members (only
                 .npy/.json/.txt, no path outside the shard) -> decode_block (np arrays, never
                 unpickled)
     windows.py  -> pools (the shuffle buffer: `shuffle_buffer` windows) -> pool_batches (a
@@ -55,12 +56,15 @@ Errors: a truncated or corrupt shard, or one whose size and sha256 (checked when
 block has been read) differ from the index's, is a `ShardError` naming the shard; with
 on_error="skip" a warning, and `lost_windows` in the state counts what was lost. S3 reads
 that drop are retried from the byte where they stopped (schemas/retry.py's policy). Pickle
-members and names outside the shard are always refused.
+members and names outside the shard are always refused, and so is an intact shard whose
+window lengths, window count, observation/action shapes or condition values are not what
+index.json says (`IndexMismatchError`: the index is wrong, so no shard is skipped).
 """
 
 from schemas.shard_index import ShardError
 from trainers.loader.shards import (
     Block,
+    IndexMismatchError,
     UnsafeShardError,
     decode_block,
     open_shard,
@@ -90,6 +94,7 @@ from trainers.loader.windows import (
 
 __all__ = [
     "Block",
+    "IndexMismatchError",
     "LostWindows",
     "PlacedBlock",
     "Pool",

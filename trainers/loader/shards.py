@@ -2,9 +2,14 @@
 checked, its blocks decoded, and its size and sha256 checked against the index at its end.
 
 Stages (each a function over the previous one's output, testable alone):
-    open_shard -> VerifyingReader -> tar_file_iterator (webdataset) -> checked_members
-    -> group_by_keys (webdataset) -> decode_block
+    open_shard -> VerifyingReader -> tar_members -> checked_members
+    -> group_by_keys (webdataset) -> decode_block (-> check_against_index)
 `shard_blocks` chains them for one shard.
+
+The index is checked against the data as it is read, since a trainer builds its model from
+it: no member is read into memory beyond the size the index allows (`member_limit`), and
+every block's window lengths, observation and action shapes and condition values must be
+what the index says (`check_against_index`, an `IndexMismatchError`).
 """
 
 from __future__ import annotations
@@ -13,26 +18,32 @@ import ast
 import hashlib
 import io
 import math
+import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import numpy as np
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from engine import storage
 from schemas.shard_index import (
+    ACTION,
     ALLOWED_SUFFIXES,
     INDEX_NAME,
+    OBSERVATION,
     REWARD,
     STEP_MEMBERS,
+    TIMESTEP,
     WINDOW_END,
     WINDOW_MEMBERS,
     WINDOW_START,
+    ConditionInfo,
     ShardError,
     ShardIndex,
     ShardInfo,
     condition_member,
+    describe_invalid,
     member_file,
     text_count_member,
     text_index_member,
@@ -42,6 +53,11 @@ from schemas.shard_index import (
 
 class UnsafeShardError(ShardError):
     """A shard member that is never loaded (a pickle, a path outside the shard)."""
+
+
+class IndexMismatchError(ShardError):
+    """A shard whose data is not what its (intact) index describes: the index is wrong for
+    the whole directory, so this is never skipped as one corrupt shard."""
 
 
 def read_index(uri: str) -> ShardIndex:
@@ -58,8 +74,10 @@ def read_index(uri: str) -> ShardIndex:
         raise ShardError(f"{uri} holds no committed shards: {reason}")
     try:
         return ShardIndex.from_json(storage.read_bytes(index_uri))
-    except ValueError as error:
-        raise ShardError(f"{index_uri} is not a valid shard index: {error}") from error
+    except ValueError as error:  # bad JSON, a field of the wrong type, totals that disagree
+        raise ShardError(
+            f"{index_uri} is not a valid shard index: {describe_invalid(error)}"
+        ) from error
 
 
 def open_shard(uri: str) -> BinaryIO:
@@ -81,8 +99,10 @@ class VerifyingReader(io.RawIOBase):
     """Passes a shard's bytes through, counting and hashing them, so that the end of the
     shard can be checked against the size and sha256 the index recorded."""
 
-    def __init__(self, stream: BinaryIO):
+    def __init__(self, stream: BinaryIO, url: str = "", limit: int | None = None):
         self.stream = stream
+        self.url = url
+        self.limit = limit  # the size the index records: nothing past it is read
         self.size = 0
         self.digest = hashlib.sha256()
 
@@ -90,7 +110,14 @@ class VerifyingReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
+        if self.limit is not None:
+            buffer = memoryview(buffer)[: max(self.limit + 1 - self.size, 0)]
         count = self.stream.readinto(buffer)
+        if self.limit is not None and self.size + count > self.limit:
+            raise ShardError(
+                f"{self.url}: more than the {self.limit:,} bytes the index records for this "
+                "shard; not read further"
+            )
         self.digest.update(memoryview(buffer)[:count])
         self.size += count
         return count
@@ -109,6 +136,41 @@ class VerifyingReader(io.RawIOBase):
 
 
 # ---------------------------------------------------------------- tar members and blocks
+
+# Room for an .npy header (ours take 128 bytes; format 1.0 would allow up to 64 KiB).
+NPY_HEADER_BYTES = 4096
+
+
+def member_limit(index: ShardIndex) -> int:
+    """The most bytes one member of a block may hold, from the index: a block has at most
+    `block_steps + window - 1` rows (a chunk of a long episode carries `window - 1` steps of
+    context), each member at most 8 bytes per value and the widest row the index records
+    (observation, action, vector goals, text tokens)."""
+    widths = [math.prod(index.observation.shape), index.action.dim or 1]
+    for info in index.conditions.values():
+        widths.append((info.dim or 1) * (info.count or 1))
+        widths.append((info.paraphrases or 1) * (info.max_tokens or 1))
+    rows = index.block_steps + index.window
+    return NPY_HEADER_BYTES + 8 * rows * max(widths)
+
+
+def tar_members(stream: BinaryIO, url: str, limit: int) -> Iterator[dict[str, Any]]:
+    """The regular files of a tar stream in order as {"fname", "data"} (what webdataset's
+    tar_file_iterator yields), each member's size checked against `limit` from its header
+    before its bytes are read into memory."""
+    archive = tarfile.open(fileobj=stream, mode="r|*")
+    for member in archive:
+        if not member.isreg():
+            continue
+        if member.size > limit:  # a wrong index for an intact shard, or a corrupt shard
+            raise IndexMismatchError(
+                f"{url}: member {member.name!r} holds {member.size:,} bytes, more than the "
+                f"{limit:,} bytes a member may hold by the index (block_steps, window and "
+                "shapes in index.json); not read"
+            )
+        data = archive.extractfile(member).read()
+        yield {"fname": member.name, "data": data}
+        archive.members = []  # stream mode: keep no list of every member seen
 
 
 def checked_members(files: Iterator[dict[str, Any]], url: str) -> Iterator[dict[str, Any]]:
@@ -207,10 +269,95 @@ def decode_block(
         or bad_windows
         or (len(end) and (end.max() >= rows or start.min() < 0))
         or np.any(start > end)
-        or np.any(end - start >= index.window)
     ):
         raise ShardError(f"{where}: inconsistent arrays {bad_steps + bad_windows} (corrupt shard)")
+    check_against_index(block, index, conditions, where)
     return block
+
+
+def _mismatch(where: str, field: str, recorded: Any, found: str) -> IndexMismatchError:
+    return IndexMismatchError(
+        f"{where}: index.json field {field} is {recorded}, but {found}; the index does not "
+        "describe these shards (rewrite them with `hindsight shard`)"
+    )
+
+
+def check_against_index(
+    block: Block, index: ShardIndex, conditions: Sequence[str], where: str
+) -> None:
+    """What the trainer takes from the index must hold for the block's data: every window
+    is `min(t + 1, window)` steps long (t: its last step within the episode), observations
+    have the recorded shape, actions the recorded dim or range, conditions their recorded
+    shapes and vocabularies. Vectorized; an IndexMismatchError names the field."""
+    end, start = block.windows[WINDOW_END], block.windows[WINDOW_START]
+    timestep = block.steps[TIMESTEP]
+    lengths = end.astype(np.int64) - start + 1
+    expected = np.minimum(timestep[end].astype(np.int64) + 1, index.window)
+    if np.any(lengths != expected):
+        bad = int(np.flatnonzero(lengths != expected)[0])
+        raise _mismatch(
+            where,
+            "window",
+            index.window,
+            f"the window ending at step t={int(timestep[end[bad]])} has {int(lengths[bad])} steps",
+        )
+    observation = block.steps[OBSERVATION]
+    if list(observation.shape[1:]) != list(index.observation.shape):
+        raise _mismatch(
+            where,
+            "observation.shape",
+            index.observation.shape,
+            f"the observations are {list(observation.shape[1:])}",
+        )
+    action = block.steps[ACTION]
+    if index.action.kind == "continuous":
+        if action.ndim != 2 or action.shape[1] != index.action.dim:
+            raise _mismatch(
+                where, "action.dim", index.action.dim, f"the actions are {list(action.shape[1:])}"
+            )
+    elif action.ndim != 1 or (
+        len(action) and not 0 <= action.min() <= action.max() < (index.action.n or 0)
+    ):
+        raise _mismatch(where, "action.n", index.action.n, "the actions hold other values")
+    for name in conditions:
+        _check_condition(block, name, index.conditions[name], where)
+
+
+def _check_condition(block: Block, name: str, info: ConditionInfo, where: str) -> None:
+    """One condition column's shape (vectors) or value range (categorical, text) against
+    its index entry: a value out of range would index past an embedding table."""
+    field = f"conditions.{name}"
+    entries = len(info.vocabulary or [])
+    if info.type == "text":
+        tokens, _ = block.texts[name]
+        if tokens.ndim != 3 or tokens.shape[2] != info.max_tokens:
+            raise _mismatch(
+                where, f"{field}.max_tokens", info.max_tokens, f"the texts are {tokens.shape}"
+            )
+        if tokens.size and not 0 <= tokens.min() <= tokens.max() < entries:
+            found = f"the shard stores word {int(tokens.max())}"
+            raise _mismatch(where, f"{field}.vocabulary", f"{entries} words long", found)
+        return
+    values = block.steps[condition_member(name)]
+    if info.type == "vector":
+        shape = [info.count, info.dim] if info.count else [info.dim]
+        if list(values.shape[1:]) != shape:
+            found = f"the values are {list(values.shape[1:])}"
+            raise _mismatch(where, f"{field}.count/dim", shape, found)
+    elif info.type == "categorical" and len(values):
+        if not 0 <= values.min() <= values.max() < entries:
+            found = f"the shard stores label {int(values.max())}"
+            raise _mismatch(where, f"{field}.vocabulary", f"{entries} labels long", found)
+
+
+def shard_is_intact(url: str, expected: ShardInfo) -> bool:
+    """Whether the shard has the size and sha256 its index entry records (read through)."""
+    try:
+        with open_shard(url) as raw:
+            VerifyingReader(raw, url, expected.bytes).verify(url, expected)
+    except (ShardError, storage.StorageError, OSError):
+        return False
+    return True
 
 
 def shard_blocks(
@@ -222,10 +369,14 @@ def shard_blocks(
 ) -> Iterator[Block]:
     """The blocks of one shard in order, from block `skip_blocks` on (earlier ones are read
     but not decoded). With `expected` (the index's entry), the whole shard's size and sha256
-    are checked once its last block has been read."""
+    are checked once its last block has been read, and nothing past its size is read."""
+    limit = member_limit(index)
     with open_shard(url) as raw:
-        source = VerifyingReader(raw) if expected else raw
-        files = tar_file_iterator(source)
+        source = raw
+        if expected:
+            source = VerifyingReader(raw, url, expected.bytes)
+            limit = min(limit, expected.bytes)
+        files = tar_members(source, url, limit)
         for number, sample in enumerate(group_by_keys(checked_members(files, url))):
             if number >= skip_blocks:
                 yield decode_block(sample, url, index, conditions)

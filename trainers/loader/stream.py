@@ -23,7 +23,13 @@ import torch
 
 from engine import storage
 from schemas.shard_index import ShardError, ShardIndex, ShardInfo
-from trainers.loader.shards import UnsafeShardError, read_index, shard_blocks
+from trainers.loader.shards import (
+    IndexMismatchError,
+    UnsafeShardError,
+    read_index,
+    shard_blocks,
+    shard_is_intact,
+)
 from trainers.loader.windows import PlacedBlock, Position, pool_batches, pools
 
 STATE_FORMAT = 1
@@ -89,9 +95,10 @@ def epoch_blocks(
     lost: LostWindows,
 ) -> Iterator[PlacedBlock]:
     """The blocks of `shards` in order from `start` (shard, block), each shard checked
-    against its index entry (block count, size, sha256). A truncated or corrupt shard raises
-    ShardError naming it, or with on_error="skip" warns and adds its unread windows to
-    `lost`; an unsafe member always raises."""
+    against its index entry (block and window counts, size, sha256). A truncated or corrupt
+    shard raises ShardError naming it, or with on_error="skip" warns and adds its unread
+    windows to `lost`; an unsafe member always raises, and so does an intact shard that its
+    index does not describe (IndexMismatchError: the index is wrong, not the shard)."""
     for position in range(start.shard, len(shards)):
         info = shards[position]
         url = storage.join(root, info.name)
@@ -109,9 +116,17 @@ def epoch_blocks(
                 raise ShardError(
                     f"{url} ends after {seen_blocks} of {info.blocks} blocks (truncated shard)"
                 )
+            if first_block == 0 and seen_windows != info.windows:
+                raise IndexMismatchError(
+                    f"{url}: index.json records windows={info.windows} for this shard, but "
+                    f"the shard (its sha256 as recorded) holds {seen_windows}; the index does "
+                    "not describe these shards"
+                )
         except UnsafeShardError:
             raise
         except Exception as error:
+            if isinstance(error, IndexMismatchError) and shard_is_intact(url, info):
+                raise  # the index is wrong for an intact shard: no shard to skip
             message = f"shard {url} is truncated or corrupt: {error}"
             if on_error != "skip":
                 raise ShardError(message) from error
