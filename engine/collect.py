@@ -29,6 +29,7 @@ import pyarrow as pa
 import engine.envs  # noqa: F401  (registers hindsight/PointGoal-v0)
 from engine.executor import Executor
 from engine.sources.tables import EpisodeLabels, build_tables
+from engine.validate import ValidationError, check_stored_values
 from engine.writer import VersionWriter, WrittenPart, base_manifest
 from schemas.manifest import Manifest
 
@@ -298,7 +299,9 @@ class CollectTask:
 
 
 def collect_part(task: CollectTask) -> WrittenPart:
-    """Roll out and write one part (runs in a Ray task)."""
+    """Roll out, check and write one part (runs in a Ray task). A policy or environment
+    that produced a non-finite observation, action or reward fails the job: such steps
+    are never stored."""
     rollouts = task.rollouts
     steps, episodes = collect_tables(
         rollouts.env_id,
@@ -309,6 +312,11 @@ def collect_part(task: CollectTask) -> WrittenPart:
         rollouts.max_steps,
         task.info_keys,
     )
+    problems = check_stored_values(f"collect {rollouts.env_id}", steps, episodes)
+    if problems:
+        raise ValidationError.of(
+            problems, f"The policy {rollouts.policy!r} or the env is at fault."
+        )
     return task.writer.write_part(task.index, steps, episodes)
 
 

@@ -7,27 +7,38 @@ Ingest runs in two passes:
     manifest = ingest(plan, "data/pendulum", executor=InProcess(), command="...")
 
 `plan_ingest` picks the format (`--format`, or the first source that recognizes the path),
-lets its source read only what is cheap (episode boundaries, rewards, info columns,
+lets its source read only what is cheap (episode boundaries, rewards, flags, info columns,
 schemas), and fails with every problem found before anything is written, unless the user
 asked to skip bad episodes. `ingest` then reads and writes each part in a task of the
 executor (one Ray task per part in jobs) through the version writer, writes the skipped
 report, and commits the manifest last; any failure removes what was staged.
+
+Each task checks its part's tables as they will be stored (`check_stored_values`: the
+observations, actions and rewards after their conversion to float32) before it writes
+them: values are checked where they are stored, without a second read of the source. Its
+problems come back to the driver as data: with `--on-error fail` the job then fails
+listing all of them and leaves nothing; with `--on-error skip` the task has left those
+episodes out and the report lists them.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from engine.executor import Executor
 from engine.sources import IngestPlan, Part, PlanOptions, Source, detect_format, source_for
-from engine.validate import ValidationError
+from engine.validate import Problem, ValidationError, check_stored_values
 from engine.writer import DEFAULT_PART_STEPS, VersionWriter, WrittenPart, base_manifest
 from schemas import steps as cols
 from schemas.manifest import SKIPPED_REPORT_NAME, Manifest
 
 ON_ERROR = ("fail", "skip")
+SKIP_HINT = "Re-run with --on-error skip to ingest the other episodes and write a report."
 
 
 def plan_ingest(
@@ -53,15 +64,10 @@ def plan_ingest(
         episode_column=episode_column,
         step_column=step_column,
     )
-    plan = reader.plan(source, options)
+    plan = replace(reader.plan(source, options), on_error=on_error)
     fatal = [p for p in plan.skipped if p.episode is None]
     if fatal or (plan.skipped and on_error == "fail"):
-        hint = (
-            ""
-            if fatal
-            else "Re-run with --on-error skip to ingest the other episodes and write a report."
-        )
-        raise ValidationError(fatal or plan.skipped, hint)
+        raise ValidationError.of(fatal or plan.skipped, "" if fatal else SKIP_HINT)
     if plan.steps == 0:
         raise ValueError(f"{source}: no episodes left to ingest")
     return plan
@@ -78,18 +84,54 @@ class IngestTask:
     source: Source
     part: Part
     writer: VersionWriter
+    file: str = ""  # what problems found in the part's values name
+    on_error: str = "fail"
+
+
+@dataclass(frozen=True)
+class IngestedPart:
+    """What one part's task sends back: the files written (None when nothing was: every
+    episode had a problem, or one did under --on-error fail) and the problems found in the
+    values to be stored."""
+
+    written: WrittenPart | None
+    problems: list[Problem]
+    steps: int  # rows read: moves the progress bar
 
 
 def part_tasks(plan: IngestPlan, writer: VersionWriter) -> list[IngestTask]:
     """The tasks of a plan: one per part, writing with `writer`."""
     source = source_for(plan.format)
-    return [IngestTask(index, source, part, writer) for index, part in enumerate(plan.parts)]
+    return [
+        IngestTask(index, source, part, writer, part.file or plan.source, plan.on_error)
+        for index, part in enumerate(plan.parts)
+    ]
 
 
-def ingest_part(task: IngestTask) -> WrittenPart:
-    """Read, convert and write one part (runs in a Ray task)."""
+def ingest_part(task: IngestTask) -> IngestedPart:
+    """Read, convert, check and write one part (runs in a Ray task). Episodes whose stored
+    values have problems are left out; under --on-error fail a part with problems writes
+    nothing, since the job will fail."""
     steps, episodes = task.source.read_part(task.part)
-    return task.writer.write_part(task.index, steps, episodes)
+    problems = check_stored_values(task.file, steps, episodes)
+    if problems:
+        if task.on_error == "fail":
+            return IngestedPart(None, problems, task.part.steps)
+        steps, episodes = without_episodes(steps, episodes, {p.episode for p in problems})
+    written = task.writer.write_part(task.index, steps, episodes) if episodes.num_rows else None
+    return IngestedPart(written, problems, task.part.steps)
+
+
+def without_episodes(
+    steps: pa.Table, episodes: pa.Table, episode_ids: set[int | None]
+) -> tuple[pa.Table, pa.Table]:
+    """The base tables without the rows of these episodes."""
+    left_out = pa.array(sorted(e for e in episode_ids if e is not None), pa.int64())
+
+    def keep(table: pa.Table) -> pa.Table:
+        return table.filter(pc.invert(pc.is_in(table.column(cols.EPISODE_ID), left_out)))
+
+    return keep(steps), keep(episodes)
 
 
 def ingest_metadata(plan: IngestPlan) -> dict[str, Any]:
@@ -119,16 +161,24 @@ def write_skipped_report(writer: VersionWriter, plan: IngestPlan) -> None:
 def ingest(plan: IngestPlan, output: str, *, executor: Executor, command: str) -> Manifest:
     """Write a plan's parts as a new committed version at `output` and return its manifest.
 
-    Parts are read and written by `executor`, the skipped report (if anything was skipped
-    or kept truncated) is written next, the manifest last. On any failure nothing is left:
-    no staged files, no version."""
+    Parts are read, checked as stored and written by `executor`, the skipped report (if
+    anything was skipped or kept truncated) is written next, the manifest last. Problems
+    the parts found raise ValidationError under the plan's --on-error fail, or join the
+    skipped report. On any failure nothing is left: no staged files, no version."""
     with VersionWriter(output) as writer:
-        written = executor.map(
+        parts = executor.map(
             ingest_part,
             part_tasks(plan, writer),
             description=f"ingest {plan.format}",
             total=plan.steps,
         )
+        found = [problem for part in parts for problem in part.problems]
+        if found and plan.on_error == "fail":
+            raise ValidationError.of(found, SKIP_HINT)
+        written = [part.written for part in parts if part.written is not None]
+        if not written:
+            raise ValueError(f"{plan.source}: no episodes left to ingest")
+        plan = replace(plan, skipped=[*plan.skipped, *found])
         if plan.skipped or plan.truncated_tails:
             write_skipped_report(writer, plan)
         manifest = base_manifest(

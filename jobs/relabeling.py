@@ -204,6 +204,10 @@ class PartReader:
         reads = relabeler.reads()
         present = set(dataset.columns("episodes"))
         steps_columns = [cols.EPISODE_ID, cols.T] + [c.split(".")[0] for c in reads.steps]
+        steps_present = set(dataset.columns("steps"))
+        steps_columns += [
+            c.split(".")[0] for c in reads.steps_if_present if c.split(".")[0] in steps_present
+        ]
         episodes_columns = [cols.EPISODE_ID] + [c.split(".")[0] for c in reads.episodes]
         episodes_columns += [c for c in reads.episodes_if_present if c in present]
         return cls(

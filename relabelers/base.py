@@ -52,12 +52,14 @@ class Params(BaseModel):
 
 @dataclass(frozen=True)
 class Columns:
-    """Column names at the step and episode level. `episodes_if_present`: episode columns
-    also handed to the relabeler when the dataset has them (optional facts, e.g. `skill`)."""
+    """Column names at the step and episode level. `episodes_if_present` and
+    `steps_if_present`: columns also handed to the relabeler when the dataset has them
+    (optional facts, e.g. `skill`, or `next_observation.achieved_goal`)."""
 
     steps: tuple[str, ...] = ()
     episodes: tuple[str, ...] = ()
     episodes_if_present: tuple[str, ...] = ()
+    steps_if_present: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

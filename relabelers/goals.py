@@ -24,10 +24,13 @@ Columns written (step level), with G = goal_dim:
 - `hindsight_reached`:   FixedSizeList<bool>[k]: whether the goal is reached after the step.
 
 "Reached after step t" compares the goal with the achieved goal of the state after the
-action: the achieved goal at row t + 1 of the same episode (at the last step, the last
-row's own achieved goal, since the final next state is not a row of the table). Reached
-means Euclidean distance <= `threshold`; the reward is 1.0 / 0.0 for reached / not, or,
-with `reward_function`, whatever that function returns for (achieved, goal):
+action, as Stable-Baselines3's and TorchRL's HER do: the achieved goal at row t + 1 of the
+same episode; at the last step, the same field or slice of the stored `next_observation`
+(the state the episode ended in) when achieved goals come from `observation` and the
+dataset has next observations, else the last row's own achieved goal (the final next
+state is then nowhere in the table). Reached means Euclidean distance <= `threshold`; the
+reward is 1.0 / 0.0 for reached / not, or, with `reward_function`, whatever that function
+returns for (achieved, goal):
 
 - a gymnasium environment id (`hindsight/PointGoal-v0`, or `module:Env-v0` to import the
   module that registers it): its `compute_reward(achieved_goal, desired_goal, info)`;
@@ -83,6 +86,21 @@ class AchievedSpec:
     @property
     def column(self) -> str:
         return self.path.split(".")[0]
+
+    def __str__(self) -> str:
+        """As written in `achieved=`: `observation.achieved_goal`, `observation[0:2]`."""
+        if self.start is None and self.stop is None:
+            return self.path
+        start, stop = ("" if i is None else i for i in (self.start, self.stop))
+        return f"{self.path}[{start}:{stop}]"
+
+    def after_step(self) -> AchievedSpec | None:
+        """The same field or slice of `next_observation` (the state after each step's
+        action) when achieved goals are read from `observation`; else None."""
+        if self.column != cols.OBSERVATION:
+            return None
+        path = cols.NEXT_OBSERVATION + self.path.removeprefix(cols.OBSERVATION)
+        return AchievedSpec(path, self.start, self.stop)
 
     @classmethod
     def parse(cls, text: str) -> AchievedSpec:
@@ -254,18 +272,25 @@ class GoalsRelabeler(Relabeler):
     """Hindsight goals per step (HER final/future/episode/random) and their rewards."""
 
     name = "goals"
-    version = "1.0"
+    # 1.1: the last step's goal is reached by the stored next observation's achieved goal
+    # (1.0 compared it with the last row's own, so a final goal was always reached there).
+    version = "1.1"
     Params = GoalsParams
 
     def __init__(self, params=None, seed: int = 0):
         super().__init__(params, seed)
         self.achieved = AchievedSpec.parse(self.params.achieved)
+        # Where the state after the last step is, when the dataset stores next observations.
+        self.achieved_next = self.achieved.after_step()
         # Set by `setup` for strategy=random: the dataset-wide goal pool, one goal per episode.
         self.pool_episode_ids: np.ndarray | None = None
         self.pool_goals: np.ndarray | None = None
 
     def reads(self) -> Columns:
-        return Columns(steps=(cols.EPISODE_ID, cols.T, self.achieved.path))
+        return Columns(
+            steps=(cols.EPISODE_ID, cols.T, self.achieved.path),
+            steps_if_present=(self.achieved_next.path,) if self.achieved_next else (),
+        )
 
     def writes(self) -> Columns:
         return Columns(
@@ -275,7 +300,14 @@ class GoalsRelabeler(Relabeler):
     def setup(self, inputs: Inputs) -> None:
         """The achieved-goal spec must fit the schema and the reward function load; for
         strategy=random, one pass builds the goal pool."""
-        self.achieved.goal_dim(inputs.steps_schema)
+        goal_dim = self.achieved.goal_dim(inputs.steps_schema)
+        next_spec = self.achieved_next
+        if next_spec and next_spec.column in inputs.steps_schema.names:
+            if next_spec.goal_dim(inputs.steps_schema) != goal_dim:
+                raise RelabelError(
+                    f"relabeler 'goals': {next_spec} has another size than {self.achieved}; "
+                    "next_observation must have the layout of observation"
+                )
         if self.params.reward_function:
             resolve_reward_function(self.params.reward_function)
         if self.params.strategy == "random":
@@ -293,7 +325,8 @@ class GoalsRelabeler(Relabeler):
     def part_pool(self, steps: pa.Table, episodes: pa.Table, part: Part) -> dict[str, np.ndarray]:
         """One achieved goal per episode, keeping the `pool_size` smallest hashes."""
         episode_ids = steps.column(cols.EPISODE_ID).to_numpy()
-        achieved = self._achieved_checked(steps, episode_ids)
+        t = steps.column(cols.T).to_numpy()
+        achieved = self._read_checked(self.achieved, steps, episode_ids, t)
         bounds = cols.episode_boundaries(episode_ids)
         starts, lengths = bounds[:-1], np.diff(bounds)
         ids = episode_ids[starts]
@@ -307,19 +340,41 @@ class GoalsRelabeler(Relabeler):
 
     # ------------------------------------------------------------ per part
 
-    def _achieved_checked(self, steps: pa.Table, episode_ids: np.ndarray) -> np.ndarray:
-        achieved = self.achieved.read(steps)
+    def _read_checked(
+        self, spec: AchievedSpec, steps: pa.Table, episode_ids: np.ndarray, t: np.ndarray
+    ) -> np.ndarray:
+        """Achieved goals at `spec` of these rows (with their episode ids and steps), all
+        finite."""
+        achieved = spec.read(steps)
         if np.isfinite(achieved.sum()):  # the cheap check first: a sum with NaN/inf is not finite
             return achieved
         bad = ~np.isfinite(achieved).all(axis=1)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise RelabelError(
-                f"relabeler 'goals': achieved goals ({self.params.achieved}) hold "
+                f"relabeler 'goals': achieved goals ({spec}) hold "
                 f"{int(bad.sum())} non-finite row(s), the first at episode "
-                f"{int(episode_ids[row])} step t={steps.column(cols.T)[row].as_py()}"
+                f"{int(episode_ids[row])} step t={int(t[row])}"
             )
         return achieved
+
+    def achieved_after(
+        self, steps: pa.Table, achieved: np.ndarray, bounds: np.ndarray
+    ) -> np.ndarray:
+        """The achieved goal of the state after each step's action (n, G): row t + 1 of the
+        episode; at the last step, the stored next observation's when the part has it
+        (the SB3 / TorchRL HER convention), else the last row's own."""
+        last = bounds[1:] - 1
+        after = np.arange(len(achieved)) + 1
+        after[last] = last
+        achieved_after = achieved[after]
+        spec = self.achieved_next
+        if spec is not None and spec.column in steps.column_names and len(last):
+            final = steps.select([spec.column]).take(pa.array(last))
+            episode_ids = steps.column(cols.EPISODE_ID).to_numpy()[last]
+            t = steps.column(cols.T).to_numpy()[last]
+            achieved_after[last] = self._read_checked(spec, final, episode_ids, t)
+        return achieved_after
 
     def goal_rows(self, episode_ids: np.ndarray, t: np.ndarray, bounds: np.ndarray) -> np.ndarray:
         """Row index (within the part) of the source step of each of the k goals: (n, k)."""
@@ -346,7 +401,7 @@ class GoalsRelabeler(Relabeler):
     def relabel(self, steps: pa.Table, episodes: pa.Table, part: Part) -> Output:
         episode_ids = steps.column(cols.EPISODE_ID).to_numpy()
         t = steps.column(cols.T).to_numpy()
-        achieved = self._achieved_checked(steps, episode_ids)
+        achieved = self._read_checked(self.achieved, steps, episode_ids, t)
         n, goal_dim, k = len(episode_ids), achieved.shape[1], self.params.k
         bounds = cols.episode_boundaries(episode_ids)
 
@@ -378,10 +433,7 @@ class GoalsRelabeler(Relabeler):
             goals = _take_rows(achieved, rows)
             goal_steps = _fixed_lists(t[rows].astype(np.int32), pa.int32())
 
-        # The state after the action at step t: row t + 1 of the episode (the last row at the end).
-        after = np.arange(n) + 1
-        after[bounds[1:] - 1] = bounds[1:] - 1
-        achieved_after = achieved[after] if n else achieved
+        achieved_after = self.achieved_after(steps, achieved, bounds)
         # Squared Euclidean distance, one goal dimension at a time, in float64.
         squared = np.zeros((n, k))
         for g in range(goal_dim):

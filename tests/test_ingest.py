@@ -333,14 +333,16 @@ def test_non_finite_reward(tmp_path, clean_steps):
     table = clean_steps.set_column(3 + 1, "reward", pa.array(rewards))
     path = step_file(tmp_path, table)
     last_episode = clean_steps.column("episode_id")[-1].as_py()
-    assert f"episode {last_episode}: column 'reward': non-finite value nan" in problems_of(path)
+    last_step = clean_steps.column("t")[-1].as_py()
+    expected = f"episode {last_episode}, step {last_step}: column 'reward': non-finite value nan"
+    assert expected in problems_of(path)
 
 
 def test_non_finite_reward_in_hdf5(tmp_path):
     arrays = d4rl_arrays()
     arrays["rewards"][3] = np.inf
     path = write_hdf5(tmp_path / "bad.h5", arrays)
-    assert f"{path}: episode 0: column 'reward': non-finite value inf" in problems_of(path)
+    assert f"{path}: episode 0, step 3: column 'reward': non-finite value inf" in problems_of(path)
 
 
 def test_missing_and_reserved_columns(tmp_path, clean_steps):

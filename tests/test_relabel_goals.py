@@ -178,3 +178,132 @@ def test_step_uniforms_are_exactly_hash_uniform():
         assert np.array_equal(
             step_uniforms(seed, ids, t, bounds, stream), hash_uniform(seed, ids, t, stream)
         )
+
+
+# ---------------------------------------------------------------- the state after the last step
+#
+# Stable-Baselines3's and TorchRL's HER reward a goal by the achieved goal of the NEXT
+# state, the observation after the action. Where next observations are stored, the last
+# step of an episode has one too (the state the episode ended in), and its reward must
+# come from it, not from the last row's own achieved goal.
+
+FAR = 1.0  # how far each stored final next state is from the last row's achieved goal
+
+
+def with_next_observations(steps: pa.Table, achieved: str = "achieved_goal") -> pa.Table:
+    """`next_observation`: the next row's observation inside an episode, and at the last
+    step a state FAR (Euclidean) from the last row's achieved goal, so that "reached by
+    the last step" differs from "reached at the last row" for goals from the last row."""
+    observation = steps.column("observation").combine_chunks()
+    ids = steps.column(cols.EPISODE_ID).to_numpy()
+    last = np.append(ids[1:] != ids[:-1], True)
+    after = np.minimum(np.arange(len(ids)) + 1, len(ids) - 1)
+    fields = {}
+    for name in ("observation", "achieved_goal", "desired_goal"):
+        values = cols.arrow_to_numpy(observation.field(name))[after].copy()
+        own = cols.arrow_to_numpy(observation.field(name))
+        values[last] = own[last]
+        if name == achieved:
+            shift = np.zeros(values.shape[1], np.float32)
+            shift[0] = FAR
+            values[last] = own[last] + shift
+        fields[name] = cols.vectors_to_arrow(values.astype(np.float32))
+    next_observation = pa.StructArray.from_arrays(list(fields.values()), names=list(fields))
+    return steps.append_column(cols.NEXT_OBSERVATION, next_observation)
+
+
+def expected_by_loop(steps: pa.Table, out: dict, k: int, threshold: float):
+    """(reached, reward) per step and goal, by a plain loop over episodes: reward =
+    distance(achieved_goal(next_observation[t]), goal) <= threshold."""
+    ids = steps.column(cols.EPISODE_ID).to_pylist()
+    next_achieved = [o["achieved_goal"] for o in steps.column(cols.NEXT_OBSERVATION).to_pylist()]
+    reached, rewards = [], []
+    for i in range(len(ids)):
+        goals = np.asarray(out["hindsight_goal"][i], dtype=np.float64).reshape(k, -1)
+        row = [bool(np.linalg.norm(np.float32(next_achieved[i]) - g) <= threshold) for g in goals]
+        reached.append(row)
+        rewards.append([float(r) for r in row])
+    return reached, rewards
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    strategy=st.sampled_from(["final", "future", "episode", "random"]),
+    k=st.integers(1, 4),
+    max_length=st.integers(1, 10),
+)
+def test_reached_and_reward_follow_the_stored_next_observation(seed, strategy, k, max_length):
+    steps, episodes = make_episodes(6, goal_dim=2, seed=seed, max_length=max_length)
+    steps = with_next_observations(steps)
+    out = relabel(steps, episodes, strategy=strategy, k=k, threshold=0.3)
+    reached, rewards = expected_by_loop(steps, out, k, threshold=0.3)
+    assert out["hindsight_reached"] == reached
+    assert out["hindsight_reward"] == rewards
+
+
+def test_the_final_goal_is_not_reached_when_the_episode_ends_elsewhere():
+    """Goal = the last row's achieved goal; the stored state after the last action is FAR
+    from it: not reached (the old code said reached at every last step)."""
+    steps, episodes = make_episodes(8, goal_dim=2, seed=5, min_length=2, max_length=6)
+    steps = with_next_observations(steps)
+    out = relabel(steps, episodes, strategy="final", k=1, threshold=0.5)
+    ids = steps.column(cols.EPISODE_ID).to_numpy()
+    last = np.append(ids[1:] != ids[:-1], True)
+    assert not any(r[0] for r, is_last in zip(out["hindsight_reached"], last) if is_last)
+    assert all(w == [0.0] for w, is_last in zip(out["hindsight_reward"], last) if is_last)
+
+
+def test_reward_function_sees_the_stored_next_achieved_goal():
+    steps, episodes = make_episodes(4, goal_dim=2, seed=6)
+    steps = with_next_observations(steps)
+    out = relabel(
+        steps,
+        episodes,
+        strategy="final",
+        k=2,
+        reward_function="tests.test_relabel_goals:reward_sum",
+    )
+    next_achieved = [o["achieved_goal"] for o in steps.column(cols.NEXT_OBSERVATION).to_pylist()]
+    for i, after in enumerate(next_achieved):
+        goals = np.asarray(out["hindsight_goal"][i]).reshape(2, 2)
+        expected = reward_sum(np.float32(after), goals, None)
+        np.testing.assert_allclose(out["hindsight_reward"][i], expected, rtol=1e-5)
+
+
+def test_a_slice_of_a_vector_observation_uses_the_same_slice_of_the_next_one():
+    steps, episodes = make_episodes(5, obs_dim=4, seed=8, min_length=2)
+    observation = cols.arrow_to_numpy(steps.column("observation"))
+    ids = steps.column(cols.EPISODE_ID).to_numpy()
+    last = np.append(ids[1:] != ids[:-1], True)
+    next_observation = observation[np.minimum(np.arange(len(ids)) + 1, len(ids) - 1)].copy()
+    next_observation[last] = observation[last] + np.array([0, FAR, 0, 0], np.float32)
+    steps = steps.append_column(cols.NEXT_OBSERVATION, cols.vectors_to_arrow(next_observation))
+    out = relabel(
+        steps, episodes, strategy="final", k=1, achieved="observation[1:3]", threshold=0.5
+    )
+    for i in range(len(ids)):
+        goal = np.asarray(out["hindsight_goal"][i])
+        reached = np.linalg.norm(next_observation[i, 1:3] - goal) <= 0.5
+        assert out["hindsight_reached"][i] == [bool(reached)]
+    assert not any(r[0] for r, is_last in zip(out["hindsight_reached"], last) if is_last)
+
+
+def test_the_relabel_job_reads_next_observations_when_the_dataset_has_them(tmp_path):
+    from engine.dataset import open_dataset
+    from engine.executor import InProcess
+    from jobs import relabeling
+    from tests.synthetic import write_synthetic_dataset
+
+    steps, episodes = make_episodes(7, goal_dim=2, seed=3, min_length=2, max_length=9)
+    steps = with_next_observations(steps)
+    write_synthetic_dataset(str(tmp_path / "in"), steps, episodes, part_steps=15)
+    goals = GoalsRelabeler({"strategy": "final", "k": 1, "threshold": 0.5})
+    relabeling.relabel(
+        str(tmp_path / "in"), str(tmp_path / "out"), [goals], executor=InProcess(), command="t"
+    )
+    written = open_dataset(str(tmp_path / "out")).read(
+        columns=["hindsight_goal", "hindsight_reached"]
+    )
+    reached, _ = expected_by_loop(steps, written.to_pydict(), k=1, threshold=0.5)
+    assert written.column("hindsight_reached").to_pylist() == reached

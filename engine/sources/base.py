@@ -17,13 +17,15 @@ dataclass that describes one of its parts:
 plus one line in engine/sources/__init__.py that registers it. Ingest (engine/ingest.py)
 does the rest: format detection, --on-error, the version writer, the skipped report.
 
-`plan` reads only what is cheap (episode boundaries, rewards, schemas), reports every
-problem it finds as a `Problem` naming the file, the episode and the column (a problem
-without an episode fails the whole ingest; one with an episode can be skipped), and cuts
-the episodes that are left into parts of about `options.part_steps` steps, whole episodes
-only. `read_part` runs in a Ray task: it reads the part's rows and returns the base step
-and episode tables through `engine.sources.tables.build_tables`. Its output must depend on
-the part alone, so that a re-run writes the same bytes.
+`plan` reads only what is cheap (episode boundaries, rewards, flags, schemas), reports
+every problem it finds as a `Problem` naming the file, the episode, the step and the
+column (a problem without an episode fails the whole ingest; one with an episode can be
+skipped), and cuts the episodes that are left into parts of about `options.part_steps`
+steps, whole episodes only. `read_part` runs in a Ray task: it reads the part's rows and
+returns the base step and episode tables through `engine.sources.tables.build_tables`.
+Its output must depend on the part alone, so that a re-run writes the same bytes. Ingest
+checks those tables as they will be stored (observations, actions, rewards: finite
+float32), so a source need not read its observations in `plan`.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ class Part:
 
     steps: int  # steps the part holds once read (progress, part sizes)
     labels: EpisodeLabels  # env id, source label and episode info columns of its episodes
+
+    @property
+    def file(self) -> str:
+        """The file that problems found in the part's values name (ingest checks each
+        part's tables as stored); empty: the source path as given. A source whose parts
+        each come from one file returns it."""
+        return ""
 
 
 PartType = TypeVar("PartType", bound=Part)
@@ -79,6 +88,7 @@ class IngestPlan:
     truncated_tails: list[dict[str, Any]] = field(default_factory=list)
     episode_info_columns: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    on_error: str = "fail"  # set by plan_ingest: what to do with problems found in parts
 
     @classmethod
     def refused(cls, format: str, source: str, problems: list[Problem]) -> IngestPlan:

@@ -2,7 +2,8 @@
 
 Arrays: `observations`, `actions`, `rewards`, `terminals`, optional `timeouts`,
 `next_observations`, `infos/*` (per-step info columns) and `metadata/*` (scalars, recorded
-in the manifest). Episodes end at a terminal or a timeout; a tail with neither is kept as a
+in the manifest). Episodes end at a terminal or a timeout (a flag is a boolean or 0/1;
+any other value is refused, never read as an end); a tail with neither is kept as a
 truncated episode and reported. Episode ids are 0, 1, 2, ... in file order. HDF5 files are
 read in row ranges (local or S3, through seekable range requests); NPZ members are read
 whole by each part.
@@ -28,7 +29,15 @@ from engine.sources.base import (
     source_label,
 )
 from engine.sources.tables import EpisodeLabels, build_tables
-from engine.validate import Problem, changes_within_episodes, check_columns, check_finite
+from engine.validate import (
+    Problem,
+    as_flags,
+    changes_within_episodes,
+    check_columns,
+    check_finite,
+    check_flag_values,
+    check_numeric,
+)
 from schemas import steps as cols
 
 REQUIRED = ("observations", "actions", "rewards", "terminals")
@@ -48,6 +57,10 @@ class FlatArraysPart(Part):
     row_stop: int
     first_episode: int
     skip_episodes: tuple[int, ...] = ()  # episodes in the range left out (--on-error skip)
+
+    @property
+    def file(self) -> str:
+        return self.path
 
 
 class FlatArrays:
@@ -99,6 +112,9 @@ class FlatArrays:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._arrays[name].shape) if self.is_hdf5 else self._npz(name).shape
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._arrays[name].dtype if self.is_hdf5 else self._npz(name).dtype
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         try:
@@ -156,17 +172,23 @@ def plan_flat_arrays(arrays: FlatArrays, options: PlanOptions) -> IngestPlan:
     if problems:
         return IngestPlan.refused(D4RL.name, path, problems)
     total = arrays.shape("rewards")[0] if arrays.shape("rewards") else 0
-    problems = array_shape_problems(arrays, total)
+    problems = array_shape_problems(arrays, total) + array_type_problems(arrays)
     if problems:
         return IngestPlan.refused(D4RL.name, path, problems)
 
-    boundaries, truncated_tails = episode_boundaries(arrays, total)
+    flags = read_flags(arrays, total)
+    boundaries, truncated_tails = episode_boundaries(flags, path, total)
     lengths = np.diff(boundaries)
     episode_of_row = np.repeat(np.arange(len(lengths)), lengths)
     for start, chunk in arrays.chunks("rewards", total):
-        problems += check_finite(
-            path, cols.REWARD, chunk, episode_of_row[start : start + len(chunk)]
-        )
+        # Episode and step of each row of the chunk: memory stays flat however large the file.
+        rows = slice(start, start + len(chunk))
+        episodes_here = episode_of_row[rows]
+        steps_here = np.arange(start, rows.stop) - boundaries[episodes_here]
+        problems += check_finite(path, cols.REWARD, chunk, episodes_here, steps_here)
+        for name, values in flags.items():
+            problems += check_flag_values(path, name, values[rows], episodes_here, steps_here)
+    del flags
     episode_info_columns = constant_info_columns(arrays, boundaries)
     metadata = source_metadata(arrays)
     env_id = options.env_id or str(metadata.get("env_id", metadata.get("env", "")) or "unknown")
@@ -250,26 +272,47 @@ def array_shape_problems(arrays: FlatArrays, total: int) -> list[Problem]:
     return problems
 
 
-def _episode_ends(terminals: np.ndarray, timeouts: np.ndarray) -> np.ndarray:
-    return np.flatnonzero(np.asarray(terminals, bool) | np.asarray(timeouts, bool))
+def array_type_problems(arrays: FlatArrays) -> list[Problem]:
+    """Rewards, observations and actions hold numbers (a string or boolean array is
+    refused, not cast); flags hold booleans or numbers (their values are checked later)."""
+    problems = []
+    for name in ("rewards", "observations", "actions", "next_observations"):
+        if name in arrays.names:
+            problems += check_numeric(arrays.path, name, arrays.dtype(name))
+    for name in ("terminals", "timeouts"):
+        if name in arrays.names and arrays.dtype(name).kind not in "biuf":
+            problems.append(
+                Problem(arrays.path, name, f"must hold booleans or 0/1, has {arrays.dtype(name)}")
+            )
+    return problems
 
 
-def episode_boundaries(arrays: FlatArrays, total: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """First rows of the episodes and the end of the file ([0, ..., total]), and the tail
-    kept as a truncated episode (reported) when the last steps have no flag."""
-    terminals = arrays.read("terminals").astype(bool)
-    timeouts = (
-        arrays.read("timeouts").astype(bool)
-        if "timeouts" in arrays.names
-        else np.zeros(total, bool)
+def read_flags(arrays: FlatArrays, total: int) -> dict[str, np.ndarray]:
+    """The flag arrays as stored in the file (`timeouts` all false when absent)."""
+    flags = {"terminals": arrays.read("terminals")}
+    flags["timeouts"] = (
+        arrays.read("timeouts") if "timeouts" in arrays.names else np.zeros(total, bool)
     )
-    ends = _episode_ends(terminals, timeouts)
+    return flags
+
+
+def _episode_ends(terminals: np.ndarray, timeouts: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(as_flags(terminals) | as_flags(timeouts))
+
+
+def episode_boundaries(
+    flags: dict[str, np.ndarray], path: str, total: int
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """First rows of the episodes and the end of the file ([0, ..., total]), and the tail
+    kept as a truncated episode (reported) when the last steps have no flag. Only true
+    or 1 ends an episode."""
+    ends = _episode_ends(flags["terminals"], flags["timeouts"])
     truncated_tails = []
     if total and (len(ends) == 0 or ends[-1] != total - 1):
         tail_start = int(ends[-1]) + 1 if len(ends) else 0
         truncated_tails.append(
             {
-                "file": arrays.path,
+                "file": path,
                 "episode": len(ends),
                 "steps": total - tail_start,
                 "reason": "the last steps have neither a terminal nor a timeout; "
@@ -327,9 +370,9 @@ def read_rows(arrays: FlatArrays, part: FlatArraysPart) -> tuple[pa.Table, pa.Ta
     """The part's rows as base tables, without its skipped episodes."""
     start, stop = part.row_start, part.row_stop
     total = arrays.shape("rewards")[0]
-    terminals = arrays.read("terminals", start, stop).astype(bool)
+    terminals = as_flags(arrays.read("terminals", start, stop))
     timeouts = (
-        arrays.read("timeouts", start, stop).astype(bool)
+        as_flags(arrays.read("timeouts", start, stop))
         if "timeouts" in arrays.names
         else np.zeros(stop - start, bool)
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,15 @@ from engine.sources.base import (
     source_label,
 )
 from engine.sources.tables import EpisodeLabels, build_tables
-from engine.validate import Problem, changes_within_episodes, check_finite
+from engine.validate import (
+    Problem,
+    as_flags,
+    changes_within_episodes,
+    check_finite,
+    check_flag_values,
+    check_flags_at_episode_ends,
+    check_numeric,
+)
 from schemas import steps as cols
 
 DATA_FILE = "main_data.hdf5"
@@ -46,6 +54,10 @@ class MinariPart(Part):
 
     path: str
     episodes: tuple[int, ...]
+
+    @property
+    def file(self) -> str:
+        return minari_dataset(self.path).file
 
 
 @dataclass(frozen=True)
@@ -138,8 +150,8 @@ class Minari(Source[MinariPart]):
             columns["episode_ids"].append(np.full(length, episode["id"], dtype=np.int64))
             columns["actions"].append(np.asarray(episode["actions"]))
             columns["rewards"].append(rewards)
-            terminated = np.asarray(episode["terminations"], dtype=bool)
-            truncated = np.asarray(episode["truncations"], dtype=bool).copy()
+            terminated = as_flags(episode["terminations"])
+            truncated = as_flags(episode["truncations"]).copy()
             if length and not (truncated[-1] or terminated[-1]):
                 truncated[-1] = True  # an episode cut off without a flag: truncated
             columns["term"].append(terminated)
@@ -195,7 +207,8 @@ def _h5_tree(item: Any, shapes_only: bool = False) -> Any:
     import h5py
 
     if isinstance(item, h5py.Dataset):
-        return np.empty(item.shape, dtype=bool) if shapes_only else item[()]
+        # Shape and type without the data (NumPy does not touch an empty array's pages).
+        return np.empty(item.shape, dtype=item.dtype) if shapes_only else item[()]
     return {name: _h5_tree(item[name], shapes_only) for name in item}
 
 
@@ -282,6 +295,12 @@ def _first_leaf(values: Any) -> Any:
     return values
 
 
+def _leaves(values: Any) -> list[Any]:
+    if isinstance(values, dict):
+        return [leaf for inner in values.values() for leaf in _leaves(inner)]
+    return [values]
+
+
 # ---------------------------------------------------------------- validation
 
 
@@ -321,15 +340,36 @@ def check_episode(file: str, episode: dict[str, Any]) -> list[Problem]:
     return problems
 
 
+def check_values(file: str, episode: dict[str, Any]) -> list[Problem]:
+    """Rewards, observations and actions hold numbers, rewards are finite as stored
+    (float32), flags are booleans or 0/1 and set only on the last step."""
+    episode_id = episode["id"]
+    rewards = np.asarray(episode["rewards"])
+    ids, steps = np.full(len(rewards), episode_id), np.arange(len(rewards))
+    problems = []
+    for column in ("rewards", "observations", "actions"):
+        for values in _leaves(episode[column]):
+            problems += check_numeric(file, column, np.asarray(values).dtype)
+    problems = [replace(p, episode=episode_id) for p in problems]
+    problems += check_finite(file, cols.REWARD, rewards, ids, steps)
+    for column in ("terminations", "truncations"):
+        flags = np.asarray(episode[column])
+        found = check_flag_values(file, column, flags, ids, steps)
+        problems += [replace(p, episode=episode_id) for p in found]
+        if not found:
+            problems += check_flags_at_episode_ends(file, column, flags, ids, steps)
+    return problems
+
+
 def check_rewards_and_infos(
     file: str, episode: dict[str, Any], info_changes: dict[str, bool]
 ) -> list[Problem]:
-    """Rewards are finite and every info has one row per step. Records in `info_changes`
-    whether each info changes inside this episode (or did in an earlier one)."""
+    """The episode's values (`check_values`), and every info has one row per step.
+    Records in `info_changes` whether each info changes inside this episode (or did in an
+    earlier one)."""
     episode_id = episode["id"]
-    rewards = np.asarray(episode["rewards"])
-    length = len(rewards)
-    problems = check_finite(file, cols.REWARD, rewards, np.full(length, episode_id))
+    length = len(episode["rewards"])
+    problems = check_values(file, episode)
     starts = np.zeros(length, bool)
     starts[:1] = True
     for name, values in step_infos(episode.get("infos", {}), length).items():

@@ -7,7 +7,9 @@ file, a directory of files or a glob, local or on S3. Each episode must be in on
 
 Planning reads the cheap columns of each file (ids, step indices, rewards, flags, infos,
 and the sizes of list vectors), checks them, and cuts each file into parts of episode id
-ranges; a part reads its file with a filter on that range.
+ranges; a part reads its file with a filter on that range. Step indices are whole numbers;
+flags are booleans or 0/1, set only on an episode's last step; rewards, observations and
+actions hold numbers (a string or boolean column is refused, never cast).
 """
 
 from __future__ import annotations
@@ -40,13 +42,18 @@ from engine.sources.base import (
 from engine.sources.tables import EpisodeLabels, build_tables, vector_column
 from engine.validate import (
     Problem,
+    as_flags,
     changes_within_episodes,
     check_columns,
+    check_core_types,
     check_finite,
+    check_flag_values,
+    check_flags_at_episode_ends,
     check_not_null,
     check_row_shapes,
     check_same_schema,
     check_step_index,
+    check_whole_numbers,
 )
 from schemas import steps as cols
 
@@ -67,6 +74,10 @@ class StepTablePart(Part):
     episode_max: int
     skip_episodes: tuple[int, ...] = ()
 
+    @property
+    def file(self) -> str:
+        return self.path
+
 
 class StepTables(Source[StepTablePart]):
     """Step tables in one file format: `Parquet` and `JsonLines` below."""
@@ -80,7 +91,7 @@ class StepTables(Source[StepTablePart]):
         files = step_table_files(path, self.name)
         schemas = {file: step_file_schema(file, self.name) for file in files}
         columns = StepColumns.of(schemas[files[0]], options)
-        problems = schema_problems(schemas, columns.required)
+        problems = schema_problems(schemas, columns)
         if problems:
             return IngestPlan.refused(self.name, path, problems)
         scans: list[FileScan] = []  # the files whose episode ids are usable
@@ -133,8 +144,8 @@ class StepTables(Source[StepTablePart]):
             observation=vector_column(table.column(cols.OBSERVATION)),
             action=action,
             reward=table.column(cols.REWARD).to_numpy(),
-            terminated=table.column(cols.TERMINATED).to_numpy(zero_copy_only=False),
-            truncated=table.column(cols.TRUNCATED).to_numpy(zero_copy_only=False),
+            terminated=as_flags(table.column(cols.TERMINATED).to_numpy(zero_copy_only=False)),
+            truncated=as_flags(table.column(cols.TRUNCATED).to_numpy(zero_copy_only=False)),
             next_observation=(
                 vector_column(table.column(cols.NEXT_OBSERVATION))
                 if cols.NEXT_OBSERVATION in table.column_names
@@ -287,17 +298,21 @@ class StepColumns:
         )
 
 
-def schema_problems(schemas: Mapping[str, pa.Schema], required: list[str]) -> list[Problem]:
-    """Every file has the required columns, and the same columns and types as the first."""
+def schema_problems(schemas: Mapping[str, pa.Schema], columns: StepColumns) -> list[Problem]:
+    """Every file has the required columns, and the same columns and types as the first;
+    the first file's core columns have types the engine can store without coercion."""
     files = list(schemas)
     reference = {f.name: str(f.type) for f in schemas[files[0]]}
     problems: list[Problem] = []
     for file in files:
-        problems += check_columns(file, schemas[file].names, required)
+        problems += check_columns(file, schemas[file].names, columns.required)
         if file != files[0]:
             types = {f.name: str(f.type) for f in schemas[file]}
             problems += check_same_schema(files[0], reference, file, types)
-    return problems
+    # The other files have the same types, or a problem above.
+    numbers = (cols.REWARD, columns.step)
+    flags = (cols.TERMINATED, cols.TRUNCATED)
+    return problems + check_core_types(files[0], schemas[files[0]], numbers, VECTOR_COLUMNS, flags)
 
 
 @dataclass
@@ -331,14 +346,16 @@ def scan_file(path: str, format: str, columns: StepColumns, before: FileScan | N
     if episode_ids is None:
         return scan
     t_column = table.column(columns.step)
-    t = pc.fill_null(t_column, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    t_values = pc.fill_null(t_column, -1).to_numpy(zero_copy_only=False)
+    t = t_values.astype(np.int64)  # fractional indices are refused below, never truncated
     order = np.lexsort((t, episode_ids))
     sorted_ids = episode_ids[order]
     problems = scan.problems
     problems += check_not_null(path, columns.step, _valid(t_column), episode_ids)
+    problems += check_whole_numbers(path, columns.step, t_values, episode_ids)
     problems += check_step_index(path, sorted_ids, t[order], columns.step)
-    problems += reward_problems(path, table.column(cols.REWARD), episode_ids)
-    problems += flag_problems(path, table, episode_ids)
+    problems += reward_problems(path, table.column(cols.REWARD), episode_ids, t)
+    problems += flag_problems(path, table, sorted_ids, t[order], order)
     for name in columns.list_vectors:
         problems += vector_size_problems(
             path, name, table.column(name), episode_ids, scan.vector_sizes
@@ -374,22 +391,29 @@ def usable_episode_ids(
     return column.to_numpy().astype(np.int64), []
 
 
-def reward_problems(path: str, reward: pa.ChunkedArray, episode_ids: np.ndarray) -> list[Problem]:
-    """Rewards are present and finite."""
+def reward_problems(
+    path: str, reward: pa.ChunkedArray, episode_ids: np.ndarray, t: np.ndarray
+) -> list[Problem]:
+    """Rewards are present and finite as stored (float32); their type was checked with the
+    schema, so the cast below converts numbers only."""
     problems = check_not_null(path, cols.REWARD, _valid(reward), episode_ids)
-    return problems + check_finite(
-        path, cols.REWARD, pc.fill_null(reward.cast(pa.float64()), 0.0).to_numpy(), episode_ids
-    )
+    values = pc.fill_null(reward.cast(pa.float64()), 0.0).to_numpy()
+    return problems + check_finite(path, cols.REWARD, values, episode_ids, t)
 
 
-def flag_problems(path: str, table: pa.Table, episode_ids: np.ndarray) -> list[Problem]:
-    """`terminated` and `truncated` are booleans without missing values."""
+def flag_problems(
+    path: str, table: pa.Table, sorted_ids: np.ndarray, sorted_t: np.ndarray, order: np.ndarray
+) -> list[Problem]:
+    """`terminated` and `truncated` are present, booleans or 0/1, and set only on the last
+    step of their episode. Rows in (episode, step) `order`."""
     problems = []
     for name in (cols.TERMINATED, cols.TRUNCATED):
         column = table.column(name)
-        if not pa.types.is_boolean(column.type):
-            problems.append(Problem(path, name, f"must be boolean, has type {column.type}"))
-        problems += check_not_null(path, name, _valid(column), episode_ids)
+        problems += check_not_null(path, name, _valid(column)[order], sorted_ids)
+        fill = False if pa.types.is_boolean(column.type) else 0  # missing: reported above
+        values = pc.fill_null(column, fill).to_numpy(zero_copy_only=False)[order]
+        problems += check_flag_values(path, name, values, sorted_ids, sorted_t)
+        problems += check_flags_at_episode_ends(path, name, values, sorted_ids, sorted_t)
     return problems
 
 

@@ -104,39 +104,42 @@ def build_tables(
     defaults to 0, 1, 2, ... within each episode. `labels` names the environment and the
     source of every episode and the info columns that are constant within episodes.
     """
-    episode_ids = np.asarray(episode_ids, dtype=np.int64)
-    boundaries = cols.episode_boundaries(episode_ids)
-    starts, lengths = boundaries[:-1], np.diff(boundaries)
-    if t is None:
-        t = np.arange(len(episode_ids), dtype=np.int64) - np.repeat(starts, lengths)
-    reward = np.asarray(reward, dtype=np.float32)
+    # A value beyond float32's range becomes inf in these casts, as it would be stored;
+    # ingest and collect check the tables built (engine.validate.check_stored_values).
+    with np.errstate(over="ignore", invalid="ignore"):
+        episode_ids = np.asarray(episode_ids, dtype=np.int64)
+        boundaries = cols.episode_boundaries(episode_ids)
+        starts, lengths = boundaries[:-1], np.diff(boundaries)
+        if t is None:
+            t = np.arange(len(episode_ids), dtype=np.int64) - np.repeat(starts, lengths)
+        reward = np.asarray(reward, dtype=np.float32)
 
-    def arrow(values, convert):
-        return values if isinstance(values, pa.Array | pa.ChunkedArray) else convert(values)
+        def arrow(values, convert):
+            return values if isinstance(values, pa.Array | pa.ChunkedArray) else convert(values)
 
-    steps = {
-        cols.EPISODE_ID: pa.array(episode_ids),
-        cols.T: pa.array(np.asarray(t, dtype=np.int32)),
-        cols.OBSERVATION: arrow(observation, observation_to_arrow),
-        cols.ACTION: arrow(action, action_to_arrow),
-        cols.REWARD: pa.array(reward),
-        cols.TERMINATED: pa.array(np.asarray(terminated, dtype=bool)),
-        cols.TRUNCATED: pa.array(np.asarray(truncated, dtype=bool)),
-    }
-    if next_observation is not None:
-        steps[cols.NEXT_OBSERVATION] = arrow(next_observation, observation_to_arrow)
-    for name, values in (infos or {}).items():
-        steps[name] = arrow(values, info_to_arrow)
-    steps_table = pa.table(steps)
+        steps = {
+            cols.EPISODE_ID: pa.array(episode_ids),
+            cols.T: pa.array(np.asarray(t, dtype=np.int32)),
+            cols.OBSERVATION: arrow(observation, observation_to_arrow),
+            cols.ACTION: arrow(action, action_to_arrow),
+            cols.REWARD: pa.array(reward),
+            cols.TERMINATED: pa.array(np.asarray(terminated, dtype=bool)),
+            cols.TRUNCATED: pa.array(np.asarray(truncated, dtype=bool)),
+        }
+        if next_observation is not None:
+            steps[cols.NEXT_OBSERVATION] = arrow(next_observation, observation_to_arrow)
+        for name, values in (infos or {}).items():
+            steps[name] = arrow(values, info_to_arrow)
+        steps_table = pa.table(steps)
 
-    returns = np.add.reduceat(reward.astype(np.float64), starts) if len(starts) else np.zeros(0)
-    episodes = {
-        cols.EPISODE_ID: pa.array(episode_ids[starts]),
-        cols.LENGTH: pa.array(lengths.astype(np.int64)),
-        cols.RETURN: pa.array(returns.astype(np.float32)),
-        cols.ENV_ID: pa.array([labels.env_id] * len(starts), type=pa.string()),
-        cols.SOURCE: pa.array([labels.source] * len(starts), type=pa.string()),
-    }
-    for name in labels.episode_info_columns:
-        episodes[name] = steps_table.column(name).take(pa.array(starts))
-    return steps_table, pa.table(episodes)
+        returns = np.add.reduceat(reward.astype(np.float64), starts) if len(starts) else np.zeros(0)
+        episodes = {
+            cols.EPISODE_ID: pa.array(episode_ids[starts]),
+            cols.LENGTH: pa.array(lengths.astype(np.int64)),
+            cols.RETURN: pa.array(returns.astype(np.float32)),
+            cols.ENV_ID: pa.array([labels.env_id] * len(starts), type=pa.string()),
+            cols.SOURCE: pa.array([labels.source] * len(starts), type=pa.string()),
+        }
+        for name in labels.episode_info_columns:
+            episodes[name] = steps_table.column(name).take(pa.array(starts))
+        return steps_table, pa.table(episodes)

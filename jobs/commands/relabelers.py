@@ -44,6 +44,9 @@ def describe_relabelers() -> list[dict[str, Any]]:
             relabeler = relabeler_class({})
             reads, writes = relabeler.reads(), relabeler.writes()
             row["reads"] = {"steps": list(reads.steps), "episodes": list(reads.episodes)}
+            optional = [*reads.steps_if_present, *reads.episodes_if_present]
+            if optional:
+                row["reads"]["when present"] = optional
             row["writes"] = {"steps": list(writes.steps), "episodes": list(writes.episodes)}
         except (RelabelError, ValueError):
             row["reads"] = row["writes"] = "depends on required parameters"
