@@ -15,7 +15,7 @@ import polars as pl
 
 from engine.dataset import open_dataset, scan_episodes
 from schemas import steps as cols
-from schemas.manifest import SKIPPED_REPORT_NAME
+from schemas.manifest import SKIPPED_REPORT_NAME, printable, public_text
 
 HISTOGRAM_BINS = 10
 MAX_GROUP_VALUES = 20
@@ -63,9 +63,10 @@ def _ordered_values(episodes: pl.DataFrame, name: str) -> list:
 
 def dataset_info(uri: str, bins: int = HISTOGRAM_BINS, verify: bool = False) -> dict[str, Any]:
     """Everything `hindsight info` shows, as plain JSON-able data. `verify` first checks
-    every file's sha256 against the manifest (a DatasetError lists the files that differ)."""
+    every file's sha256 against the manifest and recomputes the dataset id from them
+    (`Dataset.verify`: a DatasetError lists the files that differ, or the two ids)."""
     dataset = open_dataset(uri)
-    verified_files = dataset.check_files(checksums=True) if verify else None
+    verified_files = dataset.verify() if verify else None
     manifest = dataset.manifest
     episodes = scan_episodes(uri).collect()
     returns = episodes[cols.RETURN].cast(pl.Float64).to_numpy()
@@ -133,7 +134,8 @@ def _bar(count: int, largest: int) -> str:
 
 
 def format_info(info: dict[str, Any]) -> str:
-    """The human-readable form of `dataset_info`."""
+    """The human-readable form of `dataset_info`. Data strings (env ids, values, commands)
+    are shown with control characters escaped and URLs without credentials."""
     lines = [
         f"dataset {info['dataset_id']}  ({info['uri']})",
         f"  created {info['created_at']} by: {info['command']}",
@@ -191,4 +193,5 @@ def format_info(info: dict[str, Any]) -> str:
             f"  {entry['created_at']}  {entry['operation']:11s} {entry['dataset_id']}  "
             f"{entry['command']}"
         )
-    return "\n".join(lines)
+    # A value may hold terminal escape codes or a line break: each line is shown as one line.
+    return "\n".join(printable(public_text(line)) for line in lines)

@@ -3,8 +3,9 @@
 S3 goes through pyarrow.fs with the standard AWS environment (`AWS_ENDPOINT_URL` for MinIO,
 moto or other S3-compatible stores; credentials from the usual variables). Credentials are
 never stored in anything we write. Every floor reads and writes objects through these
-functions; the one other S3 client is Polars' own Parquet reader (`engine.scan`, query's
-whole-part scans), which gets its settings from `polars_storage_options` here. Each S3 request is retried inside pyarrow's client (AWS's
+functions; the one other S3 client is Polars' own Parquet reader behind `engine.scan` (for
+exploring in Python; no job reads through it), which gets its settings from
+`polars_storage_options` here. Each S3 request is retried inside pyarrow's client (AWS's
 standard strategy); a read that drops mid-object is resumed by `open_input` with the one
 retry policy of schemas/retry.py.
 """
@@ -24,6 +25,7 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from schemas.manifest import public_url
 from schemas.retry import ATTEMPTS, retrying
 
 
@@ -98,10 +100,24 @@ def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def s3_endpoint() -> str | None:
+    """AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL; StorageError when it holds a user, password
+    or query: S3 signs requests with the AWS keys, and S3 clients print the endpoint in
+    their errors, where a credential in it would be shown."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and public_url(endpoint) != endpoint:
+        raise StorageError(
+            f"the S3 endpoint {public_url(endpoint)} is given with a user, password or query "
+            "in AWS_ENDPOINT_URL(_S3); give it without them, and the credentials in "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or an AWS profile)"
+        )
+    return endpoint
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem for a URI and the path within it."""
     if is_s3(uri):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = s3_endpoint()
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         return _s3_filesystem(endpoint, region), uri[len("s3://") :]
     return pafs.LocalFileSystem(), normalize(uri)
@@ -112,8 +128,10 @@ def polars_storage_options(uri: str) -> dict[str, str] | None:
     if not is_s3(uri):
         return None
     options = {}
+    endpoint = s3_endpoint()
+    if endpoint:
+        options["aws_endpoint_url"] = endpoint
     names = {
-        "aws_endpoint_url": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
         "aws_access_key_id": ("AWS_ACCESS_KEY_ID",),
         "aws_secret_access_key": ("AWS_SECRET_ACCESS_KEY",),
         "aws_session_token": ("AWS_SESSION_TOKEN",),
@@ -274,9 +292,9 @@ def _write_local(
     a stale writer (see `check_staging`) leaves nothing."""
     if before_commit:
         before_commit()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(temporary, "wb") as handle:
             produce(handle)
             handle.flush()
@@ -284,6 +302,8 @@ def _write_local(
         if before_commit:
             before_commit()
         os.replace(temporary, path)
+    except OSError as error:  # a full disk, a permission: say which file
+        raise StorageError(f"cannot write {path}: {error.strerror or error}") from error
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)

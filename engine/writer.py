@@ -47,6 +47,8 @@ from schemas.manifest import (
     RelabelerInfo,
     content_id,
     now_iso,
+    public_params,
+    public_text,
 )
 from schemas.retry import retrying
 
@@ -344,19 +346,27 @@ def new_manifest(
     metadata: dict[str, Any] | None = None,
     details: dict[str, Any] | None = None,
 ) -> Manifest:
-    """The manifest of a new version, with its lineage appended to the parent's history."""
+    """The manifest of a new version, with its lineage appended to the parent's history.
+    Commands, details and metadata are recorded with URLs made public (no credentials),
+    also those copied from a parent written before that rule."""
     parent_manifest = parent.manifest if parent else None
     parent_id = parent_manifest.dataset_id if parent_manifest else None
     dataset_id = content_id(groups, parent_id)
     created_at = now_iso()
-    history = list(parent_manifest.history) if parent_manifest else []
+    command = public_text(command)
+    history = [
+        entry.model_copy(
+            update={"command": public_text(entry.command), "details": public_params(entry.details)}
+        )
+        for entry in (parent_manifest.history if parent_manifest else [])
+    ]
     history.append(
         HistoryEntry(
             operation=operation,
             dataset_id=dataset_id,
             command=command,
             created_at=created_at,
-            details=details or {},
+            details=public_params(details or {}),
         )
     )
     return Manifest(
@@ -370,7 +380,9 @@ def new_manifest(
         parts=parts,
         groups=groups,
         history=history,
-        metadata={**(parent_manifest.metadata if parent_manifest else {}), **(metadata or {})},
+        metadata=public_params(
+            {**(parent_manifest.metadata if parent_manifest else {}), **(metadata or {})}
+        ),
     )
 
 

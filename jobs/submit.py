@@ -20,6 +20,7 @@ from typing import Any
 
 from jobs.command import Command, UserError
 from jobs.spec import Spec, spec_kinds
+from schemas.manifest import public_text
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # What never travels to the cluster: environments, data, outputs, caches, VCS.
@@ -83,7 +84,18 @@ def submit_spec(
     upload: bool = True,
     client=None,
 ) -> str:
-    """Submit a validated spec through the Job Submission API; returns the job id."""
+    """Submit a validated spec through the Job Submission API; returns the job id.
+
+    A spec is visible in Ray's job table and dashboard (it travels as an environment
+    variable), so one that holds credentials in a URL is refused: the cluster's nodes take
+    keys from their own environment."""
+    text = spec.to_yaml()
+    if public_text(text) != text:
+        raise UserError(
+            f"{spec.source}: the spec holds credentials in a URL (user, password or query); "
+            "give the cluster its keys through its environment (OPENAI_API_KEY, AWS_*) and "
+            "the URL without them"
+        )
     client = client or jobs_client(address)
     job_id = (
         submission_id
@@ -92,7 +104,7 @@ def submit_spec(
     return client.submit_job(
         entrypoint=f"python -m jobs.cli run env:{SPEC_ENV_VAR}",
         submission_id=job_id,
-        runtime_env=runtime_env(spec.to_yaml(), upload=upload),
+        runtime_env=runtime_env(text, upload=upload),
         metadata={"kind": spec.kind, "spec": Path(spec.source).name},
     )
 

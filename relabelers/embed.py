@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from relabelers import llm
+from relabelers import endpoint, llm
 from relabelers.base import Columns, Inputs, Output, Params, Part, Relabeler, RelabelError
 from schemas import steps as cols
 
@@ -83,9 +83,9 @@ class EmbedRelabeler(Relabeler):
         endpoint is asked once for its vector size unless `dimensions` is given)."""
         p = self.params
         use_endpoint = p.embedder == "endpoint" or (
-            p.embedder == "auto" and llm.endpoint_configured(p.base_url)
+            p.embedder == "auto" and endpoint.endpoint_configured(p.base_url)
         )
-        base_url = llm.resolve_base_url(p.base_url)
+        base_url = endpoint.resolve_base_url(p.base_url)
         if not use_endpoint:
             dimensions = p.dimensions or 64
         elif p.dimensions:
@@ -93,7 +93,10 @@ class EmbedRelabeler(Relabeler):
         else:  # ask the endpoint once (cached) so every part writes the same type
             vectors, failures = self._embed_with_endpoint([PROBE_TEXT], base_url)
             if failures:
-                raise RelabelError(f"embed: the endpoint did not answer a probe: {failures[0]}")
+                raise RelabelError(
+                    f"embed: the endpoint {endpoint.endpoint_id(base_url)} did not answer a "
+                    f"probe: {failures[0]}"
+                )
             dimensions = len(vectors[PROBE_TEXT])
         self.embedder = Embedder("endpoint" if use_endpoint else "hash", dimensions, base_url)
 
@@ -129,7 +132,8 @@ class EmbedRelabeler(Relabeler):
             if failures:
                 raise RelabelError(
                     f"embed: {len(failures)} batch(es) of {p.level} column {p.column!r} failed "
-                    f"after retries; first: {failures[0]} (re-run to retry; answers are cached)"
+                    f"after retries at {endpoint.endpoint_id(embedder.base_url)}; first: "
+                    f"{failures[0]} (re-run to retry; answers are cached)"
                 )
             matrix = np.array([vectors[t] for t in texts], np.float32).reshape(-1, dimensions)
         else:
@@ -155,13 +159,15 @@ class EmbedRelabeler(Relabeler):
     def _embed_with_endpoint(
         self, texts: list[str], base_url: str | None
     ) -> tuple[dict[str, list[float]], list[str]]:
-        """Vectors for `texts`: from the per-text cache, the rest in batched requests."""
+        """Vectors for `texts`: from the per-text cache (keyed by the endpoint, too), the
+        rest in batched requests."""
         p = self.params
         cache = llm.ResponseCache(p.cache)
         extra = {"dimensions": p.dimensions} if p.dimensions else {}
+        where = endpoint.endpoint_id(base_url)
 
         def key(text: str) -> str:
-            return llm.request_key("embedding", {"model": p.model, "input": text, **extra})
+            return llm.request_key("embedding", {"model": p.model, "input": text, **extra}, where)
 
         vectors: dict[str, list[float]] = {}
         missing = []
@@ -195,7 +201,8 @@ class EmbedRelabeler(Relabeler):
                 failures.append(result.error or result.status)
                 continue
             for text, vector in zip(batch, result.answer):
-                cache.put(key(text), vector, {"kind": "embedding", "model": p.model})
+                meta = {"endpoint": where, "kind": "embedding", "model": p.model}
+                cache.put(key(text), vector, meta)
                 vectors[text] = vector
         return vectors, failures
 

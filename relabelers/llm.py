@@ -11,13 +11,19 @@ One job: send many requests to an OpenAI-compatible endpoint fast, safely and on
   with `LLMError`.
 - Budget: `max_requests` / `max_tokens` per run; when spent, the remaining requests are not
   sent and come back with status "budget" and a clear message.
-- Cache: one JSON file per answer, keyed by a hash of (endpoint kind, model, request body),
-  written atomically, so a killed job resumes without repeating finished requests. Failures
-  are never cached as answers; a small failure marker lets the next run skip (or, with
-  retry_failed, redo) exactly the requests that failed.
+- Cache: one JSON file per answer, keyed by a hash of (endpoint, request kind, request
+  body with the model), the endpoint in its public form (`endpoint_id`: the base URL without
+  user, password or query), so answers and failures of one server are never served for
+  another, while new credentials for the same server find its answers again. Written
+  atomically, so a killed job resumes without repeating finished requests. Failures are never
+  cached as answers; a small failure marker lets the next run skip (or, with retry_failed,
+  redo) exactly the requests that failed. A connection that could not be made says nothing
+  about the request, so it leaves no marker: the next run asks again.
 
-The API key comes only from the environment (OPENAI_API_KEY) and is never stored, logged or
-put in an error message: every message goes through `redact`.
+The API key comes only from the environment (OPENAI_API_KEY); a base URL may carry
+credentials too. None of them is stored, logged or put in a message: every message goes
+through `redact`, every answer through `redact_answer` before it is cached or returned
+(relabelers/endpoint.py).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,11 +44,16 @@ import tenacity
 from pydantic import Field
 
 from relabelers.base import Params, RelabelError
+from relabelers.endpoint import (
+    API_KEY_VARIABLE,
+    client_options,
+    endpoint_id,
+    redact,
+    redact_answer,
+)
 from schemas import retry
 
 DEFAULT_CACHE = "~/.cache/hindsight/llm"
-API_KEY_VARIABLE = "OPENAI_API_KEY"
-BASE_URL_VARIABLE = "OPENAI_BASE_URL"
 # Local servers (vLLM, llama.cpp, Ollama) ignore the key, but the client needs one.
 NO_KEY = "no-key-set"
 
@@ -57,24 +68,12 @@ class InvalidAnswer(ValueError):
     """The endpoint answered, but not with what the caller asked for: retried."""
 
 
-def redact(text: str) -> str:
-    """`text` with the API key (if any) replaced, for every message that may be shown."""
-    key = os.environ.get(API_KEY_VARIABLE)
-    return text.replace(key, "<redacted>") if key and len(key) >= 4 else text
-
-
-def endpoint_configured(base_url: str | None) -> bool:
-    """An endpoint is configured by a base_url parameter or the OpenAI environment variables."""
-    return bool(base_url or os.environ.get(API_KEY_VARIABLE) or os.environ.get(BASE_URL_VARIABLE))
-
-
-def resolve_base_url(base_url: str | None) -> str | None:
-    return base_url or os.environ.get(BASE_URL_VARIABLE) or None
-
-
-def request_key(kind: str, body: dict[str, Any]) -> str:
-    """The cache key: a hash of the endpoint kind and the full request body (model included)."""
-    canonical = json.dumps({"kind": kind, "body": body}, sort_keys=True, ensure_ascii=True)
+def request_key(kind: str, body: dict[str, Any], endpoint: str) -> str:
+    """The cache key: a hash of the endpoint (`endpoint_id`: without credentials), the
+    request kind and the full request body (model included)."""
+    canonical = json.dumps(
+        {"endpoint": endpoint, "kind": kind, "body": body}, sort_keys=True, ensure_ascii=True
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -194,16 +193,13 @@ class Result:
 @dataclass
 class Request:
     """One call: `kind` is "chat" or "embeddings", `body` the JSON body (model included),
-    `parse` turns the SDK's response into the answer to cache (raise InvalidAnswer to retry)."""
+    `parse` turns the SDK's response into the answer to cache (raise InvalidAnswer to retry).
+    Its cache key is `request_key` of these and the endpoint it is sent to."""
 
     kind: str
     body: dict[str, Any]
     parse: Callable[[Any], Any]
     store: bool = True  # False: the caller caches the answer itself (e.g. per text)
-    key: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.key = request_key(self.kind, self.body)
 
 
 @dataclass
@@ -212,6 +208,7 @@ class RunSummary:
     tokens: int = 0
     cached: int = 0
     failed: int = 0
+    first_error: str | None = None  # of the first failed request, in request order
     budget_stopped: int = 0
     budget_message: str | None = None
 
@@ -219,7 +216,8 @@ class RunSummary:
 def run_requests(
     requests: list[Request], settings: Settings, cache: ResponseCache, budget: Budget
 ) -> tuple[list[Result], RunSummary]:
-    """Answer every request (cache first), in order; blocking, with its own event loop."""
+    """Answer every request (cache first), in order; blocking, with its own event loop.
+    Answers come back (and are cached) with the key and the URL's credentials redacted."""
     return run_sync(_run_all(requests, settings, cache, budget))
 
 
@@ -249,18 +247,21 @@ async def _run_all(
     requests: list[Request], settings: Settings, cache: ResponseCache, budget: Budget
 ) -> tuple[list[Result], RunSummary]:
     summary = RunSummary()
+    endpoint = endpoint_id(settings.base_url)
+    keys = [request_key(r.kind, r.body, endpoint) for r in requests]
     results: list[Result | None] = [None] * len(requests)
     pending: list[int] = []
     for index, request in enumerate(requests):
         if not request.store:
             pending.append(index)
             continue
-        answer = cache.get(request.key)
+        answer = cache.get(keys[index])
         if answer is not None:
+            answer = redact_answer(answer, settings.base_url)
             results[index] = Result("ok", answer=answer, cached=True)
             summary.cached += 1
             continue
-        reason = None if settings.retry_failed else cache.failure(request.key)
+        reason = None if settings.retry_failed else cache.failure(keys[index])
         if reason is not None:
             results[index] = Result(
                 "failed", error=f"{reason} (failed in an earlier run; use --retry-failed)"
@@ -272,14 +273,17 @@ async def _run_all(
 
         client = openai.AsyncOpenAI(
             api_key=os.environ.get(API_KEY_VARIABLE) or NO_KEY,
-            base_url=resolve_base_url(settings.base_url),
+            **client_options(settings.base_url),
             timeout=settings.timeout,
             max_retries=0,  # retries are ours: counted, budgeted, honouring Retry-After
         )
         semaphore = asyncio.Semaphore(max(1, settings.concurrency))
         try:
             answers = await asyncio.gather(
-                *(_one(client, requests[i], settings, cache, budget, semaphore) for i in pending)
+                *(
+                    _one(client, requests[i], keys[i], settings, cache, budget, semaphore)
+                    for i in pending
+                )
             )
         finally:
             await client.close()
@@ -288,6 +292,8 @@ async def _run_all(
     for result in results:
         assert result is not None
         summary.failed += result.status == "failed"
+        if result.status == "failed" and summary.first_error is None:
+            summary.first_error = result.error
         if result.status == "budget":
             summary.budget_stopped += 1
             summary.budget_message = result.error
@@ -298,12 +304,20 @@ async def _run_all(
 
 class _Failure(Exception):
     """One attempt that failed: `transient` ones are tried again, after at least
-    `retry_after` seconds when the server asked for that."""
+    `retry_after` seconds when the server asked for that; a last one that is `remembered`
+    leaves a failure marker in the cache."""
 
-    def __init__(self, reason: str, transient: bool = True, retry_after: float | None = None):
+    def __init__(
+        self,
+        reason: str,
+        transient: bool = True,
+        retry_after: float | None = None,
+        remembered: bool = True,
+    ):
         super().__init__(reason)
         self.transient = transient
         self.retry_after = retry_after
+        self.remembered = remembered
 
 
 def _wait(policy: tenacity.wait.wait_base) -> Callable[[tenacity.RetryCallState], float]:
@@ -321,6 +335,7 @@ def _wait(policy: tenacity.wait.wait_base) -> Callable[[tenacity.RetryCallState]
 async def _one(
     client: Any,
     request: Request,
+    key: str,
     settings: Settings,
     cache: ResponseCache,
     budget: Budget,
@@ -335,11 +350,14 @@ async def _one(
             if refusal is not None:
                 return Result("budget", error=refusal, requests=sent)
             sent += 1
-            answer = await _ask(client, request, settings, budget)
+            answer = redact_answer(await _ask(client, request, settings, budget), settings.base_url)
         if request.store:
-            cache.put(
-                request.key, answer, {"kind": request.kind, "model": request.body.get("model")}
-            )
+            meta = {
+                "endpoint": endpoint_id(settings.base_url),
+                "kind": request.kind,
+                "model": request.body.get("model"),
+            }
+            cache.put(key, answer, meta)
         return Result("ok", answer=answer, requests=sent)
 
     retrying = tenacity.AsyncRetrying(
@@ -351,9 +369,9 @@ async def _one(
     try:
         return await retrying(attempt)
     except _Failure as failure:
-        reason = redact(f"{failure} (after {sent} attempts)")
-        if request.store:
-            cache.put_failure(request.key, reason)
+        reason = redact(f"{failure} (after {sent} attempts)", settings.base_url)
+        if request.store and failure.remembered:
+            cache.put_failure(key, reason)
         return Result("failed", error=reason, requests=sent)
 
 
@@ -374,10 +392,11 @@ async def _ask(client: Any, request: Request, settings: Settings, budget: Budget
         if failure.status_code in (401, 403, 404):
             raise LLMError(
                 redact(
-                    f"the endpoint refused the request with HTTP {failure.status_code} "
-                    f"({_body_excerpt(failure)}); check {API_KEY_VARIABLE}, the base URL "
-                    f"({resolve_base_url(settings.base_url) or 'OpenAI default'}) and the "
-                    f"model name {request.body.get('model')!r}"
+                    f"the endpoint {endpoint_id(settings.base_url)} refused the request with "
+                    f"HTTP {failure.status_code} ({_body_excerpt(failure)}); check "
+                    f"{API_KEY_VARIABLE}, the base URL and the model name "
+                    f"{request.body.get('model')!r}",
+                    settings.base_url,
                 )
             ) from None
         status = failure.status_code
@@ -388,7 +407,10 @@ async def _ask(client: Any, request: Request, settings: Settings, budget: Budget
     except openai.APITimeoutError:
         raise _Failure(f"timed out after {settings.timeout:g} s") from None
     except openai.APIConnectionError as failure:
-        raise _Failure(f"connection error: {type(failure.__cause__ or failure).__name__}") from None
+        # Nothing reached a server: not a fact about this request, so not remembered.
+        raise _Failure(
+            f"connection error: {type(failure.__cause__ or failure).__name__}", remembered=False
+        ) from None
     except InvalidAnswer as failure:
         raise _Failure(f"invalid answer: {failure}") from None
     except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as failure:
@@ -423,7 +445,7 @@ def _retry_after(failure: Any) -> float | None:
     headers = response.headers
     if headers.get("retry-after-ms"):
         try:
-            return float(headers["retry-after-ms"]) / 1000.0
+            return min(float(headers["retry-after-ms"]) / 1000.0, 300.0)
         except ValueError:
             pass
     value = headers.get("retry-after")

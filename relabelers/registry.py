@@ -9,6 +9,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from relabelers.base import Relabeler, RelabelError
+from schemas.manifest import public_text
 
 ENTRY_POINT_GROUP = "hindsight.relabelers"
 
@@ -42,11 +43,18 @@ def parse_with(text: str) -> tuple[str, dict[str, str]]:
     Values stay strings here; each relabeler's pydantic Params converts and validates them.
     A value holding commas (a list) is written with `;` between its items.
     """
+    shown = public_text(text)  # what an error may quote of it
     name, _, rest = text.partition(":")
     params: dict[str, str] = {}
     for item in filter(None, (piece.strip() for piece in rest.split(","))):
         key, sep, value = item.partition("=")
         if not sep:
-            raise RelabelError(f"--with {text!r}: parameter {item!r} is not of the form key=value")
+            raise RelabelError(
+                f"--with {shown!r}: parameter {public_text(item)!r} is not of the form key=value"
+            )
+        if key.strip() in params:
+            raise RelabelError(
+                f"--with {shown!r}: parameter {key.strip()!r} is given twice; give it once"
+            )
         params[key.strip()] = value.strip()
     return name.strip(), params

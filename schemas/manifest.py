@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import datetime, timezone
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -128,12 +129,11 @@ def public_url(text: str) -> str:
         return text
     try:
         parts = urlsplit(text)
-        port = parts.port
     except ValueError:
         return text
     if not parts.scheme or not parts.netloc:
         return text
-    host = (parts.hostname or "") + (f":{port}" if port else "")
+    host = parts.netloc.rpartition("@")[2]  # host and port as written ([::1]:8000 too)
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
@@ -150,6 +150,27 @@ def public_params(params: dict[str, Any]) -> dict[str, Any]:
         return value
 
     return {key: public(value) for key, value in params.items()}
+
+
+# A URL inside free text (an error message): up to a space, a quote or a bracket.
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{}]+")
+
+
+def public_text(text: str) -> str:
+    """`text` with every URL in it made public (`public_url`), for messages and logs."""
+    return _URL_IN_TEXT.sub(lambda match: public_url(match.group()), text)
+
+
+# C0 and C1 control characters (escape codes, carriage return, bell, newline) and the
+# invisible bidirectional overrides that reorder what a terminal shows.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on one line of a terminal: every control character is shown as
+    its escape (`\\x1b`, `\\n`, `\\u202e`), so data can neither move the cursor, clear the
+    screen, retitle the terminal nor break a line. Only for showing: data is stored as given."""
+    return _UNPRINTABLE.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
 
 
 def now_iso() -> str:

@@ -1,11 +1,12 @@
 """A real OpenAI-compatible HTTP server on loopback for LLM tests and the benchmark.
 
 Speaks `POST /v1/chat/completions` and `POST /v1/embeddings` with the OpenAI wire format,
-records every request (path, headers, JSON body), and injects faults on demand:
+records every request (path, query string, headers, JSON body), and injects faults on demand:
 
     server.faults.extend(["429", "500", "reset", "timeout", "nonjson", "empty"])  # next requests
     server.fail_when = lambda body: '"episode_id": 27' in body_text(body)         # always 500
     server.latency = 0.2                                                           # every request
+    server.say = "extra words"                               # appended to every description
 
 Chat answers are deterministic: `{"descriptions": [...]}` with as many strings as the prompt
 asks for ("exactly N"), each naming the episode id found in the prompt's data block, so a test
@@ -45,13 +46,21 @@ def data_block(body: dict[str, Any]) -> dict[str, Any]:
 class LLMServer:
     """Start with `start()`; `url` is the base URL to give the client (ends in /v1)."""
 
-    def __init__(self, latency: float = 0.0, timeout_sleep: float = 5.0, dimensions: int = 8):
+    def __init__(
+        self,
+        latency: float = 0.0,
+        timeout_sleep: float = 5.0,
+        dimensions: int = 8,
+        port: int = 0,
+    ):
+        self.port = port  # 0: any free port; a fixed one brings a stopped server back
         self.latency = latency
         self.timeout_sleep = timeout_sleep
         self.dimensions = dimensions
         self.faults: list[str] = []
         self.fail_when: Callable[[dict[str, Any]], bool] | None = None
         self.retry_after = "0"
+        self.say = ""
         self.requests: list[dict[str, Any]] = []
         self.served: list[dict[str, Any]] = []  # requests answered with 200 and a valid body
         self._lock = threading.Lock()
@@ -80,7 +89,7 @@ class LLMServer:
                 raw = self.rfile.read(length)
                 server._handle(self, raw)
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._httpd.daemon_threads = True
         self._httpd.request_queue_size = 256
         self._thread = threading.Thread(
@@ -116,8 +125,10 @@ class LLMServer:
             body = json.loads(raw or b"{}")
         except json.JSONDecodeError:
             body = {"_raw": raw.decode("utf-8", "replace")}
+        path, _, query = handler.path.partition("?")
         record = {
-            "path": handler.path,
+            "path": path,
+            "query": query,
             "headers": dict(handler.headers.items()),
             "body": body,
             "time": time.monotonic(),
@@ -151,8 +162,8 @@ class LLMServer:
             return self._send_raw(
                 handler, 200, b"<html>upstream gateway hiccup</html>", "text/html"
             )
-        if handler.path.endswith("/chat/completions"):
-            content = "" if fault == "empty" else self._chat_answer(body)
+        if path.endswith("/chat/completions"):
+            content = "" if fault == "empty" else self._chat_answer(body, self.say)
             answer = {
                 "id": "chatcmpl-test",
                 "object": "chat.completion",
@@ -167,7 +178,7 @@ class LLMServer:
                 ],
                 "usage": {"prompt_tokens": 50, "completion_tokens": 30, "total_tokens": 80},
             }
-        elif handler.path.endswith("/embeddings"):
+        elif path.endswith("/embeddings"):
             inputs = body.get("input", [])
             inputs = [inputs] if isinstance(inputs, str) else inputs
             data = (
@@ -185,7 +196,7 @@ class LLMServer:
                 "usage": {"prompt_tokens": 5 * len(inputs), "total_tokens": 5 * len(inputs)},
             }
         else:
-            return self._send(handler, 404, {"error": {"message": f"no route {handler.path}"}})
+            return self._send(handler, 404, {"error": {"message": f"no route {path}"}})
         if fault is None:
             with self._lock:
                 self.served.append(record)
@@ -197,7 +208,7 @@ class LLMServer:
         return [(digest[i] - 128) / 128.0 for i in range(self.dimensions)]
 
     @staticmethod
-    def _chat_answer(body: dict[str, Any]) -> str:
+    def _chat_answer(body: dict[str, Any], say: str = "") -> str:
         text = body_text(body)
         match = re.search(r"exactly (\d+)", text)
         n = int(match.group(1)) if match else 1
@@ -208,7 +219,7 @@ class LLMServer:
         who = f"episode {facts.get('episode_id')}"
         if "segment" in facts:
             who += f" segment {facts['segment']}"
-        return json.dumps({"descriptions": [f"{who}: paraphrase {i}" for i in range(n)]})
+        return json.dumps({"descriptions": [f"{who}: paraphrase {i}{say}" for i in range(n)]})
 
     def _send(
         self, handler: BaseHTTPRequestHandler, code: int, payload: Any, retry: bool = False

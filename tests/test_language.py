@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from relabelers import llm
+from relabelers import endpoint, llm
 from relabelers.base import Part, RelabelError, TableInputs, relabel_tables
 from relabelers.embed import EmbedRelabeler
 from relabelers.language import DEFAULT_PROMPT, LanguageRelabeler, PromptTemplate
@@ -39,13 +39,13 @@ def server():
 
 @pytest.fixture
 def no_endpoint(monkeypatch):
-    for name in (llm.API_KEY_VARIABLE, llm.BASE_URL_VARIABLE):
+    for name in (endpoint.API_KEY_VARIABLE, endpoint.BASE_URL_VARIABLE):
         monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
 def fake_key(monkeypatch):
-    monkeypatch.setenv(llm.API_KEY_VARIABLE, FAKE_KEY)
+    monkeypatch.setenv(endpoint.API_KEY_VARIABLE, FAKE_KEY)
     return FAKE_KEY
 
 
@@ -247,6 +247,37 @@ def test_bad_key_is_a_clear_error_without_the_key(server, tmp_path, fake_key):
         relabel_tables(language(server, tmp_path), steps, episodes, "auth")
     assert "HTTP 401" in str(error.value) and "OPENAI_API_KEY" in str(error.value)
     assert FAKE_KEY not in str(error.value)
+
+
+def test_the_answer_cache_is_keyed_by_the_endpoint(tmp_path, fake_key):
+    """Failures and answers of one server are never served for another; the same server
+    reached with other credentials is the same endpoint."""
+    steps, episodes = make_episodes(4, seed=15)
+    failing, working = LLMServer().start(), LLMServer().start()
+    try:
+        failing.fail_when = lambda body: True  # HTTP 500 for every request
+        with pytest.raises(RelabelError, match="all 4 descriptions failed"):
+            relabel_tables(language(failing, tmp_path, max_retries=0), steps, episodes)
+        # The same model at another endpoint: asked, not served the failures above.
+        second = relabel_tables(language(working, tmp_path), steps, episodes).episodes
+        assert set(second.column("description_status").to_pylist()) == {"ok"}
+        assert working.count() == 4
+        # Nor are the working server's answers served for the first one.
+        failing.fail_when = None
+        retried = language(failing, tmp_path, retry_failed=True)
+        third = relabel_tables(retried, steps, episodes).episodes
+        assert set(third.column("description_status").to_pylist()) == {"ok"}
+        assert failing.count() == 4 + 4
+        # Credentials are not part of the endpoint: the answers are found again.
+        with_credentials = working.url.replace("http://", "http://someone:pw-0123456789@")
+        relabeler = LanguageRelabeler(
+            {"base_url": with_credentials, "cache": str(tmp_path / "cache")}
+        )
+        assert relabel_tables(relabeler, steps, episodes).episodes.equals(second)
+        assert working.count() == 4
+    finally:
+        failing.stop()
+        working.stop()
 
 
 def test_budget_stops_cleanly_then_a_rerun_continues_without_repeats(server, tmp_path, fake_key):
@@ -512,6 +543,36 @@ def test_relabel_job_with_the_model_end_to_end(ray_local, tiny_dataset, server, 
 
 
 @pytest.mark.ray
+def test_a_job_whose_descriptions_all_failed_exits_non_zero(
+    ray_local, tiny_dataset, tmp_path, capsys
+):
+    """One line naming the endpoint (without credentials) and the first error; nothing is
+    written; once the server is up, the same command works (a connection that failed is
+    not remembered as a failed request)."""
+    from jobs.cli import main
+
+    down = LLMServer().start()
+    port, url = down._httpd.server_address[1], down.url
+    down.stop()
+    output = tmp_path / "out"
+    spec = f"language:n=1,cache={tmp_path / 'cache'},max_retries=0"
+    secret = url.replace("http://", "http://alice:pw-5d1e9a7c3b@") + "?api-key=qk-0f4e8d2c6a"
+    command = ["relabel", tiny_dataset, str(output), "--with", spec, "--llm-base-url", secret]
+    assert main(command) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1, error
+    assert "all 12 descriptions failed" in error and f"at {url} (model" in error
+    assert "connection error" in error and "pw-5d1e9a7c3b" not in error and "qk-0f4e" not in error
+    assert not output.exists()
+    up = LLMServer(port=port).start()
+    try:
+        assert main(command) == 0, capsys.readouterr().err
+        assert up.count() == 12
+    finally:
+        up.stop()
+
+
+@pytest.mark.ray
 def test_relabel_job_offline_is_deterministic(ray_local, tiny_dataset, tmp_path, no_endpoint):
     from engine.dataset import open_dataset
     from jobs.commands.relabel import Relabel
@@ -542,7 +603,7 @@ def test_hindsight_relabel_command_uses_the_key_and_writes_it_nowhere(
     server.faults.extend(["500", "reset"])
     env = {
         **os.environ,
-        llm.API_KEY_VARIABLE: FAKE_KEY,
+        endpoint.API_KEY_VARIABLE: FAKE_KEY,
         "RAY_TMPDIR": str(ray_dir),
         "PYTHONPATH": str(REPO),
     }

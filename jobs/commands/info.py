@@ -10,7 +10,7 @@ from pydantic import Field
 from pydantic_settings import CliPositionalArg
 
 from engine import storage
-from jobs.command import PATH_KINDS, Command, UserError, path_kind
+from jobs.command import PATH_KINDS, Command, UserError, path_kind, printable_lines
 from schemas.manifest import MANIFEST_NAME
 from schemas.shard_index import INDEX_NAME
 
@@ -53,6 +53,9 @@ class Info(Command):
         raise UserError(f"{self.input}: {PATH_KINDS[kind]}")
 
     def report(self, result: dict[str, Any], seconds: float) -> str:
+        return printable_lines(self.text(result))
+
+    def text(self, result: dict[str, Any]) -> str:
         from engine.info import format_info
 
         kind = result["kind"]
@@ -63,7 +66,10 @@ class Info(Command):
                 f"episodes, {len(result['groups'])} column group(s)"
             )
             if result["verified_files"] is not None:
-                lines.append(f"verified: all {result['verified_files']} files match their sha256")
+                lines.append(
+                    f"verified: all {result['verified_files']} files match their sha256, "
+                    "and the dataset id matches their checksums"
+                )
             return "\n".join(lines)
         if kind == "shards":
             return (
@@ -84,15 +90,23 @@ class Info(Command):
 
 
 def shards_info(uri: str) -> dict[str, Any]:
-    index = json.loads(storage.read_bytes(storage.join(uri, INDEX_NAME)))
+    from schemas.shard_index import ShardIndex, describe_invalid
+
+    index_uri = storage.join(uri, INDEX_NAME)
+    try:
+        index = ShardIndex.from_json(storage.read_bytes(index_uri))
+    except ValueError as error:  # bad JSON, a wrong type, totals that disagree: one line
+        raise UserError(
+            f"{index_uri} is not a valid shard index: {describe_invalid(error)}"
+        ) from error
     return {
         "uri": uri,
-        "source_dataset_id": index.get("source_dataset_id"),
-        "source_uri": index.get("source_uri"),
-        "shards": len(index.get("shards", [])),
-        "windows": index.get("windows", 0),
-        "window": index.get("window"),
-        "conditions": list(index.get("conditions", {})),
+        "source_dataset_id": index.source_dataset_id,
+        "source_uri": index.source_uri,
+        "shards": len(index.shards),
+        "windows": index.windows,
+        "window": index.window,
+        "conditions": list(index.conditions),
     }
 
 

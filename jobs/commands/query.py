@@ -11,6 +11,7 @@ from pydantic_settings import CliPositionalArg
 
 from engine import storage
 from jobs.command import Command, Dataset, NewDataset, UserError
+from schemas.manifest import printable
 
 if TYPE_CHECKING:  # polars is imported where it is used: `hindsight --help` stays fast
     import polars as pl
@@ -190,7 +191,8 @@ class Query(Command):
 
 def format_table(frame: pl.DataFrame, selected: bool = False) -> str:
     """A readable table: a few elements of each vector, the columns that fit the terminal
-    (all of them when the user chose them with --select)."""
+    (all of them when the user chose them with --select), control characters in strings
+    shown escaped (`printable_frame`)."""
     import polars as pl
 
     width = shutil.get_terminal_size((160, 24)).columns
@@ -205,6 +207,7 @@ def format_table(frame: pl.DataFrame, selected: bool = False) -> str:
             kept.append(name)
             used += needed
         frame = frame.select(kept)
+    frame = printable_frame(frame)
     with pl.Config(
         tbl_rows=TABLE_ROWS,
         tbl_cols=-1,
@@ -215,8 +218,42 @@ def format_table(frame: pl.DataFrame, selected: bool = False) -> str:
     ):
         text = str(frame)
     if hidden:
-        text += f"\n(+{len(hidden)} more columns: {', '.join(hidden)}; choose with --select)"
+        names = ", ".join(printable(name) for name in hidden)
+        text += f"\n(+{len(hidden)} more columns: {names}; choose with --select)"
     return text
+
+
+def printable_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """The frame with every string in it (nested ones too) and every column name passed
+    through `printable`, so data cannot send escape codes to the terminal. For showing a
+    table's few rows only: the walk over the values is in Python."""
+    import polars as pl
+
+    def holds_strings(dtype: pl.DataType) -> bool:
+        if isinstance(dtype, pl.List | pl.Array):
+            return holds_strings(dtype.inner)
+        if isinstance(dtype, pl.Struct):
+            return any(holds_strings(field.dtype) for field in dtype.fields)
+        return dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum)
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return printable(value)
+        if isinstance(value, list):
+            return [clean(item) for item in value]
+        if isinstance(value, dict):
+            return {key: clean(item) for key, item in value.items()}
+        return value
+
+    columns = []
+    for name, dtype in frame.schema.items():
+        series = frame[name]
+        if holds_strings(dtype):
+            if isinstance(dtype, pl.Categorical | pl.Enum):
+                series, dtype = series.cast(pl.String), pl.String
+            series = pl.Series(name, [clean(v) for v in series.to_list()], dtype=dtype)
+        columns.append(series.alias(printable(name)))
+    return pl.DataFrame(columns)
 
 
 def flatten_for_text(frame: pl.DataFrame) -> pl.DataFrame:

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from relabelers import llm
+from relabelers import endpoint
 from relabelers.base import (
     Columns,
     Inputs,
@@ -55,7 +55,6 @@ from relabelers.language.facts import (
 from relabelers.language.params import LanguageParams
 from relabelers.language.prompt import DEFAULT_PROMPT, PromptTemplate, read_prompt
 from schemas import steps as cols
-from schemas.manifest import public_url
 
 __all__ = ["DEFAULT_PROMPT", "LanguageParams", "LanguageRelabeler", "PromptTemplate"]
 
@@ -110,7 +109,7 @@ class LanguageRelabeler(Relabeler):
         prompt_text = read_prompt(prompt_path)
         summaries = inputs.summarize(self.part_returns)
         use_llm = p.describer == "llm" or (
-            p.describer == "auto" and llm.endpoint_configured(p.base_url)
+            p.describer == "auto" and endpoint.endpoint_configured(p.base_url)
         )
         report: dict[str, Any] = {
             "describer": "llm" if use_llm else "template",
@@ -122,14 +121,14 @@ class LanguageRelabeler(Relabeler):
             describer = LLMDescriber(
                 params=p,
                 prompt_text=prompt_text,
-                base_url=llm.resolve_base_url(p.base_url),
+                base_url=endpoint.resolve_base_url(p.base_url),
                 budgets=split_budget(p, [s["units"] for s in summaries]),
             )
             report.update(
                 model=p.model,
                 prompt=prompt_path.stem,
                 prompt_sha256=hashlib.sha256(prompt_text.encode()).hexdigest(),
-                base_url=public_url(describer.base_url) if describer.base_url else "OpenAI default",
+                base_url=endpoint.endpoint_id(describer.base_url),
                 temperature=p.temperature,
             )
         else:
@@ -161,6 +160,7 @@ class LanguageRelabeler(Relabeler):
             texts = template_descriptions(facts, self.seed, p.n)
             status, errors = ["ok"] * len(facts), [None] * len(facts)
         report["status"] = {s: status.count(s) for s in sorted(set(status))}
+        report["first_error"] = next((e for s, e in zip(status, errors) if s == "failed"), None)
         table = pa.table(
             {
                 "description": pa.array([t[0] if t else None for t in texts], pa.string()),
@@ -202,9 +202,22 @@ class LanguageRelabeler(Relabeler):
                 f"{status.get('budget', 0)} descriptions were not requested "
                 "(status 'budget'); re-run the same command to continue"
             )
+        if status.get("failed") and not status.get("ok"):
+            raise RelabelError(self._all_failed(status, reports))
         if status.get("failed"):
             report["failed"] = (
                 f"{status['failed']} descriptions failed after retries (see "
                 "description_error); re-run with --retry-failed to ask only for those"
             )
         return report
+
+    def _all_failed(self, status: dict[str, int], reports: list[dict[str, Any]]) -> str:
+        """One line for a run in which no description was written and some failed."""
+        assert self.plan is not None
+        first = next((r["first_error"] for r in reports if r.get("first_error")), None)
+        budget = status.get("budget")
+        stopped = f" ({budget} more not requested: budget)" if budget else ""
+        return (
+            f"language: all {status['failed']} descriptions failed{stopped} at "
+            f"{self.plan.report['base_url']} (model {self.params.model!r}); first error: {first}"
+        )
