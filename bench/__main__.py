@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ("ingest", "relabel", "language", "query", "shards", "train", "scale")
+BENCHMARKS = ("small", "ingest", "relabel", "language", "query", "shards", "train", "scale")
 
 
 def main(argv: list[str]) -> int:

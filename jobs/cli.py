@@ -16,6 +16,7 @@ import json
 import re
 import sys
 import time
+import typing
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -28,6 +29,7 @@ from jobs.command import (
     UserError,
     describe_validation_error,
     has_cli_marker,
+    printable_lines,
 )
 from jobs.commands import COMMANDS, command_class
 
@@ -134,11 +136,31 @@ def _register_progs(prefix: str, model: type[BaseModel]) -> None:
                 _register_progs(f"{prefix} {name}", annotation)
 
 
+def repeated_options(model: type[BaseModel], argv: list[str]) -> list[str]:
+    """Options that take one value but appear more than once (argparse would silently keep
+    the last); options whose value is a list may repeat."""
+    single = set()
+    for name, info in model.model_fields.items():
+        kinds = [info.annotation, *typing.get_args(info.annotation)]  # `list[str] | None` too
+        if any(typing.get_origin(kind) in (list, dict) for kind in kinds):
+            continue
+        single.add("--" + (info.alias or name).replace("_", "-"))
+    seen = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
+    return sorted({flag for flag in seen if flag in single and seen.count(flag) > 1})
+
+
 def parse(argv: list[str]) -> Command:
     """The command a command line asks for, validated (argparse exits on usage errors)."""
     commands = {name: command_class(name) for name in COMMANDS}
     for name, model in commands.items():
         _register_progs(f"{PROGRAM} {name}", model)
+    words = [arg for arg in argv if not arg.startswith("-")]
+    model = _models_by_prog.get(" ".join([PROGRAM, *words[:2]])) or _models_by_prog.get(
+        " ".join([PROGRAM, *words[:1]])
+    )
+    repeated = repeated_options(model, argv) if model else []
+    if repeated:
+        raise UserError(f"{', '.join(repeated)} is given twice; give it once")
     source = CliSettingsSource(
         root_model(commands),
         cli_prog_name=PROGRAM,
@@ -218,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         UserError,
         ValueError,
         KeyError,
-        FileNotFoundError,
+        OSError,  # a full disk, a permission: the message names the file
         RuntimeError,
         SettingsError,
     ) as error:
@@ -230,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             message = error.args[0]
         else:
             message = str(error).removeprefix("error parsing CLI: ")
-        print(f"{PROGRAM} {name}: error: {message}", file=sys.stderr)
+        # Messages quote data and URLs: no escape codes, no credentials reach the terminal.
+        print(printable_lines(f"{PROGRAM} {name}: error: {message}"), file=sys.stderr)
         return 2
     return status
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine import storage
 from engine.executor import Executor
-from schemas.manifest import public_url
+from schemas.manifest import printable, public_text, public_url
 
 
 class UserError(RuntimeError):
@@ -100,9 +100,19 @@ class Command(BaseModel):
 
     # ------------------------------------------------------------ derived from the fields
     def check(self) -> None:
-        """Cheap checks before any work: inputs exist, outputs are new."""
-        for name, value in self.path_fields():
+        """Cheap checks before any work: inputs exist, outputs are new and not inside an
+        input (where they would change what they are made from)."""
+        paths = dict(self.path_fields())
+        for name, value in paths.items():
             check_path(name, value, self.path_role(name))
+        output, source = paths.get("output"), paths.get("input")
+        # ask writes its report into the run by default: a report is not a version.
+        if output and source and type(self).path_role("output") is not PathRole.DIRECTORY:
+            if is_inside(output, source):
+                raise UserError(
+                    f"output {output} is inside input {source}; write it somewhere else "
+                    "(what a command writes must not change what it reads)"
+                )
 
     @classmethod
     def path_role(cls, field_name: str) -> PathRole | None:
@@ -153,24 +163,27 @@ class Command(BaseModel):
 
 
 class RayCommand(Command):
-    """A command whose work runs in parallel on Ray: an embedded local Ray by default,
-    a cluster with `--address`; an `http://` address submits the command as a Ray job."""
+    """A command whose work runs in parallel on Ray: an embedded local Ray by default (a
+    small job runs in this process without one), a cluster with `--address`; an `http://`
+    address submits the command as a Ray job."""
 
     address: str | None = Field(
         None,
         description="Ray address (ray://HOST:10001, HOST:6379, auto) to run on a cluster, or "
-        "a dashboard http://HOST:8265 to submit it as a job; default: an embedded local Ray.",
+        "a dashboard http://HOST:8265 to submit it as a job; default: this machine (a small job "
+        "in this process, a larger one on an embedded local Ray).",
     )
 
     def submits(self) -> bool:
         return bool(self.address and self.address.startswith(("http://", "https://")))
 
     def executor(self) -> Executor:
-        """Where the parts run: Ray (started, or joined, on first use)."""
-        from jobs.runtime import RayExecutor, init_ray
+        """Where the parts run, decided per job by its size: a small job runs in this
+        process without starting Ray; a larger one on Ray (started, or joined at
+        `--address`, on first need). See `jobs.runtime.SizedExecutor`."""
+        from jobs.runtime import SizedExecutor
 
-        init_ray(self.address)
-        return RayExecutor()
+        return SizedExecutor(self.address)
 
     def history_line(self) -> str:
         """As `Command.history_line`, without `--address`: where the parts ran does not
@@ -183,6 +196,18 @@ class RayCommand(Command):
         if self.submits():
             spec["address"] = None  # on the cluster, the job runs on the cluster's own Ray
         return spec
+
+
+def is_inside(path: str, directory: str) -> bool:
+    """Whether `path` is `directory` or below it (local paths resolved, or S3 prefixes)."""
+    path, directory = storage.normalize(path), storage.normalize(directory)
+    if storage.is_s3(path) != storage.is_s3(directory):
+        return False
+    if not storage.is_s3(path):
+        path, directory = os.path.realpath(path), os.path.realpath(directory)
+        if "*" in directory or "?" in directory:  # a glob of source files: its folder
+            directory = os.path.dirname(directory)
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 def has_cli_marker(info: Any, marker: str) -> bool:
@@ -347,14 +372,21 @@ def plain_summary(result: Any) -> dict[str, Any]:
     return {"result": str(result)} if result is not None else {}
 
 
+def printable_lines(text: str) -> str:
+    """`text` as it may be printed: URLs without credentials, and control characters
+    (terminal escape codes) shown escaped on every line, which stay the lines they were."""
+    return "\n".join(printable(public_text(line)) for line in text.split("\n"))
+
+
 def wrap_report(name: str, report: dict[str, Any], width: int = 100) -> str:
-    """A relabeler's (or any) report as indented `key: value` lines, wrapped at words."""
-    lines = [f"  {name}:"]
+    """A relabeler's (or any) report as indented `key: value` lines, wrapped at words;
+    its strings (a server's words, data) are printable (`printable_lines`), one line each."""
+    lines = [f"  {printable_lines(name)}:"]
     for key, value in report.items():
         text = value if isinstance(value, str) else json.dumps(value, default=str)
         lines.extend(
             textwrap.wrap(
-                f"{key}: {text}",
+                printable(public_text(f"{key}: {text}")),
                 width=width,
                 initial_indent="    ",
                 subsequent_indent="      ",

@@ -137,14 +137,12 @@ def high_return(returns: dict[str, Any]) -> float:
 
 def run_demo(options: Demo) -> dict[str, Any]:
     """Run the pipeline; returns the table rows and the report paths."""
-    from jobs.runtime import init_ray
     from trainers import ask
 
     started = time.perf_counter()
     sizes = _sizes(options)
     out = options.output
     _fresh_output(out)
-    init_ray(options.address)
 
     paths = build_shards(
         options.env,

@@ -31,7 +31,8 @@ class RunSpec(Command):
     address: str | None = Field(
         None,
         description="Ray address (ray://HOST:10001, HOST:6379, auto); default: the cluster of a "
-        "submitted job, else the spec's own address, else an embedded local Ray.",
+        "submitted job, else the spec's own address, else this process for a small job and "
+        "an embedded local Ray for a larger one.",
     )
 
     def run(self) -> dict[str, Any]:
