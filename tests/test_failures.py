@@ -44,7 +44,16 @@ def test_an_option_given_twice_is_refused(tiny_dataset, tmp_path, capsys):
     assert not os.path.exists(out)
 
 
-def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path):
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["materialize", "{source}", "{out}"],
+        ["query", "{source}", "--output", "{out}"],
+        ["shard", "{source}", "{out}", "--shard-steps", "2000"],
+    ],
+    ids=["materialize", "query --output", "shard"],
+)
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, command):
     """A real full disk: a 1 MiB tmpfs (needs the right to mount; CI machines here run as
     root in their sandbox)."""
     disk = tmp_path / "disk"
@@ -58,18 +67,18 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path):
         steps, episodes = make_episodes(num_episodes=400, obs_dim=64, seed=1, max_length=60)
         source = str(tmp_path / "source")
         write_synthetic_dataset(source, steps, episodes, part_steps=2000)
-        out = disk / "copy"
-        # A subprocess, as a user runs it (its own embedded Ray or none).
+        out = disk / "out"
+        args = [word.format(source=source, out=out) for word in command]
+        # A subprocess, as a user runs it.
         result = subprocess.run(
-            [sys.executable, "-m", "jobs.cli", "materialize", source, str(out)],
+            [sys.executable, "-m", "jobs.cli", *args],
             capture_output=True,
             text=True,
             cwd=ROOT,
             timeout=300,
         )
         assert result.returncode == 2, result.stderr
-        lines = result.stderr.strip().splitlines()
-        errors = [line for line in lines if line.startswith("hindsight materialize: error:")]
+        errors = [line for line in result.stderr.splitlines() if ": error: " in line]
         assert len(errors) == 1 and "No space left on device" in errors[0], result.stderr
         assert str(disk) in errors[0] and "Traceback" not in result.stderr
         assert not out.exists()
