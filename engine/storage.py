@@ -280,8 +280,24 @@ def write_bytes(uri: str, data: bytes, before_commit: Callable[[], None] | None 
             before_commit()
         with fs.open_output_stream(path) as stream:
             stream.write(data)
+        _recheck_after_commit(fs, path, before_commit)
         return
     _write_local(path, lambda handle: handle.write(data), before_commit)
+
+
+def _recheck_after_commit(
+    fs: pafs.FileSystem, path: str, before_commit: Callable[[], None] | None
+) -> None:
+    """Run the fence once more now that the object exists; if it fails, take the object
+    back. With `discard_staging` removing the marker last and then listing again, a file
+    that lands while its run is being discarded is removed by one side or the other."""
+    if before_commit is None:
+        return
+    try:
+        before_commit()
+    except StaleWriterError:
+        fs.delete_file(path)
+        raise
 
 
 def _write_local(
@@ -302,6 +318,7 @@ def _write_local(
         if before_commit:
             before_commit()
         os.replace(temporary, path)
+        _recheck_after_commit(pafs.LocalFileSystem(), path, before_commit)
     except OSError as error:  # a full disk, a permission: say which file
         raise StorageError(f"cannot write {path}: {error.strerror or error}") from error
     finally:
@@ -391,8 +408,24 @@ def check_staging(directory_uri: str, token: str) -> None:
 
 def discard_staging(directory_uri: str, token: str | None) -> None:
     """Remove what a failed run wrote, unless another run has taken the directory over."""
-    if token is None or staging_token(directory_uri) == token:
+    if token is None:
         delete_tree(directory_uri)
+        return
+    if staging_token(directory_uri) != token:
+        return
+    # The marker goes last: if this process is killed half-way, what stays still says it
+    # is a dead run's staging (so a re-run may clear it) and never looks like foreign data.
+    fs, path = filesystem(directory_uri)
+    marker = filesystem(join(directory_uri, STAGING_MARKER))[1]
+    for entry in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if entry.type == pafs.FileType.Directory:
+            fs.delete_dir(entry.path)  # a column group's parts, deleted in batches on S3
+        elif entry.path != marker:
+            fs.delete_file(entry.path)
+    end_staging(directory_uri)
+    # A task that passed its fence before the marker went may have landed a file since;
+    # one landing after this sees no marker and removes its own (`_recheck_after_commit`).
+    delete_tree(directory_uri)
 
 
 def end_staging(directory_uri: str) -> None:

@@ -196,6 +196,35 @@ def test_a_failed_run_removes_its_directory_only_while_it_owns_it(tmp_path):
     assert not (tmp_path / "ds").exists()
 
 
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_a_file_landing_while_its_run_is_discarded_is_taken_back(where, tmp_path, request):
+    """A stopped job: its driver discards the staging while a task that passed its fence is
+    still uploading. Whichever finishes last removes the file; what stays is never data
+    without the marker (which a re-run would refuse as not written by hindsight)."""
+    base = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path)
+    run = VersionWriter(f"{base}/stopped").begin()
+    storage.write_bytes(storage.join(run.uri, "steps/a"), b"early", before_commit=run.check_fence)
+    checks = []
+
+    def fence_while_the_driver_discards() -> None:
+        checks.append(1)
+        if len(checks) == 1:  # passed before the stop; the driver discards during the upload
+            run.check_fence()
+            run.abort()
+        else:
+            run.check_fence()
+
+    with pytest.raises(storage.StaleWriterError):
+        storage.write_bytes(
+            storage.join(run.uri, "steps/late"),
+            b"late",
+            before_commit=fence_while_the_driver_discards,
+        )
+    assert storage.list_files(run.uri) == []
+    rerun = VersionWriter(run.uri).begin()  # the re-run is not refused
+    rerun.abort()
+
+
 def test_a_failure_inside_the_writer_leaves_nothing(tmp_path):
     steps, episodes = make_episodes(num_episodes=3, seed=5)
     with pytest.raises(RuntimeError, match="disk on fire"):
