@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import save_results
 from bench.memory import TreeMemory
 
 OBS_DIM = 17
@@ -326,10 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         "marginal": marginal,
         "load_average_at_end": os.getloadavg(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(markdown_table(results), file=sys.stderr)
-    print(f"wrote {args.out}", file=sys.stderr)
+    save_results(results, args.out, echo=False)
     return 0
 
 

@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import storage
 from schemas.manifest import MANIFEST_NAME, ColumnGroup, Manifest, content_id
 from schemas.shard_index import describe_invalid
+
+if TYPE_CHECKING:
+    import polars as pl
 
 BASE_GROUP = "base"
 LEVELS = ("steps", "episodes")
@@ -328,6 +331,8 @@ def check_parent(dataset: Dataset, descendants: tuple[str, ...]) -> None:
 
 
 def _scan_level(uri: str, level: str) -> pl.LazyFrame:
+    import polars as pl  # here: a job that writes a version (ingest) never loads Polars
+
     dataset = open_dataset(uri)
     frames = []
     for group in dataset.manifest.groups:

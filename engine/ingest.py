@@ -27,6 +27,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -126,7 +127,9 @@ def without_episodes(
     steps: pa.Table, episodes: pa.Table, episode_ids: set[int | None]
 ) -> tuple[pa.Table, pa.Table]:
     """The base tables without the rows of these episodes."""
-    left_out = pa.array(sorted(e for e in episode_ids if e is not None), pa.int64())
+    left_out = cols.numpy_to_arrow(
+        np.array(sorted(e for e in episode_ids if e is not None), dtype=np.int64)
+    )
 
     def keep(table: pa.Table) -> pa.Table:
         return table.filter(pc.invert(pc.is_in(table.column(cols.EPISODE_ID), left_out)))

@@ -411,14 +411,14 @@ def check_stored_values(file: str, steps: pa.Table, episodes: pa.Table) -> list[
     """The base tables of a part as they will be stored: observations, next observations,
     actions and rewards are present and finite in every row (every field of a struct),
     and so is each episode's return (a sum of float32 rewards may overflow float32)."""
-    episode_ids = steps.column(cols.EPISODE_ID).to_numpy()
-    t = steps.column(cols.T).to_numpy()
+    episode_ids = cols.arrow_to_numpy(steps.column(cols.EPISODE_ID))
+    t = cols.arrow_to_numpy(steps.column(cols.T))
     problems: list[Problem] = []
     for name in STORED_NUMBERS:
         if name in steps.column_names:
             for path, array in _leaves(name, steps.column(name)):
                 problems += _check_stored_array(file, path, array, episode_ids, t)
-    returns = episodes.column(cols.RETURN).to_numpy(zero_copy_only=False)
+    returns = cols.arrow_to_numpy(episodes.column(cols.RETURN))
     for row in np.flatnonzero(~np.isfinite(returns)):
         problems.append(
             Problem(
@@ -462,7 +462,7 @@ def _check_stored_array(
     items = array.values.slice(array.offset * size, len(array) * size) if vector else array
     if not pa.types.is_floating(items.type):
         return problems
-    values = items.to_numpy(zero_copy_only=False)  # a missing item becomes NaN
+    values = cols.arrow_to_numpy(items)  # a missing item becomes NaN
     finite = np.isfinite(values)
     if finite.all():  # the common case: one pass, no per-row work
         return problems

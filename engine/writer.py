@@ -133,8 +133,8 @@ def write_parquet(
 
 def check_sorted(steps: pa.Table, where: str) -> None:
     """Steps must be sorted by (episode_id, t): episodes are contiguous runs."""
-    episode_ids = steps.column(cols.EPISODE_ID).to_numpy()
-    t = steps.column(cols.T).to_numpy()
+    episode_ids = cols.arrow_to_numpy(steps.column(cols.EPISODE_ID))
+    t = cols.arrow_to_numpy(steps.column(cols.T))
     order_ok = np.all(
         (episode_ids[1:] > episode_ids[:-1])
         | ((episode_ids[1:] == episode_ids[:-1]) & (t[1:] > t[:-1]))
@@ -242,7 +242,7 @@ class VersionWriter:
             if steps is None or episodes is None:
                 raise DatasetError(f"{self.uri} part {index}: the base group needs both levels")
             check_sorted(steps, f"{self.uri} part {index}")
-            episode_ids = episodes.column(cols.EPISODE_ID).to_numpy()
+            episode_ids = cols.arrow_to_numpy(episodes.column(cols.EPISODE_ID))
             part = PartInfo(
                 steps=steps.num_rows,
                 episodes=episodes.num_rows,
@@ -454,7 +454,7 @@ def part_slices(
 ) -> list[tuple[pa.Table, pa.Table]]:
     """(steps, episodes) slices of whole episodes, about `part_steps` steps each
     (`split_into_parts`); `steps` sorted by (episode_id, t), `episodes` by episode_id."""
-    lengths = episodes.column(cols.LENGTH).to_numpy()
+    lengths = cols.arrow_to_numpy(episodes.column(cols.LENGTH))
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     return [
         (

@@ -40,6 +40,27 @@ def vector_type(dim: int, value_type: pa.DataType = pa.float32()) -> pa.DataType
     return pa.list_(pa.field("item", value_type), dim)
 
 
+def numpy_to_arrow(values: np.ndarray, value_type: pa.DataType | None = None) -> pa.Array:
+    """A 1-D NumPy array as an Arrow array, as `pa.array` makes it (no nulls: NaN stays a
+    value). Numbers and booleans of a native dtype are built from their buffers (numbers
+    without a copy): `pa.array` imports pandas, a fifth of a second of a cold command, to
+    look for pandas objects. Anything else goes through `pa.array`."""
+    values = np.asarray(values)
+    if (
+        values.ndim == 1
+        and values.dtype.kind in "biuf"
+        and values.dtype.isnative
+        and (value_type is None or value_type == pa.from_numpy_dtype(values.dtype))
+    ):
+        if values.dtype.kind == "b":
+            data = np.packbits(values, bitorder="little")
+        else:
+            data = np.ascontiguousarray(values)
+        buffers = [None, pa.py_buffer(data)]
+        return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), buffers)
+    return pa.array(values, type=value_type)
+
+
 def vectors_to_arrow(values: np.ndarray, value_type: pa.DataType = pa.float32()) -> pa.Array:
     """A 2-D array (rows, dim) as a FixedSizeListArray, without copying when possible.
 
@@ -48,10 +69,10 @@ def vectors_to_arrow(values: np.ndarray, value_type: pa.DataType = pa.float32())
     """
     values = np.asarray(values)
     if values.ndim == 1:
-        return pa.array(values, type=value_type)
+        return numpy_to_arrow(values, value_type)
     flat = np.ascontiguousarray(values.reshape(len(values), -1), dtype=value_type.to_pandas_dtype())
     dim = flat.shape[1]
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=value_type), dim)
+    return pa.FixedSizeListArray.from_arrays(numpy_to_arrow(flat.reshape(-1), value_type), dim)
 
 
 def arrow_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -60,9 +81,27 @@ def arrow_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if pa.types.is_fixed_size_list(column.type):
         dim = column.type.list_size
-        flat = column.flatten().to_numpy(zero_copy_only=False)
+        flat = _values_to_numpy(column.flatten())
         return flat.reshape(len(column), dim)
-    return column.to_numpy(zero_copy_only=False)
+    return _values_to_numpy(column)
+
+
+def _values_to_numpy(array: pa.Array) -> np.ndarray:
+    """`array.to_numpy(zero_copy_only=False)`. Numbers and booleans without nulls are read
+    from their buffers (numbers without a copy): `to_numpy` imports pandas, as `pa.array`
+    does (`numpy_to_arrow`)."""
+    kind = array.type
+    numbers = pa.types.is_integer(kind) or pa.types.is_floating(kind)
+    data = array.buffers()[1] if array.null_count == 0 and (numbers or kind == pa.bool_()) else None
+    if data is None:
+        return array.to_numpy(zero_copy_only=False)
+    if numbers:
+        dtype = np.dtype(kind.to_pandas_dtype())
+        offset = array.offset * dtype.itemsize
+        return np.frombuffer(data, dtype=dtype, count=len(array), offset=offset)
+    bits = np.frombuffer(data, dtype=np.uint8)
+    flags = np.unpackbits(bits, count=array.offset + len(array), bitorder="little")
+    return flags[array.offset :].astype(bool)
 
 
 def struct_to_numpy(column: pa.Array | pa.ChunkedArray, field: str) -> np.ndarray:

@@ -1,12 +1,14 @@
 """`minari`: a Minari dataset directory (`data/metadata.json` and `data/main_data.hdf5`, one
 HDF5 group per episode; or Minari's `arrow` storage format).
 
-The default HDF5 format is read with h5py, so minari itself is not needed to ingest (and
-the planning pass reads no observations or actions); other storage formats go through
-minari's storage API. Minari stores n+1 observations and infos per episode of n steps
-(the reset first): `observation` and `next_observation` come from the n+1 observations,
-and the infos are the ones returned by each step. The env id comes from Minari's metadata.
-Minari datasets must be local directories.
+The default HDF5 format is read with h5py, so minari itself is not needed to ingest; other
+storage formats go through minari's storage API. The plan keeps the episodes it reads, up
+to `PLAN_KEEPS_BYTES`, and hands them to its parts, so a small dataset is read once; past
+that the plan reads no observations or actions and each part reads its own episodes.
+Minari stores n+1 observations and infos per episode of n steps (the reset first):
+`observation` and `next_observation` come from the n+1 observations, and the infos are
+the ones returned by each step. The env id comes from Minari's metadata. Minari datasets
+must be local directories.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -46,6 +48,9 @@ from schemas import steps as cols
 DATA_FILE = "main_data.hdf5"
 METADATA_FILE = "metadata.json"
 EPISODE_ARRAYS = ("observations", "actions", "rewards", "terminations", "truncations")
+# The plan keeps the episodes it reads, up to this many bytes in all, for `read_part` to
+# build their tables without reading them again; memory stays bounded past it.
+PLAN_KEEPS_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,10 +59,16 @@ class MinariPart(Part):
 
     path: str
     episodes: tuple[int, ...]
+    # Episodes of the part the plan kept (by id, as read): this process builds their
+    # tables from them; a part sent to a Ray task travels without them and reads its own.
+    kept: dict[int, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def file(self) -> str:
         return minari_dataset(self.path).file
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "kept": {}}
 
 
 @dataclass(frozen=True)
@@ -98,35 +109,41 @@ class Minari(Source[MinariPart]):
         problems: list[Problem] = []
         episode_ids, lengths = [], []
         info_changes: dict[str, bool] = {}
-        for episode in minari_episodes(dataset, shapes_only=True):
+        kept: dict[int, dict[str, Any]] = {}
+        for episode, whole in minari_episodes(dataset, whole_up_to=PLAN_KEEPS_BYTES):
             found = check_episode(dataset.file, episode)
             if not found:
                 found = check_rewards_and_infos(dataset.file, episode, info_changes)
                 episode_ids.append(episode["id"])
                 lengths.append(len(episode["rewards"]))
+            if whole and not found:
+                kept[episode["id"]] = episode
             problems += found
         bad = {p.episode for p in problems}
-        kept = [i for i, e in enumerate(episode_ids) if e not in bad]
-        kept_lengths = np.asarray([lengths[i] for i in kept], dtype=np.int64)
+        good = [i for i, e in enumerate(episode_ids) if e not in bad]
+        good_lengths = np.asarray([lengths[i] for i in good], dtype=np.int64)
         episode_info_columns = sorted(n for n, changes in info_changes.items() if not changes)
         env_id = options.env_id or dataset.env_id or "unknown"
         labels = EpisodeLabels(env_id, source_label(self.name, path), tuple(episode_info_columns))
-        parts: list[Part] = [
-            MinariPart(
-                path=path,
-                episodes=tuple(episode_ids[i] for i in kept[start:stop]),
-                steps=int(kept_lengths[start:stop].sum()),
-                labels=labels,
+        parts: list[Part] = []
+        for start, stop in part_ranges(good_lengths, options.part_steps):
+            episodes = tuple(episode_ids[i] for i in good[start:stop])
+            parts.append(
+                MinariPart(
+                    path=path,
+                    episodes=episodes,
+                    steps=int(good_lengths[start:stop].sum()),
+                    labels=labels,
+                    kept={e: kept[e] for e in episodes if e in kept},
+                )
             )
-            for start, stop in part_ranges(kept_lengths, options.part_steps)
-        ]
         return IngestPlan(
             format=self.name,
             source=path,
             env_id=env_id,
             parts=parts,
-            steps=int(kept_lengths.sum()),
-            episodes=len(kept),
+            steps=int(good_lengths.sum()),
+            episodes=len(good),
             skipped=problems,
             episode_info_columns=episode_info_columns,
             metadata={"minari_data_format": dataset.data_format},
@@ -137,7 +154,7 @@ class Minari(Source[MinariPart]):
             k: [] for k in ("episode_ids", "obs", "next_obs", "actions", "rewards", "term", "trunc")
         }
         infos: dict[str, list] = {}
-        for episode in minari_episodes(minari_dataset(part.path), sorted(part.episodes)):
+        for episode in part_episodes(part):
             rewards = np.asarray(episode["rewards"])
             length = len(rewards)
             observations = episode["observations"]
@@ -202,27 +219,30 @@ def minari_dataset(path: str) -> MinariDataset:
     )
 
 
-def _h5_tree(item: Any, shapes_only: bool = False) -> Any:
-    """An HDF5 group as a dict of its datasets (nested groups as nested dicts)."""
-    import h5py
-
-    if isinstance(item, h5py.Dataset):
-        # Shape and type without the data (NumPy does not touch an empty array's pages).
-        return np.empty(item.shape, dtype=item.dtype) if shapes_only else item[()]
-    return {name: _h5_tree(item[name], shapes_only) for name in item}
+def part_episodes(part: MinariPart) -> Iterator[dict[str, Any]]:
+    """The episodes of a part in id order: those the plan kept, the others read now."""
+    ids = sorted(part.episodes)
+    missing = [e for e in ids if e not in part.kept]
+    read = (episode for episode, _ in minari_episodes(minari_dataset(part.path), missing))
+    for episode_id in ids:
+        yield part.kept[episode_id] if episode_id in part.kept else next(read)
 
 
 def minari_episodes(
-    dataset: MinariDataset, episode_ids: list[int] | None = None, shapes_only: bool = False
-) -> Iterator[dict[str, Any]]:
+    dataset: MinariDataset, episode_ids: list[int] | None = None, whole_up_to: int | None = None
+) -> Iterator[tuple[dict[str, Any], bool]]:
     """Episodes as dicts (id, observations, actions, rewards, terminations, truncations,
-    infos) in Minari's own layout: n+1 observations and infos, n of everything else.
+    infos) in Minari's own layout: n+1 observations and infos, n of everything else; each
+    with whether it is whole. Episodes are whole while the bytes of those read stay within
+    `whole_up_to` (None: always); after that, HDF5 episodes are read without observation
+    and action data (empty arrays of their shape and type).
 
-    HDF5 datasets are read with h5py (minari is not needed; `shapes_only` reads no
-    observation or action data); other formats with minari's storage API.
+    HDF5 datasets are read with h5py (minari is not needed); other formats with minari's
+    storage API.
     """
+    budget = float("inf") if whole_up_to is None else whole_up_to
     if dataset.data_format == "hdf5":
-        yield from _hdf5_episodes(dataset.file, episode_ids, shapes_only)
+        yield from _hdf5_episodes(dataset.file, episode_ids, budget)
         return
     try:
         from minari.dataset.minari_storage import MinariStorage
@@ -234,12 +254,14 @@ def minari_episodes(
     minari_storage = MinariStorage.read(dataset.data_dir)
     ids = list(range(minari_storage.total_episodes)) if episode_ids is None else episode_ids
     for episode in minari_storage.get_episodes(ids):
-        yield {**episode, "id": int(episode["id"])}
+        size = sum(np.asarray(leaf).nbytes for leaf in _leaves(dict(episode)))
+        budget = budget - size if size <= budget else -1
+        yield {**episode, "id": int(episode["id"])}, budget >= 0
 
 
 def _hdf5_episodes(
-    data_file: str, episode_ids: list[int] | None, shapes_only: bool
-) -> Iterator[dict[str, Any]]:
+    data_file: str, episode_ids: list[int] | None, budget: float
+) -> Iterator[tuple[dict[str, Any], bool]]:
     import h5py
 
     try:
@@ -253,15 +275,74 @@ def _hdf5_episodes(
             _episode_names(handle) if episode_ids is None else [f"episode_{e}" for e in episode_ids]
         )
         for name in names:
-            group = handle[name]
-            episode = {"id": int(group.attrs.get("id", int(name.removeprefix("episode_"))))}
+            # h5py's low-level API: its objects cost ~0.1 ms each, as much as the data of
+            # a short episode, so a small dataset is read about 3x faster.
+            group = h5py.h5o.open(handle.id, name.encode())
+            episode = {"id": int(_h5_attribute(group, "id", int(name.removeprefix("episode_"))))}
+            whole = False
             try:
-                for key in group:
-                    lazy = shapes_only and key in ("observations", "actions")
-                    episode[key] = _h5_tree(group[key], shapes_only=lazy)
+                items = _h5_items(group)
+                size = _h5_nbytes(items)
+                whole = size <= budget
+                budget = budget - size if whole else -1
+                for key, item in items.items():
+                    lazy = not whole and key in ("observations", "actions")
+                    episode[key] = _h5_read(item, shape_only=lazy)
             except (OSError, KeyError) as error:
                 episode["error"] = f"cannot read episode (truncated file?): {error}"
-            yield episode
+                whole = False
+            yield episode, whole
+
+
+def _h5_items(group: Any) -> dict[str, Any]:
+    """An HDF5 group's datasets by name, not read yet: each its low-level id and an empty
+    array of its shape and type (None for a dataset without a shape); nested groups as
+    nested dicts."""
+    import h5py
+
+    items: dict[str, Any] = {}
+    for name in group:
+        item = h5py.h5o.open(group, name)
+        if isinstance(item, h5py.h5g.GroupID):
+            items[name.decode()] = _h5_items(item)
+            continue
+        shape = item.get_space().shape
+        items[name.decode()] = (item, None if shape is None else np.empty(shape, item.dtype))
+    return items
+
+
+def _h5_nbytes(items: dict[str, Any]) -> int:
+    return sum(0 if empty is None else empty.nbytes for _, empty in _leaves(items))
+
+
+def _h5_read(item: Any, shape_only: bool = False) -> Any:
+    """A dataset's values (a dict of them for a group); `shape_only`: the empty array of
+    its shape and type (NumPy does not touch an empty array's pages)."""
+    import h5py
+
+    if isinstance(item, dict):
+        return {name: _h5_read(inner, shape_only) for name, inner in item.items()}
+    dataset, values = item
+    if shape_only:
+        return values
+    if values is not None and values.ndim and values.dtype.kind in "biuf":
+        if values.size:  # numbers and flags: straight into the array
+            dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, values)
+        return values
+    return h5py.Dataset(dataset)[()]  # scalars, strings, anything else: as h5py reads them
+
+
+def _h5_attribute(group: Any, name: str, default: Any) -> Any:
+    import h5py
+
+    if not h5py.h5a.exists(group, name.encode()):
+        return default
+    attribute = h5py.h5a.open(group, name.encode())
+    if attribute.dtype.kind not in "biuf":
+        return h5py.Group(group).attrs[name]
+    value = np.empty(attribute.shape, dtype=attribute.dtype)
+    attribute.read(value)
+    return value[()] if value.ndim == 0 else value
 
 
 def _episode_names(handle: Any) -> list[str]:

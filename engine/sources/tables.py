@@ -48,7 +48,7 @@ def action_to_arrow(values: np.ndarray) -> pa.Array:
     """Discrete actions (1-D integers) as int64; everything else float32 fixed-size lists."""
     values = np.asarray(values)
     if values.ndim == 1 and np.issubdtype(values.dtype, np.integer):
-        return pa.array(values.astype(np.int64, copy=False))
+        return cols.numpy_to_arrow(values.astype(np.int64, copy=False))
     if values.ndim == 1:
         values = values.reshape(-1, 1)
     return cols.vectors_to_arrow(values.astype(np.float32, copy=False))
@@ -58,10 +58,22 @@ def info_to_arrow(values: np.ndarray) -> pa.Array:
     """A per-step info array with its own dtype; vectors become fixed-size lists."""
     values = np.asarray(values)
     if values.dtype.kind in "SO":
-        return pa.array([v.decode() if isinstance(v, bytes) else str(v) for v in values])
+        return strings_to_arrow([v.decode() if isinstance(v, bytes) else str(v) for v in values])
     if values.ndim == 1:
-        return pa.array(values)
+        return cols.numpy_to_arrow(values)
     return cols.vectors_to_arrow(values, pa.from_numpy_dtype(values.dtype))
+
+
+def strings_to_arrow(values: list[str]) -> pa.Array:
+    """Strings as an Arrow string array, built from its buffers (`pa.array` would import
+    pandas: see `schemas.steps.numpy_to_arrow`)."""
+    encoded = [value.encode() for value in values]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(value) for value in encoded], out=offsets[1:])
+    if offsets[-1] > np.iinfo(np.int32).max:  # beyond a string array's 32-bit offsets
+        return pa.array(values, type=pa.string())
+    buffers = [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(encoded))]
+    return pa.Array.from_buffers(pa.string(), len(encoded), buffers)
 
 
 def vector_column(
@@ -118,13 +130,13 @@ def build_tables(
             return values if isinstance(values, pa.Array | pa.ChunkedArray) else convert(values)
 
         steps = {
-            cols.EPISODE_ID: pa.array(episode_ids),
-            cols.T: pa.array(np.asarray(t, dtype=np.int32)),
+            cols.EPISODE_ID: cols.numpy_to_arrow(episode_ids),
+            cols.T: cols.numpy_to_arrow(np.asarray(t, dtype=np.int32)),
             cols.OBSERVATION: arrow(observation, observation_to_arrow),
             cols.ACTION: arrow(action, action_to_arrow),
-            cols.REWARD: pa.array(reward),
-            cols.TERMINATED: pa.array(np.asarray(terminated, dtype=bool)),
-            cols.TRUNCATED: pa.array(np.asarray(truncated, dtype=bool)),
+            cols.REWARD: cols.numpy_to_arrow(reward),
+            cols.TERMINATED: cols.numpy_to_arrow(np.asarray(terminated, dtype=bool)),
+            cols.TRUNCATED: cols.numpy_to_arrow(np.asarray(truncated, dtype=bool)),
         }
         if next_observation is not None:
             steps[cols.NEXT_OBSERVATION] = arrow(next_observation, observation_to_arrow)
@@ -134,12 +146,12 @@ def build_tables(
 
         returns = np.add.reduceat(reward.astype(np.float64), starts) if len(starts) else np.zeros(0)
         episodes = {
-            cols.EPISODE_ID: pa.array(episode_ids[starts]),
-            cols.LENGTH: pa.array(lengths.astype(np.int64)),
-            cols.RETURN: pa.array(returns.astype(np.float32)),
-            cols.ENV_ID: pa.array([labels.env_id] * len(starts), type=pa.string()),
-            cols.SOURCE: pa.array([labels.source] * len(starts), type=pa.string()),
+            cols.EPISODE_ID: cols.numpy_to_arrow(episode_ids[starts]),
+            cols.LENGTH: cols.numpy_to_arrow(lengths.astype(np.int64)),
+            cols.RETURN: cols.numpy_to_arrow(returns.astype(np.float32)),
+            cols.ENV_ID: strings_to_arrow([labels.env_id] * len(starts)),
+            cols.SOURCE: strings_to_arrow([labels.source] * len(starts)),
         }
         for name in labels.episode_info_columns:
-            episodes[name] = steps_table.column(name).take(pa.array(starts))
+            episodes[name] = steps_table.column(name).take(cols.numpy_to_arrow(starts))
         return steps_table, pa.table(episodes)
