@@ -18,12 +18,16 @@ of ~1M-step parts. Measured on the same data, in this order:
 4. whole jobs (`Relabel(...).run()`: read, relabel, write the new group, commit) on the embedded
    Ray, Ray start-up timed separately; the peak RSS of the largest process and of the
    whole process tree, at the full size and at a quarter of it (memory must stay flat).
+   `vs_pandas_per_core`: the job's steps/s per CPU (it uses them all) over pandas' (one);
+   `vs_pandas_per_cpu_second`: steps per CPU second of the job's whole process tree over
+   pandas' (less disturbed by other load on a shared machine).
+
+Where a `goals` part's time goes (read, kernel, write by column, layouts): bench/goals.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -36,6 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from bench import save_results
 from bench.memory import TreeMemory
 
 if TYPE_CHECKING:
@@ -145,13 +150,17 @@ def numpy_ceiling(rewards: np.ndarray, achieved: np.ndarray, length: int, seed: 
     return time.perf_counter() - start
 
 
-def _pandas_seconds(frame: pd.DataFrame, columns: list[str], per_episode: Callable) -> float:
-    best = float("inf")
+def _pandas_seconds(
+    frame: pd.DataFrame, columns: list[str], per_episode: Callable
+) -> tuple[float, float]:
+    """The best wall seconds and the best CPU seconds of two runs."""
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(2):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         frame.groupby("episode_id", sort=False)[columns].apply(per_episode)
         best = min(best, time.perf_counter() - start)
-    return best
+        best_cpu = min(best_cpu, time.process_time() - start_cpu)
+    return best, best_cpu
 
 
 def _return_to_go(rewards: np.ndarray) -> np.ndarray:
@@ -163,28 +172,26 @@ def _return_to_go(rewards: np.ndarray) -> np.ndarray:
     return rtg
 
 
-def pandas_baselines(steps: pa.Table, achieved: np.ndarray, seed: int) -> dict[str, float]:
-    """Seconds of three groupby-applies over episodes: the columns of `returns`, the
-    columns of `goals` (future, k=K), and the issue's reference (return-to-go plus one
-    future goal index)."""
+def pandas_frame(steps: pa.Table, achieved: np.ndarray) -> tuple[pd.DataFrame, list[str]]:
+    """What the pandas baselines start from: episode id, reward and the achieved goal (one
+    column per dimension) of every step, in memory; and the achieved-goal column names."""
     import pandas as pd
 
+    achieved_columns = [f"achieved_{d}" for d in range(achieved.shape[1])]
     frame = pd.DataFrame(
         {
             "episode_id": steps.column("episode_id").to_numpy(),
             "reward": steps.column("reward").to_numpy(),
-            **{f"achieved_{d}": achieved[:, d] for d in range(achieved.shape[1])},
+            **{name: achieved[:, d] for d, name in enumerate(achieved_columns)},
         }
     )
-    achieved_columns = [f"achieved_{d}" for d in range(achieved.shape[1])]
-    rng = np.random.default_rng(seed)
+    return frame, achieved_columns
 
-    def returns(episode: pd.DataFrame) -> pd.DataFrame:
-        rewards = episode["reward"].to_numpy()
-        return pd.DataFrame(
-            {"return_to_go": _return_to_go(rewards), "episode_return": rewards.sum()},
-            index=episode.index,
-        )
+
+def pandas_goals(achieved_columns: list[str], rng: np.random.Generator) -> Callable:
+    """The per-episode function of the `goals` baseline (future, k=K): k future goals per
+    step with their source step, reward and reached flag, NumPy inside each episode."""
+    import pandas as pd
 
     def goals(episode: pd.DataFrame) -> pd.DataFrame:
         goal_source = episode[achieved_columns].to_numpy()
@@ -204,6 +211,27 @@ def pandas_baselines(steps: pa.Table, achieved: np.ndarray, seed: int) -> dict[s
             out[f"reached_{j}"] = reached
         return pd.DataFrame(out, index=episode.index)
 
+    return goals
+
+
+def pandas_baselines(
+    steps: pa.Table, achieved: np.ndarray, seed: int
+) -> dict[str, tuple[float, float]]:
+    """(wall, CPU) seconds of three groupby-applies over episodes: the columns of
+    `returns`, the columns of `goals` (future, k=K), and the issue's reference
+    (return-to-go plus one future goal index)."""
+    import pandas as pd
+
+    frame, achieved_columns = pandas_frame(steps, achieved)
+    rng = np.random.default_rng(seed)
+
+    def returns(episode: pd.DataFrame) -> pd.DataFrame:
+        rewards = episode["reward"].to_numpy()
+        return pd.DataFrame(
+            {"return_to_go": _return_to_go(rewards), "episode_return": rewards.sum()},
+            index=episode.index,
+        )
+
     def reference(episode: pd.DataFrame) -> pd.DataFrame:
         rtg = _return_to_go(episode["reward"].to_numpy())
         t = np.arange(len(rtg))
@@ -211,6 +239,7 @@ def pandas_baselines(steps: pa.Table, achieved: np.ndarray, seed: int) -> dict[s
         future = low + (rng.random(len(rtg)) * (len(rtg) - low)).astype(np.int64)
         return pd.DataFrame({"return_to_go": rtg, "future_goal_step": future})
 
+    goals = pandas_goals(achieved_columns, rng)
     return {
         "returns": _pandas_seconds(frame, ["reward"], returns),
         "goals_future_k4": _pandas_seconds(frame, achieved_columns, goals),
@@ -239,9 +268,10 @@ def run_job(input_uri: str, output_uri: str, relabeler: str) -> dict:
 
     shutil.rmtree(output_uri, ignore_errors=True)
     with TreeMemory() as memory:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), memory.cpu_seconds()
         manifest = Relabel(input=input_uri, output=output_uri, relabelers=[relabeler]).run()
         seconds = time.perf_counter() - start
+        cpu_seconds = memory.cpu_seconds() - start_cpu
     written = sum(
         f.bytes
         for g in manifest.groups
@@ -251,6 +281,10 @@ def run_job(input_uri: str, output_uri: str, relabeler: str) -> dict:
     return {
         "seconds": round(seconds, 3),
         "steps_per_s": round(manifest.steps / seconds),
+        # CPU seconds of the whole process tree (driver, Ray's processes and workers):
+        # per core, the job's cost as other load on the machine leaves it.
+        "cpu_seconds": round(cpu_seconds, 2),
+        "steps_per_cpu_s": round(manifest.steps / cpu_seconds),
         "bytes_written": written,
         "peak_rss_largest_process_mb": round(memory.peak_single / 2**20),
         "peak_rss_process_tree_mb": round(memory.peak_tree / 2**20),
@@ -323,7 +357,10 @@ def main() -> None:
         "returns_plus_goals_steps_per_s": round(n / (returns_kernel + goals_kernel)),
         "numpy_ceiling_steps_per_s": round(n / ceiling),
         "pandas_groupby_apply_steps_per_s": {
-            name: round(pandas_rows / seconds) for name, seconds in pandas_seconds.items()
+            name: round(pandas_rows / wall) for name, (wall, _) in pandas_seconds.items()
+        },
+        "pandas_groupby_apply_steps_per_cpu_s": {
+            name: round(pandas_rows / cpu) for name, (_, cpu) in pandas_seconds.items()
         },
         "pandas_steps": pandas_rows,
     }
@@ -340,6 +377,7 @@ def main() -> None:
     RayExecutor().map(_noop, list(range(4)), description="warm-up")
     results["ray_startup_seconds"] = round(time.perf_counter() - start, 2)
     pandas_rates = results["kernel"]["pandas_groupby_apply_steps_per_s"]
+    pandas_cpu_rates = results["kernel"]["pandas_groupby_apply_steps_per_cpu_s"]
     for label, size in (("quarter", args.steps // 4), ("full", args.steps)):
         data = str(workdir / f"data-{label}")
         shutil.rmtree(data, ignore_errors=True)
@@ -353,6 +391,13 @@ def main() -> None:
             jobs[name] = run_job(data, str(workdir / f"out-{label}-{name}"), spec)
             # Against pandas computing the same columns, and the issue's reference.
             jobs[name]["vs_pandas"] = round(jobs[name]["steps_per_s"] / pandas_rates[name], 1)
+            # The job runs on every CPU, pandas on one.
+            jobs[name]["vs_pandas_per_core"] = round(
+                jobs[name]["steps_per_s"] / (os.cpu_count() or 1) / pandas_rates[name], 2
+            )
+            jobs[name]["vs_pandas_per_cpu_second"] = round(
+                jobs[name]["steps_per_cpu_s"] / pandas_cpu_rates[name], 2
+            )
             jobs[name]["vs_pandas_issue_reference"] = round(
                 jobs[name]["steps_per_s"] / pandas_rates["issue_reference"], 1
             )
@@ -362,10 +407,7 @@ def main() -> None:
             shutil.rmtree(workdir / f"out-{label}-{name}", ignore_errors=True)
 
     results["load_average_1min"] = round(os.getloadavg()[0], 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    save_results(results, args.out)
 
 
 if __name__ == "__main__":

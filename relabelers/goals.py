@@ -12,12 +12,14 @@ For every step, `k` goals are drawn from goals that were actually achieved:
 
 The achieved-goal source (`achieved`) is a column (`achieved_goal`), a struct field
 (`observation.achieved_goal`) or a slice of a vector column (`observation[0:2]`,
-`observation.observation[3:5]`).
+`observation.observation[3:5]`): see relabelers/achieved_goals.py.
 
-Columns written (step level), with G = goal_dim:
+Columns written (step level), with G = goal_dim, every item non-null:
 
-- `hindsight_goal`:      FixedSizeList<float32>[k * G]: goal j is items [j*G, (j+1)*G)
-                         (reshape a batch with `.reshape(-1, k, G)`);
+- `hindsight_goal`:      FixedSizeList<FixedSizeList<float32>[G]>[k]: each step's k goals
+                         as a [k, G] array (Polars: Array(Float32, shape=(k, G)), goal j
+                         is `pl.col("hindsight_goal").arr.get(j)`; `.to_numpy()` is
+                         (steps, k, G));
 - `hindsight_goal_step`: FixedSizeList<int32>[k]: the step t' each goal came from (the whole
                          entry is null for `random`, whose goals come from other episodes);
 - `hindsight_reward`:    FixedSizeList<float32>[k]: the relabeled reward under each goal;
@@ -41,15 +43,14 @@ from __future__ import annotations
 
 import functools
 import importlib
-import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
+from relabelers.achieved_goals import AchievedSpec
 from relabelers.base import (
     Columns,
     Inputs,
@@ -71,137 +72,59 @@ HINDSIGHT_REACHED = "hindsight_reached"
 # hash_uniform streams, so different uses of randomness never correlate.
 _STREAM_GOAL = 1_000
 _STREAM_POOL = 7
-
-_SLICE = re.compile(r"^(?P<path>[A-Za-z_][\w.]*)(\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
-
-
-@dataclass(frozen=True)
-class AchievedSpec:
-    """Where achieved goals live: a column path plus an optional slice of its vector."""
-
-    path: str
-    start: int | None = None
-    stop: int | None = None
-
-    @property
-    def column(self) -> str:
-        return self.path.split(".")[0]
-
-    def __str__(self) -> str:
-        """As written in `achieved=`: `observation.achieved_goal`, `observation[0:2]`."""
-        if self.start is None and self.stop is None:
-            return self.path
-        start, stop = ("" if i is None else i for i in (self.start, self.stop))
-        return f"{self.path}[{start}:{stop}]"
-
-    def after_step(self) -> AchievedSpec | None:
-        """The same field or slice of `next_observation` (the state after each step's
-        action) when achieved goals are read from `observation`; else None."""
-        if self.column != cols.OBSERVATION:
-            return None
-        path = cols.NEXT_OBSERVATION + self.path.removeprefix(cols.OBSERVATION)
-        return AchievedSpec(path, self.start, self.stop)
-
-    @classmethod
-    def parse(cls, text: str) -> AchievedSpec:
-        match = _SLICE.match(text.strip())
-        if not match:
-            raise RelabelError(
-                f"relabeler 'goals': achieved={text!r} is not a column, a struct field "
-                "(observation.achieved_goal) or a slice (observation[0:2])"
-            )
-        start, stop = match.group("start"), match.group("stop")
-        return cls(
-            match.group("path"),
-            int(start) if start else None,
-            int(stop) if stop else None,
-        )
-
-    def field_type(self, schema: pa.Schema) -> pa.DataType:
-        """The Arrow type at `path` in `schema`; a clear error when there is none."""
-        head, *rest = self.path.split(".")
-        if head not in schema.names:
-            raise RelabelError(
-                f"relabeler 'goals': achieved={self.path!r}: the dataset has no column {head!r}; "
-                f"columns: {', '.join(schema.names)}"
-            )
-        data_type = schema.field(head).type
-        walked = head
-        for name in rest:
-            if not pa.types.is_struct(data_type):
-                raise RelabelError(
-                    f"relabeler 'goals': achieved={self.path!r}: {walked!r} is {data_type}, "
-                    f"not a struct with a field {name!r}"
-                )
-            names = [data_type.field(i).name for i in range(data_type.num_fields)]
-            if name not in names:
-                raise RelabelError(
-                    f"relabeler 'goals': achieved={self.path!r}: struct {walked!r} has no "
-                    f"field {name!r}; fields: {', '.join(names)}"
-                )
-            data_type = data_type.field(name).type
-            walked += "." + name
-        return data_type
-
-    def goal_dim(self, schema: pa.Schema) -> int:
-        """Check the spec against a schema and return the goal dimension."""
-        data_type = self.field_type(schema)
-        if pa.types.is_fixed_size_list(data_type):
-            width = data_type.list_size
-        elif pa.types.is_floating(data_type) or pa.types.is_integer(data_type):
-            width = 1
-        else:
-            raise RelabelError(
-                f"relabeler 'goals': achieved={self.path!r} is {data_type}; expected a "
-                "fixed-size list of numbers (a vector per step) or a number"
-            )
-        if self.start is None and self.stop is None:
-            return width
-        indices = range(width)[slice(self.start, self.stop)]
-        if len(indices) == 0 or (self.stop is not None and self.stop > width):
-            raise RelabelError(
-                f"relabeler 'goals': achieved slice [{self.start}:{self.stop}] does not fit "
-                f"{self.path!r}, which has {width} values per step"
-            )
-        return len(indices)
-
-    def read(self, steps: pa.Table) -> np.ndarray:
-        """The achieved goals of every step as contiguous float32 (rows, goal_dim)."""
-        self.goal_dim(steps.schema)
-        values = cols.arrow_to_numpy(cols.column_by_path(steps, self.path))
-        if values.ndim == 1:
-            values = values[:, None]
-        # Slice first, then convert: never a float64 copy of a whole observation.
-        return np.ascontiguousarray(values[:, slice(self.start, self.stop)], dtype=np.float32)
+# Rows the kernel handles at a time: its (rows, k) arrays stay in the CPU cache.
+_CHUNK_ROWS = 1 << 14
 
 
 def step_uniforms(
     seed: int, episode_ids: np.ndarray, t: np.ndarray, bounds: np.ndarray, stream: int
 ) -> np.ndarray:
     """Exactly `hash_uniform(seed, episode_ids, t, stream)` for a sorted step column, about
-    twice as fast: the episode-level half of the hash is computed once per episode and the
-    step-level half in place."""
-    starts, lengths = bounds[:-1], np.diff(bounds)
-    with np.errstate(over="ignore"):
-        key = splitmix64(
-            np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
-            ^ np.uint64(stream * 0x632BE59BD9B4E019 & 0xFFFFFFFFFFFFFFFF)
-        )
-        per_episode = splitmix64(key ^ episode_ids[starts].astype(np.uint64))
-    x = np.repeat(per_episode, lengths)
-    x ^= t.astype(np.uint64)
-    scratch = np.empty_like(x)
-    x += np.uint64(0x9E3779B97F4A7C15)
-    for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
-        np.right_shift(x, np.uint64(shift), out=scratch)
+    twice as fast: the episode-level half of the hash is computed once per episode."""
+    draws = GoalDraws(seed, episode_ids, t, bounds, (stream,))
+    return draws.uniforms(slice(0, len(t)))[0]
+
+
+class GoalDraws:
+    """`hash_uniform(seed, episode_id, t, stream)` of every step for several streams, drawn
+    for a slice of rows at a time (so the kernel works in cache-sized chunks): the
+    episode-level half of the hash is computed once per episode and stream."""
+
+    def __init__(
+        self,
+        seed: int,
+        episode_ids: np.ndarray,
+        t: np.ndarray,
+        bounds: np.ndarray,
+        streams: Sequence[int],
+    ):
+        starts, lengths = bounds[:-1], np.diff(bounds)
+        with np.errstate(over="ignore"):
+            keys = splitmix64(
+                np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
+                ^ (np.asarray(streams, np.uint64) * np.uint64(0x632BE59BD9B4E019))
+            )
+            ids = episode_ids[starts].astype(np.uint64)
+            self.episode_keys = splitmix64(keys[:, None] ^ ids[None, :])  # (streams, episodes)
+        self.episode_of_row = np.repeat(np.arange(len(starts)), lengths)
+        self.t = t.astype(np.uint64)
+
+    def uniforms(self, rows: slice) -> np.ndarray:
+        """(streams, rows) uniforms in [0, 1) for the steps `rows`."""
+        x = self.episode_keys[:, self.episode_of_row[rows]]
+        x ^= self.t[rows]
+        scratch = np.empty_like(x)
+        x += np.uint64(0x9E3779B97F4A7C15)  # splitmix64, in place (uint64 wraps around)
+        for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            np.right_shift(x, np.uint64(shift), out=scratch)
+            x ^= scratch
+            x *= np.uint64(multiplier)
+        np.right_shift(x, np.uint64(31), out=scratch)
         x ^= scratch
-        x *= np.uint64(multiplier)
-    np.right_shift(x, np.uint64(31), out=scratch)
-    x ^= scratch
-    x >>= np.uint64(11)
-    uniform = x.astype(np.float64)
-    uniform *= 1.0 / (1 << 53)
-    return uniform
+        x >>= np.uint64(11)
+        uniform = x.astype(np.float64)
+        uniform *= 1.0 / (1 << 53)
+        return uniform
 
 
 @functools.lru_cache(maxsize=16)
@@ -272,9 +195,11 @@ class GoalsRelabeler(Relabeler):
     """Hindsight goals per step (HER final/future/episode/random) and their rewards."""
 
     name = "goals"
+    # 1.2: goals stored as [k, G] (nested fixed-size lists) with non-null items; 1.1 stored
+    # them flat, FixedSizeList<float32>[k*G] (the same numbers, goal j at [j*G, (j+1)*G)).
     # 1.1: the last step's goal is reached by the stored next observation's achieved goal
     # (1.0 compared it with the last row's own, so a final goal was always reached there).
-    version = "1.1"
+    version = "1.2"
     Params = GoalsParams
 
     def __init__(self, params=None, seed: int = 0):
@@ -324,8 +249,8 @@ class GoalsRelabeler(Relabeler):
 
     def part_pool(self, steps: pa.Table, episodes: pa.Table, part: Part) -> dict[str, np.ndarray]:
         """One achieved goal per episode, keeping the `pool_size` smallest hashes."""
-        episode_ids = steps.column(cols.EPISODE_ID).to_numpy()
-        t = steps.column(cols.T).to_numpy()
+        episode_ids = cols.arrow_to_numpy(steps.column(cols.EPISODE_ID))
+        t = cols.arrow_to_numpy(steps.column(cols.T))
         achieved = self._read_checked(self.achieved, steps, episode_ids, t)
         bounds = cols.episode_boundaries(episode_ids)
         starts, lengths = bounds[:-1], np.diff(bounds)
@@ -365,104 +290,95 @@ class GoalsRelabeler(Relabeler):
         episode; at the last step, the stored next observation's when the part has it
         (the SB3 / TorchRL HER convention), else the last row's own."""
         last = bounds[1:] - 1
-        after = np.arange(len(achieved)) + 1
-        after[last] = last
-        achieved_after = achieved[after]
+        achieved_after = np.empty_like(achieved)
+        achieved_after[:-1] = achieved[1:]  # row t + 1, a shifted copy (no gather)
+        achieved_after[last] = achieved[last]
         spec = self.achieved_next
         if spec is not None and spec.column in steps.column_names and len(last):
             final = steps.select([spec.column]).take(pa.array(last))
-            episode_ids = steps.column(cols.EPISODE_ID).to_numpy()[last]
-            t = steps.column(cols.T).to_numpy()[last]
+            episode_ids = cols.arrow_to_numpy(steps.column(cols.EPISODE_ID))[last]
+            t = cols.arrow_to_numpy(steps.column(cols.T))[last]
             achieved_after[last] = self._read_checked(spec, final, episode_ids, t)
         return achieved_after
 
-    def goal_rows(self, episode_ids: np.ndarray, t: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-        """Row index (within the part) of the source step of each of the k goals: (n, k)."""
-        n, k = len(episode_ids), self.params.k
-        starts, lengths = bounds[:-1], np.diff(bounds)
-        episode_start = np.repeat(starts, lengths)
-        last = np.repeat(starts + lengths - 1, lengths)  # row of the episode's last step
-        rows = np.empty((n, k), dtype=np.int64)
+    def source_rows(
+        self,
+        rows: slice,
+        uniform: np.ndarray | None,
+        bounds: np.ndarray,
+        episode_of_row: np.ndarray,
+    ) -> np.ndarray:
+        """Row (within the part) of the step each of the k goals of `rows` comes from:
+        (k, rows), from the uniforms of those rows (k, rows)."""
+        episode = episode_of_row[rows]
+        last = bounds[1:][episode] - 1  # row of the episode's last step
         if self.params.strategy == "final":
-            rows[:] = last[:, None]
-            return rows
+            return np.broadcast_to(last, (self.params.k, len(last)))
         if self.params.strategy == "episode":
-            low = episode_start
+            low = bounds[:-1][episode]
         else:  # future: t' in [t + 1, T - 1], or T - 1 at the last step
-            low = np.minimum(np.arange(1, n + 1), last)
+            low = np.minimum(np.arange(rows.start + 1, rows.stop + 1), last)
         span = last - low + 1
-        for j in range(k):
-            uniform = step_uniforms(self.seed, episode_ids, t, bounds, _STREAM_GOAL + j)
-            offset = (uniform * span).astype(np.int64)
-            np.minimum(offset, span - 1, out=offset)  # u * span may round up to span
-            rows[:, j] = low + offset
-        return rows
+        offset = (uniform * span).astype(np.int64)
+        np.minimum(offset, span - 1, out=offset)  # u * span may round up to span
+        offset += low
+        return offset
 
     def relabel(self, steps: pa.Table, episodes: pa.Table, part: Part) -> Output:
-        episode_ids = steps.column(cols.EPISODE_ID).to_numpy()
-        t = steps.column(cols.T).to_numpy()
+        episode_ids = cols.arrow_to_numpy(steps.column(cols.EPISODE_ID))
+        t = cols.arrow_to_numpy(steps.column(cols.T))
         achieved = self._read_checked(self.achieved, steps, episode_ids, t)
         n, goal_dim, k = len(episode_ids), achieved.shape[1], self.params.k
         bounds = cols.episode_boundaries(episode_ids)
-
-        if self.params.strategy == "random":
-            if self.pool_episode_ids is None or self.pool_goals is None:
-                raise RelabelError(
-                    f"{part}: relabeler 'goals' with strategy=random needs the goal pool from "
-                    "setup(); for tables in memory use relabelers.base.relabel_tables"
-                )
-            pool_ids, pool_goals = self.pool_episode_ids, self.pool_goals
-            if pool_goals.shape[1] != goal_dim:
-                raise RelabelError("relabeler 'goals': the random-goal pool has another goal_dim")
-            uniform = np.stack(
-                [
-                    step_uniforms(self.seed, episode_ids, t, bounds, _STREAM_GOAL + j)
-                    for j in range(k)
-                ],
-                axis=1,
+        strategy = self.params.strategy
+        if strategy == "random" and (self.pool_episode_ids is None or self.pool_goals is None):
+            raise RelabelError(
+                f"{part}: relabeler 'goals' with strategy=random needs the goal pool from "
+                "setup(); for tables in memory use relabelers.base.relabel_tables"
             )
-            picks = np.minimum((uniform * len(pool_ids)).astype(np.int64), len(pool_ids) - 1)
-            # A pick from the step's own episode moves to the next pool entry; the pool
-            # holds one goal per episode, so the next one is from another episode.
-            same = pool_ids[picks] == episode_ids[:, None]
-            picks = np.where(same, (picks + 1) % len(pool_ids), picks)
-            goals = pool_goals[picks]  # (n, k, G)
-            goal_steps = pa.nulls(n, type=pa.list_(pa.field("item", pa.int32()), k))
-        else:
-            rows = self.goal_rows(episode_ids, t, bounds)  # (n, k)
-            goals = _take_rows(achieved, rows)
-            goal_steps = _fixed_lists(t[rows].astype(np.int32), pa.int32())
-
+        if strategy == "random" and self.pool_goals.shape[1] != goal_dim:
+            raise RelabelError("relabeler 'goals': the random-goal pool has another goal_dim")
         achieved_after = self.achieved_after(steps, achieved, bounds)
-        # Squared Euclidean distance, one goal dimension at a time, in float64.
-        squared = np.zeros((n, k))
-        for g in range(goal_dim):
-            difference = np.subtract(goals[:, :, g], achieved_after[:, g, None], dtype=np.float64)
-            squared += difference * difference
-        reached = squared <= self.params.threshold**2
+
+        # One pass in chunks of rows, each small enough to stay in the CPU cache.
+        draws = GoalDraws(self.seed, episode_ids, t, bounds, range(_STREAM_GOAL, _STREAM_GOAL + k))
+        goals = np.empty((n, k, goal_dim), dtype=np.float32)
+        goal_steps = None if strategy == "random" else np.empty((n, k), dtype=np.int32)
+        reached = np.empty((n, k), dtype=bool)
+        squared = np.empty((min(n, _CHUNK_ROWS), k))
+        for start in range(0, n, _CHUNK_ROWS):
+            rows = slice(start, min(start + _CHUNK_ROWS, n))
+            uniform = None if strategy == "final" else draws.uniforms(rows)  # (k, rows)
+            if strategy == "random":
+                picks = self._pool_picks(uniform, rows, episode_ids)
+                _take_rows(self.pool_goals, np.ascontiguousarray(picks.T), out=goals[rows])
+            else:
+                sources = self.source_rows(rows, uniform, bounds, draws.episode_of_row)
+                sources = np.ascontiguousarray(sources.T)  # (rows, k)
+                _take_rows(achieved, sources, out=goals[rows])
+                goal_steps[rows] = t[sources]
+            chunk = squared[: rows.stop - rows.start]
+            _squared_distances(goals[rows], achieved_after[rows], out=chunk)
+            np.less_equal(chunk, self.params.threshold**2, out=reached[rows])
         if self.params.reward_function:
             reward_function = resolve_reward_function(self.params.reward_function)
             reward = np.asarray(
                 reward_function(
-                    np.repeat(achieved_after, k, axis=0),
-                    goals.reshape(n * k, goal_dim),
-                    None,
+                    np.repeat(achieved_after, k, axis=0), goals.reshape(n * k, goal_dim), None
                 ),
                 dtype=np.float32,
             ).reshape(n, k)
         else:
             reward = reached.astype(np.float32)
+        return Output(steps=goal_table(goals, goal_steps, reward, reached))
 
-        return Output(
-            steps=pa.table(
-                {
-                    HINDSIGHT_GOAL: _fixed_lists(goals.reshape(n, k * goal_dim), pa.float32()),
-                    HINDSIGHT_GOAL_STEP: goal_steps,
-                    HINDSIGHT_REWARD: _fixed_lists(reward, pa.float32()),
-                    HINDSIGHT_REACHED: _fixed_lists(reached, pa.bool_()),
-                }
-            )
-        )
+    def _pool_picks(self, uniform: np.ndarray, rows: slice, episode_ids: np.ndarray) -> np.ndarray:
+        """Pool entries for strategy=random (k, rows); a pick from the step's own episode
+        moves to the next entry (the pool holds one goal per episode: another episode)."""
+        pool_ids = self.pool_episode_ids
+        picks = np.minimum((uniform * len(pool_ids)).astype(np.int64), len(pool_ids) - 1)
+        same = pool_ids[picks] == episode_ids[rows]
+        return np.where(same, (picks + 1) % len(pool_ids), picks)
 
 
 def merge_pools(
@@ -482,17 +398,55 @@ def merge_pools(
     return ids[order], goals[order].reshape(len(order), -1)
 
 
-def _take_rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """values[rows] for a (n, G) float32 array, moving each row as one G*4-byte item
-    (several times faster than fancy indexing over two axes)."""
-    values = np.ascontiguousarray(values)
+def _take_rows(values: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """out[...] = values[rows] for (n, G) float32 values and out of shape (*rows.shape, G),
+    moving each row as one G*4-byte item (several times faster than fancy indexing)."""
     row_type = np.dtype((np.void, values.shape[1] * values.itemsize))
-    taken = np.take(values.view(row_type).reshape(-1), rows)
-    return taken.view(values.dtype).reshape(*rows.shape, values.shape[1])
+    items = np.ascontiguousarray(values).view(row_type).reshape(-1)
+    np.take(items, rows, out=out.view(row_type).reshape(rows.shape))
 
 
-def _fixed_lists(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    """(rows, width) -> FixedSizeList<value_type>[width]."""
-    rows, width = values.shape
-    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=value_type)
-    return pa.FixedSizeListArray.from_arrays(flat, width)
+def _squared_distances(goals: np.ndarray, achieved: np.ndarray, out: np.ndarray) -> None:
+    """out[i, j] = squared Euclidean distance of goals[i, j] (rows, k, G) to achieved[i]
+    (rows, G), in float64, summed one goal dimension at a time."""
+    term = np.empty_like(out)
+    for g in range(goals.shape[2]):
+        target = out if g == 0 else term
+        np.subtract(goals[:, :, g], achieved[:, g, None], out=target, dtype=np.float64)
+        target *= target
+        if g:
+            out += term
+
+
+def goal_table(
+    goals: np.ndarray, goal_steps: np.ndarray | None, reward: np.ndarray, reached: np.ndarray
+) -> pa.Table:
+    """The four step columns from (n, k, G) goals and (n, k) goal steps (None: null
+    entries), rewards and flags, as nested fixed-size lists of non-null items."""
+    n, k = reached.shape
+    if goal_steps is None:
+        steps = pa.nulls(n, type=_list_type(pa.int32(), k))
+    else:
+        steps = _fixed_lists(goal_steps)
+    return pa.table(
+        {
+            HINDSIGHT_GOAL: _fixed_lists(goals),
+            HINDSIGHT_GOAL_STEP: steps,
+            HINDSIGHT_REWARD: _fixed_lists(reward),
+            HINDSIGHT_REACHED: _fixed_lists(reached),
+        }
+    )
+
+
+def _list_type(item: pa.DataType, size: int) -> pa.DataType:
+    # Non-null items: Parquet stores one definition level less per value (faster to read).
+    return pa.list_(pa.field("item", item, nullable=False), size)
+
+
+def _fixed_lists(values: np.ndarray) -> pa.Array:
+    """(rows, d1, ..., dm) -> FixedSizeList<...FixedSizeList<value>[dm]...>[d1] on the
+    array's buffer: row i is values[i], with its shape."""
+    array = cols.numpy_to_arrow(np.ascontiguousarray(values).reshape(-1))
+    for size in reversed(values.shape[1:]):
+        array = pa.FixedSizeListArray.from_arrays(array, type=_list_type(array.type, size))
+    return array

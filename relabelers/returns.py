@@ -4,11 +4,23 @@ Return-to-go is the discounted sum of the rewards from step t to the end of the 
 
     return_to_go[t] = reward[t] + gamma * return_to_go[t + 1],   0 at the episode's end.
 
-It is computed for the whole part at once with a segmented reverse scan in float64
-(`discounted_reverse_cumsum`): a log-step (Hillis-Steele) doubling scan whose carry is
-reset at episode boundaries. It never scales rewards by gamma^t, so it stays exact for
-100k-step episodes (the gamma^t trick loses precision past a few thousand steps and
-overflows past t ~ 70k).
+`discounted_reverse_cumsum` computes it for a whole part in float64 with the operations of
+the textbook backward loop, in the same order, so its results are the loop's to the last bit:
+no gamma^t scaling (which loses precision past a few thousand steps and overflows past
+t ~ 70k) and no doubling scan (which rounds in another order). Two ways, both bit-identical,
+chosen per length class (lengths in [2^c, 2^(c+1))) by a cost estimate:
+
+- short episodes go side by side: laid out time-major (row k holds step k-from-the-end of
+  every episode of the class), a backward sweep over the rows does y = r + gamma * y with
+  two vectorized operations per row, so NumPy's per-call cost is paid once per row, not once
+  per episode; in chunks of CHUNK_STEPS steps, so the layout stays in the CPU's cache; a
+  chunk of episodes all of one length (a fixed horizon) is laid out by a plain transpose;
+- long episodes go one at a time through a compiled sequential loop: `np.add.accumulate`
+  on the reversed episode for gamma = 1, SciPy's `lfilter` (y[i] = x[i] + gamma * y[i-1] on
+  the reversed episode) for gamma < 1.
+
+On long episodes both compiled loops run at the speed of their chain of dependent
+operations; nothing exact can beat them there (a faster scan must round in another order).
 """
 
 from __future__ import annotations
@@ -16,6 +28,14 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
+from scipy.signal import lfilter
+
+try:
+    # The compiled loop behind `lfilter`, without its per-call checks and array-API
+    # dispatch (about 2 us, as much as 500 steps of filtering). Arguments are checked here.
+    from scipy.signal._sigtools import _linear_filter as compiled_lfilter
+except ImportError:  # a SciPy that moved it: the public function, same results
+    compiled_lfilter = None
 
 from relabelers.base import Columns, Inputs, Output, Params, Part, Relabeler, RelabelError
 from schemas import steps as cols
@@ -24,38 +44,179 @@ RETURN_TO_GO = "return_to_go"
 EPISODE_RETURN = "episode_return"
 NORMALIZED_RETURN = "normalized_return"
 
+CHUNK_STEPS = 1 << 18
+# Cost estimates in nanoseconds, keyed by gamma == 1 (one operation per row and step, or
+# two), fitted to timings of each way on each length class (2 shared x86 cores). They only
+# steer which way a length class goes, never a result.
+SIDE_BY_SIDE_PER_STEP = {True: 8.2, False: 8.7}  # lay out, sweep, gather back
+SIDE_BY_SIDE_PER_EPISODE = 40.0
+SIDE_BY_SIDE_PER_ROW = {True: 560.0, False: 920.0}  # per row of a class, per chunk
+PASSING_THROUGH_PER_STEP = 4.0  # a step of an episode alone inside a chunk that sweeps
+ALONE_PER_EPISODE = {True: 720.0, False: 1_300.0}  # an accumulate call, or a filter call
+ALONE_PER_STEP = {True: 2.2, False: 4.0}
+
 
 def discounted_reverse_cumsum(
     rewards: np.ndarray, episode_ends: np.ndarray, gamma: float
 ) -> np.ndarray:
-    """Segmented discounted reverse cumulative sum, in float64.
+    """Return-to-go of every step, in float64, bit-identical to the backward loop.
 
-    `episode_ends[i]` is True where step i is the last step of its episode. The scan
-    solves y[i] = r[i] + c[i] * y[i + 1] with c[i] = gamma, or 0 at an episode end, by
-    doubling: after the pass with offset d, y[i] holds the sum over the next 2d steps
-    and c[i] the product of their factors (0 once the window crosses an episode end).
-    ceil(log2(longest episode)) passes, each a few vectorized array operations.
+    `episode_ends[i]` is True where step i is the last step of its episode (the last step
+    of the array always ends one).
     """
-    values = np.asarray(rewards, dtype=np.float64).copy()
-    n = len(values)
-    if n == 0:
-        return values
-    factors = np.where(np.asarray(episode_ends, dtype=bool), 0.0, float(gamma))
+    values = np.ascontiguousarray(rewards, dtype=np.float64)
+    out = np.empty(len(values), dtype=np.float64)
+    if len(values) == 0:
+        return out
     ends = np.flatnonzero(episode_ends)
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    longest = int((ends - starts + 1).max()) if len(ends) else n
-    scratch = np.empty(n, dtype=np.float64)
-    offset = 1
-    while offset < longest:
-        m = n - offset
-        # The products go to scratch first: the shifted views overlap the outputs.
-        np.multiply(factors[:m], values[offset:], out=scratch[:m])
-        values[:m] += scratch[:m]
-        np.multiply(factors[:m], factors[offset:], out=scratch[:m])
-        factors[:m] = scratch[:m]
-        factors[m:] = 0.0
-        offset *= 2
-    return values
+    if len(ends) == 0 or ends[-1] != len(values) - 1:
+        ends = np.append(ends, len(values) - 1)
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    lengths = ends - starts + 1
+    gamma = float(gamma)
+    side_by_side = episodes_side_by_side(lengths, gamma == 1.0)
+    if side_by_side.any():
+        sweep_side_by_side(values, starts, lengths, side_by_side, gamma, out)
+    one_at_a_time(values, starts[~side_by_side], lengths[~side_by_side], gamma, out)
+    return out
+
+
+def one_at_a_time(
+    values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, gamma: float, out: np.ndarray
+) -> None:
+    """Each episode by a compiled sequential loop over its reversed steps."""
+    numerator = np.array([1.0])
+    denominator = np.array([1.0, -gamma])
+    for start, end in zip(starts.tolist(), (starts + lengths).tolist()):
+        reversed_rewards = values[start:end][::-1]
+        if gamma == 1.0:
+            np.add.accumulate(reversed_rewards, out=out[start:end][::-1])
+        elif compiled_lfilter is not None:
+            out[start:end] = compiled_lfilter(numerator, denominator, reversed_rewards, -1)[::-1]
+        else:
+            out[start:end] = lfilter(numerator, denominator, reversed_rewards)[::-1]
+
+
+def length_classes(lengths: np.ndarray) -> np.ndarray:
+    """c such that 2^c <= length < 2^(c+1)."""
+    return np.frexp(lengths)[1] - 1
+
+
+def episodes_side_by_side(lengths: np.ndarray, undiscounted: bool) -> np.ndarray:
+    """True for the episodes to sweep side by side: those of the length classes up to the
+    one that minimizes the estimated cost of both ways together."""
+    classes = length_classes(lengths)
+    counts = np.bincount(classes)
+    present = np.flatnonzero(counts)
+    counts = counts[present]
+    steps = np.bincount(classes, weights=lengths)[present]
+    chunks = -(-int(steps.sum()) // CHUNK_STEPS)
+    rows = (2.0 ** (present + 1)) * np.minimum(counts, chunks)
+    # The cost when the classes present[:j] go side by side and the others alone, each j.
+    swept_steps = np.concatenate([[0.0], np.cumsum(steps)])
+    swept_count = np.concatenate([[0], np.cumsum(counts)])
+    swept_rows = np.concatenate([[0.0], np.cumsum(rows)])
+    alone_steps = swept_steps[-1] - swept_steps
+    alone_count = swept_count[-1] - swept_count
+    cost = (
+        ALONE_PER_EPISODE[undiscounted] * alone_count
+        + ALONE_PER_STEP[undiscounted] * alone_steps
+        + SIDE_BY_SIDE_PER_EPISODE * swept_count
+        + SIDE_BY_SIDE_PER_STEP[undiscounted] * swept_steps
+        + SIDE_BY_SIDE_PER_ROW[undiscounted] * swept_rows
+        + PASSING_THROUGH_PER_STEP * np.where(swept_steps > 0, alone_steps, 0.0)
+    )
+    swept_classes = np.zeros(int(present[-1]) + 1, dtype=bool)
+    swept_classes[present[: int(np.argmin(cost))]] = True
+    return swept_classes[classes]
+
+
+def sweep_side_by_side(
+    values: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    selected: np.ndarray,
+    gamma: float,
+    out: np.ndarray,
+) -> None:
+    """Return-to-go of the `selected` episodes into `out`, chunk by chunk (the steps of the
+    other episodes within a chunk get values to be overwritten)."""
+    total = int(starts[-1] + lengths[-1])
+    cuts = np.searchsorted(starts, np.arange(CHUNK_STEPS, total, CHUNK_STEPS))
+    for first, end in zip([0, *cuts.tolist()], [*cuts.tolist(), len(starts)]):
+        chosen = np.flatnonzero(selected[first:end]) + first
+        if len(chosen) == 0:
+            continue
+        first, end = int(chosen[0]), int(chosen[-1]) + 1
+        low, high = int(starts[first]), int(starts[end - 1] + lengths[end - 1])
+        sweep_chunk(
+            values[low:high],
+            starts[first:end] - low,
+            lengths[first:end],
+            selected[first:end],
+            gamma,
+            out[low:high],
+        )
+
+
+def sweep_chunk(
+    values: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    selected: np.ndarray,
+    gamma: float,
+    out: np.ndarray,
+) -> None:
+    """One chunk: each length class is a block of `rows x width` slots, slot (k, i) holding
+    step k-from-the-end of the class's i-th episode (in order, so neighbours in memory stay
+    neighbours). A step's slot falls by `width` from one step to the next within an episode,
+    so one cumulative sum places every step; the other episodes' steps share a spare slot.
+    Episodes all of one length (a fixed horizon) are a plain transpose."""
+    if selected.all() and lengths.min() == lengths.max():
+        episodes = values.reshape(len(lengths), int(lengths[0]))
+        block = np.ascontiguousarray(episodes[:, ::-1].T)
+        sweep_rows(block, gamma)
+        out.reshape(episodes.shape)[:, ::-1] = block.T
+        return
+    classes = np.where(selected, length_classes(lengths), -1)
+    slope = np.zeros(len(lengths), dtype=np.int64)
+    last_slot = np.zeros(len(lengths), dtype=np.int64)
+    blocks = []  # (first slot, rows, width)
+    size = 0
+    for length_class in np.flatnonzero(np.bincount(classes[selected])).tolist():
+        members = np.flatnonzero(classes == length_class)
+        rows, width = int(lengths[members].max()), len(members)
+        slope[members] = -width
+        last_slot[members] = size + np.arange(width)
+        blocks.append((size, rows, width))
+        size += rows * width
+    last_slot[~selected] = size  # the spare slot
+    first_slot = last_slot - slope * (lengths - 1)
+    slot = np.repeat(slope, lengths)
+    slot[0] = first_slot[0]
+    slot[starts[1:]] = first_slot[1:] - last_slot[:-1]
+    np.cumsum(slot, out=slot)
+
+    grid = np.zeros(size + 1, dtype=np.float64)
+    grid[slot] = values
+    for first, rows, width in blocks:
+        # Slots past an episode's first step hold zeros and feed nothing that is read back.
+        sweep_rows(grid[first : first + rows * width].reshape(rows, width), gamma)
+    # mode="clip" (every slot is in range): with out=, the default mode buffers a copy.
+    grid.take(slot, out=out, mode="clip")
+
+
+def sweep_rows(block: np.ndarray, gamma: float) -> None:
+    """In place, row k = row k + gamma * row k-1: the loop's two roundings, in its order."""
+    scratch = np.empty(block.shape[1], dtype=np.float64)
+    for k in range(1, len(block)):
+        if gamma == 1.0:
+            np.add(block[k], block[k - 1], block[k])
+        else:
+            np.multiply(block[k - 1], gamma, scratch)
+            np.add(block[k], scratch, block[k])
 
 
 def episode_ends_of(episode_ids: np.ndarray) -> np.ndarray:

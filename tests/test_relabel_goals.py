@@ -114,7 +114,8 @@ def test_achieved_goal_as_a_slice_of_the_observation():
     ids = steps.column("episode_id").to_numpy()
     for i, goal in enumerate(out["hindsight_goal"]):
         last = np.flatnonzero(ids == ids[i])[-1]
-        np.testing.assert_allclose(goal, observation[last, 1:3], rtol=1e-6)
+        # k=1 goal per step, stored as [k, goal_dim]
+        np.testing.assert_allclose(goal, [observation[last, 1:3]], rtol=1e-6)
 
 
 def test_reward_function_by_dotted_path_and_by_gymnasium_env():
@@ -169,7 +170,7 @@ def test_bad_strategy_lists_valid_parameters():
 
 def test_step_uniforms_are_exactly_hash_uniform():
     from relabelers.base import hash_uniform
-    from relabelers.goals import step_uniforms
+    from relabelers.goals import GoalDraws, step_uniforms
 
     steps, _ = make_episodes(6, seed=9, max_length=20)
     ids, t = steps.column("episode_id").to_numpy(), steps.column("t").to_numpy()
@@ -178,6 +179,11 @@ def test_step_uniforms_are_exactly_hash_uniform():
         assert np.array_equal(
             step_uniforms(seed, ids, t, bounds, stream), hash_uniform(seed, ids, t, stream)
         )
+    # The kernel draws k streams for a slice of rows at a time (slices cut episodes).
+    draws = GoalDraws(5, ids, t, bounds, (1_000, 1_001, 1_002))
+    for rows in (slice(0, 7), slice(7, 40), slice(40, len(t))):
+        expected = [hash_uniform(5, ids[rows], t[rows], s) for s in (1_000, 1_001, 1_002)]
+        assert np.array_equal(draws.uniforms(rows), np.stack(expected))
 
 
 # ---------------------------------------------------------------- the state after the last step
@@ -307,3 +313,64 @@ def test_the_relabel_job_reads_next_observations_when_the_dataset_has_them(tmp_p
     )
     reached, _ = expected_by_loop(steps, written.to_pydict(), k=1, threshold=0.5)
     assert written.column("hindsight_reached").to_pylist() == reached
+
+
+# ---------------------------------------------------------------- the stored layout (1.2)
+
+
+def test_goals_read_as_k_by_goal_dim_in_polars_the_engine_scan_and_the_shards(tmp_path):
+    """Each step's k goals are a [k, goal_dim] array wherever they are read: Polars on the
+    group's files, `engine.scan`, and the shard writer (index count/dim, shard values),
+    each goal equal to the achieved goal of the step it came from (a loop)."""
+    import polars as pl
+
+    import engine
+    from engine.executor import InProcess
+    from jobs import relabeling
+    from jobs.commands.shard import Shard
+    from schemas.shard_index import EPISODE_ID, TIMESTEP, condition_member
+    from tests.synthetic import write_synthetic_dataset
+    from tests.test_shards import read_blocks
+
+    k = 3
+    steps, episodes = make_episodes(7, goal_dim=2, seed=3, min_length=2, max_length=9)
+    write_synthetic_dataset(str(tmp_path / "in"), steps, episodes, part_steps=15)
+    goals = GoalsRelabeler({"strategy": "future", "k": k}, seed=2)
+    out = str(tmp_path / "out")
+    relabeling.relabel(str(tmp_path / "in"), out, [goals], executor=InProcess(), command="t")
+
+    files = pl.scan_parquet(str(tmp_path / "out" / "goals" / "steps" / "*.parquet"))
+    assert files.collect_schema()["hindsight_goal"] == pl.Array(pl.Float32, (k, 2))
+    stored = files.collect()["hindsight_goal"].to_numpy()
+    assert stored.shape == (steps.num_rows, k, 2)
+    scanned = engine.scan(out).collect()
+    np.testing.assert_array_equal(scanned["hindsight_goal"].to_numpy(), stored)
+    for j in range(k):  # goal j without slicing by hand
+        goal_j = engine.scan(out).select(pl.col("hindsight_goal").arr.get(j)).collect()
+        np.testing.assert_array_equal(goal_j.to_series().to_numpy(), stored[:, j])
+
+    achieved = {(e, t): a for e, t, a, _ in per_step(steps)}
+    goal_steps = scanned["hindsight_goal_step"].to_list()
+    ids, ts = scanned["episode_id"].to_list(), scanned["t"].to_list()
+    for i, (episode, t) in enumerate(zip(ids, ts)):
+        for j, source in enumerate(goal_steps[i]):
+            assert t < source or source == t == max(s for e, s in achieved if e == episode)
+            np.testing.assert_array_equal(stored[i, j], np.float32(achieved[(episode, source)]))
+
+    shards = str(tmp_path / "shards")
+    index = Shard(
+        input=out, output=shards, condition=["hindsight_goal"], window=1, shard_steps=40, seed=0
+    ).run()
+    info = index.conditions["hindsight_goal"]
+    assert (info.type, info.count, info.dim) == ("vector", k, 2)
+    by_step = {(e, t): stored[i] for i, (e, t) in enumerate(zip(ids, ts))}
+    seen = 0
+    for shard in sorted((tmp_path / "shards").glob("*.tar")):
+        for block in read_blocks(str(shard)):
+            # window=1: every block row is a window of its own, with its episode id.
+            for episode, t, goal in zip(
+                block[EPISODE_ID], block[TIMESTEP], block[condition_member("hindsight_goal")]
+            ):
+                np.testing.assert_array_equal(goal, by_step[(int(episode), int(t))])
+                seen += 1
+    assert seen == steps.num_rows
