@@ -10,7 +10,9 @@ parts of `--part-steps`, plus a `labels` group with two episode attributes and a
 - `skill`: one label per collection run of `--run-episodes` consecutive episodes, 1% of runs
   'expert' (data from one policy is collected, and ingested, together);
 - `flagged`: 1% of episodes drawn at random, scattered over the whole dataset (worst case
-  for skipping row groups).
+  for skipping row groups);
+- `task`: one of 100 values ('task-00'...) drawn at random per episode, so `task = 'task-NN'`
+  is a random 1% selection too, and the column a clustered copy is ordered by.
 
 Measured in the same run, on the same files, taking turns, each the best of `--repeats`
 (wall seconds, and the process CPU seconds of that run, which a shared machine disturbs less):
@@ -20,7 +22,16 @@ Measured in the same run, on the same files, taking turns, each the best of `--r
 - narrow scan: `episode_id` and `reward` of every row (what a relabel job reads);
 - the same full scan, narrow scan and scattered query on a copy of the dataset whose step files have
   `--compare-row-group-rows` rows per Parquet row group (default: 65536, the earlier
-  layout), to show what the row-group size costs a full scan and buys a query.
+  layout), to show what the row-group size costs a full scan and buys a query;
+- clustering: a copy written by `write_subset(..., cluster_by=["task"])` (what
+  `hindsight query ... --output NEW --cluster-by task` runs) and its random-1% `task`
+  query, next to the same query on the dataset as stored; the copy's write time against
+  a plain `--output` copy of the same episodes (one run each, not best-of);
+- page-level reads (`--page-probe`): the base group's step files rewritten with a Parquet
+  page index and 512-row pages, read for the `flagged` rows by the readers there are:
+  Polars with a row filter (the only reader here with a row-level selection; it does not
+  check page CRCs) and pyarrow's whole row groups (which checks them), against Polars'
+  full read of the original files.
 Bytes read are what the process read from files (`rchar` in /proc/self/io; the page cache is
 warm for every variant alike), and for `query` also the Parquet bytes it planned to read.
 """
@@ -32,18 +43,22 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 import engine
 import engine.dataset
 import engine.writer
+from engine import storage
 from engine.dataset import open_dataset
-from engine.query import query
+from engine.query import ReadStats, query, read_rows, write_subset
+from engine.query.read import PART, START, episode_rows, episode_table
 from engine.writer import (
     VersionWriter,
     assemble_group,
@@ -56,6 +71,7 @@ from schemas import steps as cols
 
 OBS_DIM = 17
 ACTION_DIM = 6
+PAGE_ROWS = 512  # rows per data page in the page-index copy: ~25 episodes' worth per row group
 
 
 def process_bytes_read() -> int:
@@ -141,6 +157,7 @@ def build_dataset(root: str, num_steps: int, part_steps: int, run_episodes: int,
     run_skill[expert_runs] = "expert"
     skill = run_skill[np.arange(num_episodes) // run_episodes]
     flagged = rng.random(num_episodes) < 0.01
+    task = np.char.add("task-", np.char.zfill(rng.integers(0, 100, num_episodes).astype(str), 2))
     with VersionWriter(os.path.join(root, "labeled")) as writer:
         label_parts = []
         for index, (start, stop) in enumerate(ranges):
@@ -158,7 +175,11 @@ def build_dataset(root: str, num_steps: int, part_steps: int, run_episodes: int,
                 .to_arrow()
             )
             episode_labels = pa.table(
-                {"skill": skill[start:stop].tolist(), "flagged": flagged[start:stop]}
+                {
+                    "skill": skill[start:stop].tolist(),
+                    "flagged": flagged[start:stop],
+                    "task": task[start:stop].tolist(),
+                }
             )
             label_parts.append(
                 writer.write_part(index, return_to_go, episode_labels, group="labels")
@@ -200,6 +221,91 @@ def measure(variants: dict, repeats: int) -> dict:
                     **outcome,
                 }
     return best
+
+
+def clustered_copy(uri: str, root: str, column: str, repeats: int = 2) -> tuple[str, dict]:
+    """A copy of every episode clustered by `column` (`--output NEW --cluster-by column`),
+    and its write time against a plain copy (`--output NEW`): best of `repeats`, taking
+    turns; the last copy of each is kept (and reused with --data)."""
+    paths = {
+        "plain_copy": (os.path.join(root, "plain-copy"), None),
+        "clustered_copy": (os.path.join(root, f"clustered-by-{column}"), [column]),
+    }
+    if os.path.exists(os.path.join(paths["clustered_copy"][0], "manifest.json")):
+        return paths["clustered_copy"][0], {}
+    seconds: dict[str, float] = {}
+    for _ in range(repeats):
+        for name, (path, cluster_by) in paths.items():
+            shutil.rmtree(path, ignore_errors=True)
+            start = time.perf_counter()
+            write_subset(uri, None, path, command="bench", cluster_by=cluster_by)
+            elapsed = round(time.perf_counter() - start, 2)
+            key = f"{name}_write_seconds"
+            seconds[key] = min(seconds.get(key, elapsed), elapsed)
+    seconds["clustered_write_vs_plain_copy"] = round(
+        seconds["clustered_copy_write_seconds"] / seconds["plain_copy_write_seconds"], 2
+    )
+    return paths["clustered_copy"][0], seconds
+
+
+def page_index_files(dataset: engine.dataset.Dataset, root: str) -> tuple[list[str], list[str]]:
+    """The base group's step files, and copies of them with a page index and PAGE_ROWS-row
+    pages (same row groups, compression and CRCs as the engine writes)."""
+    base = dataset.manifest.groups[0]
+    originals = [storage.join(base.root, f.path) for f in base.steps_files]
+    copies = [os.path.join(root, "page-index", os.path.basename(path)) for path in originals]
+    os.makedirs(os.path.join(root, "page-index"), exist_ok=True)
+    for original, copy in zip(originals, copies):
+        if not os.path.exists(copy):
+            pq.write_table(
+                pq.read_table(original),
+                copy,
+                compression="zstd",
+                row_group_size=engine.writer.ROW_GROUP_ROWS["steps"],
+                use_dictionary=[cols.EPISODE_ID],
+                write_statistics=True,
+                write_page_checksum=True,
+                write_page_index=True,
+                max_rows_per_page=PAGE_ROWS,
+            )
+    return originals, copies
+
+
+def page_probe_variants(dataset: engine.dataset.Dataset, root: str, where: pl.Expr) -> dict:
+    """Reading the rows of the episodes matching `where` from the base step files, by each
+    reader at the finest grain it offers, against Polars' full read of the same files."""
+    originals, copies = page_index_files(dataset, root)
+    episodes = episode_table(dataset, ["flagged", "task"], ReadStats(), range(dataset.num_parts))
+    chosen = episodes.filter(where)
+    ids = chosen[cols.EPISODE_ID]
+    rows = {
+        index: episode_rows(part[START].to_numpy(), part[cols.LENGTH].to_numpy())[0]
+        for (index,), part in chosen.group_by(PART)
+    }
+    columns = pq.read_schema(originals[0]).names
+
+    def polars_full() -> dict:
+        return {"rows": pl.scan_parquet(originals).collect().height}
+
+    def polars_filter(files: list[str]) -> dict:
+        frame = pl.scan_parquet(files).filter(pl.col(cols.EPISODE_ID).is_in(ids.implode()))
+        return {"rows": frame.collect().height}
+
+    def pyarrow_row_groups(files: list[str]) -> dict:
+        return {
+            "rows": sum(
+                read_rows(files[index], columns, part_rows, ReadStats()).height
+                for index, part_rows in sorted(rows.items())
+            )
+        }
+
+    return {
+        "page_probe_polars_full_read": polars_full,
+        "page_probe_polars_row_filter": lambda: polars_filter(originals),
+        "page_probe_polars_row_filter_page_index": lambda: polars_filter(copies),
+        "page_probe_pyarrow_row_groups": lambda: pyarrow_row_groups(originals),
+        "page_probe_pyarrow_row_groups_page_index": lambda: pyarrow_row_groups(copies),
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -250,9 +356,11 @@ def run(args: argparse.Namespace) -> dict:
             "parts_skipped": result.stats.parts_skipped,
         }
 
+    task = f"task-{np.random.default_rng(args.seed).integers(100):02d}"
     queries = {
         "clustered": ("skill = 'expert'", pl.col("skill") == "expert"),
         "scattered": ("flagged", pl.col("flagged")),
+        "random_task": (f"task = '{task}'", pl.col("task") == task),
     }
     variants = {"full_scan": full_scan, "narrow_scan": narrow_scan}
     for name, (sql, expression) in queries.items():
@@ -266,12 +374,25 @@ def run(args: argparse.Namespace) -> dict:
         variants[f"scattered_query_{label}"] = lambda: ours(
             queries["scattered"][0], uri=compare_uri
         )
+    clustered_uri, write_seconds = clustered_copy(uri, root, "task")
+    variants["full_scan_clustered_by_task"] = lambda: full_scan(clustered_uri)
+    variants["random_task_query_clustered_by_task"] = lambda: ours(
+        queries["random_task"][0], uri=clustered_uri
+    )
+    variants["scattered_query_clustered_by_task"] = lambda: ours(
+        queries["scattered"][0], uri=clustered_uri
+    )
+    if args.page_probe:
+        variants.update(page_probe_variants(dataset, root, pl.col("flagged")))
     results = measure(variants, args.repeats)
     for name in queries:
         assert results[f"{name}_query"]["rows"] == results[f"{name}_naive"]["rows"]
     for name in variants:
-        if name.startswith("scattered_query_"):
-            assert results[name]["rows"] == results["scattered_naive"]["rows"]
+        for query_name in queries:
+            if name.startswith(f"{query_name}_query_"):
+                assert results[name]["rows"] == results[f"{query_name}_naive"]["rows"], name
+        if name.startswith("page_probe_") and name != "page_probe_polars_full_read":
+            assert results[name]["rows"] == results["scattered_naive"]["rows"], name
     full = results["full_scan"]
     for key, value in results.items():
         if key != "full_scan":
@@ -281,6 +402,23 @@ def run(args: argparse.Namespace) -> dict:
             )
             value["bytes_fraction_of_full_scan"] = round(
                 value["bytes_read"] / max(full["bytes_read"], 1), 4
+            )
+    # Against the full scan of the same files: the clustered copy's own, Polars' full read
+    # of the base step files for the page-level probe.
+    own_full_scan = {"_clustered_by_task": "full_scan_clustered_by_task"}
+    for key, value in results.items():
+        baseline = next((own_full_scan[s] for s in own_full_scan if key.endswith(s)), None)
+        if key.startswith("page_probe_"):
+            baseline = "page_probe_polars_full_read"
+        if baseline and key != baseline:
+            value["speedup_vs_same_files_full_read"] = round(
+                results[baseline]["seconds"] / value["seconds"], 1
+            )
+            value["cpu_speedup_vs_same_files_full_read"] = round(
+                results[baseline]["cpu_seconds"] / max(value["cpu_seconds"], 1e-6), 1
+            )
+            value["bytes_fraction_of_same_files_full_read"] = round(
+                value["bytes_read"] / max(results[baseline]["bytes_read"], 1), 4
             )
     if compare_rows:
         # The compared layout's time for the same work, as a multiple of the default's.
@@ -304,6 +442,8 @@ def run(args: argparse.Namespace) -> dict:
         "load_average_1min": round(os.getloadavg()[0], 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared",
         "queries": {name: sql for name, (sql, _) in queries.items()},
+        "page_probe_rows_per_page": PAGE_ROWS if args.page_probe else None,
+        "clustering": write_seconds,
         "results": results,
     }
 
@@ -321,6 +461,12 @@ def main() -> None:
         type=int,
         default=65536,
         help="also measure a copy with this many step rows per row group (0: do not)",
+    )
+    parser.add_argument(
+        "--page-probe",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure row selections on step files with a Parquet page index",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

@@ -107,6 +107,20 @@ def raw(labeled):
     return raw_tables(labeled)
 
 
+def fail_writing_the_second_part(monkeypatch) -> None:
+    """The second part the writer writes fails as a full disk would."""
+    write_part = VersionWriter.write_part
+    calls = []
+
+    def fail_on_the_second_part(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return write_part(*args, **kwargs)
+
+    monkeypatch.setattr(VersionWriter, "write_part", fail_on_the_second_part)
+
+
 def test_episode_condition_keeps_every_step_of_matching_episodes(labeled, raw):
     steps, episodes = raw
     result = query(labeled, "skill = 'expert' AND return > -3")
@@ -539,17 +553,7 @@ def test_out_is_written_part_by_part_and_a_failure_leaves_nothing(
     longest = int(chosen["length"].max())
     assert all(part.steps < 40 + longest for part in manifest.parts)
 
-    calls = []
-
-    write_part = VersionWriter.write_part
-
-    def fail_on_the_second_part(*args, **kwargs):
-        calls.append(args)
-        if len(calls) == 2:
-            raise OSError("disk full")
-        return write_part(*args, **kwargs)
-
-    monkeypatch.setattr(VersionWriter, "write_part", fail_on_the_second_part)
+    fail_writing_the_second_part(monkeypatch)
     broken = tmp_path / "broken"
     with pytest.raises(OSError, match="disk full"):
         write_subset(labeled, where, str(broken), command="test", part_steps=40)
@@ -665,6 +669,14 @@ def test_query_and_out_on_s3(s3_bucket, labeled):
         chosen,
     )
     assert not any(f.startswith(f"{s3_bucket}/datasets/labeled") for f in storage.list_files(out))
+    by_return = f"{s3_bucket}/datasets/novices-by-return"
+    Query(input=uri, where="skill = 'novice'", output=by_return, cluster_by=["return"]).run(
+        stdout=io.StringIO()
+    )
+    expected_steps, expected_episodes = clustered_expectation(
+        (steps, episodes), chosen["episode_id"].to_list(), ["return"]
+    )
+    assert_valid_subset(by_return, expected_steps, expected_episodes)
 
 
 def test_pyarrow_types_survive_the_subset(labeled, tmp_path):
@@ -672,3 +684,160 @@ def test_pyarrow_types_survive_the_subset(labeled, tmp_path):
     Query(input=labeled, where="episode_id < 100", output=out).run(stdout=io.StringIO())
     schema = open_dataset(out).read_part(0).schema
     assert pa.types.is_fixed_size_list(schema.field(cols.OBSERVATION).type)
+
+
+# ---------------------------------------------------------------- --cluster-by
+
+
+def clustered_expectation(
+    raw: tuple[pl.DataFrame, pl.DataFrame], chosen_ids: list[int], by: list[str]
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """What a clustered subset must hold, computed independently: the chosen episodes sorted
+    by `by` then id, numbered 0..n-1, the old id kept; their steps under the new ids."""
+    steps, episodes = raw
+    chosen = episodes.filter(pl.col("episode_id").is_in(chosen_ids))
+    ordered = chosen.sort([*by, "episode_id"], nulls_last=True)
+    mapping = ordered.select(
+        pl.col("episode_id").alias("old"), pl.int_range(pl.len(), dtype=pl.Int64).alias("new")
+    )
+    expected_episodes = ordered.with_columns(
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("episode_id"),
+        pl.col("episode_id").alias("original_episode_id"),
+    )
+    expected_steps = (
+        steps.join(mapping, left_on="episode_id", right_on="old")
+        .sort("new", "t")
+        .with_columns(pl.col("new").alias("episode_id"))
+        .drop("new")
+    )
+    return expected_steps, expected_episodes
+
+
+def test_cluster_by_orders_episodes_under_new_ids(labeled, raw, tmp_path, monkeypatch):
+    steps, episodes = raw
+    where = "return > -10"
+    chosen = episodes.filter(pl.col("return") > -10)["episode_id"].to_list()
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    manifest, _ = write_subset(
+        labeled,
+        where,
+        str(tmp_path / "by-skill"),
+        command="t",
+        cluster_by=["skill", "return"],
+        part_steps=40,
+        spill_dir=str(spill),
+    )
+    expected_steps, expected_episodes = clustered_expectation(raw, chosen, ["skill", "return"])
+    assert 0 < len(chosen) < episodes.height
+    assert_valid_subset(str(tmp_path / "by-skill"), expected_steps, expected_episodes)
+    # Several source parts into several output parts, whole episodes each; spill removed.
+    assert len(open_dataset(labeled).manifest.parts) > 1 and len(manifest.parts) > 1
+    longest = int(expected_episodes["length"].max())
+    assert all(part.steps < 40 + longest for part in manifest.parts)
+    assert list(spill.iterdir()) == []
+    assert manifest.history[-1].details["cluster_by"] == ["skill", "return"]
+
+    # Same bytes on a re-run.
+    again, _ = write_subset(
+        labeled,
+        where,
+        str(tmp_path / "again"),
+        command="t",
+        cluster_by=["skill", "return"],
+        part_steps=40,
+    )
+    for group, other in zip(manifest.groups, again.groups):
+        for level in ("steps", "episodes"):
+            assert [f.sha256 for f in getattr(group, f"{level}_files")] == [
+                f.sha256 for f in getattr(other, f"{level}_files")
+            ]
+
+
+def test_a_selection_on_the_clustered_column_reads_neighbouring_row_groups(
+    labeled, raw, tmp_path, monkeypatch
+):
+    """`skill` is every third episode: scattered as stored, one run of rows once clustered."""
+    steps, episodes = raw
+    monkeypatch.setattr(engine.writer, "ROW_GROUP_ROWS", {"steps": 16, "episodes": 16})
+    out = str(tmp_path / "by-skill")
+    write_subset(labeled, None, out, command="t", cluster_by=["skill"], part_steps=10_000)
+    as_stored = query(labeled, "skill = 'expert'")
+    clustered = query(out, "skill = 'expert'")
+    expected_steps, expected_episodes = clustered_expectation(
+        raw, episodes["episode_id"].to_list(), ["skill"]
+    )
+    experts = expected_episodes.filter(pl.col("skill") == "expert")["episode_id"]
+    assert_frame_equal(
+        clustered.frame, expected_steps.filter(pl.col("episode_id").is_in(experts.implode()))
+    )
+    # The steps' row groups that hold the run (one more where it straddles a boundary),
+    # and the episodes file, read whole.
+    least = -(-clustered.frame.height // 16) + 1 + -(-episodes.height // 16)
+    assert clustered.stats.row_groups <= least < as_stored.stats.row_groups
+    # Clustering again keeps the ids from before the first clustering.
+    twice = str(tmp_path / "by-return")
+    write_subset(out, None, twice, command="t", cluster_by=["return"])
+    again = engine.scan_episodes(twice).collect()
+    assert again["original_episode_id"].to_list() == (
+        episodes.sort("return", "episode_id")["episode_id"].to_list()
+    )
+
+
+def test_a_clustered_write_that_fails_leaves_nothing(labeled, tmp_path, monkeypatch):
+    fail_writing_the_second_part(monkeypatch)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    out = tmp_path / "broken"
+    with pytest.raises(OSError, match="disk full"):
+        write_subset(
+            labeled,
+            None,
+            str(out),
+            command="t",
+            cluster_by=["skill"],
+            part_steps=40,
+            spill_dir=str(spill),
+        )
+    assert not out.exists() and list(spill.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("cluster_by", "message"),
+    [
+        (["reward"], "'reward': a step column; --cluster-by orders whole episodes"),
+        (["nope"], "'nope': not a column"),
+        ([], "at least one episode column"),
+    ],
+)
+def test_cluster_by_needs_episode_columns_that_sort(labeled, tmp_path, cluster_by, message):
+    out = tmp_path / "x"
+    with pytest.raises(QueryError, match=message):
+        write_subset(labeled, None, str(out), command="t", cluster_by=cluster_by)
+    assert not out.exists()
+
+
+def test_cluster_by_a_column_without_order_is_refused(tmp_path):
+    steps, episodes = make_episodes(num_episodes=4, seed=2)
+    uri = str(tmp_path / "vectors")
+    episodes = episodes.append_column(
+        "goal", cols.vectors_to_arrow(np.ones((episodes.num_rows, 2), dtype=np.float32))
+    )
+    write_synthetic_dataset(uri, steps, episodes)
+    with pytest.raises(QueryError, match="'goal': a column of type fixed_size_list"):
+        write_subset(uri, None, str(tmp_path / "x"), command="t", cluster_by=["goal"])
+
+
+def test_cli_cluster_by(labeled, raw, tmp_path, capsys):
+    steps, episodes = raw
+    out = str(tmp_path / "by-skill")
+    args = ["query", labeled, "--output", out, "--cluster-by", "skill,return"]
+    assert cli_main(args) == 0
+    _, expected_episodes = clustered_expectation(
+        raw, episodes["episode_id"].to_list(), ["skill", "return"]
+    )
+    assert_frame_equal(engine.scan_episodes(out).collect(), expected_episodes)
+    assert cli_main(["query", labeled, "--cluster-by", "skill"]) == 2
+    assert "--cluster-by orders the episodes of a new version: give --output" in (
+        capsys.readouterr().err
+    )

@@ -19,9 +19,11 @@ of every selected column. Here the condition is split into its AND-ed parts:
 
 The modules, in the order a query goes through them: `plan` (parse, split, check),
 `row_local` (which step conditions may run part by part), `read` (chosen rows of a part),
-`run` (query, count, matching_episodes), `subset` (whole episodes as a new version).
+`run` (query, count, matching_episodes), `subset` (whole episodes as a new version),
+`cluster` (a subset stored in the order of chosen episode columns: `--cluster-by`).
 """
 
+from engine.query.cluster import ORIGINAL_EPISODE_ID
 from engine.query.plan import LEVELS, Plan, QueryError, conjuncts, parse_where, plan_query
 from engine.query.read import PartReader, ReadStats, read_rows, row_group_selection
 from engine.query.row_local import ROW_LOCAL, across_rows, expression_tree, is_row_local
@@ -30,6 +32,7 @@ from engine.query.subset import iter_episodes, write_subset
 
 __all__ = [
     "LEVELS",
+    "ORIGINAL_EPISODE_ID",
     "ROW_LOCAL",
     "PartReader",
     "Plan",

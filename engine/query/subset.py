@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from engine.dataset import LEVELS, Dataset
 from engine.progress import Progress
+from engine.query.cluster import check_cluster_columns, cluster_order, write_clustered
 from engine.query.plan import QueryError
 from engine.query.read import (
     PART,
@@ -95,6 +96,8 @@ def write_subset(
     command: str,
     limit_episodes: int | None = None,
     part_steps: int = DEFAULT_PART_STEPS,
+    cluster_by: Sequence[str] | None = None,
+    spill_dir: str | None = None,
 ) -> tuple[Manifest, ReadStats]:
     """A new self-contained version (one `base` group, every column) of the whole episodes
     with at least one step matching `where`; its history records the query and the parent.
@@ -102,12 +105,18 @@ def write_subset(
     Written part by part as the episodes are read, in parts of about `part_steps` steps, so
     memory stays bounded however large the subset is. A failure leaves nothing behind. An
     output that is already a version (or holds other files) is a QueryError at once.
+
+    With `cluster_by` (episode columns), the episodes are stored in the order of those
+    columns under new ids, the old ones kept in `original_episode_id` (`engine.query.cluster`;
+    spill files under `spill_dir`), so that selections on them read few row groups.
     """
     dataset = as_dataset(dataset)
     try:
         check_new_output(out_uri)  # at once, before any reading
     except OutputExistsError as error:  # a query's mistakes are QueryErrors; same message
         raise QueryError(str(error)) from error
+    if cluster_by is not None:
+        cluster_by = check_cluster_columns(dataset, cluster_by)
     selected = matching_episodes(dataset, where)
     if not selected.height:
         raise QueryError(
@@ -119,10 +128,50 @@ def write_subset(
     if not len(episode_ids):
         raise QueryError(f"--limit {limit_episodes} keeps no episode; nothing written to {out_uri}")
     stats = ReadStats()
-    with (
-        VersionWriter(out_uri) as writer,
-        Progress("query --output", len(episode_ids), "episodes") as progress,
-    ):
+    with VersionWriter(out_uri) as writer:
+        if cluster_by:
+            order = cluster_order(dataset, episode_ids, cluster_by, part_steps, stats)
+            written = write_clustered(
+                iter_episodes(dataset, episode_ids, stats),
+                order,
+                writer,
+                total_episodes=len(episode_ids),
+                spill_dir=spill_dir,
+            )
+        else:
+            written = _write_in_order(dataset, episode_ids, writer, stats, part_steps)
+        steps_count = sum(w.part.steps for w in written)
+        episodes_count = sum(w.part.episodes for w in written)
+        manifest = base_manifest(
+            writer.uri,
+            written,
+            operation="query",
+            command=command,
+            parent=dataset,
+            details={
+                "where": where,
+                "limit_episodes": limit_episodes,
+                "parent_uri": dataset.uri,
+                "parent_id": dataset.manifest.dataset_id,
+                "episodes": episodes_count,
+                "steps": steps_count,
+                "groups_merged": [g.name for g in dataset.manifest.groups],
+                **({"cluster_by": cluster_by} if cluster_by else {}),
+            },
+        )
+        writer.commit(manifest)
+    return manifest, stats
+
+
+def _write_in_order(
+    dataset: Dataset,
+    episode_ids: np.ndarray,
+    writer: VersionWriter,
+    stats: ReadStats,
+    part_steps: int,
+) -> list[WrittenPart]:
+    """The chosen episodes as parts of `writer`, in the source's order, as they are read."""
+    with Progress("query --output", len(episode_ids), "episodes") as progress:
         written: list[WrittenPart] = []
         pending: tuple[pa.Table, pa.Table] | None = None
         for steps, episodes in iter_episodes(dataset, episode_ids, stats):
@@ -143,23 +192,4 @@ def write_subset(
             pending = last
         if pending is not None:
             written.append(writer.write_part(len(written), *pending))
-        steps_count = sum(w.part.steps for w in written)
-        episodes_count = sum(w.part.episodes for w in written)
-        manifest = base_manifest(
-            writer.uri,
-            written,
-            operation="query",
-            command=command,
-            parent=dataset,
-            details={
-                "where": where,
-                "limit_episodes": limit_episodes,
-                "parent_uri": dataset.uri,
-                "parent_id": dataset.manifest.dataset_id,
-                "episodes": episodes_count,
-                "steps": steps_count,
-                "groups_merged": [g.name for g in dataset.manifest.groups],
-            },
-        )
-        writer.commit(manifest)
-    return manifest, stats
+    return written

@@ -33,6 +33,7 @@ class Query(Command):
         hindsight query data/pendulum-rl --where "skill = 'expert' AND return > -300" --level episodes
         hindsight query data/pendulum-rl --where "return_to_go > 400" --select episode_id,t,return_to_go --format csv
         hindsight query data/pendulum-rl --where "skill = 'expert'" --output data/pendulum-experts
+        hindsight query data/pendulum-rl --output data/pendulum-by-task --cluster-by task
     """
 
     name = "query"
@@ -73,6 +74,13 @@ class Query(Command):
         description="Write the matching whole episodes, with every column, as a new "
         "self-contained dataset version here.",
     )
+    cluster_by: list[str] | None = Field(
+        default=None,
+        description="With --output: store the episodes ordered by these episode columns "
+        "(under new episode ids; the old ones in original_episode_id), so that later "
+        "selections on them read only a few row groups.",
+        json_schema_extra={"metavar": "COLUMN,..."},
+    )
     output_file: str | None = Field(
         default=None, description="Write csv/json/parquet rows to this file, not stdout."
     )
@@ -90,6 +98,8 @@ class Query(Command):
                 )
             if self.limit == 0:
                 raise ValueError("--limit 0 with --output keeps no episode")
+        elif self.cluster_by is not None:
+            raise ValueError("--cluster-by orders the episodes of a new version: give --output")
         self.output_format()
         return self
 
@@ -128,6 +138,7 @@ class Query(Command):
                 self.output,
                 command=self.history_line(),
                 limit_episodes=self.limit,
+                cluster_by=self.cluster_by,
             )
             if self.explain:
                 print(f"read: {stats.to_dict()}", file=sys.stderr)
