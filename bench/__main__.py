@@ -10,7 +10,19 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ("small", "ingest", "relabel", "language", "query", "shards", "train", "scale")
+BENCHMARKS = (
+    "small",
+    "ingest",
+    "relabel",
+    "returns",
+    "goals",
+    "language",
+    "query",
+    "shards",
+    "train",
+    "rvs",
+    "scale",
+)
 
 
 def main(argv: list[str]) -> int:

@@ -8,6 +8,7 @@ The runs are trained for a few steps on in-memory batches shaped like the enviro
 from __future__ import annotations
 
 import json
+import math
 import shlex
 
 import gymnasium as gym
@@ -17,7 +18,7 @@ import torch
 
 from jobs.cli import main as cli_main
 from jobs.commands.ask import Ask
-from trainers import ask, train
+from trainers import ask, sweep_report, train
 from trainers.options import TrainOptions
 
 PENDULUM_ACTION = {"kind": "continuous", "dim": 1, "low": [-2.0], "high": [2.0]}
@@ -232,15 +233,17 @@ RTG = {"return_to_go": {"type": "scalar", "level": "steps", "mean": -400.0, "std
 def test_spearman_matches_a_hand_computation():
     # No ties: rho = 1 - 6 * sum(d^2) / (n (n^2 - 1)); ranks of [10, 30, 20, 40] are
     # [1, 3, 2, 4], d = [0, 1, 1, 0], so rho = 1 - 6 * 2 / 60 = 0.8.
-    assert ask.spearman([1.0, 2.0, 3.0, 4.0], [10.0, 30.0, 20.0, 40.0]) == pytest.approx(0.8)
+    assert sweep_report.spearman([1.0, 2.0, 3.0, 4.0], [10.0, 30.0, 20.0, 40.0]) == pytest.approx(
+        0.8
+    )
     # Ties take the mean of their ranks: [5, 5, 7] -> [1.5, 1.5, 3]; Pearson of
     # [1, 2, 3] and [1.5, 1.5, 3] by hand: covariance 0.75, norms sqrt(2) and sqrt(1.5).
-    assert ask.ranks([5.0, 5.0, 7.0]).tolist() == [1.5, 1.5, 3.0]
+    assert sweep_report.ranks([5.0, 5.0, 7.0]).tolist() == [1.5, 1.5, 3.0]
     expected = 1.5 / (2**0.5 * 1.5**0.5)
-    assert ask.spearman([1.0, 2.0, 3.0], [5.0, 5.0, 7.0]) == pytest.approx(expected)
-    assert ask.spearman([1.0, 2.0, 3.0], [-3.0, -2.0, -1.0]) == pytest.approx(1.0)
-    assert ask.spearman([1.0, 2.0], [4.0, 4.0]) is None  # constant: undefined
-    assert ask.spearman([1.0], [4.0]) is None
+    assert sweep_report.spearman([1.0, 2.0, 3.0], [5.0, 5.0, 7.0]) == pytest.approx(expected)
+    assert sweep_report.spearman([1.0, 2.0, 3.0], [-3.0, -2.0, -1.0]) == pytest.approx(1.0)
+    assert sweep_report.spearman([1.0, 2.0], [4.0, 4.0]) is None  # constant: undefined
+    assert sweep_report.spearman([1.0], [4.0]) is None
 
 
 def rows(requested, achieved):
@@ -251,25 +254,29 @@ def rows(requested, achieved):
 
 
 def test_sweep_reference_says_when_achieved_does_not_follow_requested():
-    follows = ask.sweep_reference(rows([-900.0, -500.0, -150.0], [-800.0, -600.0, -300.0]), -600.0)
+    follows = sweep_report.sweep_reference(
+        rows([-900.0, -500.0, -150.0], [-800.0, -600.0, -300.0]), -600.0
+    )
     assert follows == {"dataset_mean_return": -600.0, "spearman": 1.0, "follows_request": True}
-    assert ask.follow_warning(follows, "return_to_go", "return") is None
+    assert sweep_report.follow_warning(follows, "return_to_go", "return") is None
 
     # Requested listed out of order: ranked by value, not by position (rho = 0.5 by hand:
     # requested ranks [3, 1, 2], achieved ranks [3, 2, 1], d = [0, -1, 1], 1 - 6*2/24).
-    flat = ask.sweep_reference(rows([-150.0, -900.0, -500.0], [-300.0, -600.0, -800.0]), None)
+    flat = sweep_report.sweep_reference(
+        rows([-150.0, -900.0, -500.0], [-300.0, -600.0, -800.0]), None
+    )
     assert flat["spearman"] == pytest.approx(0.5) and flat["follows_request"] is False
-    warning = ask.follow_warning(flat, "return_to_go", "return")
+    warning = sweep_report.follow_warning(flat, "return_to_go", "return")
     assert warning.startswith("warning: the achieved return does not follow the requested")
 
     # Labels rank in the order requested; the highest achieving less than the lowest fails
     # even when the correlation is high elsewhere (2 rows: rho = -1).
-    labels = ask.sweep_reference(rows(["novice", "expert"], [-200.0, -900.0]), None)
+    labels = sweep_report.sweep_reference(rows(["novice", "expert"], [-200.0, -900.0]), None)
     assert labels["spearman"] == pytest.approx(-1.0) and labels["follows_request"] is False
-    constant = ask.sweep_reference(rows([1.0, 2.0], [500.0, 500.0]), None)
+    constant = sweep_report.sweep_reference(rows([1.0, 2.0], [500.0, 500.0]), None)
     assert constant["spearman"] is None and constant["follows_request"] is False
-    assert "undefined" in ask.follow_warning(constant, "skill", "return")
-    assert ask.sweep_reference(rows([1.0], [5.0]), None)["follows_request"] is None
+    assert "undefined" in sweep_report.follow_warning(constant, "skill", "return")
+    assert sweep_report.sweep_reference(rows([1.0], [5.0]), None)["follows_request"] is None
 
 
 def test_sweep_report_carries_the_references_and_the_env_recorded_with_the_run(tmp_path, capsys):
@@ -340,3 +347,25 @@ def test_a_baseline_run_is_asked_the_same_way_and_reported(tmp_path, capsys):
     best = max(row["achieved_mean"] for row in written["results"])
     printed = capsys.readouterr().out
     assert f"the best request achieved {best - direct['achieved_mean']:+.2f} over it" in printed
+
+
+def test_return_to_go_is_asked_within_the_range_the_data_holds(tmp_path):
+    """A request above the data's best return asks for the best; below its worst, for the
+    worst; off the data the policy's answer would be arbitrary."""
+    spec = {"type": "scalar", "level": "steps", "mean": -400.0, "std": 300.0}
+    run = train_tiny_run(
+        tmp_path / "run",
+        3,
+        PENDULUM_ACTION,
+        {"return_to_go": {**spec, "min": -900.0, "max": -150.0}},
+        model="mlp",
+    )
+    policy, config = train.load_policy(run)
+
+    def returns(requested: float) -> list[float]:
+        condition = {"return_to_go": requested}
+        return ask.rollout(policy, config, "Pendulum-v1", condition, 2, seed=4)["returns"]
+
+    assert returns(-20.0) == returns(-150.0)
+    assert returns(-5000.0) == returns(-900.0)
+    assert ask.return_to_go_range({"min": None, "max": None}) == (-math.inf, math.inf)

@@ -364,3 +364,64 @@ def test_a_missing_shard_object_fails_at_once_naming_it(written):
     with pytest.raises(storage.StorageError, match="shard-99999.tar"):
         storage.open_input(uri)
     assert time.monotonic() - began < 5
+
+
+def test_a_shorter_window_is_the_last_steps_and_window_1_is_every_step_once(written):
+    local = written["local"]
+    steps, _, row_of = dataset_rows(written["dataset"])
+    observation = steps.column("observation").combine_chunks().flatten().to_numpy()
+    observation = observation.reshape(steps.num_rows, -1)
+
+    def by_key(**options) -> dict[tuple[int, int], np.ndarray]:
+        batches = list(stream(local, 16, ["return_to_go"], epochs=1, seed=5, **options))
+        keys = window_keys(batches)
+        assert len(keys) == len(set(keys))  # each window once per epoch
+        stacked = np.concatenate([batch["observation"].numpy() for batch in batches])
+        return dict(zip(keys, stacked))
+
+    full, two, single = by_key(), by_key(window=2), by_key(window=1)
+    assert set(single) == set(two) == set(full) == set(row_of)  # every step once
+    for key, window in single.items():
+        assert window.shape[0] == 1
+        np.testing.assert_array_equal(window[0], observation[row_of[key]])
+        np.testing.assert_array_equal(two[key], full[key][-2:])
+    with pytest.raises(ValueError, match="window must be between 1 and"):
+        stream(local, 16, ["return_to_go"], window=read_index(local).window + 1)
+
+
+def test_batches_made_in_the_background_are_the_same_and_errors_arrive_in_order():
+    import threading
+
+    from trainers.loader.stream import in_background
+
+    assert list(in_background(iter(range(50)), 2)) == list(range(50))
+
+    def three_then_fail():
+        yield from range(3)
+        raise OSError("shard gone")
+
+    received = []
+    with pytest.raises(OSError, match="shard gone"):
+        for item in in_background(three_then_fail(), 2):
+            received.append(item)
+    assert received == [0, 1, 2]
+
+    def forever():
+        while True:
+            yield 1
+
+    background = in_background(forever(), 2)
+    next(background)
+    background.close()  # the consumer stops: the thread stops with it
+    assert not any(t.name == "hindsight-loader" and t.is_alive() for t in threading.enumerate())
+
+
+def test_prefetching_changes_no_batch(written):
+    def batches(prefetch: int) -> list[dict[str, torch.Tensor]]:
+        return list(
+            stream(written["local"], 16, ["return_to_go"], epochs=1, seed=2, prefetch=prefetch)
+        )
+
+    for plain, ahead in zip(batches(0), batches(2), strict=True):
+        assert plain.keys() == ahead.keys()
+        assert all(torch.equal(plain[key], ahead[key]) for key in plain)

@@ -508,3 +508,33 @@ def test_a_signalled_train_command_checkpoints_and_says_how_to_resume(
     assert int(train.load_checkpoint(str(run))["step"]) == stopped + 7
     resumed = [m["step"] for m in train.read_metrics(str(run)) if m["step"] > stopped]
     assert resumed and resumed[-1] == stopped + 7 and resumed[0] > stopped
+
+
+def test_unset_options_take_the_model_defaults_and_the_run_records_them(tmp_path):
+    from trainers.options import MODEL_DEFAULTS
+
+    index = tiny_index(CONTINUOUS, {})
+    mlp = train.new_run_config(index, TrainOptions(input="x", output=str(tmp_path / "m")))
+    assert mlp.options.model == "mlp"
+    assert {k: getattr(mlp.options, k) for k in MODEL_DEFAULTS["mlp"]} == MODEL_DEFAULTS["mlp"]
+    assert mlp.model["window"] == 1 and mlp.model["mlp_layers"] == 2
+    linears = [m for m in train.build_model(mlp.model).network if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 3  # 2 hidden layers and the output
+
+    transformer = train.new_run_config(
+        index, TrainOptions(input="x", output=str(tmp_path / "t"), model="transformer")
+    )
+    assert transformer.model["window"] == WINDOW  # the shards' window
+    assert (transformer.options.batch_size, transformer.options.lr) == (64, 3e-4)
+
+    asked = TrainOptions(input="x", output="y", window=2, batch_size=7, lr=0.5, n_layer=4)
+    kept = train.new_run_config(index, asked)
+    assert (kept.options.batch_size, kept.options.lr, kept.model["window"]) == (7, 0.5, 2)
+    assert kept.model["mlp_layers"] == 4
+    with pytest.raises(ValueError, match="--window must be between 1 and the shards' window"):
+        train.new_run_config(index, TrainOptions(input="x", output="y", window=WINDOW + 1))
+
+    # A run records the values it used, so a resumed run that leaves them unset keeps them.
+    assert RunConfig.model_validate_json(mlp.model_dump_json()).options.batch_size == 256
+    resumed = train.resumed_config(mlp, TrainOptions(input="x", output=str(tmp_path / "m")))
+    assert resumed.options.window == 1 and resumed.options.batch_size == 256

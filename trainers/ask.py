@@ -20,7 +20,8 @@ the dataset's mean return, and the Spearman rank correlation of achieved against
 (numbers by value; labels and sentences in the order they were listed). When achieved does
 not follow requested (correlation at most 0.5, or the highest request achieving no more than
 the lowest) the report carries a warning. It writes ask.json and ask.png (achieved vs
-requested, with the dataset's own return distribution marked).
+requested, with the dataset's own return distribution marked); the statistics and the plot
+are trainers/sweep_report.py.
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ from engine.collect import make_env
 from engine.progress import Progress
 from schemas.shard_index import encode_text
 from trainers.options import RunConfig
+from trainers.sweep_report import (
+    follow_warning,
+    is_return_to_go,
+    mean_ci95,
+    plot_sweep,
+    sweep_reference,
+)
 from trainers.train import load_policy
-
-# Achieved "follows" requested when their rank correlation is above this (and rises).
-FOLLOWS_CORRELATION = 0.5
 
 
 def tokenize(text: str, vocabulary: list[str], max_tokens: int) -> list[int]:
@@ -50,8 +55,17 @@ def tokenize(text: str, vocabulary: list[str], max_tokens: int) -> list[int]:
     return [int(i) for i in encode_text([text], vocabulary, max_tokens)[0]]
 
 
-def is_return_to_go(column: str) -> bool:
-    return "return_to_go" in column
+def return_to_go_range(spec: dict[str, Any]) -> tuple[float, float]:
+    """The return-to-go values a rollout may ask for: the range the data holds (the shard
+    index's min and max of the column). A request above it starts at the data's best, and
+    once an episode has earned more than was asked the policy is asked for the data's best
+    from there on, never for a return-to-go no trajectory had (off the data the policy's
+    answer is arbitrary: asked past the top, achieved return falls instead of rising)."""
+    low, high = spec.get("min"), spec.get("max")
+    return (
+        -math.inf if low is None else float(low),
+        math.inf if high is None else float(high),
+    )
 
 
 def parse_value(spec: dict[str, Any], column: str, text: str) -> Any:
@@ -142,6 +156,12 @@ def rollout(
         for column, spec in specs.items()
         if spec["type"] == "scalar"
     }
+    # Return-to-go is kept within the range the data holds (see `return_to_go_range`).
+    ranges = {
+        column: return_to_go_range(specs[column])
+        for column in scalar_now
+        if is_return_to_go(column)
+    }
     returns = np.zeros(episodes)
     success = np.zeros(episodes, dtype=bool)
     has_success = False
@@ -150,6 +170,8 @@ def rollout(
         history_obs[:, t] = np.stack([_observation_vector(o) for o in observations])
         for column, spec in specs.items():
             if spec["type"] == "scalar":
+                if column in ranges:
+                    np.clip(scalar_now[column], *ranges[column], out=scalar_now[column])
                 history_cond[column][:, t] = scalar_now[column]
             elif spec["type"] == "vector":
                 if isinstance(observations[0], dict) and "desired_goal" in observations[0]:
@@ -207,16 +229,6 @@ def rollout(
     if has_success:
         result["successes"] = success.astype(float).tolist()
     return result
-
-
-def mean_ci95(values: list[float]) -> tuple[float, float, float]:
-    """Mean and a normal-approximation 95% interval of the mean."""
-    array = np.asarray(values, dtype=float)
-    mean = float(array.mean())
-    if len(array) < 2:
-        return mean, mean, mean
-    half = 1.96 * float(array.std(ddof=1)) / math.sqrt(len(array))
-    return mean, mean - half, mean + half
 
 
 def achieved_metric(config: RunConfig, columns: list[str]) -> str:
@@ -368,128 +380,3 @@ def sweep(
             json.dump(report, handle, indent=2)
         plot_sweep(report, config.index.get("episode_return"), os.path.join(out_dir, "ask.png"))
     return report
-
-
-# --- the sweep's references ------------------------------------------------------------------
-
-
-def ranks(values: list[float]) -> np.ndarray:
-    """1-based ranks; tied values share the mean of their ranks (as Spearman's rho wants)."""
-    _, inverse, counts = np.unique(
-        np.asarray(values, float), return_inverse=True, return_counts=True
-    )
-    last = np.cumsum(counts)
-    return (last - (counts - 1) / 2.0)[inverse]
-
-
-def spearman(xs: list[float], ys: list[float]) -> float | None:
-    """Spearman's rank correlation (Pearson's over ranks); None for fewer than two points or
-    a constant side, where it is undefined."""
-    if len(xs) < 2:
-        return None
-    x, y = ranks(xs), ranks(ys)
-    x, y = x - x.mean(), y - y.mean()
-    scale = math.sqrt(float((x * x).sum() * (y * y).sum()))
-    return float((x * y).sum() / scale) if scale > 0 else None
-
-
-def sweep_reference(results: list[dict[str, Any]], dataset_return: float | None) -> dict[str, Any]:
-    """The references of a sweep's rows: the dataset's mean return, the rank correlation of
-    achieved against requested, and whether achieved follows requested (correlation above
-    0.5 and the highest request achieving more than the lowest; None for one row).
-
-    Numbers are ordered by value; labels and sentences in the order they were requested."""
-    requested = [row["requested"] for row in results]
-    order = (
-        requested if all(isinstance(v, float) for v in requested) else list(range(len(requested)))
-    )
-    achieved = [row["achieved_mean"] for row in results]
-    correlation = spearman(order, achieved)
-    follows = None
-    if len(results) >= 2:
-        lowest, highest = int(np.argmin(order)), int(np.argmax(order))
-        rises = achieved[highest] > achieved[lowest]
-        follows = correlation is not None and correlation > FOLLOWS_CORRELATION and rises
-    return {
-        "dataset_mean_return": dataset_return,
-        "spearman": correlation,
-        "follows_request": follows,
-    }
-
-
-def follow_warning(reference: dict[str, Any], column: str, metric: str) -> str | None:
-    """A warning line when achieved does not follow requested; None when it does."""
-    if reference["follows_request"] is not False:
-        return None
-    correlation = reference["spearman"]
-    shown = "undefined (achieved is constant)" if correlation is None else f"{correlation:.2f}"
-    return (
-        f"warning: the achieved {metric} does not follow the requested {column} "
-        f"(Spearman rank correlation {shown}; it should be above {FOLLOWS_CORRELATION} and the "
-        "highest request should achieve more than the lowest)"
-    )
-
-
-def format_sweep(report: dict[str, Any]) -> list[str]:
-    """The sweep as printed: one row per requested value, the references, the warning."""
-    lines = [f"{'requested':>12} {'achieved':>10}  95% CI"]
-    for row in report["results"]:
-        low, high = row["achieved_ci95"]
-        lines.append(
-            f"{row['requested']!s:>12} {row['achieved_mean']:>10.2f}  [{low:.2f}, {high:.2f}]"
-        )
-    reference = report["reference"]
-    if reference["dataset_mean_return"] is not None:
-        lines.append(f"dataset mean return: {reference['dataset_mean_return']:.2f}")
-    if reference["spearman"] is not None:
-        lines.append(
-            f"rank correlation of achieved vs requested (Spearman): {reference['spearman']:.2f}"
-        )
-    if report["warning"]:
-        lines.append(report["warning"])
-    return lines
-
-
-def plot_sweep(report: dict[str, Any], dataset_return: dict[str, Any] | None, path: str) -> None:
-    """Achieved vs requested, with the dataset's own return distribution marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    results = report["results"]
-    numeric = all(isinstance(r["requested"], float) for r in results)
-    xs = [r["requested"] for r in results] if numeric else list(range(len(results)))
-    means = np.array([r["achieved_mean"] for r in results])
-    lows = means - np.array([r["achieved_ci95"][0] for r in results])
-    highs = np.array([r["achieved_ci95"][1] for r in results]) - means
-    figure, axis = plt.subplots(figsize=(6, 4.5))
-    axis.errorbar(xs, means, yerr=[lows, highs], fmt="o-", capsize=4, label="achieved (95% CI)")
-    if dataset_return and report["metric"] == "return":
-        # The dataset's own returns: mean, 5th-95th percentiles, and the quantiles as a rug
-        # on the right edge, so "above the data" is visible at a glance.
-        quantiles = {float(q): v for q, v in (dataset_return.get("quantiles") or {}).items()}
-        axis.axhline(
-            dataset_return["mean"], color="grey", linestyle="--", label="dataset mean return"
-        )
-        for q, label in ((0.05, "dataset 5th / 95th percentile"), (0.95, None)):
-            if q in quantiles:
-                axis.axhline(quantiles[q], color="grey", linestyle=":", linewidth=1, label=label)
-        if quantiles:
-            axis.plot([1.0] * len(quantiles), list(quantiles.values()), "_", color="grey",
-                      markersize=14, transform=axis.get_yaxis_transform(), clip_on=False,
-                      label="dataset return quantiles")  # fmt: skip
-        if numeric and is_return_to_go(report["condition"]):
-            line = [min(xs), max(xs)]
-            axis.plot(line, line, color="black", linewidth=0.8, label="achieved = requested")
-    if not numeric:
-        axis.set_xticks(xs, [str(r["requested"]) for r in results])
-    axis.set_xlabel(f"requested {report['condition']}")
-    axis.set_ylabel(f"achieved {report['metric']}")
-    correlation = (report.get("reference") or {}).get("spearman")
-    shown = f" (Spearman {correlation:.2f})" if correlation is not None else ""
-    axis.set_title(f"{report['env']}: asking for {report['condition']}{shown}")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)

@@ -125,10 +125,13 @@ class ConditionEncoder(nn.Module):
         )
 
     def forward(self, batch: dict[str, torch.Tensor], batch_size: int, window: int) -> torch.Tensor:
-        device = next(iter(batch.values())).device
-        total = torch.zeros(batch_size, window, self.d_model, device=device)
+        total: torch.Tensor | None = None
         for column in self.columns:
             if column not in batch:
                 raise KeyError(f"batch has no condition column {column!r}")
-            total = total + self.encoders[column](batch[column], window)
+            encoded = self.encoders[column](batch[column], window)
+            total = encoded if total is None else total + encoded
+        if total is None:
+            device = next(iter(batch.values())).device
+            return torch.zeros(batch_size, window, self.d_model, device=device)
         return total

@@ -30,18 +30,28 @@ def model_config(
     n_layer: int = 3,
     n_head: int = 4,
     hidden: int = 256,
+    window: int | None = None,
 ) -> dict[str, Any]:
-    """Everything needed to rebuild a model, as plain data (it travels in checkpoints)."""
+    """Everything needed to rebuild a model, as plain data (it travels in checkpoints).
+
+    `window` is the steps per training window (default: the shards' window); `n_layer` the
+    MLP's hidden layers or the transformer's blocks (trainers.options.MODEL_DEFAULTS)."""
     from trainers.encoders import condition_specs
 
     if kind not in ("transformer", "mlp"):
         raise ValueError(f"--model must be 'transformer' or 'mlp', got {kind!r}")
-    return {
+    shard_window = int(index["window"])
+    window = shard_window if window is None else window
+    if not 1 <= window <= shard_window:
+        raise ValueError(
+            f"--window must be between 1 and the shards' window ({shard_window}), got {window}"
+        )
+    config = {
         "kind": kind,
         "observation_dim": int(math.prod(index["observation"]["shape"])),
         "action": dict(index["action"]),
         "conditions": condition_specs(index.get("conditions", {}), conditions),
-        "window": int(index["window"]),
+        "window": int(window),
         # Per-dimension statistics from the shard index when it has them; otherwise the
         # trainer fits them on its first batch.
         "observation_mean": index["observation"].get("mean"),
@@ -52,6 +62,10 @@ def model_config(
         "hidden": hidden,
         "max_timestep": 4096,
     }
+    if kind == "mlp":
+        # An MLP config without this key is an older one: 3 hidden layers, whatever n_layer.
+        config["mlp_layers"] = n_layer
+    return config
 
 
 class ActionSpace(nn.Module):
@@ -136,20 +150,18 @@ class Policy(nn.Module):
 
 
 class MLPPolicy(Policy):
-    """RvS: a ~1M-parameter-or-less MLP on (state_t, g_t), applied to every step independently."""
+    """RvS: an MLP on (state_t, g_t), applied to every step of the window independently
+    (by default the window is one step: the MLP trains on single steps)."""
 
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
         hidden, d_model = config["hidden"], config["d_model"]
-        self.network = nn.Sequential(
-            nn.Linear(config["observation_dim"] + d_model, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, self.actions.output_dim),
-        )
+        layers: list[nn.Module] = []
+        width = config["observation_dim"] + d_model
+        for _ in range(int(config.get("mlp_layers", 3))):
+            layers += [nn.Linear(width, hidden), nn.GELU()]
+            width = hidden
+        self.network = nn.Sequential(*layers, nn.Linear(width, self.actions.output_dim))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         observation = self.normalized_observation(batch)

@@ -27,20 +27,42 @@ class TrainOptions(BaseModel):
         default_factory=list,
         description="Conditioning columns of the shard index; none = behaviour cloning.",
     )
-    model: Literal["transformer", "mlp"] = Field(
-        default="transformer", description="Causal transformer over the window, or an MLP."
+    model: Literal["mlp", "transformer"] = Field(
+        default="mlp",
+        description="An MLP on single steps (RvS), or a causal transformer over the window "
+        "(Decision Transformer).",
     )
-    steps: int = Field(default=2000, ge=1, description="Optimizer steps (one batch each).")
+    window: int | None = Field(
+        default=None,
+        ge=1,
+        description="Steps per training window, at most the shards' window; default: 1 for "
+        "the MLP (it trains on single steps), the shards' window for the transformer.",
+    )
+    steps: int = Field(default=5000, ge=1, description="Optimizer steps (one batch each).")
     seed: int = Field(default=0, description="Seed of model initialization and shuffling.")
-    batch_size: int = Field(default=64, ge=1, description="Windows per batch (per worker).")
-    lr: float = Field(default=3e-4, gt=0, description="Peak learning rate (AdamW).")
+    batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Windows per batch (per worker); default 256 for the MLP, 64 for the "
+        "transformer.",
+    )
+    lr: float | None = Field(
+        default=None,
+        gt=0,
+        description="Peak learning rate (AdamW); default 1e-3 for the MLP, 3e-4 for the "
+        "transformer.",
+    )
     weight_decay: float = Field(default=1e-4, ge=0, description="AdamW weight decay.")
     warmup: int = Field(
         default=100, ge=0, description="Linear warmup steps (capped at 10 percent of the steps)."
     )
     grad_clip: float = Field(default=1.0, gt=0, description="Gradient norm clipping.")
     d_model: int = Field(default=128, ge=8, description="Width of embeddings and tokens.")
-    n_layer: int = Field(default=3, ge=1, description="Transformer blocks.")
+    n_layer: int | None = Field(
+        default=None,
+        ge=1,
+        description="Hidden layers of the MLP (default 2) or blocks of the transformer (3).",
+    )
     n_head: int = Field(default=4, ge=1, description="Attention heads.")
     hidden: int = Field(default=256, ge=8, description="MLP hidden width.")
     shuffle_buffer: int = Field(default=65536, ge=1, description="Loader shuffle buffer (windows).")
@@ -60,6 +82,15 @@ class TrainOptions(BaseModel):
         return [column for column in columns if column and column != "none"]
 
 
+# The defaults that depend on the model, for the options left unset (None). The MLP is RvS
+# (Emmons et al. 2021: an MLP on single steps matches Decision Transformer on offline data):
+# single steps, 2 hidden layers, 256 steps a batch, 1e-3. The transformer sees the shards'
+# windows (`window` unset), 64 windows (of 20 steps, say) a batch, a lower rate for attention.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mlp": {"window": 1, "n_layer": 2, "batch_size": 256, "lr": 1e-3},
+    "transformer": {"n_layer": 3, "batch_size": 64, "lr": 3e-4},
+}
+
 # The files of a run directory.
 CONFIG = "config.json"  # what was asked (RunConfig, plain JSON)
 CHECKPOINT = "checkpoint.pt"  # tensors and plain containers (torch.load weights_only=True)
@@ -68,7 +99,9 @@ METRICS = "metrics.jsonl"  # one JSON line every log_every steps
 # Settings a resumed run may change; every other setting is the recorded run's.
 RESUMABLE = ("steps", "log_every", "checkpoint_every", "device")
 # Settings that define the model and its data: a resumed run must ask for the same.
-FIXED_ON_RESUME = ("input", "condition", "model", "d_model", "n_layer", "n_head", "hidden")
+FIXED_ON_RESUME = (
+    "input", "condition", "model", "window", "d_model", "n_layer", "n_head", "hidden",
+)  # fmt: skip
 # How runs written before this module recorded two fields.
 _OLD_NAMES = {"shards": "input", "run_dir": "output"}
 
@@ -78,6 +111,18 @@ def trainer_options(options: TrainOptions) -> TrainOptions:
     if type(options) is TrainOptions:
         return options
     return TrainOptions.model_validate(options.model_dump(include=set(TrainOptions.model_fields)))
+
+
+def with_model_defaults(options: TrainOptions) -> TrainOptions:
+    """`options` with every unset option that depends on the model set to that model's
+    default (`MODEL_DEFAULTS`); a run records its options this way."""
+    options = trainer_options(options)
+    unset = {
+        key: value
+        for key, value in MODEL_DEFAULTS[options.model].items()
+        if getattr(options, key) is None
+    }
+    return options.model_copy(update=unset) if unset else options
 
 
 class RunConfig(BaseModel):

@@ -135,7 +135,7 @@ class Ask(Command):
         }
 
     def report(self, result: dict[str, Any], seconds: float) -> str:
-        from trainers.ask import format_sweep
+        from trainers.sweep_report import format_sweep
 
         if self.sweep:
             lines = format_sweep(result)

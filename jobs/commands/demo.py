@@ -31,7 +31,7 @@ class Demo(RayCommand):
     """Collect, relabel, shard, train and ask on Pendulum-v1, end to end, and print what
     asking buys over the data and over behaviour cloning.
 
-        hindsight demo                  # about 2 minutes on 2 CPU cores
+        hindsight demo                  # about a minute on 2 CPU cores
         hindsight demo --small          # the reduced size CI runs
     """
 
@@ -54,8 +54,9 @@ class Demo(RayCommand):
 
 
 def _sizes(options: Demo) -> dict[str, int]:
+    # Full size trains with the trainer's defaults (trainers/options.py: MODEL_DEFAULTS).
     small = {"episodes": 50, "steps": 300, "eval_episodes": 4, "batch_size": 64}
-    full = {"episodes": 300, "steps": 3000, "eval_episodes": 20, "batch_size": 128}
+    full = {"episodes": 300, "steps": 5000, "eval_episodes": 20, "batch_size": None}
     sizes = dict(small if options.small else full)
     for key in ("episodes", "steps", "eval_episodes"):
         if getattr(options, key) is not None:
@@ -161,7 +162,6 @@ def run_demo(options: Demo) -> dict[str, Any]:
         "steps": sizes["steps"],
         "batch_size": sizes["batch_size"],
         "seed": options.seed,
-        "lr": 1e-3,
         "log_every": max(10, sizes["steps"] // 20),
         "checkpoint_every": sizes["steps"],
     }

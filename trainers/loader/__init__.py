@@ -12,7 +12,10 @@
 seed=0, rank=0, world_size=1, num_workers=0, epochs=None (forever), start_state=None,
 drop_last=False, on_error="raise" | "skip", pin_memory=False,
 multiprocessing_context=None (DataLoader's; "forkserver" where the process has threads that
-make fork unsafe))` returns a `ShardStream`; `read_index(uri)` refuses a directory without a
+make fork unsafe), window=None (steps per window, at most the index's: 1 gives single steps,
+each step of the shards once per epoch with stride 1), prefetch=0 (batches made ahead in a
+background thread, with num_workers=0: loading overlaps the training step))` returns a
+`ShardStream`; `read_index(uri)` refuses a directory without a
 committed index.json.
 
 A batch is a dict of torch tensors (B = batch size, W = window):

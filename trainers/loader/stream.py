@@ -13,6 +13,8 @@ arguments and builds one.
 
 from __future__ import annotations
 
+import queue
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -54,6 +56,8 @@ class StreamOptions:
     pin_memory: bool = False
     multiprocessing_context: str | None = None
     prefetch_factor: int = 4
+    window: int | None = None  # steps per window cut; None: the index's window
+    prefetch: int = 0  # batches made ahead in a background thread (num_workers=0 only)
 
     @property
     def consumers(self) -> int:
@@ -186,6 +190,7 @@ class WindowDataset(torch.utils.data.IterableDataset):
                     consumer=consumer,
                     drop_last=o.drop_last,
                     first_batch=first,
+                    window=o.window,
                 ):
                     state = {**after.to_dict(), "worker": worker, "lost_windows": lost.count}
                     produced += 1
@@ -223,6 +228,49 @@ def unpack_batch(buffer: torch.Tensor, layout: list[tuple]) -> dict[str, torch.T
     return batch
 
 
+def in_background(source: Iterator[Any], depth: int) -> Iterator[Any]:
+    """The items of `source`, made up to `depth` ahead by a daemon thread: the loader's file
+    reads and NumPy gathers overlap the model's step (PyTorch releases the GIL while it
+    computes). An error in `source` is raised here, after the items before it; closing
+    this generator stops the thread."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in source:
+                if not put((item, None)):
+                    return
+        except BaseException as error:  # handed to the consumer, raised there
+            put((end, error))
+            return
+        put((end, None))
+
+    thread = threading.Thread(target=produce, name="hindsight-loader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = items.get()
+            if item is end:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
 class ShardStream:
     """An iterable of batches (dicts of torch tensors) with a resumable position.
 
@@ -258,7 +306,9 @@ class ShardStream:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         o = self.options
         dataset = WindowDataset(self.uri, self.index, o, list(self.positions))
-        if o.num_workers == 0:
+        if o.num_workers == 0 and o.prefetch > 0:
+            source = in_background(iter(dataset), o.prefetch)
+        elif o.num_workers == 0:
             source = iter(dataset)
         else:
             source = iter(
@@ -272,12 +322,17 @@ class ShardStream:
                     multiprocessing_context=o.multiprocessing_context,
                 )
             )
-        for batch, state in source:
-            if isinstance(batch, (tuple, list)):
-                batch = unpack_batch(*batch)
-            worker = int(state.pop("worker"))
-            self.positions[worker] = {k: int(v) for k, v in state.items()}
-            yield batch
+        try:
+            for batch, state in source:
+                if isinstance(batch, (tuple, list)):
+                    batch = unpack_batch(*batch)
+                worker = int(state.pop("worker"))
+                self.positions[worker] = {k: int(v) for k, v in state.items()}
+                yield batch
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()  # a background thread stops with its consumer
 
 
 def stream(
@@ -296,6 +351,8 @@ def stream(
     on_error: str = "raise",
     pin_memory: bool = False,
     multiprocessing_context: str | None = None,
+    window: int | None = None,
+    prefetch: int = 0,
 ) -> ShardStream:
     """Batches of windows from the shards at `uri` (see trainers/loader/__init__.py).
 
@@ -313,6 +370,10 @@ def stream(
         )
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    if window is not None and not 1 <= window <= index.window:
+        raise ValueError(
+            f"{uri}: window must be between 1 and the shards' window {index.window}, got {window}"
+        )
     if batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(
             f"need batch_size >= 1 and 0 <= rank < world_size (got {batch_size}, {rank}, {world_size})"
@@ -330,6 +391,8 @@ def stream(
         on_error=on_error,
         pin_memory=pin_memory,
         multiprocessing_context=multiprocessing_context,
+        window=window,
+        prefetch=prefetch,
     )
     if len(index.shards) < options.consumers:
         warnings.warn(

@@ -232,10 +232,12 @@ def pool_batches(
     consumer: int,
     drop_last: bool,
     first_batch: int = 0,
+    window: int | None = None,
 ) -> Iterator[tuple[dict[str, np.ndarray], Position]]:
     """The batches of a pool from batch `first_batch` on, each with the position after it:
     a seeded permutation of the pool's windows, `batch_size` at a time (the last one
-    smaller unless `drop_last`). Seeds: (seed, epoch, consumer, pool[, batch])."""
+    smaller unless `drop_last`), each window its last `window` steps (default: the
+    index's window; 1: single steps). Seeds: (seed, epoch, consumer, pool[, batch])."""
     arrays = pool_arrays(pool)
     total = len(arrays.end)
     epoch, number_of_pool = pool.start.epoch, pool.start.pool
@@ -244,7 +246,7 @@ def pool_batches(
     for number in range(first_batch, batches):
         selected = order[number * batch_size : (number + 1) * batch_size]
         rng = np.random.default_rng([seed, epoch, consumer, number_of_pool, number])
-        batch = cut_windows(arrays, selected, index.window, index, conditions, rng)
+        batch = cut_windows(arrays, selected, window or index.window, index, conditions, rng)
         after = (
             Position(**{**pool.start.to_dict(), "batch": number + 1})
             if number + 1 < batches
