@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from engine import storage
 from engine.dataset import BASE_GROUP, LEVELS, Dataset, DatasetError
 from schemas import steps as cols
+from schemas.frames import FRAMES_GROUP, CameraInfo
 from schemas.manifest import (
     MANIFEST_NAME,
     ColumnGroup,
@@ -322,10 +323,13 @@ def assemble_group(
     name: str,
     written: Sequence[WrittenPart],
     relabeler: RelabelerInfo | None = None,
+    cameras: dict[str, CameraInfo] | None = None,
 ) -> ColumnGroup:
-    """A column group from the parts written for it (in any order)."""
+    """A column group from the parts written for it (in any order); `cameras` for the frames
+    group (schemas/frames.py)."""
     ordered = sorted(written, key=lambda w: w.index)
     return ColumnGroup(
+        cameras=cameras or {},
         name=name,
         root=storage.normalize(dataset_uri),
         steps_files=[w.steps_file for w in ordered if w.steps_file is not None],
@@ -395,12 +399,18 @@ def base_manifest(
     parent: Dataset | None = None,
     metadata: dict[str, Any] | None = None,
     details: dict[str, Any] | None = None,
+    cameras: dict[str, CameraInfo] | None = None,
 ) -> Manifest:
-    """The manifest of a self-contained version whose only group is `base`."""
-    group = assemble_group(dataset_uri, BASE_GROUP, written)
+    """The manifest of a self-contained version: the `base` group, and the `frames` group
+    when parts of it were written (with its `cameras`)."""
+    group = assemble_group(dataset_uri, BASE_GROUP, [w for w in written if w.group == BASE_GROUP])
+    frames = [w for w in written if w.group == FRAMES_GROUP]
+    groups = [group]
+    if frames:
+        groups.append(assemble_group(dataset_uri, FRAMES_GROUP, frames, cameras=cameras))
     ordered = sorted(written, key=lambda w: w.index)
     return new_manifest(
-        groups=[group],
+        groups=groups,
         parts=[w.part for w in ordered if w.part is not None],
         operation=operation,
         command=command,
@@ -427,74 +437,3 @@ def inherit_groups(parent: Dataset, new_groups: Sequence[ColumnGroup]) -> list[C
                 )
     inherited = [g.model_copy(update={"inherited": True}) for g in parent.manifest.groups]
     return inherited + list(new_groups)
-
-
-# ---------------------------------------------------------------- whole tables
-
-
-def split_into_parts(episode_lengths: np.ndarray, part_steps: int) -> list[tuple[int, int]]:
-    """Episode index ranges [start, stop) holding about `part_steps` steps each.
-
-    Whole episodes only: a part may exceed `part_steps` by less than one episode.
-    """
-    ends = np.cumsum(episode_lengths)
-    ranges = []
-    start = 0
-    while start < len(episode_lengths):
-        offset = ends[start - 1] if start else 0
-        stop = int(np.searchsorted(ends, offset + part_steps, side="left")) + 1
-        stop = min(max(stop, start + 1), len(episode_lengths))
-        ranges.append((start, stop))
-        start = stop
-    return ranges
-
-
-def part_slices(
-    steps: pa.Table, episodes: pa.Table, part_steps: int
-) -> list[tuple[pa.Table, pa.Table]]:
-    """(steps, episodes) slices of whole episodes, about `part_steps` steps each
-    (`split_into_parts`); `steps` sorted by (episode_id, t), `episodes` by episode_id."""
-    lengths = cols.arrow_to_numpy(episodes.column(cols.LENGTH))
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    return [
-        (
-            steps.slice(offsets[start], offsets[stop] - offsets[start]),
-            episodes.slice(start, stop - start),
-        )
-        for start, stop in split_into_parts(lengths, part_steps)
-    ]
-
-
-def write_dataset(
-    dataset_uri: str,
-    steps: pa.Table,
-    episodes: pa.Table,
-    *,
-    operation: str,
-    command: str,
-    metadata: dict[str, Any] | None = None,
-    parent: Dataset | None = None,
-    details: dict[str, Any] | None = None,
-    part_steps: int = DEFAULT_PART_STEPS,
-) -> Manifest:
-    """Write a self-contained version with a single `base` group from whole tables, in this
-    process (tests and small data; jobs write part by part). `steps` sorted by
-    (episode_id, t), `episodes` by episode_id, with the same episodes."""
-    with VersionWriter(dataset_uri) as writer:
-        written = [
-            writer.write_part(index, part_steps_table, part_episodes)
-            for index, (part_steps_table, part_episodes) in enumerate(
-                part_slices(steps, episodes, part_steps)
-            )
-        ]
-        manifest = base_manifest(
-            writer.uri,
-            written,
-            operation=operation,
-            command=command,
-            parent=parent,
-            metadata=metadata,
-            details=details,
-        )
-        writer.commit(manifest)
-    return manifest

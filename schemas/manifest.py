@@ -18,6 +18,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.frames import CameraInfo
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SKIPPED_REPORT_NAME = "skipped.json"
@@ -79,6 +81,12 @@ class ColumnGroup(_Model):
     relabeler: RelabelerInfo | None = None
     inherited: bool = Field(
         default=False, description="True when the files belong to a parent version."
+    )
+    cameras: dict[str, CameraInfo] = Field(
+        default_factory=dict,
+        exclude_if=lambda cameras: not cameras,  # groups without frames stay as they were
+        description="The frames group's cameras: column frame_<camera> -> shape and codec "
+        "(schemas/frames.py).",
     )
 
 

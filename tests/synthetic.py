@@ -8,12 +8,12 @@ import numpy as np
 import pyarrow as pa
 
 from engine.dataset import Dataset, open_dataset
+from engine.parts import write_dataset
 from engine.writer import (
     VersionWriter,
     assemble_group,
     inherit_groups,
     new_manifest,
-    write_dataset,
 )
 from schemas import steps as cols
 from schemas.manifest import RelabelerInfo

@@ -13,7 +13,8 @@ import pytest
 import engine
 from engine import storage
 from engine.dataset import DatasetError, open_dataset
-from engine.writer import VersionWriter, base_manifest, split_into_parts
+from engine.parts import split_into_parts
+from engine.writer import VersionWriter, base_manifest
 from tests.synthetic import attach_group, make_episodes, write_synthetic_dataset
 
 

@@ -29,10 +29,11 @@ import polars as pl
 import pyarrow as pa
 
 from engine.dataset import Dataset
+from engine.parts import split_into_parts
 from engine.progress import Progress
 from engine.query.plan import QueryError
 from engine.query.read import ReadStats, episode_table
-from engine.writer import VersionWriter, WrittenPart, split_into_parts
+from engine.writer import VersionWriter, WrittenPart
 from schemas import steps as cols
 
 # The id an episode had before `--cluster-by` first renumbered it; kept by later clusterings.

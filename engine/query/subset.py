@@ -10,6 +10,7 @@ import polars as pl
 import pyarrow as pa
 
 from engine.dataset import LEVELS, Dataset
+from engine.parts import part_slices
 from engine.progress import Progress
 from engine.query.cluster import check_cluster_columns, cluster_order, write_clustered
 from engine.query.plan import QueryError
@@ -30,7 +31,6 @@ from engine.writer import (
     WrittenPart,
     base_manifest,
     check_new_output,
-    part_slices,
 )
 from schemas import steps as cols
 from schemas.manifest import Manifest

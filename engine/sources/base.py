@@ -39,9 +39,10 @@ import numpy as np
 import pyarrow as pa
 
 from engine import storage
+from engine.parts import split_into_parts
 from engine.sources.tables import EpisodeLabels
 from engine.validate import Problem
-from engine.writer import DEFAULT_PART_STEPS, split_into_parts
+from engine.writer import DEFAULT_PART_STEPS
 from schemas import steps as cols
 
 

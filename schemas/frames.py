@@ -1,0 +1,147 @@
+"""Camera frames: the column type, what the manifest and the shard index record per camera,
+and the image codecs (the one place frames are encoded and decoded).
+
+A dataset stores frames in a column group of its own, `frames`, aligned row for row with the
+base parts like any other group: one step-level column per camera, `frame_<camera>`, holding
+one encoded image per step (Arrow `binary`). Scans, queries and relabelers that do not ask for
+a frame column never read these files. The group's `cameras` entry in the manifest says, per
+camera, the frame shape, dtype (uint8) and codec with its settings (`CameraInfo`).
+
+Frames are H x W x C uint8 (C = 1 or 3), in the order a gymnasium `render()` returns them.
+Encoded frames that arrive encoded (JPEG from a Minari source, PNG from a LeRobot image
+feature) are stored as they came, never decoded and re-encoded.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+FRAMES_GROUP = "frames"
+FRAME_PREFIX = "frame_"
+DEFAULT_CAMERA = "render"  # the camera `collect --frames` records: the env's own render()
+
+Codec = Literal["png", "jpeg", "webp"]
+CODECS: tuple[str, ...] = ("png", "jpeg", "webp")
+DEFAULT_QUALITY = {"jpeg": 90, "webp": 90}  # lossy codecs only; png is lossless
+_PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+# A decoded frame larger than this is refused before decoding (a decompression bomb, a 4K
+# frame where the camera says 84x84): checked against the header's size.
+MAX_FRAME_PIXELS = 4096 * 4096
+
+
+class FrameError(ValueError):
+    """A frame that is not what its camera says (size, channels, codec) or does not decode."""
+
+
+class CameraInfo(BaseModel):
+    """One camera: the shape of its frames and how they are encoded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    height: int = Field(ge=1)
+    width: int = Field(ge=1)
+    channels: Literal[1, 3] = 3
+    dtype: Literal["uint8"] = "uint8"
+    codec: Codec = "png"
+    quality: int | None = Field(
+        default=None, ge=1, le=100, description="JPEG/WebP quality; None for PNG."
+    )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+
+def frame_column(camera: str) -> str:
+    """The step column that holds a camera's frames."""
+    if not camera or not camera.replace("_", "").isalnum():
+        raise ValueError(f"a camera name is letters, digits and underscores, got {camera!r}")
+    return FRAME_PREFIX + camera
+
+
+def camera_of(column: str) -> str | None:
+    """The camera a column holds frames of, or None for any other column."""
+    return column[len(FRAME_PREFIX) :] if column.startswith(FRAME_PREFIX) else None
+
+
+def encode_frame(frame: np.ndarray, camera: CameraInfo) -> bytes:
+    """One H x W x C uint8 frame in the camera's codec."""
+    from PIL import Image
+
+    check_frame_array(frame, camera)
+    image = Image.fromarray(frame[:, :, 0] if camera.channels == 1 else frame)
+    out = io.BytesIO()
+    options: dict = {}
+    if camera.codec == "png":
+        options = {"compress_level": 6}
+    elif camera.codec == "jpeg":
+        options = {"quality": camera.quality or DEFAULT_QUALITY["jpeg"], "subsampling": 0}
+    else:
+        options = {"quality": camera.quality or DEFAULT_QUALITY["webp"], "method": 4}
+    image.save(out, format=_PIL_FORMAT[camera.codec], **options)
+    return out.getvalue()
+
+
+def encode_frames(frames: np.ndarray, camera: CameraInfo) -> list[bytes]:
+    """N frames (N x H x W x C uint8), each encoded on its own: any step decodes alone."""
+    return [encode_frame(frame, camera) for frame in frames]
+
+
+def decode_frame(data: bytes, camera: CameraInfo, where: str = "") -> np.ndarray:
+    """One encoded frame as H x W x C uint8, checked against the camera: size, channels and
+    codec must match, or a FrameError names `where` (file, episode, step or shard, sample)."""
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format != _PIL_FORMAT[camera.codec]:
+            raise FrameError(f"is {image.format or 'not an image'}, the camera says {camera.codec}")
+        if image.width * image.height > MAX_FRAME_PIXELS or image.size != (
+            camera.width,
+            camera.height,
+        ):
+            raise FrameError(
+                f"is {image.width}x{image.height}, the camera says {camera.width}x{camera.height}"
+            )
+        array = np.asarray(image.convert("L" if camera.channels == 1 else "RGB"))
+    except FrameError as error:
+        raise FrameError(f"{where}: frame {error}") from None
+    except Exception as error:  # PIL raises many types for damaged data
+        raise FrameError(f"{where}: frame does not decode ({error})") from None
+    return array.reshape(camera.shape)
+
+
+def decode_frames(data: Sequence[bytes], camera: CameraInfo, where: str = "") -> np.ndarray:
+    """Frames as N x H x W x C uint8."""
+    out = np.empty((len(data), *camera.shape), dtype=np.uint8)
+    for i, item in enumerate(data):
+        out[i] = decode_frame(item, camera, f"{where} frame {i}" if where else f"frame {i}")
+    return out
+
+
+def check_frame_array(frames: np.ndarray, camera: CameraInfo, where: str = "") -> None:
+    """Raw frames (H x W x C or N x H x W x C) must be uint8 of the camera's shape."""
+    if frames.dtype != np.uint8:
+        raise FrameError(f"{where}: frames must be uint8, got {frames.dtype}".lstrip(": "))
+    if tuple(frames.shape[-3:]) != camera.shape:
+        raise FrameError(
+            f"{where}: frames of shape {tuple(frames.shape[-3:])}, the camera says "
+            f"{camera.shape}".lstrip(": ")
+        )
+
+
+def frames_table(columns: dict[str, Sequence[bytes]]) -> pa.Table:
+    """The steps table of a frames part: camera -> encoded frames, one per step of the base
+    part, in its row order."""
+    return pa.table(
+        {
+            frame_column(camera): pa.array(list(data), pa.binary())
+            for camera, data in columns.items()
+        }
+    )
