@@ -18,6 +18,7 @@ a task of the executor through the version writer and commits the manifest last.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -110,9 +111,19 @@ def load_policy(spec: str, env_id: str) -> Policy | None:
 # ---------------------------------------------------------------- rollouts
 
 
-def make_env(env_id: str, max_steps: int | None = None) -> gym.Env:
+def make_env(env_id: str, max_steps: int | None = None, render_mode: str | None = None) -> gym.Env:
+    """A gymnasium environment; `render_mode="rgb_array"` where frames are rendered
+    (`engine.frames.render_frame`)."""
+    options: dict[str, Any] = {}
+    if max_steps:
+        options["max_episode_steps"] = max_steps
+    if render_mode:
+        # SDL (pygame, which draws classic control) needs no display for rgb_array.
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+        os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+        options["render_mode"] = render_mode
     try:
-        return gym.make(env_id, max_episode_steps=max_steps) if max_steps else gym.make(env_id)
+        return gym.make(env_id, **options)
     except gym.error.Error as error:
         raise ValueError(f"cannot make gymnasium environment {env_id!r}: {error}") from error
 
