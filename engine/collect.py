@@ -11,8 +11,15 @@ The environment step loop is Python by nature (gymnasium steps one transition at
 everything after it is array code (`engine.sources.tables.build_tables`).
 
 Like ingest, collect runs in two steps: `plan_collect` fails early (an unknown env id, a
-bad policy) and cuts the episodes into parts; `collect` rolls out and writes each part in
-a task of the executor through the version writer and commits the manifest last.
+bad policy, an env that cannot render) and cuts the episodes into parts; `collect` rolls
+out and writes each part in a task of the executor through the version writer and commits
+the manifest last.
+
+With frames (`Rollouts.frames`), the env is made with render_mode="rgb_array" and each
+step's frame is the observation at t (rendered after reset, then after each step but the
+last), resized by `engine.frames.render_frame` and encoded at once in the part's task: a
+part holds only encoded frames in memory. They are written as the `frames` group next to
+the base part, the camera recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -29,9 +36,11 @@ import pyarrow as pa
 
 import engine.envs  # noqa: F401  (registers hindsight/PointGoal-v0)
 from engine.executor import Executor
+from engine.frames import render_frame
 from engine.sources.tables import EpisodeLabels, build_tables
 from engine.validate import ValidationError, check_stored_values
-from engine.writer import VersionWriter, WrittenPart, base_manifest
+from engine.writer import VersionWriter, WrittenParts, base_manifest
+from schemas.frames import DEFAULT_CAMERA, FRAMES_GROUP, CameraInfo, encode_frame, frames_table
 from schemas.manifest import Manifest
 
 Policy = Callable[[Any], Any]
@@ -159,17 +168,22 @@ def rollout(
     seed: int,
     episode: int,
     info_keys: dict[str, str],
+    frames: CameraInfo | None = None,
 ) -> dict[str, Any]:
-    """One episode with epsilon-noise `noise`, seeded by (seed, episode)."""
+    """One episode with epsilon-noise `noise`, seeded by (seed, episode); with `frames`,
+    also each step's encoded frame of the observation at t (the env renders rgb_array)."""
     rng = np.random.default_rng([seed, episode])
     env_seed, space_seed = (int(s) for s in rng.integers(0, 2**31 - 1, size=2))
     observation, _ = env.reset(seed=env_seed)
     env.action_space.seed(space_seed)
     record: dict[str, list] = {
-        k: [] for k in ("obs", "next_obs", "action", "reward", "term", "trunc")
+        k: [] for k in ("obs", "next_obs", "action", "reward", "term", "trunc", "frames")
     }
     infos: dict[str, list] = {key: [] for key in info_keys}
     while True:
+        if frames is not None:  # the frame of `observation`, before the step leaves it
+            frame = render_frame(env, frames.height, frames.width)
+            record["frames"].append(encode_frame(frame, frames))
         if policy is None or rng.random() < noise:
             action = env.action_space.sample()
         else:
@@ -203,6 +217,7 @@ def rollout(
         },
         "noise": np.full(length, noise, dtype=np.float32),
         "episode_id": np.full(length, episode, dtype=np.int64),
+        "frames": record["frames"],
     }
 
 
@@ -220,10 +235,30 @@ def collect_tables(
     info_keys: dict[str, str] | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """Roll out `episodes` (episode indices) and return the base step and episode tables."""
+    steps, episodes_table, _ = collect_part_tables(
+        env_id, policy_spec, episodes, noise_levels, seed, max_steps, info_keys
+    )
+    return steps, episodes_table
+
+
+def collect_part_tables(
+    env_id: str,
+    policy_spec: str,
+    episodes: range,
+    noise_levels: list[float],
+    seed: int,
+    max_steps: int | None = None,
+    info_keys: dict[str, str] | None = None,
+    frames: CameraInfo | None = None,
+) -> tuple[pa.Table, pa.Table, list[bytes]]:
+    """`collect_tables`, and with `frames` every step's encoded frame in row order."""
     policy = load_policy(policy_spec, env_id)
-    env = make_env(env_id, max_steps)
+    env = make_env(env_id, max_steps, render_mode="rgb_array" if frames else None)
     info_keys = scalar_info_keys(env_id, max_steps) if info_keys is None else info_keys
-    runs = [rollout(env, policy, noise_of(e, noise_levels), seed, e, info_keys) for e in episodes]
+    runs = [
+        rollout(env, policy, noise_of(e, noise_levels), seed, e, info_keys, frames)
+        for e in episodes
+    ]
     env.close()
 
     def cat(key: str) -> Any:
@@ -233,7 +268,8 @@ def collect_tables(
         return np.concatenate(values)
 
     infos = {NOISE_COLUMN: cat("noise"), **cat("infos")}
-    return build_tables(
+    encoded = [frame for run in runs for frame in run["frames"]]
+    steps, episodes_table = build_tables(
         episode_ids=cat("episode_id"),
         observation=cat("observation"),
         next_observation=cat("next_observation"),
@@ -244,6 +280,7 @@ def collect_tables(
         infos=infos,
         labels=EpisodeLabels(env_id, f"collect:{policy_spec}", (NOISE_COLUMN,)),
     )
+    return steps, episodes_table, encoded
 
 
 def describe_spaces(env_id: str, max_steps: int | None = None) -> dict[str, str]:
@@ -269,6 +306,8 @@ class Rollouts:
     noise_levels: tuple[float, ...] = (0.0,)  # episode e uses noise_levels[e % len]
     seed: int = 0  # episode e is seeded from (seed, e)
     max_steps: int | None = None  # overrides the environment's time limit
+    frames: CameraInfo | None = None  # record env.render() at this size and codec
+    camera: str = DEFAULT_CAMERA  # the frames' camera name (column frame_<camera>)
 
 
 @dataclass(frozen=True)
@@ -290,12 +329,27 @@ def plan_collect(rollouts: Rollouts, episodes: int, episodes_per_part: int) -> C
     the near miss) and cut `episodes` episodes into parts; nothing is rolled out."""
     info_keys = scalar_info_keys(rollouts.env_id, rollouts.max_steps)
     load_policy(rollouts.policy, rollouts.env_id)
+    if rollouts.frames is not None:
+        check_rendering(rollouts.env_id, rollouts.frames, rollouts.max_steps)
     parts = [
         range(start, min(start + episodes_per_part, episodes))
         for start in range(0, episodes, episodes_per_part)
     ]
     spaces = describe_spaces(rollouts.env_id, rollouts.max_steps)
     return CollectPlan(rollouts, parts, info_keys, spaces)
+
+
+def check_rendering(env_id: str, camera: CameraInfo, max_steps: int | None = None) -> None:
+    """The env renders an rgb_array frame that encodes in the camera's codec, or a
+    ValueError says why (no render_mode support, pygame missing)."""
+    env = make_env(env_id, max_steps, render_mode="rgb_array")
+    try:
+        env.reset(seed=0)
+        encode_frame(render_frame(env, camera.height, camera.width), camera)
+    except ImportError as error:
+        raise ValueError(f"{env_id}: cannot render frames: {error}") from error
+    finally:
+        env.close()
 
 
 @dataclass(frozen=True)
@@ -309,12 +363,12 @@ class CollectTask:
     writer: VersionWriter
 
 
-def collect_part(task: CollectTask) -> WrittenPart:
-    """Roll out, check and write one part (runs in a Ray task). A policy or environment
-    that produced a non-finite observation, action or reward fails the job: such steps
-    are never stored."""
+def collect_part(task: CollectTask) -> WrittenParts:
+    """Roll out, check and write one part (runs in a Ray task), with its frames part when
+    frames are recorded. A policy or environment that produced a non-finite observation,
+    action or reward fails the job: such steps are never stored."""
     rollouts = task.rollouts
-    steps, episodes = collect_tables(
+    steps, episodes, frames = collect_part_tables(
         rollouts.env_id,
         rollouts.policy,
         task.episodes,
@@ -322,13 +376,18 @@ def collect_part(task: CollectTask) -> WrittenPart:
         rollouts.seed,
         rollouts.max_steps,
         task.info_keys,
+        rollouts.frames,
     )
     problems = check_stored_values(f"collect {rollouts.env_id}", steps, episodes)
     if problems:
         raise ValidationError.of(
             problems, f"The policy {rollouts.policy!r} or the env is at fault."
         )
-    return task.writer.write_part(task.index, steps, episodes)
+    written = [task.writer.write_part(task.index, steps, episodes)]
+    if rollouts.frames is not None:
+        table = frames_table({rollouts.camera: frames})
+        written.append(task.writer.write_part(task.index, table, None, group=FRAMES_GROUP))
+    return WrittenParts(tuple(written))
 
 
 def collect(plan: CollectPlan, output: str, *, executor: Executor, command: str) -> Manifest:
@@ -364,6 +423,7 @@ def collect(plan: CollectPlan, output: str, *, executor: Executor, command: str)
             command=command,
             metadata=metadata,
             details={"episodes": plan.episodes, "noise": list(rollouts.noise_levels)},
+            cameras={rollouts.camera: rollouts.frames} if rollouts.frames else None,
         )
         writer.commit(manifest)
     return manifest

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import storage
+from schemas.frames import FRAMES_GROUP, CameraInfo
 from schemas.manifest import MANIFEST_NAME, ColumnGroup, Manifest, content_id
 from schemas.shard_index import describe_invalid
 
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
 
 BASE_GROUP = "base"
 LEVELS = ("steps", "episodes")
+# The Arrow types a frames group's columns may have, by the name the manifest records: its
+# schema is known without opening a file (scans and relabelers never touch frames files).
+_FRAME_TYPES = {str(pa.binary()): pa.binary(), str(pa.large_binary()): pa.large_binary()}
 
 
 class DatasetError(RuntimeError):
@@ -52,6 +56,11 @@ def read_schema(uri: str) -> pa.Schema:
         return pq.read_schema(path, filesystem=fs)
     except (OSError, pa.ArrowException) as error:
         raise unreadable(uri, error) from error
+
+
+def holds_frames(group: ColumnGroup) -> bool:
+    """Whether a column group holds camera frames: read only when a frame column is asked for."""
+    return group.name == FRAMES_GROUP or bool(group.cameras)
 
 
 def unreadable(uri: str, error: Exception) -> DatasetError:
@@ -76,15 +85,30 @@ class Dataset:
     def num_parts(self) -> int:
         return len(self.manifest.parts)
 
-    def columns(self, level: str = "steps") -> list[str]:
-        return [f.name for g in self.manifest.groups for f in getattr(g, f"{level}_columns")]
+    def columns(self, level: str = "steps", frames: bool = True) -> list[str]:
+        """The columns of a level, every group's; without the frame columns if not `frames`."""
+        return [
+            f.name
+            for g in self.manifest.groups
+            if frames or not holds_frames(g)
+            for f in getattr(g, f"{level}_columns")
+        ]
+
+    @property
+    def cameras(self) -> dict[str, CameraInfo]:
+        """The cameras of the version's frames (camera -> shape and codec); {} without frames."""
+        return {name: info for g in self.manifest.groups for name, info in g.cameras.items()}
 
     def arrow_schema(self, level: str = "steps") -> pa.Schema:
-        """The Arrow schema of a level, all groups together, from the first part's footers."""
+        """The Arrow schema of a level, all groups together, from the first part's footers
+        (a frames group's from the manifest: its files are not opened)."""
         fields: list[pa.Field] = []
         for group in self.manifest.groups:
             files = getattr(group, f"{level}_files")
-            if files:
+            columns = getattr(group, f"{level}_columns")
+            if holds_frames(group) and all(f.type in _FRAME_TYPES for f in columns):
+                fields.extend(pa.field(f.name, _FRAME_TYPES[f.type]) for f in columns)
+            elif files:
                 fields.extend(read_schema(storage.join(group.root, files[0].path)))
         return pa.schema(fields)
 
@@ -330,25 +354,27 @@ def check_parent(dataset: Dataset, descendants: tuple[str, ...]) -> None:
         )
 
 
-def _scan_level(uri: str, level: str) -> pl.LazyFrame:
+def _scan_level(uri: str, level: str, frames: bool = False) -> pl.LazyFrame:
     import polars as pl  # here: a job that writes a version (ingest) never loads Polars
 
     dataset = open_dataset(uri)
-    frames = []
+    scans = []
     for group in dataset.manifest.groups:
         files = dataset.file_uris(group, level)
-        if files:
-            frames.append(
+        if files and (frames or not holds_frames(group)):
+            scans.append(
                 pl.scan_parquet(files, storage_options=storage.polars_storage_options(files[0]))
             )
-    if not frames:
+    if not scans:
         raise DatasetError(f"{uri}: no {level} files")
-    return frames[0] if len(frames) == 1 else pl.concat(frames, how="horizontal")
+    return scans[0] if len(scans) == 1 else pl.concat(scans, how="horizontal")
 
 
-def scan(uri: str) -> pl.LazyFrame:
-    """All step columns of every group as one Polars LazyFrame."""
-    return _scan_level(uri, "steps")
+def scan(uri: str, frames: bool = False) -> pl.LazyFrame:
+    """All step columns of every group as one Polars LazyFrame; the camera frames
+    (`frame_<camera>`: encoded images, `schemas.frames.decode_frames`) only with `frames`,
+    else their files are never opened."""
+    return _scan_level(uri, "steps", frames)
 
 
 def scan_episodes(uri: str) -> pl.LazyFrame:

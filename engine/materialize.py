@@ -1,5 +1,6 @@
 """Materialize: a self-contained copy of a version, every column group zipped into one
-`base` group, for tools that read Parquet files directly.
+`base` group (camera frames, if any, in a `frames` group next to it), for tools that read
+Parquet files directly.
 
 The copy is a child of the version it copies (its history goes on), and its metadata
 records under `materialized_from` the version and the relabeler of every group, so the
@@ -13,7 +14,7 @@ from typing import Any
 
 from engine.dataset import Dataset, open_dataset
 from engine.executor import Executor
-from engine.writer import VersionWriter, WrittenPart, base_manifest
+from engine.writer import VersionWriter, WrittenParts, base_manifest
 from schemas.manifest import Manifest
 
 
@@ -26,12 +27,13 @@ class MaterializeTask:
     writer: VersionWriter
 
 
-def materialize_part(task: MaterializeTask) -> WrittenPart:
-    """Zip every group of one part into a single base part of the new version."""
+def materialize_part(task: MaterializeTask) -> WrittenParts:
+    """Zip every group of one part into a single base part of the new version (and its
+    frames part: frames stay in a group of their own)."""
     dataset = open_dataset(task.dataset_uri)
     steps = dataset.read_part(task.index, "steps")
     episodes = dataset.read_part(task.index, "episodes")
-    return task.writer.write_part(task.index, steps, episodes)
+    return task.writer.write_base_part(task.index, steps, episodes)
 
 
 def materialized_metadata(dataset: Dataset) -> dict[str, Any]:
@@ -54,7 +56,7 @@ def materialized_metadata(dataset: Dataset) -> dict[str, Any]:
 
 def materialize(dataset: Dataset, output: str, *, executor: Executor, command: str) -> Manifest:
     """Copy every part of `dataset` with all its columns into a new committed version at
-    `output` with a single `base` group; its manifest. On any failure nothing is left: no
+    `output` with a single `base` group (and a `frames` group with its frames); its manifest. On any failure nothing is left: no
     staged files, no version."""
     with VersionWriter(output) as writer:
         tasks = [MaterializeTask(index, dataset.uri, writer) for index in range(dataset.num_parts)]
@@ -68,6 +70,7 @@ def materialize(dataset: Dataset, output: str, *, executor: Executor, command: s
             command=command,
             metadata=materialized_metadata(dataset),
             parent=dataset,
+            cameras=dataset.cameras,
         )
         writer.commit(manifest)
     return manifest

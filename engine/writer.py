@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from engine import storage
 from engine.dataset import BASE_GROUP, LEVELS, Dataset, DatasetError
 from schemas import steps as cols
-from schemas.frames import FRAMES_GROUP, CameraInfo
+from schemas.frames import FRAMES_GROUP, CameraInfo, camera_of
 from schemas.manifest import (
     MANIFEST_NAME,
     ColumnGroup,
@@ -175,6 +175,28 @@ class WrittenPart:
         return self.episodes_file.rows if self.episodes_file else 0
 
 
+@dataclass(frozen=True)
+class WrittenParts:
+    """Part `index` of a self-contained version: its base part and, with frames, the frames
+    part next to it (`VersionWriter.write_base_part`)."""
+
+    parts: tuple[WrittenPart, ...]
+
+    @property
+    def steps(self) -> int:
+        return sum(w.steps for w in self.parts if w.group == BASE_GROUP)
+
+    @property
+    def episodes(self) -> int:
+        return sum(w.episodes for w in self.parts if w.group == BASE_GROUP)
+
+
+def flatten(written: Sequence[WrittenPart | WrittenParts]) -> list[WrittenPart]:
+    return [
+        w for item in written for w in (item.parts if isinstance(item, WrittenParts) else [item])
+    ]
+
+
 # ---------------------------------------------------------------- the writer
 
 
@@ -271,6 +293,16 @@ class VersionWriter:
             episodes_fields=fields_of(episodes) if files["episodes"] else [],
             part=part,
         )
+
+    def write_base_part(self, index: int, steps: pa.Table, episodes: pa.Table) -> WrittenParts:
+        """Part `index` of a self-contained version from tables holding every column: the
+        frame columns (`frame_<camera>`) go to the frames group, the rest to the base group,
+        same rows in the same order."""
+        frame_columns = [name for name in steps.column_names if camera_of(name) is not None]
+        parts = [self.write_part(index, steps.drop_columns(frame_columns), episodes)]
+        if frame_columns:
+            parts.append(self.write_part(index, steps.select(frame_columns), None, FRAMES_GROUP))
+        return WrittenParts(tuple(parts))
 
     # -- on_write_complete
     def commit(self, content: Manifest | bytes) -> Manifest | None:
@@ -392,7 +424,7 @@ def new_manifest(
 
 def base_manifest(
     dataset_uri: str,
-    written: Sequence[WrittenPart],
+    written: Sequence[WrittenPart | WrittenParts],
     *,
     operation: str,
     command: str,
@@ -403,11 +435,19 @@ def base_manifest(
 ) -> Manifest:
     """The manifest of a self-contained version: the `base` group, and the `frames` group
     when parts of it were written (with its `cameras`)."""
+    written = flatten(written)
     group = assemble_group(dataset_uri, BASE_GROUP, [w for w in written if w.group == BASE_GROUP])
     frames = [w for w in written if w.group == FRAMES_GROUP]
     groups = [group]
     if frames:
-        groups.append(assemble_group(dataset_uri, FRAMES_GROUP, frames, cameras=cameras))
+        columns = {camera_of(f.name) for w in frames for f in w.steps_fields}
+        if not cameras or columns - set(cameras):
+            raise DatasetError(
+                f"{dataset_uri}: frames of camera(s) {sorted(columns - set(cameras or {}))} "
+                "were written without their CameraInfo"
+            )
+        present = {camera: info for camera, info in cameras.items() if camera in columns}
+        groups.append(assemble_group(dataset_uri, FRAMES_GROUP, frames, cameras=present))
     ordered = sorted(written, key=lambda w: w.index)
     return new_manifest(
         groups=groups,

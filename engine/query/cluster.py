@@ -33,7 +33,7 @@ from engine.parts import split_into_parts
 from engine.progress import Progress
 from engine.query.plan import QueryError
 from engine.query.read import ReadStats, episode_table
-from engine.writer import VersionWriter, WrittenPart
+from engine.writer import VersionWriter, WrittenParts
 from schemas import steps as cols
 
 # The id an episode had before `--cluster-by` first renumbered it; kept by later clusterings.
@@ -174,7 +174,7 @@ def write_clustered(
     *,
     total_episodes: int,
     spill_dir: str | None = None,
-) -> list[WrittenPart]:
+) -> list[WrittenParts]:
     """Write the chosen episodes (`batches_of_episodes`: (steps, episodes) Arrow tables in
     the source's order, as `iter_episodes` yields them) as parts of `writer` in the
     clustered `order`, through spill files in a temporary directory under `spill_dir`."""
@@ -193,6 +193,6 @@ def write_clustered(
                 episodes = _gather(
                     [s.episodes_path for s in spills], [s.episodes_offsets for s in spills], part
                 )
-                written.append(writer.write_part(part, steps, episodes))
+                written.append(writer.write_base_part(part, steps, episodes))
                 progress.advance()
     return written

@@ -131,7 +131,8 @@ def plan_query(
     step_columns = set(dataset.columns("steps"))
     episode_columns = set(dataset.columns("episodes"))
     level_columns = step_columns if level == "steps" else episode_columns
-    selected = list(dict.fromkeys(select)) if select else dataset.columns(level)
+    # Camera frames are read only when selected by name: the default is every other column.
+    selected = list(dict.fromkeys(select)) if select else dataset.columns(level, frames=False)
 
     if level == "episodes":
         unknown = [c for c in selected if c not in episode_columns]

@@ -1,5 +1,6 @@
 """Writing a subset: the whole episodes a query matched, with every column of every group,
-as a new self-contained version (one `base` group) written through `VersionWriter`."""
+as a new self-contained version (one `base` group, and a `frames` group aligned with it
+when the dataset has camera frames) written through `VersionWriter`."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from engine.writer import (
     DEFAULT_PART_STEPS,
     OutputExistsError,
     VersionWriter,
-    WrittenPart,
+    WrittenParts,
     base_manifest,
     check_new_output,
 )
@@ -140,14 +141,15 @@ def write_subset(
             )
         else:
             written = _write_in_order(dataset, episode_ids, writer, stats, part_steps)
-        steps_count = sum(w.part.steps for w in written)
-        episodes_count = sum(w.part.episodes for w in written)
+        steps_count = sum(w.steps for w in written)
+        episodes_count = sum(w.episodes for w in written)
         manifest = base_manifest(
             writer.uri,
             written,
             operation="query",
             command=command,
             parent=dataset,
+            cameras=dataset.cameras,
             details={
                 "where": where,
                 "limit_episodes": limit_episodes,
@@ -169,10 +171,10 @@ def _write_in_order(
     writer: VersionWriter,
     stats: ReadStats,
     part_steps: int,
-) -> list[WrittenPart]:
+) -> list[WrittenParts]:
     """The chosen episodes as parts of `writer`, in the source's order, as they are read."""
     with Progress("query --output", len(episode_ids), "episodes") as progress:
-        written: list[WrittenPart] = []
+        written: list[WrittenParts] = []
         pending: tuple[pa.Table, pa.Table] | None = None
         for steps, episodes in iter_episodes(dataset, episode_ids, stats):
             progress.advance(episodes.num_rows)
@@ -180,7 +182,7 @@ def _write_in_order(
             if pending is not None and first_id <= pending[1].column(cols.EPISODE_ID)[-1].as_py():
                 # Source parts whose episode ids interleave: a part is sorted, not the
                 # dataset, so what waits becomes a part of its own.
-                written.append(writer.write_part(len(written), *pending))
+                written.append(writer.write_base_part(len(written), *pending))
                 pending = None
             if pending is not None:
                 steps = pa.concat_tables([pending[0], steps])
@@ -188,8 +190,10 @@ def _write_in_order(
             # Whole parts of `part_steps` (as write_dataset cuts them); the rest waits.
             *full, last = part_slices(steps, episodes, part_steps)
             for part_steps_table, part_episodes in full:
-                written.append(writer.write_part(len(written), part_steps_table, part_episodes))
+                written.append(
+                    writer.write_base_part(len(written), part_steps_table, part_episodes)
+                )
             pending = last
         if pending is not None:
-            written.append(writer.write_part(len(written), *pending))
+            written.append(writer.write_base_part(len(written), *pending))
     return written

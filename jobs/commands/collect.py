@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import CliPositionalArg
 
 from jobs.command import NewDataset, RayCommand, version_line
+from schemas.frames import DEFAULT_QUALITY, CameraInfo, frame_column
 from schemas.manifest import Manifest
 
 
@@ -15,6 +18,7 @@ class Collect(RayCommand):
 
         hindsight collect Pendulum-v1 data/pendulum --episodes 200 --noise 0,0.25,0.5,0.75,1.0
         hindsight collect hindsight/PointGoal-v0 data/point --policy random
+        hindsight collect Pendulum-v1 data/pend-pix --episodes 300 --frames 64x64
     """
 
     name = "collect"
@@ -40,6 +44,19 @@ class Collect(RayCommand):
     episodes_per_part: int = Field(
         50, ge=1, description="Episodes per part (one Ray task and one file per part)."
     )
+    frames: str | None = Field(
+        None,
+        description="Also record the env's rendered frames at HEIGHTxWIDTH (e.g. 64x64), "
+        "one per step, as camera frames.",
+        json_schema_extra={"metavar": "HxW"},
+    )
+    camera: str = Field("render", description="Name of the camera --frames records.")
+    codec: Literal["png", "jpeg", "webp"] = Field(
+        "png", description="Frame codec: png (lossless), jpeg or webp."
+    )
+    quality: int | None = Field(
+        None, ge=1, le=100, description="JPEG/WebP quality (default 90); not for png."
+    )
 
     @field_validator("noise")
     @classmethod
@@ -47,6 +64,27 @@ class Collect(RayCommand):
         if not noise or any(not 0.0 <= level <= 1.0 for level in noise):
             raise ValueError(f"noise levels are probabilities in [0, 1], got {noise}")
         return noise
+
+    @model_validator(mode="after")
+    def _frame_options_go_with_frames(self) -> Collect:
+        if self.frames is not None:
+            self.camera_info()  # a bad size or camera name is an error before any work
+        elif self.codec != "png" or self.quality is not None or self.camera != "render":
+            raise ValueError("--camera, --codec and --quality need --frames HxW")
+        return self
+
+    def camera_info(self) -> CameraInfo | None:
+        """The camera --frames records, or None without frames."""
+        from engine.frames import parse_size
+
+        if self.frames is None:
+            return None
+        frame_column(self.camera)  # letters, digits and underscores
+        if self.codec == "png" and self.quality is not None:
+            raise ValueError("--quality is for jpeg and webp; png is lossless")
+        height, width = parse_size(self.frames)
+        quality = self.quality or DEFAULT_QUALITY.get(self.codec)
+        return CameraInfo(height=height, width=width, codec=self.codec, quality=quality)
 
     def run(self) -> Manifest:
         from engine.collect import Rollouts, collect, plan_collect
@@ -57,6 +95,8 @@ class Collect(RayCommand):
             noise_levels=tuple(self.noise),
             seed=self.seed,
             max_steps=self.max_steps,
+            frames=self.camera_info(),
+            camera=self.camera,
         )
         # An unknown env id or policy fails here, before Ray starts.
         plan = plan_collect(rollouts, self.episodes, self.episodes_per_part)
