@@ -1,9 +1,10 @@
 """`hindsight info`: what a dataset version holds, as a dict (JSON) and as text.
 
-Counts, the schema of every column group (and which relabeler made it), the return
-distribution overall and per value of each low-cardinality episode column (noise level,
-skill, ...), and the provenance: the history of operations that produced the version.
-All numbers come from the episodes table through Polars, never from the step files.
+Counts, the schema of every column group (and which relabeler made it), the cameras of
+its frames, the return distribution overall and per value of each low-cardinality episode
+column (noise level, skill, ...), and the provenance: the history of operations that
+produced the version. All numbers come from the episodes table through Polars, never from
+the step files; a camera's bytes per frame from the Parquet footers of its files.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from engine.dataset import open_dataset, scan_episodes
+from engine import storage
+from engine.dataset import Dataset, open_dataset, scan_episodes, unreadable
 from schemas import steps as cols
+from schemas.frames import frame_column
 from schemas.manifest import SKIPPED_REPORT_NAME, printable, public_text
 
 HISTOGRAM_BINS = 10
@@ -61,6 +66,43 @@ def _ordered_values(episodes: pl.DataFrame, name: str) -> list:
     return episodes[name].unique().sort().to_list()
 
 
+def stored_bytes(dataset: Dataset, columns: list[str]) -> dict[str, int]:
+    """Bytes each step column takes on disk (its Parquet column chunks, compressed), from the
+    footers of its group's files: no data page is read."""
+    totals = dict.fromkeys(columns, 0)
+    for column in columns:
+        group = dataset.group_of(column)
+        for uri in dataset.file_uris(group, "steps"):
+            fs, path = storage.filesystem(uri)
+            try:
+                metadata = pq.read_metadata(path, filesystem=fs)
+            except (OSError, pa.ArrowException) as error:
+                raise unreadable(uri, error) from error
+            for i in range(metadata.num_row_groups):
+                row_group = metadata.row_group(i)
+                for j in range(row_group.num_columns):
+                    if row_group.column(j).path_in_schema == column:
+                        totals[column] += row_group.column(j).total_compressed_size
+    return totals
+
+
+def cameras_info(dataset: Dataset) -> list[dict[str, Any]]:
+    """Per camera: its shape, codec (and quality) and the mean bytes a frame takes stored."""
+    cameras = dataset.cameras
+    sizes = stored_bytes(dataset, [frame_column(camera) for camera in cameras])
+    steps = max(dataset.manifest.steps, 1)
+    return [
+        {
+            "camera": camera,
+            "column": frame_column(camera),
+            **info.model_dump(),
+            "bytes_per_frame": sizes[frame_column(camera)] / steps,
+            "raw_bytes_per_frame": info.height * info.width * info.channels,
+        }
+        for camera, info in cameras.items()
+    ]
+
+
 def dataset_info(uri: str, bins: int = HISTOGRAM_BINS, verify: bool = False) -> dict[str, Any]:
     """Everything `hindsight info` shows, as plain JSON-able data. `verify` first checks
     every file's sha256 against the manifest and recomputes the dataset id from them
@@ -104,6 +146,7 @@ def dataset_info(uri: str, bins: int = HISTOGRAM_BINS, verify: bool = False) -> 
         "parts": len(manifest.parts),
         "verified_files": verified_files,
         "episode_length": _stats(episodes[cols.LENGTH].cast(pl.Float64).to_numpy()),
+        "cameras": cameras_info(dataset),
         "env_ids": sorted(str(v) for v in episodes[cols.ENV_ID].unique().to_list())
         if cols.ENV_ID in episodes.columns
         else [],
@@ -161,6 +204,17 @@ def format_info(info: dict[str, Any]) -> str:
         for level in ("steps", "episodes"):
             for name, type_name in group[f"{level}_columns"].items():
                 lines.append(f"    {level:8s} {name}: {type_name}")
+    if info.get("cameras"):
+        lines += ["", "cameras:"]
+        for camera in info["cameras"]:
+            quality = f" quality {camera['quality']}" if camera["quality"] else ""
+            ratio = camera["raw_bytes_per_frame"] / max(camera["bytes_per_frame"], 1e-9)
+            lines.append(
+                f"  {camera['camera']} ({camera['column']}): {camera['height']}x{camera['width']}"
+                f"x{camera['channels']} {camera['dtype']}, {camera['codec']}{quality}, "
+                f"{camera['bytes_per_frame']:,.0f} bytes per frame stored "
+                f"({ratio:.1f}x smaller than raw)"
+            )
     returns = info["returns"]
     if returns.get("count"):
         lines += [

@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "relabel": "jobs.commands.relabel:Relabel",
     "relabelers": "jobs.commands.relabelers:Relabelers",
     "query": "jobs.commands.query:Query",
+    "view": "jobs.commands.view:View",
     "shard": "jobs.commands.shard:Shard",
     "train": "jobs.commands.train:Train",
     "ask": "jobs.commands.ask:Ask",
