@@ -341,12 +341,20 @@ def plan_collect(rollouts: Rollouts, episodes: int, episodes_per_part: int) -> C
 
 def check_rendering(env_id: str, camera: CameraInfo, max_steps: int | None = None) -> None:
     """The env renders an rgb_array frame that encodes in the camera's codec, or a
-    ValueError says why (no render_mode support, pygame missing)."""
+    ValueError says why (no rgb_array render mode, pygame missing)."""
+    plain = make_env(env_id, max_steps)
+    modes = list(plain.metadata.get("render_modes") or [])
+    plain.close()
+    if "rgb_array" not in modes:
+        raise ValueError(
+            f"{env_id} cannot render frames: its render modes are {modes or 'none'}; "
+            "--frames needs an env with render_mode='rgb_array'"
+        )
     env = make_env(env_id, max_steps, render_mode="rgb_array")
     try:
         env.reset(seed=0)
         encode_frame(render_frame(env, camera.height, camera.width), camera)
-    except ImportError as error:
+    except (ImportError, gym.error.Error) as error:  # pygame missing, no rgb_array mode
         raise ValueError(f"{env_id}: cannot render frames: {error}") from error
     finally:
         env.close()

@@ -152,8 +152,10 @@ def test_collect_cli_frames_options(tmp_path, capsys):
         "HEIGHTxWIDTH": ["--frames", "64"],
         "letters, digits and underscores": ["--frames", "8x8", "--camera", "a/b"],
     }
+    refused["cannot render frames: its render modes are none"] = ["--frames", "8x8"]
     for message, options in refused.items():
-        assert main(["collect", "CartPole-v1", str(tmp_path / "no"), *options]) == 2
+        env = "hindsight/PointGoal-v0" if "render modes" in message else "CartPole-v1"
+        assert main(["collect", env, str(tmp_path / "no"), *options]) == 2
         error = capsys.readouterr().err
         assert message in error and len(error.strip().splitlines()) == 1, error
         assert not (tmp_path / "no").exists()

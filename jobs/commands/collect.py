@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import CliPositionalArg
 
 from jobs.command import NewDataset, RayCommand, version_line
-from schemas.frames import DEFAULT_QUALITY, CameraInfo, frame_column
+from schemas.frames import DEFAULT_CAMERA, DEFAULT_QUALITY, CameraInfo, frame_column
 from schemas.manifest import Manifest
 
 
@@ -50,7 +50,7 @@ class Collect(RayCommand):
         "one per step, as camera frames.",
         json_schema_extra={"metavar": "HxW"},
     )
-    camera: str = Field("render", description="Name of the camera --frames records.")
+    camera: str = Field(DEFAULT_CAMERA, description="Name of the camera --frames records.")
     codec: Literal["png", "jpeg", "webp"] = Field(
         "png", description="Frame codec: png (lossless), jpeg or webp."
     )
@@ -69,7 +69,7 @@ class Collect(RayCommand):
     def _frame_options_go_with_frames(self) -> Collect:
         if self.frames is not None:
             self.camera_info()  # a bad size or camera name is an error before any work
-        elif self.codec != "png" or self.quality is not None or self.camera != "render":
+        elif self.codec != "png" or self.quality is not None or self.camera != DEFAULT_CAMERA:
             raise ValueError("--camera, --codec and --quality need --frames HxW")
         return self
 
