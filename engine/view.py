@@ -13,6 +13,7 @@ hold its rows), and each is decoded and checked against its camera.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from engine import storage
 from engine.dataset import Dataset
 from engine.query import query
 from engine.query.read import as_dataset
@@ -83,15 +85,13 @@ def episode_frames(
     if every < 1:
         raise ViewError(f"every must be at least 1, got {every}")
     wanted = list(dict.fromkeys([cols.T, cols.REWARD, *columns]))
-    result = query(
-        dataset,
-        f"{cols.EPISODE_ID} = {int(episode_id)}",
-        select=[*wanted, frame_column(camera)],
-    )
-    steps = result.frame
+    where = f"{cols.EPISODE_ID} = {int(episode_id)}"
+    if every > 1:  # only the frames shown are taken from the files and decoded
+        where += f" AND {cols.T} % {int(every)} = 0"
+    steps = query(dataset, where, select=[*wanted, frame_column(camera)]).frame
     if not steps.height:
         raise ViewError(f"{dataset.uri} has no episode {episode_id}{_id_range(dataset)}")
-    steps = steps.sort(cols.T).gather_every(every)
+    steps = steps.sort(cols.T)
     where = f"{dataset.uri} episode {episode_id} camera {camera}"
     frames = decode_frames(steps[frame_column(camera)].to_list(), info, where)
     return EpisodeFrames(int(episode_id), camera, info, frames, steps.drop(frame_column(camera)))
@@ -203,7 +203,8 @@ def view_episode(
     every: int | None = None,
     columns: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Write the contact sheet of an episode to the PNG file `output`; what it shows.
+    """Write the contact sheet of an episode to the PNG file `output` (a local path or
+    s3://); what it shows.
     Without `every`, every k-th step so that at most MAX_TILES frames are shown."""
     dataset = as_dataset(dataset)
     camera, _ = choose_camera(dataset, camera)
@@ -212,7 +213,9 @@ def view_episode(
         every = max(1, math.ceil(length / MAX_TILES))
     episode = episode_frames(dataset, episode_id, camera, columns, every)
     sheet = contact_sheet(episode, columns)
-    sheet.save(output, format="PNG")
+    png = io.BytesIO()
+    sheet.save(png, format="PNG")
+    storage.write_bytes(storage.normalize(output), png.getvalue())  # a local path or s3://
     return {
         "output": output,
         "dataset": dataset.uri,

@@ -345,3 +345,18 @@ def test_view_refuses_a_missing_episode_or_a_dataset_without_frames(pixels, tmp_
     error = capsys.readouterr().err.strip()
     assert "has no camera frames (collect --frames HxW records them)" in error
     assert len(error.splitlines()) == 1 and not (tmp_path / "y.png").exists()
+
+
+def test_frames_on_s3_collect_read_and_view(pixels, s3_bucket, tmp_path):
+    from PIL import Image
+
+    from engine import storage
+
+    uri = f"{s3_bucket}/pix"
+    collect_frames(uri)
+    assert sha256s(uri, FRAMES_GROUP) == sha256s(pixels, FRAMES_GROUP)
+    np.testing.assert_array_equal(episode_frames(uri, 2).frames, frames_by_episode(pixels)[2])
+    assert main(["view", uri, "--episode", "2", "--output", f"{s3_bucket}/sheets/ep2.png"]) == 0
+    local = tmp_path / "ep2.png"
+    local.write_bytes(storage.read_bytes(f"{s3_bucket}/sheets/ep2.png"))
+    assert Image.open(local).format == "PNG"

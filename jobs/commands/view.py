@@ -23,7 +23,9 @@ class View(Command):
 
     input: CliPositionalArg[Dataset] = Field(description="Dataset version with camera frames.")
     episode: int = Field(description="Episode id to show.")
-    output: str = Field("episode.png", description="PNG file to write.")
+    output: str = Field(
+        "episode.png", description="PNG file to write (a local path or s3://bucket/key)."
+    )
     camera: str | None = Field(None, description="Camera to show; default: the only one.")
     every: int | None = Field(
         None, ge=1, description="Show every k-th step; default: at most 64 frames."
