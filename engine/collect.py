@@ -422,7 +422,7 @@ def collect(plan: CollectPlan, output: str, *, executor: Executor, command: str)
             tasks,
             description=f"collect {rollouts.env_id}",
             total=plan.episodes,
-            unit="episodes",
+            unit="episodes with frames" if rollouts.frames else "episodes",
         )
         manifest = base_manifest(
             writer.uri,

@@ -7,7 +7,9 @@ function over the same tasks one after another in this process (tests, small job
 debugger). Either way the output bytes are the same: they depend on the tasks only.
 
 A task is any picklable value; a result that has a count of the progress unit (`steps`
-by default: an attribute or a key of that name) moves the progress bar by that much.
+by default: an attribute or a key of that name) moves the progress bar by that much. A
+unit's first word names that count, the rest qualifies it: "episodes with frames" counts
+`episodes`, and where a job runs (jobs/runtime.py) weighs them heavier than "episodes".
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ class Executor(Protocol):
 
 
 def work_done(result: Any, unit: str = "steps") -> int:
-    """How far a result moves the progress bar: its count of `unit`, else 0."""
+    """How far a result moves the progress bar: its count of `unit` (of the unit's first
+    word), else 0."""
+    name = unit.split()[0] if unit.strip() else unit
     if isinstance(result, dict):
-        return int(result.get(unit, 0) or 0)
-    return int(getattr(result, unit, 0) or 0)
+        return int(result.get(name, 0) or 0)
+    return int(getattr(result, name, 0) or 0)
 
 
 class InProcess:

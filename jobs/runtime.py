@@ -304,6 +304,10 @@ IN_PROCESS_STEPS_VARIABLE = "HINDSIGHT_IN_PROCESS_STEPS"  # read at each job: te
 # So 500 episodes run here: 300 of Pendulum's 200 steps take 2 s, and 500 of a 1000-step
 # environment about as long as Ray takes to start and share them over 2 cores.
 EPISODE_WEIGHT = 2_000
+# An episode rolled out with camera frames (`collect --frames`) weighs 100 times more:
+# rendering, resizing and encoding a frame take ~3 ms, a hundred steps' worth, so 300
+# Pendulum episodes take ~200 s on one core: any such job beyond a few episodes uses Ray.
+FRAMES_EPISODE_WEIGHT = 100 * EPISODE_WEIGHT
 
 
 def in_process_steps() -> int:
@@ -334,7 +338,11 @@ def runs_in_process(address: str | None, parts: int, total: int | None, unit: st
         return False
     if parts <= 1:
         return True
-    per_unit = {"steps": 1, "episodes": EPISODE_WEIGHT}.get(unit)
+    per_unit = {
+        "steps": 1,
+        "episodes": EPISODE_WEIGHT,
+        "episodes with frames": FRAMES_EPISODE_WEIGHT,
+    }.get(unit)
     return total is not None and per_unit is not None and total * per_unit <= limit
 
 

@@ -118,6 +118,25 @@ def test_collect_with_frames_is_deterministic_on_any_executor_and_part_size(
     np.testing.assert_array_equal(frames_of(str(tmp_path / "one-part")), frames_of(pixels))
 
 
+def test_collect_with_frames_weighs_more_when_choosing_where_to_run(pixels, monkeypatch):
+    from engine.executor import work_done
+    from jobs import runtime
+
+    monkeypatch.setattr(runtime, "ray_is_running", lambda: False)
+    monkeypatch.delenv(runtime.IN_PROCESS_STEPS_VARIABLE, raising=False)
+    assert runtime.runs_in_process(None, 6, 300, "episodes")
+    assert not runtime.runs_in_process(None, 6, 300, "episodes with frames")
+    assert runtime.runs_in_process(None, 2, 4, "episodes with frames")
+    # the progress bar counts the episodes of a part's result
+    from engine.collect import CollectTask, collect_part
+    from engine.writer import VersionWriter
+
+    rollouts = Rollouts("Pendulum-v1", max_steps=3, frames=CAMERA)
+    with VersionWriter(str(Path(pixels).parent / "one-part")) as writer:
+        written = collect_part(CollectTask(0, rollouts, range(2), {}, writer))
+    assert work_done(written, "episodes with frames") == 2 and written.steps == 6
+
+
 def test_collect_cli_frames_options(tmp_path, capsys):
     output = tmp_path / "jpeg"
     assert (
