@@ -27,7 +27,7 @@ from engine.dataset import Dataset
 from engine.query import query
 from engine.query.read import as_dataset
 from schemas import steps as cols
-from schemas.frames import CameraInfo, decode_frames, frame_column
+from schemas.frames import CameraInfo, decode_frame, frame_column
 
 MAX_TILES = 64  # frames on a sheet when `every` is not given: every k-th step to fit
 TILES_PER_ROW = 8
@@ -92,8 +92,10 @@ def episode_frames(
     if not steps.height:
         raise ViewError(f"{dataset.uri} has no episode {episode_id}{_id_range(dataset)}")
     steps = steps.sort(cols.T)
-    where = f"{dataset.uri} episode {episode_id} camera {camera}"
-    frames = decode_frames(steps[frame_column(camera)].to_list(), info, where)
+    frames = np.empty((steps.height, *info.shape), dtype=np.uint8)
+    for i, (t, data) in enumerate(zip(steps[cols.T], steps[frame_column(camera)])):
+        where = f"{dataset.uri} episode {episode_id} step {t} column {frame_column(camera)}"
+        frames[i] = decode_frame(data, info, where)
     return EpisodeFrames(int(episode_id), camera, info, frames, steps.drop(frame_column(camera)))
 
 

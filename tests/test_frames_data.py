@@ -379,3 +379,30 @@ def test_frames_on_s3_collect_read_and_view(pixels, s3_bucket, tmp_path):
     local = tmp_path / "ep2.png"
     local.write_bytes(storage.read_bytes(f"{s3_bucket}/sheets/ep2.png"))
     assert Image.open(local).format == "PNG"
+
+
+def test_a_corrupt_frame_is_one_line_naming_episode_step_and_column(tmp_path, capsys):
+    from engine.collect import collect_part_tables
+    from engine.writer import VersionWriter, base_manifest
+    from schemas.frames import frames_table
+
+    steps, episodes, frames = collect_part_tables(
+        "Pendulum-v1", "heuristic", range(2), [0.0], 0, 4, None, CAMERA
+    )
+    frames[5] = frames[5][:30]  # episode 1, step 1: a truncated PNG
+    uri = str(tmp_path / "bad")
+    with VersionWriter(uri) as writer:
+        written = [
+            writer.write_part(0, steps, episodes),
+            writer.write_part(0, frames_table({"render": frames}), None, FRAMES_GROUP),
+        ]
+        manifest = base_manifest(
+            writer.uri, written, operation="collect", command="test", cameras={"render": CAMERA}
+        )
+        writer.commit(manifest)
+    assert main(["view", uri, "--episode", "0", "--output", str(tmp_path / "fine.png")]) == 0
+    capsys.readouterr()
+    assert main(["view", uri, "--episode", "1", "--output", str(tmp_path / "x.png")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "bad episode 1 step 1 column frame_render: frame does not decode" in error
+    assert len(error.splitlines()) == 1 and not (tmp_path / "x.png").exists()
