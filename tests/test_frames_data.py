@@ -51,10 +51,11 @@ def pixels(tmp_path_factory) -> str:
     return str(output)
 
 
-def frames_of(uri: str) -> np.ndarray:
-    """Every stored frame of the version, decoded, in row order."""
-    data = engine.scan(uri, frames=True).select("frame_render").collect()["frame_render"]
-    return decode_frames(data.to_list(), open_dataset(uri).cameras["render"])
+def frames_of(uri: str, camera: str = "render") -> np.ndarray:
+    """Every stored frame of a camera, decoded, in row order."""
+    column = f"frame_{camera}"
+    data = engine.scan(uri, frames=True).select(column).collect()[column].to_list()
+    return decode_frames(data, open_dataset(uri).cameras[camera])
 
 
 def sha256s(uri: str, group: str) -> list[str]:
@@ -118,8 +119,10 @@ def test_collect_with_frames_is_deterministic_on_any_executor_and_part_size(
     np.testing.assert_array_equal(frames_of(str(tmp_path / "one-part")), frames_of(pixels))
 
 
-def test_collect_with_frames_weighs_more_when_choosing_where_to_run(pixels, monkeypatch):
+def test_collect_with_frames_weighs_more_when_choosing_where_to_run(tmp_path, monkeypatch):
+    from engine.collect import CollectTask, collect_part
     from engine.executor import work_done
+    from engine.writer import VersionWriter
     from jobs import runtime
 
     monkeypatch.setattr(runtime, "ray_is_running", lambda: False)
@@ -128,42 +131,19 @@ def test_collect_with_frames_weighs_more_when_choosing_where_to_run(pixels, monk
     assert not runtime.runs_in_process(None, 6, 300, "episodes with frames")
     assert runtime.runs_in_process(None, 2, 4, "episodes with frames")
     # the progress bar counts the episodes of a part's result
-    from engine.collect import CollectTask, collect_part
-    from engine.writer import VersionWriter
-
     rollouts = Rollouts("Pendulum-v1", max_steps=3, frames=CAMERA)
-    with VersionWriter(str(Path(pixels).parent / "one-part")) as writer:
+    with VersionWriter(str(tmp_path / "part")) as writer:
         written = collect_part(CollectTask(0, rollouts, range(2), {}, writer))
     assert work_done(written, "episodes with frames") == 2 and written.steps == 6
 
 
 def test_collect_cli_frames_options(tmp_path, capsys):
     output = tmp_path / "jpeg"
-    assert (
-        main(
-            [
-                "collect",
-                "CartPole-v1",
-                str(output),
-                "--episodes",
-                "2",
-                "--max-steps",
-                "5",
-                "--frames",
-                "24x32",
-                "--camera",
-                "front",
-                "--codec",
-                "jpeg",
-                "--quality",
-                "80",
-            ]
-        )
-        == 0
-    )
+    options = "--episodes 2 --max-steps 5 --frames 24x32 --camera front --codec jpeg --quality 80"
+    assert main(["collect", "CartPole-v1", str(output), *options.split()]) == 0
     cameras = open_dataset(str(output)).cameras
     assert cameras == {"front": CameraInfo(height=24, width=32, codec="jpeg", quality=80)}
-    assert frames_of_camera(str(output), "front").shape == (10, 24, 32, 3)
+    assert frames_of(str(output), "front").shape == (10, 24, 32, 3)
     capsys.readouterr()
     refused = {
         "--quality is for jpeg and webp": ["--frames", "8x8", "--quality", "50"],
@@ -178,12 +158,6 @@ def test_collect_cli_frames_options(tmp_path, capsys):
         error = capsys.readouterr().err
         assert message in error and len(error.strip().splitlines()) == 1, error
         assert not (tmp_path / "no").exists()
-
-
-def frames_of_camera(uri: str, camera: str) -> np.ndarray:
-    column = f"frame_{camera}"
-    data = engine.scan(uri, frames=True).select(column).collect()[column].to_list()
-    return decode_frames(data, open_dataset(uri).cameras[camera])
 
 
 # ---------------------------------------------------------------- frames are read only when asked
