@@ -171,7 +171,8 @@ def plan_tasks(dataset: Dataset, shard_steps: int) -> list[ShardTask]:
         steps[-1] += part.steps
     if len(groups) > 1 and steps[-1] < shard_steps / 2:
         groups[-2].extend(groups.pop())
-        steps[-2] += steps.pop()
+        last = steps.pop()  # not `steps[-2] += steps.pop()`: that stores past the popped end
+        steps[-1] += last
     tasks, first_shard = [], 0
     for task, (parts, total) in enumerate(zip(groups, steps)):
         count = max(1, round(total / shard_steps))
