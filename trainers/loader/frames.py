@@ -63,9 +63,11 @@ class FrameDecoder:
             self.executor = None
 
     def decode(self, frames: PoolFrames, rows: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        """The frames at pool `rows` (N x H x W x C uint8) and, by position, the FrameError
-        message of each that did not decode ("" for those that did; a failed frame is 0)."""
-        out = np.zeros((len(rows), *frames.camera.shape), dtype=np.uint8)
+        """The frames at pool `rows`, channels first (N x C x H x W uint8: the transpose
+        rides on the copy out of PIL's buffer), and by position the FrameError message of
+        each that did not decode ("" for those that did; a failed frame is 0)."""
+        height, width, channels = frames.camera.shape
+        out = np.zeros((len(rows), channels, height, width), dtype=np.uint8)
         block, local = frames.locate(rows)
         errors: list[str] = [""] * len(rows)
 
@@ -75,7 +77,8 @@ class FrameDecoder:
                 first, stop = frames.offsets[b][r], frames.offsets[b][r + 1]
                 where = f"{frames.where[b]} row {r}"
                 try:
-                    out[i] = decode_frame(frames.data[b][first:stop], frames.camera, where)
+                    decoded = decode_frame(frames.data[b][first:stop], frames.camera, where)
+                    out[i] = decoded.transpose(2, 0, 1)
                 except FrameError as error:
                     errors[i] = str(error)
 
@@ -108,12 +111,10 @@ def window_frames(
     for camera, pool_frames in frames.items():
         decoded, errors = decoder.decode(pool_frames, needed)
         height, width, channels = pool_frames.camera.shape
-        with_zero = np.concatenate([decoded, np.zeros((1, height, width, channels), np.uint8)])
-        # [B, W, k, H, W, C] -> [B, W, k, C, H, W] -> [B, W, k * C, H, W]
-        taken = with_zero[positions].transpose(0, 1, 2, 5, 3, 4)
-        batch[frame_column(camera)] = np.ascontiguousarray(taken).reshape(
-            *rows.shape, k * channels, height, width
-        )
+        with_zero = np.concatenate([decoded, np.zeros((1, channels, height, width), np.uint8)])
+        # One gather: [B, W, k, C, H, W], i.e. [B, W, k * C, H, W] without another copy.
+        taken = np.take(with_zero, positions, axis=0)
+        batch[frame_column(camera)] = taken.reshape(*rows.shape, k * channels, height, width)
         if any(errors):
             failed = np.flatnonzero([bool(e) for e in errors])
             messages.append(errors[int(failed[0])])
