@@ -257,6 +257,22 @@ def test_random_shift_is_seeded_and_shifts_each_window_as_a_whole(written):
     assert len(offsets) > 1  # random per window
 
 
+def test_resume_with_frames_and_shift_gives_the_very_same_batches(written):
+    out, _ = written
+    settings = dict(batch_size=16, shuffle_buffer=48, epochs=1, seed=2, augment_shift=3)
+    full = list(stream(out, **settings))
+    loader = stream(out, **settings)
+    iterator = iter(loader)
+    head = [next(iterator) for _ in range(5)]
+    state = loader.state_dict()
+    del iterator
+    tail = list(stream(out, start_state=state, **settings))
+    assert len(head) + len(tail) == len(full)
+    for a, b in zip(full, head + tail):
+        assert torch.equal(a["frame_render"], b["frame_render"])
+        assert torch.equal(a["frame_wrist"], b["frame_wrist"])
+
+
 def shift_by(frames: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """Pad by replication and crop at (dy, dx): the independent version of the shift."""
     height, width = frames.shape[-2:]
