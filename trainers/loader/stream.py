@@ -238,17 +238,21 @@ class WindowDataset(torch.utils.data.IterableDataset):
 
 def pack_batch(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, list[tuple]]:
     """A batch as one uint8 tensor plus its layout: a DataLoader worker hands the main
-    process one shared-memory buffer per batch instead of one per array (~10x cheaper)."""
+    process one shared-memory buffer per batch instead of one per array (~10x cheaper).
+    The buffer is allocated in shared memory (as torch's default_collate does in workers):
+    handing it over copies nothing more (frame batches are tens of MB)."""
     layout, offset = [], 0
     for name, value in batch.items():
         layout.append((name, value.dtype.str, value.shape, offset))
         offset += -(-value.nbytes // 8) * 8  # 8-byte aligned views
-    buffer = np.empty(offset, dtype=np.uint8)
+    shared = torch.UntypedStorage._new_shared(offset)
+    packed = torch.empty(0, dtype=torch.uint8).set_(shared, 0, (offset,), (1,))
+    buffer = packed.numpy()
     for (_, _, _, start), value in zip(layout, batch.values()):
         buffer[start : start + value.nbytes] = (
             np.ascontiguousarray(value).reshape(-1).view(np.uint8)
         )
-    return torch.from_numpy(buffer), layout
+    return packed, layout
 
 
 def unpack_batch(buffer: torch.Tensor, layout: list[tuple]) -> dict[str, torch.Tensor]:
