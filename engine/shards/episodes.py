@@ -4,7 +4,7 @@ into shards. Steps are gathered with vectorized index arithmetic, never a loop o
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -196,11 +196,10 @@ def split_for_shards(lengths: np.ndarray, shards: int) -> list[tuple[int, int]]:
 
 def shuffled_shards(
     episodes: EpisodeArrays, shards: int, seed: int, task: int
-) -> list[EpisodeArrays]:
-    """Episodes permuted (seeded by seed and task) and dealt into `shards` groups."""
+) -> Iterator[EpisodeArrays]:
+    """Episodes permuted (seeded by seed and task) and dealt into `shards` groups, one
+    group at a time: each is gathered from the task's episodes when it is needed (no
+    permuted copy of them all, one shard's copy of encoded frames at a time)."""
     order = np.random.default_rng([seed, task]).permutation(len(episodes.lengths))
-    # Each shard gathered once from the task's episodes: no permuted copy of them all.
-    return [
-        select_episodes(episodes, order[start:stop])
-        for start, stop in split_for_shards(episodes.lengths[order], shards)
-    ]
+    for start, stop in split_for_shards(episodes.lengths[order], shards):
+        yield select_episodes(episodes, order[start:stop])
