@@ -15,7 +15,8 @@ Measured:
   window and stack and for single steps with k = 1 (the RvS MLP's case); the ratio
   ceiling / loader is the goal's number (within 1.25x);
 - windows/s (wall) with 0 workers, 0 workers and 2 decode threads, 1 and 2 DataLoader
-  workers; the machine's load average before and after.
+  workers, and the loader's frame decoder alone with 0 and 2 threads (frames/s, wall);
+  the machine's load average before and after.
 A frame the loader decodes is one (episode, step) a batch needs: its windows' steps and the
 k - 1 steps before each, each decoded once per batch (counted from the batch itself).
 """
@@ -106,6 +107,26 @@ def ceiling(dataset_uri: str) -> dict:
     return {**clock.rates(len(data), "frames"), "bytes_per_frame": sum(map(len, data)) / len(data)}
 
 
+def decoder_threads(dataset_uri: str, threads: int) -> dict:
+    """The loader's FrameDecoder alone over every stored frame (wall): does decoding scale
+    with threads on this machine (PIL releases the GIL while it decodes)?"""
+    from engine.dataset import open_dataset
+    from trainers.loader import FrameDecoder, PoolFrames
+
+    column = open_dataset(dataset_uri).read(columns=["frame_render"]).column(0).to_pylist()
+    offsets = np.concatenate([[0], np.cumsum([len(frame) for frame in column])])
+    dataset = open_dataset(dataset_uri)
+    camera = next(group.cameras["render"] for group in dataset.manifest.groups if group.cameras)
+    frames = PoolFrames(camera, [b"".join(column)], [offsets], ["bench"], np.zeros(1, np.int64))
+    decoder = FrameDecoder(threads)
+    rows = np.arange(len(column))
+    decoder.decode(frames, rows[:200])
+    with Clock() as clock:
+        decoder.decode(frames, rows)
+    decoder.close()
+    return clock.rates(len(rows), "frames")
+
+
 def decoded_frames(batch, stack: int) -> int:
     """The distinct (episode, step) frames a batch needed: what the loader decoded."""
     episode = batch["episode_id"].numpy()[:, None, None]
@@ -180,6 +201,8 @@ def main() -> None:
             "bytes": sum(s.bytes for s in index.shards),
         }
         results["ceiling_bare_decode"] = ceiling(dataset)
+        for threads in (0, 2):
+            results[f"decoder_alone_{threads}_threads"] = decoder_threads(dataset, threads)
         runs = {
             "loader_window8_stack3_0_workers": dict(),
             "loader_window1_stack1_0_workers": dict(window=1, frame_stack=1),
@@ -200,7 +223,9 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(results, handle, indent=2)
-    for key in ("ceiling_bare_decode", "ceiling_over_loader_per_cpu_s", "config"):
+    for key in ("ceiling_bare_decode", "decoder_alone_0_threads", "decoder_alone_2_threads"):
+        print(key, json.dumps(results[key]))
+    for key in ("ceiling_over_loader_per_cpu_s", "config"):
         print(key, json.dumps(results[key]))
 
 
