@@ -152,6 +152,27 @@ def check_batch_frames(batch, k: int, cameras=CAMERAS, shifted: bool = False) ->
     return batch_size
 
 
+def test_encoded_frames_are_cut_and_gathered_by_ranges_without_decoding():
+    import pyarrow as pa
+
+    from engine.shards import EncodedFrames
+    from engine.shards.frames import concat_frames
+
+    items = [bytes([i]) * (i % 5) for i in range(30)]  # empty frames too
+    column = pa.chunked_array([pa.array(items[:12], pa.binary()), pa.array(items[12:])])
+    sliced = column.slice(3, 20)  # an Arrow slice: offsets that do not start at 0
+    frames = EncodedFrames.from_arrow(sliced, "x")
+    assert len(frames) == 20 and frames.offsets[0] == 0
+    taken = frames.take_ranges(np.array([15, 0, 7]), np.array([3, 2, 0]))
+    got = [bytes(taken.data[a:b]) for a, b in zip(taken.offsets[:-1], taken.offsets[1:])]
+    assert got == items[18:21] + items[3:5]
+    both = concat_frames([taken, frames.take_ranges(np.array([1]), np.array([2]))])
+    got = [bytes(both.data[a:b]) for a, b in zip(both.offsets[:-1], both.offsets[1:])]
+    assert got == items[18:21] + items[3:5] + items[4:6]
+    with pytest.raises(ShardError, match="x: 1 steps have no frame"):
+        EncodedFrames.from_arrow(pa.array([b"a", None]), "x")
+
+
 def test_shards_carry_the_stored_frame_bytes_unchanged_and_the_index_records_cameras(
     dataset, written
 ):

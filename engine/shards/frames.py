@@ -58,16 +58,15 @@ class EncodedFrames:
         """The frames of row ranges [start, start + count), one after another."""
         starts = np.asarray(starts, dtype=np.int64)
         counts = np.asarray(counts, dtype=np.int64)
-        first, stop = self.offsets[starts], self.offsets[starts + counts]
-        pieces = [self.data[a:b] for a, b in zip(first.tolist(), stop.tolist())]
-        sizes = np.diff(self.offsets)
-        # Per-row sizes of the ranges: cumulative sums of the whole array, cut per range.
         total = int(counts.sum())
         if total == 0:
             return EncodedFrames(np.zeros(0, np.uint8), np.zeros(1, np.int64))
+        first, stop = self.offsets[starts], self.offsets[starts + counts]
+        data = np.concatenate([self.data[a:b] for a, b in zip(first.tolist(), stop.tolist())])
+        # The rows of the ranges (episodes.expand_ranges, which imports this module) and
+        # their sizes give the new offsets.
         rows = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(total)
-        offsets = np.concatenate([[0], np.cumsum(sizes[rows])]).astype(np.int64)
-        data = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
+        offsets = np.concatenate([[0], np.cumsum(np.diff(self.offsets)[rows])]).astype(np.int64)
         return EncodedFrames(data, offsets)
 
 
