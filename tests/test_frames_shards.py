@@ -388,3 +388,5 @@ def test_cli_shard_with_frame_stack_and_cameras(dataset, tmp_path, ray_local, ca
     assert windows == index.windows
     assert main(["shard", dataset, str(tmp_path / "x"), "--cameras", "top"]) == 2
     assert "no camera(s) ['top']" in capsys.readouterr().err
+    assert main(["shard", dataset, str(tmp_path / "none"), "--cameras", ""]) == 0
+    assert read_index(str(tmp_path / "none")).cameras == {}

@@ -58,7 +58,7 @@ class Shard(RayCommand):
     cameras: list[str] | None = Field(
         None,
         description="Cameras whose encoded frames the shards carry (default: every camera of "
-        "the dataset's frames group).",
+        "the dataset's frames group; '' for none).",
         json_schema_extra={"metavar": "CAMERA,..."},
     )
 
@@ -90,7 +90,7 @@ class Shard(RayCommand):
             text=self.text_columns(),
             max_tokens=self.max_tokens,
             max_words=self.max_words,
-            cameras=None if self.cameras is None else tuple(self.cameras),
+            cameras=None if self.cameras is None else tuple(c for c in self.cameras if c),
             frame_stack=self.frame_stack,
         )
 
