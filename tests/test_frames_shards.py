@@ -225,6 +225,8 @@ def test_every_window_gets_its_own_frames_stacked_with_the_first_repeated(writte
     batch = next(iter(stream(out, batch_size=8, epochs=1, frame_stack=1, cameras=["wrist"])))
     assert frame_column("render") not in batch
     check_batch_frames(batch, k=1, cameras={"wrist": CAMERAS["wrist"]})
+    batch = next(iter(stream(out, batch_size=8, epochs=1, cameras=[])))
+    assert not [name for name in batch if name.startswith("frame_")]
 
 
 def test_long_episodes_cut_into_chunks_carry_the_stack_history(tmp_path):

@@ -15,7 +15,8 @@ multiprocessing_context=None (DataLoader's; "forkserver" where the process has t
 make fork unsafe), window=None (steps per window, at most the index's: 1 gives single steps,
 each step of the shards once per epoch with stride 1), prefetch=0 (batches made ahead in a
 background thread, with num_workers=0: loading overlaps the training step),
-cameras=None (the cameras whose frames batches carry; None: every camera of the shards),
+cameras=None (the cameras whose frames batches carry; None: every camera of the shards,
+[]: none),
 frame_stack=None (frames stacked per step, at most the shards'; None: the shards'),
 augment_shift=0 (DrQ random shift in pixels: pad by replication, crop back at a seeded
 random offset per window), decode_threads=0 (threads decoding frames in each consumer))` returns a
