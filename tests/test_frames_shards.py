@@ -229,6 +229,34 @@ def test_every_window_gets_its_own_frames_stacked_with_the_first_repeated(writte
     assert not [name for name in batch if name.startswith("frame_")]
 
 
+def test_a_relabeled_child_shards_its_parents_frames_aligned_with_its_conditions(dataset, tmp_path):
+    """The usual flow: frames collected, then relabeled (a child version that inherits the
+    frames group by reference), then sharded with a condition: each step's condition and
+    frame must be of the same (episode, t)."""
+    import pyarrow as pa
+
+    from tests.synthetic import attach_group
+
+    def label(parent, index):
+        part = parent.read_part(index, columns=["episode_id", "t"])
+        code = episode_number(part.column("episode_id").to_numpy()) * 1000
+        return pa.table({"code": (code + part.column("t").to_numpy()).astype(np.float32)}), None
+
+    child = attach_group(dataset, str(tmp_path / "child"), "codes", label)
+    assert open_dataset(child).group_of("frame_render").name == FRAMES_GROUP
+    index = shard(child, str(tmp_path / "shards"), condition=("code",))
+    assert index.cameras == CAMERAS
+    windows = 0
+    for batch in stream(str(tmp_path / "shards"), batch_size=16, condition="code", epochs=1):
+        windows += check_batch_frames(batch, k=3)
+        mask = batch["mask"].numpy()
+        code = batch["code"].numpy()[mask]
+        render = batch["frame_render"].numpy()[:, :, -3:][mask]  # the step's own frame
+        np.testing.assert_array_equal(code // 1000, render[:, 0, 0, 0])
+        np.testing.assert_array_equal(code % 1000, render[:, 1, 0, 0])
+    assert windows == index.windows
+
+
 def test_long_episodes_cut_into_chunks_carry_the_stack_history(tmp_path):
     dataset = frames_dataset(str(tmp_path / "long"), num_episodes=3, max_length=150)
     index = shard(dataset, str(tmp_path / "shards"), frame_stack=4, block_steps=24, window=6)
