@@ -420,3 +420,15 @@ def test_cli_shard_with_frame_stack_and_cameras(dataset, tmp_path, ray_local, ca
     assert "no camera(s) ['top']" in capsys.readouterr().err
     assert main(["shard", dataset, str(tmp_path / "none"), "--cameras", ""]) == 0
     assert read_index(str(tmp_path / "none")).cameras == {}
+
+
+@pytest.mark.s3
+def test_frames_shards_on_s3_stream_the_same_frames(dataset, s3_server):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="hs-frames")
+    index = shard(dataset, "s3://hs-frames/shards/v1")
+    windows = 0
+    for batch in stream("s3://hs-frames/shards/v1", batch_size=32, epochs=1, decode_threads=2):
+        windows += check_batch_frames(batch, k=3)
+    assert windows == index.windows
