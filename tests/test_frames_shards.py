@@ -166,9 +166,13 @@ def test_encoded_frames_are_cut_and_gathered_by_ranges_without_decoding():
     taken = frames.take_ranges(np.array([15, 0, 7]), np.array([3, 2, 0]))
     got = [bytes(taken.data[a:b]) for a, b in zip(taken.offsets[:-1], taken.offsets[1:])]
     assert got == items[18:21] + items[3:5]
+    # Views: parts one after another, episodes of them, a block segment within an episode.
     both = concat_frames([taken, frames.take_ranges(np.array([1]), np.array([2]))])
-    got = [bytes(both.data[a:b]) for a, b in zip(both.offsets[:-1], both.offsets[1:])]
-    assert got == items[18:21] + items[3:5] + items[4:6]
+    view = both.select(np.array([5, 1]), np.array([2, 3]))  # rows 5-6, then 1-3
+    assert len(view) == 5
+    block = view.take_ranges(np.array([3, 0]), np.array([2, 2]))  # view rows 3-4, then 0-1
+    got = [bytes(block.data[a:b]) for a, b in zip(block.offsets[:-1], block.offsets[1:])]
+    assert got == items[20:21] + items[3:4] + items[4:6]
     with pytest.raises(ShardError, match="x: 1 steps have no frame"):
         EncodedFrames.from_arrow(pa.array([b"a", None]), "x")
 

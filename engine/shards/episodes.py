@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from engine.dataset import Dataset
 from engine.shards.conditions import ConditionColumn, TextTable, condition_values
-from engine.shards.frames import EncodedFrames, concat_frames, read_part_frames
+from engine.shards.frames import EncodedFrames, FrameRanges, concat_frames, read_part_frames
 from schemas import steps as cols
 from schemas.shard_index import ConditionInfo, ShardError
 
@@ -36,7 +36,7 @@ class EpisodeArrays:
     reward: np.ndarray  # [N] float32
     conditions: dict[str, np.ndarray] = field(default_factory=dict)
     texts: dict[str, TextTable] = field(default_factory=dict)
-    frames: dict[str, EncodedFrames] = field(default_factory=dict)
+    frames: dict[str, EncodedFrames | FrameRanges] = field(default_factory=dict)
 
     @property
     def offsets(self) -> np.ndarray:
@@ -175,8 +175,8 @@ def select_episodes(episodes: EpisodeArrays, order: np.ndarray) -> EpisodeArrays
         reward=episodes.reward[rows],
         conditions={name: values[rows] for name, values in episodes.conditions.items()},
         texts=episodes.texts,
-        frames={
-            camera: frames.take_ranges(episodes.offsets[order], episodes.lengths[order])
+        frames={  # ranges of the task's frames: each block copies its own (tar.py)
+            camera: frames.select(episodes.offsets[order], episodes.lengths[order])
             for camera, frames in episodes.frames.items()
         },
     )

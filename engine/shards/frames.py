@@ -5,7 +5,9 @@ A camera's frames of a set of steps are one `EncodedFrames`: the encoded images
 concatenated (`data`, uint8) and where each starts (`offsets`, int64 [n + 1]), the layout of
 an Arrow binary column and of the block members `frame_<camera>.bin` +
 `frame_<camera>.offsets.npy`. Steps are gathered by ranges (whole episodes, block
-segments): one slice per range, never a loop or an index array over bytes.
+segments): one slice per range, never a loop or an index array over bytes; a task's
+episodes and shards are views (`FrameRanges`) of its parts' frames, and only a block's
+frames are ever copied.
 """
 
 from __future__ import annotations
@@ -55,30 +57,69 @@ class EncodedFrames:
         return cls(data[offsets[0] : offsets[-1]], offsets - offsets[0])
 
     def take_ranges(self, starts: np.ndarray, counts: np.ndarray) -> EncodedFrames:
-        """The frames of row ranges [start, start + count), one after another."""
-        starts = np.asarray(starts, dtype=np.int64)
-        counts = np.asarray(counts, dtype=np.int64)
-        total = int(counts.sum())
-        if total == 0:
-            return EncodedFrames(np.zeros(0, np.uint8), np.zeros(1, np.int64))
-        first, stop = self.offsets[starts], self.offsets[starts + counts]
-        data = np.concatenate([self.data[a:b] for a, b in zip(first.tolist(), stop.tolist())])
-        # The rows of the ranges (episodes.expand_ranges, which imports this module) and
-        # their sizes give the new offsets.
-        rows = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(total)
-        offsets = np.concatenate([[0], np.cumsum(np.diff(self.offsets)[rows])]).astype(np.int64)
-        return EncodedFrames(data, offsets)
+        """The frames of row ranges [start, start + count), one after another (copied)."""
+        return gather_ranges([self], np.zeros(len(counts), np.int64), starts, counts)
+
+    def select(self, starts: np.ndarray, counts: np.ndarray) -> FrameRanges:
+        """The frames of row ranges, not copied yet (see FrameRanges)."""
+        return FrameRanges([self], np.zeros(len(counts), np.int64), starts, counts)
 
 
-def concat_frames(chunks: Sequence[EncodedFrames]) -> EncodedFrames:
-    """Frames of several parts, one after another."""
-    if len(chunks) == 1:
-        return chunks[0]
-    shifts = np.cumsum([0] + [len(chunk.data) for chunk in chunks[:-1]])
-    offsets = np.concatenate(
-        [[0]] + [chunk.offsets[1:] + shift for chunk, shift in zip(chunks, shifts)]
-    ).astype(np.int64)
-    return EncodedFrames(np.concatenate([chunk.data for chunk in chunks]), offsets)
+def gather_ranges(
+    sources: Sequence[EncodedFrames], which: np.ndarray, starts: np.ndarray, counts: np.ndarray
+) -> EncodedFrames:
+    """Rows [start, start + count) of `sources[which]` for every range, one after another,
+    copied into one buffer: one slice of bytes and of offsets per range (an episode or a
+    block segment), never a loop over frames."""
+    sizes, pieces = [np.zeros(1, np.int64)], []
+    for source, start, count in zip(
+        np.asarray(which).tolist(), np.asarray(starts).tolist(), np.asarray(counts).tolist()
+    ):
+        offsets = sources[source].offsets[start : start + count + 1]
+        pieces.append(sources[source].data[offsets[0] : offsets[-1]])
+        sizes.append(np.diff(offsets))
+    data = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
+    return EncodedFrames(data, np.cumsum(np.concatenate(sizes)).astype(np.int64))
+
+
+@dataclass
+class FrameRanges:
+    """Row ranges of encoded frames in `sources` (the parts of a write task), one after
+    another, not copied: a shard's episodes hold their frames this way and each block
+    copies only its own, so the encoded bytes are copied once between the dataset part and
+    the tar. Ranges asked of it must each lie within one of its ranges (a block segment
+    within an episode, an episode within a part)."""
+
+    sources: Sequence[EncodedFrames]
+    which: np.ndarray  # int64 per range: its source
+    starts: np.ndarray  # int64 per range: the source row of its first row
+    counts: np.ndarray  # int64 per range: its rows
+
+    def __post_init__(self) -> None:
+        self.which, self.starts, self.counts = (
+            np.asarray(values, dtype=np.int64) for values in (self.which, self.starts, self.counts)
+        )
+
+    def __len__(self) -> int:
+        return int(self.counts.sum())
+
+    def _locate(self, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Source and source row of rows of this view."""
+        ends = np.cumsum(self.counts)
+        ranges = np.searchsorted(ends, np.asarray(starts, np.int64), side="right")
+        return self.which[ranges], self.starts[ranges] + starts - (ends - self.counts)[ranges]
+
+    def select(self, starts: np.ndarray, counts: np.ndarray) -> FrameRanges:
+        return FrameRanges(self.sources, *self._locate(starts), counts)
+
+    def take_ranges(self, starts: np.ndarray, counts: np.ndarray) -> EncodedFrames:
+        return gather_ranges(self.sources, *self._locate(starts), counts)
+
+
+def concat_frames(chunks: Sequence[EncodedFrames]) -> FrameRanges:
+    """Frames of several parts, one after another, not copied."""
+    counts = [len(chunk) for chunk in chunks]
+    return FrameRanges(list(chunks), np.arange(len(chunks)), np.zeros(len(chunks)), counts)
 
 
 def dataset_cameras(dataset: Dataset) -> dict[str, CameraInfo]:
@@ -124,7 +165,7 @@ def read_part_frames(
 
 
 def frame_members(
-    frames: Mapping[str, EncodedFrames], starts: np.ndarray, counts: np.ndarray
+    frames: Mapping[str, EncodedFrames | FrameRanges], starts: np.ndarray, counts: np.ndarray
 ) -> dict[str, EncodedFrames]:
     """Per camera, the frames of one block's rows (its segments' row ranges)."""
     return {camera: encoded.take_ranges(starts, counts) for camera, encoded in frames.items()}

@@ -146,19 +146,28 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
-    """A ustar archive with fixed mtime/owner/mode: equal members give equal bytes."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = TAR_MTIME
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+def tar_bytes(members: Iterable[tuple[str, bytes | np.ndarray]]) -> bytes:
+    """A ustar archive with fixed mtime/owner/mode: equal members give equal bytes.
+
+    The bytes `tarfile` writes (header, data, NUL padding to 512-byte blocks, two zero
+    blocks, padding to a 10240-byte record), joined once: member data (bytes or uint8
+    arrays, e.g. a block's encoded frames) is copied only into the result."""
+    pieces: list[bytes | np.ndarray] = []
+    size = 0
+    for name, data in members:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = TAR_MTIME
+        info.mode = 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        header = info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+        padding = -len(data) % tarfile.BLOCKSIZE
+        pieces += [header, data, tarfile.NUL * padding]
+        size += len(header) + len(data) + padding
+    size += 2 * tarfile.BLOCKSIZE
+    pieces.append(tarfile.NUL * (2 * tarfile.BLOCKSIZE + -size % tarfile.RECORDSIZE))
+    return b"".join(pieces)
 
 
 @dataclass
@@ -174,7 +183,7 @@ class BuiltShard:
 
 def block_frame_members(
     episodes: EpisodeArrays, segments: list[Segment]
-) -> list[tuple[str, bytes]]:
+) -> list[tuple[str, bytes | np.ndarray]]:
     """The frame members of one block (names after the block key): per camera the encoded
     frames of the block's rows, bytes unchanged, and their offsets."""
     if not episodes.frames:
@@ -184,7 +193,7 @@ def block_frame_members(
     counts = np.array([s.rows for s in segments], dtype=np.int64)
     members = []
     for camera, frames in frame_members(episodes.frames, starts, counts).items():
-        members.append((frame_data_file(camera), frames.data.tobytes()))
+        members.append((frame_data_file(camera), frames.data))
         members.append((member_file(frame_offsets_member(camera)), npy_bytes(frames.offsets)))
     return members
 
@@ -195,7 +204,7 @@ def build_shard(
     """The tar bytes of one shard holding `episodes` (in their order). With frames, a chunk
     of a long episode carries `frame_stack - 1` more steps of context: the frames stacked
     before its first window's first step."""
-    members: list[tuple[str, bytes]] = []
+    members: list[tuple[str, bytes | np.ndarray]] = []
     windows = 0
     context_window = window + (frame_stack - 1 if episodes.frames else 0)
     plan = plan_blocks(episodes.lengths, context_window, block_steps)
