@@ -19,6 +19,7 @@ BENCHMARKS = (
     "language",
     "query",
     "shards",
+    "frames_loader",
     "train",
     "rvs",
     "scale",

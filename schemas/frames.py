@@ -109,7 +109,8 @@ def decode_frame(data: bytes, camera: CameraInfo, where: str = "") -> np.ndarray
             raise FrameError(
                 f"is {image.width}x{image.height}, the camera says {camera.width}x{camera.height}"
             )
-        array = np.asarray(image.convert("L" if camera.channels == 1 else "RGB"))
+        mode = "L" if camera.channels == 1 else "RGB"
+        array = np.asarray(image if image.mode == mode else image.convert(mode))
     except FrameError as error:
         raise FrameError(f"{where}: frame {error}") from None
     except Exception as error:  # PIL raises many types for damaged data

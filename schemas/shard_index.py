@@ -21,6 +21,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from schemas.frames import CameraInfo, frame_column
+
 SHARD_FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 PAD_TOKEN = "<pad>"
@@ -61,8 +63,10 @@ def shard_name(number: int) -> str:
 # with key `block_key(number)`; webdataset groups them by key.
 BLOCK_PREFIX = "b"
 NPY_SUFFIX = ".npy"
-# Member suffixes a reader accepts at all: never a pickle.
-ALLOWED_SUFFIXES = (".npy", ".json", ".txt")
+# Member suffixes a reader accepts at all: never a pickle. `.bin` holds encoded frames
+# (PNG/JPEG/WebP bytes, only ever handed to the image decoder).
+FRAME_DATA_SUFFIX = ".bin"
+ALLOWED_SUFFIXES = (".npy", ".json", ".txt", FRAME_DATA_SUFFIX)
 
 # Per step (one row per step of the block).
 OBSERVATION = "observation"  # float32 [n, obs_dim]
@@ -86,6 +90,18 @@ def block_key(number: int) -> str:
 def member_file(member: str) -> str:
     """A member's name after its block key: the array `member` as an .npy file."""
     return member + NPY_SUFFIX
+
+
+def frame_data_file(camera: str) -> str:
+    """Per step: a camera's encoded frames of the block's steps, concatenated as stored in
+    the dataset (`frame_<camera>.bin`, never re-encoded)."""
+    return frame_column(camera) + FRAME_DATA_SUFFIX
+
+
+def frame_offsets_member(camera: str) -> str:
+    """int64 [n + 1]: frame i of the block is bytes [offsets[i], offsets[i + 1]) of the
+    camera's `.bin` member (`frame_<camera>.offsets.npy`)."""
+    return frame_column(camera) + ".offsets"
 
 
 def condition_member(column: str) -> str:
@@ -207,6 +223,13 @@ class ShardIndex(_Model):
     reward: RewardInfo
     episode_return: ReturnInfo
     conditions: dict[str, ConditionInfo] = Field(default_factory=dict)
+    cameras: dict[str, CameraInfo] = Field(
+        default_factory=dict,
+        description="Cameras whose encoded frames the blocks carry (the dataset's frames group).",
+    )
+    frame_stack: int = Field(
+        1, ge=1, description="Frames the loader stacks per step (the step's and k - 1 before)."
+    )
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -231,7 +254,10 @@ class ShardIndex(_Model):
         return self
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
+        data = self.model_dump(mode="json", exclude_none=True)
+        if not self.cameras:  # shards without frames keep the index they always had
+            del data["cameras"], data["frame_stack"]
+        return json.dumps(data, indent=2) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ShardIndex:

@@ -8,6 +8,7 @@ Layout of a shard directory at URI `S` (local directory or `s3://bucket/prefix`)
 
 The package, along its seams:
     conditions.py   condition columns: their types, vocabularies and values as arrays
+    frames.py       encoded camera frames, carried unchanged from the frames group
     episodes.py     whole episodes of dataset parts as NumPy arrays, shuffled into shards
     tar.py          episodes -> blocks -> tar bytes (pure, byte-identical for equal input)
     statistics.py   numeric summaries per task, combined for the index
@@ -28,6 +29,7 @@ from engine.shards.conditions import (
 from engine.shards.driver import (
     ShardSettings,
     ShardTask,
+    checked_cameras,
     plan_tasks,
     resolve_conditions,
     write_shards,
@@ -41,6 +43,7 @@ from engine.shards.episodes import (
     shuffled_shards,
     split_for_shards,
 )
+from engine.shards.frames import EncodedFrames, dataset_cameras, resolve_cameras
 from engine.shards.statistics import combine_numeric, numeric_summary
 from engine.shards.tar import BuiltShard, Segment, block_arrays, build_shard, plan_blocks
 from schemas.shard_index import ShardError
@@ -49,6 +52,7 @@ __all__ = [
     "TEXT_COLUMNS",
     "BuiltShard",
     "ConditionColumn",
+    "EncodedFrames",
     "EpisodeArrays",
     "Segment",
     "ShardError",
@@ -56,16 +60,19 @@ __all__ = [
     "ShardTask",
     "block_arrays",
     "build_shard",
+    "checked_cameras",
     "classify_condition",
     "combine_numeric",
     "combine_vocabulary",
     "concat_episodes",
+    "dataset_cameras",
     "condition_values",
     "expand_ranges",
     "numeric_summary",
     "plan_blocks",
     "plan_tasks",
     "read_part_episodes",
+    "resolve_cameras",
     "resolve_conditions",
     "select_episodes",
     "shuffled_shards",

@@ -33,10 +33,12 @@ from engine.shards.conditions import (
     summarize_vocabulary,
 )
 from engine.shards.episodes import concat_episodes, read_part_episodes, shuffled_shards
+from engine.shards.frames import resolve_cameras
 from engine.shards.statistics import combine_numeric, numeric_summary
 from engine.shards.tar import build_shard
 from engine.writer import VersionWriter, check_new_output
 from schemas import steps as cols
+from schemas.frames import CameraInfo
 from schemas.manifest import MANIFEST_NAME, now_iso
 from schemas.shard_index import (
     INDEX_NAME,
@@ -76,17 +78,30 @@ class ShardSettings:
     """Most tokens kept per text."""
     max_words: int = 20000
     """Largest text vocabulary (with pad/unk)."""
+    cameras: tuple[str, ...] | None = None
+    """Cameras whose frames the shards carry (None: every camera of the dataset)."""
+    frame_stack: int = 1
+    """Frames the loader stacks per step (recorded in the index; chunks of long episodes
+    carry the history it needs)."""
 
     def __post_init__(self) -> None:
         small = {
             name: getattr(self, name)
-            for name in ("window", "stride", "shard_steps", "block_steps", "max_tokens")
+            for name in (
+                "window",
+                "stride",
+                "shard_steps",
+                "block_steps",
+                "max_tokens",
+                "frame_stack",
+            )
             if getattr(self, name) < 1
         }
         if small or self.max_words < 3:
             raise ValueError(
                 f"shard settings out of range: {small or {'max_words': self.max_words}} "
-                "(window, stride, shard steps, block steps and max tokens >= 1; max words >= 3)"
+                "(window, stride, shard steps, block steps, max tokens and frame stack >= 1; "
+                "max words >= 3)"
             )
         if self.text and not self.condition:
             raise ValueError("--text names text columns among --condition; give --condition too")
@@ -156,7 +171,8 @@ def plan_tasks(dataset: Dataset, shard_steps: int) -> list[ShardTask]:
         steps[-1] += part.steps
     if len(groups) > 1 and steps[-1] < shard_steps / 2:
         groups[-2].extend(groups.pop())
-        steps[-2] += steps.pop()
+        last = steps.pop()  # not `steps[-2] += steps.pop()`: that stores past the popped end
+        steps[-1] += last
     tasks, first_shard = [], 0
     for task, (parts, total) in enumerate(zip(groups, steps)):
         count = max(1, round(total / shard_steps))
@@ -234,6 +250,7 @@ class WriteTask:
     infos: Mapping[str, ConditionInfo]
     settings: ShardSettings
     writer: VersionWriter
+    cameras: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -248,13 +265,18 @@ def write_task(task: WriteTask) -> WriteResult:
     dataset = open_dataset(task.dataset)
     plan, settings = task.plan, task.settings
     episodes = concat_episodes(
-        [read_part_episodes(dataset, part, task.conditions, task.infos) for part in plan.parts]
+        [
+            read_part_episodes(dataset, part, task.conditions, task.infos, task.cameras)
+            for part in plan.parts
+        ]
     )
     written = []
     for offset, group in enumerate(
         shuffled_shards(episodes, plan.shards, settings.seed, plan.index)
     ):
-        built = build_shard(group, settings.window, settings.stride, settings.block_steps)
+        built = build_shard(
+            group, settings.window, settings.stride, settings.block_steps, settings.frame_stack
+        )
         name = shard_name(plan.first_shard + offset)
         # pyarrow's S3 client retries each request (engine/storage.py); the writer's fence
         # keeps a task of a dead run from writing at all.
@@ -295,16 +317,28 @@ def write_shards(
     in the index. Returns the committed index."""
     output = check_new_output(output, INDEX_NAME)
     conditions = tuple(resolve_conditions(dataset, settings.condition, settings.text))
+    cameras = checked_cameras(dataset, settings)
     with VersionWriter(output, commit_file=INDEX_NAME) as writer:
         infos = vocabularies(dataset, conditions, settings, executor)
         tasks = [
-            WriteTask(dataset.uri, plan, conditions, infos, settings, writer)
+            WriteTask(dataset.uri, plan, conditions, infos, settings, writer, tuple(cameras))
             for plan in plan_tasks(dataset, settings.shard_steps)
         ]
         results = _run(executor, write_task, tasks, "shard", dataset.manifest.steps)
-        index = shard_index(dataset, settings, conditions, infos, results, command)
+        index = shard_index(dataset, settings, conditions, infos, results, command, cameras)
         writer.commit(index.to_json().encode())
     return index
+
+
+def checked_cameras(dataset: Dataset, settings: ShardSettings) -> dict[str, CameraInfo]:
+    """The cameras to shard (KeyError for an unknown one); a frame stack needs frames."""
+    cameras = resolve_cameras(dataset, settings.cameras)
+    if settings.frame_stack > 1 and not cameras:
+        raise ValueError(
+            f"{dataset.uri} has no camera frames: --frame-stack {settings.frame_stack} needs a "
+            "dataset with a frames group (collect --frames, or ingest of image observations)"
+        )
+    return cameras
 
 
 def shard_index(
@@ -314,6 +348,7 @@ def shard_index(
     vocabularies: Mapping[str, ConditionInfo],
     results: Sequence[WriteResult],
     command: str,
+    cameras: Mapping[str, CameraInfo] | None = None,
 ) -> ShardIndex:
     """The index of the written shards: the shard list in order, and the statistics."""
     shard_infos = [shard for result in results for shard in result.shards]
@@ -349,6 +384,8 @@ def shard_index(
         reward=RewardInfo(**statistics["reward"]),
         episode_return=ReturnInfo(**statistics["episode_return"]),
         conditions={c.name: infos[c.name] for c in conditions},
+        cameras=dict(cameras or {}),
+        frame_stack=settings.frame_stack,
         metadata=dataset.manifest.metadata,
     )
 

@@ -4,7 +4,7 @@ into shards. Steps are gathered with vectorized index arithmetic, never a loop o
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from engine.dataset import Dataset
 from engine.shards.conditions import ConditionColumn, TextTable, condition_values
+from engine.shards.frames import EncodedFrames, FrameRanges, concat_frames, read_part_frames
 from schemas import steps as cols
 from schemas.shard_index import ConditionInfo, ShardError
 
@@ -22,7 +23,8 @@ class EpisodeArrays:
 
     `conditions` holds one array per conditioning column with one row per step (episode
     columns already broadcast; categoricals as vocabulary indices; text as row indices into
-    `texts[name]`, a (tokens [u, P, L], count [u]) pair).
+    `texts[name]`, a (tokens [u, P, L], count [u]) pair). `frames` holds each sharded
+    camera's encoded frames, one per step, as stored in the dataset.
     """
 
     episode_ids: np.ndarray  # [E] int64
@@ -34,6 +36,7 @@ class EpisodeArrays:
     reward: np.ndarray  # [N] float32
     conditions: dict[str, np.ndarray] = field(default_factory=dict)
     texts: dict[str, TextTable] = field(default_factory=dict)
+    frames: dict[str, EncodedFrames | FrameRanges] = field(default_factory=dict)
 
     @property
     def offsets(self) -> np.ndarray:
@@ -55,8 +58,10 @@ def read_part_episodes(
     index: int,
     conditions: Sequence[ConditionColumn],
     infos: Mapping[str, ConditionInfo],
+    cameras: Sequence[str] = (),
 ) -> EpisodeArrays:
-    """Part `index` of a dataset version as EpisodeArrays (episode columns broadcast).
+    """Part `index` of a dataset version as EpisodeArrays (episode columns broadcast), with
+    the encoded frames of `cameras` (read from the frames group's file of this part only).
 
     Raises ShardError naming the part (and episode) for steps that do not match the episode
     lengths, NaN/inf/null rewards, and condition values that cannot be stored."""
@@ -113,6 +118,7 @@ def read_part_episodes(
         arrays.conditions[condition.name] = values
         if text_table is not None:
             arrays.texts[condition.name] = text_table
+    arrays.frames = read_part_frames(dataset, index, cameras, steps.num_rows)
     return arrays
 
 
@@ -141,6 +147,9 @@ def concat_episodes(chunks: Sequence[EpisodeArrays]) -> EpisodeArrays:
         reward=np.concatenate([c.reward for c in chunks]),
         conditions=conditions,
         texts=texts,
+        frames={
+            camera: concat_frames([c.frames[camera] for c in chunks]) for camera in chunks[0].frames
+        },
     )
 
 
@@ -166,6 +175,10 @@ def select_episodes(episodes: EpisodeArrays, order: np.ndarray) -> EpisodeArrays
         reward=episodes.reward[rows],
         conditions={name: values[rows] for name, values in episodes.conditions.items()},
         texts=episodes.texts,
+        frames={  # ranges of the task's frames: each block copies its own (tar.py)
+            camera: frames.select(episodes.offsets[order], episodes.lengths[order])
+            for camera, frames in episodes.frames.items()
+        },
     )
 
 
@@ -183,11 +196,10 @@ def split_for_shards(lengths: np.ndarray, shards: int) -> list[tuple[int, int]]:
 
 def shuffled_shards(
     episodes: EpisodeArrays, shards: int, seed: int, task: int
-) -> list[EpisodeArrays]:
-    """Episodes permuted (seeded by seed and task) and dealt into `shards` groups."""
+) -> Iterator[EpisodeArrays]:
+    """Episodes permuted (seeded by seed and task) and dealt into `shards` groups, one
+    group at a time: each is gathered from the task's episodes when it is needed (no
+    permuted copy of them all, one shard's copy of encoded frames at a time)."""
     order = np.random.default_rng([seed, task]).permutation(len(episodes.lengths))
-    permuted = select_episodes(episodes, order)
-    return [
-        select_episodes(permuted, np.arange(start, stop))
-        for start, stop in split_for_shards(permuted.lengths, shards)
-    ]
+    for start, stop in split_for_shards(episodes.lengths[order], shards):
+        yield select_episodes(episodes, order[start:stop])

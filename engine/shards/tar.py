@@ -11,6 +11,9 @@ pickled):
     window_end, window_start, episode_id    per window
     cond.C                                  per step, for each scalar/vector/categorical C
     cond.C.index, cond.C.tokens, cond.C.count   for each text column C
+    frame_<camera>.bin, frame_<camera>.offsets   per step, for each camera: the encoded
+                                            frames as stored in the dataset, concatenated,
+                                            and where each starts (int64 [n + 1])
 
 A window ends at every `stride`-th step counted back from the episode's last step (with
 stride 1: at every step), so each step is the last step of at most one window and the last
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.shards.episodes import EpisodeArrays, expand_ranges
+from engine.shards.frames import frame_members
 from schemas.shard_index import (
     ACTION,
     EPISODE_ID,
@@ -41,6 +45,8 @@ from schemas.shard_index import (
     WINDOW_START,
     block_key,
     condition_member,
+    frame_data_file,
+    frame_offsets_member,
     member_file,
     text_count_member,
     text_index_member,
@@ -140,19 +146,28 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
-    """A ustar archive with fixed mtime/owner/mode: equal members give equal bytes."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = TAR_MTIME
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+def tar_bytes(members: Iterable[tuple[str, bytes | np.ndarray]]) -> bytes:
+    """A ustar archive with fixed mtime/owner/mode: equal members give equal bytes.
+
+    The bytes `tarfile` writes (header, data, NUL padding to 512-byte blocks, two zero
+    blocks, padding to a 10240-byte record), joined once: member data (bytes or uint8
+    arrays, e.g. a block's encoded frames) is copied only into the result."""
+    pieces: list[bytes | np.ndarray] = []
+    size = 0
+    for name, data in members:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = TAR_MTIME
+        info.mode = 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        header = info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+        padding = -len(data) % tarfile.BLOCKSIZE
+        pieces += [header, data, tarfile.NUL * padding]
+        size += len(header) + len(data) + padding
+    size += 2 * tarfile.BLOCKSIZE
+    pieces.append(tarfile.NUL * (2 * tarfile.BLOCKSIZE + -size % tarfile.RECORDSIZE))
+    return b"".join(pieces)
 
 
 @dataclass
@@ -166,17 +181,42 @@ class BuiltShard:
     blocks: int
 
 
-def build_shard(episodes: EpisodeArrays, window: int, stride: int, block_steps: int) -> BuiltShard:
-    """The tar bytes of one shard holding `episodes` (in their order)."""
-    members: list[tuple[str, bytes]] = []
+def block_frame_members(
+    episodes: EpisodeArrays, segments: list[Segment]
+) -> list[tuple[str, bytes | np.ndarray]]:
+    """The frame members of one block (names after the block key): per camera the encoded
+    frames of the block's rows, bytes unchanged, and their offsets."""
+    if not episodes.frames:
+        return []
+    episode = np.array([s.episode for s in segments], dtype=np.int64)
+    starts = episodes.offsets[episode] + [s.first - s.context for s in segments]
+    counts = np.array([s.rows for s in segments], dtype=np.int64)
+    members = []
+    for camera, frames in frame_members(episodes.frames, starts, counts).items():
+        members.append((frame_data_file(camera), frames.data))
+        members.append((member_file(frame_offsets_member(camera)), npy_bytes(frames.offsets)))
+    return members
+
+
+def build_shard(
+    episodes: EpisodeArrays, window: int, stride: int, block_steps: int, frame_stack: int = 1
+) -> BuiltShard:
+    """The tar bytes of one shard holding `episodes` (in their order). With frames, a chunk
+    of a long episode carries `frame_stack - 1` more steps of context: the frames stacked
+    before its first window's first step."""
+    members: list[tuple[str, bytes | np.ndarray]] = []
     windows = 0
-    plan = plan_blocks(episodes.lengths, window, block_steps)
+    context_window = window + (frame_stack - 1 if episodes.frames else 0)
+    plan = plan_blocks(episodes.lengths, context_window, block_steps)
     for number, segments in enumerate(plan):
         arrays = block_arrays(episodes, segments, window, stride)
         windows += len(arrays[WINDOW_END])
         key = block_key(number)
         members.extend(
             (f"{key}.{member_file(name)}", npy_bytes(value)) for name, value in arrays.items()
+        )
+        members.extend(
+            (f"{key}.{name}", data) for name, data in block_frame_members(episodes, segments)
         )
     return BuiltShard(
         data=tar_bytes(members),

@@ -49,25 +49,38 @@ class Shard(RayCommand):
     )
     max_tokens: int = Field(64, ge=1, description="Most tokens kept per text.")
     max_words: int = Field(20000, ge=3, description="Largest text vocabulary (with pad/unk).")
+    frame_stack: int = Field(
+        1,
+        ge=1,
+        description="Camera frames the loader stacks per step (the step's and k - 1 before); "
+        "needs a dataset with frames.",
+    )
+    cameras: list[str] | None = Field(
+        None,
+        description="Cameras whose encoded frames the shards carry (default: every camera of "
+        "the dataset's frames group; '' for none).",
+        json_schema_extra={"metavar": "CAMERA,..."},
+    )
 
     def check(self) -> None:
         super().check()
         from engine.dataset import open_dataset
-        from engine.shards import resolve_conditions
+        from engine.shards import checked_cameras, resolve_conditions
 
         if self.text and not self.condition:
             raise ValueError("--text names text columns among --condition; give --condition too")
-        # An unknown conditioning column fails here, before Ray starts.
-        resolve_conditions(open_dataset(self.input), tuple(self.condition), self.text_columns())
+        # An unknown conditioning column or camera fails here, before Ray starts.
+        dataset = open_dataset(self.input)
+        resolve_conditions(dataset, tuple(self.condition), self.text_columns())
+        checked_cameras(dataset, self.settings())
 
     def text_columns(self) -> tuple[str, ...] | None:
         return None if self.text is None else tuple(self.text)
 
-    def run(self) -> ShardIndex:
-        from engine.dataset import open_dataset
-        from engine.shards import ShardSettings, write_shards
+    def settings(self):
+        from engine.shards import ShardSettings
 
-        settings = ShardSettings(
+        return ShardSettings(
             condition=tuple(self.condition),
             window=self.window,
             stride=self.stride,
@@ -77,10 +90,17 @@ class Shard(RayCommand):
             text=self.text_columns(),
             max_tokens=self.max_tokens,
             max_words=self.max_words,
+            cameras=None if self.cameras is None else tuple(c for c in self.cameras if c),
+            frame_stack=self.frame_stack,
         )
+
+    def run(self) -> ShardIndex:
+        from engine.dataset import open_dataset
+        from engine.shards import write_shards
+
         return write_shards(
             open_dataset(self.input),
-            settings,
+            self.settings(),
             self.output,
             executor=self.executor(),
             command=self.history_line(),
@@ -94,6 +114,8 @@ class Shard(RayCommand):
             "episodes": index.episodes,
             "steps": index.steps,
             "bytes": sum(s.bytes for s in index.shards),
+            "cameras": sorted(index.cameras),
+            "frame_stack": index.frame_stack,
         }
 
     def report(self, index: ShardIndex, seconds: float) -> str:

@@ -14,7 +14,12 @@ drop_last=False, on_error="raise" | "skip", pin_memory=False,
 multiprocessing_context=None (DataLoader's; "forkserver" where the process has threads that
 make fork unsafe), window=None (steps per window, at most the index's: 1 gives single steps,
 each step of the shards once per epoch with stride 1), prefetch=0 (batches made ahead in a
-background thread, with num_workers=0: loading overlaps the training step))` returns a
+background thread, with num_workers=0: loading overlaps the training step),
+cameras=None (the cameras whose frames batches carry; None: every camera of the shards,
+[]: none),
+frame_stack=None (frames stacked per step, at most the shards'; None: the shards'),
+augment_shift=0 (DrQ random shift in pixels: pad by replication, crop back at a seeded
+random offset per window), decode_threads=0 (threads decoding frames in each consumer))` returns a
 `ShardStream`; `read_index(uri)` refuses a directory without a
 committed index.json.
 
@@ -32,6 +37,13 @@ A batch is a dict of torch tensors (B = batch size, W = window):
       categorical int64   [B, W]       index into the index's vocabulary
       text        int64   [B, L]       token ids of the text at the window's last step (0-padded);
                                        for a list of texts one is picked per window, seeded
+    frame_<camera> uint8 [B, W, C * k, H, W]  per camera of shards with frames: the frames
+                                       of the step and the k - 1 before it, oldest first
+                                       (channels first; before an episode's first step its
+                                       first frame repeats; 0 on padding); normalize on the
+                                       device. A frame that does not decode is a ShardError
+                                       naming shard and sample, or with on_error="skip" its
+                                       windows are left out and counted in lost_windows
 The last batch of an epoch of each (rank, worker) may be smaller unless drop_last.
 
 The pipeline is a chain of small generator stages, each testable alone, in three modules:
@@ -46,6 +58,7 @@ The pipeline is a chain of small generator stages, each testable alone, in three
     windows.py  -> pools (the shuffle buffer: `shuffle_buffer` windows) -> pool_batches (a
                 seeded permutation of the pool, windows cut vectorized with left padding and
                 a mask)
+    frames.py   -> the frames each batch needs, decoded (threads) and stacked
 Every consumer (rank r, worker w of W) reads the shards at positions r * W + w, (r * W + w) +
 R * W, ... of the epoch's shard order, so across R ranks x W workers each window is seen
 exactly once per epoch. Use at least R x W shards (fewer leaves some consumers idle).
@@ -65,6 +78,7 @@ index.json says (`IndexMismatchError`: the index is wrong, so no shard is skippe
 """
 
 from schemas.shard_index import ShardError
+from trainers.loader.frames import FrameDecoder, PoolFrames, random_shift, stack_rows
 from trainers.loader.shards import (
     Block,
     IndexMismatchError,
@@ -76,7 +90,6 @@ from trainers.loader.shards import (
     shard_blocks,
 )
 from trainers.loader.stream import (
-    LostWindows,
     ShardStream,
     StreamOptions,
     WindowDataset,
@@ -85,6 +98,8 @@ from trainers.loader.stream import (
     stream,
 )
 from trainers.loader.windows import (
+    FrameOptions,
+    LostWindows,
     PlacedBlock,
     Pool,
     PoolArrays,
@@ -97,11 +112,14 @@ from trainers.loader.windows import (
 
 __all__ = [
     "Block",
+    "FrameDecoder",
+    "FrameOptions",
     "IndexMismatchError",
     "LostWindows",
     "PlacedBlock",
     "Pool",
     "PoolArrays",
+    "PoolFrames",
     "Position",
     "ShardError",
     "ShardStream",
@@ -116,8 +134,10 @@ __all__ = [
     "pool_arrays",
     "pool_batches",
     "pools",
+    "random_shift",
     "read_index",
     "read_shard_bytes",
     "shard_blocks",
+    "stack_rows",
     "stream",
 ]

@@ -44,6 +44,8 @@ from schemas.shard_index import (
     ShardInfo,
     condition_member,
     describe_invalid,
+    frame_data_file,
+    frame_offsets_member,
     member_file,
     text_count_member,
     text_index_member,
@@ -145,12 +147,15 @@ def member_limit(index: ShardIndex) -> int:
     """The most bytes one member of a block may hold, from the index: a block has at most
     `block_steps + window - 1` rows (a chunk of a long episode carries `window - 1` steps of
     context), each member at most 8 bytes per value and the widest row the index records
-    (observation, action, vector goals, text tokens)."""
+    (observation, action, vector goals, text tokens; a frame counts as twice its raw
+    size plus 1 KiB over 8 bytes, room for PNG's worst case)."""
     widths = [math.prod(index.observation.shape), index.action.dim or 1]
+    for camera in index.cameras.values():
+        widths.append((2 * math.prod(camera.shape) + 1024) // 8)
     for info in index.conditions.values():
         widths.append((info.dim or 1) * (info.count or 1))
         widths.append((info.paraphrases or 1) * (info.max_tokens or 1))
-    rows = index.block_steps + index.window
+    rows = index.block_steps + index.window + index.frame_stack
     return NPY_HEADER_BYTES + 8 * rows * max(widths)
 
 
@@ -224,6 +229,9 @@ class Block:
     steps: dict[str, np.ndarray]  # per step: observation, action, reward, timestep, cond.C
     windows: dict[str, np.ndarray]  # per window: window_end, window_start, episode_id, text index
     texts: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # per camera: the encoded frames of the block's steps (the `.bin` member) and offsets
+    frames: dict[str, tuple[bytes, np.ndarray]] = field(default_factory=dict)
+    where: str = ""  # "shard URL sample KEY", for errors about its frames
 
     @property
     def num_windows(self) -> int:
@@ -231,9 +239,14 @@ class Block:
 
 
 def decode_block(
-    sample: dict[str, Any], url: str, index: ShardIndex, conditions: Sequence[str]
+    sample: dict[str, Any],
+    url: str,
+    index: ShardIndex,
+    conditions: Sequence[str],
+    cameras: Sequence[str] = (),
 ) -> Block:
-    """A grouped tar sample as a Block, checked for consistency."""
+    """A grouped tar sample as a Block, checked for consistency; with the encoded frames of
+    `cameras` (kept encoded: the loader decodes only the frames a batch needs)."""
     where = f"{url} sample {sample.get('__key__')}"
     is_text = {name: index.conditions[name].type == "text" for name in conditions}
     needed = [*STEP_MEMBERS, *WINDOW_MEMBERS]
@@ -253,7 +266,10 @@ def decode_block(
     block = Block(
         steps={name: arrays[name] for name in STEP_MEMBERS},
         windows={name: arrays[name] for name in WINDOW_MEMBERS},
+        where=where,
     )
+    for camera in cameras:
+        block.frames[camera] = block_frames(sample, camera, where)
     for name in conditions:
         if is_text[name]:
             block.windows[text_index_member(name)] = arrays[text_index_member(name)]
@@ -263,6 +279,7 @@ def decode_block(
     rows = len(block.steps[REWARD])
     end, start = block.windows[WINDOW_END], block.windows[WINDOW_START]
     bad_steps = [n for n, a in block.steps.items() if len(a) != rows]
+    bad_steps += [frame_data_file(c) for c, (_, o) in block.frames.items() if len(o) != rows + 1]
     bad_windows = [n for n, a in block.windows.items() if len(a) != len(end)]
     if (
         bad_steps
@@ -273,6 +290,27 @@ def decode_block(
         raise ShardError(f"{where}: inconsistent arrays {bad_steps + bad_windows} (corrupt shard)")
     check_against_index(block, index, conditions, where)
     return block
+
+
+def block_frames(sample: dict[str, Any], camera: str, where: str) -> tuple[bytes, np.ndarray]:
+    """A camera's encoded frames in a sample: the `.bin` bytes and offsets checked to cut
+    them into frames (non-decreasing from 0 to the member's size)."""
+    names = (frame_data_file(camera), member_file(frame_offsets_member(camera)))
+    data, offsets_data = (sample.get(name.lower()) for name in names)  # webdataset lowercases
+    if data is None or offsets_data is None:
+        missing = names[0] if data is None else names[1]
+        raise ShardError(f"{where}: member {missing} is missing (truncated or foreign shard)")
+    offsets = load_npy(offsets_data, f"{where} member {names[1]}")
+    if (
+        offsets.dtype != np.int64
+        or offsets.ndim != 1
+        or len(offsets) < 1
+        or offsets[0] != 0
+        or offsets[-1] != len(data)
+        or np.any(np.diff(offsets) < 0)
+    ):
+        raise ShardError(f"{where}: member {names[1]} does not cut {names[0]} into frames")
+    return data, offsets
 
 
 def _mismatch(where: str, field: str, recorded: Any, found: str) -> IndexMismatchError:
@@ -366,6 +404,7 @@ def shard_blocks(
     conditions: Sequence[str],
     skip_blocks: int = 0,
     expected: ShardInfo | None = None,
+    cameras: Sequence[str] = (),
 ) -> Iterator[Block]:
     """The blocks of one shard in order, from block `skip_blocks` on (earlier ones are read
     but not decoded). With `expected` (the index's entry), the whole shard's size and sha256
@@ -379,6 +418,6 @@ def shard_blocks(
         files = tar_members(source, url, limit)
         for number, sample in enumerate(group_by_keys(checked_members(files, url))):
             if number >= skip_blocks:
-                yield decode_block(sample, url, index, conditions)
+                yield decode_block(sample, url, index, conditions, cameras)
         if expected:
             source.verify(url, expected)

@@ -25,6 +25,7 @@ import torch
 
 from engine import storage
 from schemas.shard_index import ShardError, ShardIndex, ShardInfo
+from trainers.loader.frames import FrameDecoder
 from trainers.loader.shards import (
     IndexMismatchError,
     UnsafeShardError,
@@ -32,7 +33,14 @@ from trainers.loader.shards import (
     shard_blocks,
     shard_is_intact,
 )
-from trainers.loader.windows import PlacedBlock, Position, pool_batches, pools
+from trainers.loader.windows import (
+    FrameOptions,
+    LostWindows,
+    PlacedBlock,
+    Position,
+    pool_batches,
+    pools,
+)
 
 STATE_FORMAT = 1
 # The settings a saved state is only valid with.
@@ -58,6 +66,10 @@ class StreamOptions:
     prefetch_factor: int = 4
     window: int | None = None  # steps per window cut; None: the index's window
     prefetch: int = 0  # batches made ahead in a background thread (num_workers=0 only)
+    cameras: tuple[str, ...] = ()  # cameras whose frames batches carry
+    frame_stack: int = 1  # frames stacked per step (at most the index's)
+    augment_shift: int = 0  # DrQ random shift in pixels, seeded; 0: off
+    decode_threads: int = 0  # threads decoding frames per consumer; 0: in the loader's thread
 
     @property
     def consumers(self) -> int:
@@ -82,13 +94,6 @@ def epoch_shards(
     return [index.shards[i] for i in order[consumer::consumers]]
 
 
-class LostWindows:
-    """Windows of skipped shards (on_error="skip"), counted across epochs."""
-
-    def __init__(self, count: int = 0) -> None:
-        self.count = count
-
-
 def epoch_blocks(
     shards: Sequence[ShardInfo],
     root: str,
@@ -97,6 +102,7 @@ def epoch_blocks(
     start: Position,
     on_error: str,
     lost: LostWindows,
+    cameras: Sequence[str] = (),
 ) -> Iterator[PlacedBlock]:
     """The blocks of `shards` in order from `start` (shard, block), each shard checked
     against its index entry (block and window counts, size, sha256). A truncated or corrupt
@@ -110,7 +116,7 @@ def epoch_blocks(
         seen_blocks, seen_windows = first_block, 0
         try:
             for number, block in enumerate(
-                shard_blocks(url, index, conditions, first_block, expected=info),
+                shard_blocks(url, index, conditions, first_block, expected=info, cameras=cameras),
                 start=first_block,
             ):
                 seen_blocks += 1
@@ -167,6 +173,32 @@ class WindowDataset(torch.utils.data.IterableDataset):
         saved = dict((self.start_positions or [None] * (worker + 1))[worker] or {})
         lost = LostWindows(int(saved.pop("lost_windows", 0)))
         position = Position(**saved)
+        frames = None
+        if o.cameras:
+            frames = FrameOptions(
+                cameras={camera: self.index.cameras[camera] for camera in o.cameras},
+                frame_stack=o.frame_stack,
+                augment_shift=o.augment_shift,
+                decoder=FrameDecoder(o.decode_threads),
+                on_error=o.on_error,
+                lost=lost,
+            )
+        try:
+            yield from self._batches(consumer, worker, position, lost, frames, info is None)
+        finally:
+            if frames is not None:
+                frames.decoder.close()
+
+    def _batches(
+        self,
+        consumer: int,
+        worker: int,
+        position: Position,
+        lost: LostWindows,
+        frames: FrameOptions | None,
+        in_process: bool,
+    ):
+        o = self.options
         epoch = position.epoch
         while o.epochs is None or epoch < o.epochs:
             if epoch != position.epoch:
@@ -177,7 +209,7 @@ class WindowDataset(torch.utils.data.IterableDataset):
             from_start = position == Position(epoch=epoch)
             produced = 0
             blocks = epoch_blocks(
-                shards, self.root, self.index, o.conditions, position, o.on_error, lost
+                shards, self.root, self.index, o.conditions, position, o.on_error, lost, o.cameras
             )
             for pool in pools(blocks, position, o.pool_windows, len(shards)):
                 first = position.batch if pool.start == position.pool_start() else 0
@@ -191,10 +223,11 @@ class WindowDataset(torch.utils.data.IterableDataset):
                     drop_last=o.drop_last,
                     first_batch=first,
                     window=o.window,
+                    frames=frames,
                 ):
                     state = {**after.to_dict(), "worker": worker, "lost_windows": lost.count}
                     produced += 1
-                    if info is None:
+                    if in_process:
                         yield {k: torch.from_numpy(v) for k, v in batch.items()}, state
                     else:
                         yield pack_batch(batch), state
@@ -205,17 +238,21 @@ class WindowDataset(torch.utils.data.IterableDataset):
 
 def pack_batch(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, list[tuple]]:
     """A batch as one uint8 tensor plus its layout: a DataLoader worker hands the main
-    process one shared-memory buffer per batch instead of one per array (~10x cheaper)."""
+    process one shared-memory buffer per batch instead of one per array (~10x cheaper).
+    The buffer is allocated in shared memory (as torch's default_collate does in workers):
+    handing it over copies nothing more (frame batches are tens of MB)."""
     layout, offset = [], 0
     for name, value in batch.items():
         layout.append((name, value.dtype.str, value.shape, offset))
         offset += -(-value.nbytes // 8) * 8  # 8-byte aligned views
-    buffer = np.empty(offset, dtype=np.uint8)
+    shared = torch.UntypedStorage._new_shared(offset)
+    packed = torch.empty(0, dtype=torch.uint8).set_(shared, 0, (offset,), (1,))
+    buffer = packed.numpy()
     for (_, _, _, start), value in zip(layout, batch.values()):
         buffer[start : start + value.nbytes] = (
             np.ascontiguousarray(value).reshape(-1).view(np.uint8)
         )
-    return torch.from_numpy(buffer), layout
+    return packed, layout
 
 
 def unpack_batch(buffer: torch.Tensor, layout: list[tuple]) -> dict[str, torch.Tensor]:
@@ -353,6 +390,10 @@ def stream(
     multiprocessing_context: str | None = None,
     window: int | None = None,
     prefetch: int = 0,
+    cameras: Sequence[str] | None = None,
+    frame_stack: int | None = None,
+    augment_shift: int = 0,
+    decode_threads: int = 0,
 ) -> ShardStream:
     """Batches of windows from the shards at `uri` (see trainers/loader/__init__.py).
 
@@ -374,6 +415,20 @@ def stream(
         raise ValueError(
             f"{uri}: window must be between 1 and the shards' window {index.window}, got {window}"
         )
+    cameras = tuple(index.cameras) if cameras is None else tuple(cameras)
+    unknown = [camera for camera in cameras if camera not in index.cameras]
+    if unknown:
+        raise KeyError(
+            f"{uri}: the shards hold no frames of camera(s) {unknown}; they hold "
+            f"{sorted(index.cameras) or 'none'}"
+        )
+    frame_stack = index.frame_stack if frame_stack is None else frame_stack
+    if not 1 <= frame_stack <= index.frame_stack or augment_shift < 0 or decode_threads < 0:
+        raise ValueError(
+            f"{uri}: need 1 <= frame_stack <= the shards' frame stack {index.frame_stack} "
+            f"(`hindsight shard --frame-stack`), augment_shift >= 0 and decode_threads >= 0 "
+            f"(got {frame_stack}, {augment_shift}, {decode_threads})"
+        )
     if batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(
             f"need batch_size >= 1 and 0 <= rank < world_size (got {batch_size}, {rank}, {world_size})"
@@ -393,6 +448,10 @@ def stream(
         multiprocessing_context=multiprocessing_context,
         window=window,
         prefetch=prefetch,
+        cameras=cameras,
+        frame_stack=frame_stack,
+        augment_shift=augment_shift,
+        decode_threads=decode_threads,
     )
     if len(index.shards) < options.consumers:
         warnings.warn(

@@ -3,18 +3,21 @@
 Stages (pure: no I/O, each testable alone with hand-made blocks):
     pools (blocks placed in the epoch -> Pool, with the position where it starts and ends)
     -> pool_arrays (a pool's blocks concatenated, plus one zero row for padding)
-    -> pool_batches (a seeded permutation of the pool, cut into batches by `cut_windows`)
+    -> pool_batches (a seeded permutation of the pool, cut into batches by `cut_windows`;
+       with cameras, each batch's frames decoded and stacked by trainers/loader/frames.py)
 Positions make resume exact: pools and their permutations depend only on the seed, the
 epoch, the consumer and the pool number.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from schemas.frames import CameraInfo
 from schemas.shard_index import (
     ACTION,
     EPISODE_ID,
@@ -23,13 +26,41 @@ from schemas.shard_index import (
     TIMESTEP,
     WINDOW_END,
     WINDOW_START,
+    ShardError,
     ShardIndex,
     condition_member,
     text_index_member,
 )
+from trainers.loader.frames import (
+    FrameDecoder,
+    PoolFrames,
+    pool_frames,
+    random_shift,
+    window_frames,
+)
 from trainers.loader.shards import Block
 
 MASK = "mask"  # the batch entry that marks real (not padded) steps
+
+
+class LostWindows:
+    """Windows of skipped shards and of windows with a frame that did not decode
+    (on_error="skip"), counted across epochs."""
+
+    def __init__(self, count: int = 0) -> None:
+        self.count = count
+
+
+@dataclass(frozen=True)
+class FrameOptions:
+    """What the loader does with camera frames (see `stream()`)."""
+
+    cameras: Mapping[str, CameraInfo]
+    frame_stack: int = 1
+    augment_shift: int = 0
+    decoder: FrameDecoder = field(default_factory=FrameDecoder)
+    on_error: str = "raise"
+    lost: LostWindows = field(default_factory=LostWindows)
 
 
 @dataclass(frozen=True)
@@ -111,10 +142,12 @@ class PoolArrays:
     episode_id: np.ndarray
     text_index: dict[str, np.ndarray]
     texts: dict[str, tuple[np.ndarray, np.ndarray]]
+    frames: dict[str, PoolFrames] = field(default_factory=dict)
 
 
-def pool_arrays(pool: Pool) -> PoolArrays:
-    """The blocks of a pool as one set of arrays, window rows renumbered into it."""
+def pool_arrays(pool: Pool, cameras: Mapping[str, CameraInfo] | None = None) -> PoolArrays:
+    """The blocks of a pool as one set of arrays, window rows renumbered into it; the
+    encoded frames of `cameras` stay in their blocks (only a batch's are decoded)."""
     blocks = []
     seen: dict[int, int] = {}
     for block, _, _ in pool.pieces:
@@ -163,6 +196,7 @@ def pool_arrays(pool: Pool) -> PoolArrays:
         episode_id=np.concatenate(episodes),
         text_index={name: np.concatenate(parts) for name, parts in text_index.items()},
         texts=texts,
+        frames=pool_frames(blocks, row_offsets[:-1], dict(cameras or {})),
     )
 
 
@@ -173,11 +207,15 @@ def cut_windows(
     index: ShardIndex,
     conditions: Sequence[str],
     rng: np.random.Generator,
+    frames: FrameOptions | None = None,
 ) -> dict[str, np.ndarray]:
     """The windows `selected` (pool positions) as batch arrays, left-padded with a mask.
 
     Every per-step array is one `np.take` of [B * W] rows; padded positions take the pool's
-    trailing zero row, so padding is 0 everywhere.
+    trailing zero row, so padding is 0 everywhere. With `frames`, the windows' camera frames
+    too (`frame_<camera>` uint8 [B, W, C * k, H, W]); windows with a frame that does not
+    decode raise a ShardError naming the shard and sample, or with on_error="skip" are left
+    out of the batch and counted.
     """
     end = arrays.end[selected]
     start = arrays.start[selected]
@@ -219,7 +257,36 @@ def cut_windows(
             batch[name] = gather(values).astype(np.int64)
         else:
             batch[name] = gather(values).astype(np.float32, copy=False)
+    if frames is not None and frames.cameras:
+        batch = add_frames(batch, arrays, rows, mask, frames, rng)
     return batch
+
+
+def add_frames(
+    batch: dict[str, np.ndarray],
+    arrays: PoolArrays,
+    rows: np.ndarray,
+    mask: np.ndarray,
+    frames: FrameOptions,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """The batch with its windows' decoded, stacked (and shifted) frames; see cut_windows."""
+    decoded, bad, messages = window_frames(
+        arrays.frames, rows, mask, arrays.steps[TIMESTEP], frames.frame_stack, frames.decoder
+    )
+    for name, values in decoded.items():  # one shift per window, drawn after the conditions'
+        batch[name] = random_shift(values, frames.augment_shift, rng)
+    if not bad.any():
+        return batch
+    if frames.on_error != "skip":
+        raise ShardError(f"{messages[0]} (corrupt shard)")
+    frames.lost.count += int(bad.sum())
+    warnings.warn(
+        f"{messages[0]}; {int(bad.sum())} windows with frames that do not decode skipped",
+        stacklevel=2,
+    )
+    keep = ~bad
+    return {name: values[keep] for name, values in batch.items()}
 
 
 def pool_batches(
@@ -233,12 +300,14 @@ def pool_batches(
     drop_last: bool,
     first_batch: int = 0,
     window: int | None = None,
+    frames: FrameOptions | None = None,
 ) -> Iterator[tuple[dict[str, np.ndarray], Position]]:
     """The batches of a pool from batch `first_batch` on, each with the position after it:
     a seeded permutation of the pool's windows, `batch_size` at a time (the last one
     smaller unless `drop_last`), each window its last `window` steps (default: the
-    index's window; 1: single steps). Seeds: (seed, epoch, consumer, pool[, batch])."""
-    arrays = pool_arrays(pool)
+    index's window; 1: single steps), with `frames` their camera frames (cut_windows).
+    Seeds: (seed, epoch, consumer, pool[, batch])."""
+    arrays = pool_arrays(pool, frames.cameras if frames else None)
     total = len(arrays.end)
     epoch, number_of_pool = pool.start.epoch, pool.start.pool
     order = np.random.default_rng([seed, epoch, consumer, number_of_pool]).permutation(total)
@@ -246,7 +315,9 @@ def pool_batches(
     for number in range(first_batch, batches):
         selected = order[number * batch_size : (number + 1) * batch_size]
         rng = np.random.default_rng([seed, epoch, consumer, number_of_pool, number])
-        batch = cut_windows(arrays, selected, window or index.window, index, conditions, rng)
+        batch = cut_windows(
+            arrays, selected, window or index.window, index, conditions, rng, frames
+        )
         after = (
             Position(**{**pool.start.to_dict(), "batch": number + 1})
             if number + 1 < batches

@@ -1,0 +1,156 @@
+"""Camera frames in the loader: the encoded frames of a pool's blocks -> the decoded,
+stacked (and optionally shifted) uint8 frames of one batch's windows.
+
+For a batch of B windows of W steps and a frame stack of k, camera `c` gives
+`frame_<c>`: uint8 [B, W, C * k, H, W] (channels first; the k frames oldest first, each C
+channels). Only the frames the batch needs are decoded, each once: the windows' steps and
+the k - 1 steps before each (`stack_rows`); before an episode's first step its first frame
+repeats, and left-padded window positions are zeros. Decoding is PIL through
+`schemas.frames.decode_frame`, checked against the camera; PIL releases the GIL while it
+decodes, so a `FrameDecoder` with threads decodes a batch's frames in parallel (and
+DataLoader workers each run their own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from schemas.frames import CameraInfo, FrameError, decode_frame, frame_column
+
+
+@dataclass
+class PoolFrames:
+    """One camera's encoded frames of a pool's blocks: pool row r is row
+    r - first_rows[b] of block b = searchsorted(first_rows, r, "right") - 1."""
+
+    camera: CameraInfo
+    data: list[bytes]  # per block: the `.bin` member
+    offsets: list[np.ndarray]  # per block: int64 [rows + 1]
+    where: list[str]  # per block: "shard URL sample KEY"
+    first_rows: np.ndarray  # int64 [blocks]: the pool row of each block's first row
+
+    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Block and row within it of pool rows."""
+        block = np.searchsorted(self.first_rows, rows, side="right") - 1
+        return block, rows - self.first_rows[block]
+
+
+def stack_rows(rows: np.ndarray, mask: np.ndarray, timestep: np.ndarray, k: int) -> np.ndarray:
+    """Pool rows of the k stacked frames of every window position, oldest first: int64
+    [B, W, k], the row `lag` steps back clamped to the episode's first step (whose frame
+    repeats), -1 at padded positions. `rows`/`mask` [B, W]; `timestep` per pool row."""
+    safe = np.where(mask, rows, 0)
+    t = timestep[safe].astype(np.int64)
+    lags = np.arange(k - 1, -1, -1, dtype=np.int64)  # k - 1, ..., 0: oldest first
+    stacked = safe[..., None] - np.minimum(lags, t[..., None])
+    return np.where(mask[..., None], stacked, -1)
+
+
+class FrameDecoder:
+    """Decodes a pool's frames at given rows, in `threads` threads (0: this thread)."""
+
+    def __init__(self, threads: int = 0):
+        self.threads = threads
+        self.executor = ThreadPoolExecutor(threads, "hindsight-frames") if threads > 0 else None
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = None
+
+    def decode(self, frames: PoolFrames, rows: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """The frames at pool `rows`, channels first (N x C x H x W uint8: the transpose
+        rides on the copy out of PIL's buffer), and by position the FrameError message of
+        each that did not decode ("" for those that did; a failed frame is 0)."""
+        height, width, channels = frames.camera.shape
+        out = np.zeros((len(rows), channels, height, width), dtype=np.uint8)
+        block, local = frames.locate(rows)
+        errors: list[str] = [""] * len(rows)
+
+        def run(span: range) -> None:
+            for i in span:
+                b, r = int(block[i]), int(local[i])
+                first, stop = frames.offsets[b][r], frames.offsets[b][r + 1]
+                where = f"{frames.where[b]} row {r}"
+                try:
+                    decoded = decode_frame(frames.data[b][first:stop], frames.camera, where)
+                    out[i] = decoded.transpose(2, 0, 1)
+                except FrameError as error:
+                    errors[i] = str(error)
+
+        if self.executor is None or len(rows) < 2 * self.threads:
+            run(range(len(rows)))
+        else:
+            bounds = np.linspace(0, len(rows), self.threads + 1).astype(int)
+            spans = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+            list(self.executor.map(run, spans))
+        return out, errors
+
+
+def window_frames(
+    frames: dict[str, PoolFrames],
+    rows: np.ndarray,
+    mask: np.ndarray,
+    timestep: np.ndarray,
+    k: int,
+    decoder: FrameDecoder,
+) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+    """Per camera `frame_<camera>` uint8 [B, W, C * k, H, W] of the windows at pool `rows`
+    [B, W] (`mask` False on padding), plus which windows hold a frame that did not decode
+    (bool [B]) and the first such error per camera."""
+    stacked = stack_rows(rows, mask, timestep, k)
+    needed, inverse = np.unique(stacked[stacked >= 0], return_inverse=True)
+    positions = np.full(stacked.shape, len(needed), dtype=np.int64)  # padding: a zero frame
+    positions[stacked >= 0] = inverse.reshape(-1)
+    batch, messages = {}, []
+    bad = np.zeros(len(rows), dtype=bool)
+    for camera, pool_frames in frames.items():
+        decoded, errors = decoder.decode(pool_frames, needed)
+        height, width, channels = pool_frames.camera.shape
+        with_zero = np.concatenate([decoded, np.zeros((1, channels, height, width), np.uint8)])
+        # One gather: [B, W, k, C, H, W], i.e. [B, W, k * C, H, W] without another copy.
+        taken = np.take(with_zero, positions, axis=0)
+        batch[frame_column(camera)] = taken.reshape(*rows.shape, k * channels, height, width)
+        if any(errors):
+            failed = np.flatnonzero([bool(e) for e in errors])
+            messages.append(errors[int(failed[0])])
+            failed_mask = np.zeros(len(needed) + 1, dtype=bool)
+            failed_mask[failed] = True
+            bad |= failed_mask[positions].reshape(len(rows), -1).any(axis=1)
+    return batch, bad, messages
+
+
+def random_shift(frames: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
+    """DrQ's random shift: every window's frames [W, C * k, H, W] padded by `shift` pixels
+    (replicating the border) and cropped back at a random offset, the same for all of the
+    window's steps and stacked frames. Seeded by `rng`."""
+    if shift <= 0:
+        return frames
+    count, height, width = frames.shape[0], frames.shape[-2], frames.shape[-1]
+    dy, dx = (rng.integers(0, 2 * shift + 1, size=(2, count)) - shift).tolist()
+    out = np.empty_like(frames)
+    for i in range(count):  # a slice copy per window, not per step or pixel
+        ys = np.clip(np.arange(height) + dy[i], 0, height - 1)
+        xs = np.clip(np.arange(width) + dx[i], 0, width - 1)
+        out[i] = frames[i][..., ys[:, None], xs[None, :]]
+    return out
+
+
+def pool_frames(
+    blocks: Sequence, first_rows: np.ndarray, cameras: dict[str, CameraInfo]
+) -> dict[str, PoolFrames]:
+    """The encoded frames of a pool's blocks (trainers.loader.shards.Block), per camera."""
+    return {
+        camera: PoolFrames(
+            camera=info,
+            data=[block.frames[camera][0] for block in blocks],
+            offsets=[block.frames[camera][1] for block in blocks],
+            where=[block.where for block in blocks],
+            first_rows=np.asarray(first_rows, dtype=np.int64),
+        )
+        for camera, info in cameras.items()
+    }
