@@ -112,6 +112,18 @@ def raw_camera(shape: Sequence[int], codec: str, quality: int | None) -> CameraI
     )
 
 
+def sniff_codec(data: bytes) -> str | None:
+    """The codec of encoded image bytes, from their magic number (None: not an image)."""
+    head = bytes(data[:12])
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
 def encoded_camera(data: bytes, where: str) -> CameraInfo:
     """The camera of frames that arrive encoded, from the first one: its codec sniffed from
     the bytes, its size and channels from the header (quality unknown: None)."""
