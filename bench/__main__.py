@@ -19,6 +19,7 @@ BENCHMARKS = (
     "language",
     "query",
     "shards",
+    "frames",
     "train",
     "rvs",
     "scale",

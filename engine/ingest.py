@@ -19,6 +19,13 @@ them: values are checked where they are stored, without a second read of the sou
 problems come back to the driver as data: with `--on-error fail` the job then fails
 listing all of them and leaves nothing; with `--on-error skip` the task has left those
 episodes out and the report lists them.
+
+Images become frames, never flattened floats (engine/sources/images.py): a source names
+its cameras in the plan (`IngestPlan.images`, `cameras`), its `read_part` returns their
+encoded frames next to the base tables (raw uint8 frames encoded in the task, a chunk of
+rows at a time; encoded ones as they came), each task checks the frames that came encoded
+(decoded once: whole, of the camera's size and codec) and writes them as the `frames`
+group's part next to its base part; the manifest records the cameras.
 """
 
 from __future__ import annotations

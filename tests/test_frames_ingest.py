@@ -168,7 +168,9 @@ def test_parts_hold_bounded_frames_and_encoding_reads_a_chunk_at_a_time(monkeypa
 # ---------------------------------------------------------------- Minari
 
 
-def minari_image_dataset(tmp_path, monkeypatch, jpeg: bool, dict_observation: bool):
+def minari_image_dataset(
+    tmp_path, monkeypatch, jpeg: bool, dict_observation: bool, data_format: str = "hdf5"
+):
     minari = pytest.importorskip("minari")
     import gymnasium as gym
     from minari.data_collector import EpisodeBuffer
@@ -206,6 +208,7 @@ def minari_image_dataset(tmp_path, monkeypatch, jpeg: bool, dict_observation: bo
             observation_space=space,
             action_space=gym.spaces.Box(-1, 1, (2,), np.float32),
             jpeg_encoding=jpeg,
+            data_format=data_format,
         )
     return tmp_path / "minari" / "test" / "pixels-v0", lengths
 
@@ -238,6 +241,19 @@ def test_minari_raw_frames_are_encoded(tmp_path, monkeypatch):
     assert camera.codec == "png"
     expected = np.concatenate([scenes(n + 1, 40, 48, seed=e)[:-1] for e, n in enumerate(lengths)])
     np.testing.assert_array_equal(decode_frames(data, camera), expected)
+
+
+def test_minari_arrow_frames_arrive_decoded_and_are_encoded(tmp_path, monkeypatch):
+    minari = pytest.importorskip("minari")
+    directory, _ = minari_image_dataset(tmp_path, monkeypatch, True, False, "arrow")
+    uri = str(tmp_path / "ds")
+    Ingest(input=str(directory), output=uri).run()
+    data, camera = frames_of(uri, "observation")
+    assert camera.codec == "png"
+    expected = np.concatenate(
+        [e.observations[:-1] for e in minari.load_dataset("test/pixels-v0").iterate_episodes()]
+    )
+    np.testing.assert_array_equal(decode_frames(data, camera), expected)  # minari's decoding
 
 
 def test_minari_frames_of_another_size_name_the_episode(tmp_path):

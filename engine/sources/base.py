@@ -26,6 +26,11 @@ returns the base step and episode tables through `engine.sources.tables.build_ta
 Its output must depend on the part alone, so that a re-run writes the same bytes. Ingest
 checks those tables as they will be stored (observations, actions, rewards: finite
 float32), so a source need not read its observations in `plan`.
+
+A source with images (engine/sources/images.py) lists them in the plan and in each part
+(`images`, `cameras`; `plan` refuses non-uint8 image arrays and frames of another size
+where it can see them cheaply, and cuts parts with `image_part_steps`), and its
+`read_part` returns a third value: camera -> one encoded frame per row of the steps table.
 """
 
 from __future__ import annotations
