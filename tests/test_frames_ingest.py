@@ -125,6 +125,20 @@ def test_dict_observation_image_keys_are_cameras_the_rest_the_state(tmp_path):
     )
 
 
+def test_skipped_episodes_take_their_frames_with_them(tmp_path):
+    frames = scenes(30, 12, 12)
+    arrays = flat_arrays(30, [9, 19, 29], {"cam": frames})
+    arrays["rewards"][14] = np.nan  # episode 1, step 4
+    uri = str(tmp_path / "ds")
+    Ingest(input=write_hdf5(tmp_path / "x.h5", arrays), output=uri, on_error="skip").run()
+    steps = open_dataset(uri).read("steps", ["episode_id", "frame_cam"])
+    assert steps.column("episode_id").to_pylist() == [0] * 10 + [2] * 10
+    data, camera = frames_of(uri, "cam")
+    np.testing.assert_array_equal(
+        decode_frames(data, camera), np.concatenate([frames[:10], frames[20:]])
+    )
+
+
 def test_non_uint8_or_four_channel_images_are_refused(tmp_path, capsys):
     frames = scenes(20, 16, 16)
     floats = write_hdf5(tmp_path / "f.h5", flat_arrays(20, [19], frames.astype(np.float32)))
