@@ -254,7 +254,8 @@ def run(count: int, sizes: list[int]) -> dict[str, Any]:
         "episode_steps": EPISODE_STEPS,
         "noise_sigma": NOISE_SIGMA,
         "render_seconds": round(render_seconds, 2),
-        "video": video_available or "PyAV is not installed: `pip install av` for the video rows",
+        "video": video_available
+        or "PyAV is not installed: `pip install hindsight-engine[video]` for the video rows",
         "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
         "load_average_at_start": [round(x, 2) for x in load_at_start],
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
