@@ -20,6 +20,12 @@ LeRobot stores cameras).
    episodes in order, and decode frames/s of single frames at random positions (seek to
    the keyframe before, decode up to the frame): what a loader drawing random windows pays.
 
+4. With `--large-frames N` (e.g. 24): memory with 4K frames. A D4RL-style HDF5 file of N
+   3840x2160 RGB frames (episodes of 4 steps; written a frame at a time) is ingested in a
+   subprocess in one process (`InProcess`, the path of a small job), and its peak RSS
+   (ru_maxrss) is compared with the raw frames' size: parts are cut to about 256 MiB of
+   raw frames and read 32 MiB at a time, so memory must not grow with the file.
+
 Speeds are single-process and single-threaded (PyAV's codecs get `thread_count=1`,
 SVT-AV1 `lp=1`) on the same frames in the same run; the machine's load average is recorded at start and end.
 """
@@ -212,10 +218,80 @@ def measure_video_codec(frames: np.ndarray, codec: str, options: dict, gop: int 
     }
 
 
+# ---------------------------------------------------------------- memory with 4K frames
+
+
+def write_large_frames(path: str, count: int, height: int = 2160, width: int = 3840) -> int:
+    """A D4RL-style file of `count` smooth 4K frames, written one at a time; its raw bytes."""
+    import h5py
+
+    y, x = np.mgrid[0:height, 0:width]
+    terminals = np.zeros(count, bool)
+    terminals[3::4] = True
+    terminals[-1] = True
+    with h5py.File(path, "w") as handle:
+        frames = handle.create_dataset(
+            "observations", (count, height, width, 3), np.uint8, chunks=(1, height, width, 3)
+        )
+        for i in range(count):
+            disc = ((y - height / 2) ** 2 + (x - i * width / count) ** 2 < (height / 5) ** 2) * 150
+            frames[i] = np.repeat((disc + x * 60 // width).astype(np.uint8)[..., None], 3, axis=2)
+        handle["actions"] = np.zeros((count, 1), np.float32)
+        handle["rewards"] = np.zeros(count, np.float32)
+        handle["terminals"] = terminals
+    return count * height * width * 3
+
+
+def ingest_peak_rss(source: str, output: str) -> dict[str, Any]:
+    """Ingest `source` in this process and report the peak RSS (run in a subprocess)."""
+    import resource
+
+    from engine.executor import InProcess
+    from engine.ingest import ingest, plan_ingest
+
+    started = time.perf_counter()
+    plan = plan_ingest(source)
+    manifest = ingest(plan, output, executor=InProcess(), command="bench.frames")
+    frames_group = next(g for g in manifest.groups if g.cameras)
+    return {
+        "seconds": round(time.perf_counter() - started, 2),
+        "parts": len(manifest.parts),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "stored_frame_bytes": sum(f.bytes for f in frames_group.steps_files),
+    }
+
+
+def large_frames(count: int) -> dict[str, Any]:
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-frames-") as folder:
+        source = os.path.join(folder, "frames-4k.h5")
+        raw = write_large_frames(source, count)
+        code = (
+            "import json, sys; from bench.frames import ingest_peak_rss; "
+            "print(json.dumps(ingest_peak_rss(sys.argv[1], sys.argv[2])))"
+        )
+        output = os.path.join(folder, "ds")
+        result = subprocess.run(
+            [sys.executable, "-c", code, source, output], capture_output=True, text=True
+        )
+        if result.returncode:
+            raise RuntimeError(result.stderr)
+        measured = json.loads(result.stdout.strip().splitlines()[-1])
+    return {
+        "frames": count,
+        "frame_shape": [2160, 3840, 3],
+        "raw_mib": round(raw / 2**20, 1),
+        **measured,
+    }
+
+
 # ---------------------------------------------------------------- the run
 
 
-def run(count: int, sizes: list[int]) -> dict[str, Any]:
+def run(count: int, sizes: list[int], large: int = 0) -> dict[str, Any]:
     load_at_start = os.getloadavg()
     started = time.perf_counter()
     rendered = render_frames(count, sizes)
@@ -260,6 +336,7 @@ def run(count: int, sizes: list[int]) -> dict[str, Any]:
         "load_average_at_start": [round(x, 2) for x in load_at_start],
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "results": variants,
+        "large_frames": large_frames(large) if large else None,
     }
 
 
@@ -268,9 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results/frames.json")
     parser.add_argument("--frames", type=int, default=2000)
     parser.add_argument("--sizes", default="64,84", help="square frame sizes, comma-separated")
+    parser.add_argument(
+        "--large-frames", type=int, default=0, help="also ingest this many 4K frames (memory)"
+    )
     args = parser.parse_args(argv)
     sizes = [int(size) for size in args.sizes.split(",")]
-    save_results(run(args.frames, sizes), args.out)
+    save_results(run(args.frames, sizes, args.large_frames), args.out)
     return 0
 
 

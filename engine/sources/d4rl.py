@@ -7,7 +7,9 @@ recorded in the manifest). A uint8 observation array of shape (N, H, W) or (N, H
 camera (engine/sources/images.py): camera `observation` when it is the whole observation
 (the steps table then has no `observation` column), camera `<key>` for a dict observation's
 key; its frames are encoded in the part tasks, read a chunk at a time. Image arrays of the
-next observations are not stored (a step's next frame is the next step's frame). Episodes end at a terminal or a timeout (a flag is a boolean or 0/1;
+next observations are not stored (a step's next frame is the next step's frame).
+
+Episodes end at a terminal or a timeout (a flag is a boolean or 0/1;
 any other value is refused, never read as an end); a tail with neither is kept as a
 truncated episode and reported. Episode ids are 0, 1, 2, ... in file order. HDF5 files are
 read in row ranges (local or S3, through seekable range requests); NPZ members are read
