@@ -247,6 +247,25 @@ def test_minari_jpeg_frames_are_stored_as_they_came(tmp_path, monkeypatch, dict_
     assert ("observation" in columns) == dict_observation
 
 
+def test_a_corrupt_minari_jpeg_names_file_episode_step_and_column(tmp_path, monkeypatch):
+    directory, _ = minari_image_dataset(tmp_path, monkeypatch, True, False)
+    data_file = directory / "data" / "main_data.hdf5"
+    with h5py.File(data_file, "r+") as handle:
+        observations = handle["episode_1/observations"]
+        assert h5py.check_vlen_dtype(observations.dtype) == np.uint8  # JPEGs of any length
+        observations[4] = np.frombuffer(b"\xff\xd8\xff not a whole JPEG", np.uint8)
+    with pytest.raises(ValidationError) as caught:
+        Ingest(input=str(directory), output=str(tmp_path / "ds")).run()
+    assert (
+        str(caught.value)
+        .splitlines()[1]
+        .startswith(
+            f"  {data_file}: episode 1, step 4: column 'observations': frame does not decode"
+        )
+    )
+    assert not (tmp_path / "ds").exists()
+
+
 def test_minari_raw_frames_are_encoded(tmp_path, monkeypatch):
     directory, lengths = minari_image_dataset(tmp_path, monkeypatch, False, False)
     uri = str(tmp_path / "ds")
@@ -313,6 +332,7 @@ def image_step_table(frames: list[bytes], struct: bool, episodes: int = 4) -> pa
             "terminated": t == length - 1,
             "truncated": np.zeros(len(frames), bool),
             "blob": pa.array([b"not an image"] * len(frames), pa.binary()),
+            "attachment": pa.array([{"bytes": b"\x00\x01", "path": "a.bin"}] * len(frames)),
         }
     )
 
@@ -332,8 +352,10 @@ def test_parquet_image_columns_keep_their_bytes(tmp_path, struct, format):
         "source": "observation.images.top",
         "encoded_at_ingest": False,
     }
-    steps = open_dataset(uri).read("steps", ["observation", "blob"])  # a binary info column
+    # Binary columns that are not images stay info columns (a struct of bytes too).
+    steps = open_dataset(uri).read("steps", ["observation", "blob", "attachment"])
     assert steps.column("blob").to_pylist() == [b"not an image"] * 24
+    assert steps.column("attachment")[0].as_py() == {"bytes": b"\x00\x01", "path": "a.bin"}
 
 
 def test_an_image_observation_column_is_camera_observation(tmp_path):
