@@ -56,6 +56,7 @@ def render_frames(count: int, sizes: list[int], seed: int = 0) -> dict[int, np.n
     from engine.frames import resize_frame
 
     env = make_env("Pendulum-v1", render_mode="rgb_array")
+    env.action_space.seed(seed)  # the same frames in every run
     rng = np.random.default_rng(seed)
     frames = {size: np.empty((count, size, size, 3), np.uint8) for size in sizes}
     observation = None
