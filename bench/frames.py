@@ -20,7 +20,11 @@ LeRobot stores cameras).
    episodes in order, and decode frames/s of single frames at random positions (seek to
    the keyframe before, decode up to the frame): what a loader drawing random windows pays.
 
-4. With `--large-frames N` (e.g. 24): memory with 4K frames. A D4RL-style HDF5 file of N
+4. Ingest against a bare encode loop: the largest size's clean frames in a D4RL-style HDF5
+   file (whole-image observations, episodes of 200 steps), `hindsight ingest`'s path in
+   one process (`plan_ingest` + `ingest` with `InProcess`, PNG) against
+   `schemas.frames.encode_frames` of the same frames in a loop, back to back.
+5. With `--large-frames N` (e.g. 24): memory with 4K frames. A D4RL-style HDF5 file of N
    3840x2160 RGB frames (episodes of 4 steps; written a frame at a time) is ingested in a
    subprocess in one process (`InProcess`, the path of a small job), and its peak RSS
    (VmHWM) is compared with the raw frames' size: parts are cut to about 256 MiB of
@@ -219,6 +223,43 @@ def measure_video_codec(frames: np.ndarray, codec: str, options: dict, gop: int 
     }
 
 
+# ---------------------------------------------------------------- ingest against a bare loop
+
+
+def ingest_vs_encode(frames: np.ndarray) -> dict[str, Any]:
+    import tempfile
+
+    import h5py
+
+    from engine.executor import InProcess
+    from engine.ingest import ingest, plan_ingest
+    from schemas.frames import CameraInfo, encode_frames
+
+    camera = CameraInfo(height=frames.shape[1], width=frames.shape[2])
+    started = time.perf_counter()
+    encode_frames(frames, camera)
+    bare_seconds = time.perf_counter() - started
+    with tempfile.TemporaryDirectory(prefix="bench-frames-") as folder:
+        source = os.path.join(folder, "frames.h5")
+        terminals = np.zeros(len(frames), bool)
+        terminals[EPISODE_STEPS - 1 :: EPISODE_STEPS] = True
+        terminals[-1] = True
+        with h5py.File(source, "w") as handle:
+            handle["observations"] = frames
+            handle["actions"] = np.zeros((len(frames), 1), np.float32)
+            handle["rewards"] = np.zeros(len(frames), np.float32)
+            handle["terminals"] = terminals
+        started = time.perf_counter()
+        ingest(plan_ingest(source), os.path.join(folder, "ds"), executor=InProcess(), command="b")
+        ingest_seconds = time.perf_counter() - started
+    return {
+        "frames": len(frames),
+        "bare_encode_frames_per_s": round(len(frames) / bare_seconds),
+        "ingest_frames_per_s": round(len(frames) / ingest_seconds),
+        "ingest_over_bare": round(bare_seconds / ingest_seconds, 2),
+    }
+
+
 # ---------------------------------------------------------------- memory with 4K frames
 
 
@@ -350,6 +391,7 @@ def run(count: int, sizes: list[int], large: int = 0) -> dict[str, Any]:
         "load_average_at_start": [round(x, 2) for x in load_at_start],
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "results": variants,
+        "ingest_vs_bare_encode": ingest_vs_encode(rendered[max(sizes)]),
         "large_frames": large_frames(large) if large else None,
     }
 
