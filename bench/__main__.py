@@ -19,6 +19,8 @@ BENCHMARKS = (
     "language",
     "query",
     "shards",
+    "frames",
+    "collect_frames",
     "frames_loader",
     "train",
     "rvs",

@@ -19,6 +19,13 @@ them: values are checked where they are stored, without a second read of the sou
 problems come back to the driver as data: with `--on-error fail` the job then fails
 listing all of them and leaves nothing; with `--on-error skip` the task has left those
 episodes out and the report lists them.
+
+Images become frames, never flattened floats (engine/sources/images.py): a source names
+its cameras in the plan (`IngestPlan.images`, `cameras`), its `read_part` returns their
+encoded frames next to the base tables (raw uint8 frames encoded in the task, a chunk of
+rows at a time; encoded ones as they came), each task checks the frames that came encoded
+(decoded once: whole, of the camera's size and codec) and writes them as the `frames`
+group's part next to its base part; the manifest records the cameras.
 """
 
 from __future__ import annotations
@@ -33,9 +40,12 @@ import pyarrow.compute as pc
 
 from engine.executor import Executor
 from engine.sources import IngestPlan, Part, PlanOptions, Source, detect_format, source_for
+from engine.sources.base import Frames
+from engine.sources.images import check_encoded_frames
 from engine.validate import Problem, ValidationError, check_stored_values
 from engine.writer import DEFAULT_PART_STEPS, VersionWriter, WrittenPart, base_manifest
 from schemas import steps as cols
+from schemas.frames import CODECS, FRAMES_GROUP, frames_table
 from schemas.manifest import SKIPPED_REPORT_NAME, Manifest
 
 ON_ERROR = ("fail", "skip")
@@ -51,6 +61,8 @@ def plan_ingest(
     part_steps: int = DEFAULT_PART_STEPS,
     episode_column: str = cols.EPISODE_ID,
     step_column: str = cols.T,
+    codec: str = "png",
+    quality: int | None = None,
 ) -> IngestPlan:
     """Read boundaries, validate, and cut the source into parts (nothing is written).
 
@@ -58,12 +70,16 @@ def plan_ingest(
     problem of a whole file (which cannot be skipped) in any case."""
     if on_error not in ON_ERROR:
         raise ValueError(f"--on-error must be one of {ON_ERROR}, not {on_error!r}")
+    if codec not in CODECS:
+        raise ValueError(f"--codec must be one of {CODECS}, not {codec!r}")
     reader = source_for(format or detect_format(source))
     options = PlanOptions(
         env_id=env_id,
         part_steps=part_steps,
         episode_column=episode_column,
         step_column=step_column,
+        codec=codec,
+        quality=quality,
     )
     plan = replace(reader.plan(source, options), on_error=on_error)
     fatal = [p for p in plan.skipped if p.episode is None]
@@ -98,6 +114,7 @@ class IngestedPart:
     written: WrittenPart | None
     problems: list[Problem]
     steps: int  # rows read: moves the progress bar
+    frames: WrittenPart | None = None  # the part's frames (next to `written`), if any
 
 
 def part_tasks(plan: IngestPlan, writer: VersionWriter) -> list[IngestTask]:
@@ -110,17 +127,60 @@ def part_tasks(plan: IngestPlan, writer: VersionWriter) -> list[IngestTask]:
 
 
 def ingest_part(task: IngestTask) -> IngestedPart:
-    """Read, convert, check and write one part (runs in a Ray task). Episodes whose stored
-    values have problems are left out; under --on-error fail a part with problems writes
-    nothing, since the job will fail."""
-    steps, episodes = task.source.read_part(task.part)
+    """Read, convert, check and write one part (runs in a Ray task), and its frames next
+    to it. Episodes whose stored values or frames have problems are left out; under
+    --on-error fail a part with problems writes nothing, since the job will fail."""
+    steps, episodes, frames = _with_frames(task.source.read_part(task.part))
     problems = check_stored_values(task.file, steps, episodes)
+    problems += check_frames(task.file, task.part, steps, frames)
     if problems:
         if task.on_error == "fail":
             return IngestedPart(None, problems, task.part.steps)
-        steps, episodes = without_episodes(steps, episodes, {p.episode for p in problems})
-    written = task.writer.write_part(task.index, steps, episodes) if episodes.num_rows else None
-    return IngestedPart(written, problems, task.part.steps)
+        left_out = {p.episode for p in problems}
+        frames = frames_without_episodes(steps, frames, left_out)
+        steps, episodes = without_episodes(steps, episodes, left_out)
+    if not episodes.num_rows:
+        return IngestedPart(None, problems, task.part.steps)
+    written = task.writer.write_part(task.index, steps, episodes)
+    frames_written = None
+    if frames:
+        frames_written = task.writer.write_part(
+            task.index, frames_table(frames), None, group=FRAMES_GROUP
+        )
+    return IngestedPart(written, problems, task.part.steps, frames_written)
+
+
+def _with_frames(tables: tuple) -> tuple[pa.Table, pa.Table, Frames]:
+    return (tables[0], tables[1], tables[2] if len(tables) > 2 else {})
+
+
+def check_frames(file: str, part: Part, steps: pa.Table, frames: Frames) -> list[Problem]:
+    """Frames that came encoded from the source are whole and of their camera's size and
+    codec (frames the part encoded itself are right by construction)."""
+    if not any(image.encoded for image in part.images):
+        return []
+    episode_ids = cols.arrow_to_numpy(steps.column(cols.EPISODE_ID))
+    t = cols.arrow_to_numpy(steps.column(cols.T))
+    problems = []
+    for image in part.images:
+        if image.encoded:
+            camera = part.cameras[image.camera]
+            problems += check_encoded_frames(
+                file, image.source, camera, frames[image.camera], episode_ids, t
+            )
+    return problems
+
+
+def frames_without_episodes(
+    steps: pa.Table, frames: Frames, episode_ids: set[int | None]
+) -> Frames:
+    """The frames of the rows of `steps` that are not in these episodes."""
+    keep = ~np.isin(
+        cols.arrow_to_numpy(steps.column(cols.EPISODE_ID)),
+        np.array(sorted(e for e in episode_ids if e is not None), dtype=np.int64),
+    )
+    rows = np.flatnonzero(keep)
+    return {camera: [data[row] for row in rows] for camera, data in frames.items()}
 
 
 def without_episodes(
@@ -146,6 +206,11 @@ def ingest_metadata(plan: IngestPlan) -> dict[str, Any]:
         "episode_info_columns": plan.episode_info_columns,
         **plan.metadata,
     }
+    if plan.images:  # where each camera's frames came from, and whether they were encoded here
+        metadata["frames_from"] = {
+            image.camera: {"source": image.source, "encoded_at_ingest": not image.encoded}
+            for image in plan.images
+        }
     if plan.skipped or plan.truncated_tails:
         metadata.update(
             skipped_report=SKIPPED_REPORT_NAME,
@@ -179,6 +244,7 @@ def ingest(plan: IngestPlan, output: str, *, executor: Executor, command: str) -
         if found and plan.on_error == "fail":
             raise ValidationError.of(found, SKIP_HINT)
         written = [part.written for part in parts if part.written is not None]
+        frames = [part.frames for part in parts if part.frames is not None]
         if not written:
             raise ValueError(f"{plan.source}: no episodes left to ingest")
         plan = replace(plan, skipped=[*plan.skipped, *found])
@@ -186,11 +252,12 @@ def ingest(plan: IngestPlan, output: str, *, executor: Executor, command: str) -
             write_skipped_report(writer, plan)
         manifest = base_manifest(
             writer.uri,
-            written,
+            written + frames,
             operation="ingest",
             command=command,
             metadata=ingest_metadata(plan),
             details={"format": plan.format, "source": plan.source},
+            cameras=plan.cameras,
         )
         writer.commit(manifest)
     return manifest

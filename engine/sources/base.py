@@ -26,6 +26,11 @@ returns the base step and episode tables through `engine.sources.tables.build_ta
 Its output must depend on the part alone, so that a re-run writes the same bytes. Ingest
 checks those tables as they will be stored (observations, actions, rewards: finite
 float32), so a source need not read its observations in `plan`.
+
+A source with images (engine/sources/images.py) lists them in the plan and in each part
+(`images`, `cameras`; `plan` refuses non-uint8 image arrays and frames of another size
+where it can see them cheaply, and cuts parts with `image_part_steps`), and its
+`read_part` returns a third value: camera -> one encoded frame per row of the steps table.
 """
 
 from __future__ import annotations
@@ -40,10 +45,16 @@ import pyarrow as pa
 
 from engine import storage
 from engine.parts import split_into_parts
+from engine.sources.images import ImageColumn
 from engine.sources.tables import EpisodeLabels
 from engine.validate import Problem
 from engine.writer import DEFAULT_PART_STEPS
 from schemas import steps as cols
+from schemas.frames import CameraInfo
+
+# What a source's `read_part` may return besides the base tables: camera -> one encoded
+# frame per row of the steps table, in its order.
+Frames = dict[str, list[bytes]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +64,9 @@ class Part:
 
     steps: int  # steps the part holds once read (progress, part sizes)
     labels: EpisodeLabels  # env id, source label and episode info columns of its episodes
+    # The source's image arrays or columns, and their cameras (engine/sources/images.py).
+    images: tuple[ImageColumn, ...] = ()
+    cameras: dict[str, CameraInfo] = field(default_factory=dict, compare=False)
 
     @property
     def file(self) -> str:
@@ -73,6 +87,8 @@ class PlanOptions:
     part_steps: int = DEFAULT_PART_STEPS  # steps per part (whole episodes)
     episode_column: str = cols.EPISODE_ID  # step tables: the episode id column
     step_column: str = cols.T  # step tables: the step index column
+    codec: str = "png"  # raw image arrays: the codec their frames are encoded with
+    quality: int | None = None  # JPEG/WebP quality (None: the codec's default)
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,9 @@ class IngestPlan:
     truncated_tails: list[dict[str, Any]] = field(default_factory=list)
     episode_info_columns: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Image arrays or columns of the source and their cameras: the `frames` group.
+    images: list[ImageColumn] = field(default_factory=list)
+    cameras: dict[str, CameraInfo] = field(default_factory=dict)
     on_error: str = "fail"  # set by plan_ingest: what to do with problems found in parts
 
     @classmethod
@@ -125,8 +144,11 @@ class Source(ABC, Generic[PartType]):
         Problems go into `IngestPlan.skipped`; an unreadable file raises ValueError."""
 
     @abstractmethod
-    def read_part(self, part: PartType) -> tuple[pa.Table, pa.Table]:
-        """The base (steps, episodes) tables of one part, sorted by (episode_id, t)."""
+    def read_part(
+        self, part: PartType
+    ) -> tuple[pa.Table, pa.Table] | tuple[pa.Table, pa.Table, Frames]:
+        """The base (steps, episodes) tables of one part, sorted by (episode_id, t); a
+        source with cameras (`part.images`) adds their encoded frames, one per step row."""
 
 
 # ---------------------------------------------------------------- helpers for sources

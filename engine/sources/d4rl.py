@@ -1,8 +1,15 @@
 """`d4rl`: flat arrays in HDF5 (h5py) or NPZ, as D4RL and many logging tools write them.
 
-Arrays: `observations`, `actions`, `rewards`, `terminals`, optional `timeouts`,
-`next_observations`, `infos/*` (per-step info columns) and `metadata/*` (scalars, recorded
-in the manifest). Episodes end at a terminal or a timeout (a flag is a boolean or 0/1;
+Arrays: `observations` (or `observations/<key>` for a dict observation), `actions`,
+`rewards`, `terminals`, optional `timeouts`, `next_observations` (or
+`next_observations/<key>`), `infos/*` (per-step info columns) and `metadata/*` (scalars,
+recorded in the manifest). A uint8 observation array of shape (N, H, W) or (N, H, W, C) is a
+camera (engine/sources/images.py): camera `observation` when it is the whole observation
+(the steps table then has no `observation` column), camera `<key>` for a dict observation's
+key; its frames are encoded in the part tasks, read a chunk at a time. Image arrays of the
+next observations are not stored (a step's next frame is the next step's frame).
+
+Episodes end at a terminal or a timeout (a flag is a boolean or 0/1;
 any other value is refused, never read as an end); a tail with neither is kept as a
 truncated episode and reported. Episode ids are 0, 1, 2, ... in file order. HDF5 files are
 read in row ranges (local or S3, through seekable range requests); NPZ members are read
@@ -28,6 +35,15 @@ from engine.sources.base import (
     part_ranges,
     source_label,
 )
+from engine.sources.images import (
+    ImageColumn,
+    camera_name,
+    encode_rows,
+    image_array_problems,
+    image_part_steps,
+    is_image_array,
+    raw_camera,
+)
 from engine.sources.tables import EpisodeLabels, build_tables
 from engine.validate import (
     Problem,
@@ -42,6 +58,7 @@ from schemas import steps as cols
 
 REQUIRED = ("observations", "actions", "rewards", "terminals")
 OPTIONAL = ("timeouts", "next_observations")
+OBSERVATION_ARRAYS = ("observations", "next_observations")  # or groups of `<name>/<key>`
 SUFFIXES = (".h5", ".hdf5", ".npz")
 MINARI_DATA_FILE = "main_data.hdf5"  # HDF5 too, but one group per episode: the minari format
 # Rows read at once in the planning pass: memory stays flat however large the file.
@@ -173,8 +190,18 @@ def plan_flat_arrays(arrays: FlatArrays, options: PlanOptions) -> IngestPlan:
         return IngestPlan.refused(D4RL.name, path, problems)
     total = arrays.shape("rewards")[0] if arrays.shape("rewards") else 0
     problems = array_shape_problems(arrays, total) + array_type_problems(arrays)
+    for name in observation_arrays(arrays.names, "observations") + observation_arrays(
+        arrays.names, "next_observations"
+    ):
+        problems += image_array_problems(path, name, arrays.dtype(name), arrays.shape(name))
     if problems:
         return IngestPlan.refused(D4RL.name, path, problems)
+    images = image_arrays(arrays)
+    cameras = {
+        image.camera: raw_camera(arrays.shape(image.source), options.codec, options.quality)
+        for image in images
+    }
+    part_steps = image_part_steps(options.part_steps, list(cameras.values()))
 
     flags = read_flags(arrays, total)
     boundaries, truncated_tails = episode_boundaries(flags, path, total)
@@ -199,7 +226,7 @@ def plan_flat_arrays(arrays: FlatArrays, options: PlanOptions) -> IngestPlan:
     kept = np.flatnonzero(keep)
     labels = EpisodeLabels(env_id, source_label(D4RL.name, path), tuple(episode_info_columns))
     parts: list[Part] = []
-    for start, stop in part_ranges(lengths[kept], options.part_steps):
+    for start, stop in part_ranges(lengths[kept], part_steps):
         first, last = int(kept[start]), int(kept[stop - 1])
         parts.append(
             FlatArraysPart(
@@ -210,6 +237,8 @@ def plan_flat_arrays(arrays: FlatArrays, options: PlanOptions) -> IngestPlan:
                 skip_episodes=tuple(int(e) for e in bad_episodes if first <= e <= last),
                 steps=int(lengths[kept[start:stop]].sum()),
                 labels=labels,
+                images=tuple(images),
+                cameras=cameras,
             )
         )
     return IngestPlan(
@@ -223,6 +252,8 @@ def plan_flat_arrays(arrays: FlatArrays, options: PlanOptions) -> IngestPlan:
         truncated_tails=truncated_tails,
         episode_info_columns=episode_info_columns,
         metadata={"source_metadata": metadata} if metadata else {},
+        images=images,
+        cameras=cameras,
     )
 
 
@@ -234,19 +265,50 @@ def _metadata_names(names: list[str]) -> list[str]:
     return [n for n in names if n.startswith("metadata/")]
 
 
+def observation_arrays(names: list[str], name: str) -> list[str]:
+    """The arrays of `observations` (or `next_observations`): the array itself, or one
+    `<name>/<key>` array per key of a dict observation."""
+    if name in names:
+        return [name]
+    return [n for n in names if n.startswith(name + "/")]
+
+
+def per_step_arrays(names: list[str]) -> list[str]:
+    """Every array with one row per step."""
+    observations = [n for name in OBSERVATION_ARRAYS for n in observation_arrays(names, name)]
+    return [n for n in names if n in REQUIRED or n in OPTIONAL or n.startswith("infos/")] + [
+        n for n in observations if n not in OBSERVATION_ARRAYS
+    ]
+
+
 def array_name_problems(path: str, names: list[str]) -> list[Problem]:
     """The required arrays are there and no array is unknown."""
-    problems = check_columns(path, names, REQUIRED, reserved=())
+    present = [*names, *(n for n in OBSERVATION_ARRAYS if observation_arrays(names, n))]
+    problems = check_columns(path, present, REQUIRED, reserved=())
     known = {*REQUIRED, *OPTIONAL, *_info_names(names), *_metadata_names(names)}
+    known |= {n for name in OBSERVATION_ARRAYS for n in observation_arrays(names, name)}
     return problems + [
         Problem(
             path,
             name,
-            "unknown array; expected observations, actions, rewards, terminals, timeouts, "
-            "next_observations, infos/*, metadata/*",
+            "unknown array; expected observations (or observations/<key>), actions, rewards, "
+            "terminals, timeouts, next_observations, infos/*, metadata/*",
         )
         for name in names
         if name not in known
+    ]
+
+
+def image_arrays(arrays: FlatArrays) -> list[ImageColumn]:
+    """The observation arrays that are cameras: uint8 (N, H, W[, C])."""
+    return [
+        ImageColumn(
+            name,
+            "observation" if name == "observations" else camera_name(name.partition("/")[2]),
+            encoded=False,
+        )
+        for name in observation_arrays(arrays.names, "observations")
+        if is_image_array(arrays.dtype(name), arrays.shape(name))
     ]
 
 
@@ -254,7 +316,7 @@ def array_shape_problems(arrays: FlatArrays, total: int) -> list[Problem]:
     """Every per-step array has one row per reward; rewards and flags are 1-D."""
     names = arrays.names
     problems = []
-    for name in [n for n in names if n in REQUIRED or n in OPTIONAL or n.startswith("infos/")]:
+    for name in per_step_arrays(names):
         shape = arrays.shape(name)
         if not shape or shape[0] != total:
             problems.append(
@@ -276,7 +338,10 @@ def array_type_problems(arrays: FlatArrays) -> list[Problem]:
     """Rewards, observations and actions hold numbers (a string or boolean array is
     refused, not cast); flags hold booleans or numbers (their values are checked later)."""
     problems = []
-    for name in ("rewards", "observations", "actions", "next_observations"):
+    observations = [
+        n for name in OBSERVATION_ARRAYS for n in observation_arrays(arrays.names, name)
+    ]
+    for name in ("rewards", "actions", *observations):
         if name in arrays.names:
             problems += check_numeric(arrays.path, name, arrays.dtype(name))
     for name in ("terminals", "timeouts"):
@@ -386,18 +451,38 @@ def read_rows(arrays: FlatArrays, part: FlatArraysPart) -> tuple[pa.Table, pa.Ta
     infos = {
         info_name(name): arrays.read(name, start, stop)[rows] for name in _info_names(arrays.names)
     }
-    return build_tables(
+    images = {image.source for image in part.images}
+
+    def observation(name: str):
+        """The observation's arrays that are not cameras: one array, a dict, or None."""
+        names = observation_arrays(arrays.names, name)
+        kept = [n for n in names if n not in images and n.replace("next_", "", 1) not in images]
+        if names == [name]:
+            return arrays.read(name, start, stop)[rows] if kept else None
+        values = {n.partition("/")[2]: arrays.read(n, start, stop)[rows] for n in kept}
+        return values or None
+
+    tables = build_tables(
         episode_ids=episode_ids[rows],
-        observation=arrays.read("observations", start, stop)[rows],
+        observation=observation("observations"),
         action=arrays.read("actions", start, stop)[rows],
         reward=arrays.read("rewards", start, stop)[rows],
         terminated=terminals[rows],
         truncated=truncated[rows],
-        next_observation=(
-            arrays.read("next_observations", start, stop)[rows]
-            if "next_observations" in arrays.names
-            else None
-        ),
+        next_observation=observation("next_observations"),
         infos=infos,
         labels=part.labels,
     )
+    if not part.images:
+        return tables
+    keep = np.ones(stop - start, bool) if isinstance(rows, slice) else rows
+    frames = {
+        image.camera: encode_rows(
+            lambda first, last, name=image.source: arrays.read(name, first, last),
+            start,
+            keep,
+            part.cameras[image.camera],
+        )
+        for image in part.images
+    }
+    return (*tables, frames)

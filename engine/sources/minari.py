@@ -9,6 +9,15 @@ Minari stores n+1 observations and infos per episode of n steps (the reset first
 `observation` and `next_observation` come from the n+1 observations, and the infos are
 the ones returned by each step. The env id comes from Minari's metadata. Minari datasets
 must be local directories.
+
+Image observations (the whole observation, or a key of a dict observation) become cameras
+(engine/sources/images.py): Minari's default HDF5 storage keeps image spaces as JPEG
+(`jpeg_encoding` in its metadata, for uint8 Box spaces of at least 32x32 with bounds
+0..255), and those frames are stored as they came; raw uint8 (n+1, H, W[, C]) arrays (a
+dataset written with `jpeg_encoding=False`, smaller images, the `arrow` format, which
+minari decodes) are encoded with `--codec`. A step's frame is its observation's (the
+first n of the n+1), camera `observation` for a whole-image observation (the steps table
+then has no `observation` column) or `<key>` for a dict key.
 """
 
 from __future__ import annotations
@@ -33,6 +42,16 @@ from engine.sources.base import (
     part_ranges,
     source_label,
 )
+from engine.sources.images import ImageColumn, encode_raw, image_part_steps
+from engine.sources.minari_hdf5 import hdf5_episodes, leaves
+from engine.sources.minari_images import (
+    check_images,
+    episode_images,
+    image_key,
+    jpeg_keys,
+    observation_leaves,
+    without_images,
+)
 from engine.sources.tables import EpisodeLabels, build_tables
 from engine.validate import (
     Problem,
@@ -44,6 +63,7 @@ from engine.validate import (
     check_numeric,
 )
 from schemas import steps as cols
+from schemas.frames import CameraInfo
 
 DATA_FILE = "main_data.hdf5"
 METADATA_FILE = "metadata.json"
@@ -78,6 +98,8 @@ class MinariDataset:
     data_dir: str
     data_format: str  # "hdf5" (read with h5py) or "arrow" (read with minari's API)
     env_id: str | None
+    # Observation keys ("" for the whole observation) that Minari stored as JPEG bytes.
+    jpeg_keys: tuple[str, ...] = ()
 
     @property
     def file(self) -> str:
@@ -110,10 +132,15 @@ class Minari(Source[MinariPart]):
         episode_ids, lengths = [], []
         info_changes: dict[str, bool] = {}
         kept: dict[int, dict[str, Any]] = {}
+        images: list[ImageColumn] | None = None  # from the first episode read
+        cameras: dict[str, CameraInfo] = {}
         for episode, whole in minari_episodes(dataset, whole_up_to=PLAN_KEEPS_BYTES):
             found = check_episode(dataset.file, episode)
+            if not found and images is None:
+                images, cameras = episode_images(dataset.file, dataset.jpeg_keys, episode, options)
             if not found:
-                found = check_rewards_and_infos(dataset.file, episode, info_changes)
+                found = check_rewards_and_infos(dataset, episode, info_changes)
+                found += check_images(dataset.file, episode, images or [], cameras)
                 episode_ids.append(episode["id"])
                 lengths.append(len(episode["rewards"]))
             if whole and not found:
@@ -126,7 +153,8 @@ class Minari(Source[MinariPart]):
         env_id = options.env_id or dataset.env_id or "unknown"
         labels = EpisodeLabels(env_id, source_label(self.name, path), tuple(episode_info_columns))
         parts: list[Part] = []
-        for start, stop in part_ranges(good_lengths, options.part_steps):
+        part_steps = image_part_steps(options.part_steps, list(cameras.values()))
+        for start, stop in part_ranges(good_lengths, part_steps):
             episodes = tuple(episode_ids[i] for i in good[start:stop])
             parts.append(
                 MinariPart(
@@ -135,6 +163,8 @@ class Minari(Source[MinariPart]):
                     steps=int(good_lengths[start:stop].sum()),
                     labels=labels,
                     kept={e: kept[e] for e in episodes if e in kept},
+                    images=tuple(images or []),
+                    cameras=cameras,
                 )
             )
         return IngestPlan(
@@ -147,18 +177,30 @@ class Minari(Source[MinariPart]):
             skipped=problems,
             episode_info_columns=episode_info_columns,
             metadata={"minari_data_format": dataset.data_format},
+            images=images or [],
+            cameras=cameras,
         )
 
-    def read_part(self, part: MinariPart) -> tuple[pa.Table, pa.Table]:
+    def read_part(self, part: MinariPart) -> tuple[pa.Table, pa.Table] | tuple:
         columns: dict[str, list] = {
             k: [] for k in ("episode_ids", "obs", "next_obs", "actions", "rewards", "term", "trunc")
         }
         infos: dict[str, list] = {}
+        frames: dict[str, list[bytes]] = {image.camera: [] for image in part.images}
         for episode in part_episodes(part):
             rewards = np.asarray(episode["rewards"])
             length = len(rewards)
             observations = episode["observations"]
-            if isinstance(observations, dict):
+            for image in part.images:
+                values = observation_leaves(observations)[image_key(image)][:-1]
+                if image.encoded:
+                    frames[image.camera] += [np.asarray(row).tobytes() for row in values]
+                else:
+                    frames[image.camera] += encode_raw(values, part.cameras[image.camera])
+            observations = without_images(observations, part.images)
+            if observations is None:
+                pass
+            elif isinstance(observations, dict):
                 columns["obs"].append({k: np.asarray(v)[:-1] for k, v in observations.items()})
                 columns["next_obs"].append({k: np.asarray(v)[1:] for k, v in observations.items()})
             else:
@@ -175,10 +217,10 @@ class Minari(Source[MinariPart]):
             columns["trunc"].append(truncated)
             for name, values in step_infos(episode.get("infos", {}), length).items():
                 infos.setdefault(name, []).append(values)
-        return build_tables(
+        tables = build_tables(
             episode_ids=_concat(columns["episode_ids"]),
-            observation=_concat(columns["obs"]),
-            next_observation=_concat(columns["next_obs"]),
+            observation=_concat(columns["obs"]) if columns["obs"] else None,
+            next_observation=_concat(columns["next_obs"]) if columns["next_obs"] else None,
             action=_concat(columns["actions"]),
             reward=_concat(columns["rewards"]),
             terminated=_concat(columns["term"]),
@@ -186,6 +228,7 @@ class Minari(Source[MinariPart]):
             infos={name: _concat(values) for name, values in infos.items()},
             labels=part.labels,
         )
+        return (*tables, frames) if part.images else tables
 
 
 # ---------------------------------------------------------------- reading Minari's layout
@@ -213,6 +256,7 @@ def minari_dataset(path: str) -> MinariDataset:
                 data_dir=data_dir,
                 data_format=metadata.get("data_format", "hdf5"),
                 env_id=(spec or {}).get("id"),
+                jpeg_keys=jpeg_keys(metadata),
             )
     raise FileNotFoundError(
         f"{path}: not a Minari dataset directory (no data/metadata.json or data/main_data.hdf5)"
@@ -242,7 +286,7 @@ def minari_episodes(
     """
     budget = float("inf") if whole_up_to is None else whole_up_to
     if dataset.data_format == "hdf5":
-        yield from _hdf5_episodes(dataset.file, episode_ids, budget)
+        yield from hdf5_episodes(dataset.file, episode_ids, budget)
         return
     try:
         from minari.dataset.minari_storage import MinariStorage
@@ -254,100 +298,9 @@ def minari_episodes(
     minari_storage = MinariStorage.read(dataset.data_dir)
     ids = list(range(minari_storage.total_episodes)) if episode_ids is None else episode_ids
     for episode in minari_storage.get_episodes(ids):
-        size = sum(np.asarray(leaf).nbytes for leaf in _leaves(dict(episode)))
+        size = sum(np.asarray(leaf).nbytes for leaf in leaves(dict(episode)))
         budget = budget - size if size <= budget else -1
         yield {**episode, "id": int(episode["id"])}, budget >= 0
-
-
-def _hdf5_episodes(
-    data_file: str, episode_ids: list[int] | None, budget: float
-) -> Iterator[tuple[dict[str, Any], bool]]:
-    import h5py
-
-    try:
-        handle = h5py.File(data_file, "r")
-    except OSError as error:
-        raise ValueError(
-            f"{data_file}: cannot read it as HDF5 (truncated or corrupt file?): {error}"
-        ) from error
-    with handle:
-        names = (
-            _episode_names(handle) if episode_ids is None else [f"episode_{e}" for e in episode_ids]
-        )
-        for name in names:
-            # h5py's low-level API: its objects cost ~0.1 ms each, as much as the data of
-            # a short episode, so a small dataset is read about 3x faster.
-            group = h5py.h5o.open(handle.id, name.encode())
-            episode = {"id": int(_h5_attribute(group, "id", int(name.removeprefix("episode_"))))}
-            whole = False
-            try:
-                items = _h5_items(group)
-                size = _h5_nbytes(items)
-                whole = size <= budget
-                budget = budget - size if whole else -1
-                for key, item in items.items():
-                    lazy = not whole and key in ("observations", "actions")
-                    episode[key] = _h5_read(item, shape_only=lazy)
-            except (OSError, KeyError) as error:
-                episode["error"] = f"cannot read episode (truncated file?): {error}"
-                whole = False
-            yield episode, whole
-
-
-def _h5_items(group: Any) -> dict[str, Any]:
-    """An HDF5 group's datasets by name, not read yet: each its low-level id and an empty
-    array of its shape and type (None for a dataset without a shape); nested groups as
-    nested dicts."""
-    import h5py
-
-    items: dict[str, Any] = {}
-    for name in group:
-        item = h5py.h5o.open(group, name)
-        if isinstance(item, h5py.h5g.GroupID):
-            items[name.decode()] = _h5_items(item)
-            continue
-        shape = item.get_space().shape
-        items[name.decode()] = (item, None if shape is None else np.empty(shape, item.dtype))
-    return items
-
-
-def _h5_nbytes(items: dict[str, Any]) -> int:
-    return sum(0 if empty is None else empty.nbytes for _, empty in _leaves(items))
-
-
-def _h5_read(item: Any, shape_only: bool = False) -> Any:
-    """A dataset's values (a dict of them for a group); `shape_only`: the empty array of
-    its shape and type (NumPy does not touch an empty array's pages)."""
-    import h5py
-
-    if isinstance(item, dict):
-        return {name: _h5_read(inner, shape_only) for name, inner in item.items()}
-    dataset, values = item
-    if shape_only:
-        return values
-    if values is not None and values.ndim and values.dtype.kind in "biuf":
-        if values.size:  # numbers and flags: straight into the array
-            dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, values)
-        return values
-    return h5py.Dataset(dataset)[()]  # scalars, strings, anything else: as h5py reads them
-
-
-def _h5_attribute(group: Any, name: str, default: Any) -> Any:
-    import h5py
-
-    if not h5py.h5a.exists(group, name.encode()):
-        return default
-    attribute = h5py.h5a.open(group, name.encode())
-    if attribute.dtype.kind not in "biuf":
-        return h5py.Group(group).attrs[name]
-    value = np.empty(attribute.shape, dtype=attribute.dtype)
-    attribute.read(value)
-    return value[()] if value.ndim == 0 else value
-
-
-def _episode_names(handle: Any) -> list[str]:
-    names = [n for n in handle if n.startswith("episode_")]
-    return sorted(names, key=lambda n: int(n.removeprefix("episode_")))
 
 
 def step_infos(infos: dict[str, Any], length: int) -> dict[str, np.ndarray]:
@@ -374,12 +327,6 @@ def _first_leaf(values: Any) -> Any:
     while isinstance(values, dict):
         values = next(iter(values.values()))
     return values
-
-
-def _leaves(values: Any) -> list[Any]:
-    if isinstance(values, dict):
-        return [leaf for inner in values.values() for leaf in _leaves(inner)]
-    return [values]
 
 
 # ---------------------------------------------------------------- validation
@@ -421,15 +368,24 @@ def check_episode(file: str, episode: dict[str, Any]) -> list[Problem]:
     return problems
 
 
-def check_values(file: str, episode: dict[str, Any]) -> list[Problem]:
-    """Rewards, observations and actions hold numbers, rewards are finite as stored
-    (float32), flags are booleans or 0/1 and set only on the last step."""
+def check_values(
+    file: str, episode: dict[str, Any], jpeg_keys: tuple[str, ...] = ()
+) -> list[Problem]:
+    """Rewards, observations and actions hold numbers (but the observations stored as
+    JPEG), rewards are finite as stored (float32), flags are booleans or 0/1 and set only
+    on the last step."""
     episode_id = episode["id"]
     rewards = np.asarray(episode["rewards"])
     ids, steps = np.full(len(rewards), episode_id), np.arange(len(rewards))
     problems = []
-    for column in ("rewards", "observations", "actions"):
-        for values in _leaves(episode[column]):
+    observations = observation_leaves(episode["observations"])
+    numbers = {
+        "rewards": leaves(episode["rewards"]),
+        "observations": [v for key, v in observations.items() if key not in jpeg_keys],
+        "actions": leaves(episode["actions"]),
+    }
+    for column, arrays in numbers.items():
+        for values in arrays:
             problems += check_numeric(file, column, np.asarray(values).dtype)
     problems = [replace(p, episode=episode_id) for p in problems]
     problems += check_finite(file, cols.REWARD, rewards, ids, steps)
@@ -443,14 +399,15 @@ def check_values(file: str, episode: dict[str, Any]) -> list[Problem]:
 
 
 def check_rewards_and_infos(
-    file: str, episode: dict[str, Any], info_changes: dict[str, bool]
+    dataset: MinariDataset, episode: dict[str, Any], info_changes: dict[str, bool]
 ) -> list[Problem]:
     """The episode's values (`check_values`), and every info has one row per step.
     Records in `info_changes` whether each info changes inside this episode (or did in an
     earlier one)."""
+    file = dataset.file
     episode_id = episode["id"]
     length = len(episode["rewards"])
-    problems = check_values(file, episode)
+    problems = check_values(file, episode, dataset.jpeg_keys)
     starts = np.zeros(length, bool)
     starts[:1] = True
     for name, values in step_infos(episode.get("infos", {}), length).items():

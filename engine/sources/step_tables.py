@@ -5,6 +5,13 @@ Columns: an episode id and a step index (names configurable: `--episode-column`,
 `next_observation`; every other column is kept as a per-step info column. A source is a
 file, a directory of files or a glob, local or on S3. Each episode must be in one file.
 
+A column of encoded images (binary PNG/JPEG/WebP bytes, or a `{bytes, path}` struct as
+Hugging Face datasets and LeRobot store image features; recognized by the first frame's
+magic number) is a camera named after the column (`observation.images.top` ->
+`observation_images_top`; an image `observation` column is camera `observation` and the
+steps table then has no `observation` column): its frames are stored as they came, never
+decoded and re-encoded, and checked frame by frame in the part tasks.
+
 Planning reads the cheap columns of each file (ids, step indices, rewards, flags, infos,
 and the sizes of list vectors), checks them, and cuts each file into parts of episode id
 ranges; a part reads its file with a filter on that range. Step indices are whole numbers;
@@ -14,21 +21,14 @@ actions hold numbers (a string or boolean column is refused, never cast).
 
 from __future__ import annotations
 
-import fnmatch
-import glob
 import json
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.json as pajson
-import pyarrow.parquet as pq
 
-from engine import storage
 from engine.sources.base import (
     IngestPlan,
     Part,
@@ -39,6 +39,15 @@ from engine.sources.base import (
     part_ranges,
     source_label,
 )
+from engine.sources.images import image_part_steps
+from engine.sources.step_files import (
+    DIRECTORY_SUFFIXES,
+    FILE_SUFFIXES,
+    read_step_file,
+    step_file_schema,
+    step_table_files,
+)
+from engine.sources.step_images import image_bytes, image_columns
 from engine.sources.tables import EpisodeLabels, build_tables, vector_column
 from engine.validate import (
     Problem,
@@ -58,9 +67,6 @@ from engine.validate import (
 from schemas import steps as cols
 
 VECTOR_COLUMNS = (cols.OBSERVATION, cols.ACTION, cols.NEXT_OBSERVATION)
-# File names a format reads, and the ones that make a directory of that format.
-FILE_SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".ndjson", ".json")}
-DIRECTORY_SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".ndjson")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,10 +96,14 @@ class StepTables(Source[StepTablePart]):
     def plan(self, path: str, options: PlanOptions) -> IngestPlan:
         files = step_table_files(path, self.name)
         schemas = {file: step_file_schema(file, self.name) for file in files}
-        columns = StepColumns.of(schemas[files[0]], options)
-        problems = schema_problems(schemas, columns)
+        images, cameras, problems = image_columns(files[0], self.name, schemas[files[0]])
+        columns = StepColumns.of(schemas[files[0]], options, tuple(i.source for i in images))
+        problems += schema_problems(schemas, columns)
         if problems:
             return IngestPlan.refused(self.name, path, problems)
+        options = replace(
+            options, part_steps=image_part_steps(options.part_steps, list(cameras.values()))
+        )
         scans: list[FileScan] = []  # the files whose episode ids are usable
         seen_in: dict[int, str] = {}  # episode id -> the first file that holds it
         for file in files:
@@ -109,7 +119,11 @@ class StepTables(Source[StepTablePart]):
         episode_info_columns = [n for n in columns.infos if not info_changes.get(n, False)]
         env_id = options.env_id or "unknown"
         labels = EpisodeLabels(env_id, source_label(self.name, path), tuple(episode_info_columns))
-        parts = [part for scan in scans for part in file_parts(scan, bad, columns, labels, options)]
+        parts = [
+            replace(part, images=tuple(images), cameras=cameras)
+            for scan in scans
+            for part in file_parts(scan, bad, columns, labels, options)
+        ]
         # Parts in episode order, so that the dataset is sorted by episode id where the
         # source allows it.
         parts.sort(key=lambda part: part.episode_min)
@@ -122,10 +136,14 @@ class StepTables(Source[StepTablePart]):
             episodes=sum(int(scan.kept(bad).sum()) for scan in scans),
             skipped=problems,
             episode_info_columns=episode_info_columns,
+            images=images,
+            cameras=cameras,
         )
 
-    def read_part(self, part: StepTablePart) -> tuple[pa.Table, pa.Table]:
+    def read_part(self, part: StepTablePart) -> tuple[pa.Table, pa.Table] | tuple:
         table = read_episode_range(part, self.name)
+        frames = {image.camera: image_bytes(table.column(image.source)) for image in part.images}
+        table = table.drop_columns([image.source for image in part.images])
         action = table.column(cols.ACTION)
         if pa.types.is_integer(action.type):
             action = action.combine_chunks().cast(pa.int64())
@@ -138,10 +156,14 @@ class StepTables(Source[StepTablePart]):
             for name in table.column_names
             if name not in core
         }
-        return build_tables(
+        tables = build_tables(
             episode_ids=table.column(part.episode_column).to_numpy().astype(np.int64),
             t=table.column(part.step_column).to_numpy(),
-            observation=vector_column(table.column(cols.OBSERVATION)),
+            observation=(
+                vector_column(table.column(cols.OBSERVATION))
+                if cols.OBSERVATION in table.column_names
+                else None
+            ),
             action=action,
             reward=table.column(cols.REWARD).to_numpy(),
             terminated=as_flags(table.column(cols.TERMINATED).to_numpy(zero_copy_only=False)),
@@ -154,6 +176,7 @@ class StepTables(Source[StepTablePart]):
             infos=infos,
             labels=part.labels,
         )
+        return (*tables, frames) if part.images else tables
 
 
 class Parquet(StepTables):
@@ -165,63 +188,6 @@ class JsonLines(StepTables):
 
 
 # ---------------------------------------------------------------- files
-
-
-def step_table_files(source: str, format: str) -> list[str]:
-    """A file, every file of the format in a directory, or a glob; sorted. Local or S3."""
-    suffixes = FILE_SUFFIXES[format]
-    if any(ch in source for ch in "*?["):
-        if storage.is_s3(source):
-            first = min(source.index(ch) for ch in "*?[" if ch in source)
-            parent = source[: source.rindex("/", 0, first)]
-            files = [f for f in storage.list_files(parent) if fnmatch.fnmatch(f, source)]
-        else:
-            files = sorted(glob.glob(source))
-    elif storage.is_s3(source):
-        fs, key = storage.filesystem(source)
-        if fs.get_file_info(key).type == pafs.FileType.File:
-            files = [source]
-        else:
-            files = [f for f in storage.list_files(source) if f.endswith(suffixes)]
-    elif os.path.isdir(source):
-        files = sorted(os.path.join(source, n) for n in os.listdir(source) if n.endswith(suffixes))
-    elif os.path.exists(source):
-        files = [source]
-    else:
-        raise FileNotFoundError(f"{source}: no such file or directory")
-    if not files:
-        raise FileNotFoundError(f"{source}: no {format} files found")
-    return files
-
-
-def read_step_file(
-    path: str, format: str, columns: list[str] | None = None, filters: list | None = None
-) -> pa.Table:
-    """One step-table file as Arrow, with a clear error for a truncated or corrupt file."""
-    fs, key = storage.filesystem(path)
-    try:
-        if format == "parquet":
-            return pq.read_table(key, filesystem=fs, columns=columns, filters=filters)
-        with fs.open_input_stream(key) as stream:
-            table = pajson.read_json(stream)
-        return table.select(columns) if columns else table
-    except (pa.ArrowInvalid, OSError) as error:
-        raise ValueError(
-            f"{path}: cannot read it as {format} (truncated or corrupt file?): {error}"
-        ) from error
-
-
-def step_file_schema(path: str, format: str) -> pa.Schema:
-    """The schema of one file: Parquet's footer; a JSON Lines file is read whole."""
-    if format == "parquet":
-        fs, key = storage.filesystem(path)
-        try:
-            return pq.read_schema(key, filesystem=fs)
-        except (pa.ArrowInvalid, OSError) as error:
-            raise ValueError(
-                f"{path}: cannot read it as parquet (truncated or corrupt file?): {error}"
-            ) from error
-    return read_step_file(path, format).schema
 
 
 def read_episode_range(part: StepTablePart, format: str) -> pa.Table:
@@ -253,6 +219,7 @@ class StepColumns:
     step: str
     infos: tuple[str, ...]  # every column that is not a core column
     list_vectors: tuple[str, ...]  # vectors stored as lists of any size: sizes are checked
+    images: tuple[str, ...] = ()  # columns of encoded images: cameras
 
     @property
     def required(self) -> list[str]:
@@ -280,10 +247,12 @@ class StepColumns:
         ]
 
     @classmethod
-    def of(cls, schema: pa.Schema, options: PlanOptions) -> StepColumns:
-        """The columns of a source whose files all have `schema`."""
+    def of(
+        cls, schema: pa.Schema, options: PlanOptions, images: tuple[str, ...] = ()
+    ) -> StepColumns:
+        """The columns of a source whose files all have `schema`, with these image columns."""
         required = cls(options.episode_column, options.step_column, (), ()).required
-        core = {*required, cols.NEXT_OBSERVATION}
+        core = {*required, cols.NEXT_OBSERVATION, *images}
         list_types = (pa.types.is_list, pa.types.is_large_list)
         return cls(
             episode=options.episode_column,
@@ -293,8 +262,10 @@ class StepColumns:
                 n
                 for n in VECTOR_COLUMNS
                 if n in schema.names
+                and n not in images
                 and any(is_list(schema.field(n).type) for is_list in list_types)
             ),
+            images=images,
         )
 
 
@@ -312,7 +283,8 @@ def schema_problems(schemas: Mapping[str, pa.Schema], columns: StepColumns) -> l
     # The other files have the same types, or a problem above.
     numbers = (cols.REWARD, columns.step)
     flags = (cols.TERMINATED, cols.TRUNCATED)
-    return problems + check_core_types(files[0], schemas[files[0]], numbers, VECTOR_COLUMNS, flags)
+    vectors = [name for name in VECTOR_COLUMNS if name not in columns.images]
+    return problems + check_core_types(files[0], schemas[files[0]], numbers, vectors, flags)
 
 
 @dataclass
@@ -443,10 +415,17 @@ def info_changes_within_episodes(
     starting where `starts` is set). Nested values are compared as JSON."""
     if pa.types.is_nested(column.type):
         values = np.asarray(column.to_pylist(), dtype=object)
-        values = np.asarray([json.dumps(v) for v in values[order]])
+        values = np.asarray([json.dumps(v, default=_json_bytes) for v in values[order]])
     else:
         values = column.to_numpy(zero_copy_only=False)[order]
     return changes_within_episodes(values, starts)
+
+
+def _json_bytes(value: object) -> str:
+    """Bytes inside a nested info value, comparable as JSON."""
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def episodes_in_two_files(

@@ -113,7 +113,9 @@ def build_tables(
     """The base step and episode tables of whole episodes given in (episode_id, t) order.
 
     Array arguments are NumPy (or already-converted Arrow) columns, one row per step; `t`
-    defaults to 0, 1, 2, ... within each episode. `labels` names the environment and the
+    defaults to 0, 1, 2, ... within each episode. `observation` is None when the whole
+    observation is an image (its frames are the camera `observation`): the steps table
+    then has no `observation` column. `labels` names the environment and the
     source of every episode and the info columns that are constant within episodes.
     """
     # A value beyond float32's range becomes inf in these casts, as it would be stored;
@@ -132,7 +134,10 @@ def build_tables(
         steps = {
             cols.EPISODE_ID: cols.numpy_to_arrow(episode_ids),
             cols.T: cols.numpy_to_arrow(np.asarray(t, dtype=np.int32)),
-            cols.OBSERVATION: arrow(observation, observation_to_arrow),
+        }
+        if observation is not None:
+            steps[cols.OBSERVATION] = arrow(observation, observation_to_arrow)
+        steps |= {
             cols.ACTION: arrow(action, action_to_arrow),
             cols.REWARD: cols.numpy_to_arrow(reward),
             cols.TERMINATED: cols.numpy_to_arrow(np.asarray(terminated, dtype=bool)),

@@ -20,6 +20,10 @@ class Ingest(RayCommand):
 
         hindsight ingest my_logs.h5 data/logs --format d4rl --env Pendulum-v1
         hindsight ingest s3://bucket/raw/ data/robot --format parquet --on-error skip
+        hindsight ingest atari_logs.h5 data/pong --codec webp --quality 90   # uint8 frames
+
+    uint8 image observations (and Parquet image columns) become cameras in the dataset's
+    frames group, never flattened floats (docs/frames.md, "Ingesting images").
     """
 
     name = "ingest"
@@ -46,6 +50,14 @@ class Ingest(RayCommand):
     )
     episode_column: str = Field("episode_id", description="Episode id column of step tables.")
     step_column: str = Field("t", description="Step index column of step tables.")
+    codec: Literal["png", "jpeg", "webp"] = Field(
+        "png",
+        description="Codec of the frames of raw uint8 image arrays (docs/frames.md); "
+        "images that arrive encoded (PNG/JPEG/WebP) are stored as they came.",
+    )
+    quality: int | None = Field(
+        None, ge=1, le=100, description="JPEG/WebP quality (default 90); PNG is lossless."
+    )
 
     def run(self) -> Manifest:
         from engine.ingest import ingest, plan_ingest
@@ -59,11 +71,20 @@ class Ingest(RayCommand):
             part_steps=self.part_steps,
             episode_column=self.episode_column,
             step_column=self.step_column,
+            codec=self.codec,
+            quality=self.quality,
         )
         return ingest(plan, self.output, executor=self.executor(), command=self.history_line())
 
     def report(self, manifest: Manifest, seconds: float) -> str:
         line = version_line("ingested", manifest, self.output, seconds)
+        cameras = {
+            name: camera for group in manifest.groups for name, camera in group.cameras.items()
+        }
+        if cameras:
+            line += "; cameras: " + ", ".join(
+                f"{name} {c.height}x{c.width}x{c.channels} {c.codec}" for name, c in cameras.items()
+            )
         if manifest.metadata.get("skipped_report"):
             line += (
                 f"; skipped {manifest.metadata['skipped_episodes']} episode(s), "
