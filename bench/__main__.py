@@ -20,6 +20,7 @@ BENCHMARKS = (
     "query",
     "shards",
     "train",
+    "frames_train",
     "rvs",
     "scale",
 )

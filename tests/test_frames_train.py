@@ -142,7 +142,9 @@ def test_nature_strides_are_natures_from_64_pixels_and_shrink_below():
 
 
 def test_the_model_config_records_cameras_stack_encoder_and_inputs(tmp_path):
-    index = pixel_index({"render": camera(codec="jpeg", quality=80)}, frame_stack=2)
+    # Facts the shard index adds beyond CameraInfo (bytes per frame) stay out of the model.
+    described = {**camera(codec="jpeg", quality=80), "bytes_per_frame": 812.5}
+    index = pixel_index({"render": described}, frame_stack=2)
     config = pixel_config(tmp_path, index, steps=2, frame_encoder="resnet")
     assert config.model["frames"] == {
         "cameras": {"render": camera(codec="jpeg", quality=80)},

@@ -1,11 +1,11 @@
 """Pixels in the policy: an image encoder per camera, and what a run records about frames.
 
 The loader yields, per camera, `frame_<camera>`: uint8 [B, W, C * K, H, W] (channels first,
-the K stacked frames oldest first, C channels each; see common contract in
-schemas/frames.py). Each camera gets its own encoder; the uint8 frames become floats in
-[0, 1] here, on the model's device (the loader never normalizes), every step of every
-window is encoded on its own, and the features of all cameras are concatenated:
-[B, W, cameras * d_model]. trainers/models.py joins them with the state vector.
+the K stacked frames oldest first, C channels each). Each camera gets its own encoder; the
+uint8 frames become floats in [0, 1] here, on the model's device (the loader never
+normalizes); every step of every window is encoded on its own, and the features of all
+cameras are concatenated: [B, W, cameras * d_model]. trainers/models.py joins them with
+the state vector.
 
 Encoders (`--frame-encoder`):
   nature  the Nature DQN conv net (Mnih et al. 2015): conv 8x8/4 32, 4x4/2 64, 3x3/1 64,
@@ -48,7 +48,7 @@ def frames_config(
 
     `inputs` None: both when the shards have cameras (frames alone when they hold no state
     vector), the state otherwise. `cameras` empty: every camera of the shards."""
-    available = {name: CameraInfo.model_validate(info) for name, info in (index.get("cameras") or {}).items()}  # fmt: skip
+    available = {name: camera_info(info) for name, info in (index.get("cameras") or {}).items()}
     has_state = math.prod((index.get("observation") or {}).get("shape") or [0]) > 0
     if inputs is None:
         inputs = (BOTH if has_state else FRAMES) if available else STATE
@@ -84,6 +84,14 @@ def frames_config(
         "encoder": encoder,
         "inputs": inputs,
     }
+
+
+def camera_info(info: dict[str, Any]) -> CameraInfo:
+    """A camera as the shard index describes it; facts beyond CameraInfo's (a byte count, say)
+    are the index's business, not the model's, and are left out of the run's config."""
+    return CameraInfo.model_validate(
+        {k: v for k, v in info.items() if k in CameraInfo.model_fields}
+    )
 
 
 # --- the Nature CNN ---------------------------------------------------------------------------
@@ -187,11 +195,11 @@ class FrameEncoder(nn.Module):
         self.shapes = {}
         encoders = {}
         for camera, info in frames["cameras"].items():
-            camera_info = CameraInfo.model_validate(info)
-            channels = camera_info.channels * stack
-            self.shapes[camera] = (channels, camera_info.height, camera_info.width)
+            shape = camera_info(info)
+            channels = shape.channels * stack
+            self.shapes[camera] = (channels, shape.height, shape.width)
             encoders[camera] = _ENCODERS[frames["encoder"]](
-                channels, camera_info.height, camera_info.width, d_model
+                channels, shape.height, shape.width, d_model
             )
         self.encoders = nn.ModuleDict(encoders)
         self.output_dim = len(encoders) * d_model
