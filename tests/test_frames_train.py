@@ -384,3 +384,13 @@ def test_ask_from_pixels_through_the_command_line(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1
     assert "trained on camera(s) ['wrist']; ask renders only the environment's own" in error
+
+
+def test_a_pixel_run_resumes_without_repeating_its_frame_options(tmp_path):
+    index = pixel_index({"render": camera(), "wrist": camera()})
+    first = pixel_config(tmp_path, index, steps=2, cameras=["wrist"], frame_encoder="resnet")
+    unasked = first.options.model_copy(update={"cameras": None, "frame_encoder": None})
+    resumed = train.resumed_config(first, unasked)
+    assert resumed.model == first.model and resumed.options.cameras == ["wrist"]
+    with pytest.raises(ValueError, match="--resume: frame_encoder was 'resnet'"):
+        train.resumed_config(first, unasked.model_copy(update={"frame_encoder": "nature"}))

@@ -71,8 +71,8 @@ class TrainOptions(BaseModel):
         "both; default: both when the shards have frames (frames alone when they hold no state "
         "vector), the state otherwise.",
     )
-    cameras: list[str] = Field(
-        default_factory=list,
+    cameras: list[str] | None = Field(
+        default=None,
         description="Cameras whose frames the policy sees; default: every camera of the shards.",
     )
     frame_encoder: Literal["nature", "resnet"] | None = Field(

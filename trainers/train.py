@@ -128,7 +128,7 @@ def new_run_config(index: dict[str, Any], options: TrainOptions) -> RunConfig:
         hidden=options.hidden,
         window=options.window,
         inputs=options.inputs,
-        cameras=list(options.cameras),
+        cameras=options.cameras,
         frame_encoder=options.frame_encoder,
     )
     facts = {key: value for key, value in index.items() if key != "shards"}
