@@ -394,3 +394,21 @@ def test_a_pixel_run_resumes_without_repeating_its_frame_options(tmp_path):
     assert resumed.model == first.model and resumed.options.cameras == ["wrist"]
     with pytest.raises(ValueError, match="--resume: frame_encoder was 'resnet'"):
         train.resumed_config(first, unasked.model_copy(update={"frame_encoder": "nature"}))
+
+
+def test_a_rendered_frame_is_asked_as_its_camera_stored_it():
+    """PNG is lossless (the frame as rendered); JPEG leaves its artifacts, as a decoded
+    stored frame has them; a 1-channel camera sees the frame in grayscale (PIL's L)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rendered = rng.integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)
+    png = CameraInfo.model_validate(camera())
+    assert np.array_equal(ask.as_stored(rendered, png), rendered)
+    jpeg = CameraInfo.model_validate(camera(codec="jpeg", quality=60))
+    stored = decode_frame(encode_frame(rendered, jpeg), jpeg)
+    assert np.array_equal(ask.as_stored(rendered, jpeg), stored)
+    assert not np.array_equal(stored, rendered)
+    gray = CameraInfo.model_validate(camera(channels=1))
+    expected = np.asarray(Image.fromarray(rendered).convert("L"))[:, :, None]
+    assert np.array_equal(ask.as_stored(rendered, gray), expected)
