@@ -23,6 +23,7 @@ BENCHMARKS = (
     "collect_frames",
     "frames_loader",
     "train",
+    "frames_train",
     "rvs",
     "scale",
 )

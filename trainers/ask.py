@@ -12,6 +12,10 @@
 
 The episodes of one seed run side by side in one batch through the model (one forward
 per environment step), the last `window` steps as context, left-padded like training.
+A policy trained on frames is asked from pixels (`RolloutFrames`): the environment renders
+every step with the function `collect --frames` used (engine.frames.render_frame), the
+frame goes through the camera's codec (a JPEG-trained policy sees JPEG artifacts, as in
+training) and the last K frames are stacked as the loader stacks them.
 The environment defaults to the one the run's shards were collected in (`env_id` in the
 dataset metadata the run recorded). Progress (episodes done, ETA) goes to stderr.
 
@@ -37,7 +41,9 @@ import torch
 
 import engine.envs  # noqa: F401  (registers hindsight/PointGoal-v0)
 from engine.collect import make_env
+from engine.frames import render_frame
 from engine.progress import Progress
+from schemas.frames import DEFAULT_CAMERA, CameraInfo, decode_frame, encode_frame, frame_column
 from schemas.shard_index import encode_text
 from trainers.options import RunConfig
 from trainers.sweep_report import (
@@ -93,6 +99,69 @@ def parse_value(spec: dict[str, Any], column: str, text: str) -> Any:
     return text
 
 
+def check_renderable(config: RunConfig, run_dir: str) -> None:
+    """A run trained on frames can be asked only if its cameras are the environment's own
+    render (the camera `collect --frames` records): nothing else can be rendered here."""
+    cameras = sorted((config.model.get("frames") or {}).get("cameras") or {})
+    others = [camera for camera in cameras if camera != DEFAULT_CAMERA]
+    if others:
+        raise ValueError(
+            f"{run_dir} was trained on camera(s) {others}; ask renders only the environment's "
+            f"own camera {DEFAULT_CAMERA!r} (train with --cameras {DEFAULT_CAMERA} "
+            "or --inputs state to ask this way)"
+        )
+
+
+def as_stored(frame: np.ndarray, camera: CameraInfo) -> np.ndarray:
+    """A rendered H x W x 3 frame as training saw it after storage and decoding: grayscale
+    for a 1-channel camera, and through the camera's codec (PNG is lossless: its round trip
+    is the identity and is skipped)."""
+    if camera.channels == 1:
+        from PIL import Image
+
+        frame = np.asarray(Image.fromarray(frame).convert("L"))[:, :, None]
+    if camera.codec == "png":
+        return frame
+    return decode_frame(encode_frame(frame, camera), camera, f"ask: camera {DEFAULT_CAMERA}")
+
+
+class RolloutFrames:
+    """The frames a rollout feeds, as the loader feeds them in training: per episode, each
+    step's render (`as_stored`), channels first; the last K stacked, oldest first, the
+    episode's first frame repeated before its first step; over the last `window` steps,
+    zeros where the window reaches before the episode (left padding)."""
+
+    def __init__(self, frames: dict[str, Any], episodes: int, window: int):
+        cameras = frames["cameras"]
+        if set(cameras) != {DEFAULT_CAMERA}:
+            raise ValueError(f"ask renders only the {DEFAULT_CAMERA!r} camera, not {sorted(cameras)}")  # fmt: skip
+        self.camera = CameraInfo.model_validate(cameras[DEFAULT_CAMERA])
+        self.stack = int(frames["frame_stack"])
+        channels, height, width = self.camera.channels, self.camera.height, self.camera.width
+        self.recent = np.zeros((episodes, self.stack, channels, height, width), np.uint8)
+        self.context = np.zeros((episodes, window, self.stack * channels, height, width), np.uint8)
+        self.steps = 0
+
+    def observe(self, envs: list[Any], done: np.ndarray) -> None:
+        """Render this step of every episode still running (a finished one keeps its last)."""
+        frames = self.recent[:, -1].copy()
+        for i, env in enumerate(envs):
+            if not done[i]:
+                rendered = render_frame(env, self.camera.height, self.camera.width)
+                frames[i] = as_stored(rendered, self.camera).transpose(2, 0, 1)
+        if self.steps == 0:
+            self.recent[:] = frames[:, None]  # before the first step, the first frame repeats
+        else:
+            self.recent[:, :-1] = self.recent[:, 1:]
+            self.recent[:, -1] = frames
+        self.context[:, :-1] = self.context[:, 1:]
+        self.context[:, -1] = self.recent.reshape(self.context.shape[0], *self.context.shape[2:])
+        self.steps += 1
+
+    def batch(self, device: str) -> dict[str, torch.Tensor]:
+        return {frame_column(DEFAULT_CAMERA): torch.from_numpy(self.context.copy()).to(device)}
+
+
 def _observation_vector(observation: Any) -> np.ndarray:
     if isinstance(observation, dict):
         return np.asarray(observation["observation"], dtype=np.float32).reshape(-1)
@@ -115,7 +184,9 @@ def rollout(
     specs = model["conditions"]
     window = 1 if model["kind"] == "mlp" else model["window"]
     discrete = model["action"]["kind"] == "discrete"
-    envs = [make_env(env_id) for _ in range(episodes)]
+    frames = RolloutFrames(model["frames"], episodes, window) if model.get("frames") else None
+    render_mode = "rgb_array" if frames is not None else None
+    envs = [make_env(env_id, render_mode=render_mode) for _ in range(episodes)]
     observations = []
     for i, env in enumerate(envs):
         # A requested goal goes to the environment the gymnasium way: reset options.
@@ -125,8 +196,9 @@ def rollout(
         observations.append(observation)
     horizon = max(int(env.spec.max_episode_steps or 1000) for env in envs)
     obs_dim = model["observation_dim"]
+    uses_state = frames is None or model["frames"]["inputs"] != "frames"
     env_obs_dim = _observation_vector(observations[0]).size
-    if env_obs_dim != obs_dim:
+    if uses_state and env_obs_dim != obs_dim:
         raise ValueError(
             f"{env_id} observations have {env_obs_dim} numbers, the policy was trained on "
             f"{obs_dim}: ask in the environment its shards came from"
@@ -167,7 +239,10 @@ def rollout(
     has_success = False
     done = np.zeros(episodes, dtype=bool)
     for t in range(horizon):
-        history_obs[:, t] = np.stack([_observation_vector(o) for o in observations])
+        if uses_state:
+            history_obs[:, t] = np.stack([_observation_vector(o) for o in observations])
+        if frames is not None:
+            frames.observe(envs, done)
         for column, spec in specs.items():
             if spec["type"] == "scalar":
                 if column in ranges:
@@ -200,6 +275,8 @@ def rollout(
         for column in history_cond:
             batch[column] = context(history_cond[column])
         batch.update({column: tokens.to(device) for column, tokens in text_tokens.items()})
+        if frames is not None:
+            batch.update(frames.batch(device))
         prediction = policy(batch)[:, -1]
         actions = policy.actions.to_env(prediction.float()).cpu().numpy()
         history_act[:, t] = actions
@@ -287,6 +364,7 @@ def ask_policy(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """`ask` for a policy already loaded (a sweep loads it once)."""
+    check_renderable(config, run_dir)
     specs = config.model["conditions"]
     unknown = sorted(set(condition) - set(specs))
     if unknown:

@@ -7,6 +7,10 @@ the window, so the same loss (`action_loss`) and the same rollout code serve bot
   low/high, trained with mean squared error, un-scaled and clipped at act time;
 - discrete actions: logits over the index's `n` actions, trained with cross-entropy.
 Positions where `mask` is False (left padding at an episode's start) carry no loss.
+
+What a step shows the policy is its state vector, its camera frames through an image
+encoder per camera (trainers/frames.py), or both, joined (`Policy.step_inputs`); a run
+without frames builds exactly the model it built before frames existed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainers.encoders import ConditionEncoder
+from trainers.frames import FrameEncoder, frames_config
 
 
 def model_config(
@@ -31,11 +36,15 @@ def model_config(
     n_head: int = 4,
     hidden: int = 256,
     window: int | None = None,
+    inputs: str | None = None,
+    cameras: list[str] | None = None,
+    frame_encoder: str | None = None,
 ) -> dict[str, Any]:
     """Everything needed to rebuild a model, as plain data (it travels in checkpoints).
 
     `window` is the steps per training window (default: the shards' window); `n_layer` the
-    MLP's hidden layers or the transformer's blocks (trainers.options.MODEL_DEFAULTS)."""
+    MLP's hidden layers or the transformer's blocks (trainers.options.MODEL_DEFAULTS);
+    `inputs`, `cameras` and `frame_encoder` what the policy sees (trainers.frames)."""
     from trainers.encoders import condition_specs
 
     if kind not in ("transformer", "mlp"):
@@ -48,7 +57,7 @@ def model_config(
         )
     config = {
         "kind": kind,
-        "observation_dim": int(math.prod(index["observation"]["shape"])),
+        "observation_dim": int(math.prod(index["observation"]["shape"] or [0])),
         "action": dict(index["action"]),
         "conditions": condition_specs(index.get("conditions", {}), conditions),
         "window": int(window),
@@ -62,6 +71,9 @@ def model_config(
         "hidden": hidden,
         "max_timestep": 4096,
     }
+    frames = frames_config(index, inputs=inputs, cameras=cameras, encoder=frame_encoder)
+    if frames is not None:  # a config without this key is a policy on the state vector alone
+        config["frames"] = frames
     if kind == "mlp":
         # An MLP config without this key is an older one: 3 hidden layers, whatever n_layer.
         config["mlp_layers"] = n_layer
@@ -119,9 +131,19 @@ class Policy(nn.Module):
         )
         self.actions = ActionSpace(config["action"])
         self.condition = ConditionEncoder(config["conditions"], config["d_model"])
+        frames = config.get("frames")
+        self.uses_state = frames is None or frames["inputs"] != "frames"
+        # Created only for a run with frames, so a run without them draws the same initial
+        # weights as before frames existed.
+        self.frames = FrameEncoder(frames, config["d_model"]) if frames else None
+        self.input_dim = (dim if self.uses_state else 0) + (
+            self.frames.output_dim if self.frames is not None else 0
+        )
 
     @torch.no_grad()
     def fit_observation_normalizer(self, batch: dict[str, torch.Tensor]) -> None:
+        if not self.uses_state:
+            return
         observations = batch["observation"].reshape(-1, self.config["observation_dim"])
         valid = observations[batch["mask"].reshape(-1)]
         if len(valid) > 1:
@@ -132,6 +154,14 @@ class Policy(nn.Module):
         observation = batch["observation"].float()
         observation = observation.reshape(*observation.shape[:2], -1)
         return (observation - self.observation_mean) / self.observation_std
+
+    def step_inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the policy sees of each step, [B, W, input_dim]: the normalized state vector,
+        the frames' features, or both, concatenated."""
+        parts = [self.normalized_observation(batch)] if self.uses_state else []
+        if self.frames is not None:
+            parts.append(self.frames(batch))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         prediction = self(batch).float()
@@ -157,17 +187,17 @@ class MLPPolicy(Policy):
         super().__init__(config)
         hidden, d_model = config["hidden"], config["d_model"]
         layers: list[nn.Module] = []
-        width = config["observation_dim"] + d_model
+        width = self.input_dim + d_model
         for _ in range(int(config.get("mlp_layers", 3))):
             layers += [nn.Linear(width, hidden), nn.GELU()]
             width = hidden
         self.network = nn.Sequential(*layers, nn.Linear(width, self.actions.output_dim))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        observation = self.normalized_observation(batch)
-        batch_size, window = observation.shape[:2]
+        inputs = self.step_inputs(batch)
+        batch_size, window = inputs.shape[:2]
         condition = self.condition(batch, batch_size, window)
-        return self.network(torch.cat([observation, condition], dim=-1))
+        return self.network(torch.cat([inputs, condition], dim=-1))
 
 
 class Block(nn.Module):
@@ -201,7 +231,7 @@ class TransformerPolicy(Policy):
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
         d_model = config["d_model"]
-        self.embed_observation = nn.Linear(config["observation_dim"], d_model)
+        self.embed_observation = nn.Linear(self.input_dim, d_model)  # state and/or frames
         if self.actions.discrete:
             # Index n stands for "no previous action" (first step of a window).
             self.embed_previous_action = nn.Embedding(self.actions.output_dim + 1, d_model)
@@ -228,7 +258,7 @@ class TransformerPolicy(Policy):
         return self.embed_previous_action(shifted * valid.unsqueeze(-1).float())
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        observation = self.normalized_observation(batch)
+        observation = self.step_inputs(batch)
         batch_size, window = observation.shape[:2]
         mask = batch["mask"]
         timestep = batch["timestep"].long().clamp(0, self.config["max_timestep"] - 1)

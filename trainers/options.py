@@ -65,12 +65,27 @@ class TrainOptions(BaseModel):
     )
     n_head: int = Field(default=4, ge=1, description="Attention heads.")
     hidden: int = Field(default=256, ge=8, description="MLP hidden width.")
+    inputs: Literal["state+frames", "frames", "state"] | None = Field(
+        default=None,
+        description="What the policy sees of a step: its state vector, its camera frames, or "
+        "both; default: both when the shards have frames (frames alone when they hold no state "
+        "vector), the state otherwise.",
+    )
+    cameras: list[str] | None = Field(
+        default=None,
+        description="Cameras whose frames the policy sees; default: every camera of the shards.",
+    )
+    frame_encoder: Literal["nature", "resnet"] | None = Field(
+        default=None,
+        description="Image encoder per camera: the Nature DQN conv net (default) or IMPALA's "
+        "small ResNet.",
+    )
     shuffle_buffer: int = Field(default=65536, ge=1, description="Loader shuffle buffer (windows).")
     log_every: int = Field(default=50, ge=1, description="Steps between metrics lines.")
     checkpoint_every: int = Field(default=500, ge=1, description="Steps between checkpoints.")
     device: str | None = Field(default=None, description="cpu or cuda; CUDA when present.")
 
-    @field_validator("condition", mode="before")
+    @field_validator("condition", "cameras", mode="before")
     @classmethod
     def _columns(cls, value: Any) -> Any:
         # `none` (or nothing) is behaviour cloning; `a,b` is two columns, as on the CLI.
@@ -101,6 +116,7 @@ RESUMABLE = ("steps", "log_every", "checkpoint_every", "device")
 # Settings that define the model and its data: a resumed run must ask for the same.
 FIXED_ON_RESUME = (
     "input", "condition", "model", "window", "d_model", "n_layer", "n_head", "hidden",
+    "inputs", "cameras", "frame_encoder",
 )  # fmt: skip
 # How runs written before this module recorded two fields.
 _OLD_NAMES = {"shards": "input", "run_dir": "output"}

@@ -127,6 +127,9 @@ def new_run_config(index: dict[str, Any], options: TrainOptions) -> RunConfig:
         n_head=options.n_head,
         hidden=options.hidden,
         window=options.window,
+        inputs=options.inputs,
+        cameras=options.cameras,
+        frame_encoder=options.frame_encoder,
     )
     facts = {key: value for key, value in index.items() if key != "shards"}
     return RunConfig(options=options, model=model, index=facts)

@@ -1,0 +1,222 @@
+"""Pixels in the policy: an image encoder per camera, and what a run records about frames.
+
+The loader yields, per camera, `frame_<camera>`: uint8 [B, W, C * K, H, W] (channels first,
+the K stacked frames oldest first, C channels each). Each camera gets its own encoder; the
+uint8 frames become floats in [0, 1] here, on the model's device (the loader never
+normalizes); every step of every window is encoded on its own, and the features of all
+cameras are concatenated: [B, W, cameras * d_model]. trainers/models.py joins them with
+the state vector.
+
+Encoders (`--frame-encoder`):
+  nature  the Nature DQN conv net (Mnih et al. 2015): conv 8x8/4 32, 4x4/2 64, 3x3/1 64,
+          then a linear layer to d_model; below 64 pixels a side the strides shrink (2, 2, 1
+          at 32x32) so that the last conv still sees at least 3x3 positions
+  resnet  the small ResNet of IMPALA (Espeholt et al. 2018): three stages of conv 3x3,
+          max-pool 3x3/2 and two residual blocks (16, 32, 32 channels), then a linear layer
+          to d_model; each stage halves the frame, so any frame of 8x8 or more works
+
+A run's model config holds the frames entry as plain data (`frames_config`): the cameras
+with their CameraInfo, the frame stack, the encoder and what the policy sees (`inputs`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from schemas.frames import CameraInfo, frame_column
+
+NATURE, RESNET = "nature", "resnet"
+FRAME_ENCODERS = (NATURE, RESNET)
+# What the policy sees of a step: the state vector, the frames, or both.
+STATE, FRAMES, BOTH = "state", "frames", "state+frames"
+INPUTS = (BOTH, FRAMES, STATE)
+
+
+def frames_config(
+    index: dict[str, Any],
+    *,
+    inputs: str | None = None,
+    cameras: list[str] | None = None,
+    encoder: str | None = None,
+) -> dict[str, Any] | None:
+    """The `frames` entry of a model config, or None when the policy sees no frames (then
+    the model is exactly the one a dataset without frames gives).
+
+    `inputs` None: both when the shards have cameras (frames alone when they hold no state
+    vector), the state otherwise. `cameras` empty: every camera of the shards."""
+    available = {name: camera_info(info) for name, info in (index.get("cameras") or {}).items()}
+    has_state = math.prod((index.get("observation") or {}).get("shape") or [0]) > 0
+    if inputs is None:
+        inputs = (BOTH if has_state else FRAMES) if available else STATE
+    if inputs not in INPUTS:
+        raise ValueError(f"--inputs must be one of {list(INPUTS)}, got {inputs!r}")
+    if inputs == STATE:
+        if not has_state:
+            raise ValueError("--inputs state: the shards hold no state vector, only frames")
+        return None
+    if not available:
+        raise ValueError(
+            f"--inputs {inputs}: the shards have no camera frames (shard a dataset that has a "
+            "frames group, e.g. collected with --frames 64x64)"
+        )
+    if inputs == BOTH and not has_state:
+        raise ValueError("--inputs state+frames: the shards hold no state vector; use --inputs frames")  # fmt: skip
+    unknown = sorted(set(cameras or []) - set(available))
+    if unknown:
+        raise ValueError(
+            f"camera(s) {unknown} are not in the shard index; available: {sorted(available)}"
+        )
+    encoder = encoder or NATURE
+    if encoder not in FRAME_ENCODERS:
+        raise ValueError(f"--frame-encoder must be one of {list(FRAME_ENCODERS)}, got {encoder!r}")
+    chosen = cameras or sorted(available)
+    frame_stack = int(index.get("frame_stack") or 1)
+    for name in chosen:
+        info = available[name]
+        check_frame_size(encoder, info.height, info.width, name)
+    return {
+        "cameras": {name: available[name].model_dump(mode="json") for name in chosen},
+        "frame_stack": frame_stack,
+        "encoder": encoder,
+        "inputs": inputs,
+    }
+
+
+def camera_info(info: dict[str, Any]) -> CameraInfo:
+    """A camera as the shard index describes it; facts beyond CameraInfo's (a byte count, say)
+    are the index's business, not the model's, and are left out of the run's config."""
+    return CameraInfo.model_validate(
+        {k: v for k, v in info.items() if k in CameraInfo.model_fields}
+    )
+
+
+# --- the Nature CNN ---------------------------------------------------------------------------
+
+_NATURE_LAYERS = ((32, 8), (64, 4), (64, 3))  # (channels, kernel) of the three convs
+_NATURE_STRIDES = ((4, 2, 1), (2, 2, 1), (2, 1, 1), (1, 1, 1))  # from 84x84 down to 15x15
+
+
+def _conv_size(size: int, strides: tuple[int, ...]) -> int:
+    for (_, kernel), stride in zip(_NATURE_LAYERS, strides, strict=True):
+        size = (size - kernel) // stride + 1 if size >= kernel else 0
+    return size
+
+
+def nature_strides(height: int, width: int) -> tuple[int, int, int]:
+    """The Nature strides (4, 2, 1) where the frame is big enough that the last conv sees at
+    least 3x3 positions (64x64 and up), smaller strides for smaller frames."""
+    for strides in _NATURE_STRIDES:
+        if min(_conv_size(height, strides), _conv_size(width, strides)) >= 3:
+            return strides  # type: ignore[return-value]
+    raise ValueError(f"frames of {height}x{width} are too small for the nature encoder (15x15 at least)")  # fmt: skip
+
+
+class NatureCNN(nn.Module):
+    """Conv 8x8 32, 4x4 64, 3x3 64 (ReLU after each), then linear to `features` and ReLU."""
+
+    def __init__(self, channels: int, height: int, width: int, features: int):
+        super().__init__()
+        strides = nature_strides(height, width)
+        layers: list[nn.Module] = []
+        for (out_channels, kernel), stride in zip(_NATURE_LAYERS, strides, strict=True):
+            layers += [nn.Conv2d(channels, out_channels, kernel, stride), nn.ReLU()]
+            channels = out_channels
+        self.convs = nn.Sequential(*layers, nn.Flatten())
+        flat = channels * _conv_size(height, strides) * _conv_size(width, strides)
+        self.project = nn.Sequential(nn.Linear(flat, features), nn.ReLU())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.project(self.convs(images))
+
+
+# --- the IMPALA ResNet ------------------------------------------------------------------------
+
+_RESNET_STAGES = (16, 32, 32)
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(torch.relu(self.conv1(torch.relu(x))))
+
+
+class ResNetEncoder(nn.Module):
+    """IMPALA's small ResNet: per stage conv 3x3, max-pool 3x3/2, two residual blocks; then
+    ReLU, linear to `features` and ReLU."""
+
+    def __init__(self, channels: int, height: int, width: int, features: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for out_channels in _RESNET_STAGES:
+            layers += [
+                nn.Conv2d(channels, out_channels, 3, padding=1),
+                nn.MaxPool2d(3, stride=2, padding=1),
+                _ResidualBlock(out_channels),
+                _ResidualBlock(out_channels),
+            ]
+            channels = out_channels
+            height, width = (height + 1) // 2, (width + 1) // 2
+        self.stages = nn.Sequential(*layers, nn.ReLU(), nn.Flatten())
+        self.project = nn.Sequential(nn.Linear(channels * height * width, features), nn.ReLU())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.project(self.stages(images))
+
+
+_ENCODERS: dict[str, type[nn.Module]] = {NATURE: NatureCNN, RESNET: ResNetEncoder}
+
+
+def check_frame_size(encoder: str, height: int, width: int, camera: str) -> None:
+    """A clear error, before any training, for frames too small for the encoder."""
+    if encoder == NATURE:
+        try:
+            nature_strides(height, width)
+        except ValueError as error:
+            raise ValueError(f"camera {camera!r}: {error}; try --frame-encoder resnet") from None
+    elif min(height, width) < 8:
+        raise ValueError(f"camera {camera!r}: frames of {height}x{width} are below 8x8")
+
+
+class FrameEncoder(nn.Module):
+    """Every camera's frames, uint8 [B, W, C * K, H, W], to features [B, W, cameras * d_model]
+    (one encoder per camera; /255 on the device)."""
+
+    def __init__(self, frames: dict[str, Any], d_model: int):
+        super().__init__()
+        stack = int(frames["frame_stack"])
+        self.shapes = {}
+        encoders = {}
+        for camera, info in frames["cameras"].items():
+            shape = camera_info(info)
+            channels = shape.channels * stack
+            self.shapes[camera] = (channels, shape.height, shape.width)
+            encoders[camera] = _ENCODERS[frames["encoder"]](
+                channels, shape.height, shape.width, d_model
+            )
+        self.encoders = nn.ModuleDict(encoders)
+        self.output_dim = len(encoders) * d_model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        features = []
+        for camera, encoder in self.encoders.items():
+            column = frame_column(camera)
+            if column not in batch:
+                raise KeyError(f"batch has no frames of camera {camera!r} (key {column!r})")
+            frames = batch[column]
+            if frames.dtype != torch.uint8 or tuple(frames.shape[2:]) != self.shapes[camera]:
+                raise ValueError(
+                    f"{column}: expected uint8 [B, W, {', '.join(map(str, self.shapes[camera]))}]"
+                    f", got {str(frames.dtype).removeprefix('torch.')} {list(frames.shape)}"
+                )
+            batch_size, window = frames.shape[:2]
+            images = frames.reshape(batch_size * window, *frames.shape[2:]).float() / 255.0
+            features.append(encoder(images).reshape(batch_size, window, -1))
+        return features[0] if len(features) == 1 else torch.cat(features, dim=-1)
