@@ -194,6 +194,8 @@ def default_stream_factory(config: RunConfig) -> StreamFactory:
             world_size=world_size,
             start_state=start_state,
             window=int(config.model["window"]),
+            # Decode only the cameras the model sees (none for a state-only run).
+            cameras=sorted((config.model.get("frames") or {}).get("cameras") or {}),
             # The next batches are cut while the model steps (a thread; see the loader).
             prefetch=2,
         )
