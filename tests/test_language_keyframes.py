@@ -56,7 +56,9 @@ def with_frames(codec: str, seed: int = 5) -> tuple[pa.Table, pa.Table, dict]:
     steps, episodes = make_episodes(6, seed=seed, min_length=1, max_length=14)
     camera = CameraInfo(height=8, width=8, codec=codec)
     pixels = np.random.default_rng(seed).integers(0, 256, (steps.num_rows, 8, 8, 3), np.uint8)
-    steps = steps.append_column("frame_render", pa.array(encode_frames(pixels, camera), pa.binary()))
+    steps = steps.append_column(
+        "frame_render", pa.array(encode_frames(pixels, camera), pa.binary())
+    )
     return steps, episodes, {"render": camera}
 
 
@@ -290,7 +292,12 @@ def test_keyframes_on_a_dataset_without_frames_is_refused(tiny_dataset, pixels, 
     for name, uri, params, message in (
         ("llm", tiny_dataset, "keyframes=2", "reads camera frames .* but the dataset has none"),
         ("offline", tiny_dataset, "keyframes=2,describer=template", "does not have .*none"),
-        ("camera", pixels, "keyframes=2,camera=wrist", "does not have; its frame columns: frame_render"),
+        (
+            "camera",
+            pixels,
+            "keyframes=2,camera=wrist",
+            "does not have; its frame columns: frame_render",
+        ),
     ):
         out = tmp_path / name
         with pytest.raises(RelabelError, match=message) as error:

@@ -49,7 +49,6 @@ from relabelers.base import (
     require_columns,
 )
 from relabelers.language.describers import LLMDescriber, split_budget, template_descriptions
-from relabelers.language.keyframes import unit_keyframes
 from relabelers.language.facts import (
     SUCCESS_COLUMNS,
     id_range,
@@ -58,6 +57,7 @@ from relabelers.language.facts import (
     unit_facts,
     units_of,
 )
+from relabelers.language.keyframes import unit_keyframes
 from relabelers.language.params import LanguageParams
 from relabelers.language.prompt import DEFAULT_PROMPT, PromptTemplate, read_prompt
 from schemas import steps as cols
@@ -198,9 +198,7 @@ class LanguageRelabeler(Relabeler):
                 for fact, keyframe_steps in zip(facts, keyframes.steps):
                     fact["keyframes"] = {"camera": p.camera, "steps": keyframe_steps}
                 images = keyframes.images
-            (texts, status, errors), usage = self.plan.llm_describer.describe(
-                facts, part, images
-            )
+            (texts, status, errors), usage = self.plan.llm_describer.describe(facts, part, images)
             report.update(usage)
         else:
             texts = template_descriptions(facts, self.seed, p.n)

@@ -37,9 +37,7 @@ class LanguageParams(llm.EndpointParams):
         description="camera frames per episode/segment sent to a vision model as images "
         "(evenly spaced, first and last included; 1: the last)",
     )
-    camera: str = Field(
-        DEFAULT_CAMERA, pattern=r"^\w+$", description="the camera of the keyframes"
-    )
+    camera: str = Field(DEFAULT_CAMERA, pattern=r"^\w+$", description="the camera of the keyframes")
     detail: Literal["low", "high"] | None = Field(
         None, description="image detail asked of the model (default: the endpoint's)"
     )
