@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -106,7 +106,7 @@ class SchemaInputs:
     steps_schema: pa.Schema
     episodes_schema: pa.Schema
     parts: int
-    cameras: dict[str, CameraInfo]
+    cameras: dict[str, CameraInfo] = field(default_factory=dict)
 
     def summarize(self, function: Callable[[pa.Table, pa.Table, Part], Summary]) -> list[Summary]:
         raise _NeedsData
