@@ -13,7 +13,8 @@ Top to bottom (`relabel`):
 2. a `VersionWriter` stages OUT; then for each relabeler, in order:
    - `setup(inputs)` in the driver; `inputs.summarize(function)` runs `function` on every
      part through the executor, reading only the columns the relabeler reads;
-   - one task per part reads those columns (from the parent and from the groups written
+   - one task per part reads those columns, camera frames only if the relabeler declares
+     them in `Columns.frames` (from the parent and from the groups written
      earlier in this job: later relabelers see earlier ones' columns), runs the set-up
      relabeler (it travels with the task) and writes the group's part
      (`OUT/<relabeler>/steps|episodes/part-i.parquet`, new columns only);
