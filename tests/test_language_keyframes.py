@@ -73,6 +73,12 @@ def stored_frames(steps: pa.Table) -> dict[tuple[int, int], bytes]:
     return dict(zip(zip(ids, t), steps.column("frame_render").to_pylist()))
 
 
+def stored_steps(uri: str) -> pa.Table:
+    """A dataset's ids, steps and stored frames, read back through the engine."""
+    columns = [cols.EPISODE_ID, cols.T, "frame_render"]
+    return engine.scan(uri, frames=True).select(columns).collect().to_arrow().select(columns)
+
+
 def check_requests(bodies: list[dict], steps: pa.Table, k: int, media: str, segment=None) -> int:
     """Every request's images are the stored bytes of its unit's keyframes, as data URIs of
     the right media type, in step order; the data block names the same steps."""
@@ -254,20 +260,15 @@ def test_relabel_job_sends_the_stored_keyframes(pixels, server, tmp_path, monkey
         relabelers=[f"language:keyframes=3,n=2,cache={tmp_path / 'cache'}"],
         llm_base_url=server.url,
     ).run()
-    stored = engine.scan(pixels, frames=True).select("episode_id", "t", "frame_render").collect()
-    steps = pa.table(
-        {
-            cols.EPISODE_ID: stored["episode_id"].to_list(),
-            cols.T: stored["t"].to_list(),
-            "frame_render": pa.array(stored["frame_render"].to_list(), pa.binary()),
-        }
-    )
+    steps = stored_steps(pixels)
     assert check_requests([r["body"] for r in server.served], steps, 3, "image/png") == 4
     report = manifest.group("language").relabeler.report
     assert report["keyframes"]["k"] == 3 and report["descriptions_by_status"] == {"ok": 4}
     assert manifest.group(FRAMES_GROUP).inherited and not (child / FRAMES_GROUP).exists()
     cache_text = "".join(p.read_text() for p in (tmp_path / "cache").rglob("*.json"))
     assert "base64" not in cache_text  # the cache holds answers, not requests
+    for path in [*child.rglob("*"), *(tmp_path / "cache").rglob("*")]:
+        assert not path.is_file() or b"sk-test-keyframes" not in path.read_bytes(), path
 
 
 def test_offline_ignores_frames_says_so_once_and_never_opens_them(
@@ -336,3 +337,22 @@ def test_keyframe_parameters_are_checked():
     for bad in ({"camera": "bad name"}, {"keyframes": 17}, {"detail": "medium"}):
         with pytest.raises(RelabelError, match="invalid parameters"):
             LanguageRelabeler({"keyframes": 2, **bad})
+
+
+@pytest.mark.ray
+def test_keyframes_are_read_in_ray_tasks(ray_local, pixels, server, tmp_path, monkeypatch):
+    from jobs.relabeling import relabel
+    from jobs.runtime import RayExecutor
+
+    monkeypatch.setenv(endpoint.API_KEY_VARIABLE, "sk-test-keyframes-0123456789")
+    params = {"base_url": server.url, "cache": str(tmp_path / "cache"), "keyframes": 2, "n": 1}
+    manifest = relabel(
+        pixels,
+        str(tmp_path / "ray"),
+        [LanguageRelabeler(params)],
+        executor=RayExecutor(),
+        command="test",
+    )
+    assert manifest.group("language").relabeler.report["descriptions_by_status"] == {"ok": 4}
+    steps = stored_steps(pixels)
+    assert check_requests([r["body"] for r in server.served], steps, 2, "image/png") == 4
