@@ -13,7 +13,8 @@ Top to bottom (`relabel`):
 2. a `VersionWriter` stages OUT; then for each relabeler, in order:
    - `setup(inputs)` in the driver; `inputs.summarize(function)` runs `function` on every
      part through the executor, reading only the columns the relabeler reads;
-   - one task per part reads those columns (from the parent and from the groups written
+   - one task per part reads those columns, camera frames only if the relabeler declares
+     them in `Columns.frames` (from the parent and from the groups written
      earlier in this job: later relabelers see earlier ones' columns), runs the set-up
      relabeler (it travels with the task) and writes the group's part
      (`OUT/<relabeler>/steps|episodes/part-i.parquet`, new columns only);
@@ -30,7 +31,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -49,6 +50,7 @@ from engine.writer import (
 from relabelers import registry
 from relabelers.base import Part, Relabeler, RelabelError, Summary
 from schemas import steps as cols
+from schemas.frames import CameraInfo
 from schemas.manifest import ColumnGroup, Manifest, RelabelerInfo, public_params
 
 # --------------------------------------------------------------------- creating relabelers
@@ -105,6 +107,7 @@ class SchemaInputs:
     steps_schema: pa.Schema
     episodes_schema: pa.Schema
     parts: int
+    cameras: dict[str, CameraInfo] = field(default_factory=dict)
 
     def summarize(self, function: Callable[[pa.Table, pa.Table, Part], Summary]) -> list[Summary]:
         raise _NeedsData
@@ -115,11 +118,16 @@ def check_plan(parent: Dataset, relabelers: Sequence[Relabeler]) -> None:
     relabelers write the same column, no relabeler is given twice or already applied, and
     each relabeler's `setup` passes its checks on the parent's schema (for relabelers that
     read columns written in this job, `relabel` runs those checks once the columns exist).
-    Reads only the schemas; raises RelabelError naming the relabeler and what to do."""
-    available = {level: set(parent.columns(level)) for level in LEVELS}
+    Reads only the schemas; raises RelabelError naming the relabeler and what to do.
+    Frame columns are available only to relabelers that declare them in `Columns.frames`."""
+    available = {level: set(parent.columns(level, frames=False)) for level in LEVELS}
+    frame_columns = set(parent.columns("steps")) - available["steps"]
     produced: set[str] = set()
     schema_inputs = SchemaInputs(
-        parent.arrow_schema("steps"), parent.arrow_schema("episodes"), parent.num_parts
+        parent.arrow_schema("steps"),
+        parent.arrow_schema("episodes"),
+        parent.num_parts,
+        parent.cameras,
     )
     groups = {g.name for g in parent.manifest.groups}
     owner = {
@@ -147,11 +155,17 @@ def check_plan(parent: Dataset, relabelers: Sequence[Relabeler]) -> None:
         for level in LEVELS:
             for name in getattr(reads, level):
                 read_heads.add(name.split(".")[0])
+                if name.split(".")[0] in frame_columns:
+                    raise RelabelError(
+                        f"{where}: reads the frame column {name!r} as a {level} column; "
+                        "a relabeler declares the frames it reads in Columns.frames"
+                    )
                 if name.split(".")[0] not in available[level]:
                     raise RelabelError(
                         f"{where}: reads {level} column {name!r}, which the dataset does not "
                         f"have; available {level} columns: {', '.join(sorted(available[level]))}"
                     )
+        _check_frames(reads.frames, frame_columns, where)
         if not read_heads & produced:
             _check_setup(relabeler, schema_inputs, where)
         for level in LEVELS:
@@ -166,6 +180,22 @@ def check_plan(parent: Dataset, relabelers: Sequence[Relabeler]) -> None:
                 )
             available[level] |= set(getattr(writes, level))
             produced |= set(getattr(writes, level))
+
+
+def _check_frames(wanted: Sequence[str], frame_columns: set[str], where: str) -> None:
+    """Every frame column a relabeler reads exists, or one line saying which there are."""
+    for name in wanted:
+        if name in frame_columns:
+            continue
+        if not frame_columns:
+            raise RelabelError(
+                f"{where}: reads camera frames ({name!r}), but the dataset has none; record "
+                "them with `hindsight collect --frames HxW`, or ingest a source with images"
+            )
+        raise RelabelError(
+            f"{where}: reads frame column {name!r}, which the dataset does not have; "
+            f"its frame columns: {', '.join(sorted(frame_columns))}"
+        )
 
 
 def _check_setup(relabeler: Relabeler, inputs: SchemaInputs, where: str) -> None:
@@ -193,18 +223,20 @@ def _message(error: BaseException) -> str:
 @dataclass(frozen=True)
 class PartReader:
     """Reads, for one relabeler, only the columns it reads from a part of the version so
-    far (the parent's groups and those written earlier in this job)."""
+    far (the parent's groups and those written earlier in this job): frame columns only
+    when it declares them (`Columns.frames`), and never for `setup`'s pass."""
 
     dataset: Dataset
     steps_columns: tuple[str, ...]
     episodes_columns: tuple[str, ...]
+    frame_columns: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, dataset: Dataset, relabeler: Relabeler) -> PartReader:
         reads = relabeler.reads()
         present = set(dataset.columns("episodes"))
         steps_columns = [cols.EPISODE_ID, cols.T] + [c.split(".")[0] for c in reads.steps]
-        steps_present = set(dataset.columns("steps"))
+        steps_present = set(dataset.columns("steps", frames=False))
         steps_columns += [
             c.split(".")[0] for c in reads.steps_if_present if c.split(".")[0] in steps_present
         ]
@@ -214,14 +246,17 @@ class PartReader:
             dataset,
             tuple(dict.fromkeys(steps_columns)),
             tuple(dict.fromkeys(episodes_columns)),
+            tuple(dict.fromkeys(reads.frames)),
         )
 
     def part(self, index: int) -> Part:
         return Part(index, self.dataset.num_parts, f"{self.dataset.uri} part {index}")
 
-    def read(self, part: Part) -> tuple[pa.Table, pa.Table]:
+    def read(self, part: Part, frames: bool = True) -> tuple[pa.Table, pa.Table]:
+        """The part's columns; with `frames`, the declared frame columns too (last)."""
+        steps_columns = self.steps_columns + (self.frame_columns if frames else ())
         return (
-            self.dataset.read_part(part.index, "steps", self.steps_columns),
+            self.dataset.read_part(part.index, "steps", steps_columns),
             self.dataset.read_part(part.index, "episodes", self.episodes_columns),
         )
 
@@ -266,7 +301,7 @@ def summarize_part(
     part = reader.part(index)
 
     def work() -> Summarized:
-        steps, episodes = reader.read(part)
+        steps, episodes = reader.read(part, frames=False)
         return Summarized(function(steps, episodes, part), steps.num_rows)
 
     return _in_task(relabeler, part, work)
@@ -307,6 +342,10 @@ class VersionInputs:
     @property
     def parts(self) -> int:
         return self.reader.dataset.num_parts
+
+    @property
+    def cameras(self) -> dict[str, CameraInfo]:
+        return self.reader.dataset.cameras
 
     def summarize(self, function: Callable[[pa.Table, pa.Table, Part], Summary]) -> list[Summary]:
         results = self.executor.map(

@@ -4,13 +4,18 @@ A relabeler is a small class (docs/plugins.md walks through a complete one):
 
     name, version           registered name and version, recorded in the manifest
     Params                  a pydantic model: wrong parameters are errors listing the valid ones
-    reads() / writes()      the columns it needs and the columns it adds
+    reads() / writes()      the columns it needs and the columns it adds; camera frames
+                            (`frame_<camera>` step columns) only when declared in
+                            `Columns.frames` (default: none, and the frames files stay
+                            unopened)
     setup(inputs)           optional, in the driver, once: check the input types
-                            (inputs.steps_schema, inputs.episodes_schema) and, if the
+                            (inputs.steps_schema, inputs.episodes_schema, inputs.cameras)
+                            and, if the
                             relabeler needs dataset-wide facts (quantiles, a trained reward
                             net), compute them with one pass: `inputs.summarize(function)`
-                            runs function(steps, episodes, part) on every part and returns
-                            the results in part order. Keep what `relabel` needs on `self`.
+                            runs function(steps, episodes, part) on every part (the columns
+                            of `reads()`, without frames) and returns the results in part
+                            order. Keep what `relabel` needs on `self`.
     relabel(steps, episodes, part) -> Output(steps=..., episodes=..., report={...})
                             per part, in a Ray task: the new columns for these whole
                             episodes, sorted by (episode_id, t); `part` says which part this
@@ -36,6 +41,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from schemas import steps as cols
+from schemas.frames import CameraInfo, frame_column
 
 Summary = TypeVar("Summary")
 
@@ -54,12 +60,19 @@ class Params(BaseModel):
 class Columns:
     """Column names at the step and episode level. `episodes_if_present` and
     `steps_if_present`: columns also handed to the relabeler when the dataset has them
-    (optional facts, e.g. `skill`, or `next_observation.achieved_goal`)."""
+    (optional facts, e.g. `skill`, or `next_observation.achieved_goal`).
+
+    `frames`: camera frame columns (`schemas.frames.frame_column(camera)`, step level, one
+    encoded image per step) the relabeler reads. Frames are read only for relabelers that
+    declare them here (never through `steps` or `steps_if_present`): they weigh far more
+    than every other column, and a relabeler that does not look at them must not pay for
+    them. The job refuses, before writing anything, a dataset without those cameras."""
 
     steps: tuple[str, ...] = ()
     episodes: tuple[str, ...] = ()
     episodes_if_present: tuple[str, ...] = ()
     steps_if_present: tuple[str, ...] = ()
+    frames: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,15 +98,18 @@ class Output:
 
 
 class Inputs(Protocol):
-    """What `setup` sees of the dataset: its schemas and one pass over its parts."""
+    """What `setup` sees of the dataset: its schemas, its cameras (camera -> `CameraInfo`,
+    {} without frames) and one pass over its parts."""
 
     steps_schema: pa.Schema
     episodes_schema: pa.Schema
     parts: int
+    cameras: dict[str, CameraInfo]
 
     def summarize(self, function: Callable[[pa.Table, pa.Table, Part], Summary]) -> list[Summary]:
-        """`function(steps, episodes, part)` on every part (the columns of `reads()`), in
-        parallel; the results in part order. Keep them small: they come to the driver."""
+        """`function(steps, episodes, part)` on every part (the columns of `reads()`, without
+        the frames), in parallel; the results in part order. Keep them small: they come to
+        the driver."""
         ...
 
 
@@ -168,17 +184,28 @@ class Relabeler(ABC):
 
 class TableInputs:
     """`Inputs` over in-memory tables: one (steps, episodes) pair as the whole dataset, or
-    several pairs (`of_parts`) as the job would see a dataset's parts."""
+    several pairs (`of_parts`) as the job would see a dataset's parts. Frame columns, if
+    any, are columns of `steps`; `cameras` describes them."""
 
-    def __init__(self, steps: pa.Table, episodes: pa.Table, where: str = "in memory"):
+    def __init__(
+        self,
+        steps: pa.Table,
+        episodes: pa.Table,
+        where: str = "in memory",
+        cameras: dict[str, CameraInfo] | None = None,
+    ):
         self.tables = [(steps, episodes)]
         self.where = where
+        self.cameras = dict(cameras or {})
 
     @classmethod
     def of_parts(
-        cls, tables: Sequence[tuple[pa.Table, pa.Table]], where: str = "in memory"
+        cls,
+        tables: Sequence[tuple[pa.Table, pa.Table]],
+        where: str = "in memory",
+        cameras: dict[str, CameraInfo] | None = None,
     ) -> TableInputs:
-        inputs = cls(*tables[0], where=where)
+        inputs = cls(*tables[0], where=where, cameras=cameras)
         inputs.tables = list(tables)
         return inputs
 
@@ -198,7 +225,11 @@ class TableInputs:
         return Part(index, self.parts, f"{self.where} part {index}")
 
     def summarize(self, function: Callable[[pa.Table, pa.Table, Part], Summary]) -> list[Summary]:
-        return [function(s, e, self.part(i)) for i, (s, e) in enumerate(self.tables)]
+        frames = [frame_column(camera) for camera in self.cameras]
+        return [
+            function(s.drop_columns([c for c in frames if c in s.column_names]), e, self.part(i))
+            for i, (s, e) in enumerate(self.tables)
+        ]
 
 
 def split_parts(steps: pa.Table, episodes: pa.Table, parts: int) -> list[tuple[pa.Table, pa.Table]]:
@@ -220,14 +251,15 @@ def relabel_tables(
     episodes: pa.Table,
     where: str = "in memory",
     parts: int = 1,
+    cameras: dict[str, CameraInfo] | None = None,
 ) -> Output:
     """setup, relabel and finish on whole tables in this process, as the job would (tests,
     notebooks, small data): the tables are the whole dataset, cut into `parts` parts of
     whole episodes. `Output.report` is what the job would store in the manifest. A
     relabeler's output must not depend on `parts`: comparing parts=1 with parts=3 is a
-    one-line test of that."""
+    one-line test of that. `cameras` describes the frame columns of `steps`, if any."""
     tables = split_parts(steps, episodes, parts) if parts > 1 else [(steps, episodes)]
-    inputs = TableInputs.of_parts(tables, where)
+    inputs = TableInputs.of_parts(tables, where, cameras)
     relabeler.setup(inputs)
     outputs = [relabeler.run(s, e, inputs.part(i)) for i, (s, e) in enumerate(tables)]
 

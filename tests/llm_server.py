@@ -8,7 +8,7 @@ records every request (path, query string, headers, JSON body), and injects faul
     server.latency = 0.2                                                           # every request
     server.say = "extra words"                               # appended to every description
 
-Chat answers are deterministic: `{"descriptions": [...]}` with as many strings as the prompt
+Chat requests may carry images (content parts, `image_urls(body)`). Chat answers are deterministic: `{"descriptions": [...]}` with as many strings as the prompt
 asks for ("exactly N"), each naming the episode id found in the prompt's data block, so a test
 can check that descriptions land on the right episode.
 """
@@ -28,15 +28,33 @@ from typing import Any
 FAULTS = ("429", "500", "503", "401", "reset", "timeout", "nonjson", "empty")
 
 
+def content_text(content: Any) -> str:
+    """A message's text: the string, or its text parts joined (a message with images)."""
+    if isinstance(content, list):
+        return "\n".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+    return str(content if content is not None else "")
+
+
 def body_text(body: dict[str, Any]) -> str:
-    """All message contents of a chat request, joined."""
-    return "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
+    """All message texts of a chat request, joined."""
+    return "\n".join(content_text(m.get("content")) for m in body.get("messages", []))
+
+
+def image_urls(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `image_url` objects of a chat request's messages, in order."""
+    return [
+        p["image_url"]
+        for m in body.get("messages", [])
+        if isinstance(m.get("content"), list)
+        for p in m["content"]
+        if p.get("type") == "image_url"
+    ]
 
 
 def data_block(body: dict[str, Any]) -> dict[str, Any]:
     """The JSON inside <data>...</data> of the (last) user message."""
     users = [m for m in body.get("messages", []) if m.get("role") == "user"]
-    text = str(users[-1].get("content", "")) if users else ""
+    text = content_text(users[-1].get("content")) if users else ""
     match = re.search(r"<data>\s*(.*?)\s*</data>", text, re.S)
     if not match:
         raise ValueError("request has no <data> block")

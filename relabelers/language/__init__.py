@@ -15,6 +15,10 @@ skill label when there is one) and turn it into `n` short descriptions (describe
   cache);
 - otherwise a deterministic template describer writes varied sentences from the same facts.
 
+With `keyframes=K` (and an endpoint) the model also sees K camera frames of each unit
+(keyframes.py: which ones, as data-URI images of the stored bytes); only then does the job
+read the dataset's frames. The template describer ignores frames (and says so once).
+
 Columns: `description` (the first), `descriptions` (all n), `description_status` (ok, failed,
 budget) and `description_error` (why, or null) on episodes; with per=segment the same on
 steps, plus `description_segment` (the segment's index within its episode).
@@ -25,6 +29,7 @@ how many descriptions ended in each status, and the requests, tokens and cached 
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -52,9 +57,13 @@ from relabelers.language.facts import (
     unit_facts,
     units_of,
 )
+from relabelers.language.keyframes import unit_keyframes
 from relabelers.language.params import LanguageParams
 from relabelers.language.prompt import DEFAULT_PROMPT, PromptTemplate, read_prompt
 from schemas import steps as cols
+from schemas.frames import frame_column
+
+log = logging.getLogger("hindsight.language")
 
 __all__ = ["DEFAULT_PROMPT", "LanguageParams", "LanguageRelabeler", "PromptTemplate"]
 
@@ -78,7 +87,16 @@ class LanguageRelabeler(Relabeler):
         super().__init__(params, seed)
         self.plan: Plan | None = None  # set by `setup`
 
+    def uses_llm(self) -> bool:
+        """Whether the model writes the descriptions (else the template describer)."""
+        p = self.params
+        return p.describer == "llm" or (
+            p.describer == "auto" and endpoint.endpoint_configured(p.base_url)
+        )
+
     def reads(self) -> Columns:
+        # The frames only when the model will see them: the template describer never does.
+        frames = (frame_column(self.params.camera),) if self.keyframes_sent() else ()
         return Columns(
             steps=(
                 cols.EPISODE_ID,
@@ -92,7 +110,11 @@ class LanguageRelabeler(Relabeler):
             episodes=(cols.EPISODE_ID, cols.ENV_ID),
             # Optional facts, used when the dataset has them.
             episodes_if_present=(cols.SOURCE, "skill", *SUCCESS_COLUMNS),
+            frames=frames,
         )
+
+    def keyframes_sent(self) -> bool:
+        return self.params.keyframes > 0 and self.uses_llm()
 
     def writes(self) -> Columns:
         names = ("description", "descriptions", "description_status", "description_error")
@@ -107,15 +129,29 @@ class LanguageRelabeler(Relabeler):
         p = self.params
         prompt_path = Path(p.prompt) if p.prompt else DEFAULT_PROMPT
         prompt_text = read_prompt(prompt_path)
+        if p.keyframes and p.camera not in inputs.cameras:
+            has = ", ".join(sorted(inputs.cameras)) or "none: record them with `collect --frames`"
+            raise RelabelError(
+                f"language: keyframes={p.keyframes} needs frames of camera {p.camera!r}, "
+                f"which the dataset does not have (its cameras: {has})"
+            )
         summaries = inputs.summarize(self.part_returns)
-        use_llm = p.describer == "llm" or (
-            p.describer == "auto" and endpoint.endpoint_configured(p.base_url)
-        )
+        use_llm = self.uses_llm()
         report: dict[str, Any] = {
             "describer": "llm" if use_llm else "template",
             "per": p.per,
             "n": p.n,
         }
+        if p.keyframes and use_llm:
+            report["keyframes"] = {"k": p.keyframes, "camera": p.camera, "detail": p.detail}
+        elif p.keyframes:
+            report["keyframes"] = "ignored: the template describer does not see frames"
+            log.warning(
+                "language: keyframes=%d ignored: no endpoint is configured, and the offline "
+                "template describer does not see frames (set --llm-base-url or "
+                "OPENAI_BASE_URL / OPENAI_API_KEY for a vision model)",
+                p.keyframes,
+            )
         describer = None
         if use_llm:
             describer = LLMDescriber(
@@ -154,7 +190,15 @@ class LanguageRelabeler(Relabeler):
         facts = unit_facts(steps, episodes, units, self.plan.return_quantiles, p)
         report: dict[str, Any] = {"requests": 0, "tokens": 0, "cached": 0, "budget_message": None}
         if self.plan.llm_describer is not None:
-            (texts, status, errors), usage = self.plan.llm_describer.describe(facts, part)
+            images = None
+            if p.keyframes:
+                column = frame_column(p.camera)
+                require_columns(steps, (column,), "frames", self.name, where)
+                keyframes = unit_keyframes(steps, column, units, p.keyframes, where)
+                for fact, keyframe_steps in zip(facts, keyframes.steps):
+                    fact["keyframes"] = {"camera": p.camera, "steps": keyframe_steps}
+                images = keyframes.images
+            (texts, status, errors), usage = self.plan.llm_describer.describe(facts, part, images)
             report.update(usage)
         else:
             texts = template_descriptions(facts, self.seed, p.n)

@@ -22,6 +22,7 @@ import numpy as np
 
 from relabelers import llm
 from relabelers.base import Part, hash_uniform
+from relabelers.language.keyframes import KEYFRAMES_NOTE, with_images
 from relabelers.language.params import LanguageParams
 from relabelers.language.prompt import PromptTemplate, descriptions_parser
 
@@ -41,24 +42,31 @@ class LLMDescriber:
     base_url: str | None
     budgets: tuple[dict[str, int], ...] = ()
 
-    def describe(self, facts: list[dict[str, Any]], part: Part) -> tuple[Descriptions, dict]:
+    def describe(
+        self,
+        facts: list[dict[str, Any]],
+        part: Part,
+        images: list[list[tuple[str, bytes]]] | None = None,
+    ) -> tuple[Descriptions, dict]:
         """The descriptions of every unit, and what it cost: requests, tokens, answers
-        from the cache, and why the budget stopped it (or None)."""
+        from the cache, and why the budget stopped it (or None). `images[i]`: unit i's
+        keyframes (media type, stored bytes), sent as image parts of its request; the
+        request body holds them, so the cache key does too."""
         p = self.params
         template = PromptTemplate(self.prompt_text)
-        requests = [
-            llm.Request(
-                "chat",
-                {
-                    "model": p.model,
-                    "messages": template.messages(fact, p.n, p.per),
-                    "temperature": p.temperature,
-                    "max_tokens": p.max_tokens,
-                },
-                parse=descriptions_parser(p.n),
-            )
-            for fact in facts
-        ]
+        note = KEYFRAMES_NOTE.format(unit=p.per, camera=p.camera)
+        requests = []
+        for i, fact in enumerate(facts):
+            messages = template.messages(fact, p.n, p.per)
+            if images is not None:
+                messages = with_images(messages, images[i], note, p.detail)
+            body = {
+                "model": p.model,
+                "messages": messages,
+                "temperature": p.temperature,
+                "max_tokens": p.max_tokens,
+            }
+            requests.append(llm.Request("chat", body, parse=descriptions_parser(p.n)))
         results, summary = llm.run_requests(
             requests, self._settings(), llm.ResponseCache(p.cache), self._budget(part)
         )

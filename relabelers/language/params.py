@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from relabelers import llm
+from schemas.frames import DEFAULT_CAMERA
 
 
 class LanguageParams(llm.EndpointParams):
@@ -28,4 +29,15 @@ class LanguageParams(llm.EndpointParams):
     prompt: str | None = Field(None, description="prompt template file (default describe_v1)")
     goal_threshold: float = Field(
         0.05, ge=0.0, description="achieved-desired goal distance that counts as reached"
+    )
+    keyframes: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="camera frames per episode/segment sent to a vision model as images "
+        "(evenly spaced, first and last included; 1: the last)",
+    )
+    camera: str = Field(DEFAULT_CAMERA, pattern=r"^\w+$", description="the camera of the keyframes")
+    detail: Literal["low", "high"] | None = Field(
+        None, description="image detail asked of the model (default: the endpoint's)"
     )
