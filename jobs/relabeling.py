@@ -49,6 +49,7 @@ from engine.writer import (
 from relabelers import registry
 from relabelers.base import Part, Relabeler, RelabelError, Summary
 from schemas import steps as cols
+from schemas.frames import frame_column
 from schemas.manifest import ColumnGroup, Manifest, RelabelerInfo, public_params
 
 # --------------------------------------------------------------------- creating relabelers
@@ -185,11 +186,12 @@ def _pixels_only_hint(name: str, parent: Dataset) -> str:
     an image-only observation): there is no state vector, the frames are the observation."""
     if name.split(".")[0] not in (cols.OBSERVATION, cols.NEXT_OBSERVATION) or not parent.cameras:
         return ""
+    camera = sorted(parent.cameras)[0]
     return (
         f"the dataset is pixels only (no state vector: its frames, camera(s) "
         f"{', '.join(sorted(parent.cameras))}, are the observation): relabelers that need "
-        "observations (goals, achieved goals) do not apply to it, drex ranks it from actions "
-        "with --with drex:features=action; "
+        "observations (goals, achieved goals) do not apply to it, drex ranks it from its "
+        f"frames with --with drex:features={frame_column(camera)}; "
     )
 
 

@@ -7,10 +7,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from engine.dataset import open_dataset
 from jobs.cli import main
+from relabelers.base import RelabelError
+from relabelers.drex import frame_features
+from schemas.frames import CameraInfo, encode_frames
 from schemas.shard_index import ShardIndex
 from tests.test_frames_ingest import flat_arrays, scenes
 from trainers.loader import stream
@@ -102,8 +106,29 @@ def test_what_needs_a_state_refuses_pixels_only_data(tmp_path, capsys):
         assert len(error.strip().splitlines()) == 1, error
         assert "the dataset is pixels only (no state vector" in error
         assert "camera(s) render" in error and not (tmp_path / relabeler).exists()
-    # drex ranks pixels-only data from its actions.
-    run(capsys, "relabel", raw, str(tmp_path / "drex"), "--with", "drex:features=action,epochs=2")
+        assert "--with drex:features=frame_render" in error
+    # drex ranks pixels-only data from its frames.
+    labeled = str(tmp_path / "drex")
+    run(capsys, "relabel", raw, labeled, "--with", "drex:features=frame_render,epochs=2")
+    rewards = open_dataset(labeled).read("steps", ["drex_reward"]).column(0).to_numpy()
+    assert rewards.shape == (40,) and np.isfinite(rewards).all()
 
     error = fails(capsys, "shard", raw, str(tmp_path / "s"), "--cameras", "nope")
     assert "nope" in error and not (tmp_path / "s").exists()
+
+
+def test_drex_frame_features_are_grey_8x8_block_means(tmp_path):
+    frames = scenes(5, 16, 32)
+    column = pa.chunked_array([encode_frames(frames, CameraInfo(height=16, width=32))])
+    steps = pa.table({"episode_id": np.zeros(5, np.int64), "t": np.arange(5, dtype=np.int32)})
+    features = frame_features(column, "frame_render", steps)
+    # ITU-R 601 luma (PIL's "L"), then the mean of each 2 x 4 block.
+    grey = frames.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    expected = grey.reshape(5, 8, 2, 8, 4).mean(axis=(2, 4)).reshape(5, 64) / 255.0
+    np.testing.assert_allclose(features, expected, atol=1.5 / 255)
+
+    broken = pa.chunked_array([[b"not an image"] * 5])
+    with pytest.raises(
+        RelabelError, match="episode 0 step t=0: column 'frame_render': frame does not decode"
+    ):
+        frame_features(broken, "frame_render", steps)
