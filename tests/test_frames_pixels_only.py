@@ -132,3 +132,17 @@ def test_drex_frame_features_are_grey_8x8_block_means(tmp_path):
         RelabelError, match="episode 0 step t=0: column 'frame_render': frame does not decode"
     ):
         frame_features(broken, "frame_render", steps)
+
+
+def test_the_index_allows_no_state_vector_only_with_cameras(tmp_path, capsys):
+    raw, shards = str(tmp_path / "raw"), str(tmp_path / "shards")
+    run(capsys, "collect", "Pendulum-v1", raw, "--episodes", "1", "--max-steps", "5",
+        "--frames", "16x16", "--pixels-only")  # fmt: skip
+    error = fails(capsys, "shard", raw, shards, "--cameras", "")
+    assert "has no state vector" in error and not (tmp_path / "shards").exists()
+    run(capsys, "shard", raw, shards)
+    data = json.loads((tmp_path / "shards" / "index.json").read_text())
+    assert ShardIndex.model_validate(data).has_state is False
+    del data["cameras"]
+    with pytest.raises(ValueError, match=r"\['observation.shape'\] must be at least 1"):
+        ShardIndex.model_validate(data)
