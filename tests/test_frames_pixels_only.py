@@ -40,6 +40,8 @@ def test_collect_pixels_only_relabel_shard_train_and_ask(tmp_path, capsys):
     assert "observation" not in steps and "next_observation" not in steps
     assert "frame_render" in steps and dataset.manifest.metadata["pixels_only"] is True
     assert dataset.read("steps", ["reward"]).num_rows == 4 * 30
+    assert main(["info", raw, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pixels_only"] is True
 
     run(capsys, "relabel", raw, labeled, "--with", "returns")
     run(capsys, "shard", labeled, shards, "--condition", "return_to_go", "--window", "4",
