@@ -19,7 +19,9 @@ With frames (`Rollouts.frames`), the env is made with render_mode="rgb_array" an
 step's frame is the observation at t (rendered after reset, then after each step but the
 last), resized by `engine.frames.render_frame` and encoded at once in the part's task: a
 part holds only encoded frames in memory. They are written as the `frames` group next to
-the base part, the camera recorded in the manifest.
+the base part, the camera recorded in the manifest. With `pixels_only` the base steps have
+no `observation` / `next_observation` column (as ingest of an image-only observation): the
+frames are the observation, and metadata says `pixels_only: true`.
 """
 
 from __future__ import annotations
@@ -250,8 +252,11 @@ def collect_part_tables(
     max_steps: int | None = None,
     info_keys: dict[str, str] | None = None,
     frames: CameraInfo | None = None,
+    pixels_only: bool = False,
 ) -> tuple[pa.Table, pa.Table, list[bytes]]:
-    """`collect_tables`, and with `frames` every step's encoded frame in row order."""
+    """`collect_tables`, and with `frames` every step's encoded frame in row order;
+    `pixels_only`: the steps table has no `observation` / `next_observation` columns (the
+    frames are the observation; the policy still acts on the env's state)."""
     policy = load_policy(policy_spec, env_id)
     env = make_env(env_id, max_steps, render_mode="rgb_array" if frames else None)
     info_keys = scalar_info_keys(env_id, max_steps) if info_keys is None else info_keys
@@ -271,8 +276,8 @@ def collect_part_tables(
     encoded = [frame for run in runs for frame in run["frames"]]
     steps, episodes_table = build_tables(
         episode_ids=cat("episode_id"),
-        observation=cat("observation"),
-        next_observation=cat("next_observation"),
+        observation=None if pixels_only else cat("observation"),
+        next_observation=None if pixels_only else cat("next_observation"),
         action=cat("action"),
         reward=cat("reward"),
         terminated=cat("terminated"),
@@ -308,6 +313,7 @@ class Rollouts:
     max_steps: int | None = None  # overrides the environment's time limit
     frames: CameraInfo | None = None  # record env.render() at this size and codec
     camera: str = DEFAULT_CAMERA  # the frames' camera name (column frame_<camera>)
+    pixels_only: bool = False  # store no state vector: the frames are the observation
 
 
 @dataclass(frozen=True)
@@ -329,6 +335,8 @@ def plan_collect(rollouts: Rollouts, episodes: int, episodes_per_part: int) -> C
     the near miss) and cut `episodes` episodes into parts; nothing is rolled out."""
     info_keys = scalar_info_keys(rollouts.env_id, rollouts.max_steps)
     load_policy(rollouts.policy, rollouts.env_id)
+    if rollouts.pixels_only and rollouts.frames is None:
+        raise ValueError("--pixels-only needs --frames HxW: the frames are the observation")
     if rollouts.frames is not None:
         check_rendering(rollouts.env_id, rollouts.frames, rollouts.max_steps)
     parts = [
@@ -385,6 +393,7 @@ def collect_part(task: CollectTask) -> WrittenParts:
         rollouts.max_steps,
         task.info_keys,
         rollouts.frames,
+        rollouts.pixels_only,
     )
     problems = check_stored_values(f"collect {rollouts.env_id}", steps, episodes)
     if problems:
@@ -412,6 +421,8 @@ def collect(plan: CollectPlan, output: str, *, executor: Executor, command: str)
         "seed": rollouts.seed,
         **plan.spaces,
     }
+    if rollouts.pixels_only:
+        metadata["pixels_only"] = True
     with VersionWriter(output) as writer:
         tasks = [
             CollectTask(index, rollouts, episodes, plan.info_keys, writer)

@@ -147,6 +147,9 @@ def dataset_info(uri: str, bins: int = HISTOGRAM_BINS, verify: bool = False) -> 
         "verified_files": verified_files,
         "episode_length": _stats(episodes[cols.LENGTH].cast(pl.Float64).to_numpy()),
         "cameras": cameras_info(dataset),
+        # Pixels only (collect --pixels-only, ingest of an image-only observation): no state.
+        "pixels_only": bool(dataset.cameras)
+        and cols.OBSERVATION not in dataset.columns("steps", frames=False),
         "env_ids": sorted(str(v) for v in episodes[cols.ENV_ID].unique().to_list())
         if cols.ENV_ID in episodes.columns
         else [],
@@ -206,6 +209,8 @@ def format_info(info: dict[str, Any]) -> str:
                 lines.append(f"    {level:8s} {name}: {type_name}")
     if info.get("cameras"):
         lines += ["", "cameras:"]
+        if info.get("pixels_only"):
+            lines.append("  pixels only: no state vector, the frames are the observation")
         for camera in info["cameras"]:
             quality = f" quality {camera['quality']}" if camera["quality"] else ""
             ratio = camera["raw_bytes_per_frame"] / max(camera["bytes_per_frame"], 1e-9)

@@ -50,7 +50,7 @@ from engine.writer import (
 from relabelers import registry
 from relabelers.base import Part, Relabeler, RelabelError, Summary
 from schemas import steps as cols
-from schemas.frames import CameraInfo
+from schemas.frames import CameraInfo, frame_column
 from schemas.manifest import ColumnGroup, Manifest, RelabelerInfo, public_params
 
 # --------------------------------------------------------------------- creating relabelers
@@ -163,7 +163,8 @@ def check_plan(parent: Dataset, relabelers: Sequence[Relabeler]) -> None:
                 if name.split(".")[0] not in available[level]:
                     raise RelabelError(
                         f"{where}: reads {level} column {name!r}, which the dataset does not "
-                        f"have; available {level} columns: {', '.join(sorted(available[level]))}"
+                        f"have; {_pixels_only_hint(name, parent)}available {level} columns: "
+                        f"{', '.join(sorted(available[level]))}"
                     )
         _check_frames(reads.frames, frame_columns, where)
         if not read_heads & produced:
@@ -207,6 +208,20 @@ def _check_setup(relabeler: Relabeler, inputs: SchemaInputs, where: str) -> None
         pass
     except KeyError as error:  # a schema lookup of a column or field that is not there
         raise RelabelError(f"{where}: {_message(error)}") from None
+
+
+def _pixels_only_hint(name: str, parent: Dataset) -> str:
+    """Why a state column is missing from pixels-only data (collect --pixels-only, ingest of
+    an image-only observation): there is no state vector, the frames are the observation."""
+    if name.split(".")[0] not in (cols.OBSERVATION, cols.NEXT_OBSERVATION) or not parent.cameras:
+        return ""
+    camera = sorted(parent.cameras)[0]
+    return (
+        f"the dataset is pixels only (no state vector: its frames, camera(s) "
+        f"{', '.join(sorted(parent.cameras))}, are the observation): relabelers that need "
+        "observations (goals, achieved goals) do not apply to it, drex ranks it from its "
+        f"frames with --with drex:features={frame_column(camera)}; "
+    )
 
 
 def _where(position: int, relabeler: Relabeler, parent: Dataset) -> str:

@@ -29,6 +29,7 @@ training episodes, i.e. whether the learned reward extrapolates beyond what it w
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +60,9 @@ _STREAM_SNIPPET = 13
 class DrexParams(Params):
     noise_column: str = Field("noise", description="Episode column with the injected noise level.")
     features: str = Field(
-        cols.OBSERVATION, description="Step column (or struct field) the reward net reads."
+        cols.OBSERVATION,
+        description="Step column (or struct field) the reward net reads; a frame column "
+        "(frame_<camera>: pixels-only data) is read as its frames, grey, 8x8.",
     )
     snippet_length: int = Field(20, ge=1, description="Steps per training snippet.")
     snippets_per_episode: int = Field(4, ge=1, description="Snippets sampled per episode.")
@@ -74,6 +77,30 @@ class DrexParams(Params):
     extrapolate: bool = Field(
         False, description="Keep the least noisy episodes out of training to test extrapolation."
     )
+
+
+FRAME_FEATURE_SIZE = 8  # frames as features: grey, area-averaged to 8 x 8, in [0, 1]
+
+
+def frame_features(column: pa.ChunkedArray, name: str, steps: pa.Table) -> np.ndarray:
+    """Encoded frames (a frame column: pixels-only data has no state vector) as features
+    [n, 64]: each frame decoded, grey, area-averaged to 8 x 8, scaled to [0, 1]. A frame
+    decodes on its own, so this is one decode per step, as the loader does."""
+    from PIL import Image
+
+    size = (FRAME_FEATURE_SIZE, FRAME_FEATURE_SIZE)
+    out = np.empty((len(column), size[0] * size[1]), np.float64)
+    for row, data in enumerate(column.to_pylist()):
+        try:
+            image = Image.open(io.BytesIO(data)).convert("L").resize(size, Image.Resampling.BOX)
+        except Exception as error:  # PIL raises many types for damaged data
+            episode = steps.column(cols.EPISODE_ID)[row].as_py()
+            raise RelabelError(
+                f"relabeler 'drex': episode {episode} step t={steps.column(cols.T)[row].as_py()}:"
+                f" column {name!r}: frame does not decode ({error})"
+            ) from None
+        out[row] = np.asarray(image, np.float64).reshape(-1) / 255.0
+    return out
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -161,7 +188,10 @@ class DrexRelabeler(Relabeler):
         self.reward_net = self.train_reward(inputs.summarize(self.part_sample))
 
     def _features(self, steps: pa.Table) -> np.ndarray:
-        values = cols.arrow_to_numpy(cols.column_by_path(steps, self.params.features))
+        column = cols.column_by_path(steps, self.params.features)
+        if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+            return frame_features(column, self.params.features, steps)
+        values = cols.arrow_to_numpy(column)
         if values.dtype == object:
             raise RelabelError(
                 f"relabeler 'drex': features {self.params.features!r} must be a vector or "

@@ -244,14 +244,23 @@ class ShardIndex(_Model):
                     f"{summed}"
                 )
         small = [f for f in ("window", "stride", "block_steps") if getattr(self, f) < 1]
-        if small or not self.observation.shape or min(self.observation.shape) < 1:
-            raise ValueError(
-                f"field(s) {small or ['observation.shape']} must be at least 1 (each dimension)"
-            )
+        shape = self.observation.shape
+        if not self.has_state and shape == [0] and self.cameras:
+            pass  # pixels only: no state vector, the frames are the observation
+        elif not shape or min(shape) < 1:  # [0] only for shards with cameras
+            small.append("observation.shape")
+        if small:
+            raise ValueError(f"field(s) {small} must be at least 1 (each dimension)")
         names = [shard.name for shard in self.shards]
         if len(set(names)) != len(names):
             raise ValueError("field shards lists a shard name twice")
         return self
+
+    @property
+    def has_state(self) -> bool:
+        """Whether the steps carry a state vector; False for pixels-only shards (observation
+        shape [0]: the loader yields a zero-width `observation`, the policy sees frames)."""
+        return bool(self.observation.shape) and min(self.observation.shape) > 0
 
     def to_json(self) -> str:
         data = self.model_dump(mode="json", exclude_none=True)

@@ -333,6 +333,12 @@ def write_shards(
 def checked_cameras(dataset: Dataset, settings: ShardSettings) -> dict[str, CameraInfo]:
     """The cameras to shard (KeyError for an unknown one); a frame stack needs frames."""
     cameras = resolve_cameras(dataset, settings.cameras)
+    if not cameras and "observation" not in dataset.columns("steps", frames=False):
+        chosen = f"--cameras {','.join(settings.cameras)} leaves" if settings.cameras else "has"
+        raise ValueError(
+            f"{dataset.uri} has no state vector (no 'observation' column: its frames are the "
+            f"observation) and {chosen} no camera to shard; cameras: {sorted(dataset.cameras)}"
+        )
     if settings.frame_stack > 1 and not cameras:
         raise ValueError(
             f"{dataset.uri} has no camera frames: --frame-stack {settings.frame_stack} needs a "

@@ -69,7 +69,11 @@ def read_part_episodes(
     step_conditions = [c.name for c in conditions if c.level == "steps"]
     episode_conditions = [c.name for c in conditions if c.level == "episodes"]
     heads = {name.partition(".")[0] for name in step_conditions}
-    step_columns = [cols.EPISODE_ID, cols.T, cols.OBSERVATION, cols.ACTION, cols.REWARD]
+    # Pixels-only data (no `observation` column: the frames are the observation) shards a
+    # zero-width state vector, [N, 0], and the index says observation shape [0].
+    has_state = cols.OBSERVATION in dataset.columns("steps", frames=False)
+    step_columns = [cols.EPISODE_ID, cols.T, cols.ACTION, cols.REWARD]
+    step_columns += [cols.OBSERVATION] if has_state else []
     steps = dataset.read_part(index, "steps", list(dict.fromkeys(step_columns + sorted(heads))))
     episodes = dataset.read_part(
         index,
@@ -84,9 +88,13 @@ def read_part_episodes(
             f"{where}: the steps do not match the episode lengths (steps sorted by "
             "(episode_id, t) with one episodes row per episode expected)"
         )
-    observation = steps.column(cols.OBSERVATION)
-    if pa.types.is_struct(observation.type):
-        observation = cols.column_by_path(steps, f"{cols.OBSERVATION}.{cols.OBSERVATION}")
+    if has_state:
+        column = steps.column(cols.OBSERVATION)
+        if pa.types.is_struct(column.type):
+            column = cols.column_by_path(steps, f"{cols.OBSERVATION}.{cols.OBSERVATION}")
+        observation = cols.arrow_to_numpy(column).astype(np.float32, copy=False)
+    else:
+        observation = np.zeros((steps.num_rows, 0), np.float32)
     reward = steps.column(cols.REWARD)
     if reward.null_count or not np.all(np.isfinite(reward.to_numpy(zero_copy_only=False))):
         bad = np.flatnonzero(~np.isfinite(reward.fill_null(np.nan).to_numpy(zero_copy_only=False)))
@@ -101,7 +109,7 @@ def read_part_episodes(
         lengths=lengths,
         returns=episodes.column(cols.RETURN).to_numpy(zero_copy_only=False).astype(np.float64),
         timestep=steps.column(cols.T).to_numpy().astype(np.int32),
-        observation=cols.arrow_to_numpy(observation).astype(np.float32, copy=False),
+        observation=observation,
         action=action.astype(np.int64 if action.ndim == 1 else np.float32, copy=False),
         reward=reward.to_numpy(zero_copy_only=False).astype(np.float32, copy=False),
     )

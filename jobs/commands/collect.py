@@ -19,6 +19,7 @@ class Collect(RayCommand):
         hindsight collect Pendulum-v1 data/pendulum --episodes 200 --noise 0,0.25,0.5,0.75,1.0
         hindsight collect hindsight/PointGoal-v0 data/point --policy random
         hindsight collect Pendulum-v1 data/pend-pix --episodes 300 --frames 64x64
+        hindsight collect CartPole-v1 data/cart-pix --frames 64x64 --pixels-only
     """
 
     name = "collect"
@@ -57,6 +58,11 @@ class Collect(RayCommand):
     quality: int | None = Field(
         None, ge=1, le=100, description="JPEG/WebP quality (default 90); not for png."
     )
+    pixels_only: bool = Field(
+        False,
+        description="Store no state vector: the frames are the observation (needs --frames; "
+        "the policy still acts on the env's state).",
+    )
 
     @field_validator("noise")
     @classmethod
@@ -67,6 +73,8 @@ class Collect(RayCommand):
 
     @model_validator(mode="after")
     def _frame_options_go_with_frames(self) -> Collect:
+        if self.pixels_only and self.frames is None:
+            raise ValueError("--pixels-only needs --frames HxW: the frames are the observation")
         if self.frames is not None:
             self.camera_info()  # a bad size or camera name is an error before any work
         elif self.codec != "png" or self.quality is not None or self.camera != DEFAULT_CAMERA:
@@ -97,6 +105,7 @@ class Collect(RayCommand):
             max_steps=self.max_steps,
             frames=self.camera_info(),
             camera=self.camera,
+            pixels_only=self.pixels_only,
         )
         # An unknown env id or policy fails here, before Ray starts.
         plan = plan_collect(rollouts, self.episodes, self.episodes_per_part)

@@ -24,7 +24,7 @@ random offset per window), decode_threads=0 (threads decoding frames in each con
 committed index.json.
 
 A batch is a dict of torch tensors (B = batch size, W = window):
-    observation  float32 [B, W, obs_dim]          (0 on padding)
+    observation  float32 [B, W, obs_dim]          (0 on padding; obs_dim 0: pixels-only shards)
     action       float32 [B, W, act_dim] (continuous) or int64 [B, W] (discrete)
     reward       float32 [B, W]
     timestep     int64   [B, W]                    t within the episode
