@@ -239,7 +239,7 @@ def _message(error: BaseException) -> str:
 class PartReader:
     """Reads, for one relabeler, only the columns it reads from a part of the version so
     far (the parent's groups and those written earlier in this job): frame columns only
-    when it declares them (`Columns.frames`), and never for `setup`'s pass."""
+    when it declares them (`Columns.frames`)."""
 
     dataset: Dataset
     steps_columns: tuple[str, ...]
@@ -316,7 +316,7 @@ def summarize_part(
     part = reader.part(index)
 
     def work() -> Summarized:
-        steps, episodes = reader.read(part, frames=False)
+        steps, episodes = reader.read(part)
         return Summarized(function(steps, episodes, part), steps.num_rows)
 
     return _in_task(relabeler, part, work)

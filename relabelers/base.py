@@ -14,7 +14,7 @@ A relabeler is a small class (docs/plugins.md walks through a complete one):
                             relabeler needs dataset-wide facts (quantiles, a trained reward
                             net), compute them with one pass: `inputs.summarize(function)`
                             runs function(steps, episodes, part) on every part (the columns
-                            of `reads()`, without frames) and returns the results in part
+                            of `reads()`, declared frames included) and returns the results in part
                             order. Keep what `relabel` needs on `self`.
     relabel(steps, episodes, part) -> Output(steps=..., episodes=..., report={...})
                             per part, in a Ray task: the new columns for these whole
@@ -41,7 +41,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from schemas import steps as cols
-from schemas.frames import CameraInfo, frame_column
+from schemas.frames import CameraInfo
 
 Summary = TypeVar("Summary")
 
@@ -107,9 +107,9 @@ class Inputs(Protocol):
     cameras: dict[str, CameraInfo]
 
     def summarize(self, function: Callable[[pa.Table, pa.Table, Part], Summary]) -> list[Summary]:
-        """`function(steps, episodes, part)` on every part (the columns of `reads()`, without
-        the frames), in parallel; the results in part order. Keep them small: they come to
-        the driver."""
+        """`function(steps, episodes, part)` on every part (the columns of `reads()`, the
+        frames it declares included: D-REX trains on them), in parallel; the results in part
+        order. Keep them small: they come to the driver."""
         ...
 
 
@@ -225,11 +225,7 @@ class TableInputs:
         return Part(index, self.parts, f"{self.where} part {index}")
 
     def summarize(self, function: Callable[[pa.Table, pa.Table, Part], Summary]) -> list[Summary]:
-        frames = [frame_column(camera) for camera in self.cameras]
-        return [
-            function(s.drop_columns([c for c in frames if c in s.column_names]), e, self.part(i))
-            for i, (s, e) in enumerate(self.tables)
-        ]
+        return [function(s, e, self.part(i)) for i, (s, e) in enumerate(self.tables)]
 
 
 def split_parts(steps: pa.Table, episodes: pa.Table, parts: int) -> list[tuple[pa.Table, pa.Table]]:

@@ -48,6 +48,7 @@ from relabelers.base import (
     hash_uniform,
 )
 from schemas import steps as cols
+from schemas.frames import camera_of
 
 DREX_REWARD = "drex_reward"
 DREX_RETURN = "drex_return"
@@ -167,11 +168,14 @@ class DrexRelabeler(Relabeler):
         self.reward_net: RewardNet | None = None  # set by `setup`
 
     def reads(self) -> Columns:
+        # A frame column (pixels-only data) is declared as frames, read only because asked.
+        is_frames = camera_of(self.params.features) is not None
         return Columns(
-            steps=(cols.EPISODE_ID, cols.T, self.params.features),
+            steps=(cols.EPISODE_ID, cols.T) + (() if is_frames else (self.params.features,)),
             episodes=(cols.EPISODE_ID, self.params.noise_column),
             # The true return, when the dataset has it, for the rank correlations in the report.
             episodes_if_present=(cols.RETURN,),
+            frames=(self.params.features,) if is_frames else (),
         )
 
     def writes(self) -> Columns:

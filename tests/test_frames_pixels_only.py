@@ -43,7 +43,9 @@ def test_collect_pixels_only_relabel_shard_train_and_ask(tmp_path, capsys):
     assert main(["info", raw, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["pixels_only"] is True
 
-    run(capsys, "relabel", raw, labeled, "--with", "returns")
+    run(capsys, "relabel", raw, labeled, "--with", "returns", "--with", "language")
+    descriptions = open_dataset(labeled).read("episodes", ["description"]).column(0).to_pylist()
+    assert len(descriptions) == 4 and all(descriptions)  # described without a state vector
     run(capsys, "shard", labeled, shards, "--condition", "return_to_go", "--window", "4",
         "--frame-stack", "2")  # fmt: skip
     index = ShardIndex.from_json((tmp_path / "shards" / "index.json").read_text())

@@ -101,12 +101,13 @@ class LanguageRelabeler(Relabeler):
             steps=(
                 cols.EPISODE_ID,
                 cols.T,
-                cols.OBSERVATION,
                 cols.ACTION,
                 cols.REWARD,
                 cols.TERMINATED,
                 cols.TRUNCATED,
             ),
+            # Absent from pixels-only data: the facts that need a state are left out.
+            steps_if_present=(cols.OBSERVATION,),
             episodes=(cols.EPISODE_ID, cols.ENV_ID),
             # Optional facts, used when the dataset has them.
             episodes_if_present=(cols.SOURCE, "skill", *SUCCESS_COLUMNS),

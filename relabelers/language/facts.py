@@ -95,7 +95,11 @@ def unit_facts(
 
     goal_reached, goal_distance = _goal(steps, episodes, row, last, units, params)
     action = _action_stats(steps.column(cols.ACTION), starts, lengths)
-    displacement = _displacement(steps.column(cols.OBSERVATION), starts, last)
+    displacement = (
+        _displacement(steps.column(cols.OBSERVATION), starts, last)
+        if cols.OBSERVATION in steps.column_names
+        else None
+    )
     reward_min = np.minimum.reduceat(reward, starts)
     reward_max = np.maximum.reduceat(reward, starts)
 
@@ -149,8 +153,11 @@ def _goal(
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Goal reached (and the final distance) from a success column or a GoalEnv observation."""
     reached = distance = None
-    observation = steps.column(cols.OBSERVATION)
-    if pa.types.is_struct(observation.type):
+    if cols.OBSERVATION not in steps.column_names:  # pixels only: no GoalEnv observation
+        observation = None
+    else:
+        observation = steps.column(cols.OBSERVATION)
+    if observation is not None and pa.types.is_struct(observation.type):
         names = {observation.type.field(i).name for i in range(observation.type.num_fields)}
         if {"achieved_goal", "desired_goal"} <= names:
             achieved = cols.struct_to_numpy(observation, "achieved_goal")[last]
