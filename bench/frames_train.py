@@ -17,8 +17,7 @@ before it hands over each batch, so each trainer step has a bare step next to it
 same load (this machine is shared: a burst of load slows some steps of both sides). A side's
 rate is the batch size over its median step; `trainer_over_bare` is the ratio (goal: at
 least 0.9), `paired_median_ratio` the median of the step-by-step ratios. The loader's share (decoding frames from shards)
-is not in this measurement: shards with frames are another branch of issue 14; once they
-land, bench/train.py's `loader` column measures it on real frame shards.
+is not in this measurement (the frames loader alone: bench/frames_loader.py).
 """
 
 from __future__ import annotations
@@ -33,6 +32,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from bench import save_results
+from bench.train import print_ratios
 
 SIZE, STACK, OBS_DIM = 64, 3, 3
 
@@ -194,17 +196,11 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_count": os.cpu_count(),
         "load_average_1min_before": load_before[0],
         "models": models,
-        "loader": "not measured here: shards with frames are another branch of issue 14",
+        "loader": "not measured here (the frames loader alone: bench/frames_loader.py)",
         "load_average_1min_after": os.getloadavg()[0],
     }  # fmt: skip
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(report, handle, indent=2)
-    for model, result in models.items():
-        print(
-            f"{model:12} trainer {result['trainer']['samples_per_s']:,.0f} samples/s, bare loop "
-            f"{result['bare']['samples_per_s']:,.0f}: {result['trainer_over_bare']:.2f}x"
-        )
+    save_results(report, args.out, echo=False)
+    print_ratios(models)
     return report
 
 

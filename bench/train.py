@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from bench import save_results
+
 WINDOW = 20
 
 
@@ -201,15 +203,18 @@ def main(argv: list[str] | None = None) -> dict:
         "models": models,
         "load_average_1min_after": os.getloadavg()[0],
     }  # fmt: skip
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(report, handle, indent=2)
+    save_results(report, args.out, echo=False)
+    print_ratios(models)
+    return report
+
+
+def print_ratios(models: dict[str, dict[str, Any]]) -> None:
+    """One line per model: the trainer's rate, the bare loop's and their ratio."""
     for model, result in models.items():
         print(
             f"{model:12} trainer {result['trainer']['samples_per_s']:,.0f} samples/s, bare loop "
             f"{result['bare']['samples_per_s']:,.0f}: {result['trainer_over_bare']:.2f}x"
         )
-    return report
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import platform
 import time
 from typing import Any
 
-from examples.experiment import claim, interval, spearman
+from examples.experiment import asking_claims, interval, spearman
 
 ENV_ID = "Pendulum-v1"
 NOISE = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -145,23 +145,7 @@ def run_experiment(work: str, args: argparse.Namespace) -> dict[str, Any]:
             ],
             "sweep_spearman": interval(column["sweep_spearman"]),
         },
-        "claims": [
-            claim(
-                "ask high return > dataset mean",
-                [h - mean for h in column["high"]],
-                f"requested return_to_go={high:.1f} (dataset 95th percentile)",
-            ),
-            claim(
-                "ask high return > behaviour cloning",
-                [h - b for h, b in zip(column["high"], column["bc"])],
-                "same data, same seeds",
-            ),
-            claim(
-                "achieved return rises with requested return",
-                column["sweep_spearman"],
-                "Spearman rank correlation of achieved vs requested over the 10/50/90/95th percentiles",
-            ),
-        ],  # fmt: skip
+        "claims": asking_claims(column, mean, high),
         "per_seed": per_seed,
         "data_seconds": data_seconds,
         "seconds": time.perf_counter() - started,

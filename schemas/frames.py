@@ -70,6 +70,18 @@ def camera_of(column: str) -> str | None:
     return column[len(FRAME_PREFIX) :] if column.startswith(FRAME_PREFIX) else None
 
 
+def sniff_codec(data: bytes) -> str | None:
+    """The codec of encoded image bytes, from their magic number (None: not an image)."""
+    head = bytes(data[:12])
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
 def encode_frame(frame: np.ndarray, camera: CameraInfo) -> bytes:
     """One H x W x C uint8 frame in the camera's codec."""
     from PIL import Image

@@ -93,3 +93,22 @@ def tiny_dataset(tmp_path):
     uri = str(tmp_path / "tiny")
     write_synthetic_dataset(uri, steps, episodes, part_steps=40)
     return uri
+
+
+# The OpenAI-compatible server on loopback (tests/llm_server.py) and a process with no LLM
+# endpoint configured: the language, keyframes and credentials tests share them.
+@pytest.fixture
+def server():
+    from tests.llm_server import LLMServer
+
+    server = LLMServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def no_endpoint(monkeypatch):
+    from relabelers import endpoint
+
+    for name in (endpoint.API_KEY_VARIABLE, endpoint.BASE_URL_VARIABLE):
+        monkeypatch.delenv(name, raising=False)

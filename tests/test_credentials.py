@@ -34,13 +34,6 @@ ESCAPE = "\x1b[2J\x1b]0;pwned\x07"  # clear the screen, set the terminal's title
 
 
 @pytest.fixture
-def server():
-    server = LLMServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def fake_key(monkeypatch):
     monkeypatch.setenv(endpoint.API_KEY_VARIABLE, FAKE_KEY)
     return FAKE_KEY

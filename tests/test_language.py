@@ -31,19 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def server():
-    server = LLMServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def no_endpoint(monkeypatch):
-    for name in (endpoint.API_KEY_VARIABLE, endpoint.BASE_URL_VARIABLE):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
 def fake_key(monkeypatch):
     monkeypatch.setenv(endpoint.API_KEY_VARIABLE, FAKE_KEY)
     return FAKE_KEY

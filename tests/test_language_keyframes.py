@@ -25,23 +25,10 @@ from relabelers.language import LanguageRelabeler
 from relabelers.language.keyframes import keyframe_offsets
 from schemas import steps as cols
 from schemas.frames import FRAMES_GROUP, CameraInfo, encode_frames
-from tests.llm_server import LLMServer, data_block, image_urls
+from tests.llm_server import data_block, image_urls
 from tests.synthetic import make_episodes
 
 MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-
-
-@pytest.fixture
-def server():
-    server = LLMServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def no_endpoint(monkeypatch):
-    for name in (endpoint.API_KEY_VARIABLE, endpoint.BASE_URL_VARIABLE):
-        monkeypatch.delenv(name, raising=False)
 
 
 def expected_steps(length: int, k: int) -> list[int]:

@@ -34,6 +34,7 @@ from schemas.frames import (
     FrameError,
     decode_frame,
     encode_frame,
+    sniff_codec,  # noqa: F401  (re-exported: image sources sniff what they read)
 )
 
 # Raw frames a part may hold in all (its parts are cut smaller when they would hold more;
@@ -110,18 +111,6 @@ def raw_camera(shape: Sequence[int], codec: str, quality: int | None) -> CameraI
     return CameraInfo(
         height=int(shape[1]), width=int(shape[2]), channels=channels, codec=codec, quality=quality
     )
-
-
-def sniff_codec(data: bytes) -> str | None:
-    """The codec of encoded image bytes, from their magic number (None: not an image)."""
-    head = bytes(data[:12])
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    return None
 
 
 def encoded_camera(data: bytes, where: str) -> CameraInfo:

@@ -9,10 +9,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine import storage
-from engine.sources.images import ImageColumn, camera_name, encoded_camera, sniff_codec
+from engine.sources.images import ImageColumn, camera_name, encoded_camera
 from engine.sources.step_files import read_step_file
 from engine.validate import Problem
-from schemas.frames import CameraInfo, FrameError
+from schemas.frames import CameraInfo, FrameError, sniff_codec
 
 
 def is_image_type(data_type: pa.DataType) -> bool:

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from relabelers.base import RelabelError
 from schemas import steps as cols
+from schemas.frames import sniff_codec
 
 # What the model is told about the images (a text part before them, after the prompt's own
 # user text): which steps they show, and that they are data like the <data> block.
@@ -54,13 +55,8 @@ def keyframe_offsets(lengths: np.ndarray, k: int) -> list[np.ndarray]:
 
 def media_type(data: bytes) -> str | None:
     """image/png, image/jpeg or image/webp from the bytes' signature; None otherwise."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return None
+    codec = sniff_codec(data)
+    return None if codec is None else f"image/{codec}"
 
 
 def unit_keyframes(
