@@ -381,6 +381,11 @@ def test_train_command_on_real_shards(tmp_path, real_shards, capsys):
     assert "pass --resume" in capsys.readouterr().err
     assert cli_main([*args[:8], "20", *args[9:], "--resume"]) == 0
     assert int(train.load_checkpoint(run)["step"]) == 20
+    # Resuming needs only the run and the new length: the rest is the recorded run's.
+    assert cli_main(["train", real_shards, run, "--resume", "--steps", "24"]) == 0
+    assert int(train.load_checkpoint(run)["step"]) == 24
+    assert cli_main(["train", real_shards, run, "--resume", "--steps", "28", "--model", "mlp"]) == 2
+    assert "--resume: model was 'transformer'" in capsys.readouterr().err
 
     # A run that cannot start leaves no directory behind.
     assert cli_main(["train", str(tmp_path / "nothing"), str(tmp_path / "bad-run")]) == 2

@@ -139,9 +139,10 @@ def resumed_config(previous: RunConfig, options: TrainOptions) -> RunConfig:
     """The recorded run, continued with `options`: what defines the model and its data must
     match; only the length, logging and device may change (a clear error otherwise)."""
     asked = trainer_options(options)
+    given = options.model_fields_set  # what was asked; a default (model=mlp) was not
     for key in FIXED_ON_RESUME:
         before, now = getattr(previous.options, key), getattr(asked, key)
-        if now is not None and before != now:  # None: not asked, the recorded one stays
+        if key in given and now is not None and before != now:  # else the recorded one stays
             raise ValueError(
                 f"--resume: {key} was {before!r} in {asked.output}, now {now!r}; "
                 "a resumed run must match"
