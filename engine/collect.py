@@ -38,7 +38,7 @@ import pyarrow as pa
 
 import engine.envs  # noqa: F401  (registers hindsight/PointGoal-v0)
 from engine.executor import Executor
-from engine.frames import render_frame
+from engine.frames import camera_frame
 from engine.sources.tables import EpisodeLabels, build_tables
 from engine.validate import ValidationError, check_stored_values
 from engine.writer import VersionWriter, WrittenParts, base_manifest
@@ -184,8 +184,7 @@ def rollout(
     infos: dict[str, list] = {key: [] for key in info_keys}
     while True:
         if frames is not None:  # the frame of `observation`, before the step leaves it
-            frame = render_frame(env, frames.height, frames.width)
-            record["frames"].append(encode_frame(frame, frames))
+            record["frames"].append(encode_frame(camera_frame(env, frames), frames))
         if policy is None or rng.random() < noise:
             action = env.action_space.sample()
         else:
@@ -361,7 +360,7 @@ def check_rendering(env_id: str, camera: CameraInfo, max_steps: int | None = Non
     env = make_env(env_id, max_steps, render_mode="rgb_array")
     try:
         env.reset(seed=0)
-        encode_frame(render_frame(env, camera.height, camera.width), camera)
+        encode_frame(camera_frame(env, camera), camera)
     except (ImportError, gym.error.Error) as error:  # pygame missing, no rgb_array mode
         raise ValueError(f"{env_id}: cannot render frames: {error}") from error
     finally:

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from schemas.frames import CameraInfo
+
 
 def parse_size(text: str) -> tuple[int, int]:
     """'64x64' or '84x96' (HEIGHTxWIDTH) as (height, width)."""
@@ -43,3 +45,18 @@ def render_frame(env: Any, height: int, width: int) -> np.ndarray:
     if frame.ndim != 3 or frame.shape[2] not in (3, 4) or frame.dtype != np.uint8:
         raise ValueError(f"render() gave {frame.dtype} {frame.shape}; expected H x W x 3 uint8")
     return resize_frame(frame[:, :, :3], height, width)
+
+
+def to_channels(frame: np.ndarray, channels: int) -> np.ndarray:
+    """An H x W x 3 frame as a camera of `channels` stores it: itself, or H x W x 1
+    grayscale (Pillow's ITU-R 601-2 luma, the conversion decoding a gray frame also uses)."""
+    if channels == 3:
+        return frame
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(frame).convert("L"))[:, :, None]
+
+
+def camera_frame(env: Any, camera: CameraInfo) -> np.ndarray:
+    """The environment's frame as `camera` records it: its size and its channels."""
+    return to_channels(render_frame(env, camera.height, camera.width), camera.channels)

@@ -95,6 +95,22 @@ def test_each_frame_is_the_render_of_the_observation_at_its_step(pixels):
     assert error_after_t.mean() > 10 * max(error_at_t.mean(), 0.01)
 
 
+def test_a_grayscale_camera_stores_the_luma_of_the_rgb_frames(pixels, tmp_path, capsys):
+    """`collect --channels 1`: the same renders, one channel each (Pillow's luma of the
+    RGB frame, computed here independently with the ITU-R 601-2 weights)."""
+    assert main(["collect", "Pendulum-v1", str(tmp_path / "gray"), "--episodes", "6",
+                 "--noise", "0,1", "--seed", "3", "--max-steps", "12", "--frames", "16x16",
+                 "--channels", "1", "--episodes-per-part", "2"]) == 0  # fmt: skip
+    gray = str(tmp_path / "gray")
+    assert open_dataset(gray).cameras["render"].channels == 1
+    stored, rgb = frames_of(gray), frames_of(pixels).astype(np.float64)
+    assert stored.shape == (72, 16, 16, 1)
+    luma = rgb[..., 0] * 299 / 1000 + rgb[..., 1] * 587 / 1000 + rgb[..., 2] * 114 / 1000
+    assert np.abs(stored[..., 0] - luma).max() <= 1.0
+    assert main(["collect", "Pendulum-v1", str(tmp_path / "x"), "--channels", "1"]) == 2
+    assert "--channels need --frames HxW" in capsys.readouterr().err
+
+
 def test_frames_group_is_aligned_and_the_manifest_records_the_camera(pixels):
     dataset = open_dataset(pixels)
     group = dataset.manifest.group(FRAMES_GROUP)

@@ -41,7 +41,7 @@ import torch
 
 import engine.envs  # noqa: F401  (registers hindsight/PointGoal-v0)
 from engine.collect import make_env
-from engine.frames import render_frame
+from engine.frames import render_frame, to_channels
 from engine.progress import Progress
 from schemas.frames import DEFAULT_CAMERA, CameraInfo, decode_frame, encode_frame, frame_column
 from schemas.shard_index import encode_text
@@ -116,10 +116,7 @@ def as_stored(frame: np.ndarray, camera: CameraInfo) -> np.ndarray:
     """A rendered H x W x 3 frame as training saw it after storage and decoding: grayscale
     for a 1-channel camera, and through the camera's codec (PNG is lossless: its round trip
     is the identity and is skipped)."""
-    if camera.channels == 1:
-        from PIL import Image
-
-        frame = np.asarray(Image.fromarray(frame).convert("L"))[:, :, None]
+    frame = to_channels(frame, camera.channels)
     if camera.codec == "png":
         return frame
     return decode_frame(encode_frame(frame, camera), camera, f"ask: camera {DEFAULT_CAMERA}")

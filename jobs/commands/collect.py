@@ -58,6 +58,9 @@ class Collect(RayCommand):
     quality: int | None = Field(
         None, ge=1, le=100, description="JPEG/WebP quality (default 90); not for png."
     )
+    channels: int = Field(
+        3, description="Frame channels: 3 (RGB) or 1 (grayscale, a third of the pixels)."
+    )
     pixels_only: bool = Field(
         False,
         description="Store no state vector: the frames are the observation (needs --frames; "
@@ -73,12 +76,19 @@ class Collect(RayCommand):
 
     @model_validator(mode="after")
     def _frame_options_go_with_frames(self) -> Collect:
+        if self.channels not in (1, 3):
+            raise ValueError(f"--channels is 1 (grayscale) or 3 (RGB), got {self.channels}")
         if self.pixels_only and self.frames is None:
             raise ValueError("--pixels-only needs --frames HxW: the frames are the observation")
         if self.frames is not None:
             self.camera_info()  # a bad size or camera name is an error before any work
-        elif self.codec != "png" or self.quality is not None or self.camera != DEFAULT_CAMERA:
-            raise ValueError("--camera, --codec and --quality need --frames HxW")
+        elif (self.codec, self.quality, self.camera, self.channels) != (
+            "png",
+            None,
+            DEFAULT_CAMERA,
+            3,
+        ):
+            raise ValueError("--camera, --codec, --quality and --channels need --frames HxW")
         return self
 
     def camera_info(self) -> CameraInfo | None:
@@ -92,7 +102,9 @@ class Collect(RayCommand):
             raise ValueError("--quality is for jpeg and webp; png is lossless")
         height, width = parse_size(self.frames)
         quality = self.quality or DEFAULT_QUALITY.get(self.codec)
-        return CameraInfo(height=height, width=width, codec=self.codec, quality=quality)
+        return CameraInfo(
+            height=height, width=width, channels=self.channels, codec=self.codec, quality=quality
+        )
 
     def run(self) -> Manifest:
         from engine.collect import Rollouts, collect, plan_collect
