@@ -353,3 +353,58 @@ def test_drex_without_rewards_reports_the_noise_ranking_only():
     ).report
     assert report["true_return"] == "absent"
     assert "spearman_return" not in report and np.isfinite(report["spearman_negative_noise"])
+
+
+def test_an_image_column_mapped_to_observation_keeps_the_state_as_info(tmp_path):
+    import io
+
+    from PIL import Image
+
+    def png(value: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    table = lerobot_table((0, 1), seed=0)
+    images = [png(10 * i) for i in range(table.num_rows)]
+    struct = pa.StructArray.from_arrays(
+        [pa.array(images, pa.binary()), pa.nulls(table.num_rows, pa.string())],
+        names=["bytes", "path"],
+    )  # how LeRobot and Hugging Face datasets store an image feature
+    (tmp_path / "data" / "chunk-000").mkdir(parents=True)
+    pq.write_table(
+        table.append_column("observation.image", struct), tmp_path / "data/chunk-000/f.parquet"
+    )
+    out = str(tmp_path / "ds")
+    mapping = "episode_id=episode_index,t=frame_index,observation=observation.image"
+    assert main(["ingest", str(tmp_path / "data"), out, "--map", mapping]) == 0
+    dataset = open_dataset(out)
+    assert set(dataset.cameras) == {"observation"}
+    steps = dataset.read(columns=["episode_id", "t", "observation.state"])
+    source = sorted_rows(table, "episode_index", "frame_index")
+    np.testing.assert_array_equal(
+        cols.arrow_to_numpy(steps.column("observation.state")),
+        cols.arrow_to_numpy(source["observation.state"]),
+    )
+
+
+def test_nested_json_lines_take_the_same_path(tmp_path):
+    table = sorted_rows(lerobot_table((0, 1, 2), seed=3), "episode_index", "frame_index")
+    rows = table.drop_columns(["observation.state", "action"]).to_pylist()
+    state, action = (
+        cols.arrow_to_numpy(table[name]).tolist() for name in ("observation.state", "action")
+    )
+    (tmp_path / "logs" / "day-1").mkdir(parents=True)
+    with open(tmp_path / "logs" / "day-1" / "steps.jsonl", "w") as handle:
+        for row, s, a in zip(rows, state, action):
+            handle.write(json.dumps({**row, "observation.state": s, "action": a}) + "\n")
+    out = str(tmp_path / "ds")
+    assert (
+        main(["ingest", str(tmp_path / "logs"), out, "--format", "jsonl", "--map", LEROBOT_MAP])
+        == 0
+    )
+    steps = open_dataset(out).read()
+    np.testing.assert_array_equal(
+        cols.arrow_to_numpy(steps.column(cols.OBSERVATION)), np.float32(state)
+    )
+    assert steps.column(cols.REWARD).null_count == steps.num_rows

@@ -205,8 +205,10 @@ def info_changes_within_episodes(
     """Whether an info column changes inside some episode (rows in `order`, episodes
     starting where `starts` is set). Nested values are compared as JSON."""
     if pa.types.is_nested(column.type):
-        values = np.asarray(column.to_pylist(), dtype=object)
-        values = np.asarray([json.dumps(v, default=_json_bytes) for v in values[order]])
+        # By index: np.asarray of equal-length lists (a vector info column such as
+        # LeRobot's observation.state next to an image observation) would make it 2-D.
+        rows = column.to_pylist()
+        values = np.asarray([json.dumps(rows[i], default=_json_bytes) for i in order.tolist()])
     else:
         values = column.to_numpy(zero_copy_only=False)[order]
     return changes_within_episodes(values, starts)
