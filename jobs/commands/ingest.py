@@ -26,8 +26,7 @@ class Ingest(RayCommand):
         hindsight ingest my_logs.h5 data/logs --format d4rl --env Pendulum-v1
         hindsight ingest s3://bucket/raw/ data/robot --format parquet --on-error skip
         hindsight ingest atari_logs.h5 data/pong --codec webp --quality 90   # uint8 frames
-        hindsight ingest lerobot/pusht/data data/pusht --format parquet \
-            --map episode_id=episode_index,t=frame_index,observation=observation.state
+        hindsight ingest pusht/data data/pusht --map t=frame_index,episode_id=episode_index
 
     uint8 image observations (and Parquet image columns) become cameras in the dataset's
     frames group, never flattened floats (docs/frames.md, "Ingesting images").
@@ -38,7 +37,7 @@ class Ingest(RayCommand):
 
     input: CliPositionalArg[Source] = Field(
         description="A D4RL .h5/.hdf5/.npz file, a Minari dataset directory, or Parquet/JSONL "
-        "step tables (a file, a directory or a glob)."
+        "step tables (a file, a directory searched recursively, or a glob)."
     )
     output: CliPositionalArg[NewDataset] = Field(
         description="New dataset directory (local path or s3://bucket/prefix)."
