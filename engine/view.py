@@ -135,7 +135,8 @@ def _fit(text: str, font: Any, width: int) -> str:
 
 def caption_lines(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
     """What is written under a frame: its step, its reward, then each chosen column."""
-    lines = [f"t={row[cols.T]}  r={_text(float(row[cols.REWARD]))}"]
+    reward = row[cols.REWARD]  # None: unknown (a dataset ingested without rewards)
+    lines = [f"t={row[cols.T]}  r={'?' if reward is None else _text(float(reward))}"]
     lines += [f"{name}={_text(row[name])}" for name in columns if name not in (cols.T, cols.REWARD)]
     return lines
 

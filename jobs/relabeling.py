@@ -108,6 +108,8 @@ class SchemaInputs:
     episodes_schema: pa.Schema
     parts: int
     cameras: dict[str, CameraInfo] = field(default_factory=dict)
+    rewards_known: bool = True
+    where: str = ""
 
     def summarize(self, function: Callable[[pa.Table, pa.Table, Part], Summary]) -> list[Summary]:
         raise _NeedsData
@@ -128,6 +130,8 @@ def check_plan(parent: Dataset, relabelers: Sequence[Relabeler]) -> None:
         parent.arrow_schema("episodes"),
         parent.num_parts,
         parent.cameras,
+        rewards_known(parent),
+        parent.uri,
     )
     groups = {g.name for g in parent.manifest.groups}
     owner = {
@@ -181,6 +185,12 @@ def check_plan(parent: Dataset, relabelers: Sequence[Relabeler]) -> None:
                 )
             available[level] |= set(getattr(writes, level))
             produced |= set(getattr(writes, level))
+
+
+def rewards_known(dataset: Dataset) -> bool:
+    """False for a dataset ingested without rewards (its manifest says `reward: absent`;
+    versions made from it inherit that)."""
+    return dataset.manifest.metadata.get(cols.REWARD) != "absent"
 
 
 def _check_frames(wanted: Sequence[str], frame_columns: set[str], where: str) -> None:
@@ -361,6 +371,14 @@ class VersionInputs:
     @property
     def cameras(self) -> dict[str, CameraInfo]:
         return self.reader.dataset.cameras
+
+    @property
+    def rewards_known(self) -> bool:
+        return rewards_known(self.reader.dataset)
+
+    @property
+    def where(self) -> str:
+        return self.reader.dataset.uri
 
     def summarize(self, function: Callable[[pa.Table, pa.Table, Part], Summary]) -> list[Summary]:
         results = self.executor.map(

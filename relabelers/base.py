@@ -99,12 +99,16 @@ class Output:
 
 class Inputs(Protocol):
     """What `setup` sees of the dataset: its schemas, its cameras (camera -> `CameraInfo`,
-    {} without frames) and one pass over its parts."""
+    {} without frames), whether its rewards are known, its name for messages, and one pass
+    over its parts."""
 
     steps_schema: pa.Schema
     episodes_schema: pa.Schema
     parts: int
     cameras: dict[str, CameraInfo]
+    # False for a dataset ingested without rewards: `reward` and `return` are all null.
+    rewards_known: bool
+    where: str  # the dataset, as messages name it
 
     def summarize(self, function: Callable[[pa.Table, pa.Table, Part], Summary]) -> list[Summary]:
         """`function(steps, episodes, part)` on every part (the columns of `reads()`, the
@@ -197,6 +201,16 @@ class TableInputs:
         self.tables = [(steps, episodes)]
         self.where = where
         self.cameras = dict(cameras or {})
+
+    @property
+    def rewards_known(self) -> bool:
+        """Unknown when every reward is null, as ingest stores a source without rewards."""
+        return not all(
+            cols.REWARD in s.column_names
+            and s.num_rows
+            and s.column(cols.REWARD).null_count == s.num_rows
+            for s, _ in self.tables
+        )
 
     @classmethod
     def of_parts(
@@ -313,6 +327,16 @@ def hash_uniform(
         x = splitmix64(key ^ np.asarray(episode_id).astype(np.uint64))
         x = splitmix64(x ^ np.asarray(t).astype(np.uint64))
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def require_rewards(relabeler: str, inputs: Inputs, why: str = "") -> None:
+    """For `setup`: one line refusing a dataset whose rewards are unknown (ingested without
+    a reward column), before anything is read or written. `why` adds what needs them."""
+    if not inputs.rewards_known:
+        raise RelabelError(
+            f"relabeler {relabeler!r} needs rewards{why}; {inputs.where} has none (ingested "
+            "without a reward column: give --map reward=COLUMN)"
+        )
 
 
 def require_columns(

@@ -395,7 +395,11 @@ class DrexRelabeler(Relabeler):
         reward = mlp_forward(self.reward_net.weights, self._features(steps))
         bounds = cols.episode_boundaries(steps.column(cols.EPISODE_ID).to_numpy())
         episode_return = np.add.reduceat(reward, bounds[:-1]) if len(reward) else np.zeros(0)
-        has_return = cols.RETURN in episodes.column_names
+        # A dataset ingested without rewards has null returns: unknown, like no column.
+        has_return = (
+            cols.RETURN in episodes.column_names
+            and episodes.column(cols.RETURN).null_count < episodes.num_rows
+        )
         noise = episodes.column(self.params.noise_column).to_numpy(zero_copy_only=False)
         return Output(
             steps=pa.table({DREX_REWARD: pa.array(reward.astype(np.float32))}),
@@ -416,25 +420,26 @@ class DrexRelabeler(Relabeler):
     # ------------------------------------------------------------ the report, in the driver
 
     def finish(self, reports: list[dict[str, Any]]) -> dict[str, Any]:
-        """The training report, and how `drex_return` ranks episodes against the true return
-        (when the dataset has one) and against the noise level."""
+        """The training report, and how `drex_return` ranks episodes against the noise level
+        and against the true return (when the dataset has one: without rewards it does not,
+        and the report says `true_return: absent`)."""
         assert self.reward_net is not None
         report = dict(self.reward_net.report)
-        if any(r["return"] is None for r in reports):
-            return report
         ids = np.concatenate([np.asarray(r["episode_ids"], dtype=np.int64) for r in reports])
         predicted = np.concatenate([np.asarray(r["drex_return"]) for r in reports])
-        true = np.concatenate([np.asarray(r["return"], dtype=np.float64) for r in reports])
         noise = np.concatenate([np.asarray(r["noise"], dtype=np.float64) for r in reports])
         heldout = np.isin(ids, self.reward_net.heldout_episode_ids)
         train = np.isin(ids, self.reward_net.train_episode_ids)
-        report.update(
-            spearman_return=round(spearman(predicted, true), 4),
-            spearman_return_heldout=round(spearman(predicted[heldout], true[heldout]), 4),
-            spearman_negative_noise=round(
-                spearman(predicted[np.isfinite(noise)], -noise[np.isfinite(noise)]), 4
-            ),
-        )
+        if any(r["return"] is None for r in reports):
+            report["true_return"] = "absent"
+        else:
+            true = np.concatenate([np.asarray(r["return"], dtype=np.float64) for r in reports])
+            report.update(
+                spearman_return=round(spearman(predicted, true), 4),
+                spearman_return_heldout=round(spearman(predicted[heldout], true[heldout]), 4),
+            )
+        finite = np.isfinite(noise)
+        report["spearman_negative_noise"] = round(spearman(predicted[finite], -noise[finite]), 4)
         best = heldout & (noise == self.reward_net.best_noise)
         if self.params.extrapolate and best.any() and train.any():
             # How often an episode of the never-seen best level outranks training episodes.

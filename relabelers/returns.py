@@ -37,7 +37,16 @@ try:
 except ImportError:  # a SciPy that moved it: the public function, same results
     compiled_lfilter = None
 
-from relabelers.base import Columns, Inputs, Output, Params, Part, Relabeler, RelabelError
+from relabelers.base import (
+    Columns,
+    Inputs,
+    Output,
+    Params,
+    Part,
+    Relabeler,
+    RelabelError,
+    require_rewards,
+)
 from schemas import steps as cols
 
 RETURN_TO_GO = "return_to_go"
@@ -266,6 +275,8 @@ class ReturnsRelabeler(Relabeler):
         return Columns(steps=(RETURN_TO_GO,), episodes=episodes)
 
     def setup(self, inputs: Inputs) -> None:
+        if self.params.reward_column == cols.REWARD:
+            require_rewards(self.name, inputs)
         data_type = inputs.steps_schema.field(self.params.reward_column).type
         if not (pa.types.is_integer(data_type) or pa.types.is_floating(data_type)):
             raise RelabelError(

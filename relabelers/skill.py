@@ -25,7 +25,16 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from relabelers.base import Columns, Inputs, Output, Params, Part, Relabeler, RelabelError
+from relabelers.base import (
+    Columns,
+    Inputs,
+    Output,
+    Params,
+    Part,
+    Relabeler,
+    RelabelError,
+    require_rewards,
+)
 from schemas import steps as cols
 
 SKILL = "skill"
@@ -107,6 +116,9 @@ class SkillRelabeler(Relabeler):
 
     def setup(self, inputs: Inputs) -> None:
         """Check the source's type, then sort the scores of every episode of the dataset."""
+        if self.params.source == cols.RETURN:
+            why = " to rank episodes by return (or rank by another column: skill:source=COLUMN)"
+            require_rewards(self.name, inputs, why)
         self.check_source(inputs.episodes_schema)
         summaries = inputs.summarize(self.part_scores)
         self.sorted_scores, total, exact = merge_scores(summaries, self.params.exact_limit)

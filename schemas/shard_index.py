@@ -220,8 +220,9 @@ class ShardIndex(_Model):
     shards: list[ShardInfo]
     observation: ObservationInfo
     action: ActionInfo
-    reward: RewardInfo
-    episode_return: ReturnInfo
+    # None: the dataset's rewards are unknown (ingested without rewards; reward.npy holds NaN).
+    reward: RewardInfo | None = None
+    episode_return: ReturnInfo | None = None
     conditions: dict[str, ConditionInfo] = Field(default_factory=dict)
     cameras: dict[str, CameraInfo] = Field(
         default_factory=dict,

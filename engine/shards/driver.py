@@ -387,8 +387,10 @@ def shard_index(
         shards=shard_infos,
         observation=ObservationInfo(shape=[observation_dim], **statistics["observation"]),
         action=ActionInfo(**statistics.get("action", {"kind": "continuous", "dim": 0})),
-        reward=RewardInfo(**statistics["reward"]),
-        episode_return=ReturnInfo(**statistics["episode_return"]),
+        reward=RewardInfo(**statistics["reward"]) if statistics["reward"] else None,
+        episode_return=(
+            ReturnInfo(**statistics["episode_return"]) if statistics["episode_return"] else None
+        ),
         conditions={c.name: infos[c.name] for c in conditions},
         cameras=dict(cameras or {}),
         frame_stack=settings.frame_stack,

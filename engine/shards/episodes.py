@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from engine.dataset import Dataset
 from engine.shards.conditions import ConditionColumn, TextTable, condition_values
@@ -64,7 +65,9 @@ def read_part_episodes(
     the encoded frames of `cameras` (read from the frames group's file of this part only).
 
     Raises ShardError naming the part (and episode) for steps that do not match the episode
-    lengths, NaN/inf/null rewards, and condition values that cannot be stored."""
+    lengths, NaN/inf/null rewards, and condition values that cannot be stored. Rewards null
+    in every row are unknown (a dataset ingested without rewards), not bad: they become
+    NaN, as do the episodes' (null) returns."""
     where = f"{dataset.uri} part {index}"
     step_conditions = [c.name for c in conditions if c.level == "steps"]
     episode_conditions = [c.name for c in conditions if c.level == "episodes"]
@@ -96,7 +99,10 @@ def read_part_episodes(
     else:
         observation = np.zeros((steps.num_rows, 0), np.float32)
     reward = steps.column(cols.REWARD)
-    if reward.null_count or not np.all(np.isfinite(reward.to_numpy(zero_copy_only=False))):
+    unknown = steps.num_rows > 0 and reward.null_count == steps.num_rows
+    if unknown:
+        reward = pa.chunked_array([pa.array(np.full(steps.num_rows, np.nan, np.float32))])
+    elif reward.null_count or not np.all(np.isfinite(reward.to_numpy(zero_copy_only=False))):
         bad = np.flatnonzero(~np.isfinite(reward.fill_null(np.nan).to_numpy(zero_copy_only=False)))
         episode_id = steps.column(cols.EPISODE_ID)[int(bad[0])].as_py()
         raise ShardError(
@@ -107,7 +113,7 @@ def read_part_episodes(
     arrays = EpisodeArrays(
         episode_ids=episodes.column(cols.EPISODE_ID).to_numpy().astype(np.int64),
         lengths=lengths,
-        returns=episodes.column(cols.RETURN).to_numpy(zero_copy_only=False).astype(np.float64),
+        returns=pc.fill_null(episodes.column(cols.RETURN).cast(pa.float64()), np.nan).to_numpy(),
         timestep=steps.column(cols.T).to_numpy().astype(np.int32),
         observation=observation,
         action=action.astype(np.int64 if action.ndim == 1 else np.float32, copy=False),

@@ -1,7 +1,9 @@
 """Numeric statistics for the shard index: each task sums what it wrote, the driver combines.
 
 Sums and sums of squares (float64) combine exactly across tasks in any grouping; episode
-returns are kept whole for their quantiles (one float per episode).
+returns are kept whole for their quantiles (one float per episode). Unknown rewards and
+returns (NaN: a dataset ingested without rewards) are left out; with none known, the
+index's `reward` and `episode_return` are null.
 """
 
 from __future__ import annotations
@@ -21,13 +23,17 @@ RETURN_QUANTILES = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 def numeric_summary(episodes: EpisodeArrays, conditions: Sequence[ConditionColumn]) -> dict:
     """Sums for mean/std, extremes and returns of one set of episodes (JSON-able)."""
     observation = episodes.observation.astype(np.float64)
+    reward = episodes.reward.astype(np.float64)
+    reward = reward[np.isfinite(reward)]
+    returns = episodes.returns.astype(np.float64)
     summary: dict[str, Any] = {
         "steps": len(episodes.reward),
         "observation_sum": observation.sum(axis=0).tolist(),
         "observation_sumsq": np.square(observation).sum(axis=0).tolist(),
-        "reward_sum": float(episodes.reward.astype(np.float64).sum()),
-        "reward_sumsq": float(np.square(episodes.reward.astype(np.float64)).sum()),
-        "returns": episodes.returns.astype(np.float64).tolist(),
+        "reward_steps": len(reward),
+        "reward_sum": float(reward.sum()),
+        "reward_sumsq": float(np.square(reward).sum()),
+        "returns": returns[np.isfinite(returns)].tolist(),
     }
     if len(episodes.action):
         if episodes.action.ndim == 1:
@@ -65,13 +71,17 @@ def combine_numeric(summaries: Sequence[dict], conditions: Sequence[ConditionCol
         np.sum([s["observation_sumsq"] for s in summaries], axis=0),
         steps,
     )
+    reward_steps = sum(s["reward_steps"] for s in summaries)
     reward_mean, reward_std = _mean_std(
-        sum(s["reward_sum"] for s in summaries), sum(s["reward_sumsq"] for s in summaries), steps
+        sum(s["reward_sum"] for s in summaries),
+        sum(s["reward_sumsq"] for s in summaries),
+        reward_steps,
     )
     returns = np.concatenate([np.asarray(s["returns"], dtype=np.float64) for s in summaries])
+    known = reward_steps > 0 or not steps  # no steps at all: zeros, as before
     result: dict[str, Any] = {
         "observation": {"mean": obs_mean.tolist(), "std": obs_std.tolist()},
-        "reward": {"mean": float(reward_mean), "std": float(reward_std)},
+        "reward": {"mean": float(reward_mean), "std": float(reward_std)} if known else None,
         "episode_return": {
             "mean": float(returns.mean()) if len(returns) else 0.0,
             "std": float(returns.std()) if len(returns) else 0.0,
@@ -81,7 +91,9 @@ def combine_numeric(summaries: Sequence[dict], conditions: Sequence[ConditionCol
                 str(q): float(np.quantile(returns, q)) if len(returns) else 0.0
                 for q in RETURN_QUANTILES
             },
-        },
+        }
+        if known
+        else None,
     }
     with_actions = [s for s in summaries if "action_max" in s or "action_low" in s]
     if with_actions and "action_max" in with_actions[0]:

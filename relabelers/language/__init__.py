@@ -143,6 +143,8 @@ class LanguageRelabeler(Relabeler):
             "per": p.per,
             "n": p.n,
         }
+        if not inputs.rewards_known:
+            report["rewards"] = "absent: facts and descriptions leave out return and reward"
         if p.keyframes and use_llm:
             report["keyframes"] = {"k": p.keyframes, "camera": p.camera, "detail": p.detail}
         elif p.keyframes:

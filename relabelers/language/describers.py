@@ -160,6 +160,13 @@ _TEMPLATES = (
     "{Quality} {unit}: return {ret} in {length} steps of {env}, better than {better}% of the data; it {outcome}{goal}.",
     "Over {length} steps of {env} the agent collected {ret} in reward, {quality} result, and {outcome}{goal}.",
 )
+# For units whose rewards are unknown (a dataset ingested without rewards): no return.
+_TEMPLATES_NO_REWARD = (
+    "{Unit} in {env}: {length} steps; it {outcome}{goal}.",
+    "In {env}, the agent {outcome} after {length} steps{goal}.",
+    "{Length}-step {unit} of {env} that {outcome}{goal}.",
+    "Over {length} steps of {env} the agent {outcome}{goal}.",
+)
 _GOAL = {
     True: (", reaching the goal", ", and got to the goal", " with the goal reached"),
     False: (", never reaching the goal", ", and missed the goal", " without reaching the goal"),
@@ -180,14 +187,15 @@ def template_descriptions(facts: list[dict[str, Any]], seed: int, n: int) -> lis
         sentences = []
         for k in range(n):
             pick = int(words[k][i] * 3)
-            template = _TEMPLATES[(first[i] + k) % len(_TEMPLATES)]
+            templates = _TEMPLATES if "return" in fact else _TEMPLATES_NO_REWARD
+            template = templates[(first[i] + k) % len(templates)]
             sentences.append(_fill(template, fact, pick))
         out.append(sentences)
     return out
 
 
 def _fill(template: str, fact: dict[str, Any], pick: int) -> str:
-    pct = int(fact["return_percentile"])
+    pct = int(fact.get("return_percentile", 50))  # unused by the templates without return
     quality = next(words for limit, words in _QUALITY if pct < limit)
     unit = "segment" if "segment" in fact else "episode"
     goal = ""
@@ -199,10 +207,11 @@ def _fill(template: str, fact: dict[str, Any], pick: int) -> str:
         Quality=quality[0].upper() + quality[1:],
         quality=quality,
         unit=unit,
+        Unit=unit.capitalize(),
         env=fact.get("env_id") or "the environment",
         length=fact["length"],
         Length=fact["length"],
-        ret=f"{fact['return']:.4g}",
+        ret=f"{fact.get('return', float('nan')):.4g}",
         pct=_ordinal(pct),
         better=pct,
         outcome=_OUTCOME[fact["outcome"]][pick],

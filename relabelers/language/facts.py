@@ -6,6 +6,10 @@ as a small JSON-able dict (env id, length, return and its percentile over the da
 it ended, whether a goal was reached, action and state statistics, the skill label when
 there is one): the only thing a describer sees. `part_returns` / `merge_quantiles` give the
 dataset-wide return percentiles from one pass over every part.
+
+A dataset ingested without rewards has null rewards: its units' returns are unknown (NaN
+here), and their facts say `"reward": "unknown"` instead of a return, its percentile and
+the reward range, so no description claims a return nobody measured.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def units_of(steps: pa.Table, per: str, segment: int) -> dict[str, np.ndarray]:
         starts = np.flatnonzero(position % segment == 0)
         segment_index = (position[starts] // segment).astype(np.int32)
     ends = np.append(starts[1:], total).astype(np.int64)
-    reward = steps.column(cols.REWARD).to_numpy().astype(np.float64)
+    reward = _rewards(steps)  # NaN where unknown
     unit_return = np.add.reduceat(reward, starts) if len(starts) else np.zeros(0)
     return {
         "start": starts.astype(np.int64),
@@ -67,7 +71,7 @@ def unit_facts(
     if count == 0:
         return []
     last = ends - 1
-    reward = steps.column(cols.REWARD).to_numpy().astype(np.float64)
+    reward = _rewards(steps)
     terminated = steps.column(cols.TERMINATED).to_numpy(zero_copy_only=False)[last]
     truncated = steps.column(cols.TRUNCATED).to_numpy(zero_copy_only=False)[last]
     percentile = np.interp(units["return"], return_quantiles, np.linspace(0, 100, 101))
@@ -122,20 +126,23 @@ def unit_facts(
         if params.per == "segment":
             fact["segment"] = int(units["segment"][i])
             fact["first_step"] = int(units["segment"][i]) * params.segment
-        fact.update(
-            length=int(lengths[i]),
-            **{"return": _round(units["return"][i])},
-            return_percentile=int(round(float(percentile[i]))),
-            outcome=outcome,
-        )
+        fact["length"] = int(lengths[i])
+        known = bool(np.isfinite(units["return"][i]))
+        if known:
+            fact["return"] = _round(units["return"][i])
+            fact["return_percentile"] = int(round(float(percentile[i])))
+        else:
+            fact["reward"] = "unknown"
+        fact["outcome"] = outcome
         if goal_reached is not None:
             fact["goal_reached"] = bool(goal_reached[i])
         if goal_distance is not None:
             fact["final_goal_distance"] = _round(goal_distance[i])
         if skill is not None and skill[i] is not None:
             fact["skill"] = skill[i]
-        fact["reward_min"] = _round(reward_min[i])
-        fact["reward_max"] = _round(reward_max[i])
+        if known:
+            fact["reward_min"] = _round(reward_min[i])
+            fact["reward_max"] = _round(reward_max[i])
         fact["action"] = {k: v[i] for k, v in action.items()}
         if displacement is not None:
             fact["state_displacement"] = _round(displacement[i])
@@ -213,6 +220,11 @@ def _displacement(
     return np.linalg.norm(values[last].astype(float) - values[starts].astype(float), axis=1)
 
 
+def _rewards(steps: pa.Table) -> np.ndarray:
+    """Rewards as float64, NaN where null (unknown: a dataset ingested without rewards)."""
+    return pc.fill_null(steps.column(cols.REWARD).cast(pa.float64()), np.nan).to_numpy()
+
+
 def _round(value: Any) -> float:
     return float(f"{float(value):.4g}")
 
@@ -229,6 +241,7 @@ def part_returns(steps: pa.Table, per: str, segment: int) -> dict[str, Any]:
     """One part's unit returns: all of them, or a fine quantile grid when many."""
     units = units_of(steps, per, segment)
     returns = units["return"]
+    returns = returns[np.isfinite(returns)]  # unknown returns have no percentile
     if len(returns) > EXACT_RETURNS:
         returns = np.quantile(returns, np.linspace(0, 1, GRID_POINTS))
     return {"units": len(units["start"]), "unit_returns": returns}
