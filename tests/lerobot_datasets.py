@@ -54,7 +54,7 @@ class LeRobotData:
 
     def episode_tasks(self, episode: int) -> list[str]:
         rows = self.task_index[self.episode_index == episode]
-        return [self.tasks[i] for i in dict.fromkeys(rows.tolist())]
+        return [self.tasks[i] for i in dict.fromkeys(rows.tolist()) if i < len(self.tasks)]
 
 
 def scenes(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
