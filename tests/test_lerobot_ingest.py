@@ -121,14 +121,26 @@ def test_one_vector_observation_no_reward_no_done(tmp_path):
     assert open_dataset(str(tmp_path / "ds")).manifest.metadata["reward"] == "absent"
 
 
-def test_parts_hold_whole_episodes_in_order(tmp_path):
-    data = lrd.make_data([4, 9, 3, 6, 5], camera=(16, 16))
-    root = lrd.write_v30(tmp_path / "src", data)
+def test_several_files_and_parts_in_ray_tasks(ray_local, tmp_path):
+    from jobs.runtime import RayExecutor
+
+    data = lrd.make_data([4, 9, 3, 6, 5], camera=(32, 32))
+    root = lrd.write_v30(tmp_path / "src", data, episodes_per_file=2)  # 3 data and MP4 files
     plan = plan_ingest(root, part_steps=10)
     assert len(plan.parts) > 1
     assert [e.index for p in plan.parts for e in p.episodes] == [0, 1, 2, 3, 4]
-    steps, _ = ingested(root, str(tmp_path / "ds"), part_steps=10)
-    np.testing.assert_array_equal(vectors(steps.column("action")), data.action)
+    assert {e.data_file for p in plan.parts for e in p.episodes} == {
+        f"data/chunk-000/file-00{i}.parquet" for i in range(3)
+    }
+    ingest(plan, str(tmp_path / "ray"), executor=RayExecutor(), command="test")
+    in_process = ingested(root, str(tmp_path / "local"), part_steps=10)
+    ray = open_dataset(str(tmp_path / "ray"))
+    assert ray.read("steps").equals(in_process[0])  # the same bytes either way
+    np.testing.assert_array_equal(vectors(in_process[0].column("action")), data.action)
+    frames = decode_frames(
+        in_process[0].column(frame_column("top")).to_pylist(), plan.cameras["top"]
+    )
+    assert np.abs(frames.astype(np.int16) - data.video).mean(axis=(1, 2, 3)).max() < VIDEO_MAE
 
 
 def test_ingest_from_s3(s3_bucket, tmp_path):
