@@ -291,3 +291,19 @@ def test_unknown_task_index_fails_naming_the_episode(tmp_path):
     ):
         ingested(root, str(tmp_path / "ds"))
     assert not (tmp_path / "ds").exists()
+
+
+def test_a_steps_frame_is_the_one_nearest_its_timestamp(tmp_path):
+    data = lrd.make_data([5, 3], camera=(32, 32))
+    root = lrd.write_v21(tmp_path / "src", data)
+    path = os.path.join(root, "data/chunk-000/episode_000000.parquet")
+    table = pq.read_table(path)
+    stamps = pa.array([0.0, 0.1, 0.2, 0.21, 0.4], pa.float32())  # step 3 repeats frame 2
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("timestamp"), "timestamp", stamps), path
+    )
+    steps, _ = ingested(root, str(tmp_path / "ds"))
+    camera = open_dataset(str(tmp_path / "ds")).manifest.groups[1].cameras["top"]
+    decoded = decode_frames(steps.column(frame_column("top")).to_pylist()[:5], camera)
+    every = np.abs(decoded[:, None].astype(np.int16) - data.video[None, :5]).mean(axis=(2, 3, 4))
+    assert every.argmin(axis=1).tolist() == [0, 1, 2, 2, 4]

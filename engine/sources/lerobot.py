@@ -388,24 +388,37 @@ def task_texts(part: LeRobotPart, table: pa.Table) -> pa.Array:
 
 def read_frames(part: LeRobotPart, table: pa.Table) -> dict[str, list[bytes]]:
     """camera -> one encoded frame per row: image features as stored, video features
-    decoded from each episode's span (one episode's raw frames at a time)."""
+    decoded from each episode's span (one episode's raw frames at a time). A step's frame
+    is the video's frame nearest to `from_timestamp + timestamp`, as LeRobot's reader
+    picks it: the frame grid slot its timestamp rounds to."""
     frames: dict[str, list[bytes]] = {}
+    fps = part.layout.fps
+    timestamps = flat_values(table.column("timestamp")).astype(np.float64)
+    boundaries = cols.episode_boundaries(
+        np.asarray(table.column("episode_index").to_numpy(), dtype=np.int64)
+    )
     for image in part.images:
         if image.encoded:
             frames[image.camera] = image_bytes(table.column(image.source)).to_pylist()
             continue
         camera = part.cameras[image.camera]
         encoded: list[bytes] = []
-        for episode in part.episodes:
+        for episode, first, stop in zip(part.episodes, boundaries[:-1], boundaries[1:]):
             span = dict(episode.videos)[image.source]
             uri = storage.join(part.layout.root, span.file)
-            start, fps = span.start_s, part.layout.fps
-            decoded = decode_video_span(uri, start, start + episode.length / fps, fps)
+            slots = np.rint(timestamps[first:stop] * fps).astype(np.int64)
+            if len(slots) and slots.min() < 0:
+                raise ValueError(
+                    f"{part.file}: episode {episode.index}: column 'timestamp': negative "
+                    f"timestamp {timestamps[first + int(slots.argmin())]}"
+                )
+            count = int(slots.max()) + 1 if len(slots) else 0
+            decoded = decode_video_span(uri, span.start_s, span.start_s + count / fps, fps)
             if decoded.shape[1:] != camera.shape:
                 raise FrameError(
                     f"{uri}: episode {episode.index}: frames of {decoded.shape[2]}x"
                     f"{decoded.shape[1]}, info.json says {camera.width}x{camera.height}"
                 )
-            encoded += encode_raw(decoded, camera)
+            encoded += encode_raw(decoded[slots], camera)
         frames[image.camera] = encoded
     return frames
