@@ -307,3 +307,15 @@ def test_a_steps_frame_is_the_one_nearest_its_timestamp(tmp_path):
     decoded = decode_frames(steps.column(frame_column("top")).to_pylist()[:5], camera)
     every = np.abs(decoded[:, None].astype(np.int16) - data.video[None, :5]).mean(axis=(2, 3, 4))
     assert every.argmin(axis=1).tolist() == [0, 1, 2, 2, 4]
+
+
+def test_long_episodes_are_decoded_a_window_at_a_time(tmp_path, monkeypatch):
+    import engine.sources.lerobot as source
+
+    data = lrd.make_data([11, 7], camera=(32, 32))
+    root = lrd.write_v30(tmp_path / "src", data)
+    whole, _ = ingested(root, str(tmp_path / "whole"))
+    monkeypatch.setattr(source, "chunk_rows", lambda camera: 3)  # windows of 3 frames
+    windows, _ = ingested(root, str(tmp_path / "windows"))
+    column = frame_column("top")
+    assert windows.column(column).to_pylist() == whole.column(column).to_pylist()

@@ -41,6 +41,7 @@ from engine.sources.base import IngestPlan, Part, PlanOptions, Source, part_rang
 from engine.sources.images import (
     ImageColumn,
     camera_name,
+    chunk_rows,
     encode_raw,
     encoded_camera,
     image_part_steps,
@@ -412,13 +413,30 @@ def read_frames(part: LeRobotPart, table: pa.Table) -> dict[str, list[bytes]]:
                     f"{part.file}: episode {episode.index}: column 'timestamp': negative "
                     f"timestamp {timestamps[first + int(slots.argmin())]}"
                 )
-            count = int(slots.max()) + 1 if len(slots) else 0
-            decoded = decode_video_span(uri, span.start_s, span.start_s + count / fps, fps)
-            if decoded.shape[1:] != camera.shape:
-                raise FrameError(
-                    f"{uri}: episode {episode.index}: frames of {decoded.shape[2]}x"
-                    f"{decoded.shape[1]}, info.json says {camera.width}x{camera.height}"
-                )
-            encoded += encode_raw(decoded[slots], camera)
+            encoded += episode_frames(uri, span.start_s, slots, fps, camera, episode.index)
         frames[image.camera] = encoded
     return frames
+
+
+def episode_frames(
+    uri: str, start_s: float, slots: np.ndarray, fps: int, camera: CameraInfo, episode: int
+) -> list[bytes]:
+    """The encoded frames at these slots of the frame grid from `start_s`, decoded a window
+    of `chunk_rows` frames at a time (a long episode never holds all its raw frames)."""
+    window = chunk_rows(camera)
+    count = int(slots.max()) + 1 if len(slots) else 0
+    out: list[bytes | None] = [None] * len(slots)
+    for first in range(0, count, window):
+        stop = min(count, first + window)
+        rows = np.flatnonzero((slots >= first) & (slots < stop))
+        if not len(rows):
+            continue
+        decoded = decode_video_span(uri, start_s + first / fps, start_s + stop / fps, fps)
+        if decoded.shape[1:] != camera.shape:
+            raise FrameError(
+                f"{uri}: episode {episode}: frames of {decoded.shape[2]}x{decoded.shape[1]}, "
+                f"info.json says {camera.width}x{camera.height}"
+            )
+        for row, data in zip(rows, encode_raw(decoded[slots[rows] - first], camera)):
+            out[row] = data
+    return out  # type: ignore[return-value]
