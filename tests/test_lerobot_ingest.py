@@ -319,3 +319,24 @@ def test_long_episodes_are_decoded_a_window_at_a_time(tmp_path, monkeypatch):
     windows, _ = ingested(root, str(tmp_path / "windows"))
     column = frame_column("top")
     assert windows.column(column).to_pylist() == whole.column(column).to_pylist()
+
+
+def test_map_names_the_reward_feature(tmp_path, capsys):
+    data = lrd.make_data([3, 4], reward=False)
+    data.extra["complementary_info.reward"] = np.arange(7, dtype=np.float32) / 2
+    root = lrd.write_v30(tmp_path / "src", data)
+    steps, episodes = ingested(
+        root, str(tmp_path / "ds"), column_map={"reward": "complementary_info.reward"}
+    )
+    assert steps.column("reward").to_pylist() == (np.arange(7) / 2).tolist()
+    assert episodes.column("return").to_pylist() == [1.5, 9.0]
+    assert "complementary_info.reward" not in steps.column_names
+    # Without --map the feature is a step column of its own and the reward is unknown.
+    steps, _ = ingested(root, str(tmp_path / "plain"))
+    assert steps.column("reward").null_count == 7
+    assert steps.column("complementary_info.reward").to_pylist() == (np.arange(7) / 2).tolist()
+    assert main(["ingest", root, str(tmp_path / "bad"), "--map", "reward=next.rewards"]) != 0
+    info = os.path.join(root, lr.INFO_PATH)
+    assert capsys.readouterr().err.splitlines()[1] == (
+        f"  {info}: column 'features': has no feature 'next.rewards' (--map reward=next.rewards)"
+    )

@@ -68,6 +68,9 @@ TASK = "task"  # the step and episode column of the task text
 TASKS = "tasks"  # the episode column of every task, where some episode has several
 KEPT_COLUMNS = ("timestamp", "frame_index")  # LeRobot's own columns kept as steps columns
 DROPPED_COLUMNS = ("episode_index", "index", "task_index")
+# What `--map NAME=FEATURE` may point elsewhere (a dataset that stores its reward under
+# another name, a chosen observation feature).
+MAPPABLE = (cols.OBSERVATION, cols.ACTION, cols.REWARD, cols.TERMINATED)
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class LeRobotPart(Part):
 
 class LeRobot(Source[LeRobotPart]):
     name = "lerobot"
+    takes_column_map = True  # --map observation=, action=, reward=, terminated=
 
     def detect(self, path: str) -> bool:
         if storage.is_s3(path):
@@ -112,7 +116,7 @@ class LeRobot(Source[LeRobotPart]):
         if isinstance(meta, Problem):
             return IngestPlan.refused(self.name, path, [meta])
         info = meta.info
-        layout, problems = plan_layout(meta)
+        layout, problems = plan_layout(meta, dict(options.column_map))
         images, cameras, found = plan_cameras(meta, options)
         problems += found
         if any(p.episode is None for p in problems):
@@ -200,20 +204,38 @@ def file_name_of(path: str) -> str:
 # ---------------------------------------------------------------- the plan
 
 
-def plan_layout(meta: LeRobotMeta) -> tuple[LeRobotLayout, list[Problem]]:
-    """Which features become the observation, action, reward, flags and step columns."""
+def plan_layout(
+    meta: LeRobotMeta, column_map: dict[str, str] | None = None
+) -> tuple[LeRobotLayout, list[Problem]]:
+    """Which features become the observation, action, reward, flags and step columns;
+    `column_map` (`--map reward=FEATURE,...`) names other features for MAPPABLE ones."""
     info, features = meta.info, meta.info.features
     info_uri = meta.uri(lr.INFO_PATH)
-    problems = []
+    column_map = dict(column_map or {})
+    problems = [
+        Problem(info_uri, name, f"--map {name}=: lerobot maps {', '.join(MAPPABLE)}")
+        for name in column_map
+        if name not in MAPPABLE
+    ]
+    problems += [
+        Problem(info_uri, "features", f"has no feature {feature!r} (--map {name}={feature})")
+        for name, feature in column_map.items()
+        if name in MAPPABLE and feature not in features
+    ]
     vectors = [
         key
         for key, feature in features.items()
         if key.startswith("observation.") and not feature.is_camera
     ]
     observation = (STATE,) if vectors == [STATE] else tuple(vectors)
-    if "action" not in features:
+    if cols.OBSERVATION in column_map:
+        observation = (column_map[cols.OBSERVATION],)
+    action = column_map.get(cols.ACTION, "action")
+    reward = column_map.get(cols.REWARD, REWARD)
+    done = column_map.get(cols.TERMINATED, DONE)
+    if action not in features:
         problems.append(Problem(info_uri, "features", "has no `action` feature"))
-    mapped = {*observation, "action", REWARD, DONE, *KEPT_COLUMNS, *DROPPED_COLUMNS}
+    mapped = {*observation, action, reward, done, *KEPT_COLUMNS, *DROPPED_COLUMNS}
     infos = tuple(
         key
         for key, feature in features.items()
@@ -224,9 +246,9 @@ def plan_layout(meta: LeRobotMeta) -> tuple[LeRobotLayout, list[Problem]]:
         root=meta.root,
         fps=info.fps,
         observation=observation,
-        action="action",
-        reward=REWARD if REWARD in features else None,
-        done=DONE if DONE in features else None,
+        action=action,
+        reward=reward if reward in features else None,
+        done=done if done in features else None,
         infos=infos,
         tasks=tuple(sorted(meta.tasks.items())) if "task_index" in features else (),
         several_tasks=several,
