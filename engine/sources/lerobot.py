@@ -123,7 +123,7 @@ class LeRobot(Source[LeRobotPart]):
             return IngestPlan.refused(self.name, path, problems)
         episodes = meta.episodes
         labels = EpisodeLabels(
-            options.env_id or info.robot_type or "unknown",
+            options.env_id or "unknown",  # a robot type is no environment: kept in metadata
             source_label(self.name, path),
             (TASK,) if layout.tasks else (),
         )
@@ -233,8 +233,11 @@ def plan_layout(
     action = column_map.get(cols.ACTION, "action")
     reward = column_map.get(cols.REWARD, REWARD)
     done = column_map.get(cols.TERMINATED, DONE)
-    if action not in features:
-        problems.append(Problem(info_uri, "features", "has no `action` feature"))
+    problems += [
+        Problem(info_uri, "features", f"has no `{name}` feature")
+        for name in (action, "episode_index", *KEPT_COLUMNS)
+        if name not in features
+    ]
     mapped = {*observation, action, reward, done, *KEPT_COLUMNS, *DROPPED_COLUMNS}
     infos = tuple(
         key
