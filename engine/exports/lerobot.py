@@ -1,0 +1,520 @@
+"""Export to a LeRobotDataset v3.0 directory, following LeRobot's own writer
+(lerobot/datasets/dataset_writer.py, dataset_metadata.py, utils.py):
+
+    meta/info.json                                  the commit file, written last
+    meta/stats.json                                 feature stats (lerobot_stats.py)
+    meta/tasks.parquet                              task (index) -> task_index
+    meta/episodes/chunk-000/file-000.parquet        one row per episode
+    data/chunk-CCC/file-FFF.parquet                 one file per part of the source
+    videos/observation.images.<camera>/chunk-CCC/file-FFF.mp4   that part's frames
+
+Part p of the source becomes file p (chunk p // 1000, file p % 1000), its data Parquet and
+its videos (the frames of its episodes one after another), written by one task of the
+executor; the driver then writes the episodes table, tasks, stats and info.json.
+
+Frame columns: `observation.state` (the observation vector; a struct observation gives
+`observation.<field>` per field), `action`, `next.reward` (absent when the dataset has no
+rewards), `next.done` (terminated or truncated), `timestamp` (frame_index / fps),
+`frame_index`, `episode_index`, `index`, `task_index`, then every other numeric step
+column (relabels: `return_to_go`, goals...) and every numeric episode column repeated on
+its steps (`skill` codes, `episode_return`...), as float32 features (NaN where null).
+Text columns are not features: `--task-column` makes one of them the task. The last
+`next_observation` of an episode has no place in the format and is not exported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine import storage
+from engine.dataset import Dataset, open_dataset
+from engine.executor import Executor
+from engine.exports import (
+    ExportError,
+    ExportResult,
+    broadcast_episodes,
+    column_values,
+    divide_columns,
+    episode_lengths,
+    is_text_type,
+    is_vector_type,
+    rewards_known,
+    single_env_id,
+)
+from engine.exports import lerobot_stats as stats
+from engine.exports.video import VideoSettings, encode_video
+from engine.writer import VersionWriter
+from schemas import steps as cols
+from schemas.frames import FRAME_PREFIX, decode_frame
+
+COMMIT_FILE = "meta/info.json"
+CODEBASE_VERSION = "v3.0"
+CHUNKS_SIZE = 1000  # files per chunk directory, LeRobot's DEFAULT_CHUNK_SIZE
+DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+EPISODES_PATH = "meta/episodes/chunk-000/file-000.parquet"
+DEFAULT_FPS = 30
+INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
+
+
+@dataclass(frozen=True)
+class LeRobotOptions:
+    fps: int | None = None
+    task_column: str | None = None
+    video_codec: str = "libsvtav1"
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One frame feature: its LeRobot key, where it comes from, its dtype and shape."""
+
+    key: str
+    source: str  # step column, `<column>.<field>` of a struct, or `episodes.<column>`
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a part task needs besides its own rows (plain data: it travels to Ray)."""
+
+    dataset_uri: str
+    fps: int
+    features: tuple[Feature, ...]
+    cameras: tuple[str, ...]
+    video_codec: str
+    task_column: str | None
+    task_level: str | None
+    default_task: str
+    task_index: dict[str, int]
+    step_offsets: tuple[int, ...]
+    episode_offsets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PartTask:
+    index: int
+    plan: Plan
+    writer: VersionWriter
+
+
+@dataclass
+class PartResult:
+    """What one part wrote: its episodes' rows of the episodes table, their stats."""
+
+    index: int
+    steps: int
+    episodes: list[dict] = field(default_factory=list)
+    episode_stats: list[dict[str, stats.Stats]] = field(default_factory=list)
+    videos: dict[str, dict] = field(default_factory=dict)  # camera -> video info
+    bytes: int = 0
+    files: int = 0
+
+
+def chunk_and_file(index: int) -> tuple[int, int]:
+    return index // CHUNKS_SIZE, index % CHUNKS_SIZE
+
+
+def video_key(camera: str) -> str:
+    return f"observation.images.{camera}"
+
+
+# ---------------------------------------------------------------- planning
+
+
+def check_task_column(dataset: Dataset, column: str) -> str:
+    """The level of a text column that can be the task ("steps" or "episodes")."""
+    for level in ("episodes", "steps"):
+        schema = dataset.arrow_schema(level)
+        if column in schema.names:
+            if not is_text_type(schema.field(column).type):
+                raise ExportError(
+                    f"--task-column {column}: a {level} column of type "
+                    f"{schema.field(column).type}; the task is a text column"
+                )
+            return level
+    texts = [
+        f.name
+        for level in ("episodes", "steps")
+        for f in dataset.arrow_schema(level)
+        if is_text_type(f.type)
+    ]
+    raise ExportError(
+        f"--task-column {column}: no such column in {dataset.uri}; its text columns: "
+        f"{', '.join(texts) or 'none'}"
+    )
+
+
+def plan_export(dataset: Dataset, options: LeRobotOptions) -> Plan:
+    steps_schema = dataset.arrow_schema("steps")
+    episodes_schema = dataset.arrow_schema("episodes")
+    columns = divide_columns(dataset)
+    features: list[Feature] = []
+    if cols.OBSERVATION in steps_schema.names:
+        kind = steps_schema.field(cols.OBSERVATION).type
+        if pa.types.is_struct(kind):
+            for f in kind:
+                features.append(
+                    numeric_feature(f"observation.{f.name}", f"observation.{f.name}", f.type)
+                )
+        else:
+            features.append(numeric_feature("observation.state", cols.OBSERVATION, kind))
+    if cols.ACTION in steps_schema.names:
+        features.append(
+            numeric_feature("action", cols.ACTION, steps_schema.field(cols.ACTION).type)
+        )
+    if rewards_known(dataset):
+        features.append(Feature("next.reward", cols.REWARD, "float32", (1,)))
+    features.append(Feature("next.done", "done", "bool", (1,)))
+    taken = {f.key for f in features} | set(INDEX_COLUMNS)
+    extras = [(name, steps_schema.field(name).type, name) for name in columns.numbers]
+    extras += [
+        (name, episodes_schema.field(name).type, f"episodes.{name}")
+        for name in columns.episode_numbers
+        if name not in columns.numbers
+    ]
+    for name, kind, source in extras:
+        if name in taken:
+            raise ExportError(f"column {name!r} would clash with LeRobot's own feature {name!r}")
+        shape = (kind.list_size,) if is_vector_type(kind) else (1,)
+        features.append(Feature(name, source, "float32", shape))
+    task_level = check_task_column(dataset, options.task_column) if options.task_column else None
+    default_task = single_env_id(dataset) or "default"
+    task_index: dict[str, int] = {}
+    for part in range(dataset.num_parts):
+        for task in part_tasks(dataset, part, options.task_column, task_level, default_task):
+            task_index.setdefault(task, len(task_index))
+    if not task_index:
+        task_index[default_task] = 0
+    parts = dataset.manifest.parts
+    fps = options.fps or int(dataset.manifest.metadata.get("fps") or DEFAULT_FPS)
+    return Plan(
+        dataset_uri=dataset.uri,
+        fps=fps,
+        features=tuple(features),
+        cameras=tuple(columns.cameras),
+        video_codec=options.video_codec,
+        task_column=options.task_column,
+        task_level=task_level,
+        default_task=default_task,
+        task_index=task_index,
+        step_offsets=tuple(np.concatenate([[0], np.cumsum([p.steps for p in parts])]).tolist()),
+        episode_offsets=tuple(
+            np.concatenate([[0], np.cumsum([p.episodes for p in parts])]).tolist()
+        ),
+    )
+
+
+def numeric_feature(key: str, source: str, kind: pa.DataType) -> Feature:
+    """Observations and actions keep their type (float32 vectors, int64 discrete actions)."""
+    if is_vector_type(kind):
+        return Feature(key, source, dtype_name(kind.value_type), (kind.list_size,))
+    return Feature(key, source, dtype_name(kind), (1,))
+
+
+def dtype_name(kind: pa.DataType) -> str:
+    """The NumPy name LeRobot's features use for an Arrow type (float, not float32, in Arrow)."""
+    return str(np.dtype(kind.to_pandas_dtype()))
+
+
+def part_tasks(
+    dataset: Dataset, part: int, column: str | None, level: str | None, default: str
+) -> list[str]:
+    """The task of every step of a part (a null text: the default task)."""
+    steps = dataset.manifest.parts[part].steps
+    if column is None:
+        return [default] * steps
+    values = dataset.read_part(part, level, [column]).column(0).to_pylist()
+    values = [default if v is None else v for v in values]
+    if level == "steps":
+        return values
+    ids = dataset.read_part(part, "steps", [cols.EPISODE_ID]).column(0)
+    lengths = np.diff(cols.episode_boundaries(cols.arrow_to_numpy(ids)))
+    return [task for task, n in zip(values, lengths, strict=True) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- one part
+
+
+def export_part(task: PartTask) -> PartResult:
+    """Write part `task.index`: its data file and its videos; return its episodes' rows."""
+    plan = task.plan
+    dataset = open_dataset(plan.dataset_uri)
+    steps = dataset.read_part(task.index, "steps", dataset.columns("steps", frames=False))
+    episodes = dataset.read_part(task.index, "episodes")
+    step_ids = cols.arrow_to_numpy(steps.column(cols.EPISODE_ID))
+    episode_ids = cols.arrow_to_numpy(episodes.column(cols.EPISODE_ID))
+    lengths = episode_lengths(step_ids, episode_ids)
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    frame_index = np.arange(len(step_ids), dtype=np.int64) - np.repeat(starts[:-1], lengths)
+    first_episode = plan.episode_offsets[task.index]
+    first_step = plan.step_offsets[task.index]
+    tasks = part_tasks(dataset, task.index, plan.task_column, plan.task_level, plan.default_task)
+    arrays: dict[str, np.ndarray | pa.Array] = {}
+    for feature in plan.features:
+        arrays[feature.key] = feature_values(feature, steps, episodes, lengths)
+    arrays["timestamp"] = (frame_index / plan.fps).astype(np.float32)
+    arrays["frame_index"] = frame_index
+    arrays["episode_index"] = np.repeat(
+        np.arange(len(lengths), dtype=np.int64) + first_episode, lengths
+    )
+    arrays["index"] = np.arange(len(step_ids), dtype=np.int64) + first_step
+    arrays["task_index"] = np.array([plan.task_index[t] for t in tasks], dtype=np.int64)
+    table = data_table(plan, arrays)
+    chunk, file = chunk_and_file(task.index)
+    result = PartResult(index=task.index, steps=len(step_ids))
+    relative = DATA_PATH.format(chunk_index=chunk, file_index=file)
+    size, _ = storage.write_stream(
+        storage.join(task.writer.uri, relative),
+        lambda sink: pq.write_table(table, sink, compression="snappy"),
+        task.writer.check_fence,
+    )
+    result.bytes += size
+    result.files += 1
+    per_feature = {
+        key: stats.episode_stats(
+            values if isinstance(values, np.ndarray) else column_values(values), starts
+        )
+        for key, values in arrays.items()
+    }
+    video_stats = {}
+    for camera in plan.cameras:
+        info, histograms, size = write_video(task, dataset, camera, starts)
+        result.videos[camera] = info
+        result.bytes += size
+        result.files += 1
+        video_stats[video_key(camera)] = histograms
+    for k, length in enumerate(lengths):
+        row = {
+            "episode_index": first_episode + k,
+            "tasks": list(dict.fromkeys(tasks[starts[k] : starts[k + 1]])),
+            "length": int(length),
+            "data/chunk_index": chunk,
+            "data/file_index": file,
+            "dataset_from_index": first_step + int(starts[k]),
+            "dataset_to_index": first_step + int(starts[k + 1]),
+        }
+        for camera in plan.cameras:
+            key = video_key(camera)
+            row[f"videos/{key}/chunk_index"] = chunk
+            row[f"videos/{key}/file_index"] = file
+            row[f"videos/{key}/from_timestamp"] = float(starts[k] / plan.fps)
+            row[f"videos/{key}/to_timestamp"] = float(starts[k + 1] / plan.fps)
+        result.episodes.append(row)
+        episode = {key: values[k] for key, values in per_feature.items()}
+        for key, histograms in video_stats.items():
+            episode[key] = stats.image_stats(histograms[k], int(length))
+        result.episode_stats.append(episode)
+    return result
+
+
+def feature_values(
+    feature: Feature, steps: pa.Table, episodes: pa.Table, lengths: np.ndarray
+) -> np.ndarray | pa.Array:
+    if feature.key == "next.done":
+        terminated = cols.arrow_to_numpy(steps.column(cols.TERMINATED)).astype(bool)
+        return terminated | cols.arrow_to_numpy(steps.column(cols.TRUNCATED)).astype(bool)
+    if feature.source.startswith("episodes."):
+        values = column_values(episodes.column(feature.source.removeprefix("episodes.")))
+        return broadcast_episodes(values.astype(np.float32), lengths)
+    values = column_values(cols.column_by_path(steps, feature.source))
+    return values.astype(np.dtype(feature.dtype), copy=False)
+
+
+def data_table(plan: Plan, arrays: dict[str, np.ndarray]) -> pa.Table:
+    """The data file's table: vectors as fixed-size lists, scalars as plain columns (what
+    LeRobot's HF features make of shape (n,) and (1,))."""
+    columns = {}
+    for key, values in arrays.items():
+        values = np.asarray(values)
+        if values.ndim == 2 and values.shape[1] == 1:
+            values = values[:, 0]  # LeRobot stores shape (1,) features as scalars
+        if values.ndim == 2:
+            columns[key] = cols.vectors_to_arrow(values, pa.from_numpy_dtype(values.dtype))
+        else:
+            columns[key] = pa.array(values)
+    return pa.table(columns)
+
+
+def write_video(
+    task: PartTask, dataset: Dataset, camera: str, starts: np.ndarray
+) -> tuple[dict, np.ndarray, int]:
+    """The part's frames of one camera as one MP4 (episodes one after another), its
+    info.json entry, each episode's (3, 256) pixel counts and the file's size."""
+    info = dataset.cameras[camera]
+    column = dataset.read_part(task.index, "steps", [FRAME_PREFIX + camera]).column(0)
+    episodes = len(starts) - 1
+    histograms = np.zeros((episodes, 3, 256), dtype=np.int64)
+    episode_of_step = np.repeat(np.arange(episodes), np.diff(starts))
+
+    def frames() -> Iterator[np.ndarray]:
+        for step, data in enumerate(column.to_pylist()):
+            where = f"{dataset.uri} part {task.index} step row {step} camera {camera}"
+            frame = decode_frame(data, info, where)
+            if frame.shape[2] == 1:
+                frame = np.repeat(frame, 3, axis=2)
+            counts = histograms[episode_of_step[step]]
+            for channel in range(3):
+                counts[channel] += np.bincount(frame[:, :, channel].ravel(), minlength=256)
+            yield frame
+
+    chunk, file = chunk_and_file(task.index)
+    relative = VIDEO_PATH.format(video_key=video_key(camera), chunk_index=chunk, file_index=file)
+    # The MP4 muxer seeks back to finish the file: encode to a local temporary file, then
+    # copy it into the output (local or S3) atomically and fenced like every other file.
+    scratch = tempfile.mkdtemp(prefix="hindsight-video-")
+    try:
+        local = os.path.join(scratch, "video.mp4")
+        settings, count = encode_video(frames(), local, task.plan.fps, task.plan.video_codec)
+        if count != int(starts[-1]):
+            raise ExportError(f"part {task.index} camera {camera}: {count} frames encoded")
+
+        def copy(sink) -> None:
+            with open(local, "rb") as source:
+                shutil.copyfileobj(source, sink, 1 << 20)
+
+        size, _ = storage.write_stream(
+            storage.join(task.writer.uri, relative), copy, task.writer.check_fence
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return video_info(settings), histograms, size
+
+
+def video_info(settings: VideoSettings) -> dict:
+    return {
+        "dtype": "video",
+        "shape": [settings.height, settings.width, 3],
+        "names": ["height", "width", "channels"],
+        "info": settings.info(),
+    }
+
+
+# ---------------------------------------------------------------- the whole export
+
+
+def export_lerobot(
+    dataset: Dataset,
+    output: str,
+    options: LeRobotOptions,
+    *,
+    executor: Executor,
+    command: str = "",
+) -> ExportResult:
+    """Write `dataset` as a LeRobot v3.0 dataset at `output`; nothing stays on failure."""
+    plan = plan_export(dataset, options)
+    with VersionWriter(output, commit_file=COMMIT_FILE) as writer:
+        tasks = [PartTask(index, plan, writer) for index in range(dataset.num_parts)]
+        results = executor.map(
+            export_part, tasks, description="export lerobot", total=dataset.manifest.steps
+        )
+        results.sort(key=lambda r: r.index)
+        written = [
+            writer.write_file(EPISODES_PATH, parquet_bytes(episodes_table(results))),
+            writer.write_file("meta/tasks.parquet", parquet_bytes(tasks_table(plan))),
+        ]
+        all_stats = [s for r in results for s in r.episode_stats]
+        dataset_stats = {
+            key: stats.as_lists(stats.aggregate([s[key] for s in all_stats]))
+            for key in (all_stats[0] if all_stats else {})
+        }
+        written.append(
+            writer.write_file("meta/stats.json", json.dumps(dataset_stats, indent=4).encode())
+        )
+        # Where the export came from (LeRobot warns about unknown keys in info.json).
+        provenance = {
+            "source": dataset.uri,
+            "dataset_id": dataset.manifest.dataset_id,
+            "command": command,
+        }
+        written.append(
+            writer.write_file("meta/hindsight.json", json.dumps(provenance, indent=4).encode())
+        )
+        info = info_json(plan, results)
+        data = json.dumps(info, indent=4).encode()
+        writer.commit(data)
+    return ExportResult(
+        format="lerobot",
+        output=writer.uri,
+        episodes=info["total_episodes"],
+        steps=info["total_frames"],
+        bytes=sum(r.bytes for r in results) + sum(w.bytes for w in written) + len(data),
+        files=sum(r.files for r in results) + len(written) + 1,
+        skipped_columns=divide_columns(dataset).skipped,
+        details={"fps": plan.fps, "tasks": len(plan.task_index), "cameras": list(plan.cameras)},
+    )
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="snappy")
+    return sink.getvalue().to_pybytes()
+
+
+def episodes_table(results: list[PartResult]) -> pa.Table:
+    """meta/episodes: LeRobot's per-episode fields, then `stats/<feature>/<stat>`."""
+    rows = []
+    for result in results:
+        for row, episode in zip(result.episodes, result.episode_stats, strict=True):
+            flat = dict(row)
+            for key, feature_stats in episode.items():
+                for name, value in feature_stats.items():
+                    flat[f"stats/{key}/{name}"] = np.asarray(value).tolist()
+            flat["meta/episodes/chunk_index"] = 0
+            flat["meta/episodes/file_index"] = 0
+            rows.append(flat)
+    return pa.Table.from_pylist(rows)
+
+
+def tasks_table(plan: Plan) -> pa.Table:
+    """meta/tasks.parquet as LeRobot writes it: a pandas frame indexed by `task` with a
+    `task_index` column (LeRobot reads it with pandas and looks tasks up by index)."""
+    import pandas as pd
+
+    tasks = sorted(plan.task_index, key=plan.task_index.__getitem__)
+    frame = pd.DataFrame(
+        {"task_index": [plan.task_index[t] for t in tasks]}, index=pd.Index(tasks, name="task")
+    )
+    return pa.Table.from_pandas(frame)
+
+
+def info_json(plan: Plan, results: list[PartResult]) -> dict:
+    features: dict[str, dict] = {}
+    for feature in plan.features:
+        features[feature.key] = {
+            "dtype": feature.dtype,
+            "shape": list(feature.shape),
+            "names": None,
+        }
+    for camera in plan.cameras:
+        info = next((r.videos[camera] for r in results if camera in r.videos), None)
+        if info is not None:
+            features[video_key(camera)] = info
+    features["timestamp"] = {"dtype": "float32", "shape": [1], "names": None}
+    for key in ("frame_index", "episode_index", "index", "task_index"):
+        features[key] = {"dtype": "int64", "shape": [1], "names": None}
+    episodes = sum(len(r.episodes) for r in results)
+    return {
+        "codebase_version": CODEBASE_VERSION,
+        "robot_type": None,
+        "total_episodes": episodes,
+        "total_frames": sum(r.steps for r in results),
+        "total_tasks": len(plan.task_index),
+        "chunks_size": CHUNKS_SIZE,
+        "data_files_size_in_mb": 100,
+        "video_files_size_in_mb": 200,
+        "fps": plan.fps,
+        "splits": {"train": f"0:{episodes}"},
+        "data_path": DATA_PATH,
+        "video_path": VIDEO_PATH if plan.cameras else None,
+        "features": features,
+    }
