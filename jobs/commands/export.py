@@ -55,7 +55,7 @@ class Export(RayCommand):
     )
 
     def commit_file(self) -> str:
-        from engine.exports.lerobot import COMMIT_FILE as LEROBOT_COMMIT
+        from engine.exports.lerobot_plan import COMMIT_FILE as LEROBOT_COMMIT
         from engine.exports.minari import COMMIT_FILE as MINARI_COMMIT
 
         return LEROBOT_COMMIT if self.format == "lerobot" else MINARI_COMMIT
@@ -80,7 +80,7 @@ class Export(RayCommand):
             raise UserError(f"output {error}") from error
         if self.task_column:
             from engine.dataset import open_dataset
-            from engine.exports.lerobot import check_task_column
+            from engine.exports.lerobot_plan import check_task_column
 
             check_task_column(open_dataset(self.input), self.task_column)
 
@@ -94,7 +94,8 @@ class Export(RayCommand):
             return export_minari(
                 dataset, self.output, dataset_id=self.dataset_id, command=self.history_line()
             )
-        from engine.exports.lerobot import LeRobotOptions, export_lerobot
+        from engine.exports.lerobot import export_lerobot
+        from engine.exports.lerobot_plan import LeRobotOptions
 
         options = LeRobotOptions(
             fps=self.fps, task_column=self.task_column, video_codec=self.video_codec
