@@ -48,12 +48,8 @@ from engine.exports import (
 )
 from engine.exports import lerobot_stats as stats
 from engine.exports.lerobot_plan import (
-    CHUNKS_SIZE,
-    CODEBASE_VERSION,
     COMMIT_FILE,
-    DATA_PATH,
     EPISODES_PATH,
-    VIDEO_PATH,
     Feature,
     LeRobotOptions,
     Plan,
@@ -66,6 +62,14 @@ from engine.exports.video import VideoSettings, encode_video
 from engine.writer import VersionWriter
 from schemas import steps as cols
 from schemas.frames import FRAME_PREFIX, decode_frame
+from schemas.lerobot import (
+    DATA_PATH_V30,
+    DEFAULT_FEATURES,
+    STATS_PATH,
+    TASKS_PATH_V30,
+    VIDEO_PATH_V30,
+    LeRobotInfo,
+)
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ def export_part(task: PartTask) -> PartResult:
     table = data_table(plan, arrays)
     chunk, file = chunk_and_file(task.index)
     result = PartResult(index=task.index, steps=len(step_ids))
-    relative = DATA_PATH.format(chunk_index=chunk, file_index=file)
+    relative = DATA_PATH_V30.format(chunk_index=chunk, file_index=file)
     size, _ = storage.write_stream(
         storage.join(task.writer.uri, relative),
         lambda sink: pq.write_table(table, sink, compression="snappy"),
@@ -214,7 +218,9 @@ def write_video(
             yield frame
 
     chunk, file = chunk_and_file(task.index)
-    relative = VIDEO_PATH.format(video_key=video_key(camera), chunk_index=chunk, file_index=file)
+    relative = VIDEO_PATH_V30.format(
+        video_key=video_key(camera), chunk_index=chunk, file_index=file
+    )
     # The MP4 muxer seeks back to finish the file: encode to a local temporary file, then
     # copy it into the output (local or S3) atomically and fenced like every other file.
     scratch = tempfile.mkdtemp(prefix="hindsight-video-")
@@ -266,16 +272,14 @@ def export_lerobot(
         results.sort(key=lambda r: r.index)
         written = [
             writer.write_file(EPISODES_PATH, parquet_bytes(episodes_table(results))),
-            writer.write_file("meta/tasks.parquet", parquet_bytes(tasks_table(plan))),
+            writer.write_file(TASKS_PATH_V30, parquet_bytes(tasks_table(plan))),
         ]
         all_stats = [s for r in results for s in r.episode_stats]
         dataset_stats = {
             key: stats.as_lists(stats.aggregate([s[key] for s in all_stats]))
             for key in (all_stats[0] if all_stats else {})
         }
-        written.append(
-            writer.write_file("meta/stats.json", json.dumps(dataset_stats, indent=4).encode())
-        )
+        written.append(writer.write_file(STATS_PATH, json.dumps(dataset_stats, indent=4).encode()))
         # Where the export came from (LeRobot warns about unknown keys in info.json).
         provenance = {
             "source": dataset.uri,
@@ -334,33 +338,23 @@ def tasks_table(plan: Plan) -> pa.Table:
 
 
 def info_json(plan: Plan, results: list[PartResult]) -> dict:
-    features: dict[str, dict] = {}
-    for feature in plan.features:
-        features[feature.key] = {
-            "dtype": feature.dtype,
-            "shape": list(feature.shape),
-            "names": None,
-        }
+    """meta/info.json through the shared format model (schemas/lerobot.py)."""
+    features: dict[str, dict] = {
+        feature.key: {"dtype": feature.dtype, "shape": list(feature.shape), "names": None}
+        for feature in plan.features
+    }
     for camera in plan.cameras:
         info = next((r.videos[camera] for r in results if camera in r.videos), None)
         if info is not None:
             features[video_key(camera)] = info
-    features["timestamp"] = {"dtype": "float32", "shape": [1], "names": None}
-    for key in ("frame_index", "episode_index", "index", "task_index"):
-        features[key] = {"dtype": "int64", "shape": [1], "names": None}
+    features.update(DEFAULT_FEATURES)
     episodes = sum(len(r.episodes) for r in results)
-    return {
-        "codebase_version": CODEBASE_VERSION,
-        "robot_type": None,
-        "total_episodes": episodes,
-        "total_frames": sum(r.steps for r in results),
-        "total_tasks": len(plan.task_index),
-        "chunks_size": CHUNKS_SIZE,
-        "data_files_size_in_mb": 100,
-        "video_files_size_in_mb": 200,
-        "fps": plan.fps,
-        "splits": {"train": f"0:{episodes}"},
-        "data_path": DATA_PATH,
-        "video_path": VIDEO_PATH if plan.cameras else None,
-        "features": features,
-    }
+    info = LeRobotInfo.new(plan.fps, features).model_copy(
+        update={
+            "total_episodes": episodes,
+            "total_frames": sum(r.steps for r in results),
+            "total_tasks": len(plan.task_index),
+            "splits": {"train": f"0:{episodes}"},
+        }
+    )
+    return info.to_json_dict()

@@ -19,15 +19,19 @@ from engine.exports import (
     single_env_id,
 )
 from schemas import steps as cols
+from schemas.lerobot import (
+    CAMERA_PREFIX,
+    DEFAULT_CHUNKS_SIZE,
+    DEFAULT_FEATURES,
+    EPISODES_PATH_V30,
+    INFO_PATH,
+)
 
-COMMIT_FILE = "meta/info.json"
-CODEBASE_VERSION = "v3.0"
-CHUNKS_SIZE = 1000  # files per chunk directory, LeRobot's DEFAULT_CHUNK_SIZE
-DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
-VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
-EPISODES_PATH = "meta/episodes/chunk-000/file-000.parquet"
+COMMIT_FILE = INFO_PATH
+# The driver writes all episodes' rows into one file of the episodes table.
+EPISODES_PATH = EPISODES_PATH_V30.format(chunk_index=0, file_index=0)
 DEFAULT_FPS = 30
-INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
+INDEX_COLUMNS = tuple(DEFAULT_FEATURES)
 
 
 @dataclass(frozen=True)
@@ -65,11 +69,11 @@ class Plan:
 
 
 def chunk_and_file(index: int) -> tuple[int, int]:
-    return index // CHUNKS_SIZE, index % CHUNKS_SIZE
+    return index // DEFAULT_CHUNKS_SIZE, index % DEFAULT_CHUNKS_SIZE
 
 
 def video_key(camera: str) -> str:
-    return f"observation.images.{camera}"
+    return CAMERA_PREFIX + camera
 
 
 # ---------------------------------------------------------------- planning
