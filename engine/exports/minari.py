@@ -60,9 +60,7 @@ def default_dataset_id(output: str) -> str:
     return f"hindsight/{name}" if re.search(r"-v\d+$", name) else f"hindsight/{name}-v0"
 
 
-def export_minari(
-    dataset: Dataset, output: str, *, dataset_id: str | None = None, command: str = ""
-) -> ExportResult:
+def export_minari(dataset: Dataset, output: str, *, dataset_id: str | None = None) -> ExportResult:
     """Write `dataset` as a Minari dataset at `output` (a local directory)."""
     import h5py
 
@@ -129,8 +127,10 @@ def export_minari(
             "minari_version": MINARI_FORMAT_VERSION,
             "dataset_size": round(data_bytes / 1e6, 1),
             "algorithm_name": "hindsight export",
+            # Not the command line: it names the output, and a re-run elsewhere must
+            # write the same bytes.
             "description": f"Exported by hindsight from {dataset.uri} "
-            f"(dataset {dataset.manifest.dataset_id}): {command}",
+            f"(dataset {dataset.manifest.dataset_id})",
             "author": ["hindsight"],
         }
         if env_spec is not None:

@@ -91,9 +91,7 @@ class Export(RayCommand):
         if self.format == "minari":
             from engine.exports.minari import export_minari
 
-            return export_minari(
-                dataset, self.output, dataset_id=self.dataset_id, command=self.history_line()
-            )
+            return export_minari(dataset, self.output, dataset_id=self.dataset_id)
         from engine.exports.lerobot import export_lerobot
         from engine.exports.lerobot_plan import LeRobotOptions
 
