@@ -45,6 +45,7 @@ from engine.exports import (
     column_values,
     divide_columns,
     episode_lengths,
+    flags,
 )
 from engine.exports import lerobot_stats as stats
 from engine.exports.lerobot_plan import (
@@ -171,8 +172,10 @@ def feature_values(
     feature: Feature, steps: pa.Table, episodes: pa.Table, lengths: np.ndarray
 ) -> np.ndarray | pa.Array:
     if feature.key == "next.done":
-        terminated = cols.arrow_to_numpy(steps.column(cols.TERMINATED)).astype(bool)
-        return terminated | cols.arrow_to_numpy(steps.column(cols.TRUNCATED)).astype(bool)
+        done = flags(steps, cols.TERMINATED) | flags(steps, cols.TRUNCATED)
+        if steps.column(cols.TERMINATED).null_count or steps.column(cols.TRUNCATED).null_count:
+            done[np.cumsum(lengths) - 1] = True  # ends unrecorded: an episode ends at its end
+        return done
     if feature.source.startswith("episodes."):
         values = column_values(episodes.column(feature.source.removeprefix("episodes.")))
         return broadcast_episodes(values.astype(np.float32), lengths)

@@ -120,7 +120,8 @@ def plan_export(dataset: Dataset, options: LeRobotOptions) -> Plan:
         features.append(
             numeric_feature("action", cols.ACTION, steps_schema.field(cols.ACTION).type)
         )
-    if rewards_known(dataset):
+    has_rewards = rewards_known(dataset)
+    if has_rewards:
         features.append(Feature("next.reward", cols.REWARD, "float32", (1,)))
     features.append(Feature("next.done", "done", "bool", (1,)))
     taken = {f.key for f in features} | set(INDEX_COLUMNS)
@@ -128,7 +129,8 @@ def plan_export(dataset: Dataset, options: LeRobotOptions) -> Plan:
     extras += [
         (name, episodes_schema.field(name).type, f"episodes.{name}")
         for name in columns.episode_numbers
-        if name not in columns.numbers
+        # An unknown reward leaves every episode's return null: not a feature.
+        if name not in columns.numbers and (has_rewards or name != cols.RETURN)
     ]
     for name, kind, source in extras:
         if name in taken:

@@ -39,6 +39,7 @@ from engine.exports import (
     column_values,
     divide_columns,
     episode_lengths,
+    flags,
     is_text_type,
     is_vector_type,
     rewards_known,
@@ -170,8 +171,8 @@ def write_episodes(
         reward = column_values(steps.column(cols.REWARD))
     else:
         reward = np.full(steps.num_rows, np.nan, np.float32)
-    terminated = cols.arrow_to_numpy(steps.column(cols.TERMINATED)).astype(bool)
-    truncated = cols.arrow_to_numpy(steps.column(cols.TRUNCATED)).astype(bool)
+    terminated = flags(steps, cols.TERMINATED)
+    truncated = flags(steps, cols.TRUNCATED)
     infos = {name: info_values(steps.column(name)) for name in info_columns}
     attributes = episodes.to_pylist()
     for k, (start, end) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
@@ -249,6 +250,8 @@ def spaces_of(dataset: Dataset, schema: pa.Schema) -> tuple[dict, dict, str | No
         return observation, action, None
     try:
         import gymnasium as gym
+
+        import engine.envs  # noqa: F401  (registers hindsight's own envs: PointGoal)
 
         spec = gym.spec(env_id)
         env = gym.make(env_id)
