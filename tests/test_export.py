@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -349,3 +350,16 @@ def test_export_options_are_checked_before_any_work(relabeled, tmp_path, capsys)
     inside = os.path.join(relabeled, "export")
     assert main(["export", relabeled, inside, "--format", "lerobot"]) == 2
     assert "inside input" in capsys.readouterr().err
+
+
+def test_a_query_subset_exports_with_its_own_episodes(relabeled, tmp_path):
+    subset, out = str(tmp_path / "noisy"), str(tmp_path / "lerobot")
+    assert main(["query", relabeled, "--where", "noise > 0", "--output", subset]) == 0
+    assert main(["export", subset, out, "--format", "lerobot"]) == 0
+    steps, _ = source_tables(relabeled)
+    noisy = steps.filter(pc.greater(steps["noise"], 0))
+    data = read_data(out)
+    assert data.num_rows == noisy.num_rows == 60
+    np.testing.assert_array_equal(data["return_to_go"].to_numpy(), noisy["return_to_go"].to_numpy())
+    np.testing.assert_array_equal(data["episode_index"].to_numpy(), np.repeat([0, 1], 30))
+    np.testing.assert_array_equal(data["index"].to_numpy(), np.arange(60))
