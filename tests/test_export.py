@@ -209,10 +209,11 @@ def test_lerobot_export_round_trips_and_reruns_identically(relabeled, tmp_path):
     assert error < VIDEO_MEAN_ERROR
 
 
-def test_minari_export_loads_with_minari(relabeled, tmp_path, monkeypatch):
+def test_minari_export_loads_with_minari(relabeled, tmp_path, monkeypatch, capsys):
     minari = pytest.importorskip("minari")
     out = str(tmp_path / "datasets" / "hindsight" / "pendulum-rl-v0")
     assert main(["export", relabeled, out, "--format", "minari"]) == 0
+    assert "not exported (no place in minari): frame_render" in capsys.readouterr().out
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
     loaded = minari.load_dataset("hindsight/pendulum-rl-v0")
     assert loaded.total_episodes == 4 and loaded.total_steps == 120

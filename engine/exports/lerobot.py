@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine import storage
@@ -119,7 +120,8 @@ def export_part(task: PartTask) -> PartResult:
         np.arange(len(lengths), dtype=np.int64) + first_episode, lengths
     )
     arrays["index"] = np.arange(len(step_ids), dtype=np.int64) + first_step
-    arrays["task_index"] = np.array([plan.task_index[t] for t in tasks], dtype=np.int64)
+    known = pa.array(sorted(plan.task_index, key=plan.task_index.__getitem__), pa.string())
+    arrays["task_index"] = pc.index_in(tasks, value_set=known).to_numpy().astype(np.int64)
     table = data_table(plan, arrays)
     chunk, file = chunk_and_file(task.index)
     result = PartResult(index=task.index, steps=len(step_ids))
@@ -147,7 +149,7 @@ def export_part(task: PartTask) -> PartResult:
     for k, length in enumerate(lengths):
         row = {
             "episode_index": first_episode + k,
-            "tasks": list(dict.fromkeys(tasks[starts[k] : starts[k + 1]])),
+            "tasks": pc.unique(tasks.slice(starts[k], length)).to_pylist(),
             "length": int(length),
             "data/chunk_index": chunk,
             "data/file_index": file,

@@ -47,6 +47,7 @@ from engine.exports import (
 )
 from engine.writer import VersionWriter
 from schemas import steps as cols
+from schemas.frames import FRAME_PREFIX
 
 COMMIT_FILE = "data/metadata.json"
 DATA_FILE = "data/main_data.hdf5"
@@ -145,7 +146,8 @@ def export_minari(dataset: Dataset, output: str, *, dataset_id: str | None = Non
         steps=total_steps,
         bytes=data_bytes + len(data),
         files=2,
-        skipped_columns=columns.skipped,
+        # Minari's image observations replace the state: camera frames have no place here.
+        skipped_columns=columns.skipped + [FRAME_PREFIX + camera for camera in columns.cameras],
         details={"dataset_id": dataset_id, "info_keys": info_columns},
     )
 
