@@ -13,6 +13,7 @@ import time
 BENCHMARKS = (
     "small",
     "ingest",
+    "lerobot_ingest",
     "relabel",
     "returns",
     "goals",
