@@ -27,6 +27,7 @@ BENCHMARKS = (
     "frames_train",
     "rvs",
     "scale",
+    "export",
 )
 
 
