@@ -111,14 +111,15 @@ def dataset_info(uri: str, bins: int = HISTOGRAM_BINS, verify: bool = False) -> 
     verified_files = dataset.verify() if verify else None
     manifest = dataset.manifest
     episodes = scan_episodes(uri).collect()
-    returns = episodes[cols.RETURN].cast(pl.Float64).to_numpy()
+    # Null returns are unknown (a dataset ingested without rewards): left out of the stats.
+    returns = episodes[cols.RETURN].cast(pl.Float64).drop_nulls().to_numpy()
     if len(returns) and returns.min() < returns.max():
         edges = np.linspace(returns.min(), returns.max(), bins + 1)
     else:
         center = float(returns[0]) if len(returns) else 0.0
         edges = np.linspace(center - 0.5, center + 0.5, bins + 1)
     by_value: dict[str, list[dict[str, Any]]] = {}
-    for name in _grouping_columns(episodes):
+    for name in _grouping_columns(episodes) if len(returns) else []:
         rows = []
         for value in _ordered_values(episodes, name):
             selected = (
@@ -126,7 +127,7 @@ def dataset_info(uri: str, bins: int = HISTOGRAM_BINS, verify: bool = False) -> 
                 if value is not None
                 else (episodes.filter(pl.col(name).is_null()))
             )
-            group_returns = selected[cols.RETURN].cast(pl.Float64).to_numpy()
+            group_returns = selected[cols.RETURN].cast(pl.Float64).drop_nulls().to_numpy()
             rows.append(
                 {
                     "value": value,
@@ -165,6 +166,8 @@ def dataset_info(uri: str, bins: int = HISTOGRAM_BINS, verify: bool = False) -> 
             }
             for group in manifest.groups
         ],
+        # "absent": the source had no rewards, every reward and return is null (unknown).
+        "reward": manifest.metadata.get(cols.REWARD, "present"),
         "returns": {
             **_stats(returns),
             "histogram": {"edges": edges.tolist(), "counts": _histogram(returns, edges)},
@@ -221,6 +224,8 @@ def format_info(info: dict[str, Any]) -> str:
                 f"({ratio:.1f}x smaller than raw)"
             )
     returns = info["returns"]
+    if info.get("reward") == "absent":
+        lines += ["", "reward: absent (the source had none: rewards and returns are null)"]
     if returns.get("count"):
         lines += [
             "",

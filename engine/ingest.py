@@ -31,6 +31,7 @@ group's part next to its base part; the manifest records the cameras.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -59,25 +60,30 @@ def plan_ingest(
     env_id: str | None = None,
     on_error: str = "fail",
     part_steps: int = DEFAULT_PART_STEPS,
-    episode_column: str = cols.EPISODE_ID,
-    step_column: str = cols.T,
+    column_map: Mapping[str, str] | None = None,
     codec: str = "png",
     quality: int | None = None,
 ) -> IngestPlan:
     """Read boundaries, validate, and cut the source into parts (nothing is written).
 
-    Raises ValidationError listing the problems: any problem with `on_error="fail"`, a
-    problem of a whole file (which cannot be skipped) in any case."""
+    `column_map` (`--map`): hindsight's step column -> the source column that holds it,
+    for formats that read columns by name (step tables). Raises ValidationError listing
+    the problems: any problem with `on_error="fail"`, a problem of a whole file (which
+    cannot be skipped) in any case."""
     if on_error not in ON_ERROR:
         raise ValueError(f"--on-error must be one of {ON_ERROR}, not {on_error!r}")
     if codec not in CODECS:
         raise ValueError(f"--codec must be one of {CODECS}, not {codec!r}")
     reader = source_for(format or detect_format(source))
+    if column_map and not reader.takes_column_map:
+        raise ValueError(
+            f"--map renames the columns of step tables (parquet, jsonl); format "
+            f"{reader.name!r} has its own layout"
+        )
     options = PlanOptions(
         env_id=env_id,
         part_steps=part_steps,
-        episode_column=episode_column,
-        step_column=step_column,
+        column_map=tuple((column_map or {}).items()),
         codec=codec,
         quality=quality,
     )

@@ -410,14 +410,19 @@ STORED_NUMBERS = (cols.OBSERVATION, cols.NEXT_OBSERVATION, cols.ACTION, cols.REW
 def check_stored_values(file: str, steps: pa.Table, episodes: pa.Table) -> list[Problem]:
     """The base tables of a part as they will be stored: observations, next observations,
     actions and rewards are present and finite in every row (every field of a struct),
-    and so is each episode's return (a sum of float32 rewards may overflow float32)."""
+    and so is each episode's return (a sum of float32 rewards may overflow float32).
+    Rewards null in every row are unknown (a source without rewards), not missing: the
+    returns are then null too, and neither is checked."""
     episode_ids = cols.arrow_to_numpy(steps.column(cols.EPISODE_ID))
     t = cols.arrow_to_numpy(steps.column(cols.T))
     problems: list[Problem] = []
+    unknown = rewards_unknown(steps)
     for name in STORED_NUMBERS:
-        if name in steps.column_names:
+        if name in steps.column_names and not (name == cols.REWARD and unknown):
             for path, array in _leaves(name, steps.column(name)):
                 problems += _check_stored_array(file, path, array, episode_ids, t)
+    if unknown:
+        return problems
     returns = cols.arrow_to_numpy(episodes.column(cols.RETURN))
     for row in np.flatnonzero(~np.isfinite(returns)):
         problems.append(
@@ -429,6 +434,13 @@ def check_stored_values(file: str, steps: pa.Table, episodes: pa.Table) -> list[
             )
         )
     return problems
+
+
+def rewards_unknown(steps: pa.Table) -> bool:
+    """Whether a steps table's rewards are unknown: every one null (engine/sources/tables.py,
+    `build_tables(reward=None)`)."""
+    reward = steps.column(cols.REWARD)
+    return steps.num_rows > 0 and reward.null_count == steps.num_rows
 
 
 def _leaves(name: str, column: pa.ChunkedArray | pa.Array) -> list[tuple[str, pa.Array]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from engine.sources.base import IngestPlan, Part, PlanOptions, Source
 from engine.sources.d4rl import D4RL
+from engine.sources.lerobot import LeRobot
 from engine.sources.minari import Minari
 from engine.sources.step_tables import JsonLines, Parquet
 
@@ -19,6 +20,7 @@ SOURCES: dict[str, Source] = {
     for source in (
         D4RL(),
         Minari(),
+        LeRobot(),
         Parquet(),
         JsonLines(),
     )

@@ -49,7 +49,6 @@ from engine.sources.images import ImageColumn
 from engine.sources.tables import EpisodeLabels
 from engine.validate import Problem
 from engine.writer import DEFAULT_PART_STEPS
-from schemas import steps as cols
 from schemas.frames import CameraInfo
 
 # What a source's `read_part` may return besides the base tables: camera -> one encoded
@@ -85,8 +84,8 @@ class PlanOptions:
 
     env_id: str | None = None  # recorded per episode; else the source's own, else "unknown"
     part_steps: int = DEFAULT_PART_STEPS  # steps per part (whole episodes)
-    episode_column: str = cols.EPISODE_ID  # step tables: the episode id column
-    step_column: str = cols.T  # step tables: the step index column
+    # Step tables: hindsight column -> the source column holding it (`--map`).
+    column_map: tuple[tuple[str, str], ...] = ()
     codec: str = "png"  # raw image arrays: the codec their frames are encoded with
     quality: int | None = None  # JPEG/WebP quality (None: the codec's default)
 
@@ -132,6 +131,7 @@ class Source(ABC, Generic[PartType]):
     that reads it."""
 
     name: ClassVar[str]  # the --format value, recorded in the manifest
+    takes_column_map: ClassVar[bool] = False  # whether it reads `PlanOptions.column_map`
 
     @abstractmethod
     def detect(self, path: str) -> bool:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from engine import storage
 from engine.sources.images import ImageColumn, camera_name, encoded_camera
-from engine.sources.step_files import read_step_file
+from engine.sources.step_files import ColumnMap, read_step_file
 from engine.validate import Problem
 from schemas.frames import CameraInfo, FrameError, sniff_codec
 
@@ -33,16 +33,16 @@ def image_bytes(column: pa.ChunkedArray) -> list[bytes | None]:
 
 
 def image_columns(
-    path: str, format: str, schema: pa.Schema
+    path: str, format: str, schema: pa.Schema, column_map: ColumnMap = ColumnMap()
 ) -> tuple[list[ImageColumn], dict[str, CameraInfo], list[Problem]]:
     """The columns of encoded images, recognized by their first frame's magic number (a
     binary column of something else stays an info column), and their cameras: codec,
-    size and channels read from that frame."""
+    size and channels read from that frame. `schema` has hindsight's names (`--map`)."""
     images: list[ImageColumn] = []
     cameras: dict[str, CameraInfo] = {}
     problems: list[Problem] = []
     for name in [f.name for f in schema if is_image_type(f.type)]:
-        first = first_image(path, format, name)
+        first = first_image(path, format, name, column_map)
         if first is None or sniff_codec(first) is None:
             continue
         camera = camera_name(name)
@@ -65,17 +65,20 @@ def image_columns(
     return images, cameras, problems
 
 
-def first_image(path: str, format: str, name: str) -> bytes | None:
+def first_image(
+    path: str, format: str, name: str, column_map: ColumnMap = ColumnMap()
+) -> bytes | None:
     """The first frame of an image column: Parquet is read a row group at a time, up to the
     first row that holds one."""
     if format != "parquet":
-        return next(
-            (v for v in image_bytes(read_step_file(path, format, [name]).column(name)) if v), None
-        )
+        table = read_step_file(path, format, [name], column_map=column_map)
+        return next((v for v in image_bytes(table.column(name)) if v), None)
     fs, key = storage.filesystem(path)
     try:
         with fs.open_input_file(key) as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=256, columns=[name]):
+            for batch in pq.ParquetFile(handle).iter_batches(
+                batch_size=256, columns=[column_map.source(name)]
+            ):
                 found = next(
                     (v for v in image_bytes(pa.chunked_array([batch.column(0)])) if v), None
                 )

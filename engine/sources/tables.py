@@ -97,14 +97,21 @@ def vector_column(
     return pa.FixedSizeListArray.from_arrays(array.cast(value_type), 1)
 
 
+def reward_to_arrow(reward: np.ndarray | None, rows: int) -> pa.Array:
+    """Rewards as stored: float32; all null when the source has none (unknown)."""
+    if reward is None:
+        return pa.nulls(rows, pa.float32())
+    return cols.numpy_to_arrow(np.asarray(reward, dtype=np.float32))
+
+
 def build_tables(
     *,
     episode_ids: np.ndarray,
     observation: Any,
     action: np.ndarray | pa.Array,
-    reward: np.ndarray,
-    terminated: np.ndarray,
-    truncated: np.ndarray,
+    reward: np.ndarray | None,
+    terminated: np.ndarray | None,
+    truncated: np.ndarray | None,
     labels: EpisodeLabels,
     next_observation: Any = None,
     infos: dict[str, np.ndarray | pa.Array] | None = None,
@@ -117,6 +124,11 @@ def build_tables(
     observation is an image (its frames are the camera `observation`): the steps table
     then has no `observation` column. `labels` names the environment and the
     source of every episode and the info columns that are constant within episodes.
+
+    `reward` is None when the source has no rewards: they are unknown, so the `reward`
+    column and the episodes' `return` hold nulls (never zeros, which would be a claim).
+    `terminated` None: no step is terminal; `truncated` None: the last step of each
+    episode is, unless it is terminal.
     """
     # A value beyond float32's range becomes inf in these casts, as it would be stored;
     # ingest and collect check the tables built (engine.validate.check_stored_values).
@@ -126,7 +138,10 @@ def build_tables(
         starts, lengths = boundaries[:-1], np.diff(boundaries)
         if t is None:
             t = np.arange(len(episode_ids), dtype=np.int64) - np.repeat(starts, lengths)
-        reward = np.asarray(reward, dtype=np.float32)
+        ends = np.zeros(len(episode_ids), dtype=bool)
+        ends[boundaries[1:] - 1] = True
+        terminated = np.zeros(len(episode_ids), bool) if terminated is None else terminated
+        truncated = ends & ~np.asarray(terminated, dtype=bool) if truncated is None else truncated
 
         def arrow(values, convert):
             return values if isinstance(values, pa.Array | pa.ChunkedArray) else convert(values)
@@ -139,7 +154,7 @@ def build_tables(
             steps[cols.OBSERVATION] = arrow(observation, observation_to_arrow)
         steps |= {
             cols.ACTION: arrow(action, action_to_arrow),
-            cols.REWARD: cols.numpy_to_arrow(reward),
+            cols.REWARD: reward_to_arrow(reward, len(episode_ids)),
             cols.TERMINATED: cols.numpy_to_arrow(np.asarray(terminated, dtype=bool)),
             cols.TRUNCATED: cols.numpy_to_arrow(np.asarray(truncated, dtype=bool)),
         }
@@ -149,11 +164,17 @@ def build_tables(
             steps[name] = arrow(values, info_to_arrow)
         steps_table = pa.table(steps)
 
-        returns = np.add.reduceat(reward.astype(np.float64), starts) if len(starts) else np.zeros(0)
+        if reward is None:
+            returns = pa.nulls(len(starts), pa.float32())
+        else:
+            sums = np.zeros(0)
+            if len(starts):
+                sums = np.add.reduceat(np.asarray(reward, np.float32).astype(np.float64), starts)
+            returns = cols.numpy_to_arrow(sums.astype(np.float32))
         episodes = {
             cols.EPISODE_ID: cols.numpy_to_arrow(episode_ids[starts]),
             cols.LENGTH: cols.numpy_to_arrow(lengths.astype(np.int64)),
-            cols.RETURN: cols.numpy_to_arrow(returns.astype(np.float32)),
+            cols.RETURN: returns,
             cols.ENV_ID: strings_to_arrow([labels.env_id] * len(starts)),
             cols.SOURCE: strings_to_arrow([labels.source] * len(starts)),
         }

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+import sys
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import CliPositionalArg
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import CliPositionalArg, NoDecode
 
 from engine import storage
 from engine.sources import FORMATS
 from engine.writer import DEFAULT_PART_STEPS
 from jobs.command import NewDataset, RayCommand, Source, version_line
 from schemas.manifest import SKIPPED_REPORT_NAME, Manifest
+
+# Where the next NAME= pair of `--map` starts (a source column may hold a comma).
+_NEXT_PAIR = re.compile(r",\s*(?=[A-Za-z_][A-Za-z0-9_]*=)")
 
 
 class Ingest(RayCommand):
@@ -21,6 +26,8 @@ class Ingest(RayCommand):
         hindsight ingest my_logs.h5 data/logs --format d4rl --env Pendulum-v1
         hindsight ingest s3://bucket/raw/ data/robot --format parquet --on-error skip
         hindsight ingest atari_logs.h5 data/pong --codec webp --quality 90   # uint8 frames
+        hindsight ingest lerobot/pusht/data data/pusht --format parquet \
+            --map episode_id=episode_index,t=frame_index,observation=observation.state
 
     uint8 image observations (and Parquet image columns) become cameras in the dataset's
     frames group, never flattened floats (docs/frames.md, "Ingesting images").
@@ -48,8 +55,17 @@ class Ingest(RayCommand):
     part_steps: int = Field(
         DEFAULT_PART_STEPS, ge=1, description="Steps per part (whole episodes; one Ray task each)."
     )
-    episode_column: str = Field("episode_id", description="Episode id column of step tables.")
-    step_column: str = Field("t", description="Step index column of step tables.")
+    # NoDecode: the command line hands the text over whole (repeated options joined by
+    # commas); `_pairs` splits it where the next `NAME=` starts.
+    map: Annotated[dict[str, str], NoDecode] = Field(
+        default={},
+        description="Step tables: which source column holds each of hindsight's columns, "
+        "NAME=SOURCE (comma-separated or repeated): episode_id, t, observation, action, "
+        "reward, terminated, truncated, next_observation.",
+        json_schema_extra={"metavar": "NAME=SOURCE,..."},
+    )
+    episode_column: str | None = Field(None, description="Deprecated: use --map episode_id=COLUMN.")
+    step_column: str | None = Field(None, description="Deprecated: use --map t=COLUMN.")
     codec: Literal["png", "jpeg", "webp"] = Field(
         "png",
         description="Codec of the frames of raw uint8 image arrays (docs/frames.md); "
@@ -59,8 +75,45 @@ class Ingest(RayCommand):
         None, ge=1, le=100, description="JPEG/WebP quality (default 90); PNG is lossless."
     )
 
+    @field_validator("map", mode="before")
+    @classmethod
+    def _pairs(cls, value: Any) -> Any:
+        """`NAME=SOURCE` strings (the command line, or a list in a spec) into a mapping."""
+        if isinstance(value, str):
+            value = _NEXT_PAIR.split(value) if value.strip() else []
+        if isinstance(value, list):
+            pairs: dict[str, str] = {}
+            for pair in value:
+                name, sep, source = str(pair).partition("=")
+                if not sep or not name.strip() or not source.strip():
+                    raise ValueError(f"expected NAME=SOURCE, got {pair!r}")
+                if name.strip() in pairs:
+                    raise ValueError(f"{name.strip()!r} is mapped twice")
+                pairs[name.strip()] = source.strip()
+            return pairs
+        return value
+
+    @model_validator(mode="after")
+    def _old_column_options(self) -> Ingest:
+        """--episode-column / --step-column are `--map episode_id=` / `--map t=`."""
+        for option, name in (("episode_column", "episode_id"), ("step_column", "t")):
+            column = getattr(self, option)
+            if column is None:
+                continue
+            if self.map.get(name, column) != column:
+                raise ValueError(f"--{option.replace('_', '-')} and --map {name}= disagree")
+            self.map = {**self.map, name: column}
+        return self
+
     def run(self) -> Manifest:
         from engine.ingest import ingest, plan_ingest
+
+        if self.episode_column or self.step_column:
+            print(
+                "ingest: --episode-column and --step-column are deprecated; use "
+                f"--map {','.join(f'{k}={v}' for k, v in self.map.items())}",
+                file=sys.stderr,
+            )
 
         # Reads boundaries and validates every episode before Ray starts or anything is written.
         plan = plan_ingest(
@@ -69,8 +122,7 @@ class Ingest(RayCommand):
             env_id=self.env,
             on_error=self.on_error,
             part_steps=self.part_steps,
-            episode_column=self.episode_column,
-            step_column=self.step_column,
+            column_map=self.map,
             codec=self.codec,
             quality=self.quality,
         )
@@ -85,6 +137,9 @@ class Ingest(RayCommand):
             line += "; cameras: " + ", ".join(
                 f"{name} {c.height}x{c.width}x{c.channels} {c.codec}" for name, c in cameras.items()
             )
+        absent = [n for n in ("reward", "terminated", "truncated") if manifest.metadata.get(n)]
+        if absent:
+            line += "; " + ", ".join(f"{name}: {manifest.metadata[name]}" for name in absent)
         if manifest.metadata.get("skipped_report"):
             line += (
                 f"; skipped {manifest.metadata['skipped_episodes']} episode(s), "

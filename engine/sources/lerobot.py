@@ -1,0 +1,411 @@
+"""`lerobot`: a LeRobotDataset directory, v3.0 or v2.1, local or on S3 (the layout is in
+schemas/lerobot.py; metadata and its checks in engine/sources/lerobot_meta.py).
+
+Each frame row becomes a step of its episode (`episode_index` -> episode_id,
+`frame_index` order):
+
+- `observation`: `observation.state`, or the one vector `observation.*` feature; several
+  become a struct (`observation.state` -> field `state`, `observation.environment_state`
+  -> `environment_state`); none (a camera-only dataset): no observation column;
+- `action`; `next.reward` -> reward (a dataset without it has unknown rewards:
+  `reward=None`); `next.done` -> terminated on the episode's last step, else the last
+  step is truncated;
+- `timestamp` and `frame_index` stay step columns; `task_index` becomes the step column
+  `task` (the task's text) and the episode column `task` (its first step's), with the
+  episode column `tasks` (every task of the episode, from its metadata) where some
+  episode has several; other non-camera features stay step columns under their names;
+- cameras (`observation.images.top` -> camera `top`, engine/sources/images.py):
+  a `video` feature's frames are decoded from the episode's span of its MP4 with PyAV
+  (engine/video.py) and encoded with `--codec`; an `image` feature's encoded frames are
+  stored as they came from the Parquet.
+
+`plan` reads only metadata (lerobot_meta.py) and cuts whole episodes into parts (smaller
+with cameras: `image_part_steps`); `read_part` reads its episodes' rows (the row range,
+only the columns it maps) and their video spans.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from engine import storage
+from engine.sources.base import IngestPlan, Part, PlanOptions, Source, part_ranges, source_label
+from engine.sources.images import (
+    ImageColumn,
+    camera_name,
+    encode_raw,
+    encoded_camera,
+    image_part_steps,
+    raw_camera,
+)
+from engine.sources.lerobot_meta import (
+    LeRobotEpisode,
+    LeRobotMeta,
+    first_image,
+    image_bytes,
+    read_meta,
+)
+from engine.sources.tables import EpisodeLabels, build_tables, strings_to_arrow, vector_column
+from engine.validate import Problem
+from engine.video import decode_video_span
+from schemas import lerobot as lr
+from schemas import steps as cols
+from schemas.frames import CameraInfo, FrameError
+
+STATE = "observation.state"
+REWARD = "next.reward"
+DONE = "next.done"
+TASK = "task"  # the step and episode column of the task text
+TASKS = "tasks"  # the episode column of every task, where some episode has several
+KEPT_COLUMNS = ("timestamp", "frame_index")  # LeRobot's own columns kept as steps columns
+DROPPED_COLUMNS = ("episode_index", "index", "task_index")
+
+
+@dataclass(frozen=True)
+class LeRobotLayout:
+    """Which features go where: what the plan decided for every part."""
+
+    root: str
+    fps: int
+    observation: tuple[str, ...]  # features making up the observation (several: a struct)
+    action: str
+    reward: str | None
+    done: str | None
+    infos: tuple[str, ...]  # features kept as step columns under their names
+    tasks: tuple[tuple[int, str], ...]  # task_index -> text
+    several_tasks: bool  # some episode has several: the episode column `tasks`
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeRobotPart(Part):
+    """Whole episodes of a LeRobot dataset, in episode order."""
+
+    layout: LeRobotLayout
+    episodes: tuple[LeRobotEpisode, ...]
+
+    @property
+    def file(self) -> str:
+        return storage.join(self.layout.root, self.episodes[0].data_file)
+
+
+class LeRobot(Source[LeRobotPart]):
+    name = "lerobot"
+
+    def detect(self, path: str) -> bool:
+        if storage.is_s3(path):
+            return "." not in file_name_of(path) and storage.exists(
+                storage.join(path, lr.INFO_PATH)
+            )
+        return os.path.isfile(os.path.join(path, lr.INFO_PATH))
+
+    def plan(self, path: str, options: PlanOptions) -> IngestPlan:
+        meta = read_meta(path)
+        if isinstance(meta, Problem):
+            return IngestPlan.refused(self.name, path, [meta])
+        info = meta.info
+        layout, problems = plan_layout(meta)
+        images, cameras, found = plan_cameras(meta, options)
+        problems += found
+        if any(p.episode is None for p in problems):
+            return IngestPlan.refused(self.name, path, problems)
+        episodes = meta.episodes
+        labels = EpisodeLabels(
+            options.env_id or info.robot_type or "unknown",
+            source_label(self.name, path),
+            (TASK,) if layout.tasks else (),
+        )
+        lengths = np.asarray([e.length for e in episodes], dtype=np.int64)
+        part_steps = image_part_steps(options.part_steps, list(cameras.values()))
+        parts: list[Part] = [
+            LeRobotPart(
+                layout=layout,
+                episodes=tuple(episodes[start:stop]),
+                steps=int(lengths[start:stop].sum()),
+                labels=labels,
+                images=tuple(images),
+                cameras=cameras,
+            )
+            for start, stop in part_ranges(lengths, part_steps)
+        ]
+        return IngestPlan(
+            format=self.name,
+            source=path,
+            env_id=labels.env_id,
+            parts=parts,
+            steps=int(lengths.sum()),
+            episodes=len(episodes),
+            skipped=meta.problems + problems,
+            episode_info_columns=list(labels.episode_info_columns),
+            metadata={
+                "lerobot": {
+                    "codebase_version": info.codebase_version,
+                    "fps": info.fps,
+                    "robot_type": info.robot_type,
+                    "features": {k: f.model_dump(mode="json") for k, f in info.features.items()},
+                },
+                **({} if layout.reward else {"reward": "absent"}),
+            },
+            images=images,
+            cameras=cameras,
+        )
+
+    def read_part(self, part: LeRobotPart) -> tuple[pa.Table, pa.Table] | tuple:
+        layout = part.layout
+        table = read_rows(part)
+        episode_ids = np.asarray(table.column("episode_index").to_numpy(), dtype=np.int64)
+        boundaries = cols.episode_boundaries(episode_ids)
+        last = boundaries[1:] - 1
+        terminated = np.zeros(len(episode_ids), bool)
+        if layout.done:
+            done = flat_values(table.column(layout.done)).astype(bool)
+            terminated[last] = done[last]
+        truncated = np.zeros(len(episode_ids), bool)
+        truncated[last] = ~terminated[last]
+        infos: dict[str, Any] = {
+            name: step_column(table.column(name)) for name in (*KEPT_COLUMNS, *layout.infos)
+        }
+        if layout.tasks:
+            infos[TASK] = task_texts(part, table)
+        steps, episodes = build_tables(
+            episode_ids=episode_ids,
+            observation=observation_column(table, layout.observation),
+            action=action_column(table.column(layout.action)),
+            reward=flat_values(table.column(layout.reward)) if layout.reward else None,
+            terminated=terminated,
+            truncated=truncated,
+            infos=infos,
+            labels=part.labels,
+        )
+        if layout.several_tasks:
+            tasks = pa.array([list(e.tasks) for e in part.episodes], pa.list_(pa.string()))
+            episodes = episodes.append_column(TASKS, tasks)
+        if not part.images:
+            return steps, episodes
+        return steps, episodes, read_frames(part, table)
+
+
+def file_name_of(path: str) -> str:
+    return os.path.basename(path.rstrip("/"))
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def plan_layout(meta: LeRobotMeta) -> tuple[LeRobotLayout, list[Problem]]:
+    """Which features become the observation, action, reward, flags and step columns."""
+    info, features = meta.info, meta.info.features
+    info_uri = meta.uri(lr.INFO_PATH)
+    problems = []
+    vectors = [
+        key
+        for key, feature in features.items()
+        if key.startswith("observation.") and not feature.is_camera
+    ]
+    observation = (STATE,) if vectors == [STATE] else tuple(vectors)
+    if "action" not in features:
+        problems.append(Problem(info_uri, "features", "has no `action` feature"))
+    mapped = {*observation, "action", REWARD, DONE, *KEPT_COLUMNS, *DROPPED_COLUMNS}
+    infos = tuple(
+        key
+        for key, feature in features.items()
+        if key not in mapped and not feature.is_camera and feature.dtype != "string"
+    )
+    several = any(len(e.tasks) > 1 for e in meta.episodes)
+    layout = LeRobotLayout(
+        root=meta.root,
+        fps=info.fps,
+        observation=observation,
+        action="action",
+        reward=REWARD if REWARD in features else None,
+        done=DONE if DONE in features else None,
+        infos=infos,
+        tasks=tuple(sorted(meta.tasks.items())) if "task_index" in features else (),
+        several_tasks=several,
+    )
+    return layout, problems
+
+
+def plan_cameras(
+    meta: LeRobotMeta, options: PlanOptions
+) -> tuple[list[ImageColumn], dict[str, CameraInfo], list[Problem]]:
+    """The cameras: video features (decoded, encoded with --codec) and image features
+    (encoded frames stored as they came; the first frame tells the codec and size)."""
+    images, cameras, problems = [], {}, []
+    info_uri = meta.uri(lr.INFO_PATH)
+    for key, feature in meta.info.features.items():
+        if not feature.is_camera:
+            continue
+        camera = camera_name(key.removeprefix(lr.CAMERA_PREFIX))
+        if feature.dtype == "video":
+            video = feature.video_info
+            try:
+                height, width, channels = feature.image_hwc
+            except ValueError as error:
+                problems.append(Problem(info_uri, key, str(error)))
+                continue
+            if video.get("video.is_depth_map") or channels != 3:
+                problems.append(
+                    Problem(info_uri, key, "is a depth or non-RGB video; hindsight reads RGB ones")
+                )
+                continue
+            cameras[camera] = raw_camera((0, height, width, 3), options.codec, options.quality)
+            images.append(ImageColumn(key, camera, encoded=False))
+        elif meta.episodes:
+            episode = meta.episodes[0]
+            data = first_image(meta, episode, key)
+            where = (
+                f"{meta.uri(episode.data_file)}: episode {episode.index}, step 0: column {key!r}"
+            )
+            try:
+                if data is None:
+                    raise FrameError(f"{where}: has no image bytes")
+                cameras[camera] = encoded_camera(data, where)
+            except FrameError as error:
+                problems.append(Problem(meta.uri(episode.data_file), key, str(error)))
+                continue
+            images.append(ImageColumn(key, camera, encoded=True))
+    return images, cameras, problems
+
+
+# ---------------------------------------------------------------- reading a part
+
+
+def read_rows(part: LeRobotPart) -> pa.Table:
+    """The part's rows with the columns the layout maps: for each run of episodes in one
+    data file, the row groups covering their rows, sliced to them."""
+    layout = part.layout
+    columns = [
+        "episode_index",
+        *KEPT_COLUMNS,
+        *layout.observation,
+        layout.action,
+        *[c for c in (layout.reward, layout.done) if c],
+        *layout.infos,
+        *(["task_index"] if layout.tasks else []),
+        *[image.source for image in part.images if image.encoded],
+    ]
+    tables = []
+    for relative, run in groupby(part.episodes, key=lambda e: e.data_file):
+        run = list(run)
+        start = min(e.row_start for e in run)
+        stop = max(e.row_start + e.length for e in run)
+        tables.append(read_row_range(storage.join(layout.root, relative), start, stop, columns))
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    wanted = np.isin(
+        np.asarray(table.column("episode_index").to_numpy(), dtype=np.int64),
+        [e.index for e in part.episodes],
+    )
+    if not wanted.all():  # rows of other episodes between the part's (v3.0, skipped ones)
+        table = table.filter(pa.array(wanted))
+    # Steps in (episode, frame) order whatever the order of the files' rows.
+    return table.sort_by([("episode_index", "ascending"), ("frame_index", "ascending")])
+
+
+def read_row_range(uri: str, start: int, stop: int, columns: list[str]) -> pa.Table:
+    """Rows [start, stop) of a Parquet file: only the row groups holding them are read."""
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_file(path) as handle:
+        file = pq.ParquetFile(handle)
+        groups, first, offset = [], None, 0
+        for group in range(file.metadata.num_row_groups):
+            rows = file.metadata.row_group(group).num_rows
+            if offset < stop and offset + rows > start:
+                groups.append(group)
+                first = offset if first is None else first
+            offset += rows
+        table = file.read_row_groups(groups, columns=columns)
+    return table.slice(start - (first or 0), stop - start)
+
+
+def flat_values(column: pa.ChunkedArray) -> np.ndarray:
+    """A per-frame scalar stored as a value or as a list of one (shape [1])."""
+    array = column.combine_chunks()
+    if pa.types.is_list(array.type) or pa.types.is_fixed_size_list(array.type):
+        array = array.flatten()
+    return array.to_numpy(zero_copy_only=False)
+
+
+def step_column(column: pa.ChunkedArray) -> pa.Array:
+    """A feature kept as a step column: scalars as they are, vectors as fixed-size lists."""
+    array = column.combine_chunks()
+    if pa.types.is_list(array.type) or pa.types.is_fixed_size_list(array.type):
+        value_type = array.type.value_type
+        if pa.types.is_list(array.type) and (
+            len(array) == 0 or pc.min(pc.list_value_length(array)).as_py() != 1
+        ):
+            return vector_column(array, value_type)
+        if pa.types.is_fixed_size_list(array.type) and array.type.list_size != 1:
+            return vector_column(array, value_type)
+        return array.flatten()
+    return array
+
+
+def observation_column(table: pa.Table, features: tuple[str, ...]) -> pa.Array | None:
+    if not features:
+        return None
+    if len(features) == 1:
+        return vector_column(table.column(features[0]))
+    names = [f.removeprefix("observation.").replace(".", "_") for f in features]
+    return pa.StructArray.from_arrays(
+        [vector_column(table.column(f)) for f in features], names=names
+    )
+
+
+def action_column(column: pa.ChunkedArray) -> pa.Array:
+    """Float actions as float32 fixed-size lists; integer scalars (discrete) as int64."""
+    array = column.combine_chunks()
+    if pa.types.is_integer(array.type):
+        return array.cast(pa.int64())
+    return vector_column(array)
+
+
+def task_texts(part: LeRobotPart, table: pa.Table) -> pa.Array:
+    """Each step's task text, from its task_index; an index the task table lacks is an
+    error naming the file and episode."""
+    index = flat_values(table.column("task_index")).astype(np.int64)
+    known = dict(part.layout.tasks)
+    unknown = ~np.isin(index, list(known))
+    if unknown.any():
+        row = int(np.flatnonzero(unknown)[0])
+        episode = int(table.column("episode_index")[row].as_py())
+        raise ValueError(
+            f"{part.file}: episode {episode}: column 'task_index': task {index[row]} is not in "
+            "the dataset's task table"
+        )
+    order = np.asarray(sorted(known), dtype=np.int64)
+    texts = [known[i] for i in order]
+    positions = np.searchsorted(order, index)
+    return strings_to_arrow(texts).take(pa.array(positions))
+
+
+def read_frames(part: LeRobotPart, table: pa.Table) -> dict[str, list[bytes]]:
+    """camera -> one encoded frame per row: image features as stored, video features
+    decoded from each episode's span (one episode's raw frames at a time)."""
+    frames: dict[str, list[bytes]] = {}
+    for image in part.images:
+        if image.encoded:
+            frames[image.camera] = image_bytes(table.column(image.source)).to_pylist()
+            continue
+        camera = part.cameras[image.camera]
+        encoded: list[bytes] = []
+        for episode in part.episodes:
+            span = dict(episode.videos)[image.source]
+            uri = storage.join(part.layout.root, span.file)
+            start, fps = span.start_s, part.layout.fps
+            decoded = decode_video_span(uri, start, start + episode.length / fps, fps)
+            if decoded.shape[1:] != camera.shape:
+                raise FrameError(
+                    f"{uri}: episode {episode.index}: frames of {decoded.shape[2]}x"
+                    f"{decoded.shape[1]}, info.json says {camera.width}x{camera.height}"
+                )
+            encoded += encode_raw(decoded, camera)
+        frames[image.camera] = encoded
+    return frames

@@ -1,0 +1,124 @@
+"""Decoding camera streams stored as video (LeRobot's MP4 files) with PyAV.
+
+A video holds frames at presentation times `pts * time_base`. A span [start_s, end_s) at
+`fps` asks for the frames at start_s, start_s + 1/fps, ...: n = round((end_s - start_s)
+* fps) of them. `decode_video_span` seeks to the keyframe at or before start_s, decodes
+forward, and places each frame at the slot its time rounds to (the nearest frame by pts,
+as LeRobot's own reader picks frames; a frame falls within half a period of its slot),
+stopping once the span is covered: memory is the span's frames and one decoded frame.
+A span the video does not cover is an error naming the file.
+
+Sources open videos through engine/storage.py (`open_video`), so a local file and an S3
+object are read the same way: PyAV reads a seekable pyarrow file, fetching only the byte
+ranges it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from engine import storage
+
+
+class VideoError(ValueError):
+    """A video that does not hold what was asked of it."""
+
+
+def open_video(uri: str) -> BinaryIO:
+    """A seekable binary file over a local path or an S3 object, for `av.open`."""
+    fs, path = storage.filesystem(uri)
+    try:
+        return fs.open_input_file(path)  # type: ignore[return-value]
+    except (FileNotFoundError, OSError) as error:
+        raise VideoError(f"{uri}: cannot open the video ({error})") from None
+
+
+@contextmanager
+def _open_container(source: str | BinaryIO, name: str) -> Iterator[Any]:
+    """An av input container over a URI (opened and closed here) or an open file."""
+    import av
+
+    with ExitStack() as stack:
+        file = stack.enter_context(open_video(source)) if isinstance(source, str) else source
+        try:
+            container = stack.enter_context(av.open(file, "r"))
+        except Exception as error:  # PyAV raises its own error types for damaged files
+            raise VideoError(f"{name}: not a video PyAV can read ({error})") from None
+        yield container
+
+
+def video_frame_count(source: str | BinaryIO, name: str = "") -> tuple[int, float]:
+    """The frames of a video's first stream and its frame rate, from the header alone
+    (MP4 stores both): what a plan checks a span against without decoding."""
+    name = name or (source if isinstance(source, str) else "video")
+    with _open_container(source, name) as container:
+        if not container.streams.video:
+            raise VideoError(f"{name}: holds no video stream")
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate or stream.base_rate or 0)
+        frames = int(stream.frames)
+        if frames == 0 and stream.duration is not None and rate:  # a header without a count
+            frames = int(round(float(stream.duration * stream.time_base) * rate))
+        return frames, rate
+
+
+def span_frames(start_s: float, end_s: float, fps: float) -> int:
+    """How many frames a span [start_s, end_s) holds at `fps`."""
+    return max(0, int(round((end_s - start_s) * fps)))
+
+
+def decode_video_span(
+    source: str | BinaryIO, start_s: float, end_s: float, fps: float, name: str = ""
+) -> np.ndarray:
+    """The frames of [start_s, end_s) as uint8 [n, H, W, 3] RGB (n = `span_frames`).
+
+    `source` is a URI (local or s3://) or an open seekable file; `name` is what errors say
+    (the URI by default). Frames are placed by their pts; a slot no frame falls in (the
+    video ends early, or has a hole) is a VideoError naming the file and the time."""
+    name = name or (source if isinstance(source, str) else "video")
+    count = span_frames(start_s, end_s, fps)
+    with _open_container(source, name) as container:
+        if not container.streams.video:
+            raise VideoError(f"{name}: holds no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        out = np.empty((count, stream.height, stream.width, 3), np.uint8)
+        if count == 0:
+            return out
+        filled = np.zeros(count, bool)
+        time_base = float(stream.time_base)
+        if start_s > 0:
+            # The keyframe at or before the span's first frame (one tick early: a frame
+            # exactly at start_s must not be skipped by rounding).
+            container.seek(
+                max(0, int(start_s / time_base) - 1), stream=stream, backward=True, any_frame=False
+            )
+        last_time = None
+        try:
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                last_time = frame.pts * time_base
+                slot = int(round((last_time - start_s) * fps))
+                if slot >= count:
+                    break
+                if slot >= 0:
+                    out[slot] = frame.to_ndarray(format="rgb24")
+                    filled[slot] = True
+        except VideoError:
+            raise
+        except Exception as error:  # a damaged stream
+            raise VideoError(f"{name}: the video does not decode ({error})") from None
+    if not filled.all():
+        missing = int(np.flatnonzero(~filled)[0])
+        ends = "" if last_time is None else f" (its last frame is at {last_time:.3f}s)"
+        raise VideoError(
+            f"{name}: has no frame at {start_s + missing / fps:.3f}s{ends}; the span "
+            f"{start_s:.3f}s..{end_s:.3f}s needs {count} frames at {fps:g} fps: the video is "
+            "shorter than its episode"
+        )
+    return out

@@ -1,0 +1,281 @@
+"""Ingesting LeRobot datasets (v3.0 and v2.1, written by hand: tests/lerobot_datasets.py):
+vectors exactly, rewards and flags, task texts, camera frames within the codec's error;
+unknown rewards stay unknown; S3 reads like a directory; a dataset whose metadata
+disagrees with its files is one line per problem naming file and episode, and nothing is
+written, or with --on-error skip a report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from engine import storage
+from engine.dataset import open_dataset
+from engine.executor import InProcess
+from engine.ingest import ingest, plan_ingest
+from engine.sources import detect_format
+from engine.validate import ValidationError
+from engine.video import VideoError, decode_video_span
+from jobs.cli import main
+from schemas import lerobot as lr
+from schemas.frames import FRAMES_GROUP, decode_frames, frame_column
+from schemas.manifest import SKIPPED_REPORT_NAME
+from tests import lerobot_datasets as lrd
+
+WRITERS = {"v3.0": lrd.write_v30, "v2.1": lrd.write_v21}
+# Mean absolute error of a frame through the video codec (yuv420p chroma subsampling and
+# crf 30 on small, smooth frames) and back: measured ~2-5 here; PNG after it is lossless.
+VIDEO_MAE = 8.0
+
+
+def ingested(root: str, output: str, **options) -> tuple[pa.Table, pa.Table]:
+    plan = plan_ingest(root, **options)
+    ingest(plan, output, executor=InProcess(), command="test")
+    dataset = open_dataset(output)
+    return dataset.read("steps"), dataset.read("episodes")
+
+
+def vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return array.flatten().to_numpy().reshape(len(array), -1)
+
+
+# ---------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("version", ["v3.0", "v2.1"])
+def test_values_tasks_and_frames_round_trip(tmp_path, version):
+    data = lrd.make_data(
+        [5, 7, 4],
+        camera=(48, 64),
+        image_camera=(24, 32),
+        environment_state=True,
+        several_tasks=True,
+    )
+    root = WRITERS[version](tmp_path / "src", data)
+    assert detect_format(root) == "lerobot"
+    steps, episodes = ingested(root, str(tmp_path / "ds"))
+
+    assert steps.column("episode_id").to_pylist() == data.episode_index.tolist()
+    assert steps.column("t").to_pylist() == data.frame_index.tolist()
+    observation = steps.column("observation").combine_chunks()
+    np.testing.assert_array_equal(vectors(observation.field("state")), data.state)
+    np.testing.assert_array_equal(
+        vectors(observation.field("environment_state")), data.environment_state
+    )
+    np.testing.assert_array_equal(vectors(steps.column("action")), data.action)
+    np.testing.assert_array_equal(steps.column("reward").to_numpy(), data.reward)
+    # next.done on the last step: terminated; the last episode has none: truncated.
+    ends = np.cumsum(data.lengths) - 1
+    terminated = np.zeros(sum(data.lengths), bool)
+    terminated[ends[:-1]] = True
+    truncated = np.zeros(sum(data.lengths), bool)
+    truncated[ends[-1]] = True
+    assert steps.column("terminated").to_pylist() == terminated.tolist()
+    assert steps.column("truncated").to_pylist() == truncated.tolist()
+    np.testing.assert_allclose(
+        steps.column("timestamp").to_numpy(), data.frame_index / lrd.FPS, rtol=1e-6
+    )
+    assert steps.column("frame_index").to_pylist() == data.frame_index.tolist()
+    assert steps.column("task").to_pylist() == [data.tasks[i] for i in data.task_index]
+
+    starts = np.cumsum([0, *data.lengths[:-1]])
+    returns = [
+        data.reward[s : s + n].astype(np.float64).sum() for s, n in zip(starts, data.lengths)
+    ]
+    np.testing.assert_allclose(episodes.column("return").to_numpy(), returns, rtol=1e-6)
+    assert episodes.column("length").to_pylist() == data.lengths
+    assert episodes.column("task").to_pylist() == [data.tasks[0], data.tasks[1], data.tasks[0]]
+    assert episodes.column("tasks").to_pylist() == [data.episode_tasks(e) for e in range(3)]
+
+    dataset = open_dataset(str(tmp_path / "ds"))
+    cameras = next(g for g in dataset.manifest.groups if g.name == FRAMES_GROUP).cameras
+    assert set(cameras) == {"top", "wrist"}
+    top = dataset.read("steps", [frame_column("top")]).column(frame_column("top")).to_pylist()
+    decoded = decode_frames(top, cameras["top"])
+    error = np.abs(decoded.astype(np.int16) - data.video).mean(axis=(1, 2, 3))
+    assert error.max() < VIDEO_MAE, error
+    # Each step has its own frame: the nearest of all the source frames, not a neighbour.
+    every = np.abs(decoded[:, None].astype(np.int16) - data.video[None]).mean(axis=(2, 3, 4))
+    assert every.argmin(axis=1).tolist() == list(range(len(decoded)))
+    wrist = dataset.read("steps", [frame_column("wrist")]).column(frame_column("wrist"))
+    assert wrist.to_pylist() == [lrd.png(frame) for frame in data.images]  # stored as they came
+    assert dataset.manifest.metadata["lerobot"]["codebase_version"] == version
+
+
+def test_one_vector_observation_no_reward_no_done(tmp_path):
+    data = lrd.make_data([3, 6], reward=False, done=False)
+    steps, episodes = ingested(lrd.write_v30(tmp_path / "src", data), str(tmp_path / "ds"))
+    np.testing.assert_array_equal(vectors(steps.column("observation")), data.state)
+    assert steps.column("reward").null_count == steps.num_rows  # unknown, not zero
+    assert episodes.column("return").null_count == 2
+    assert steps.column("terminated").to_pylist() == [False] * 9
+    assert np.flatnonzero(steps.column("truncated").to_numpy()).tolist() == [2, 8]
+    assert "tasks" not in episodes.column_names  # every episode has one task
+    assert open_dataset(str(tmp_path / "ds")).manifest.metadata["reward"] == "absent"
+
+
+def test_parts_hold_whole_episodes_in_order(tmp_path):
+    data = lrd.make_data([4, 9, 3, 6, 5], camera=(16, 16))
+    root = lrd.write_v30(tmp_path / "src", data)
+    plan = plan_ingest(root, part_steps=10)
+    assert len(plan.parts) > 1
+    assert [e.index for p in plan.parts for e in p.episodes] == [0, 1, 2, 3, 4]
+    steps, _ = ingested(root, str(tmp_path / "ds"), part_steps=10)
+    np.testing.assert_array_equal(vectors(steps.column("action")), data.action)
+
+
+def test_ingest_from_s3(s3_bucket, tmp_path):
+    data = lrd.make_data([5, 4], camera=(32, 32))
+    local = lrd.write_v30(tmp_path / "src", data)
+    uri = lrd.upload(local, f"{s3_bucket}/lerobot/pusht")
+    assert detect_format(uri) == "lerobot"
+    assert main(["ingest", uri, str(tmp_path / "ds"), "--format", "lerobot"]) == 0
+    assert main(["ingest", local, str(tmp_path / "local")]) == 0
+    from_s3, local_copy = open_dataset(str(tmp_path / "ds")), open_dataset(str(tmp_path / "local"))
+    for table in ("steps", "episodes"):
+        columns = [c for c in local_copy.read(table).column_names if c != "source"]
+        assert from_s3.read(table, columns).equals(local_copy.read(table, columns))
+
+
+def test_decode_video_span_is_frame_accurate(tmp_path):
+    frames = lrd.scenes(12, 32, 48)
+    path = str(tmp_path / "v.mp4")
+    lrd.write_video(path, frames, fps=10)
+    span = decode_video_span(path, 0.3, 0.8, 10)
+    assert span.shape == (5, 32, 48, 3)
+    errors = [np.abs(span[i].astype(int) - frames[j]).mean() for i in range(5) for j in range(12)]
+    nearest = np.asarray(errors).reshape(5, 12).argmin(axis=1)
+    assert nearest.tolist() == [3, 4, 5, 6, 7]
+    with pytest.raises(VideoError, match=r"v\.mp4: has no frame at 1\.200s"):
+        decode_video_span(path, 1.0, 1.4, 10)
+
+
+def test_info_model_templates():
+    info = lr.LeRobotInfo.new(30, {"action": {"dtype": "float32", "shape": [2]}})
+    assert info.data_file(chunk_index=1, file_index=12) == "data/chunk-001/file-012.parquet"
+    assert "task_index" in info.features and info.video_path is None
+    old = lr.LeRobotInfo.new(
+        30, {"observation.images.top": {"dtype": "video", "shape": [8, 8, 3]}}, version="v2.1"
+    )
+    assert old.data_file(episode_index=1234) == "data/chunk-001/episode_001234.parquet"
+    assert (
+        old.video_file("observation.images.top", episode_index=7)
+        == "videos/chunk-000/observation.images.top/episode_000007.mp4"
+    )
+    assert lr.format_path("a/{x:02d}/{y}", x=3, y="b", unused=1) == "a/03/b"
+    with pytest.raises(ValueError, match="needs y"):
+        lr.format_path("{x}{y}", x=1)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _fails(root: str, output, capsys) -> list[str]:
+    assert main(["ingest", root, str(output)]) != 0
+    assert not os.path.exists(output)
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def test_unknown_codebase_version(tmp_path, capsys):
+    root = lrd.write_v30(tmp_path / "src", lrd.make_data([3]))
+    info_path = os.path.join(root, lr.INFO_PATH)
+    info = json.load(open(info_path))
+    json.dump(info | {"codebase_version": "v1.6"}, open(info_path, "w"))
+    lines = _fails(root, tmp_path / "ds", capsys)
+    assert lines[1] == (
+        f"  {info_path}: column 'codebase_version': unsupported codebase_version 'v1.6'; "
+        "hindsight reads v3.0 and v2.1"
+    )
+
+
+def test_missing_data_file(tmp_path, capsys):
+    root = lrd.write_v21(tmp_path / "src", lrd.make_data([3, 4, 5]))
+    missing = os.path.join(root, "data/chunk-000/episode_000001.parquet")
+    os.remove(missing)
+    lines = _fails(root, tmp_path / "ds", capsys)
+    assert lines[1] == f"  {missing}: episode 1: column 'data': is missing"
+    assert len(lines) == 3  # the header, the problem, the --on-error skip hint
+
+
+def test_frame_count_disagrees(tmp_path, capsys):
+    root = lrd.write_v30(tmp_path / "src", lrd.make_data([3, 4, 5]))
+    episodes_file = os.path.join(root, "meta/episodes/chunk-000/file-000.parquet")
+    table = pq.read_table(episodes_file)
+    lengths = table.column("length").to_pylist()
+    lengths[2] = 6
+    pq.write_table(table.set_column(2, "length", pa.array(lengths)), episodes_file)
+    lines = _fails(root, tmp_path / "ds", capsys)
+    data_file = os.path.join(root, "data/chunk-000/file-000.parquet")
+    assert lines[1] == (
+        f"  {data_file}: episode 2: column 'episode_index': has 5 rows of the episode, "
+        "meta/episodes says length 6"
+    )
+
+
+@pytest.mark.parametrize("version", ["v3.0", "v2.1"])
+def test_video_shorter_than_its_episode(tmp_path, capsys, version):
+    data = lrd.make_data([3, 4, 5], camera=(16, 16))
+    root = WRITERS[version](tmp_path / "src", data)
+    if version == "v3.0":
+        video = os.path.join(root, "videos", lrd.CAMERA, "chunk-000/file-000.mp4")
+        lrd.write_video(video, data.video[:10])  # the last episode needs frames 7..11
+        message = (
+            "holds 10 frames, the episode's span needs frames up to 1.200s (7 + 5): the video "
+            "is shorter than its episode"
+        )
+    else:
+        video = os.path.join(root, "videos/chunk-000", lrd.CAMERA, "episode_000002.mp4")
+        lrd.write_video(video, data.video[7:10])
+        message = (
+            "holds 3 frames, the episode's span needs frames up to 0.500s (0 + 5): the video "
+            "is shorter than its episode"
+        )
+    lines = _fails(root, tmp_path / "ds", capsys)
+    assert lines[1] == f"  {video}: episode 2: column '{lrd.CAMERA}': {message}"
+
+    assert main(["ingest", root, str(tmp_path / "ds"), "--on-error", "skip"]) == 0
+    report = json.loads(storage.read_bytes(str(tmp_path / "ds" / SKIPPED_REPORT_NAME)))
+    assert report["skipped_episodes"] == 1
+    assert report["skipped"][0]["episode"] == 2 and report["skipped"][0]["file"] == video
+    steps = open_dataset(str(tmp_path / "ds")).read("steps", ["episode_id", "action"])
+    assert steps.column("episode_id").to_pylist() == [0] * 3 + [1] * 4
+    np.testing.assert_array_equal(vectors(steps.column("action")), data.action[:7])
+
+
+def test_missing_video_file_is_skipped_with_a_report(tmp_path, capsys):
+    data = lrd.make_data([3, 4], camera=(16, 16))
+    root = lrd.write_v21(tmp_path / "src", data)
+    video = os.path.join(root, "videos/chunk-000", lrd.CAMERA, "episode_000000.mp4")
+    os.remove(video)
+    lines = _fails(root, tmp_path / "ds", capsys)
+    assert lines[1] == f"  {video}: episode 0: column '{lrd.CAMERA}': is missing"
+    assert main(["ingest", root, str(tmp_path / "ds"), "--on-error", "skip"]) == 0
+    steps = open_dataset(str(tmp_path / "ds")).read("steps", ["episode_id"])
+    assert steps.column("episode_id").to_pylist() == [1] * 4
+    frames = open_dataset(str(tmp_path / "ds")).read("steps", [frame_column("top")])
+    assert frames.num_rows == 4
+
+
+def test_not_a_lerobot_dataset(tmp_path):
+    os.makedirs(tmp_path / "empty" / "meta")
+    with pytest.raises(ValueError, match=r"not a LeRobot dataset \(meta/info.json is missing\)"):
+        plan_ingest(str(tmp_path / "empty"), format="lerobot")
+    shutil.rmtree(tmp_path / "empty")
+
+
+def test_unknown_task_index_fails_naming_the_episode(tmp_path):
+    data = lrd.make_data([3, 4])
+    data.task_index[4] = 9
+    root = lrd.write_v21(tmp_path / "src", data)
+    with pytest.raises(
+        (ValueError, ValidationError), match="episode 1: column 'task_index': task 9"
+    ):
+        ingested(root, str(tmp_path / "ds"))
+    assert not (tmp_path / "ds").exists()
