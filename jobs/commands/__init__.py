@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "query": "jobs.commands.query:Query",
     "view": "jobs.commands.view:View",
     "shard": "jobs.commands.shard:Shard",
+    "export": "jobs.commands.export:Export",
     "train": "jobs.commands.train:Train",
     "ask": "jobs.commands.ask:Ask",
     "demo": "jobs.commands.demo:Demo",

@@ -1,0 +1,360 @@
+"""Export to a LeRobotDataset v3.0 directory, following LeRobot's own writer
+(lerobot/datasets/dataset_writer.py, dataset_metadata.py, utils.py):
+
+    meta/info.json                                  the commit file, written last
+    meta/stats.json                                 feature stats (lerobot_stats.py)
+    meta/tasks.parquet                              task (index) -> task_index
+    meta/episodes/chunk-000/file-000.parquet        one row per episode
+    data/chunk-CCC/file-FFF.parquet                 one file per part of the source
+    videos/observation.images.<camera>/chunk-CCC/file-FFF.mp4   that part's frames
+
+Part p of the source becomes file p (chunk p // 1000, file p % 1000), its data Parquet and
+its videos (the frames of its episodes one after another), written by one task of the
+executor; the driver then writes the episodes table, tasks, stats and info.json.
+
+Frame columns: `observation.state` (the observation vector; a struct observation gives
+`observation.<field>` per field), `action`, `next.reward` (absent when the dataset has no
+rewards), `next.done` (terminated or truncated), `timestamp` (frame_index / fps),
+`frame_index`, `episode_index`, `index`, `task_index`, then every other numeric step
+column (relabels: `return_to_go`, goals...) and every numeric episode column repeated on
+its steps (`skill` codes, `episode_return`...), as float32 features (NaN where null).
+Text columns are not features: `--task-column` makes one of them the task. The last
+`next_observation` of an episode has no place in the format and is not exported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine import storage
+from engine.dataset import Dataset, open_dataset
+from engine.executor import Executor
+from engine.exports import (
+    ExportError,
+    ExportResult,
+    broadcast_episodes,
+    column_values,
+    divide_columns,
+    episode_lengths,
+)
+from engine.exports import lerobot_stats as stats
+from engine.exports.lerobot_plan import (
+    COMMIT_FILE,
+    EPISODES_PATH,
+    Feature,
+    LeRobotOptions,
+    Plan,
+    chunk_and_file,
+    part_tasks,
+    plan_export,
+    video_key,
+)
+from engine.exports.video import VideoSettings, encode_video
+from engine.writer import VersionWriter
+from schemas import steps as cols
+from schemas.frames import FRAME_PREFIX, decode_frame
+from schemas.lerobot import (
+    DATA_PATH_V30,
+    DEFAULT_FEATURES,
+    STATS_PATH,
+    TASKS_PATH_V30,
+    VIDEO_PATH_V30,
+    LeRobotInfo,
+)
+
+
+@dataclass(frozen=True)
+class PartTask:
+    index: int
+    plan: Plan
+    writer: VersionWriter
+
+
+@dataclass
+class PartResult:
+    """What one part wrote: its episodes' rows of the episodes table, their stats."""
+
+    index: int
+    steps: int
+    episodes: list[dict] = field(default_factory=list)
+    episode_stats: list[dict[str, stats.Stats]] = field(default_factory=list)
+    videos: dict[str, dict] = field(default_factory=dict)  # camera -> video info
+    bytes: int = 0
+    files: int = 0
+
+
+# ---------------------------------------------------------------- one part
+
+
+def export_part(task: PartTask) -> PartResult:
+    """Write part `task.index`: its data file and its videos; return its episodes' rows."""
+    plan = task.plan
+    dataset = open_dataset(plan.dataset_uri)
+    steps = dataset.read_part(task.index, "steps", dataset.columns("steps", frames=False))
+    episodes = dataset.read_part(task.index, "episodes")
+    step_ids = cols.arrow_to_numpy(steps.column(cols.EPISODE_ID))
+    episode_ids = cols.arrow_to_numpy(episodes.column(cols.EPISODE_ID))
+    lengths = episode_lengths(step_ids, episode_ids)
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    frame_index = np.arange(len(step_ids), dtype=np.int64) - np.repeat(starts[:-1], lengths)
+    first_episode = plan.episode_offsets[task.index]
+    first_step = plan.step_offsets[task.index]
+    tasks = part_tasks(dataset, task.index, plan.task_column, plan.task_level, plan.default_task)
+    arrays: dict[str, np.ndarray | pa.Array] = {}
+    for feature in plan.features:
+        arrays[feature.key] = feature_values(feature, steps, episodes, lengths)
+    arrays["timestamp"] = (frame_index / plan.fps).astype(np.float32)
+    arrays["frame_index"] = frame_index
+    arrays["episode_index"] = np.repeat(
+        np.arange(len(lengths), dtype=np.int64) + first_episode, lengths
+    )
+    arrays["index"] = np.arange(len(step_ids), dtype=np.int64) + first_step
+    arrays["task_index"] = np.array([plan.task_index[t] for t in tasks], dtype=np.int64)
+    table = data_table(plan, arrays)
+    chunk, file = chunk_and_file(task.index)
+    result = PartResult(index=task.index, steps=len(step_ids))
+    relative = DATA_PATH_V30.format(chunk_index=chunk, file_index=file)
+    size, _ = storage.write_stream(
+        storage.join(task.writer.uri, relative),
+        lambda sink: pq.write_table(table, sink, compression="snappy"),
+        task.writer.check_fence,
+    )
+    result.bytes += size
+    result.files += 1
+    per_feature = {
+        key: stats.episode_stats(
+            values if isinstance(values, np.ndarray) else column_values(values), starts
+        )
+        for key, values in arrays.items()
+    }
+    video_stats = {}
+    for camera in plan.cameras:
+        info, histograms, size = write_video(task, dataset, camera, starts)
+        result.videos[camera] = info
+        result.bytes += size
+        result.files += 1
+        video_stats[video_key(camera)] = histograms
+    for k, length in enumerate(lengths):
+        row = {
+            "episode_index": first_episode + k,
+            "tasks": list(dict.fromkeys(tasks[starts[k] : starts[k + 1]])),
+            "length": int(length),
+            "data/chunk_index": chunk,
+            "data/file_index": file,
+            "dataset_from_index": first_step + int(starts[k]),
+            "dataset_to_index": first_step + int(starts[k + 1]),
+        }
+        for camera in plan.cameras:
+            key = video_key(camera)
+            row[f"videos/{key}/chunk_index"] = chunk
+            row[f"videos/{key}/file_index"] = file
+            row[f"videos/{key}/from_timestamp"] = float(starts[k] / plan.fps)
+            row[f"videos/{key}/to_timestamp"] = float(starts[k + 1] / plan.fps)
+        result.episodes.append(row)
+        episode = {key: values[k] for key, values in per_feature.items()}
+        for key, histograms in video_stats.items():
+            episode[key] = stats.image_stats(histograms[k], int(length))
+        result.episode_stats.append(episode)
+    return result
+
+
+def feature_values(
+    feature: Feature, steps: pa.Table, episodes: pa.Table, lengths: np.ndarray
+) -> np.ndarray | pa.Array:
+    if feature.key == "next.done":
+        terminated = cols.arrow_to_numpy(steps.column(cols.TERMINATED)).astype(bool)
+        return terminated | cols.arrow_to_numpy(steps.column(cols.TRUNCATED)).astype(bool)
+    if feature.source.startswith("episodes."):
+        values = column_values(episodes.column(feature.source.removeprefix("episodes.")))
+        return broadcast_episodes(values.astype(np.float32), lengths)
+    values = column_values(cols.column_by_path(steps, feature.source))
+    return values.astype(np.dtype(feature.dtype), copy=False)
+
+
+def data_table(plan: Plan, arrays: dict[str, np.ndarray]) -> pa.Table:
+    """The data file's table: vectors as fixed-size lists, scalars as plain columns (what
+    LeRobot's HF features make of shape (n,) and (1,))."""
+    columns = {}
+    for key, values in arrays.items():
+        values = np.asarray(values)
+        if values.ndim == 2 and values.shape[1] == 1:
+            values = values[:, 0]  # LeRobot stores shape (1,) features as scalars
+        if values.ndim == 2:
+            columns[key] = cols.vectors_to_arrow(values, pa.from_numpy_dtype(values.dtype))
+        else:
+            columns[key] = pa.array(values)
+    return pa.table(columns)
+
+
+def write_video(
+    task: PartTask, dataset: Dataset, camera: str, starts: np.ndarray
+) -> tuple[dict, np.ndarray, int]:
+    """The part's frames of one camera as one MP4 (episodes one after another), its
+    info.json entry, each episode's (3, 256) pixel counts and the file's size."""
+    info = dataset.cameras[camera]
+    column = dataset.read_part(task.index, "steps", [FRAME_PREFIX + camera]).column(0)
+    episodes = len(starts) - 1
+    histograms = np.zeros((episodes, 3, 256), dtype=np.int64)
+    episode_of_step = np.repeat(np.arange(episodes), np.diff(starts))
+
+    def frames() -> Iterator[np.ndarray]:
+        for step, data in enumerate(column.to_pylist()):
+            where = f"{dataset.uri} part {task.index} step row {step} camera {camera}"
+            frame = decode_frame(data, info, where)
+            if frame.shape[2] == 1:
+                frame = np.repeat(frame, 3, axis=2)
+            counts = histograms[episode_of_step[step]]
+            for channel in range(3):
+                counts[channel] += np.bincount(frame[:, :, channel].ravel(), minlength=256)
+            yield frame
+
+    chunk, file = chunk_and_file(task.index)
+    relative = VIDEO_PATH_V30.format(
+        video_key=video_key(camera), chunk_index=chunk, file_index=file
+    )
+    # The MP4 muxer seeks back to finish the file: encode to a local temporary file, then
+    # copy it into the output (local or S3) atomically and fenced like every other file.
+    scratch = tempfile.mkdtemp(prefix="hindsight-video-")
+    try:
+        local = os.path.join(scratch, "video.mp4")
+        settings, count = encode_video(frames(), local, task.plan.fps, task.plan.video_codec)
+        if count != int(starts[-1]):
+            raise ExportError(f"part {task.index} camera {camera}: {count} frames encoded")
+
+        def copy(sink) -> None:
+            with open(local, "rb") as source:
+                shutil.copyfileobj(source, sink, 1 << 20)
+
+        size, _ = storage.write_stream(
+            storage.join(task.writer.uri, relative), copy, task.writer.check_fence
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return video_info(settings), histograms, size
+
+
+def video_info(settings: VideoSettings) -> dict:
+    return {
+        "dtype": "video",
+        "shape": [settings.height, settings.width, 3],
+        "names": ["height", "width", "channels"],
+        "info": settings.info(),
+    }
+
+
+# ---------------------------------------------------------------- the whole export
+
+
+def export_lerobot(
+    dataset: Dataset,
+    output: str,
+    options: LeRobotOptions,
+    *,
+    executor: Executor,
+    command: str = "",
+) -> ExportResult:
+    """Write `dataset` as a LeRobot v3.0 dataset at `output`; nothing stays on failure."""
+    plan = plan_export(dataset, options)
+    with VersionWriter(output, commit_file=COMMIT_FILE) as writer:
+        tasks = [PartTask(index, plan, writer) for index in range(dataset.num_parts)]
+        results = executor.map(
+            export_part, tasks, description="export lerobot", total=dataset.manifest.steps
+        )
+        results.sort(key=lambda r: r.index)
+        written = [
+            writer.write_file(EPISODES_PATH, parquet_bytes(episodes_table(results))),
+            writer.write_file(TASKS_PATH_V30, parquet_bytes(tasks_table(plan))),
+        ]
+        all_stats = [s for r in results for s in r.episode_stats]
+        dataset_stats = {
+            key: stats.as_lists(stats.aggregate([s[key] for s in all_stats]))
+            for key in (all_stats[0] if all_stats else {})
+        }
+        written.append(writer.write_file(STATS_PATH, json.dumps(dataset_stats, indent=4).encode()))
+        # Where the export came from (LeRobot warns about unknown keys in info.json).
+        provenance = {
+            "source": dataset.uri,
+            "dataset_id": dataset.manifest.dataset_id,
+            "command": command,
+        }
+        written.append(
+            writer.write_file("meta/hindsight.json", json.dumps(provenance, indent=4).encode())
+        )
+        info = info_json(plan, results)
+        data = json.dumps(info, indent=4).encode()
+        writer.commit(data)
+    return ExportResult(
+        format="lerobot",
+        output=writer.uri,
+        episodes=info["total_episodes"],
+        steps=info["total_frames"],
+        bytes=sum(r.bytes for r in results) + sum(w.bytes for w in written) + len(data),
+        files=sum(r.files for r in results) + len(written) + 1,
+        skipped_columns=divide_columns(dataset).skipped,
+        details={"fps": plan.fps, "tasks": len(plan.task_index), "cameras": list(plan.cameras)},
+    )
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="snappy")
+    return sink.getvalue().to_pybytes()
+
+
+def episodes_table(results: list[PartResult]) -> pa.Table:
+    """meta/episodes: LeRobot's per-episode fields, then `stats/<feature>/<stat>`."""
+    rows = []
+    for result in results:
+        for row, episode in zip(result.episodes, result.episode_stats, strict=True):
+            flat = dict(row)
+            for key, feature_stats in episode.items():
+                for name, value in feature_stats.items():
+                    flat[f"stats/{key}/{name}"] = np.asarray(value).tolist()
+            flat["meta/episodes/chunk_index"] = 0
+            flat["meta/episodes/file_index"] = 0
+            rows.append(flat)
+    return pa.Table.from_pylist(rows)
+
+
+def tasks_table(plan: Plan) -> pa.Table:
+    """meta/tasks.parquet as LeRobot writes it: a pandas frame indexed by `task` with a
+    `task_index` column (LeRobot reads it with pandas and looks tasks up by index)."""
+    import pandas as pd
+
+    tasks = sorted(plan.task_index, key=plan.task_index.__getitem__)
+    frame = pd.DataFrame(
+        {"task_index": [plan.task_index[t] for t in tasks]}, index=pd.Index(tasks, name="task")
+    )
+    return pa.Table.from_pandas(frame)
+
+
+def info_json(plan: Plan, results: list[PartResult]) -> dict:
+    """meta/info.json through the shared format model (schemas/lerobot.py)."""
+    features: dict[str, dict] = {
+        feature.key: {"dtype": feature.dtype, "shape": list(feature.shape), "names": None}
+        for feature in plan.features
+    }
+    for camera in plan.cameras:
+        info = next((r.videos[camera] for r in results if camera in r.videos), None)
+        if info is not None:
+            features[video_key(camera)] = info
+    features.update(DEFAULT_FEATURES)
+    episodes = sum(len(r.episodes) for r in results)
+    info = LeRobotInfo.new(plan.fps, features).model_copy(
+        update={
+            "total_episodes": episodes,
+            "total_frames": sum(r.steps for r in results),
+            "total_tasks": len(plan.task_index),
+            "splits": {"train": f"0:{episodes}"},
+        }
+    )
+    return info.to_json_dict()
