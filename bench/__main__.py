@@ -26,6 +26,7 @@ BENCHMARKS = (
     "frames_train",
     "rvs",
     "scale",
+    "lerobot",
 )
 
 

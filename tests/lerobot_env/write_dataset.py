@@ -3,8 +3,12 @@
 Runs in the LeRobot side environment (make_env.sh), never in hindsight's process:
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $ENV/run write_dataset.py OUT_DIR --frames-out F.npz
 
-The data are a pure function of the arguments (seeded), so a test can check an ingest against
-the summary: state (4), action (2) and next.reward (1) vectors exactly (float32 values printed
+With `--data D.npz` (bench/lerobot.py) it writes those arrays instead: `lengths` (steps per
+episode), `tasks` (one string per episode), `frames` (N, H, W, 3) uint8 for the camera, and
+every other array (N, d) or (N,) as a float32 feature of that name.
+
+Otherwise the data are a pure function of the arguments (seeded), so a test can check an
+ingest against the summary: state (4), action (2) and next.reward (1) vectors exactly (float32 values printed
 as the doubles they are), camera frames against F.npz (the uint8 frames given to add_frame,
 one array per episode, before the codec). `timing` is what bench/lerobot.py compares against.
 """
@@ -49,6 +53,32 @@ def episode_data(episode: int, length: int, size: int, seed: int) -> dict[str, n
     }
 
 
+def load_given(path: Path) -> dict:
+    """The arrays of `--data`: features from their shapes, a function slicing one episode."""
+    with np.load(path) as saved:
+        arrays = {key: saved[key] for key in saved.files}
+    lengths = [int(n) for n in arrays.pop("lengths")]
+    tasks = [str(t) for t in arrays.pop("tasks")]
+    frames = arrays.pop("frames")
+    values = {key: np.asarray(v, dtype=np.float32).reshape(len(v), -1) for key, v in arrays.items()}
+    features = {
+        key: {"dtype": "float32", "shape": (v.shape[1],), "names": None}
+        for key, v in values.items()
+    }
+    features[CAMERA] = {
+        "dtype": "video",
+        "shape": tuple(frames.shape[1:]),
+        "names": ["height", "width", "channels"],
+    }
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+
+    def episode(index: int) -> dict[str, np.ndarray]:
+        span = slice(starts[index], starts[index + 1])
+        return {**{key: v[span] for key, v in values.items()}, CAMERA: frames[span]}
+
+    return {"lengths": lengths, "tasks": tasks, "features": features, "episode": episode}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("root", type=Path, help="dataset directory to create (must not exist)")
@@ -59,18 +89,27 @@ def main() -> None:
     parser.add_argument("--vcodec", default="libsvtav1", help="LeRobot's default codec")
     parser.add_argument("--frames-out", type=Path, help="save the frames given to add_frame (.npz)")
     parser.add_argument("--repo-id", default="hindsight/lerobot-real")
+    parser.add_argument("--data", type=Path, help="write these arrays (.npz, see above)")
     args = parser.parse_args()
-    lengths = [int(n) for n in args.lengths.split(",")]
-    features = {
-        "observation.state": {"dtype": "float32", "shape": (4,), "names": ["x", "y", "vx", "vy"]},
-        "action": {"dtype": "float32", "shape": (2,), "names": ["ax", "ay"]},
-        "next.reward": {"dtype": "float32", "shape": (1,), "names": None},
-        CAMERA: {
-            "dtype": "video",
-            "shape": (args.size, args.size, 3),
-            "names": ["height", "width", "channels"],
-        },
-    }
+    given = load_given(args.data) if args.data is not None else None
+    if given is not None:
+        lengths, features = given["lengths"], given["features"]
+    else:
+        lengths = [int(n) for n in args.lengths.split(",")]
+        features = {
+            "observation.state": {
+                "dtype": "float32",
+                "shape": (4,),
+                "names": ["x", "y", "vx", "vy"],
+            },
+            "action": {"dtype": "float32", "shape": (2,), "names": ["ax", "ay"]},
+            "next.reward": {"dtype": "float32", "shape": (1,), "names": None},
+            CAMERA: {
+                "dtype": "video",
+                "shape": (args.size, args.size, 3),
+                "names": ["height", "width", "channels"],
+            },
+        }
     timing = {"create_s": 0.0, "add_frame_s": 0.0, "save_episode_s": 0.0, "finalize_s": 0.0}
     start = time.perf_counter()
     dataset = LeRobotDataset.create(
@@ -85,8 +124,11 @@ def main() -> None:
     timing["create_s"] = time.perf_counter() - start
     summary_episodes, vectors, frames_out = [], {}, {}
     for episode, length in enumerate(lengths):
-        data = episode_data(episode, length, args.size, args.seed)
-        task = TASKS[episode % len(TASKS)]
+        if given is not None:
+            data, task = given["episode"](episode), given["tasks"][episode]
+        else:
+            data = episode_data(episode, length, args.size, args.seed)
+            task = TASKS[episode % len(TASKS)]
         start = time.perf_counter()
         for i in range(length):
             dataset.add_frame({**{k: v[i] for k, v in data.items()}, "task": task})
@@ -95,9 +137,10 @@ def main() -> None:
         dataset.save_episode()
         timing["save_episode_s"] += time.perf_counter() - start
         summary_episodes.append({"episode_index": episode, "length": length, "task": task})
-        for key in ("observation.state", "action", "next.reward"):
-            vectors.setdefault(key, []).append(data[key].astype(np.float64).tolist())
-        frames_out[f"episode_{episode}"] = data[CAMERA]
+        if given is None:
+            for key in ("observation.state", "action", "next.reward"):
+                vectors.setdefault(key, []).append(data[key].astype(np.float64).tolist())
+            frames_out[f"episode_{episode}"] = data[CAMERA]
     start = time.perf_counter()
     dataset.finalize()
     timing["finalize_s"] = time.perf_counter() - start
