@@ -16,7 +16,10 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 python="${PYTHON:-python3}"
 purelib="$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-avlibs="$("$python" -c 'import av, pathlib; print(pathlib.Path(av.__file__).parent.parent / "av.libs")')"
+if ! avlibs="$("$python" -c 'import av, pathlib; print(pathlib.Path(av.__file__).parent.parent / "av.libs")')"; then
+    echo "PyAV is not installed in $python's environment (pip install -e '.[video]')" >&2
+    exit 1
+fi
 key="$(cat "$here/pins.txt" "$here/make_env.sh" <(echo "$purelib") | sha256sum | cut -c1-12)"
 cache="${HINDSIGHT_CACHE:-$HOME/.cache/hindsight}"
 env_dir="$cache/lerobot-env-$key"
@@ -59,7 +62,12 @@ exec "$env_dir/bin/python" "\$@"
 RUN
 chmod +x "$tmp/run"
 # A venv may move (its python finds pyvenv.cfg next to itself); `run` already names the final
-# directory. A leftover without .complete is an interrupted earlier attempt.
+# directory. A leftover without .complete is an interrupted earlier attempt; one with it was
+# finished meanwhile by another run: use that one.
+if [[ -f "$env_dir/.complete" ]]; then
+    echo "$env_dir"
+    exit 0
+fi
 rm -rf "$env_dir"
 mv "$tmp" "$env_dir"
 trap 'rm -rf "$env_dir"' EXIT
