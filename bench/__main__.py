@@ -13,6 +13,7 @@ import time
 BENCHMARKS = (
     "small",
     "ingest",
+    "lerobot_ingest",
     "relabel",
     "returns",
     "goals",
@@ -26,6 +27,7 @@ BENCHMARKS = (
     "frames_train",
     "rvs",
     "scale",
+    "export",
     "lerobot",
 )
 

@@ -256,23 +256,25 @@ def _stats(data: LeRobotData) -> dict:
     return {"observation.state": of(data.state), "action": of(data.action)}
 
 
-def write_v30(root, data: LeRobotData, *, fps: int = FPS) -> str:
-    """A v3.0 dataset: every episode in data/chunk-000/file-000.parquet and in one MP4 per
-    camera, with its episodes, tasks and stats metadata."""
+def write_v30(root, data: LeRobotData, *, fps: int = FPS, episodes_per_file: int = 0) -> str:
+    """A v3.0 dataset: episodes back to back in data/chunk-000/file-NNN.parquet and one
+    MP4 per camera and file (`episodes_per_file` episodes in each; 0: all in one), with
+    the episodes metadata (one file per data file), tasks and stats."""
     root = str(root)
-    n = sum(data.lengths)
+    n, count = sum(data.lengths), len(data.lengths)
+    per_file = episodes_per_file or count
     starts = np.cumsum([0, *data.lengths[:-1]])
     info = {
         "codebase_version": "v3.0",
         "robot_type": "so100",
-        "total_episodes": len(data.lengths),
+        "total_episodes": count,
         "total_frames": n,
         "total_tasks": len(data.tasks),
         "chunks_size": 1000,
         "data_files_size_in_mb": 100,
         "video_files_size_in_mb": 200,
         "fps": fps,
-        "splits": {"train": f"0:{len(data.lengths)}"},
+        "splits": {"train": f"0:{count}"},
         "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
         "video_path": (
             "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
@@ -283,44 +285,51 @@ def write_v30(root, data: LeRobotData, *, fps: int = FPS) -> str:
     }
     _write_json(os.path.join(root, "meta/info.json"), info)
     _write_json(os.path.join(root, "meta/stats.json"), _stats(data))
-    os.makedirs(os.path.join(root, "data/chunk-000"))
-    pq.write_table(
-        frame_table(data, slice(None)), os.path.join(root, "data/chunk-000/file-000.parquet")
-    )
     tasks = pa.table(
         {"task_index": pa.array(range(len(data.tasks)), pa.int64()), "task": data.tasks}
     )
-    pq.write_table(tasks, os.path.join(root, "meta/tasks.parquet"))
-    episodes: dict[str, list] = {
-        "episode_index": list(range(len(data.lengths))),
-        "tasks": [data.episode_tasks(e) for e in range(len(data.lengths))],
-        "length": list(data.lengths),
-        "data/chunk_index": [0] * len(data.lengths),
-        "data/file_index": [0] * len(data.lengths),
-        "dataset_from_index": starts.tolist(),
-        "dataset_to_index": (starts + data.lengths).tolist(),
-    }
-    if data.video is not None:
-        key = CAMERA
-        write_video(os.path.join(root, f"videos/{key}/chunk-000/file-000.mp4"), data.video, fps)
-        episodes |= {
-            f"videos/{key}/chunk_index": [0] * len(data.lengths),
-            f"videos/{key}/file_index": [0] * len(data.lengths),
-            f"videos/{key}/from_timestamp": (starts / fps).tolist(),
-            f"videos/{key}/to_timestamp": ((starts + data.lengths) / fps).tolist(),
-        }
-    episodes |= {
-        "meta/episodes/chunk_index": [0] * len(data.lengths),
-        "meta/episodes/file_index": [0] * len(data.lengths),
-        "stats/action/mean": [
-            data.action[s : s + length].mean(0).tolist()
-            for s, length in zip(starts, data.lengths, strict=True)
-        ],
-    }
     os.makedirs(os.path.join(root, "meta/episodes/chunk-000"))
-    pq.write_table(
-        pa.table(episodes), os.path.join(root, "meta/episodes/chunk-000/file-000.parquet")
-    )
+    pq.write_table(tasks, os.path.join(root, "meta/tasks.parquet"))
+    os.makedirs(os.path.join(root, "data/chunk-000"))
+    for file_index, first in enumerate(range(0, count, per_file)):
+        episodes_here = list(range(first, min(count, first + per_file)))
+        begin = int(starts[first])
+        end = int(starts[episodes_here[-1]] + data.lengths[episodes_here[-1]])
+        name = f"chunk-000/file-{file_index:03d}"
+        pq.write_table(
+            frame_table(data, slice(begin, end)), os.path.join(root, f"data/{name}.parquet")
+        )
+        here_starts = starts[episodes_here]
+        here_lengths = np.asarray([data.lengths[e] for e in episodes_here])
+        episodes: dict[str, list] = {
+            "episode_index": episodes_here,
+            "tasks": [data.episode_tasks(e) for e in episodes_here],
+            "length": here_lengths.tolist(),
+            "data/chunk_index": [0] * len(episodes_here),
+            "data/file_index": [file_index] * len(episodes_here),
+            "dataset_from_index": here_starts.tolist(),
+            "dataset_to_index": (here_starts + here_lengths).tolist(),
+        }
+        if data.video is not None:
+            key = CAMERA
+            video = os.path.join(root, f"videos/{key}/{name}.mp4")
+            write_video(video, data.video[begin:end], fps)
+            in_file = here_starts - begin  # the episode's first frame in its video file
+            episodes |= {
+                f"videos/{key}/chunk_index": [0] * len(episodes_here),
+                f"videos/{key}/file_index": [file_index] * len(episodes_here),
+                f"videos/{key}/from_timestamp": (in_file / fps).tolist(),
+                f"videos/{key}/to_timestamp": ((in_file + here_lengths) / fps).tolist(),
+            }
+        episodes |= {
+            "meta/episodes/chunk_index": [0] * len(episodes_here),
+            "meta/episodes/file_index": [file_index] * len(episodes_here),
+            "stats/action/mean": [
+                data.action[s : s + length].mean(0).tolist()
+                for s, length in zip(here_starts, here_lengths, strict=True)
+            ],
+        }
+        pq.write_table(pa.table(episodes), os.path.join(root, f"meta/episodes/{name}.parquet"))
     return root
 
 

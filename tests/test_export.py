@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -208,10 +209,11 @@ def test_lerobot_export_round_trips_and_reruns_identically(relabeled, tmp_path):
     assert error < VIDEO_MEAN_ERROR
 
 
-def test_minari_export_loads_with_minari(relabeled, tmp_path, monkeypatch):
+def test_minari_export_loads_with_minari(relabeled, tmp_path, monkeypatch, capsys):
     minari = pytest.importorskip("minari")
     out = str(tmp_path / "datasets" / "hindsight" / "pendulum-rl-v0")
     assert main(["export", relabeled, out, "--format", "minari"]) == 0
+    assert "not exported (no place in minari): frame_render" in capsys.readouterr().out
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
     loaded = minari.load_dataset("hindsight/pendulum-rl-v0")
     assert loaded.total_episodes == 4 and loaded.total_steps == 120
@@ -263,3 +265,102 @@ def test_a_failure_mid_export_leaves_nothing(relabeled, tmp_path, fmt, capsys):
     assert main(["export", str(copy / "rl"), str(out), "--format", fmt]) != 0
     assert "part-00001.parquet" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_lerobot_export_to_s3_on_ray(relabeled, s3_bucket, ray_local):
+    """Parts written by Ray tasks into a bucket (the loopback S3 server)."""
+    from pyarrow import fs
+
+    from engine import storage
+    from engine.exports.lerobot import export_lerobot
+    from engine.exports.lerobot_plan import LeRobotOptions
+    from jobs.runtime import RayExecutor
+
+    out = f"{s3_bucket}/exports/pendulum"
+    result = export_lerobot(
+        open_dataset(relabeled), out, LeRobotOptions(video_codec="h264"), executor=RayExecutor()
+    )
+    assert (result.episodes, result.steps, result.files) == (4, 120, 9)
+    info = json.loads(storage.read_bytes(f"{out}/meta/info.json"))
+    assert info["features"]["observation.images.render"]["info"]["video.codec"] == "h264"
+    s3, path = storage.filesystem(f"{out}/data/chunk-000/file-001.parquet")
+    assert isinstance(s3, fs.S3FileSystem)
+    assert pq.read_table(path, filesystem=s3)["index"].to_pylist() == list(range(60, 120))
+    assert not storage.exists(f"{out}/_staging")
+
+
+def step_table_without_rewards(tmp_path) -> str:
+    """Ingested from a Parquet step table with no reward and no episode ends, with a
+    step-level text column that changes within an episode."""
+    steps = pa.table(
+        {
+            "episode_id": np.repeat([0, 1], 5),
+            "t": np.tile(np.arange(5), 2),
+            "observation": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.arange(20, dtype=np.float32)), 2
+            ),
+            "action": pa.array(np.arange(10) % 3, pa.int64()),
+            "instruction": ["pick", "pick", "place", "place", "place"] + ["pick"] * 5,
+        }
+    )
+    (tmp_path / "table").mkdir()
+    pq.write_table(steps, tmp_path / "table" / "steps.parquet")
+    uri = str(tmp_path / "norewards")
+    assert main(["ingest", str(tmp_path / "table"), uri, "--format", "parquet"]) == 0
+    return uri
+
+
+def test_export_without_rewards_with_a_step_level_task(tmp_path, capsys):
+    source = step_table_without_rewards(tmp_path)
+    out = str(tmp_path / "lerobot")
+    assert main(["export", source, out, "--format", "lerobot", "--task-column", "instruction"]) == 0
+    info = json.loads(open(os.path.join(out, "meta/info.json")).read())
+    assert "next.reward" not in info["features"] and "return" not in info["features"]
+    assert info["features"]["action"] == {"dtype": "int64", "shape": [1], "names": None}
+    data = read_data(out)
+    assert data["action"].to_pylist() == (np.arange(10) % 3).tolist()
+    # No recorded episode ends: each episode is done at its last step.
+    assert data["next.done"].to_pylist() == ([False] * 4 + [True]) * 2
+    tasks = pd.read_parquet(os.path.join(out, "meta/tasks.parquet"))
+    assert tasks["task_index"].to_dict() == {"pick": 0, "place": 1}
+    assert data["task_index"].to_pylist() == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0]
+    meta = pq.read_table(os.path.join(out, "meta/episodes/chunk-000/file-000.parquet"))
+    assert meta["tasks"].to_pylist() == [["pick", "place"], ["pick"]]
+    assert "video_path" in info and info["video_path"] is None
+
+    # Minari keeps n + 1 observations: without next_observation, one line and nothing written.
+    minari_out = tmp_path / "minari"
+    assert main(["export", source, str(minari_out), "--format", "minari"]) != 0
+    assert "no step column 'next_observation'" in capsys.readouterr().err
+    assert not minari_out.exists() or not any(minari_out.iterdir())
+
+
+def test_export_options_are_checked_before_any_work(relabeled, tmp_path, capsys):
+    out = str(tmp_path / "x")
+    cases = {
+        ("--format", "lerobot", "--task-column", "noise"): "the task is a text column",
+        ("--format", "lerobot", "--task-column", "nope"): "text columns: env_id, source",
+        ("--format", "minari", "--fps", "10"): "options of --format lerobot",
+        ("--format", "minari", "--dataset-id", "bad id"): "Minari ids are",
+        ("--format", "lerobot", "--dataset-id", "a/b-v0"): "option of --format minari",
+    }
+    for options, message in cases.items():
+        assert main(["export", relabeled, out, *options]) != 0
+        assert message in capsys.readouterr().err, options
+    assert not os.path.exists(out)
+    inside = os.path.join(relabeled, "export")
+    assert main(["export", relabeled, inside, "--format", "lerobot"]) == 2
+    assert "inside input" in capsys.readouterr().err
+
+
+def test_a_query_subset_exports_with_its_own_episodes(relabeled, tmp_path):
+    subset, out = str(tmp_path / "noisy"), str(tmp_path / "lerobot")
+    assert main(["query", relabeled, "--where", "noise > 0", "--output", subset]) == 0
+    assert main(["export", subset, out, "--format", "lerobot"]) == 0
+    steps, _ = source_tables(relabeled)
+    noisy = steps.filter(pc.greater(steps["noise"], 0))
+    data = read_data(out)
+    assert data.num_rows == noisy.num_rows == 60
+    np.testing.assert_array_equal(data["return_to_go"].to_numpy(), noisy["return_to_go"].to_numpy())
+    np.testing.assert_array_equal(data["episode_index"].to_numpy(), np.repeat([0, 1], 30))
+    np.testing.assert_array_equal(data["index"].to_numpy(), np.arange(60))

@@ -121,14 +121,26 @@ def test_one_vector_observation_no_reward_no_done(tmp_path):
     assert open_dataset(str(tmp_path / "ds")).manifest.metadata["reward"] == "absent"
 
 
-def test_parts_hold_whole_episodes_in_order(tmp_path):
-    data = lrd.make_data([4, 9, 3, 6, 5], camera=(16, 16))
-    root = lrd.write_v30(tmp_path / "src", data)
+def test_several_files_and_parts_in_ray_tasks(ray_local, tmp_path):
+    from jobs.runtime import RayExecutor
+
+    data = lrd.make_data([4, 9, 3, 6, 5], camera=(32, 32))
+    root = lrd.write_v30(tmp_path / "src", data, episodes_per_file=2)  # 3 data and MP4 files
     plan = plan_ingest(root, part_steps=10)
     assert len(plan.parts) > 1
     assert [e.index for p in plan.parts for e in p.episodes] == [0, 1, 2, 3, 4]
-    steps, _ = ingested(root, str(tmp_path / "ds"), part_steps=10)
-    np.testing.assert_array_equal(vectors(steps.column("action")), data.action)
+    assert {e.data_file for p in plan.parts for e in p.episodes} == {
+        f"data/chunk-000/file-00{i}.parquet" for i in range(3)
+    }
+    ingest(plan, str(tmp_path / "ray"), executor=RayExecutor(), command="test")
+    in_process = ingested(root, str(tmp_path / "local"), part_steps=10)
+    ray = open_dataset(str(tmp_path / "ray"))
+    assert ray.read("steps").equals(in_process[0])  # the same bytes either way
+    np.testing.assert_array_equal(vectors(in_process[0].column("action")), data.action)
+    frames = decode_frames(
+        in_process[0].column(frame_column("top")).to_pylist(), plan.cameras["top"]
+    )
+    assert np.abs(frames.astype(np.int16) - data.video).mean(axis=(1, 2, 3)).max() < VIDEO_MAE
 
 
 def test_ingest_from_s3(s3_bucket, tmp_path):
@@ -279,3 +291,52 @@ def test_unknown_task_index_fails_naming_the_episode(tmp_path):
     ):
         ingested(root, str(tmp_path / "ds"))
     assert not (tmp_path / "ds").exists()
+
+
+def test_a_steps_frame_is_the_one_nearest_its_timestamp(tmp_path):
+    data = lrd.make_data([5, 3], camera=(32, 32))
+    root = lrd.write_v21(tmp_path / "src", data)
+    path = os.path.join(root, "data/chunk-000/episode_000000.parquet")
+    table = pq.read_table(path)
+    stamps = pa.array([0.0, 0.1, 0.2, 0.21, 0.4], pa.float32())  # step 3 repeats frame 2
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("timestamp"), "timestamp", stamps), path
+    )
+    steps, _ = ingested(root, str(tmp_path / "ds"))
+    camera = open_dataset(str(tmp_path / "ds")).manifest.groups[1].cameras["top"]
+    decoded = decode_frames(steps.column(frame_column("top")).to_pylist()[:5], camera)
+    every = np.abs(decoded[:, None].astype(np.int16) - data.video[None, :5]).mean(axis=(2, 3, 4))
+    assert every.argmin(axis=1).tolist() == [0, 1, 2, 2, 4]
+
+
+def test_long_episodes_are_decoded_a_window_at_a_time(tmp_path, monkeypatch):
+    import engine.sources.lerobot as source
+
+    data = lrd.make_data([11, 7], camera=(32, 32))
+    root = lrd.write_v30(tmp_path / "src", data)
+    whole, _ = ingested(root, str(tmp_path / "whole"))
+    monkeypatch.setattr(source, "chunk_rows", lambda camera: 3)  # windows of 3 frames
+    windows, _ = ingested(root, str(tmp_path / "windows"))
+    column = frame_column("top")
+    assert windows.column(column).to_pylist() == whole.column(column).to_pylist()
+
+
+def test_map_names_the_reward_feature(tmp_path, capsys):
+    data = lrd.make_data([3, 4], reward=False)
+    data.extra["complementary_info.reward"] = np.arange(7, dtype=np.float32) / 2
+    root = lrd.write_v30(tmp_path / "src", data)
+    steps, episodes = ingested(
+        root, str(tmp_path / "ds"), column_map={"reward": "complementary_info.reward"}
+    )
+    assert steps.column("reward").to_pylist() == (np.arange(7) / 2).tolist()
+    assert episodes.column("return").to_pylist() == [1.5, 9.0]
+    assert "complementary_info.reward" not in steps.column_names
+    # Without --map the feature is a step column of its own and the reward is unknown.
+    steps, _ = ingested(root, str(tmp_path / "plain"))
+    assert steps.column("reward").null_count == 7
+    assert steps.column("complementary_info.reward").to_pylist() == (np.arange(7) / 2).tolist()
+    assert main(["ingest", root, str(tmp_path / "bad"), "--map", "reward=next.rewards"]) != 0
+    info = os.path.join(root, lr.INFO_PATH)
+    assert capsys.readouterr().err.splitlines()[1] == (
+        f"  {info}: column 'features': has no feature 'next.rewards' (--map reward=next.rewards)"
+    )

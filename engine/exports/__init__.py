@@ -169,3 +169,9 @@ def single_env_id(dataset: Dataset) -> str | None:
         ids |= set(column.unique().to_pylist())
     ids.discard(None)
     return ids.pop() if len(ids) == 1 else None
+
+
+def flags(table: pa.Table, column: str) -> np.ndarray:
+    """A bool column as NumPy, an unknown (null) flag as False: a source without
+    `terminated`/`truncated` records no episode end but the last step."""
+    return cols.arrow_to_numpy(pc.fill_null(table.column(column), False)).astype(bool)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine import storage
@@ -45,6 +46,7 @@ from engine.exports import (
     column_values,
     divide_columns,
     episode_lengths,
+    flags,
 )
 from engine.exports import lerobot_stats as stats
 from engine.exports.lerobot_plan import (
@@ -118,7 +120,8 @@ def export_part(task: PartTask) -> PartResult:
         np.arange(len(lengths), dtype=np.int64) + first_episode, lengths
     )
     arrays["index"] = np.arange(len(step_ids), dtype=np.int64) + first_step
-    arrays["task_index"] = np.array([plan.task_index[t] for t in tasks], dtype=np.int64)
+    known = pa.array(sorted(plan.task_index, key=plan.task_index.__getitem__), pa.string())
+    arrays["task_index"] = pc.index_in(tasks, value_set=known).to_numpy().astype(np.int64)
     table = data_table(plan, arrays)
     chunk, file = chunk_and_file(task.index)
     result = PartResult(index=task.index, steps=len(step_ids))
@@ -146,7 +149,7 @@ def export_part(task: PartTask) -> PartResult:
     for k, length in enumerate(lengths):
         row = {
             "episode_index": first_episode + k,
-            "tasks": list(dict.fromkeys(tasks[starts[k] : starts[k + 1]])),
+            "tasks": pc.unique(tasks.slice(starts[k], length)).to_pylist(),
             "length": int(length),
             "data/chunk_index": chunk,
             "data/file_index": file,
@@ -171,8 +174,10 @@ def feature_values(
     feature: Feature, steps: pa.Table, episodes: pa.Table, lengths: np.ndarray
 ) -> np.ndarray | pa.Array:
     if feature.key == "next.done":
-        terminated = cols.arrow_to_numpy(steps.column(cols.TERMINATED)).astype(bool)
-        return terminated | cols.arrow_to_numpy(steps.column(cols.TRUNCATED)).astype(bool)
+        done = flags(steps, cols.TERMINATED) | flags(steps, cols.TRUNCATED)
+        if steps.column(cols.TERMINATED).null_count or steps.column(cols.TRUNCATED).null_count:
+            done[np.cumsum(lengths) - 1] = True  # ends unrecorded: an episode ends at its end
+        return done
     if feature.source.startswith("episodes."):
         values = column_values(episodes.column(feature.source.removeprefix("episodes.")))
         return broadcast_episodes(values.astype(np.float32), lengths)

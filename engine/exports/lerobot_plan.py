@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from engine.dataset import Dataset
 from engine.exports import (
@@ -120,7 +121,8 @@ def plan_export(dataset: Dataset, options: LeRobotOptions) -> Plan:
         features.append(
             numeric_feature("action", cols.ACTION, steps_schema.field(cols.ACTION).type)
         )
-    if rewards_known(dataset):
+    has_rewards = rewards_known(dataset)
+    if has_rewards:
         features.append(Feature("next.reward", cols.REWARD, "float32", (1,)))
     features.append(Feature("next.done", "done", "bool", (1,)))
     taken = {f.key for f in features} | set(INDEX_COLUMNS)
@@ -128,7 +130,8 @@ def plan_export(dataset: Dataset, options: LeRobotOptions) -> Plan:
     extras += [
         (name, episodes_schema.field(name).type, f"episodes.{name}")
         for name in columns.episode_numbers
-        if name not in columns.numbers
+        # An unknown reward leaves every episode's return null: not a feature.
+        if name not in columns.numbers and (has_rewards or name != cols.RETURN)
     ]
     for name, kind, source in extras:
         if name in taken:
@@ -139,7 +142,8 @@ def plan_export(dataset: Dataset, options: LeRobotOptions) -> Plan:
     default_task = single_env_id(dataset) or "default"
     task_index: dict[str, int] = {}
     for part in range(dataset.num_parts):
-        for task in part_tasks(dataset, part, options.task_column, task_level, default_task):
+        tasks = part_tasks(dataset, part, options.task_column, task_level, default_task)
+        for task in pc.unique(tasks).to_pylist():  # in order of first appearance
             task_index.setdefault(task, len(task_index))
     if not task_index:
         task_index[default_task] = 0
@@ -176,15 +180,15 @@ def dtype_name(kind: pa.DataType) -> str:
 
 def part_tasks(
     dataset: Dataset, part: int, column: str | None, level: str | None, default: str
-) -> list[str]:
-    """The task of every step of a part (a null text: the default task)."""
+) -> pa.Array:
+    """The task of every step of a part, as Arrow strings (a null text: the default task)."""
     steps = dataset.manifest.parts[part].steps
     if column is None:
-        return [default] * steps
-    values = dataset.read_part(part, level, [column]).column(0).to_pylist()
-    values = [default if v is None else v for v in values]
+        return pa.array([default], pa.string()).take(np.zeros(steps, dtype=np.int64))
+    values = dataset.read_part(part, level, [column]).column(0).combine_chunks()
+    values = pc.fill_null(pc.cast(values, pa.string()), default)
     if level == "steps":
         return values
     ids = dataset.read_part(part, "steps", [cols.EPISODE_ID]).column(0)
     lengths = np.diff(cols.episode_boundaries(cols.arrow_to_numpy(ids)))
-    return [task for task, n in zip(values, lengths, strict=True) for _ in range(n)]
+    return values.take(np.repeat(np.arange(len(values)), lengths))

@@ -39,6 +39,7 @@ from engine.exports import (
     column_values,
     divide_columns,
     episode_lengths,
+    flags,
     is_text_type,
     is_vector_type,
     rewards_known,
@@ -46,6 +47,7 @@ from engine.exports import (
 )
 from engine.writer import VersionWriter
 from schemas import steps as cols
+from schemas.frames import FRAME_PREFIX
 
 COMMIT_FILE = "data/metadata.json"
 DATA_FILE = "data/main_data.hdf5"
@@ -144,7 +146,8 @@ def export_minari(dataset: Dataset, output: str, *, dataset_id: str | None = Non
         steps=total_steps,
         bytes=data_bytes + len(data),
         files=2,
-        skipped_columns=columns.skipped,
+        # Minari's image observations replace the state: camera frames have no place here.
+        skipped_columns=columns.skipped + [FRAME_PREFIX + camera for camera in columns.cameras],
         details={"dataset_id": dataset_id, "info_keys": info_columns},
     )
 
@@ -170,8 +173,8 @@ def write_episodes(
         reward = column_values(steps.column(cols.REWARD))
     else:
         reward = np.full(steps.num_rows, np.nan, np.float32)
-    terminated = cols.arrow_to_numpy(steps.column(cols.TERMINATED)).astype(bool)
-    truncated = cols.arrow_to_numpy(steps.column(cols.TRUNCATED)).astype(bool)
+    terminated = flags(steps, cols.TERMINATED)
+    truncated = flags(steps, cols.TRUNCATED)
     infos = {name: info_values(steps.column(name)) for name in info_columns}
     attributes = episodes.to_pylist()
     for k, (start, end) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
@@ -249,6 +252,8 @@ def spaces_of(dataset: Dataset, schema: pa.Schema) -> tuple[dict, dict, str | No
         return observation, action, None
     try:
         import gymnasium as gym
+
+        import engine.envs  # noqa: F401  (registers hindsight's own envs: PointGoal)
 
         spec = gym.spec(env_id)
         env = gym.make(env_id)

@@ -41,6 +41,7 @@ from engine.sources.base import IngestPlan, Part, PlanOptions, Source, part_rang
 from engine.sources.images import (
     ImageColumn,
     camera_name,
+    chunk_rows,
     encode_raw,
     encoded_camera,
     image_part_steps,
@@ -67,6 +68,9 @@ TASK = "task"  # the step and episode column of the task text
 TASKS = "tasks"  # the episode column of every task, where some episode has several
 KEPT_COLUMNS = ("timestamp", "frame_index")  # LeRobot's own columns kept as steps columns
 DROPPED_COLUMNS = ("episode_index", "index", "task_index")
+# What `--map NAME=FEATURE` may point elsewhere (a dataset that stores its reward under
+# another name, a chosen observation feature).
+MAPPABLE = (cols.OBSERVATION, cols.ACTION, cols.REWARD, cols.TERMINATED)
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class LeRobotPart(Part):
 
 class LeRobot(Source[LeRobotPart]):
     name = "lerobot"
+    takes_column_map = True  # --map observation=, action=, reward=, terminated=
 
     def detect(self, path: str) -> bool:
         if storage.is_s3(path):
@@ -111,14 +116,14 @@ class LeRobot(Source[LeRobotPart]):
         if isinstance(meta, Problem):
             return IngestPlan.refused(self.name, path, [meta])
         info = meta.info
-        layout, problems = plan_layout(meta)
+        layout, problems = plan_layout(meta, dict(options.column_map))
         images, cameras, found = plan_cameras(meta, options)
         problems += found
         if any(p.episode is None for p in problems):
             return IngestPlan.refused(self.name, path, problems)
         episodes = meta.episodes
         labels = EpisodeLabels(
-            options.env_id or info.robot_type or "unknown",
+            options.env_id or "unknown",  # a robot type is no environment: kept in metadata
             source_label(self.name, path),
             (TASK,) if layout.tasks else (),
         )
@@ -199,20 +204,41 @@ def file_name_of(path: str) -> str:
 # ---------------------------------------------------------------- the plan
 
 
-def plan_layout(meta: LeRobotMeta) -> tuple[LeRobotLayout, list[Problem]]:
-    """Which features become the observation, action, reward, flags and step columns."""
+def plan_layout(
+    meta: LeRobotMeta, column_map: dict[str, str] | None = None
+) -> tuple[LeRobotLayout, list[Problem]]:
+    """Which features become the observation, action, reward, flags and step columns;
+    `column_map` (`--map reward=FEATURE,...`) names other features for MAPPABLE ones."""
     info, features = meta.info, meta.info.features
     info_uri = meta.uri(lr.INFO_PATH)
-    problems = []
+    column_map = dict(column_map or {})
+    problems = [
+        Problem(info_uri, name, f"--map {name}=: lerobot maps {', '.join(MAPPABLE)}")
+        for name in column_map
+        if name not in MAPPABLE
+    ]
+    problems += [
+        Problem(info_uri, "features", f"has no feature {feature!r} (--map {name}={feature})")
+        for name, feature in column_map.items()
+        if name in MAPPABLE and feature not in features
+    ]
     vectors = [
         key
         for key, feature in features.items()
         if key.startswith("observation.") and not feature.is_camera
     ]
     observation = (STATE,) if vectors == [STATE] else tuple(vectors)
-    if "action" not in features:
-        problems.append(Problem(info_uri, "features", "has no `action` feature"))
-    mapped = {*observation, "action", REWARD, DONE, *KEPT_COLUMNS, *DROPPED_COLUMNS}
+    if cols.OBSERVATION in column_map:
+        observation = (column_map[cols.OBSERVATION],)
+    action = column_map.get(cols.ACTION, "action")
+    reward = column_map.get(cols.REWARD, REWARD)
+    done = column_map.get(cols.TERMINATED, DONE)
+    problems += [
+        Problem(info_uri, "features", f"has no `{name}` feature")
+        for name in (action, "episode_index", *KEPT_COLUMNS)
+        if name not in features
+    ]
+    mapped = {*observation, action, reward, done, *KEPT_COLUMNS, *DROPPED_COLUMNS}
     infos = tuple(
         key
         for key, feature in features.items()
@@ -223,9 +249,9 @@ def plan_layout(meta: LeRobotMeta) -> tuple[LeRobotLayout, list[Problem]]:
         root=meta.root,
         fps=info.fps,
         observation=observation,
-        action="action",
-        reward=REWARD if REWARD in features else None,
-        done=DONE if DONE in features else None,
+        action=action,
+        reward=reward if reward in features else None,
+        done=done if done in features else None,
         infos=infos,
         tasks=tuple(sorted(meta.tasks.items())) if "task_index" in features else (),
         several_tasks=several,
@@ -388,24 +414,54 @@ def task_texts(part: LeRobotPart, table: pa.Table) -> pa.Array:
 
 def read_frames(part: LeRobotPart, table: pa.Table) -> dict[str, list[bytes]]:
     """camera -> one encoded frame per row: image features as stored, video features
-    decoded from each episode's span (one episode's raw frames at a time)."""
+    decoded from each episode's span (one episode's raw frames at a time). A step's frame
+    is the video's frame nearest to `from_timestamp + timestamp`, as LeRobot's reader
+    picks it: the frame grid slot its timestamp rounds to."""
     frames: dict[str, list[bytes]] = {}
+    fps = part.layout.fps
+    timestamps = flat_values(table.column("timestamp")).astype(np.float64)
+    boundaries = cols.episode_boundaries(
+        np.asarray(table.column("episode_index").to_numpy(), dtype=np.int64)
+    )
     for image in part.images:
         if image.encoded:
             frames[image.camera] = image_bytes(table.column(image.source)).to_pylist()
             continue
         camera = part.cameras[image.camera]
         encoded: list[bytes] = []
-        for episode in part.episodes:
+        for episode, first, stop in zip(part.episodes, boundaries[:-1], boundaries[1:]):
             span = dict(episode.videos)[image.source]
             uri = storage.join(part.layout.root, span.file)
-            start, fps = span.start_s, part.layout.fps
-            decoded = decode_video_span(uri, start, start + episode.length / fps, fps)
-            if decoded.shape[1:] != camera.shape:
-                raise FrameError(
-                    f"{uri}: episode {episode.index}: frames of {decoded.shape[2]}x"
-                    f"{decoded.shape[1]}, info.json says {camera.width}x{camera.height}"
+            slots = np.rint(timestamps[first:stop] * fps).astype(np.int64)
+            if len(slots) and slots.min() < 0:
+                raise ValueError(
+                    f"{part.file}: episode {episode.index}: column 'timestamp': negative "
+                    f"timestamp {timestamps[first + int(slots.argmin())]}"
                 )
-            encoded += encode_raw(decoded, camera)
+            encoded += episode_frames(uri, span.start_s, slots, fps, camera, episode.index)
         frames[image.camera] = encoded
     return frames
+
+
+def episode_frames(
+    uri: str, start_s: float, slots: np.ndarray, fps: int, camera: CameraInfo, episode: int
+) -> list[bytes]:
+    """The encoded frames at these slots of the frame grid from `start_s`, decoded a window
+    of `chunk_rows` frames at a time (a long episode never holds all its raw frames)."""
+    window = chunk_rows(camera)
+    count = int(slots.max()) + 1 if len(slots) else 0
+    out: list[bytes | None] = [None] * len(slots)
+    for first in range(0, count, window):
+        stop = min(count, first + window)
+        rows = np.flatnonzero((slots >= first) & (slots < stop))
+        if not len(rows):
+            continue
+        decoded = decode_video_span(uri, start_s + first / fps, start_s + stop / fps, fps)
+        if decoded.shape[1:] != camera.shape:
+            raise FrameError(
+                f"{uri}: episode {episode}: frames of {decoded.shape[2]}x{decoded.shape[1]}, "
+                f"info.json says {camera.width}x{camera.height}"
+            )
+        for row, data in zip(rows, encode_raw(decoded[slots[rows] - first], camera)):
+            out[row] = data
+    return out  # type: ignore[return-value]
