@@ -190,16 +190,20 @@ def expected_return_to_go(rewards: np.ndarray, lengths: list[int], gamma: float)
     return np.asarray(expected)
 
 
-def test_export_of_collected_data_read_by_lerobot(lerobot_env, tmp_path):
+@pytest.mark.parametrize("codec", ["libsvtav1", "h264"])
+def test_export_of_collected_data_read_by_lerobot(lerobot_env, tmp_path, codec):
     """hindsight's own data (Pendulum with frames, 2 parts) relabeled with returns and skill,
-    exported with the skill as the task, read by LeRobotDataset through a DataLoader."""
+    exported with the skill as the task (in each video codec the export offers), read by
+    LeRobotDataset through a DataLoader."""
     raw, labeled, export = (str(tmp_path / name) for name in ("raw", "rl", "export"))
     collect = ["collect", "Pendulum-v1", raw, "--episodes", "4", "--max-steps", "20",
                "--noise", "0,0.5", "--frames", "32x32", "--episodes-per-part", "2"]  # fmt: skip
     assert main(collect) == 0
     relabel = ["relabel", raw, labeled, "--with", "returns:gamma=0.9", "--with", "skill:levels=2"]
     assert main(relabel) == 0
-    assert main(["export", labeled, export, "--format", "lerobot", "--task-column", "skill"]) == 0
+    export_command = ["export", labeled, export, "--format", "lerobot", "--task-column", "skill",
+                      "--video-codec", codec]  # fmt: skip
+    assert main(export_command) == 0
     read = side(
         lerobot_env,
         "read_dataset.py",
