@@ -22,8 +22,8 @@ from schemas.frames import decode_frame
 
 QUANTILES = {"q01": 0.01, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q99": 0.99}
 # Mean absolute pixel error of the decoded video against the source frames (0..255):
-# LeRobot's AV1 settings (crf 30) on tiny 32x32 renders of Pendulum.
-VIDEO_MEAN_ERROR = 6.0
+# LeRobot's AV1 settings (crf 30) on tiny 32x32 renders of Pendulum (measured: 1.0).
+VIDEO_MEAN_ERROR = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -364,3 +364,38 @@ def test_a_query_subset_exports_with_its_own_episodes(relabeled, tmp_path):
     np.testing.assert_array_equal(data["return_to_go"].to_numpy(), noisy["return_to_go"].to_numpy())
     np.testing.assert_array_equal(data["episode_index"].to_numpy(), np.repeat([0, 1], 30))
     np.testing.assert_array_equal(data["index"].to_numpy(), np.arange(60))
+
+
+def test_a_lerobot_dataset_relabeled_goes_back_to_lerobot(tmp_path):
+    """The issue's user story: ingest a LeRobot dataset (written by hand following the
+    format, tests/lerobot_datasets.py), relabel it, export it: fps, robot type, feature
+    names and tasks carry over, the relabel column is a new feature."""
+    from tests.lerobot_datasets import make_data, write_v30
+
+    data = make_data([6, 4, 5], camera=(16, 16), several_tasks=True)
+    source = write_v30(tmp_path / "lerobot-in", data, fps=10)
+    raw, labeled = str(tmp_path / "raw"), str(tmp_path / "rl")
+    out = str(tmp_path / "lerobot-out")
+    assert main(["ingest", source, raw, "--format", "lerobot"]) == 0
+    assert main(["relabel", raw, labeled, "--with", "returns"]) == 0
+    assert main(["export", labeled, out, "--format", "lerobot", "--task-column", "task"]) == 0
+    before = json.loads(open(os.path.join(source, "meta/info.json")).read())
+    after = json.loads(open(os.path.join(out, "meta/info.json")).read())
+    assert after["fps"] == 10 and after["robot_type"] == before["robot_type"]
+    for key in ("observation.state", "action"):
+        assert after["features"][key] == before["features"][key], key
+    assert after["features"]["return_to_go"]["shape"] == [1]
+    frames_in = read_data(source)
+    frames_out = read_data(out)
+    for key in ("observation.state", "action", "next.reward", "timestamp", "frame_index"):
+        assert frames_out[key].to_pylist() == frames_in[key].to_pylist(), key
+    tasks_in = pd.read_parquet(os.path.join(source, "meta/tasks.parquet"))
+    tasks_out = pd.read_parquet(os.path.join(out, "meta/tasks.parquet"))
+    # The hand-written input keeps `task` as a column; LeRobot's writer (and the export)
+    # as the pandas index.
+    texts_in = tasks_in["task"] if "task" in tasks_in.columns else tasks_in.index
+    task_of = dict(zip(tasks_in["task_index"], texts_in, strict=True))
+    text_of = dict(zip(tasks_out["task_index"], tasks_out.index, strict=True))
+    assert [text_of[i] for i in frames_out["task_index"].to_pylist()] == [
+        task_of[i] for i in frames_in["task_index"].to_pylist()
+    ]

@@ -94,7 +94,9 @@ def divide_columns(dataset: Dataset) -> Columns:
     for f in steps:
         if f.name in STEP_CORE:
             continue
-        if camera_of(f.name) is not None:
+        # A camera's frames are `frame_<camera>` of a camera the manifest knows (a LeRobot
+        # ingest's `frame_index` is a number, not camera "index").
+        if camera_of(f.name) in dataset.cameras:
             cameras.append(camera_of(f.name))
         elif is_number_type(f.type) or is_vector_type(f.type):
             numbers.append(f.name)

@@ -345,7 +345,7 @@ def tasks_table(plan: Plan) -> pa.Table:
 def info_json(plan: Plan, results: list[PartResult]) -> dict:
     """meta/info.json through the shared format model (schemas/lerobot.py)."""
     features: dict[str, dict] = {
-        feature.key: {"dtype": feature.dtype, "shape": list(feature.shape), "names": None}
+        feature.key: {"dtype": feature.dtype, "shape": list(feature.shape), "names": feature.names}
         for feature in plan.features
     }
     for camera in plan.cameras:
@@ -354,7 +354,7 @@ def info_json(plan: Plan, results: list[PartResult]) -> dict:
             features[video_key(camera)] = info
     features.update(DEFAULT_FEATURES)
     episodes = sum(len(r.episodes) for r in results)
-    info = LeRobotInfo.new(plan.fps, features).model_copy(
+    info = LeRobotInfo.new(plan.fps, features, robot_type=plan.robot_type).model_copy(
         update={
             "total_episodes": episodes,
             "total_frames": sum(r.steps for r in results),

@@ -4,7 +4,7 @@ driver before any part is written."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -50,6 +50,7 @@ class Feature:
     source: str  # step column, `<column>.<field>` of a struct, or `episodes.<column>`
     dtype: str
     shape: tuple[int, ...]
+    names: list | dict | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Plan:
     task_index: dict[str, int]
     step_offsets: tuple[int, ...]
     episode_offsets: tuple[int, ...]
+    robot_type: str | None = None
 
 
 def chunk_and_file(index: int) -> tuple[int, int]:
@@ -81,8 +83,9 @@ def video_key(camera: str) -> str:
 
 
 def check_task_column(dataset: Dataset, column: str) -> str:
-    """The level of a text column that can be the task ("steps" or "episodes")."""
-    for level in ("episodes", "steps"):
+    """The level of a text column that can be the task ("steps" or "episodes"); a name at
+    both levels (a LeRobot ingest's `task`) is read per step, the finer of the two."""
+    for level in ("steps", "episodes"):
         schema = dataset.arrow_schema(level)
         if column in schema.names:
             if not is_text_type(schema.field(column).type):
@@ -134,6 +137,10 @@ def plan_export(dataset: Dataset, options: LeRobotOptions) -> Plan:
         if name not in columns.numbers and (has_rewards or name != cols.RETURN)
     ]
     for name, kind, source in extras:
+        if name in INDEX_COLUMNS:
+            # A dataset ingested from LeRobot keeps its `timestamp` and `frame_index`: the
+            # export writes its own (frame_index / fps: where the frame is in the video).
+            continue
         if name in taken:
             raise ExportError(f"column {name!r} would clash with LeRobot's own feature {name!r}")
         shape = (kind.list_size,) if is_vector_type(kind) else (1,)
@@ -148,7 +155,23 @@ def plan_export(dataset: Dataset, options: LeRobotOptions) -> Plan:
     if not task_index:
         task_index[default_task] = 0
     parts = dataset.manifest.parts
-    fps = options.fps or int(dataset.manifest.metadata.get("fps") or DEFAULT_FPS)
+    # A dataset ingested from LeRobot keeps its info.json under metadata["lerobot"]: its
+    # fps, robot type and the names of its features' dimensions carry over.
+    source = dataset.manifest.metadata.get("lerobot") or {}
+    fps = options.fps or int(
+        dataset.manifest.metadata.get("fps") or source.get("fps") or DEFAULT_FPS
+    )
+    names = {
+        key: feature["names"]
+        for key, feature in (source.get("features") or {}).items()
+        if isinstance(feature, dict) and feature.get("names") is not None
+    }
+    features = [
+        replace(f, names=names[f.key])
+        if f.key in names and list(f.shape) == list(source["features"][f.key].get("shape", []))
+        else f
+        for f in features
+    ]
     return Plan(
         dataset_uri=dataset.uri,
         fps=fps,
@@ -159,6 +182,7 @@ def plan_export(dataset: Dataset, options: LeRobotOptions) -> Plan:
         task_level=task_level,
         default_task=default_task,
         task_index=task_index,
+        robot_type=source.get("robot_type"),
         step_offsets=tuple(np.concatenate([[0], np.cumsum([p.steps for p in parts])]).tolist()),
         episode_offsets=tuple(
             np.concatenate([[0], np.cumsum([p.episodes for p in parts])]).tolist()

@@ -66,7 +66,12 @@ def encode_video(
 ) -> tuple[VideoSettings, int]:
     """Encode `frames` (each H x W x C uint8, C = 1 or 3) into the local MP4 file `path`,
     one video frame per array at `fps`; the settings and the number of frames written."""
-    import av
+    try:
+        import av
+    except ImportError as error:
+        raise VideoError(
+            "exporting camera frames as video needs PyAV: pip install 'hindsight[video]'"
+        ) from error
 
     # SVT-AV1 prints its whole configuration on stderr unless told otherwise.
     os.environ.setdefault("SVT_LOG", "1")
