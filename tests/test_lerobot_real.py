@@ -261,13 +261,6 @@ def test_export_of_collected_data_read_by_lerobot(lerobot_env, tmp_path, codec):
     assert error.max() < VIDEO_MAE, error
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="export fails on the `timestamp` and `frame_index` step columns ingest --format "
-    "lerobot keeps: timestamp 'would clash with LeRobot's own feature', and frame_index is "
-    "taken for a camera named 'index' (the frame_ prefix); with both set aside (probed) the "
-    "rest passes: lr-export/lr-ingest to settle",
-)
 def test_lerobot_ingest_relabel_export_round_trip(lerobot_env, lerobot_written, tmp_path):
     """The issue's user story: LeRobot's dataset -> ingest -> relabel -> export -> LeRobot."""
     root, written, frames = lerobot_written
@@ -296,6 +289,9 @@ def test_lerobot_ingest_relabel_export_round_trip(lerobot_env, lerobot_written, 
     assert read["codebase_version"] == "v3.0"
     assert read["total_frames"] == total and read["total_episodes"] == len(LENGTHS)
     assert [e["frames"] for e in read["episodes"]] == LENGTHS
+    assert read["fps"] == written["info"]["fps"]  # kept through ingest, relabel and export
+    for name in ("observation.state", "action"):
+        assert read["features"][name]["names"] == written["info"]["features"][name]["names"]
     batch = read["batch"]
     assert batch["observation.state"] == {"shape": [8, 4], "dtype": "torch.float32"}
     assert batch["action"] == {"shape": [8, 2], "dtype": "torch.float32"}
