@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast bench lint
+.PHONY: setup demo test test-fast bench lint lerobot-env
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -30,6 +30,11 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m bench
+
+# The real LeRobot in a side environment for the slow tests and bench/lerobot.py
+# (tests/lerobot_env/make_env.sh: cached under ~/.cache/hindsight, never touches .venv).
+lerobot-env: setup
+	PYTHON=$(BIN)/python tests/lerobot_env/make_env.sh
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

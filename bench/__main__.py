@@ -28,6 +28,7 @@ BENCHMARKS = (
     "rvs",
     "scale",
     "export",
+    "lerobot",
 )
 
 
