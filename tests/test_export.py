@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 
+import h5py
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -328,11 +329,23 @@ def test_export_without_rewards_with_a_step_level_task(tmp_path, capsys):
     assert meta["tasks"].to_pylist() == [["pick", "place"], ["pick"]]
     assert "video_path" in info and info["video_path"] is None
 
-    # Minari keeps n + 1 observations: without next_observation, one line and nothing written.
+    # Minari keeps n + 1 observations; a log without the observation after the last step
+    # (LeRobot's) repeats the last one, and each episode says so.
     minari_out = tmp_path / "minari"
-    assert main(["export", source, str(minari_out), "--format", "minari"]) != 0
-    assert "no step column 'next_observation'" in capsys.readouterr().err
-    assert not minari_out.exists() or not any(minari_out.iterdir())
+    assert main(["export", source, str(minari_out), "--format", "minari"]) == 0
+    import minari
+
+    episodes = list(minari.MinariDataset(str(minari_out / "data")).iterate_episodes())
+    observations = np.arange(20, dtype=np.float32).reshape(2, 5, 2)
+    for k, episode in enumerate(episodes):
+        expected = np.concatenate([observations[k], observations[k][-1:]])
+        np.testing.assert_array_equal(episode.observations, expected)
+        assert np.isnan(episode.rewards).all() and list(episode.infos["instruction"][1:3]) in (
+            [b"pick", b"pick"],
+            ["pick", "pick"],
+        )
+    with h5py.File(minari_out / "data" / "main_data.hdf5") as handle:
+        assert handle["episode_0"].attrs["final_observation"].startswith("repeated")
 
 
 def test_export_options_are_checked_before_any_work(relabeled, tmp_path, capsys):

@@ -6,7 +6,8 @@
 
 The layout follows minari's own reader (minari/dataset/_storages/hdf5_storage.py): per
 episode of n steps, `observations` holds n + 1 rows (the n observations, then the last
-step's next observation), `actions`, `rewards`, `terminations`, `truncations` n rows; a
+step's next observation; the last observation repeated, and the episode's attribute
+`final_observation` saying so, when the source recorded none, as LeRobot logs do), `actions`, `rewards`, `terminations`, `truncations` n rows; a
 struct (dict) observation is a group with one dataset per key. Step columns beyond the
 trajectory (relabels such as `return_to_go`, `noise`, text such as `instruction`) go to
 `infos` the way Minari's DataCollector stores infos: n + 1 rows, row 0 for the reset and
@@ -75,12 +76,9 @@ def export_minari(dataset: Dataset, output: str, *, dataset_id: str | None = Non
             "hindsight/pendulum-rl-v0"
         )
     steps_schema = dataset.arrow_schema("steps")
-    for needed in (cols.OBSERVATION, cols.ACTION, cols.NEXT_OBSERVATION):
+    for needed in (cols.OBSERVATION, cols.ACTION):
         if needed not in steps_schema.names:
-            raise ExportError(
-                f"{dataset.uri}: Minari stores n + 1 observations per episode; this dataset "
-                f"has no step column {needed!r}"
-            )
+            raise ExportError(f"{dataset.uri}: Minari needs the step column {needed!r}")
     columns = divide_columns(dataset)
     has_rewards = rewards_known(dataset)
     info_columns = columns.numbers + columns.texts
@@ -104,6 +102,7 @@ def export_minari(dataset: Dataset, output: str, *, dataset_id: str | None = Non
         # directory, renamed once whole (an abort removes it with the rest).
         temporary = f"{data_path}.tmp-{uuid.uuid4().hex[:8]}"
         next_index = 0
+        final_observations_known = cols.NEXT_OBSERVATION in steps_schema.names
         total_steps = 0
         # track_order: groups listed in creation order, as minari writes them.
         with h5py.File(temporary, "w", track_order=True) as handle:
@@ -148,8 +147,16 @@ def export_minari(dataset: Dataset, output: str, *, dataset_id: str | None = Non
         files=2,
         # Minari's image observations replace the state: camera frames have no place here.
         skipped_columns=columns.skipped + [FRAME_PREFIX + camera for camera in columns.cameras],
-        details={"dataset_id": dataset_id, "info_keys": info_columns},
+        details={
+            "dataset_id": dataset_id,
+            "info_keys": info_columns,
+            "final_observation": "recorded" if final_observations_known else FINAL_REPEATED,
+        },
     )
+
+
+# What an episode's last observation row is when the data recorded none after its last step.
+FINAL_REPEATED = "repeated: the source recorded no observation after the last step"
 
 
 def write_episodes(
@@ -167,7 +174,10 @@ def write_episodes(
     lengths = episode_lengths(step_ids, episode_ids)
     starts = np.concatenate([[0], np.cumsum(lengths)])
     observation = leaf_arrays(steps.column(cols.OBSERVATION))
-    next_observation = leaf_arrays(steps.column(cols.NEXT_OBSERVATION))
+    # Logs such as LeRobot's record no observation after the last step: Minari's n + 1st
+    # row then repeats the last one, and the episode says so (`final_observation`).
+    known = cols.NEXT_OBSERVATION in steps.column_names
+    next_observation = leaf_arrays(steps.column(cols.NEXT_OBSERVATION)) if known else observation
     action = column_values(steps.column(cols.ACTION))
     if has_rewards:
         reward = column_values(steps.column(cols.REWARD))
@@ -182,6 +192,8 @@ def write_episodes(
         group = handle.create_group(f"episode_{index}", track_order=True)
         group.attrs["id"] = index
         group.attrs["total_steps"] = int(end - start)
+        if not known:
+            group.attrs["final_observation"] = FINAL_REPEATED
         for name, value in attributes[k].items():
             if value is not None:  # h5py has no null attribute; absent means unknown
                 group.attrs[name] = value
@@ -201,7 +213,8 @@ def write_episodes(
             info_group = group.create_group("infos", track_order=True)
             for name, (values, reset) in infos.items():
                 with_reset = np.concatenate([reset, values[start:end]])
-                info_group.create_dataset(name, data=with_reset, dtype=with_reset.dtype)
+                # values.dtype: concatenate drops h5py's string marker from text dtypes
+                info_group.create_dataset(name, data=with_reset, dtype=values.dtype)
     return first_index + len(lengths)
 
 
