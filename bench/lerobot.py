@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import save_results
+from bench.export import directory_bytes, make_source, source_bytes
 from engine.dataset import open_dataset
 from engine.executor import InProcess
 from engine.exports.lerobot import export_lerobot
@@ -46,31 +47,6 @@ from engine.exports.lerobot_plan import LeRobotOptions
 from schemas.frames import decode_frames, frame_column
 
 SIDE = Path(__file__).resolve().parent.parent / "tests" / "lerobot_env"
-
-
-def directory_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def source_bytes(uri: str) -> int:
-    dataset = open_dataset(uri)
-    return sum(
-        f.bytes
-        for group in dataset.manifest.groups
-        for level in ("steps_files", "episodes_files")
-        for f in getattr(group, level)
-    )
-
-
-def make_source(directory: Path, episodes: int, size: str) -> str:
-    from jobs.cli import main
-
-    raw, labeled = str(directory / "raw"), str(directory / "rl")
-    collect = ["collect", "Pendulum-v1", raw, "--episodes", str(episodes), "--frames", size,
-               "--noise", "0,0.5,1", "--episodes-per-part", str(max(1, episodes // 2))]  # fmt: skip
-    if main(collect) or main(["relabel", raw, labeled, "--with", "returns"]):
-        raise SystemExit("could not build the benchmark's dataset")
-    return labeled
 
 
 def dump_arrays(uri: str, path: Path) -> None:

@@ -21,6 +21,8 @@ TRUNCATED = "truncated"
 NEXT_OBSERVATION = "next_observation"
 
 STEP_CORE_COLUMNS = (EPISODE_ID, T, OBSERVATION, ACTION, REWARD, TERMINATED, TRUNCATED)
+# The columns of a transition: what every format has a place for (a relabel column is not).
+TRANSITION_COLUMNS = (*STEP_CORE_COLUMNS, NEXT_OBSERVATION)
 
 # Episode table columns.
 LENGTH = "length"

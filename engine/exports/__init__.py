@@ -27,18 +27,7 @@ from schemas.frames import camera_of
 FORMATS = ("lerobot", "minari")
 
 # Step columns with a place of their own in every format.
-STEP_CORE = frozenset(
-    (
-        cols.EPISODE_ID,
-        cols.T,
-        cols.OBSERVATION,
-        cols.ACTION,
-        cols.REWARD,
-        cols.TERMINATED,
-        cols.TRUNCATED,
-        cols.NEXT_OBSERVATION,
-    )
-)
+STEP_CORE = frozenset(cols.TRANSITION_COLUMNS)
 # Episode columns that are bookkeeping, not something a trainer conditions on.
 EPISODE_CORE = frozenset((cols.EPISODE_ID, cols.LENGTH))
 

@@ -78,16 +78,7 @@ def files_below(directory: str, suffixes: tuple[str, ...]) -> list[str]:
 
 
 # Hindsight's step columns that `--map` may fill from a source column.
-MAPPABLE = (
-    cols.EPISODE_ID,
-    cols.T,
-    cols.OBSERVATION,
-    cols.ACTION,
-    cols.REWARD,
-    cols.TERMINATED,
-    cols.TRUNCATED,
-    cols.NEXT_OBSERVATION,
-)
+MAPPABLE = cols.TRANSITION_COLUMNS
 
 
 @dataclass(frozen=True)
