@@ -20,6 +20,10 @@ problems come back to the driver as data: with `--on-error fail` the job then fa
 listing all of them and leaves nothing; with `--on-error skip` the task has left those
 episodes out and the report lists them.
 
+Some problems only show when a part is read (a damaged video): a source's `read_part`
+then returns a `PartRead`, its tables without those episodes and a problem for each, and
+they join the stored values' problems (fail, or the report).
+
 Images become frames, never flattened floats (engine/sources/images.py): a source names
 its cameras in the plan (`IngestPlan.images`, `cameras`), its `read_part` returns their
 encoded frames next to the base tables (raw uint8 frames encoded in the task, a chunk of
@@ -41,7 +45,7 @@ import pyarrow.compute as pc
 
 from engine.executor import Executor
 from engine.sources import IngestPlan, Part, PlanOptions, Source, detect_format, source_for
-from engine.sources.base import Frames
+from engine.sources.base import Frames, PartRead
 from engine.sources.images import check_encoded_frames
 from engine.validate import Problem, ValidationError, check_stored_values
 from engine.writer import DEFAULT_PART_STEPS, VersionWriter, WrittenPart, base_manifest
@@ -136,8 +140,11 @@ def ingest_part(task: IngestTask) -> IngestedPart:
     """Read, convert, check and write one part (runs in a Ray task), and its frames next
     to it. Episodes whose stored values or frames have problems are left out; under
     --on-error fail a part with problems writes nothing, since the job will fail."""
-    steps, episodes, frames = _with_frames(task.source.read_part(task.part))
-    problems = check_stored_values(task.file, steps, episodes)
+    read = part_read(task.source.read_part(task.part))
+    if not read.episodes.num_rows:  # the source left every episode out while reading
+        return IngestedPart(None, read.left_out, task.part.steps)
+    steps, episodes, frames = read.steps, read.episodes, read.frames
+    problems = [*read.left_out, *check_stored_values(task.file, steps, episodes)]
     problems += check_frames(task.file, task.part, steps, frames)
     if problems:
         if task.on_error == "fail":
@@ -156,8 +163,13 @@ def ingest_part(task: IngestTask) -> IngestedPart:
     return IngestedPart(written, problems, task.part.steps, frames_written)
 
 
-def _with_frames(tables: tuple) -> tuple[pa.Table, pa.Table, Frames]:
-    return (tables[0], tables[1], tables[2] if len(tables) > 2 else {})
+def part_read(read: tuple | PartRead) -> PartRead:
+    """A source's `read_part` result as a PartRead (the tuple: nothing left out)."""
+    if isinstance(read, PartRead):
+        if any(problem.episode is None for problem in read.left_out):
+            raise ValueError(f"left out without naming an episode: {read.left_out}")
+        return read
+    return PartRead(read[0], read[1], read[2] if len(read) > 2 else {})
 
 
 def check_frames(file: str, part: Part, steps: pa.Table, frames: Frames) -> list[Problem]:

@@ -73,7 +73,7 @@ class ValidationError(ValueError):
         return error
 
 
-def _first_per_episode(
+def first_per_episode(
     file: str,
     column: str,
     episode_ids: np.ndarray,
@@ -113,7 +113,7 @@ def check_step_index(
     starts = np.ones(len(t), dtype=bool)
     starts[1:] = episode_ids[1:] != episode_ids[:-1]
     previous = np.concatenate([[-1], t[:-1]])
-    problems = _first_per_episode(
+    problems = first_per_episode(
         file,
         step_column,
         episode_ids,
@@ -121,14 +121,14 @@ def check_step_index(
         lambda row: f"starts at step {t[row]}, expected 0 (missing steps)",
     )
     inside = ~starts
-    problems += _first_per_episode(
+    problems += first_per_episode(
         file,
         step_column,
         episode_ids,
         inside & (t == previous),
         lambda row: f"step {t[row]} appears more than once",
     )
-    problems += _first_per_episode(
+    problems += first_per_episode(
         file,
         step_column,
         episode_ids,
@@ -167,7 +167,7 @@ def check_finite(
     bad = ~np.isfinite(values)
     if bad.ndim > 1:
         bad = bad.reshape(len(bad), -1).any(axis=1)
-    return _first_per_episode(
+    return first_per_episode(
         file,
         column,
         episode_ids,
@@ -189,7 +189,7 @@ def check_not_null(
     file: str, column: str, valid: np.ndarray, episode_ids: np.ndarray
 ) -> list[Problem]:
     """No missing values in a required column."""
-    return _first_per_episode(
+    return first_per_episode(
         file, column, episode_ids, ~np.asarray(valid, dtype=bool), lambda row: "missing value"
     )
 
@@ -199,7 +199,7 @@ def check_row_shapes(
 ) -> list[Problem]:
     """Every row of a vector column has the same number of values."""
     lengths = np.asarray(lengths)
-    return _first_per_episode(
+    return first_per_episode(
         file,
         column,
         episode_ids,
@@ -280,7 +280,7 @@ def check_whole_numbers(
         return []
     with np.errstate(invalid="ignore"):
         bad = ~np.isfinite(values) | (values != np.floor(values))
-    return _first_per_episode(
+    return first_per_episode(
         file,
         column,
         episode_ids,
@@ -314,7 +314,7 @@ def check_flag_values(
     if values.dtype.kind not in "iuf":
         return [Problem(file, column, f"must hold booleans or 0/1, has {values.dtype}")]
     bad = (values != 0) & (values != 1)  # NaN is neither
-    return _first_per_episode(
+    return first_per_episode(
         file,
         column,
         episode_ids,
@@ -336,7 +336,7 @@ def check_flags_at_episode_ends(
     last[:-1] = episode_ids[1:] != episode_ids[:-1]
     bounds = cols.episode_boundaries(episode_ids)
     last_step = np.repeat(np.asarray(steps)[bounds[1:] - 1], np.diff(bounds))
-    return _first_per_episode(
+    return first_per_episode(
         file,
         column,
         episode_ids,
@@ -465,7 +465,7 @@ def _check_stored_array(
     valid = np.ones(len(array), bool)
     if array.null_count:
         valid = pc.is_valid(array).to_numpy(zero_copy_only=False)
-        problems += _first_per_episode(
+        problems += first_per_episode(
             file, column, episode_ids, ~valid, lambda row: "missing value", t
         )
     vector = pa.types.is_fixed_size_list(array.type)
@@ -480,7 +480,7 @@ def _check_stored_array(
         return problems
     rows = values.reshape(len(array), size)
     bad = ~finite.reshape(len(array), size).all(axis=1) & valid
-    return problems + _first_per_episode(
+    return problems + first_per_episode(
         file,
         column,
         episode_ids,

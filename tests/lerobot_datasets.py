@@ -390,3 +390,35 @@ def upload(local_root: str, uri: str) -> str:
                     storage.join(uri, os.path.relpath(path, local_root)), handle.read()
                 )
     return uri
+
+
+def damage_video(path: str) -> None:
+    """Overwrite the second quarter of an MP4's frame data (its `mdat` box) with noise:
+    the header (frame count, rate) still reads, decoding the frames fails."""
+    data = bytearray(open(path, "rb").read())
+    payload = data.find(b"mdat") + 4
+    size = int.from_bytes(data[payload - 8 : payload - 4], "big") - 8
+    start, stop = payload + size // 4, payload + size // 2
+    data[start:stop] = np.random.default_rng(0).integers(0, 256, stop - start, np.uint8).tobytes()
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def set_timestamps(path: str, rows: dict[int, float]) -> None:
+    """Rewrite some rows' `timestamp` in a data Parquet file (row -> seconds)."""
+    table = pq.read_table(path)
+    stamps = table.column("timestamp").to_numpy().copy()
+    for row, value in rows.items():
+        stamps[row] = value
+    column = table.schema.get_field_index("timestamp")
+    pq.write_table(table.set_column(column, "timestamp", pa.array(stamps, pa.float32())), path)
+
+
+def set_task_index(path: str, rows: dict[int, int]) -> None:
+    """Rewrite some rows' `task_index` in a data Parquet file (row -> task index)."""
+    table = pq.read_table(path)
+    index = table.column("task_index").to_numpy().copy()
+    for row, value in rows.items():
+        index[row] = value
+    column = table.schema.get_field_index("task_index")
+    pq.write_table(table.set_column(column, "task_index", pa.array(index, pa.int64())), path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -282,15 +283,147 @@ def test_not_a_lerobot_dataset(tmp_path):
     shutil.rmtree(tmp_path / "empty")
 
 
-def test_unknown_task_index_fails_naming_the_episode(tmp_path):
-    data = lrd.make_data([3, 4])
-    data.task_index[4] = 9
+def _skipped(root: str, output, *options: str) -> tuple[dict, pa.Table]:
+    """Ingest with --on-error skip: the skipped report and the steps written."""
+    assert main(["ingest", root, str(output), "--on-error", "skip", *options]) == 0
+    report = json.loads(storage.read_bytes(str(output / SKIPPED_REPORT_NAME)))
+    return report, open_dataset(str(output)).read("steps")
+
+
+def _data_file(root: str, version: str, episode: int) -> str:
+    """Episode `episode`'s data file: v2.1 one per episode; v3.0 written with
+    episodes_per_file=1 (one per episode too, so one can be damaged alone)."""
+    if version == "v2.1":
+        return os.path.join(root, f"data/chunk-000/episode_{episode:06d}.parquet")
+    return os.path.join(root, f"data/chunk-000/file-{episode:03d}.parquet")
+
+
+def _video_file(root: str, version: str, episode: int) -> str:
+    if version == "v2.1":
+        return os.path.join(root, "videos/chunk-000", lrd.CAMERA, f"episode_{episode:06d}.mp4")
+    return os.path.join(root, "videos", lrd.CAMERA, f"chunk-000/file-{episode:03d}.mp4")
+
+
+def _write(version: str, root, data: lrd.LeRobotData) -> str:
+    if version == "v2.1":
+        return lrd.write_v21(root, data)
+    return lrd.write_v30(root, data, episodes_per_file=1)
+
+
+@pytest.mark.parametrize("version", ["v3.0", "v2.1"])
+def test_unknown_task_index_fails_or_skips_the_episode(tmp_path, capsys, version):
+    data = lrd.make_data([3, 4, 2])
+    root = _write(version, tmp_path / "src", data)
+    data_file = _data_file(root, version, 1)
+    lrd.set_task_index(data_file, {1: 9})  # episode 1, step 1
+    lines = _fails(root, tmp_path / "ds", capsys)
+    assert lines[1] == (
+        f"  {data_file}: episode 1, step 1: column 'task_index': task 9 is not in the "
+        "dataset's task table"
+    )
+    report, steps = _skipped(root, tmp_path / "skip")
+    assert [(p["episode"], p["step"], p["column"]) for p in report["skipped"]] == [
+        (1, 1, "task_index")
+    ]
+    assert steps.column("episode_id").to_pylist() == [0] * 3 + [2] * 2
+    np.testing.assert_array_equal(vectors(steps.column("action")), data.action[[0, 1, 2, 7, 8]])
+
+
+def test_a_task_index_changed_after_the_plan_is_left_out_by_its_part(tmp_path):
+    data = lrd.make_data([3, 4, 2])
     root = lrd.write_v21(tmp_path / "src", data)
-    with pytest.raises(
-        (ValueError, ValidationError), match="episode 1: column 'task_index': task 9"
-    ):
-        ingested(root, str(tmp_path / "ds"))
-    assert not (tmp_path / "ds").exists()
+    plan = plan_ingest(root, on_error="skip", part_steps=100)
+    lrd.set_task_index(_data_file(root, "v2.1", 2), {0: 7})  # seen only when read
+    ingest(plan, str(tmp_path / "ds"), executor=InProcess(), command="test")
+    report = json.loads(storage.read_bytes(str(tmp_path / "ds" / SKIPPED_REPORT_NAME)))
+    assert [(p["episode"], p["step"], p["column"]) for p in report["skipped"]] == [
+        (2, 0, "task_index")
+    ]
+    steps = open_dataset(str(tmp_path / "ds")).read("steps", ["episode_id"])
+    assert steps.column("episode_id").to_pylist() == [0] * 3 + [1] * 4
+    with pytest.raises(ValidationError, match="episode 2, step 0: column 'task_index'"):
+        plan = replace(plan, on_error="fail")
+        ingest(plan, str(tmp_path / "fail"), executor=InProcess(), command="test")
+    assert not (tmp_path / "fail").exists()
+
+
+@pytest.mark.parametrize("version", ["v3.0", "v2.1"])
+def test_timestamps_past_the_videos_end(tmp_path, capsys, version):
+    data = lrd.make_data([3, 4, 5], camera=(16, 16))
+    root = _write(version, tmp_path / "src", data)
+    data_file = _data_file(root, version, 1)
+    lrd.set_timestamps(data_file, {3: 0.5})  # step 3 asks for frame 5 of a 4-frame video
+    lines = _fails(root, tmp_path / "ds", capsys)
+    video = _video_file(root, version, 1)
+    assert lines[1] == (
+        f"  {data_file}: episode 1, step 3: column 'timestamp': 0.500s needs frame 5 of "
+        f"{video} ({lrd.CAMERA}), which holds 4 frames: the video is shorter than the "
+        "episode's timestamps"
+    )
+    report, steps = _skipped(root, tmp_path / "skip")
+    assert [(p["episode"], p["file"]) for p in report["skipped"]] == [(1, data_file)]
+    assert steps.column("episode_id").to_pylist() == [0] * 3 + [2] * 5
+    # A negative timestamp is refused the same way.
+    lrd.set_timestamps(data_file, {3: 0.3, 2: -0.1})
+    lines = _fails(root, tmp_path / "neg", capsys)
+    assert lines[1] == (
+        f"  {data_file}: episode 1, step 2: column 'timestamp': timestamp "
+        f"{np.float32(-0.1).item()} is not a time >= 0"
+    )
+
+
+@pytest.mark.parametrize("version", ["v3.0", "v2.1"])
+def test_damaged_video_fails_or_skips_its_episode_whatever_the_part_size(tmp_path, capsys, version):
+    data = lrd.make_data([3, 4, 5, 4], camera=(16, 16))
+    root = _write(version, tmp_path / "src", data)
+    video = _video_file(root, version, 2)
+    lrd.damage_video(video)
+    plan_ingest(root, on_error="fail")  # its header reads: only decoding finds it
+    lines = _fails(root, tmp_path / "ds", capsys)
+    assert lines[1].startswith(f"  {video}: episode 2: column '{lrd.CAMERA}': ")
+    assert "the video does not decode" in lines[1] or "has no frame at" in lines[1]
+    assert len(lines) == 3  # the header, the problem, the --on-error skip hint
+
+    runs = {}
+    for part_steps in ("1", "5", "1000"):
+        runs[part_steps] = _skipped(
+            root, tmp_path / f"skip{part_steps}", "--part-steps", part_steps
+        )
+    report, steps = runs["1000"]
+    assert report["skipped_episodes"] == 1
+    assert report["skipped"][0]["file"] == video and report["skipped"][0]["episode"] == 2
+    assert report["skipped"][0]["column"] == lrd.CAMERA
+    assert steps.column("episode_id").to_pylist() == [0] * 3 + [1] * 4 + [3] * 4
+    kept = np.r_[0:7, 12:16]
+    np.testing.assert_array_equal(vectors(steps.column("action")), data.action[kept])
+    camera = open_dataset(str(tmp_path / "skip1000")).manifest.groups[1].cameras["top"]
+    decoded = decode_frames(steps.column(frame_column("top")).to_pylist(), camera)
+    error = np.abs(decoded.astype(np.int16) - data.video[kept]).mean(axis=(1, 2, 3))
+    assert error.max() < VIDEO_MAE
+    for other_report, other_steps in runs.values():  # the same rows and report
+        assert other_steps.equals(steps)
+        assert other_report == report
+
+
+def test_bad_episodes_on_s3_are_skipped_with_a_report(s3_bucket, tmp_path, capsys):
+    data = lrd.make_data([3, 4, 5, 4], camera=(16, 16))
+    local = lrd.write_v21(tmp_path / "src", data)
+    lrd.damage_video(_video_file(local, "v2.1", 1))  # found when its part is decoded
+    lrd.set_task_index(_data_file(local, "v2.1", 3), {2: 5})  # found by the plan
+    uri = lrd.upload(local, f"{s3_bucket}/lerobot/bad")
+    lines = _fails(uri, tmp_path / "ds", capsys)
+    assert lines[1] == (
+        f"  {uri}/data/chunk-000/episode_000003.parquet: episode 3, step 2: column "
+        "'task_index': task 5 is not in the dataset's task table"
+    )
+    report, steps = _skipped(uri, tmp_path / "skip", "--format", "lerobot")
+    assert [(p["episode"], p["column"]) for p in report["skipped"]] == [
+        (3, "task_index"),
+        (1, lrd.CAMERA),
+    ]
+    assert report["skipped"][1]["file"] == _video_file(uri, "v2.1", 1)
+    assert steps.column("episode_id").to_pylist() == [0] * 3 + [2] * 5
+    np.testing.assert_array_equal(vectors(steps.column("action")), data.action[np.r_[0:3, 7:12]])
 
 
 def test_a_steps_frame_is_the_one_nearest_its_timestamp(tmp_path):

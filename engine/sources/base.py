@@ -31,6 +31,13 @@ A source with images (engine/sources/images.py) lists them in the plan and in ea
 (`images`, `cameras`; `plan` refuses non-uint8 image arrays and frames of another size
 where it can see them cheaply, and cuts parts with `image_part_steps`), and its
 `read_part` returns a third value: camera -> one encoded frame per row of the steps table.
+
+Some bad input only shows once a part is read (a damaged video that fails to decode). A
+source that finds such episodes returns a `PartRead` instead of the tuple: the tables
+without those episodes (no rows, any columns, when none is left), and one `Problem` per
+episode left out, naming it, in episode order (so that the report does not depend on
+the part sizes). Ingest treats them like the problems of the stored values:
+`--on-error fail` fails the job naming them, `--on-error skip` lists them in the report.
 """
 
 from __future__ import annotations
@@ -54,6 +61,17 @@ from schemas.frames import CameraInfo
 # What a source's `read_part` may return besides the base tables: camera -> one encoded
 # frame per row of the steps table, in its order.
 Frames = dict[str, list[bytes]]
+
+
+@dataclass(frozen=True)
+class PartRead:
+    """What a `read_part` that can leave episodes out returns: the part's tables without
+    them (and their frames), and why each was left out."""
+
+    steps: pa.Table
+    episodes: pa.Table
+    frames: Frames = field(default_factory=dict)
+    left_out: list[Problem] = field(default_factory=list)  # one per episode, by episode
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,9 +164,10 @@ class Source(ABC, Generic[PartType]):
     @abstractmethod
     def read_part(
         self, part: PartType
-    ) -> tuple[pa.Table, pa.Table] | tuple[pa.Table, pa.Table, Frames]:
+    ) -> tuple[pa.Table, pa.Table] | tuple[pa.Table, pa.Table, Frames] | PartRead:
         """The base (steps, episodes) tables of one part, sorted by (episode_id, t); a
-        source with cameras (`part.images`) adds their encoded frames, one per step row."""
+        source with cameras (`part.images`) adds their encoded frames, one per step row;
+        a source that left episodes out while reading returns a `PartRead`."""
 
 
 # ---------------------------------------------------------------- helpers for sources

@@ -27,17 +27,25 @@ only the columns it maps) and their video spans.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import groupby
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from engine import storage
-from engine.sources.base import IngestPlan, Part, PlanOptions, Source, part_ranges, source_label
+from engine.sources.base import (
+    Frames,
+    IngestPlan,
+    Part,
+    PartRead,
+    PlanOptions,
+    Source,
+    part_ranges,
+    source_label,
+)
 from engine.sources.images import (
     ImageColumn,
     camera_name,
@@ -54,9 +62,17 @@ from engine.sources.lerobot_meta import (
     image_bytes,
     read_meta,
 )
-from engine.sources.tables import EpisodeLabels, build_tables, strings_to_arrow, vector_column
+from engine.sources.lerobot_rows import (
+    action_column,
+    check_rows,
+    flat_values,
+    observation_column,
+    read_row_range,
+    step_column,
+)
+from engine.sources.tables import EpisodeLabels, build_tables, strings_to_arrow
 from engine.validate import Problem
-from engine.video import decode_video_span
+from engine.video import VideoError, decode_video_span
 from schemas import lerobot as lr
 from schemas import steps as cols
 from schemas.frames import CameraInfo, FrameError
@@ -162,39 +178,77 @@ class LeRobot(Source[LeRobotPart]):
             cameras=cameras,
         )
 
-    def read_part(self, part: LeRobotPart) -> tuple[pa.Table, pa.Table] | tuple:
-        layout = part.layout
+    def read_part(self, part: LeRobotPart) -> PartRead:
+        """The part's tables without the episodes whose rows or videos turn out bad once
+        read (plan checks what it can cheaply; a damaged video only fails to decode), and
+        a problem for each of those."""
         table = read_rows(part)
-        episode_ids = np.asarray(table.column("episode_index").to_numpy(), dtype=np.int64)
-        boundaries = cols.episode_boundaries(episode_ids)
-        last = boundaries[1:] - 1
-        terminated = np.zeros(len(episode_ids), bool)
-        if layout.done:
-            done = flat_values(table.column(layout.done)).astype(bool)
-            terminated[last] = done[last]
-        truncated = np.zeros(len(episode_ids), bool)
-        truncated[last] = ~terminated[last]
-        infos: dict[str, Any] = {
-            name: step_column(table.column(name)) for name in (*KEPT_COLUMNS, *layout.infos)
-        }
-        if layout.tasks:
-            infos[TASK] = task_texts(part, table)
-        steps, episodes = build_tables(
-            episode_ids=episode_ids,
-            observation=observation_column(table, layout.observation),
-            action=action_column(table.column(layout.action)),
-            reward=flat_values(table.column(layout.reward)) if layout.reward else None,
-            terminated=terminated,
-            truncated=truncated,
-            infos=infos,
-            labels=part.labels,
-        )
-        if layout.several_tasks:
-            tasks = pa.array([list(e.tasks) for e in part.episodes], pa.list_(pa.string()))
-            episodes = episodes.append_column(TASKS, tasks)
-        if not part.images:
-            return steps, episodes
-        return steps, episodes, read_frames(part, table)
+        left_out = [
+            replace(problem, file=storage.join(part.layout.root, data_file))
+            for problem in check_rows(part.file, table, dict(part.layout.tasks))
+            for data_file in [episode_file(part, problem.episode)]
+        ]
+        part, table = without_episodes(part, table, {p.episode for p in left_out})
+        frames: Frames = {}
+        if part.images:
+            frames, undecoded = read_frames(part, table)
+            part, table = without_episodes(part, table, {p.episode for p in undecoded})
+            left_out = sorted([*left_out, *undecoded], key=lambda p: p.episode or 0)
+        if not part.episodes:  # every episode left out
+            nothing = pa.table({cols.EPISODE_ID: pa.array([], pa.int64())})
+            return PartRead(nothing, nothing, {}, left_out)
+        steps, episodes = base_tables(part, table)
+        return PartRead(steps, episodes, frames, left_out)
+
+
+def base_tables(part: LeRobotPart, table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """The steps and episodes tables of the part's rows (sorted by episode and frame)."""
+    layout = part.layout
+    episode_ids = np.asarray(table.column("episode_index").to_numpy(), dtype=np.int64)
+    boundaries = cols.episode_boundaries(episode_ids)
+    last = boundaries[1:] - 1
+    terminated = np.zeros(len(episode_ids), bool)
+    if layout.done:
+        done = flat_values(table.column(layout.done)).astype(bool)
+        terminated[last] = done[last]
+    truncated = np.zeros(len(episode_ids), bool)
+    truncated[last] = ~terminated[last]
+    infos: dict[str, Any] = {
+        name: step_column(table.column(name)) for name in (*KEPT_COLUMNS, *layout.infos)
+    }
+    if layout.tasks:
+        infos[TASK] = task_texts(part, table)
+    steps, episodes = build_tables(
+        episode_ids=episode_ids,
+        observation=observation_column(table, layout.observation),
+        action=action_column(table.column(layout.action)),
+        reward=flat_values(table.column(layout.reward)) if layout.reward else None,
+        terminated=terminated,
+        truncated=truncated,
+        infos=infos,
+        labels=part.labels,
+    )
+    if layout.several_tasks:
+        tasks = pa.array([list(e.tasks) for e in part.episodes], pa.list_(pa.string()))
+        episodes = episodes.append_column(TASKS, tasks)
+    return steps, episodes
+
+
+def episode_file(part: LeRobotPart, episode: int | None) -> str:
+    """The data file (relative) holding an episode of the part."""
+    return next(e.data_file for e in part.episodes if e.index == episode)
+
+
+def without_episodes(
+    part: LeRobotPart, table: pa.Table, episodes: set[int | None]
+) -> tuple[LeRobotPart, pa.Table]:
+    """The part and its rows without these episodes."""
+    if not episodes:
+        return part, table
+    ids = pa.array(sorted(e for e in episodes if e is not None), pa.int64())
+    table = table.filter(pc.invert(pc.is_in(table.column("episode_index"), ids)))
+    kept = tuple(e for e in part.episodes if e.index not in episodes)
+    return replace(part, episodes=kept), table
 
 
 def file_name_of(path: str) -> str:
@@ -335,112 +389,58 @@ def read_rows(part: LeRobotPart) -> pa.Table:
     return table.sort_by([("episode_index", "ascending"), ("frame_index", "ascending")])
 
 
-def read_row_range(uri: str, start: int, stop: int, columns: list[str]) -> pa.Table:
-    """Rows [start, stop) of a Parquet file: only the row groups holding them are read."""
-    fs, path = storage.filesystem(uri)
-    with fs.open_input_file(path) as handle:
-        file = pq.ParquetFile(handle)
-        groups, first, offset = [], None, 0
-        for group in range(file.metadata.num_row_groups):
-            rows = file.metadata.row_group(group).num_rows
-            if offset < stop and offset + rows > start:
-                groups.append(group)
-                first = offset if first is None else first
-            offset += rows
-        table = file.read_row_groups(groups, columns=columns)
-    return table.slice(start - (first or 0), stop - start)
-
-
-def flat_values(column: pa.ChunkedArray) -> np.ndarray:
-    """A per-frame scalar stored as a value or as a list of one (shape [1])."""
-    array = column.combine_chunks()
-    if pa.types.is_list(array.type) or pa.types.is_fixed_size_list(array.type):
-        array = array.flatten()
-    return array.to_numpy(zero_copy_only=False)
-
-
-def step_column(column: pa.ChunkedArray) -> pa.Array:
-    """A feature kept as a step column: scalars as they are, vectors as fixed-size lists."""
-    array = column.combine_chunks()
-    if pa.types.is_list(array.type) or pa.types.is_fixed_size_list(array.type):
-        value_type = array.type.value_type
-        if pa.types.is_list(array.type) and (
-            len(array) == 0 or pc.min(pc.list_value_length(array)).as_py() != 1
-        ):
-            return vector_column(array, value_type)
-        if pa.types.is_fixed_size_list(array.type) and array.type.list_size != 1:
-            return vector_column(array, value_type)
-        return array.flatten()
-    return array
-
-
-def observation_column(table: pa.Table, features: tuple[str, ...]) -> pa.Array | None:
-    if not features:
-        return None
-    if len(features) == 1:
-        return vector_column(table.column(features[0]))
-    names = [f.removeprefix("observation.").replace(".", "_") for f in features]
-    return pa.StructArray.from_arrays(
-        [vector_column(table.column(f)) for f in features], names=names
-    )
-
-
-def action_column(column: pa.ChunkedArray) -> pa.Array:
-    """Float actions as float32 fixed-size lists; integer scalars (discrete) as int64."""
-    array = column.combine_chunks()
-    if pa.types.is_integer(array.type):
-        return array.cast(pa.int64())
-    return vector_column(array)
-
-
 def task_texts(part: LeRobotPart, table: pa.Table) -> pa.Array:
-    """Each step's task text, from its task_index; an index the task table lacks is an
-    error naming the file and episode."""
+    """Each step's task text, from its task_index (`check_rows` left out the episodes
+    with an index the task table lacks)."""
     index = flat_values(table.column("task_index")).astype(np.int64)
     known = dict(part.layout.tasks)
-    unknown = ~np.isin(index, list(known))
-    if unknown.any():
-        row = int(np.flatnonzero(unknown)[0])
-        episode = int(table.column("episode_index")[row].as_py())
-        raise ValueError(
-            f"{part.file}: episode {episode}: column 'task_index': task {index[row]} is not in "
-            "the dataset's task table"
-        )
     order = np.asarray(sorted(known), dtype=np.int64)
     texts = [known[i] for i in order]
     positions = np.searchsorted(order, index)
     return strings_to_arrow(texts).take(pa.array(positions))
 
 
-def read_frames(part: LeRobotPart, table: pa.Table) -> dict[str, list[bytes]]:
+def read_frames(part: LeRobotPart, table: pa.Table) -> tuple[Frames, list[Problem]]:
     """camera -> one encoded frame per row: image features as stored, video features
     decoded from each episode's span (one episode's raw frames at a time). A step's frame
     is the video's frame nearest to `from_timestamp + timestamp`, as LeRobot's reader
-    picks it: the frame grid slot its timestamp rounds to."""
-    frames: dict[str, list[bytes]] = {}
+    picks it: the frame grid slot its timestamp rounds to. An episode whose video does not
+    decode (a damaged file, frames missing or of another size) has no frames here and a
+    problem naming the video, the episode and the camera."""
     fps = part.layout.fps
     timestamps = flat_values(table.column("timestamp")).astype(np.float64)
     boundaries = cols.episode_boundaries(
         np.asarray(table.column("episode_index").to_numpy(), dtype=np.int64)
     )
-    for image in part.images:
-        if image.encoded:
-            frames[image.camera] = image_bytes(table.column(image.source)).to_pylist()
-            continue
-        camera = part.cameras[image.camera]
-        encoded: list[bytes] = []
-        for episode, first, stop in zip(part.episodes, boundaries[:-1], boundaries[1:]):
+    stored = {
+        image.camera: image_bytes(table.column(image.source)).to_pylist()
+        for image in part.images
+        if image.encoded
+    }
+    frames: Frames = {image.camera: [] for image in part.images}
+    problems: list[Problem] = []
+    for episode, first, stop in zip(part.episodes, boundaries[:-1], boundaries[1:]):
+        decoded: Frames = {}
+        for image in part.images:
+            if image.encoded:
+                decoded[image.camera] = stored[image.camera][first:stop]
+                continue
             span = dict(episode.videos)[image.source]
             uri = storage.join(part.layout.root, span.file)
             slots = np.rint(timestamps[first:stop] * fps).astype(np.int64)
-            if len(slots) and slots.min() < 0:
-                raise ValueError(
-                    f"{part.file}: episode {episode.index}: column 'timestamp': negative "
-                    f"timestamp {timestamps[first + int(slots.argmin())]}"
+            try:
+                decoded[image.camera] = episode_frames(
+                    uri, span.start_s, slots, fps, part.cameras[image.camera], episode.index
                 )
-            encoded += episode_frames(uri, span.start_s, slots, fps, camera, episode.index)
-        frames[image.camera] = encoded
-    return frames
+            except (VideoError, FrameError) as error:
+                message = str(error).removeprefix(f"{uri}: ")
+                message = message.removeprefix(f"episode {episode.index}: ")
+                problems.append(Problem(uri, image.source, message, episode.index))
+                break
+        else:
+            for camera, data in decoded.items():
+                frames[camera] += data
+    return frames, problems
 
 
 def episode_frames(

@@ -3,8 +3,10 @@ task table, where each episode's rows and video spans are, and whether the files
 
 Everything here is cheap: JSON and the small metadata Parquet files, the data files'
 `episode_index` column (v3.0, many episodes per file: it places each episode's rows and
-counts them) or their footers (v2.1, one file per episode), and the MP4 headers (frame
-counts). Disagreements become `Problem`s naming the file and the episode.
+counts them) or their footers (v2.1, one file per episode), their `task_index` column
+(checked against the task table) and, with videos, `timestamp` column (the frames an
+episode's timestamps need), and the MP4 headers (frame counts). Disagreements become
+`Problem`s naming the file and the episode.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError as PydanticError
 
 from engine import storage
+from engine.sources.lerobot_rows import (
+    check_rows,
+    last_timestamps,
+    read_footer_and_columns,
+    row_columns,
+)
 from engine.validate import Problem
 from engine.video import VideoError, video_frame_count
 from schemas import lerobot as lr
@@ -55,6 +63,10 @@ class LeRobotEpisode:
     row_start: int  # its first row in data_file (v2.1: 0)
     tasks: tuple[str, ...] = ()
     videos: tuple[tuple[str, VideoSpan], ...] = ()  # (video key, span)
+    # Its largest `timestamp` and the step holding it: the last frame of its video spans
+    # it needs (None: not read, the dataset has no videos).
+    last_timestamp: float | None = None
+    last_timestamp_step: int = 0
 
 
 @dataclass
@@ -200,12 +212,17 @@ def locate_v30(
                 for r in file_rows
             ]
             continue
-        column = read_parquet(meta.uri(relative), ["episode_index"]).column("episode_index")
-        index = np.asarray(column.to_numpy(), dtype=np.int64)
+        table = read_parquet(meta.uri(relative), ["episode_index", *row_columns(meta.info)])
+        index = np.asarray(table.column("episode_index").to_numpy(), dtype=np.int64)
         found, first, counts = np.unique(index, return_index=True, return_counts=True)
         where = {int(e): (int(f), int(c)) for e, f, c in zip(found, first, counts, strict=True)}
+        bad_rows = {p.episode: p for p in check_rows(meta.uri(relative), table, meta.tasks)}
+        last = last_timestamps(table)
         for row in file_rows:
             episode, length = int(row["episode_index"]), int(row["length"])
+            if episode in bad_rows:
+                problems.append(bad_rows[episode])
+                continue
             start, count = where.get(episode, (0, 0))
             if count != length:
                 problems.append(
@@ -247,6 +264,7 @@ def locate_v30(
                     row_start=start,
                     tasks=_tasks_of(row),
                     videos=videos,
+                    **last.get(episode, {}),
                 )
             )
     return episodes, problems
@@ -282,9 +300,8 @@ def locate_v21(
         if meta.uri(relative) not in present:
             problems.append(_problem(meta, relative, "data", "is missing", episode))
             continue
-        fs, path = storage.filesystem(meta.uri(relative))
         try:
-            count = pq.read_metadata(path, filesystem=fs).num_rows
+            count, table = read_footer_and_columns(meta.uri(relative), row_columns(meta.info))
         except (OSError, pa.ArrowInvalid) as error:
             problems.append(_problem(meta, relative, "data", f"cannot be read ({error})", episode))
             continue
@@ -299,6 +316,10 @@ def locate_v21(
                 )
             )
             continue
+        found = check_rows(meta.uri(relative), table, meta.tasks)
+        if found:
+            problems += found
+            continue
         videos = tuple(
             (key, VideoSpan(info.video_file(key, episode_index=episode), 0.0, length / info.fps))
             for key in info.video_keys
@@ -311,6 +332,7 @@ def locate_v21(
                 row_start=0,
                 tasks=_tasks_of(row),
                 videos=videos,
+                **last_timestamps(table).get(episode, {}),
             )
         )
     return episodes, problems
@@ -356,6 +378,22 @@ def check_videos(
                     f"{span.start_s + episode.length / fps:.3f}s ({round(span.start_s * fps)} + "
                     f"{episode.length}): the video is shorter than its episode"
                 )
+            if message is None and episode.last_timestamp is not None:
+                needed = round(span.start_s * fps) + round(episode.last_timestamp * fps) + 1
+                if needed > frames:
+                    problems.append(
+                        Problem(
+                            meta.uri(episode.data_file),
+                            "timestamp",
+                            f"{episode.last_timestamp:.3f}s needs frame {needed - 1} of "
+                            f"{uri} ({key}), which holds {frames} frames: the video is "
+                            "shorter than the episode's timestamps",
+                            episode.index,
+                            episode.last_timestamp_step,
+                        )
+                    )
+                    bad.add(episode.index)
+                    break
             if message is not None:
                 problems.append(Problem(uri, key, message, episode.index))
                 bad.add(episode.index)
