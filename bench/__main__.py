@@ -14,6 +14,7 @@ BENCHMARKS = (
     "small",
     "ingest",
     "lerobot_ingest",
+    "lerobot_plan",
     "relabel",
     "returns",
     "goals",

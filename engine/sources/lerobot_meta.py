@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +34,9 @@ from engine.sources.lerobot_rows import (
 from engine.validate import Problem
 from engine.video import VideoError, video_frame_count
 from schemas import lerobot as lr
+
+T = TypeVar("T")
+IO_THREADS = 16  # S3 requests in flight at once while planning
 
 _EPISODE_COLUMNS_V30 = (
     "episode_index",
@@ -294,17 +299,25 @@ def locate_v21(
     """One data file and one MP4 per episode; the file's row count (from its footer)
     checked against the episode's `length` in episodes.jsonl."""
     info, problems, episodes = meta.info, [], []
-    for row in rows:
-        episode, length = int(row["episode_index"]), int(row["length"])
-        relative = info.data_file(episode_index=episode)
-        if meta.uri(relative) not in present:
-            problems.append(_problem(meta, relative, "data", "is missing", episode))
-            continue
+    columns = row_columns(info)
+
+    def read(uri: str) -> tuple[int, pa.Table] | str:
+        if uri not in present:
+            return "is missing"
         try:
-            count, table = read_footer_and_columns(meta.uri(relative), row_columns(meta.info))
+            return read_footer_and_columns(uri, columns)
         except (OSError, pa.ArrowInvalid) as error:
-            problems.append(_problem(meta, relative, "data", f"cannot be read ({error})", episode))
+            return f"cannot be read ({error})"
+
+    files = [info.data_file(episode_index=int(row["episode_index"])) for row in rows]
+    for row, relative, found in zip(
+        rows, files, map_io(read, [meta.uri(f) for f in files], meta.root), strict=True
+    ):
+        episode, length = int(row["episode_index"]), int(row["length"])
+        if isinstance(found, str):
+            problems.append(_problem(meta, relative, "data", found, episode))
             continue
+        count, table = found
         if count != length:
             problems.append(
                 _problem(
@@ -341,6 +354,17 @@ def locate_v21(
 # ---------------------------------------------------------------- videos
 
 
+def map_io(function: Callable[[str], T], uris: list[str], root: str) -> list[T]:
+    """`function` over files, results in order: on S3 by a bounded pool of threads (each
+    call mostly waits on the network: footers and MP4 headers of one file per episode in
+    v2.1), locally one after another. Threads for I/O only, inside plan; the parts'
+    work goes through the executor (Ray)."""
+    if not storage.is_s3(root) or len(uris) < 2:
+        return [function(uri) for uri in uris]
+    with ThreadPoolExecutor(max_workers=min(IO_THREADS, len(uris))) as pool:
+        return list(pool.map(function, uris))
+
+
 def check_videos(
     meta: LeRobotMeta, episodes: list[LeRobotEpisode], present: set[str]
 ) -> list[Problem]:
@@ -348,20 +372,22 @@ def check_videos(
     (the span itself holds at least the episode's frames). The episodes with a problem are
     taken out of `episodes`."""
     fps = meta.info.fps
-    frames_of: dict[str, int | str] = {}  # relative file -> frames, or why it has none
+
+    def frame_count(uri: str) -> int | str:  # the video's frames, or why it has none
+        if uri not in present:
+            return "is missing"
+        try:
+            return video_frame_count(uri)[0]
+        except VideoError as error:
+            return str(error).removeprefix(f"{uri}: ")
+
+    files = list(dict.fromkeys(span.file for e in episodes for _, span in e.videos))
+    frames_of = dict(zip(files, map_io(frame_count, [meta.uri(f) for f in files], meta.root)))
     problems: list[Problem] = []
     bad: set[int] = set()
     for episode in episodes:
         for key, span in episode.videos:
             uri = meta.uri(span.file)
-            if span.file not in frames_of:
-                if uri not in present:
-                    frames_of[span.file] = "is missing"
-                else:
-                    try:
-                        frames_of[span.file] = video_frame_count(uri)[0]
-                    except VideoError as error:
-                        frames_of[span.file] = str(error).removeprefix(f"{uri}: ")
             frames = frames_of[span.file]
             message = None
             if isinstance(frames, str):
