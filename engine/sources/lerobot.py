@@ -19,9 +19,11 @@ Each frame row becomes a step of its episode (`episode_index` -> episode_id,
   (engine/video.py) and encoded with `--codec`; an `image` feature's encoded frames are
   stored as they came from the Parquet.
 
-`plan` reads only metadata (lerobot_meta.py) and cuts whole episodes into parts (smaller
-with cameras: `image_part_steps`); `read_part` reads its episodes' rows (the row range,
-only the columns it maps) and their video spans.
+`plan` reads only metadata (lerobot_meta.py; the data files' rows it checks:
+lerobot_rows.py) and cuts whole episodes into parts (smaller with cameras:
+`image_part_steps`); `read_part` reads its episodes' rows (the row range, only the
+columns it maps) and their video spans, and leaves out, with a problem each, the episodes
+whose video does not decode (a damaged MP4 has a readable header: only decoding finds it).
 """
 
 from __future__ import annotations
@@ -183,9 +185,13 @@ class LeRobot(Source[LeRobotPart]):
         read (plan checks what it can cheaply; a damaged video only fails to decode), and
         a problem for each of those."""
         table = read_rows(part)
+        # What plan checked of the rows, again: the files may have changed since (a
+        # timestamp matters only for the video frame it picks).
+        videos = any(not image.encoded for image in part.images)
+        checked = table.drop_columns([] if videos else ["timestamp"])
         left_out = [
             replace(problem, file=storage.join(part.layout.root, data_file))
-            for problem in check_rows(part.file, table, dict(part.layout.tasks))
+            for problem in check_rows(part.file, checked, dict(part.layout.tasks))
             for data_file in [episode_file(part, problem.episode)]
         ]
         part, table = without_episodes(part, table, {p.episode for p in left_out})

@@ -217,7 +217,9 @@ def locate_v30(
                 for r in file_rows
             ]
             continue
-        table = read_parquet(meta.uri(relative), ["episode_index", *row_columns(meta.info)])
+        table = read_parquet(
+            meta.uri(relative), ["episode_index", *row_columns(meta.info, meta.tasks)]
+        )
         index = np.asarray(table.column("episode_index").to_numpy(), dtype=np.int64)
         found, first, counts = np.unique(index, return_index=True, return_counts=True)
         where = {int(e): (int(f), int(c)) for e, f, c in zip(found, first, counts, strict=True)}
@@ -299,7 +301,7 @@ def locate_v21(
     """One data file and one MP4 per episode; the file's row count (from its footer)
     checked against the episode's `length` in episodes.jsonl."""
     info, problems, episodes = meta.info, [], []
-    columns = row_columns(info)
+    columns = row_columns(info, meta.tasks)
 
     def read(uri: str) -> tuple[int, pa.Table] | str:
         if uri not in present:

@@ -34,11 +34,12 @@ def read_footer_and_columns(uri: str, columns: list[str]) -> tuple[int, pa.Table
 # ---------------------------------------------------------------- the rows plan reads
 
 
-def row_columns(info: lr.LeRobotInfo) -> list[str]:
+def row_columns(info: lr.LeRobotInfo, tasks: dict[int, str]) -> list[str]:
     """The data files' columns plan reads besides `episode_index`: `task_index` (checked
-    against the task table) and, with videos, `timestamp` (the frames it needs)."""
+    against the task table, where there is one) and, with videos, `timestamp` (the frames
+    it needs)."""
     features = info.features
-    wanted = [("task_index", True), ("timestamp", bool(info.video_keys))]
+    wanted = [("task_index", bool(tasks)), ("timestamp", bool(info.video_keys))]
     return [name for name, needed in wanted if needed and name in features]
 
 
