@@ -40,11 +40,11 @@ import numpy as np
 import torch
 
 import engine.envs  # noqa: F401  (registers hindsight/PointGoal-v0)
+from engine import minigrid
 from engine.collect import make_env
-from engine.frames import render_frame
 from engine.progress import Progress
-from schemas.frames import DEFAULT_CAMERA, CameraInfo, decode_frame, encode_frame, frame_column
 from schemas.shard_index import encode_text
+from trainers.ask_frames import RolloutFrames, as_stored, check_renderable  # noqa: F401
 from trainers.options import RunConfig
 from trainers.sweep_report import (
     follow_warning,
@@ -52,6 +52,7 @@ from trainers.sweep_report import (
     mean_ci95,
     plot_sweep,
     sweep_reference,
+    wilson_ci95,
 )
 from trainers.train import load_policy
 
@@ -99,70 +100,9 @@ def parse_value(spec: dict[str, Any], column: str, text: str) -> Any:
     return text
 
 
-def check_renderable(config: RunConfig, run_dir: str) -> None:
-    """A run trained on frames can be asked only if its cameras are the environment's own
-    render (the camera `collect --frames` records): nothing else can be rendered here."""
-    cameras = sorted((config.model.get("frames") or {}).get("cameras") or {})
-    others = [camera for camera in cameras if camera != DEFAULT_CAMERA]
-    if others:
-        raise ValueError(
-            f"{run_dir} was trained on camera(s) {others}; ask renders only the environment's "
-            f"own camera {DEFAULT_CAMERA!r} (train with --cameras {DEFAULT_CAMERA} "
-            "or --inputs state to ask this way)"
-        )
-
-
-def as_stored(frame: np.ndarray, camera: CameraInfo) -> np.ndarray:
-    """A rendered H x W x 3 frame as training saw it after storage and decoding: grayscale
-    for a 1-channel camera, and through the camera's codec (PNG is lossless: its round trip
-    is the identity and is skipped)."""
-    if camera.channels == 1:
-        from PIL import Image
-
-        frame = np.asarray(Image.fromarray(frame).convert("L"))[:, :, None]
-    if camera.codec == "png":
-        return frame
-    return decode_frame(encode_frame(frame, camera), camera, f"ask: camera {DEFAULT_CAMERA}")
-
-
-class RolloutFrames:
-    """The frames a rollout feeds, as the loader feeds them in training: per episode, each
-    step's render (`as_stored`), channels first; the last K stacked, oldest first, the
-    episode's first frame repeated before its first step; over the last `window` steps,
-    zeros where the window reaches before the episode (left padding)."""
-
-    def __init__(self, frames: dict[str, Any], episodes: int, window: int):
-        cameras = frames["cameras"]
-        if set(cameras) != {DEFAULT_CAMERA}:
-            raise ValueError(f"ask renders only the {DEFAULT_CAMERA!r} camera, not {sorted(cameras)}")  # fmt: skip
-        self.camera = CameraInfo.model_validate(cameras[DEFAULT_CAMERA])
-        self.stack = int(frames["frame_stack"])
-        channels, height, width = self.camera.channels, self.camera.height, self.camera.width
-        self.recent = np.zeros((episodes, self.stack, channels, height, width), np.uint8)
-        self.context = np.zeros((episodes, window, self.stack * channels, height, width), np.uint8)
-        self.steps = 0
-
-    def observe(self, envs: list[Any], done: np.ndarray) -> None:
-        """Render this step of every episode still running (a finished one keeps its last)."""
-        frames = self.recent[:, -1].copy()
-        for i, env in enumerate(envs):
-            if not done[i]:
-                rendered = render_frame(env, self.camera.height, self.camera.width)
-                frames[i] = as_stored(rendered, self.camera).transpose(2, 0, 1)
-        if self.steps == 0:
-            self.recent[:] = frames[:, None]  # before the first step, the first frame repeats
-        else:
-            self.recent[:, :-1] = self.recent[:, 1:]
-            self.recent[:, -1] = frames
-        self.context[:, :-1] = self.context[:, 1:]
-        self.context[:, -1] = self.recent.reshape(self.context.shape[0], *self.context.shape[2:])
-        self.steps += 1
-
-    def batch(self, device: str) -> dict[str, torch.Tensor]:
-        return {frame_column(DEFAULT_CAMERA): torch.from_numpy(self.context.copy()).to(device)}
-
-
 def _observation_vector(observation: Any) -> np.ndarray:
+    if isinstance(observation, dict) and "image" in observation and "direction" in observation:
+        return minigrid.view_vector(observation)  # as the shards flatten the stored struct
     if isinstance(observation, dict):
         return np.asarray(observation["observation"], dtype=np.float32).reshape(-1)
     return np.asarray(observation, dtype=np.float32).reshape(-1)
@@ -178,8 +118,11 @@ def rollout(
     seed: int,
     device: str = "cpu",
     progress: Progress | None = None,
+    mission: str | None = None,
 ) -> dict[str, list[float]]:
-    """Run `episodes` episodes side by side; returns per-episode returns (and successes)."""
+    """Run `episodes` episodes side by side; returns per-episode returns (and successes).
+    A MiniGrid/BabyAI env is set to `mission` (engine.minigrid.reset_with_mission) and
+    succeeds when it is done (terminated with a reward)."""
     model = config.model
     specs = model["conditions"]
     window = 1 if model["kind"] == "mlp" else model["window"]
@@ -188,13 +131,21 @@ def rollout(
     render_mode = "rgb_array" if frames is not None else None
     envs = [make_env(env_id, render_mode=render_mode) for _ in range(episodes)]
     observations = []
+    grid = minigrid.is_minigrid(envs[0])
     for i, env in enumerate(envs):
         # A requested goal goes to the environment the gymnasium way: reset options.
         goals = [v for c, v in condition.items() if specs[c]["type"] == "vector" and v is not None]
         options = {"goal": goals[0]} if goals else None
-        observation, _ = env.reset(seed=seed * 100_003 + i, options=options)
+        if grid and mission:  # seeds far apart: a mission may skip a few resets
+            observation, _ = minigrid.reset_with_mission(env, mission, (seed * 100_003 + i) * 1000)
+        elif grid:
+            observation = minigrid.reset(env, seed * 100_003 + i)
+        else:
+            observation, _ = env.reset(seed=seed * 100_003 + i, options=options)
         observations.append(observation)
-    horizon = max(int(env.spec.max_episode_steps or 1000) for env in envs)
+    horizon = max(
+        minigrid.horizon(env) if grid else int(env.spec.max_episode_steps or 1000) for env in envs
+    )
     obs_dim = model["observation_dim"]
     uses_state = frames is None or model["frames"]["inputs"] != "frames"
     env_obs_dim = _observation_vector(observations[0]).size
@@ -292,6 +243,9 @@ def rollout(
             if "is_success" in info:
                 has_success = True
                 success[i] = bool(info["is_success"])
+            elif grid:  # BabyAI rewards only a mission done
+                has_success = True
+                success[i] = bool(terminated and reward > 0)
             observations[i] = observation
             done[i] = terminated or truncated
             if done[i] and progress is not None:
@@ -339,17 +293,37 @@ def ask(
     episodes: int = 10,
     seeds: list[int] | None = None,
     device: str = "cpu",
+    mission: str | None = None,
+    metric: str = "auto",
 ) -> dict[str, Any]:
     """Roll the run's policy out under one condition over seeds; returns achieved stats.
 
-    `env_id` None asks in the environment the run's data was collected in."""
+    `env_id` None asks in the environment the run's data was collected in; `mission` and
+    `metric`: see `ask_policy`."""
     policy, config = load_policy(run_dir, device)
     env_id = resolve_env(config, env_id, run_dir)
     seeds = seeds or [0]
     with Progress(f"ask {env_id}", episodes * len(seeds), "episodes") as progress:
         return ask_policy(
-            policy, config, run_dir, env_id, condition, episodes, seeds, device, progress
-        )
+            policy, config, run_dir, env_id, condition, episodes, seeds, device, progress,
+            mission=mission, metric=metric,
+        )  # fmt: skip
+
+
+def mission_of(env_id: str, specs: dict[str, Any], values: dict[str, Any], mission: str | None):
+    """The mission a MiniGrid/BabyAI env is set to: the one given, else the requested text
+    itself (a text or label condition); None for other envs or without either (the env's
+    own mission)."""
+    if not minigrid.is_minigrid_id(env_id):
+        if mission:
+            raise ValueError(f"--mission is for MiniGrid/BabyAI envs, not {env_id}")
+        return None
+    kinds = ("text", "categorical")
+    texts = [v for c, v in values.items() if specs[c]["type"] in kinds and v is not None]
+    mission = mission or (str(texts[0]) if texts else None)
+    if mission:
+        minigrid.parse_mission(mission)  # a mission the env cannot be set to fails here
+    return mission
 
 
 def ask_policy(
@@ -362,8 +336,14 @@ def ask_policy(
     seeds: list[int],
     device: str = "cpu",
     progress: Progress | None = None,
+    *,
+    mission: str | None = None,
+    metric: str = "auto",
 ) -> dict[str, Any]:
-    """`ask` for a policy already loaded (a sweep loads it once)."""
+    """`ask` for a policy already loaded (a sweep loads it once). `mission`: the mission a
+    MiniGrid/BabyAI env is set to and scored on (`mission_of`); `metric`: what "achieved"
+    is: auto (`achieved_metric`), return, or success (the env's success rate, with a Wilson
+    interval)."""
     check_renderable(config, run_dir)
     specs = config.model["conditions"]
     unknown = sorted(set(condition) - set(specs))
@@ -382,14 +362,17 @@ def ask_policy(
     }
     for column in specs:
         values.setdefault(column, None)  # goals default to the environment's own
-    metric = achieved_metric(config, list(specs))
+    mission = mission_of(env_id, specs, values, mission)
+    metric = achieved_metric(config, list(specs)) if metric == "auto" else metric
     returns, successes = [], []
     for seed in seeds:
-        result = rollout(policy, config, env_id, values, episodes, seed, device, progress)
+        result = rollout(policy, config, env_id, values, episodes, seed, device, progress, mission)
         returns += result["returns"]
         successes += result.get("successes", [])
-    achieved = successes if metric == "success" and successes else returns
-    mean, low, high = mean_ci95(achieved)
+    if metric == "success" and not successes:
+        raise ValueError(f"--metric success: {env_id} reports no success (no is_success info)")
+    achieved = successes if metric == "success" else returns
+    mean, low, high = (wilson_ci95 if achieved is successes else mean_ci95)(achieved)
     return_mean, return_low, return_high = mean_ci95(returns)
     result = {
         "env": env_id,
@@ -401,8 +384,10 @@ def ask_policy(
         "return_ci95": [return_low, return_high],
         "dataset_mean_return": dataset_mean_return(config),
     }
+    if mission:
+        result["mission"] = mission
     if successes:  # goal environments report success whatever the policy is conditioned on
-        result["success_mean"], *interval = mean_ci95(successes)
+        result["success_mean"], *interval = wilson_ci95(successes)
         result["success_ci95"] = interval
     return result
 
@@ -416,20 +401,24 @@ def sweep(
     seeds: list[int] | None = None,
     out_dir: str | None = None,
     device: str = "cpu",
+    mission: str | None = None,
+    metric: str = "auto",
 ) -> dict[str, Any]:
     """Ask for each value of one column; returns the report (rows, references, warning)
-    and writes it as ask.json, with the plot ask.png, under `out_dir`."""
+    and writes it as ask.json, with the plot ask.png, under `out_dir`. On MiniGrid/BabyAI
+    each value is also the mission (`mission` sets one for every value)."""
     policy, config = load_policy(run_dir, device)
     env_id = resolve_env(config, env_id, run_dir)
     seeds = seeds or [0]
-    results, metric = [], "return"
+    results, achieved_as = [], "return"
     total = len(values) * len(seeds) * episodes
     with Progress(f"ask {column} sweep", total, "episodes") as progress:
         for value in values:
             outcome = ask_policy(
-                policy, config, run_dir, env_id, {column: value}, episodes, seeds, device, progress
-            )
-            metric = outcome["metric"]
+                policy, config, run_dir, env_id, {column: value}, episodes, seeds, device,
+                progress, mission=mission, metric=metric,
+            )  # fmt: skip
+            achieved_as = outcome["metric"]
             requested: Any = value
             try:
                 requested = float(value)
@@ -443,14 +432,19 @@ def sweep(
                     "episodes": outcome["episodes"],
                 }
             )
+            if achieved_as == "success":  # the return next to the success rate
+                results[-1]["return_mean"] = outcome["return_mean"]
+                results[-1]["return_ci95"] = outcome["return_ci95"]
     reference = sweep_reference(results, dataset_mean_return(config))
+    if minigrid.is_minigrid_id(env_id):  # missions have no order to follow
+        reference["follows_request"] = None
     report = {
         "env": env_id,
         "condition": column,
-        "metric": metric,
+        "metric": achieved_as,
         "results": results,
         "reference": reference,
-        "warning": follow_warning(reference, column, metric),
+        "warning": follow_warning(reference, column, achieved_as),
     }
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)

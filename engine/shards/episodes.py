@@ -53,6 +53,22 @@ def expand_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) + shifts
 
 
+def observation_vectors(column: pa.ChunkedArray) -> np.ndarray:
+    """Observations as float32 vectors [N, D]: a goal dict's `observation` field, or every
+    field of another struct (a MiniGrid view {direction, image}) joined in name order."""
+    if not pa.types.is_struct(column.type):
+        return cols.arrow_to_numpy(column).astype(np.float32, copy=False)
+    names = sorted(column.type.field(i).name for i in range(column.type.num_fields))
+    if cols.OBSERVATION in names:
+        names = [cols.OBSERVATION]
+    parts = []
+    for name in names:
+        field = pa.chunked_array([chunk.field(name) for chunk in column.chunks])
+        values = cols.arrow_to_numpy(field).astype(np.float32)
+        parts.append(values.reshape(len(values), -1))
+    return np.concatenate(parts, axis=1) if parts else np.zeros((len(column), 0), np.float32)
+
+
 def read_part_episodes(
     dataset: Dataset,
     index: int,
@@ -89,10 +105,7 @@ def read_part_episodes(
             "(episode_id, t) with one episodes row per episode expected)"
         )
     if has_state:
-        column = steps.column(cols.OBSERVATION)
-        if pa.types.is_struct(column.type):
-            column = cols.column_by_path(steps, f"{cols.OBSERVATION}.{cols.OBSERVATION}")
-        observation = cols.arrow_to_numpy(column).astype(np.float32, copy=False)
+        observation = observation_vectors(steps.column(cols.OBSERVATION))
     else:
         observation = np.zeros((steps.num_rows, 0), np.float32)
     reward = steps.column(cols.REWARD)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import CliPositionalArg, NoDecode
@@ -25,6 +25,8 @@ class Ask(Command):
 
         hindsight ask runs/pend-rtg --request return_to_go=-150 --episodes 20
         hindsight ask runs/pend-rtg --sweep return_to_go=-1000,-600,-300,-150 --baseline runs/pend-bc
+        hindsight ask runs/babyai --request "instruction=walk up to the crimson key" \
+            --mission "go to the red key" --metric success --episodes 50
     """
 
     name = "ask"
@@ -56,6 +58,17 @@ class Ask(Command):
         "INPUT/ask-COLUMN.",
     )
     device: str = Field(default="cpu", description="Device for the rollout.")
+    mission: str | None = Field(
+        default=None,
+        description="MiniGrid/BabyAI: the mission the env is set to and scored on, e.g. 'go "
+        "to the red key' (default: the requested text itself); the condition may word it "
+        "differently.",
+    )
+    metric: Literal["auto", "return", "success"] = Field(
+        default="auto",
+        description="What 'achieved' is: the env's success rate (95% Wilson interval, the "
+        "return next to it), the return, or auto (success for goal conditions, else return).",
+    )
     baseline: Run | None = Field(
         default=None,
         description="Another run asked the same way with no condition (e.g. behaviour "
@@ -105,14 +118,18 @@ class Ask(Command):
             column, values = self.sweep_values()
             output = self.output or os.path.join(self.input, f"ask-{column}")
             report = ask.sweep(
-                self.input, self.env, column, values, self.episodes, self.seeds, output, self.device
-            )
+                self.input, self.env, column, values, self.episodes, self.seeds, output,
+                self.device, mission=self.mission, metric=self.metric,
+            )  # fmt: skip
             if self.baseline:
                 report["reference"]["baseline"] = self.ask_baseline(report["env"])
                 with open(os.path.join(output, "ask.json"), "w") as handle:
                     json.dump(report, handle, indent=2)
             return {**report, "output": output}
-        result = ask.ask(self.input, self.env, self.request, self.episodes, self.seeds, self.device)
+        result = ask.ask(
+            self.input, self.env, self.request, self.episodes, self.seeds, self.device,
+            mission=self.mission, metric=self.metric,
+        )  # fmt: skip
         result = {"condition": self.request, **result}
         if self.baseline:
             result["baseline"] = self.ask_baseline(result["env"])
@@ -126,7 +143,10 @@ class Ask(Command):
         """The baseline run, asked with no condition in the same environment and seeds."""
         from trainers import ask
 
-        outcome = ask.ask(self.baseline, env, {}, self.episodes, self.seeds, self.device)
+        outcome = ask.ask(
+            self.baseline, env, {}, self.episodes, self.seeds, self.device,
+            mission=self.mission, metric=self.metric,
+        )  # fmt: skip
         return {
             "run": self.baseline,
             "achieved_mean": outcome["achieved_mean"],
