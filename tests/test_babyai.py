@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX
 
 from engine import minigrid
@@ -159,8 +160,51 @@ def test_collect_shard_train_ask_for_a_mission(tmp_path, capsys):
     assert cli_main(sweep) == 0
     table = capsys.readouterr().out
     assert "go to the blue ball" in table and "return" in table and "warning" not in table
+    # A sweep over paraphrases, each with the mission it means.
+    sweep = ["ask", run, "--sweep", "mission=approach the crimson key,go to the blue ball", "--mission", "go to the red key,go to the blue ball", "--metric", "success", "--episodes", "2"]  # fmt: skip
+    assert cli_main(sweep) == 0
+    assert "(mission: go to the red key)" in capsys.readouterr().out
+    assert cli_main([*sweep[:4], "--mission", "a,b,c", "--episodes", "1"]) == 2
+    assert "3 missions for 2 swept values" in capsys.readouterr().err
 
 
 def test_bot_policies_are_for_minigrid_only(tmp_path, capsys):
     assert cli_main(["collect", "CartPole-v1", str(tmp_path / "c"), "--policy", "bot"]) == 2
     assert "MiniGrid/BabyAI envs only" in capsys.readouterr().err
+
+
+def test_a_minigrid_view_goes_in_one_hot_and_other_states_as_before():
+    from trainers.minigrid_view import MINIGRID_ONE_HOT_DIM, is_minigrid_view, minigrid_one_hot
+    from trainers.models import build_model, model_config
+
+    rng = np.random.default_rng(0)
+    view = np.stack(
+        [rng.integers(0, 11, 49), rng.integers(0, 6, 49), rng.integers(0, 3, 49)], axis=-1
+    )  # (49 cells, 3 channels) in (x, y) order
+    direction = 2
+    vector = torch.tensor(np.concatenate([[direction], view.reshape(-1)]), dtype=torch.float32)
+    encoded = minigrid_one_hot(vector[None])[0].numpy()
+    assert encoded.shape == (MINIGRID_ONE_HOT_DIM,) and encoded.sum() == 1 + 49 * 3
+    assert encoded[:4].tolist() == [0, 0, 1, 0]
+    cells = encoded[4:].reshape(49, 20)
+    for cell, (kind, color, state) in zip(cells, view):  # independent of the encoder
+        expected = np.zeros(20)
+        expected[[kind, 11 + color, 17 + state]] = 1
+        assert np.array_equal(cell, expected)
+
+    index = {
+        "window": 1,
+        "observation": {"shape": [148]},
+        "action": {"kind": "discrete", "n": 7},
+        "conditions": {},
+        "metadata": {"observation_shapes": minigrid.OBSERVATION_SHAPES},
+    }
+    assert is_minigrid_view(index)
+    config = model_config(index, [], kind="mlp", d_model=8, hidden=8)
+    assert config["observation_encoding"] == "minigrid_one_hot"
+    policy = build_model(config)
+    batch = {"observation": vector.reshape(1, 1, 148), "mask": torch.ones(1, 1, dtype=torch.bool)}
+    assert policy(batch).shape == (1, 1, 7)
+    plain = dict(index, metadata={})  # no recorded view shape: floats, as before
+    assert not is_minigrid_view(plain)
+    assert "observation_encoding" not in model_config(plain, [], kind="mlp")

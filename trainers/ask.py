@@ -401,22 +401,29 @@ def sweep(
     seeds: list[int] | None = None,
     out_dir: str | None = None,
     device: str = "cpu",
-    mission: str | None = None,
+    mission: str | list[str] | None = None,
     metric: str = "auto",
 ) -> dict[str, Any]:
     """Ask for each value of one column; returns the report (rows, references, warning)
     and writes it as ask.json, with the plot ask.png, under `out_dir`. On MiniGrid/BabyAI
-    each value is also the mission (`mission` sets one for every value)."""
+    each value is also the mission, unless `mission` gives one for every value or a list
+    with one per value (a paraphrase and the mission it means)."""
+    missions = mission if isinstance(mission, list) else [mission] * len(values)
+    if len(missions) != len(values):
+        raise ValueError(
+            f"--mission: give one mission or one per swept value ({len(values)}), "
+            f"got {len(missions)}"
+        )
     policy, config = load_policy(run_dir, device)
     env_id = resolve_env(config, env_id, run_dir)
     seeds = seeds or [0]
     results, achieved_as = [], "return"
     total = len(values) * len(seeds) * episodes
     with Progress(f"ask {column} sweep", total, "episodes") as progress:
-        for value in values:
+        for value, value_mission in zip(values, missions):
             outcome = ask_policy(
                 policy, config, run_dir, env_id, {column: value}, episodes, seeds, device,
-                progress, mission=mission, metric=metric,
+                progress, mission=value_mission, metric=metric,
             )  # fmt: skip
             achieved_as = outcome["metric"]
             requested: Any = value
@@ -432,6 +439,8 @@ def sweep(
                     "episodes": outcome["episodes"],
                 }
             )
+            if "mission" in outcome:
+                results[-1]["mission"] = outcome["mission"]
             if achieved_as == "success":  # the return next to the success rate
                 results[-1]["return_mean"] = outcome["return_mean"]
                 results[-1]["return_ci95"] = outcome["return_ci95"]

@@ -24,6 +24,13 @@ from torch import nn
 
 from trainers.encoders import ConditionEncoder
 from trainers.frames import FrameEncoder, frames_config
+from trainers.minigrid_view import (
+    MINIGRID_ONE_HOT,
+    MINIGRID_ONE_HOT_DIM,
+    ViewMatch,
+    is_minigrid_view,
+    minigrid_one_hot,
+)
 
 
 def model_config(
@@ -74,6 +81,8 @@ def model_config(
     frames = frames_config(index, inputs=inputs, cameras=cameras, encoder=frame_encoder)
     if frames is not None:  # a config without this key is a policy on the state vector alone
         config["frames"] = frames
+    if is_minigrid_view(index):  # a config without this key reads its state as floats
+        config["observation_encoding"] = MINIGRID_ONE_HOT
     if kind == "mlp":
         # An MLP config without this key is an older one: 3 hidden layers, whatever n_layer.
         config["mlp_layers"] = n_layer
@@ -136,7 +145,12 @@ class Policy(nn.Module):
         # Created only for a run with frames, so a run without them draws the same initial
         # weights as before frames existed.
         self.frames = FrameEncoder(frames, config["d_model"]) if frames else None
-        self.input_dim = (dim if self.uses_state else 0) + (
+        self.one_hot = config.get("observation_encoding") == MINIGRID_ONE_HOT
+        # A MiniGrid view is also matched against the condition, cell by cell (ViewMatch).
+        self.view_match = ViewMatch(config["d_model"]) if self.one_hot else None
+        state_dim = MINIGRID_ONE_HOT_DIM if self.one_hot else dim
+        state_dim += self.view_match.output_dim if self.view_match is not None else 0
+        self.input_dim = (state_dim if self.uses_state else 0) + (
             self.frames.output_dim if self.frames is not None else 0
         )
 
@@ -153,12 +167,19 @@ class Policy(nn.Module):
     def normalized_observation(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         observation = batch["observation"].float()
         observation = observation.reshape(*observation.shape[:2], -1)
+        if self.one_hot:
+            return minigrid_one_hot(observation)
         return (observation - self.observation_mean) / self.observation_std
 
-    def step_inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """What the policy sees of each step, [B, W, input_dim]: the normalized state vector,
-        the frames' features, or both, concatenated."""
+    def step_inputs(
+        self, batch: dict[str, torch.Tensor], condition: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What the policy sees of each step, [B, W, input_dim]: the normalized state vector
+        (a MiniGrid view one-hot, with its match against `condition`), the frames' features,
+        or both, concatenated."""
         parts = [self.normalized_observation(batch)] if self.uses_state else []
+        if self.view_match is not None and condition is not None:
+            parts.append(self.view_match(parts[0], condition))
         if self.frames is not None:
             parts.append(self.frames(batch))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
@@ -194,9 +215,9 @@ class MLPPolicy(Policy):
         self.network = nn.Sequential(*layers, nn.Linear(width, self.actions.output_dim))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = self.step_inputs(batch)
-        batch_size, window = inputs.shape[:2]
+        batch_size, window = batch["mask"].shape[:2]
         condition = self.condition(batch, batch_size, window)
+        inputs = self.step_inputs(batch, condition)
         return self.network(torch.cat([inputs, condition], dim=-1))
 
 
@@ -258,14 +279,15 @@ class TransformerPolicy(Policy):
         return self.embed_previous_action(shifted * valid.unsqueeze(-1).float())
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        observation = self.step_inputs(batch)
-        batch_size, window = observation.shape[:2]
+        batch_size, window = batch["mask"].shape[:2]
+        condition = self.condition(batch, batch_size, window)
+        observation = self.step_inputs(batch, condition)
         mask = batch["mask"]
         timestep = batch["timestep"].long().clamp(0, self.config["max_timestep"] - 1)
         position = torch.arange(window, device=observation.device)
         x = (
             self.embed_observation(observation)
-            + self.condition(batch, batch_size, window)
+            + condition
             + self.previous_actions(batch)
             + self.embed_timestep(timestep)
             + self.embed_position(position)

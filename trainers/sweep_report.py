@@ -110,6 +110,8 @@ def format_sweep(report: dict[str, Any]) -> list[str]:
         if "return_mean" in row:  # --metric success: the return next to it
             r_low, r_high = row["return_ci95"]
             line += f"  return {row['return_mean']:.3f} [{r_low:.3f}, {r_high:.3f}]"
+        if row.get("mission") and row["mission"] != row["requested"]:
+            line += f"  (mission: {row['mission']})"
         lines.append(line)
     reference = report["reference"]
     if reference["dataset_mean_return"] is not None:

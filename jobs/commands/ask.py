@@ -62,7 +62,7 @@ class Ask(Command):
         default=None,
         description="MiniGrid/BabyAI: the mission the env is set to and scored on, e.g. 'go "
         "to the red key' (default: the requested text itself); the condition may word it "
-        "differently.",
+        "differently. With --sweep: one for every value, or one per value (M1,M2,...).",
     )
     metric: Literal["auto", "return", "success"] = Field(
         default="auto",
@@ -105,6 +105,15 @@ class Ask(Command):
         column, _, values = str(self.sweep).partition("=")
         return column.strip(), [v.strip() for v in values.split(",") if v.strip()]
 
+    def sweep_missions(self, count: int) -> str | list[str] | None:
+        """--mission of a sweep: one for every value, or M1,M2,... one per value."""
+        if self.mission is None or "," not in self.mission:
+            return self.mission
+        missions = [m.strip() for m in self.mission.split(",")]
+        if len(missions) != count:
+            raise ValueError(f"--mission: {len(missions)} missions for {count} swept values")
+        return missions
+
     @model_validator(mode="after")
     def _one_or_the_other(self) -> Ask:
         if self.sweep and self.request:
@@ -119,7 +128,7 @@ class Ask(Command):
             output = self.output or os.path.join(self.input, f"ask-{column}")
             report = ask.sweep(
                 self.input, self.env, column, values, self.episodes, self.seeds, output,
-                self.device, mission=self.mission, metric=self.metric,
+                self.device, mission=self.sweep_missions(len(values)), metric=self.metric,
             )  # fmt: skip
             if self.baseline:
                 report["reference"]["baseline"] = self.ask_baseline(report["env"])
