@@ -221,12 +221,9 @@ class InstructionsRelabeler(Relabeler):
         # The episode columns, in the episodes table's order (an episode without steps: null).
         run_of_episode = pc.index_in(episodes.column(cols.EPISODE_ID), pa.array(run_ids))
         found = cols.arrow_to_numpy(pc.fill_null(run_of_episode, -1)).astype(np.int64)
-        episode_code = (
-            np.where(found >= 0, run_code[np.maximum(found, 0)], -1) if len(run_code) else found
-        )
-        episode_step = (
-            np.where(found >= 0, run_step[np.maximum(found, 0)], -1) if len(run_step) else found
-        )
+        # Index -1 (no run) picks the appended "none".
+        episode_code = np.append(run_code, -1)[found]
+        episode_step = np.append(run_step, -1)[found]
         has = episode_code >= 0
         instruction = vocab_array.take(pa.array(np.where(has, episode_code, 0), mask=~has))
         instruction_step = pa.array(np.where(has, episode_step, 0).astype(np.int32), mask=~has)
