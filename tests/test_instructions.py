@@ -372,3 +372,21 @@ def test_real_rollouts_agree_with_babyai_verifiers(env_id, kind, actions):
         assert got["instruction_step"] == step
         found += 1
     assert found >= 3  # the check saw real accomplishments
+
+
+def test_views_stored_as_147_bytes_give_the_same_instructions():
+    episode_views = random_episodes(40, seed=4)
+    steps, episodes = tables(episode_views)
+    as_lists = relabel_tables(InstructionsRelabeler({}), steps, episodes)
+    for name in ("observation", "next_observation"):
+        column = steps.column(name).combine_chunks()
+        images = column.field("image").flatten().to_numpy()
+        as_bytes = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(147), len(column), [None, pa.py_buffer(images.tobytes())]
+        )
+        struct = pa.StructArray.from_arrays(
+            [as_bytes, column.field("direction")], names=["image", "direction"]
+        )
+        steps = steps.set_column(steps.schema.get_field_index(name), name, struct)
+    as_binary = relabel_tables(InstructionsRelabeler({}), steps, episodes, parts=3)
+    assert as_binary.episodes.equals(as_lists.episodes) and as_binary.steps.equals(as_lists.steps)
