@@ -18,7 +18,9 @@ egocentric view, flattened in (x, y, channel) order; the agent stands at (3, 6) 
 The first accomplished instruction wins (the earliest step; on the same step, the kind
 listed first in `kinds`). The relabeled episode ends there: the step column `instruction`
 holds it on steps t <= instruction_step and is null after, so shards built with
-`--condition instruction` keep only the steps that led to it.
+`--condition instruction` keep only the steps that led to it. With `steps=next`, every step
+is labeled with the first instruction accomplished at or after it instead (each
+accomplishment of the episode a segment of its own; null only after the last one).
 
 Columns: episodes `instruction` (string, null when the episode accomplished nothing) and
 `instruction_step` (int32, the t of the step whose action accomplished it, or null); steps
@@ -33,12 +35,12 @@ Any other environment plugs in a function, `function=module:function`, from one 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from relabelers.base import Columns, Inputs, Output, Params, Part, Relabeler, RelabelError
 from relabelers.instruction_functions import (
@@ -97,6 +99,12 @@ class InstructionsParams(Params):
         description="module:function(steps, episode) -> (instruction, step) for any other "
         "environment, instead of the built-in MiniGrid kinds",
     )
+    steps: Literal["first", "next"] = Field(
+        "first",
+        description="the step column: first = the episode's instruction up to its step, null "
+        "after; next = every step labeled with the first instruction accomplished at or after "
+        "it (built-in kinds only)",
+    )
     columns: list[str] = Field(
         [],
         description="with function: more step columns it needs beyond those read when present "
@@ -123,6 +131,12 @@ class InstructionsParams(Params):
         if unknown or not objects:
             raise ValueError(f"objects must be among key, ball, box, door; not {unknown}")
         return objects
+
+    @model_validator(mode="after")
+    def _next_needs_built_in(self) -> InstructionsParams:
+        if self.function and self.steps == "next":
+            raise ValueError("steps=next labels every accomplishment: built-in kinds only")
+        return self
 
 
 def vocabulary() -> list[str]:
@@ -203,14 +217,21 @@ class InstructionsRelabeler(Relabeler):
             vocab, run_code, run_step = episode_instructions(
                 self.params.function, steps, rows, bounds, str(part)
             )
+            hits = None
         else:
             vocab = vocabulary()
-            run_code, run_step = self.first_instructions(steps, run_ids, t, bounds, part)
+            hits = self.row_instructions(steps, t, part)
+            run_code, run_step = first_per_episode(hits, t, bounds)
         vocab_array = pa.array(vocab, pa.string())
-        # The step column: the episode's instruction on steps t <= its step, null after.
         lengths = np.diff(bounds)
-        row_code, row_step = np.repeat(run_code, lengths), np.repeat(run_step, lengths)
-        keep = (row_code >= 0) & (t <= row_step)
+        if self.params.steps == "next" and hits is not None:
+            # Each step: the first instruction accomplished at or after it.
+            following = next_hit_rows(hits, bounds)
+            row_code = np.where(following >= 0, hits[np.maximum(following, 0)], -1)
+            keep = row_code >= 0
+        else:  # the episode's instruction on steps t <= its step, null after
+            row_code, row_step = np.repeat(run_code, lengths), np.repeat(run_step, lengths)
+            keep = (row_code >= 0) & (t <= row_step)
         step_instruction = vocab_array.take(pa.array(np.where(keep, row_code, 0), mask=~keep))
         # The episode columns, in the episodes table's order (an episode without steps: null).
         run_of_episode = pc.index_in(episodes.column(cols.EPISODE_ID), pa.array(run_ids))
@@ -227,12 +248,9 @@ class InstructionsRelabeler(Relabeler):
             report=part_report(instruction, episodes, self.params.function is None, vocab),
         )
 
-    def first_instructions(
-        self, steps: pa.Table, run_ids: np.ndarray, t: np.ndarray, bounds: np.ndarray, part: Part
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Per episode run: the `vocabulary()` index of its first accomplished instruction
-        and the t of that step (-1, -1: none). Vectorised: two cells of every row decoded,
-        each episode's first hit by `np.minimum.reduceat`."""
+    def row_instructions(self, steps: pa.Table, t: np.ndarray, part: Part) -> np.ndarray:
+        """Per row: the `vocabulary()` index of the instruction its action accomplished
+        (-1: none). Vectorised: two cells of every row decoded."""
         # (object, colour) of the front and own cells after the action, and of the own
         # cell before it: a contiguous copy of the few bytes used, one strided pass each.
         after = read_cells(steps, f"{cols.NEXT_OBSERVATION}.{IMAGE}", (FRONT, OWN))
@@ -253,13 +271,32 @@ class InstructionsRelabeler(Relabeler):
                 hit = wanted[obj] & ((before[:, 0] != obj) | (before[:, 1] != color))
             check_colors(color, hit, steps, t, kind, part)
             row_code = np.where(hit, code(kinds.index(kind), obj, color), row_code)
-        if not len(run_ids):
-            return row_code[:0], row_code[:0]
-        rows = np.where(row_code >= 0, np.arange(n), n)
-        first = np.minimum.reduceat(rows, bounds[:-1])
-        has = first < n
-        first = np.minimum(first, n - 1)
-        return np.where(has, row_code[first], -1), np.where(has, t[first], -1)
+        return row_code
+
+
+def first_per_episode(
+    hits: np.ndarray, t: np.ndarray, bounds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per episode run (rows `bounds[i]:bounds[i+1]`): the code of its first hit and that
+    row's t (-1, -1: none), by `np.minimum.reduceat` over the hit rows."""
+    n = len(hits)
+    if len(bounds) < 2:
+        return hits[:0], hits[:0]
+    rows = np.where(hits >= 0, np.arange(n), n)
+    first = np.minimum.reduceat(rows, bounds[:-1])
+    has = first < n
+    first = np.minimum(first, n - 1)
+    return np.where(has, hits[first], -1), np.where(has, t[first], -1)
+
+
+def next_hit_rows(hits: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Per row: the row of the first hit at or after it in its episode (-1: none), by a
+    reversed running minimum cut at the episode's end."""
+    n = len(hits)
+    rows = np.where(hits >= 0, np.arange(n), n)
+    following = np.minimum.accumulate(rows[::-1])[::-1]
+    end = np.repeat(bounds[1:], np.diff(bounds))
+    return np.where(following < end, following, -1)
 
 
 def read_cells(steps: pa.Table, path: str, cells: tuple[tuple[int, int], ...]) -> np.ndarray:

@@ -95,21 +95,35 @@ def random_episodes(count: int, seed: int) -> list[np.ndarray]:
     return episodes
 
 
-def expected(views: np.ndarray, kinds=("goto", "pickup"), objects=("key", "ball", "box", "door")):
-    """The first instruction of one episode, step by step (the independent reference)."""
+def accomplished(
+    views: np.ndarray, kinds=("goto", "pickup"), objects=("key", "ball", "box", "door")
+) -> list[str | None]:
+    """What each step's action accomplished, step by step (the independent reference)."""
     name = {v: k for k, v in OBJECT_TO_IDX.items()}
+    done: list[str | None] = []
     for t in range(len(views) - 1):
+        done.append(None)
         for kind in kinds:
             if kind == "goto":
                 obj, color, _ = views[t + 1, 3, 5]
                 if name[obj] in objects:
-                    return f"go to the {COLOR_NAMES[color]} {name[obj]}", t
+                    done[t] = f"go to the {COLOR_NAMES[color]} {name[obj]}"
+                    break
             else:
                 obj, color, _ = views[t + 1, 3, 6]
                 before = tuple(views[t, 3, 6][:2])
                 if name[obj] in ("key", "ball", "box") and name[obj] in objects:
                     if before != (obj, color):
-                        return f"pick up the {COLOR_NAMES[color]} {name[obj]}", t
+                        done[t] = f"pick up the {COLOR_NAMES[color]} {name[obj]}"
+                        break
+    return done
+
+
+def expected(views: np.ndarray, **kinds) -> tuple[str | None, int | None]:
+    """The episode's first instruction and its step."""
+    for t, text in enumerate(accomplished(views, **kinds)):
+        if text is not None:
+            return text, t
     return None, None
 
 
@@ -150,6 +164,22 @@ def test_first_instruction_and_step_match_a_step_by_step_reference(params):
     parts = relabel_tables(InstructionsRelabeler(params), steps, episodes, parts=4)
     assert parts.steps.equals(output.steps) and parts.episodes.equals(output.episodes)
     assert parts.report == output.report
+
+
+def test_steps_next_labels_every_step_with_the_next_accomplishment():
+    episode_views = random_episodes(200, seed=6)
+    steps, episodes = tables(episode_views)
+    output = relabel_tables(InstructionsRelabeler({"steps": "next"}), steps, episodes, parts=3)
+    first = relabel_tables(InstructionsRelabeler({}), steps, episodes)
+    assert output.episodes.equals(first.episodes)  # the episode columns do not change
+    want = []
+    for views in episode_views:
+        done = accomplished(views)
+        want += [next((d for d in done[t:] if d is not None), None) for t in range(len(done))]
+    assert output.steps.column("instruction").to_pylist() == want
+    assert sum(w is not None for w in want) > first.steps.column("instruction").drop_null().length()
+    with pytest.raises(RelabelError, match="built-in kinds only"):
+        InstructionsRelabeler({"steps": "next", "function": "a:b"})
 
 
 def test_goto_door_and_pickup_on_the_same_step_follow_the_kinds_order():
