@@ -245,7 +245,7 @@ class InstructionsRelabeler(Relabeler):
         return Output(
             steps=pa.table({INSTRUCTION: step_instruction}),
             episodes=pa.table({INSTRUCTION: instruction, INSTRUCTION_STEP: instruction_step}),
-            report=part_report(instruction, episodes, self.params.function is None, vocab),
+            report=part_report(instruction, episodes, self.params.function is None),
         )
 
     def row_instructions(self, steps: pa.Table, t: np.ndarray, part: Part) -> np.ndarray:
@@ -316,7 +316,15 @@ def read_cells(steps: pa.Table, path: str, cells: tuple[tuple[int, int], ...]) -
             f"{size} values long (MiniGrid's {VIEW} encoded view)"
         )
     offsets = [(x * VIEW[1] + y) * VIEW[2] + channel for x, y in cells for channel in (0, 1)]
-    return values.reshape(len(column), size)[:, offsets]
+    used = values.reshape(len(column), size)[:, offsets]
+    if used.dtype != np.uint8:  # MiniGrid's indices are bytes; other integer types are checked
+        if len(used) and (used.min() < 0 or used.max() > 255):
+            raise RelabelError(
+                f"relabeler 'instructions': column {path!r} holds values outside 0..255, "
+                "which no MiniGrid object or colour index is"
+            )
+        used = used.astype(np.uint8)
+    return used
 
 
 def check_colors(
@@ -381,9 +389,7 @@ def normalize_mission(mission: pa.ChunkedArray | pa.Array) -> pa.Array:
     return pc.replace_substring_regex(mission, r"\ba\b", "the")
 
 
-def part_report(
-    instruction: pa.Array, episodes: pa.Table, built_in: bool, vocab: list[str]
-) -> dict[str, Any]:
+def part_report(instruction: pa.Array, episodes: pa.Table, built_in: bool) -> dict[str, Any]:
     """Counts per part: episodes, with an instruction, by kind, and against the mission."""
     has = instruction.is_valid()
     report: dict[str, Any] = {
@@ -396,7 +402,7 @@ def part_report(
             kind: int(pc.sum(pc.equal(verbs, VERBS[kind][:5])).as_py() or 0) for kind in VERBS
         }
     if MISSION in episodes.column_names:
-        mission = normalize_mission(episodes.column(MISSION))
+        mission = normalize_mission(pc.cast(episodes.column(MISSION), pa.string()))
         both = pc.and_(has, mission.is_valid())
         same = pc.and_(both, pc.fill_null(pc.equal(instruction, mission), False))
         report["with_mission"] = int(pc.sum(both).as_py() or 0)

@@ -420,3 +420,27 @@ def test_views_stored_as_147_bytes_give_the_same_instructions():
         steps = steps.set_column(steps.schema.get_field_index(name), name, struct)
     as_binary = relabel_tables(InstructionsRelabeler({}), steps, episodes, parts=3)
     assert as_binary.episodes.equals(as_lists.episodes) and as_binary.steps.equals(as_lists.steps)
+
+
+def test_views_of_another_integer_type_are_read_and_checked():
+    episode_views = random_episodes(30, seed=7)
+    steps, episodes = tables(episode_views)
+    as_uint8 = relabel_tables(InstructionsRelabeler({}), steps, episodes)
+
+    def widened(table: pa.Table, value: int | None = None) -> pa.Table:
+        for name in ("observation", "next_observation"):
+            column = table.column(name).combine_chunks()
+            images = column.field("image").flatten().to_numpy().astype(np.int64)
+            if value is not None and name == "next_observation":
+                images[(3 * 7 + 5) * 3] = value  # the first row's front cell
+            wide = pa.ListArray.from_arrays(
+                pa.array(np.arange(0, len(images) + 1, 147, dtype=np.int32)), pa.array(images)
+            )
+            struct = pa.StructArray.from_arrays([wide], names=["image"])
+            table = table.set_column(table.schema.get_field_index(name), name, struct)
+        return table
+
+    as_int64 = relabel_tables(InstructionsRelabeler({}), widened(steps), episodes)
+    assert as_int64.episodes.equals(as_uint8.episodes) and as_int64.steps.equals(as_uint8.steps)
+    with pytest.raises(RelabelError, match="outside 0..255"):
+        relabel_tables(InstructionsRelabeler({}), widened(steps, 261), episodes)
