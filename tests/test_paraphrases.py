@@ -167,6 +167,21 @@ def test_all_requests_failing_is_one_line(server, tmp_path, monkeypatch):
         relabel_tables(LanguageRelabeler(params), steps, episodes)
 
 
+def test_a_request_budget_leaves_the_rest_unparaphrased_and_says_so(server, tmp_path, monkeypatch):
+    monkeypatch.setenv(endpoint.API_KEY_VARIABLE, "sk-test-paraphrases-0123")
+    steps, episodes = with_instructions()
+    params = {"paraphrases": 2, "base_url": server.url, "cache": str(tmp_path / "c")}
+    output = relabel_tables(LanguageRelabeler({**params, "max_requests": 2}), steps, episodes)
+    assert server.count() == 2
+    lists = [x for x in output.episodes.column("instruction_paraphrases").to_pylist() if x]
+    assert {len(x) for x in lists} == {1, 3}  # the text alone, or with its 2 rewrites
+    assert "re-run" in output.report["incomplete"]
+    assert output.report["texts_by_status"]["ok"] == 2
+    rerun = relabel_tables(LanguageRelabeler(params), steps, episodes)  # continues
+    assert rerun.report["cached"] == 2 and "incomplete" not in rerun.report
+    assert {len(x) for x in rerun.episodes.column(0).to_pylist() if x} == {3}
+
+
 # ---------------------------------------------------------------- the job, as a user runs it
 def test_instructions_then_paraphrases_in_one_job(tmp_path, no_endpoint):
     steps, episodes = tables(random_episodes(50, 3), ["go to the red key"] * 50)

@@ -255,7 +255,7 @@ def paraphrase_texts(
             s: sum(r.status == s for r in results) for s in ("ok", "failed", "budget")
         },
     )
-    if texts and not ok and (summary.failed or summary.budget_stopped):
+    if texts and not ok and summary.failed:  # over budget only: a re-run continues
         first = summary.first_error or summary.budget_message
         raise RelabelError(
             f"language: no paraphrase of {len(texts)} texts was written at "
