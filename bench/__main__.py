@@ -16,6 +16,7 @@ BENCHMARKS = (
     "relabel",
     "returns",
     "goals",
+    "instructions",
     "language",
     "query",
     "shards",
