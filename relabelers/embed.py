@@ -25,6 +25,7 @@ from pydantic import Field
 
 from relabelers import endpoint, llm
 from relabelers.base import Columns, Inputs, Output, Params, Part, Relabeler, RelabelError
+from relabelers.endpoint import endpoint_id as _endpoint_id
 from schemas import steps as cols
 
 PROBE_TEXT = "dimension probe"
@@ -107,6 +108,9 @@ class EmbedRelabeler(Relabeler):
             "embedder": self.embedder.kind,
             "dimensions": self.embedder.dimensions,
             "model": self.params.model if endpoint else "hashed-words-v1",
+            # Where `ask` embeds a request for a policy trained on these vectors (public
+            # form: no credentials).
+            "endpoint": _endpoint_id(self.embedder.base_url) if endpoint else None,
         }
 
     def relabel(self, steps: pa.Table, episodes: pa.Table, part: Part) -> Output:

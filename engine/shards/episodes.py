@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from engine.dataset import Dataset
 from engine.shards.conditions import ConditionColumn, TextTable, condition_values
+from engine.shards.exclude import Exclusion, StepFilter, read_filter
 from engine.shards.frames import EncodedFrames, FrameRanges, concat_frames, read_part_frames
 from schemas import steps as cols
 from schemas.shard_index import ConditionInfo, ShardError
@@ -37,6 +38,7 @@ class EpisodeArrays:
     conditions: dict[str, np.ndarray] = field(default_factory=dict)
     texts: dict[str, TextTable] = field(default_factory=dict)
     frames: dict[str, EncodedFrames | FrameRanges] = field(default_factory=dict)
+    filtered: StepFilter | None = None  # what `read_part_episodes` left out, if it could
 
     @property
     def offsets(self) -> np.ndarray:
@@ -59,9 +61,11 @@ def read_part_episodes(
     conditions: Sequence[ConditionColumn],
     infos: Mapping[str, ConditionInfo],
     cameras: Sequence[str] = (),
+    exclusion: Exclusion | None = None,
 ) -> EpisodeArrays:
     """Part `index` of a dataset version as EpisodeArrays (episode columns broadcast), with
-    the encoded frames of `cameras` (read from the frames group's file of this part only).
+    the encoded frames of `cameras` (read from the frames group's file of this part only),
+    without the steps `exclusion` matches or whose text condition is null (exclude.py).
 
     Raises ShardError naming the part (and episode) for steps that do not match the episode
     lengths, NaN/inf/null rewards, and condition values that cannot be stored."""
@@ -127,7 +131,43 @@ def read_part_episodes(
         if text_table is not None:
             arrays.texts[condition.name] = text_table
     arrays.frames = read_part_frames(dataset, index, cameras, steps.num_rows)
+    found = read_filter(dataset, index, conditions, exclusion)
+    if found is None:
+        return arrays
+    arrays = keep_steps(arrays, found.keep)
+    arrays.filtered = found
     return arrays
+
+
+def keep_steps(episodes: EpisodeArrays, keep: np.ndarray) -> EpisodeArrays:
+    """The episodes with only the steps where `keep` is True (an episode left with none is
+    dropped); the kept steps of an episode stay in order and become its steps."""
+    if keep.all():
+        return episodes
+    offsets = episodes.offsets
+    totals = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+    lengths = totals[offsets[1:]] - totals[offsets[:-1]]
+    present = lengths > 0
+    rows = np.flatnonzero(keep)
+    # Runs of consecutive kept steps: the frames are copied range by range, not per frame.
+    edges = np.diff(np.concatenate([[0], keep.astype(np.int8), [0]]))
+    run_starts = np.flatnonzero(edges == 1)
+    run_counts = np.flatnonzero(edges == -1) - run_starts
+    return EpisodeArrays(
+        episode_ids=episodes.episode_ids[present],
+        lengths=lengths[present],
+        returns=episodes.returns[present],
+        timestep=episodes.timestep[rows],
+        observation=episodes.observation[rows],
+        action=episodes.action[rows],
+        reward=episodes.reward[rows],
+        conditions={name: values[rows] for name, values in episodes.conditions.items()},
+        texts=episodes.texts,
+        frames={
+            camera: frames.take_ranges(run_starts, run_counts)
+            for camera, frames in episodes.frames.items()
+        },
+    )
 
 
 def concat_episodes(chunks: Sequence[EpisodeArrays]) -> EpisodeArrays:
