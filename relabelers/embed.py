@@ -211,6 +211,35 @@ class EmbedRelabeler(Relabeler):
         return vectors, failures
 
 
+def embed_like(texts: list[str], recorded: dict[str, Any]) -> np.ndarray:
+    """Vectors [len(texts), D] for new texts exactly as the relabeler embedded its column:
+    `recorded` is what a shard index keeps of it (embedder, model, endpoint, dimensions).
+    An endpoint that does not answer is a RelabelError naming it (no credentials)."""
+    dimensions = int(recorded["dimensions"])
+    if recorded.get("embedder") != "endpoint":
+        return np.stack([hashed_words(text, dimensions) for text in texts]).astype(np.float32)
+    params = {
+        "embedder": "endpoint",
+        "model": recorded["model"],
+        "base_url": recorded.get("endpoint"),
+        "dimensions": recorded.get("requested_dimensions"),
+    }
+    relabeler = EmbedRelabeler(params)
+    vectors, failures = relabeler._embed_with_endpoint(texts, params["base_url"])
+    if failures:
+        raise RelabelError(
+            f"embed: the endpoint {endpoint.endpoint_id(params['base_url'])} (model "
+            f"{recorded['model']!r}) did not embed {texts[0]!r}: {failures[0]}"
+        )
+    matrix = np.array([vectors[text] for text in texts], np.float32)
+    if matrix.shape[1] != dimensions:
+        raise RelabelError(
+            f"embed: the endpoint returned {matrix.shape[1]}-dim vectors, the run was trained "
+            f"on {dimensions}"
+        )
+    return matrix
+
+
 def _embeddings_parser(count: int):
     def parse(response: Any) -> list[list[float]]:
         if isinstance(response, (str, bytes)):

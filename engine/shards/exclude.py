@@ -8,7 +8,8 @@ whose text condition is null has nothing to condition on and is dropped as well 
 column); an episode left with no step is dropped whole. Both passes of the shard job (the
 vocabulary and the shards) apply the same filter, so a held-out text adds no word to the
 vocabulary. The index records the predicate, the counts and the distinct values of the
-conditioning columns on the excluded steps (`ask` warns when asked for one of them).
+conditioning columns (and of the predicate's string columns) on the excluded steps (`ask`
+warns when asked for one of them).
 """
 
 from __future__ import annotations
@@ -145,6 +146,17 @@ def read_filter(
         excluded = series.to_numpy().astype(bool) if steps.num_rows else excluded
     keep = ~excluded
     result = StepFilter(keep=keep, excluded_steps=int(excluded.sum()))
+    if exclusion is not None and excluded.any():
+        # String columns of the predicate too: an `embed` vector condition is asked for in
+        # the words of the column it was embedded from.
+        for name in exclusion.step_columns + exclusion.episode_columns:
+            level = "steps" if name in exclusion.step_columns else "episodes"
+            column = step_column(name, level)
+            if _is_text_type(column.type):
+                chunk = pa.chunked_array([column]) if isinstance(column, pa.Array) else column
+                result.values[name] = distinct_texts(
+                    chunk.combine_chunks().filter(pa.array(excluded))
+                )
     for condition in labelled:
         column = step_column(condition.name, condition.level)
         if isinstance(column, pa.ChunkedArray):
@@ -175,6 +187,14 @@ def kept_rows(column: pa.ChunkedArray, level: str, found: StepFilter | None) -> 
 def _sum_per_episode(flags: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     totals = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
     return totals[starts + lengths] - totals[starts]
+
+
+def _is_text_type(data_type: pa.DataType) -> bool:
+    if pa.types.is_dictionary(data_type):
+        data_type = data_type.value_type
+    if pa.types.is_list(data_type) or pa.types.is_large_list(data_type):
+        data_type = data_type.value_type
+    return pa.types.is_string(data_type) or pa.types.is_large_string(data_type)
 
 
 def _is_null_text(column: pa.Array) -> np.ndarray:
