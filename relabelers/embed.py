@@ -223,6 +223,7 @@ def embed_like(texts: list[str], recorded: dict[str, Any]) -> np.ndarray:
         "model": recorded["model"],
         "base_url": recorded.get("endpoint"),
         "dimensions": recorded.get("requested_dimensions"),
+        "max_retries": 2,  # a request, asked interactively: fail within seconds
     }
     relabeler = EmbedRelabeler(params)
     vectors, failures = relabeler._embed_with_endpoint(texts, params["base_url"])

@@ -315,10 +315,11 @@ def words(text: str) -> list[str]:
     return WORD_PATTERN.findall(text.lower())
 
 
-def normalized_text(text: str, max_tokens: int) -> str:
-    """A text as the shards hold it: its first `max_tokens` words, lower case, one space
-    apart. A pretrained sentence embedder embeds this form, in training and in `ask`."""
-    return " ".join(words(text)[:max_tokens])
+def normalized_text(text: str) -> str:
+    """A text's words, lower case, one space apart: the form a pretrained sentence embedder
+    embeds, in training and in `ask` (all its words; a training window finds the text by its
+    token row, which holds the first max_tokens)."""
+    return " ".join(words(text))
 
 
 def encode_text(texts: list[str], vocabulary: list[str], max_tokens: int) -> np.ndarray:

@@ -157,7 +157,7 @@ class PretrainedTextEncoder(nn.Module):
         from trainers.text import load_embedder
 
         embedder = load_embedder(self.embedder["name"])
-        normalized = [normalized_text(text, self.max_tokens) for text in self.texts]
+        normalized = [normalized_text(text) for text in self.texts]
         self.vectors.copy_(torch.from_numpy(embedder.embed(normalized)))
 
     def forward(self, values: torch.Tensor, window: int) -> torch.Tensor:

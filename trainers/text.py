@@ -212,7 +212,7 @@ def encode_request(spec: dict[str, Any], text: str, episodes: int) -> Any:
             ) from None
     else:
         embedder = check_version(spec["embedder"])
-        vector = embedder.embed([normalized_text(text, int(spec.get("max_tokens") or 64))])
+        vector = embedder.embed([normalized_text(text)])
     return torch.from_numpy(vector.astype(np.float32)).repeat(episodes, 1)
 
 
@@ -234,8 +234,8 @@ def request_warnings(
         text = str(value)
         held = excluded.get(column) or excluded.get(_embedded_column(spec)) or []
         if spec["type"] == "text":
-            asked = f" {normalized_text(text, 10_000)} "
-            hits = [v for v in held if f" {normalized_text(v, 10_000)} " in asked]
+            asked = f" {normalized_text(text)} "
+            hits = [v for v in held if f" {normalized_text(v)} " in asked]
         else:
             hits = [v for v in held if v == text]
         if hits:

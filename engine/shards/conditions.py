@@ -52,6 +52,7 @@ class ConditionColumn:
     level: Level
     dim: int | None = None
     count: int | None = None  # goals per step for vector columns holding k goals
+    embedded_text: bool = False  # a vector the `embed` relabeler wrote (null: no text)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +61,7 @@ class ConditionColumn:
             "level": self.level,
             "dim": self.dim,
             "count": self.count,
+            "embedded_text": self.embedded_text,
         }
 
 

@@ -19,7 +19,7 @@ dataset, settings and seed -> byte-identical shards, whichever executor runs the
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from engine import storage
@@ -151,9 +151,10 @@ def resolve_conditions(
         goals = None
         if relabeler is not None and relabeler.name == "goals" and name == "hindsight_goal":
             goals = int(relabeler.params.get("k", 1))
-        resolved.append(
-            classify_condition(name, data_type, level, text=is_text, goals_per_step=goals)
-        )
+        condition = classify_condition(name, data_type, level, text=is_text, goals_per_step=goals)
+        if condition.type == "vector" and relabeler is not None and relabeler.name == "embed":
+            condition = replace(condition, embedded_text=True)
+        resolved.append(condition)
     return resolved
 
 

@@ -84,6 +84,16 @@ def read_part_episodes(
         "episodes",
         list(dict.fromkeys([cols.EPISODE_ID, cols.LENGTH, cols.RETURN, *episode_conditions])),
     )
+    found = read_filter(dataset, index, conditions, exclusion)
+    part_steps = steps.num_rows
+    if found is not None and not found.keep.all():
+        # Left out before anything is converted: the kept steps of an episode become its
+        # steps (t renumbered from 0), an episode with none left is dropped.
+        steps = steps.filter(pa.array(found.keep))
+        kept = pa.array(found.kept_lengths, pa.int64())
+        episodes = episodes.set_column(
+            episodes.schema.get_field_index(cols.LENGTH), cols.LENGTH, kept
+        ).filter(pa.array(found.keep_episodes))
     lengths = episodes.column(cols.LENGTH).to_numpy().astype(np.int64)
     boundaries = cols.episode_boundaries(steps.column(cols.EPISODE_ID).to_numpy())
     offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -112,7 +122,10 @@ def read_part_episodes(
         episode_ids=episodes.column(cols.EPISODE_ID).to_numpy().astype(np.int64),
         lengths=lengths,
         returns=episodes.column(cols.RETURN).to_numpy(zero_copy_only=False).astype(np.float64),
-        timestep=steps.column(cols.T).to_numpy().astype(np.int32),
+        timestep=steps.column(cols.T).to_numpy().astype(np.int32)
+        if found is None or found.keep.all()
+        # Renumbered from 0: the loader cuts a window ending at t from t + 1 steps.
+        else (np.arange(steps.num_rows) - np.repeat(offsets[:-1], lengths)).astype(np.int32),
         observation=observation,
         action=action.astype(np.int64 if action.ndim == 1 else np.float32, copy=False),
         reward=reward.to_numpy(zero_copy_only=False).astype(np.float32, copy=False),
@@ -130,44 +143,16 @@ def read_part_episodes(
         arrays.conditions[condition.name] = values
         if text_table is not None:
             arrays.texts[condition.name] = text_table
-    arrays.frames = read_part_frames(dataset, index, cameras, steps.num_rows)
-    found = read_filter(dataset, index, conditions, exclusion)
-    if found is None:
-        return arrays
-    arrays = keep_steps(arrays, found.keep)
+    frames = read_part_frames(dataset, index, cameras, part_steps)
+    if found is not None and not found.keep.all() and frames:
+        # Runs of consecutive kept steps: frames are copied range by range, not one by one.
+        edges = np.diff(np.concatenate([[0], found.keep.astype(np.int8), [0]]))
+        starts = np.flatnonzero(edges == 1)
+        counts = np.flatnonzero(edges == -1) - starts
+        frames = {camera: data.take_ranges(starts, counts) for camera, data in frames.items()}
+    arrays.frames = frames
     arrays.filtered = found
     return arrays
-
-
-def keep_steps(episodes: EpisodeArrays, keep: np.ndarray) -> EpisodeArrays:
-    """The episodes with only the steps where `keep` is True (an episode left with none is
-    dropped); the kept steps of an episode stay in order and become its steps."""
-    if keep.all():
-        return episodes
-    offsets = episodes.offsets
-    totals = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
-    lengths = totals[offsets[1:]] - totals[offsets[:-1]]
-    present = lengths > 0
-    rows = np.flatnonzero(keep)
-    # Runs of consecutive kept steps: the frames are copied range by range, not per frame.
-    edges = np.diff(np.concatenate([[0], keep.astype(np.int8), [0]]))
-    run_starts = np.flatnonzero(edges == 1)
-    run_counts = np.flatnonzero(edges == -1) - run_starts
-    return EpisodeArrays(
-        episode_ids=episodes.episode_ids[present],
-        lengths=lengths[present],
-        returns=episodes.returns[present],
-        timestep=episodes.timestep[rows],
-        observation=episodes.observation[rows],
-        action=episodes.action[rows],
-        reward=episodes.reward[rows],
-        conditions={name: values[rows] for name, values in episodes.conditions.items()},
-        texts=episodes.texts,
-        frames={
-            camera: frames.take_ranges(run_starts, run_counts)
-            for camera, frames in episodes.frames.items()
-        },
-    )
 
 
 def concat_episodes(chunks: Sequence[EpisodeArrays]) -> EpisodeArrays:

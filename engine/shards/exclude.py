@@ -4,8 +4,8 @@ Held out by design: `shard --exclude "instruction IN ('go to the red key')"` kee
 step the predicate matches out of the shards. The predicate is Polars SQL, read as
 `hindsight query --where` reads it: step columns first, an episode-only column broadcast to
 its episode's steps, and only row-local operations (it is evaluated part by part). A step
-whose text condition is null has nothing to condition on and is dropped as well (counted per
-column); an episode left with no step is dropped whole. Both passes of the shard job (the
+whose text condition is null (or the `embed` relabeler's vector of a null text) has nothing
+to condition on and is dropped as well (counted per column); an episode left with no step is dropped whole. Both passes of the shard job (the
 vocabulary and the shards) apply the same filter, so a held-out text adds no word to the
 vocabulary. The index records the predicate, the counts and the distinct values of the
 conditioning columns (and of the predicate's string columns) on the excluded steps (`ask`
@@ -81,6 +81,7 @@ class StepFilter:
 
     keep: np.ndarray  # bool [steps of the part]
     keep_episodes: np.ndarray | None = None  # bool [episodes of the part]: any step kept
+    kept_lengths: np.ndarray | None = None  # int64 [episodes of the part]: steps kept
     excluded_steps: int = 0  # matched by the predicate
     excluded_episodes: int = 0  # with a step the predicate matched
     null_steps: dict[str, int] = field(default_factory=dict)  # by text condition (not excluded)
@@ -90,7 +91,7 @@ class StepFilter:
 
 def needs_filter(conditions: Sequence[ConditionColumn], exclusion: Exclusion | None) -> bool:
     """Whether any step can be dropped: an exclusion, or a text condition (nulls)."""
-    return exclusion is not None or any(c.type == "text" for c in conditions)
+    return exclusion is not None or any(c.type == "text" or c.embedded_text for c in conditions)
 
 
 def read_filter(
@@ -102,7 +103,7 @@ def read_filter(
     """The filter of part `part` (None: every step is kept, nothing to check)."""
     if not needs_filter(conditions, exclusion):
         return None
-    labelled = [c for c in conditions if c.type in ("text", "categorical")]
+    labelled = [c for c in conditions if c.type in ("text", "categorical") or c.embedded_text]
     step_heads = {c.name.partition(".")[0] for c in labelled if c.level == "steps"}
     episode_heads = {c.name.partition(".")[0] for c in labelled if c.level == "episodes"}
     if exclusion is not None:
@@ -161,9 +162,9 @@ def read_filter(
         column = step_column(condition.name, condition.level)
         if isinstance(column, pa.ChunkedArray):
             column = column.combine_chunks()
-        if excluded.any():
+        if excluded.any() and not condition.embedded_text:
             result.values[condition.name] = distinct_texts(column.filter(pa.array(excluded)))
-        if condition.type == "text":
+        if condition.type == "text" or condition.embedded_text:
             null = _is_null_text(column) & keep
             result.null_steps[condition.name] = int(null.sum())
             keep &= ~null
@@ -173,6 +174,7 @@ def read_filter(
     result.dropped_episodes = int((kept_per_episode == 0).sum())
     result.keep = keep
     result.keep_episodes = kept_per_episode > 0
+    result.kept_lengths = kept_per_episode
     return result
 
 
