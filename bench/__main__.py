@@ -17,6 +17,7 @@ BENCHMARKS = (
     "returns",
     "goals",
     "language",
+    "text",
     "query",
     "shards",
     "frames",
