@@ -18,6 +18,7 @@ BENCHMARKS = (
     "goals",
     "instructions",
     "language",
+    "text",
     "query",
     "shards",
     "frames",

@@ -7,8 +7,10 @@
   is a goal dict (hindsight/PointGoal-v0), or a requested goal that is set into the
   environment; the achieved value is then the success rate;
 - categorical columns take a label of the index's vocabulary ("expert");
-- text columns take a sentence, tokenized with the shard-time vocabulary exactly as the
-  loader tokenized it for training.
+- text columns take a sentence, encoded as the run's text encoder encoded training text
+  (trainers/text.py: tokens of the shard-time vocabulary, or the sentence vector of the
+  recorded embedder or endpoint); a request the shards held out (`shard --exclude`), or
+  with words a `tokens` run never saw, gets a one-line warning on stderr.
 
 The episodes of one seed run side by side in one batch through the model (one forward
 per environment step), the last `window` steps as context, left-padded like training.
@@ -34,6 +36,7 @@ import json
 import math
 import os
 import re
+import sys
 from typing import Any
 
 import numpy as np
@@ -54,6 +57,7 @@ from trainers.sweep_report import (
     sweep_reference,
     wilson_ci95,
 )
+from trainers.text import encode_request, request_warnings
 from trainers.train import load_policy
 
 
@@ -166,11 +170,9 @@ def rollout(
             history_cond[column] = np.zeros((episodes, horizon, int(spec["dim"])), np.float32)
         elif spec["type"] == "categorical":
             history_cond[column] = np.zeros((episodes, horizon), np.int64)
+    # Token ids or a sentence vector, as the run's text encoder saw training text.
     text_tokens = {
-        column: torch.tensor(
-            [tokenize(str(condition[column]), spec["vocabulary"], int(spec["max_tokens"]))]
-            * episodes
-        )
+        column: encode_request(spec, str(condition[column]), episodes)
         for column, spec in specs.items()
         if spec["type"] == "text"
     }
@@ -362,6 +364,9 @@ def ask_policy(
     }
     for column in specs:
         values.setdefault(column, None)  # goals default to the environment's own
+    warnings = request_warnings(config.index, specs, values)
+    for line in warnings:
+        print(f"ask: warning: {line}", file=sys.stderr)
     mission = mission_of(env_id, specs, values, mission)
     metric = achieved_metric(config, list(specs)) if metric == "auto" else metric
     returns, successes = [], []
@@ -386,6 +391,8 @@ def ask_policy(
     }
     if mission:
         result["mission"] = mission
+    if warnings:
+        result["warnings"] = warnings
     if successes:  # goal environments report success whatever the policy is conditioned on
         result["success_mean"], *interval = wilson_ci95(successes)
         result["success_ci95"] = interval

@@ -46,13 +46,16 @@ def model_config(
     inputs: str | None = None,
     cameras: list[str] | None = None,
     frame_encoder: str | None = None,
+    text_encoder: str = "tokens",
 ) -> dict[str, Any]:
     """Everything needed to rebuild a model, as plain data (it travels in checkpoints).
 
     `window` is the steps per training window (default: the shards' window); `n_layer` the
     MLP's hidden layers or the transformer's blocks (trainers.options.MODEL_DEFAULTS);
-    `inputs`, `cameras` and `frame_encoder` what the policy sees (trainers.frames)."""
+    `inputs`, `cameras` and `frame_encoder` what the policy sees (trainers.frames);
+    `text_encoder` how its text conditions are encoded (trainers.text)."""
     from trainers.encoders import condition_specs
+    from trainers.text import with_text_encoder
 
     if kind not in ("transformer", "mlp"):
         raise ValueError(f"--model must be 'transformer' or 'mlp', got {kind!r}")
@@ -66,7 +69,9 @@ def model_config(
         "kind": kind,
         "observation_dim": int(math.prod(index["observation"]["shape"] or [0])),
         "action": dict(index["action"]),
-        "conditions": condition_specs(index.get("conditions", {}), conditions),
+        "conditions": with_text_encoder(
+            condition_specs(index.get("conditions", {}), conditions), text_encoder
+        ),
         "window": int(window),
         # Per-dimension statistics from the shard index when it has them; otherwise the
         # trainer fits them on its first batch.

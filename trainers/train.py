@@ -130,6 +130,7 @@ def new_run_config(index: dict[str, Any], options: TrainOptions) -> RunConfig:
         inputs=options.inputs,
         cameras=options.cameras,
         frame_encoder=options.frame_encoder,
+        text_encoder=options.text_encoder,
     )
     facts = {key: value for key, value in index.items() if key != "shards"}
     return RunConfig(options=options, model=model, index=facts)
@@ -301,6 +302,8 @@ def train_loop(
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, loader_states, fitted = int(checkpoint["step"]), checkpoint["loader"], True
         torch.set_rng_state(checkpoint["rng"].cpu())
+    else:  # a new run: a pretrained text encoder embeds the index's texts, once
+        policy.condition.embed_texts()
     loader_state = loader_states[rank] if loader_states and rank < len(loader_states) else None
 
     module: torch.nn.Module = _Loss(policy)

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 from schemas import steps as cols
 from schemas.shard_index import (
+    MAX_INDEX_TEXTS,
     PAD_TOKEN,
     UNKNOWN_TOKEN,
     ConditionInfo,
@@ -51,6 +52,7 @@ class ConditionColumn:
     level: Level
     dim: int | None = None
     count: int | None = None  # goals per step for vector columns holding k goals
+    embedded_text: bool = False  # a vector the `embed` relabeler wrote (null: no text)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +61,7 @@ class ConditionColumn:
             "level": self.level,
             "dim": self.dim,
             "count": self.count,
+            "embedded_text": self.embedded_text,
         }
 
 
@@ -144,14 +147,22 @@ def summarize_vocabulary(column: pa.ChunkedArray, condition: ConditionColumn) ->
     word_counts: dict[str, int] = {}
     longest = 0
     paraphrases = 1
+    distinct: set[str] = set()
     for texts in text_rows(unique.cast(pa.string())):
         paraphrases = max(paraphrases, len(texts))
+        if len(distinct) <= MAX_INDEX_TEXTS:
+            distinct.update(texts)
         for text in texts:
             text_words = words(text)
             longest = max(longest, len(text_words))
             for word in text_words:
                 word_counts[word] = word_counts.get(word, 0) + 1
-    return {"words": word_counts, "longest": longest, "paraphrases": paraphrases}
+    return {
+        "words": word_counts,
+        "longest": longest,
+        "paraphrases": paraphrases,
+        "texts": sorted(distinct),
+    }
 
 
 def combine_vocabulary(
@@ -183,12 +194,17 @@ def combine_vocabulary(
             totals[word] = totals.get(word, 0) + count
     ranked = sorted(totals, key=lambda word: (-totals[word], word))[: max(0, max_words - 2)]
     longest = max([s["longest"] for s in summaries] + [1])
+    texts: set[str] = set()
+    for summary in summaries:
+        texts.update(summary.get("texts", ()))
     return ConditionInfo(
         type="text",
         level=condition.level,
         vocabulary=[PAD_TOKEN, UNKNOWN_TOKEN, *ranked],
         max_tokens=min(longest, max_tokens),
         paraphrases=max([s["paraphrases"] for s in summaries] + [1]),
+        # Listed for a pretrained text encoder, which embeds each once at train start.
+        texts=sorted(texts) if len(texts) <= MAX_INDEX_TEXTS else None,
     )
 
 

@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from engine.dataset import Dataset
 from engine.shards.conditions import ConditionColumn, TextTable, condition_values
+from engine.shards.exclude import Exclusion, StepFilter, read_filter
 from engine.shards.frames import EncodedFrames, FrameRanges, concat_frames, read_part_frames
 from schemas import steps as cols
 from schemas.shard_index import ConditionInfo, ShardError
@@ -37,6 +38,7 @@ class EpisodeArrays:
     conditions: dict[str, np.ndarray] = field(default_factory=dict)
     texts: dict[str, TextTable] = field(default_factory=dict)
     frames: dict[str, EncodedFrames | FrameRanges] = field(default_factory=dict)
+    filtered: StepFilter | None = None  # what `read_part_episodes` left out, if it could
 
     @property
     def offsets(self) -> np.ndarray:
@@ -75,9 +77,11 @@ def read_part_episodes(
     conditions: Sequence[ConditionColumn],
     infos: Mapping[str, ConditionInfo],
     cameras: Sequence[str] = (),
+    exclusion: Exclusion | None = None,
 ) -> EpisodeArrays:
     """Part `index` of a dataset version as EpisodeArrays (episode columns broadcast), with
-    the encoded frames of `cameras` (read from the frames group's file of this part only).
+    the encoded frames of `cameras` (read from the frames group's file of this part only),
+    without the steps `exclusion` matches or whose text condition is null (exclude.py).
 
     Raises ShardError naming the part (and episode) for steps that do not match the episode
     lengths, NaN/inf/null rewards, and condition values that cannot be stored."""
@@ -96,6 +100,16 @@ def read_part_episodes(
         "episodes",
         list(dict.fromkeys([cols.EPISODE_ID, cols.LENGTH, cols.RETURN, *episode_conditions])),
     )
+    found = read_filter(dataset, index, conditions, exclusion)
+    part_steps = steps.num_rows
+    if found is not None and not found.keep.all():
+        # Left out before anything is converted: the kept steps of an episode become its
+        # steps (t renumbered from 0), an episode with none left is dropped.
+        steps = steps.filter(pa.array(found.keep))
+        kept = pa.array(found.kept_lengths, pa.int64())
+        episodes = episodes.set_column(
+            episodes.schema.get_field_index(cols.LENGTH), cols.LENGTH, kept
+        ).filter(pa.array(found.keep_episodes))
     lengths = episodes.column(cols.LENGTH).to_numpy().astype(np.int64)
     boundaries = cols.episode_boundaries(steps.column(cols.EPISODE_ID).to_numpy())
     offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -121,7 +135,10 @@ def read_part_episodes(
         episode_ids=episodes.column(cols.EPISODE_ID).to_numpy().astype(np.int64),
         lengths=lengths,
         returns=episodes.column(cols.RETURN).to_numpy(zero_copy_only=False).astype(np.float64),
-        timestep=steps.column(cols.T).to_numpy().astype(np.int32),
+        timestep=steps.column(cols.T).to_numpy().astype(np.int32)
+        if found is None or found.keep.all()
+        # Renumbered from 0: the loader cuts a window ending at t from t + 1 steps.
+        else (np.arange(steps.num_rows) - np.repeat(offsets[:-1], lengths)).astype(np.int32),
         observation=observation,
         action=action.astype(np.int64 if action.ndim == 1 else np.float32, copy=False),
         reward=reward.to_numpy(zero_copy_only=False).astype(np.float32, copy=False),
@@ -139,7 +156,15 @@ def read_part_episodes(
         arrays.conditions[condition.name] = values
         if text_table is not None:
             arrays.texts[condition.name] = text_table
-    arrays.frames = read_part_frames(dataset, index, cameras, steps.num_rows)
+    frames = read_part_frames(dataset, index, cameras, part_steps)
+    if found is not None and not found.keep.all() and frames:
+        # Runs of consecutive kept steps: frames are copied range by range, not one by one.
+        edges = np.diff(np.concatenate([[0], found.keep.astype(np.int8), [0]]))
+        starts = np.flatnonzero(edges == 1)
+        counts = np.flatnonzero(edges == -1) - starts
+        frames = {camera: data.take_ranges(starts, counts) for camera, data in frames.items()}
+    arrays.frames = frames
+    arrays.filtered = found
     return arrays
 
 
