@@ -123,10 +123,13 @@ def rollout(
     device: str = "cpu",
     progress: Progress | None = None,
     mission: str | None = None,
+    sample: bool = False,
 ) -> dict[str, list[float]]:
     """Run `episodes` episodes side by side; returns per-episode returns (and successes).
     A MiniGrid/BabyAI env is set to `mission` (engine.minigrid.reset_with_mission) and
-    succeeds when it is done (terminated with a reward)."""
+    succeeds when it is done (terminated with a reward). `sample`: discrete actions are
+    drawn from the policy's distribution (seeded by `seed`) instead of its argmax."""
+    draws = torch.Generator().manual_seed(seed) if sample else None
     model = config.model
     specs = model["conditions"]
     window = 1 if model["kind"] == "mlp" else model["window"]
@@ -230,8 +233,12 @@ def rollout(
         batch.update({column: tokens.to(device) for column, tokens in text_tokens.items()})
         if frames is not None:
             batch.update(frames.batch(device))
-        prediction = policy(batch)[:, -1]
-        actions = policy.actions.to_env(prediction.float()).cpu().numpy()
+        prediction = policy(batch)[:, -1].float()
+        if draws is not None and discrete:
+            probabilities = torch.softmax(prediction, -1).cpu()
+            actions = torch.multinomial(probabilities, 1, generator=draws)[:, 0].numpy()
+        else:
+            actions = policy.actions.to_env(prediction).cpu().numpy()
         history_act[:, t] = actions
 
         for i, env in enumerate(envs):
@@ -297,18 +304,19 @@ def ask(
     device: str = "cpu",
     mission: str | None = None,
     metric: str = "auto",
+    sample: bool = False,
 ) -> dict[str, Any]:
     """Roll the run's policy out under one condition over seeds; returns achieved stats.
 
-    `env_id` None asks in the environment the run's data was collected in; `mission` and
-    `metric`: see `ask_policy`."""
+    `env_id` None asks in the environment the run's data was collected in; `mission`,
+    `metric` and `sample`: see `ask_policy`."""
     policy, config = load_policy(run_dir, device)
     env_id = resolve_env(config, env_id, run_dir)
     seeds = seeds or [0]
     with Progress(f"ask {env_id}", episodes * len(seeds), "episodes") as progress:
         return ask_policy(
             policy, config, run_dir, env_id, condition, episodes, seeds, device, progress,
-            mission=mission, metric=metric,
+            mission=mission, metric=metric, sample=sample,
         )  # fmt: skip
 
 
@@ -341,11 +349,12 @@ def ask_policy(
     *,
     mission: str | None = None,
     metric: str = "auto",
+    sample: bool = False,
 ) -> dict[str, Any]:
     """`ask` for a policy already loaded (a sweep loads it once). `mission`: the mission a
     MiniGrid/BabyAI env is set to and scored on (`mission_of`); `metric`: what "achieved"
     is: auto (`achieved_metric`), return, or success (the env's success rate, with a Wilson
-    interval)."""
+    interval); `sample`: draw discrete actions from the policy instead of its argmax."""
     check_renderable(config, run_dir)
     specs = config.model["conditions"]
     unknown = sorted(set(condition) - set(specs))
@@ -371,7 +380,9 @@ def ask_policy(
     metric = achieved_metric(config, list(specs)) if metric == "auto" else metric
     returns, successes = [], []
     for seed in seeds:
-        result = rollout(policy, config, env_id, values, episodes, seed, device, progress, mission)
+        result = rollout(
+            policy, config, env_id, values, episodes, seed, device, progress, mission, sample
+        )
         returns += result["returns"]
         successes += result.get("successes", [])
     if metric == "success" and not successes:
@@ -410,6 +421,7 @@ def sweep(
     device: str = "cpu",
     mission: str | list[str] | None = None,
     metric: str = "auto",
+    sample: bool = False,
 ) -> dict[str, Any]:
     """Ask for each value of one column; returns the report (rows, references, warning)
     and writes it as ask.json, with the plot ask.png, under `out_dir`. On MiniGrid/BabyAI
@@ -430,7 +442,7 @@ def sweep(
         for value, value_mission in zip(values, missions):
             outcome = ask_policy(
                 policy, config, run_dir, env_id, {column: value}, episodes, seeds, device,
-                progress, mission=value_mission, metric=metric,
+                progress, mission=value_mission, metric=metric, sample=sample,
             )  # fmt: skip
             achieved_as = outcome["metric"]
             requested: Any = value

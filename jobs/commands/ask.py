@@ -69,6 +69,12 @@ class Ask(Command):
         description="What 'achieved' is: the env's success rate (95% Wilson interval, the "
         "return next to it), the return, or auto (success for goal conditions, else return).",
     )
+    actions: Literal["greedy", "sample"] = Field(
+        default="greedy",
+        description="Discrete actions: the policy's most likely one, or drawn from its "
+        "distribution (seeded by --seeds; breaks the loops a memoryless greedy policy falls "
+        "into, e.g. on MiniGrid).",
+    )
     baseline: Run | None = Field(
         default=None,
         description="Another run asked the same way with no condition (e.g. behaviour "
@@ -129,6 +135,7 @@ class Ask(Command):
             report = ask.sweep(
                 self.input, self.env, column, values, self.episodes, self.seeds, output,
                 self.device, mission=self.sweep_missions(len(values)), metric=self.metric,
+                sample=self.actions == "sample",
             )  # fmt: skip
             if self.baseline:
                 report["reference"]["baseline"] = self.ask_baseline(report["env"])
@@ -137,7 +144,7 @@ class Ask(Command):
             return {**report, "output": output}
         result = ask.ask(
             self.input, self.env, self.request, self.episodes, self.seeds, self.device,
-            mission=self.mission, metric=self.metric,
+            mission=self.mission, metric=self.metric, sample=self.actions == "sample",
         )  # fmt: skip
         result = {"condition": self.request, **result}
         if self.baseline:
@@ -154,7 +161,7 @@ class Ask(Command):
 
         outcome = ask.ask(
             self.baseline, env, {}, self.episodes, self.seeds, self.device,
-            mission=self.mission, metric=self.metric,
+            mission=self.mission, metric=self.metric, sample=self.actions == "sample",
         )  # fmt: skip
         return {
             "run": self.baseline,
