@@ -153,6 +153,12 @@ def test_collect_shard_train_ask_for_a_mission(tmp_path, capsys):
     rate, low, high = wilson_ci95([1.0] * round(4 * result["achieved_mean"]) + [0.0] * (4 - round(4 * result["achieved_mean"])))  # fmt: skip
     assert result["achieved_ci95"] == pytest.approx([low, high])
     assert "return_mean" in result
+    # Drawn actions are seeded: the same request twice, the same episodes.
+    drawn = ["ask", run, "--request", "mission=go to the red key", "--actions", "sample", "--episodes", "3", "--seeds", "4", "--json"]  # fmt: skip
+    assert cli_main(drawn) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert cli_main(drawn) == 0
+    assert json.loads(capsys.readouterr().out) == first
     # A text request for a BabyAI env is its mission, unless the words are not BabyAI's.
     assert cli_main(["ask", run, "--request", "mission=walk up to the crimson key", "--episodes", "1"]) == 2  # fmt: skip
     assert "--mission" in capsys.readouterr().err
