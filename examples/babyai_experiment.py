@@ -4,8 +4,9 @@
 
 Play data on BabyAI-GoToLocal-v0: BabyAI's bot pursues a random object of the room
 (`collect --policy bot:play --noise 0.2`), so the recorded mission names what happened only
-now and then. Relabeled in hindsight (`instructions`: the first object the agent went to,
-and the step it did) with 3 offline paraphrases per instruction (`language:source=
+now and then. Relabeled in hindsight (`instructions:steps=next`: every step labeled with
+the next object the agent went to, so each episode is a few segments, each ending where
+its instruction was done) with 3 offline paraphrases per instruction (`language:source=
 instruction`), sharded with 4 colour-object pairs held out of every training instruction
 (`shard --exclude`). For every seed, three policies on the same steps, the same way (an MLP
 on single steps, the MiniGrid view in one-hot with its per-cell match against the condition,
@@ -167,7 +168,7 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
     held_out_missions = ", ".join(f"'{m}'" for p in HELD_OUT for m in (mission(p), f"go to a {p}"))
     cli("collect", ENV, data, "--episodes", str(args.episodes), "--policy", "bot:play",
         "--noise", "0.2", "--episodes-per-part", str(args.episodes))  # fmt: skip
-    cli("relabel", data, relabeled, "--with", "instructions",
+    cli("relabel", data, relabeled, "--with", "instructions:steps=next",
         "--with", f"language:source=instruction,paraphrases={args.paraphrases}")  # fmt: skip
     cli("shard", relabeled, shards_hindsight, "--condition", "instruction_paraphrases",
         "--window", "4", "--exclude", f"instruction IN ({held_out_sql})")  # fmt: skip
