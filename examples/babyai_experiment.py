@@ -9,8 +9,8 @@ the next object the agent went to, so each episode is a few segments, each endin
 its instruction was done) with 3 offline paraphrases per instruction (`language:source=
 instruction`), sharded with 4 colour-object pairs held out of every training instruction
 (`shard --exclude`). For every seed, three policies on the same steps, the same way (an MLP
-on single steps, the MiniGrid view in one-hot with its per-cell match against the condition,
-trainers/minigrid_view.py):
+on single steps that sees the MiniGrid view's layout and, per cell, how well it matches the
+condition: object identities only through the words, trainers/minigrid_view.py):
   hindsight   conditioned on `instruction_paraphrases` (one wording drawn per window), text
               through the offline sentence embedder (`--text-encoder wordllama`);
   mission     conditioned on the recorded `mission`, no relabeling (same embedder; the held
@@ -25,7 +25,10 @@ scored on it (`--metric success`):
   (d) mission, the trained pairs;
   (e) bc, the trained pairs' missions (it cannot be told; the env still scores them).
 A random policy's success on the same missions is measured too: in GoToLocal any object of
-the named colour and type counts, and random actions reach one in about 0.3 of episodes.
+the named colour and type counts, and random actions reach one in about 0.3 of episodes;
+a policy that tours the room's objects (behaviour cloning of play) reaches it more often
+still. The mean return (1 - 0.9 x steps / 64 on success, else 0) rewards going straight to
+it, and is reported next to the success rate.
 
 Actions are drawn from each policy's distribution (`ask --actions sample`): a memoryless
 greedy policy falls into loops (forward into a wall, left-right) on MiniGrid; the greedy
@@ -41,15 +44,20 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import tempfile
 import time
 from typing import Any
 
+import numpy as np
+
 ENV = "BabyAI-GoToLocal-v0"
 # Held out of every training instruction; each colour and each type stays in training with
-# other partners (compositions of known words).
-HELD_OUT = ("red key", "green ball", "blue box", "purple key")
+# other partners (compositions of known words). Run 1 held out red key, green ball, blue box
+# and purple key (bench/results/babyai-experiment-run1.json); after its failure on them the
+# view encoding changed (trainers/minigrid_view.py), so run 2 holds out pairs never looked at.
+HELD_OUT = ("yellow key", "grey ball", "purple box", "green key")
 TRAINED = ("yellow ball", "grey box", "blue key", "red ball", "green box", "purple ball")
 # Words in no training text (the offline paraphraser's verbs are go/walk/head/move/navigate/
 # get/go over, its frames find/and/it/your/task/is/that/please): chosen before any result.
@@ -85,9 +93,32 @@ def wilson(successes: int, n: int) -> dict[str, Any]:
     return {"rate": rate, "ci95": [low, high], "successes": successes, "episodes": n}
 
 
+def counts(row: dict[str, Any]) -> dict[str, Any]:
+    """One asked value's outcome: successes, episodes, and the return's mean and spread."""
+    episodes = int(row["episodes"])
+    low, high = row["return_ci95"]
+    return {
+        "successes": round(row["achieved_mean"] * episodes),
+        "episodes": episodes,
+        "return_mean": float(row["return_mean"]),
+        "return_sd": (high - low) / 2 / 1.96 * math.sqrt(episodes),
+    }
+
+
+def pooled_return(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean return over every episode of `rows`, with a normal 95% interval."""
+    n = np.array([r["episodes"] for r in rows], float)
+    means = np.array([r["return_mean"] for r in rows])
+    sds = np.array([r["return_sd"] for r in rows])
+    total, mean = n.sum(), float((n * means).sum() / n.sum())
+    variance = (((n - 1) * sds**2).sum() + (n * (means - mean) ** 2).sum()) / max(1, total - 1)
+    half = 1.96 * math.sqrt(variance / total)
+    return {"mean": mean, "ci95": [mean - half, mean + half]}
+
+
 def sweep(run: str, column: str, texts: list[str], missions: list[str], seed: int, args,
-          out: str, sample: bool = True) -> list[tuple[int, int]]:  # fmt: skip
-    """Ask `run` for each text (env set to its mission); (successes, episodes) per text."""
+          out: str, sample: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+    """Ask `run` for each text (env set to its mission); `counts` per text."""
     cli(
         "ask", run, "--sweep", f"{column}={','.join(texts)}", "--mission", ",".join(missions),
         "--metric", "success", "--episodes", str(args.eval_episodes), "--seeds", str(seed),
@@ -95,12 +126,12 @@ def sweep(run: str, column: str, texts: list[str], missions: list[str], seed: in
     )  # fmt: skip
     with open(os.path.join(out, "ask.json")) as handle:
         rows = json.load(handle)["results"]
-    return [(round(r["achieved_mean"] * r["episodes"]), r["episodes"]) for r in rows]
+    return [counts(row) for row in rows]
 
 
-def ask_bc(run: str, missions: list[str], seed: int, args, out: str) -> list[tuple[int, int]]:
+def ask_bc(run: str, missions: list[str], seed: int, args, out: str) -> list[dict[str, Any]]:
     """Behaviour cloning asked in envs set to each mission (it has no condition)."""
-    counts = []
+    rows = []
     for index, text in enumerate(missions):
         directory = os.path.join(out, str(index))
         cli(
@@ -109,9 +140,8 @@ def ask_bc(run: str, missions: list[str], seed: int, args, out: str) -> list[tup
             "--output", directory,
         )  # fmt: skip
         with open(os.path.join(directory, "ask.json")) as handle:
-            result = json.load(handle)
-        counts.append((round(result["achieved_mean"] * result["episodes"]), result["episodes"]))
-    return counts
+            rows.append(counts(json.load(handle)))
+    return rows
 
 
 def random_success(missions: list[str], episodes: int) -> tuple[int, int]:
@@ -178,7 +208,7 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
 
     trained = [mission(p) for p in TRAINED]
     held = [mission(p) for p in HELD_OUT]
-    arms: dict[str, list[list[tuple[int, int]]]] = {k: [] for k in ("a", "b", "c", "d", "e", "a_greedy")}  # fmt: skip
+    arms: dict[str, list[list[dict[str, Any]]]] = {k: [] for k in ("a", "b", "c", "d", "e", "a_greedy")}  # fmt: skip
     for seed in args.seeds:
         run = {arm: os.path.join(work, f"run-{arm}-{seed}") for arm in ("hindsight", "mission", "bc")}  # fmt: skip
         train(shards_hindsight, run["hindsight"], "instruction_paraphrases", seed, args)
@@ -198,13 +228,14 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
         )
     summary = {}
     for arm, per_seed in arms.items():
-        successes = sum(s for rows in per_seed for s, _ in rows)
-        episodes = sum(n for rows in per_seed for _, n in rows)
+        every = [row for rows in per_seed for row in rows]
         summary[arm] = {
-            **wilson(successes, episodes),
+            **wilson(sum(r["successes"] for r in every), sum(r["episodes"] for r in every)),
             "per_seed": [
-                sum(s for s, _ in rows) / max(1, sum(n for _, n in rows)) for rows in per_seed
-            ],  # fmt: skip
+                sum(r["successes"] for r in rows) / max(1, sum(r["episodes"] for r in rows))
+                for rows in per_seed
+            ],
+            "return": pooled_return(every),
         }
     chance = random_success(trained + held, args.eval_episodes * len(args.seeds))
     summary["random"] = wilson(*chance)
@@ -245,12 +276,16 @@ ARM_NAMES = {
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = [f"{'arm':36} {'success':>8}  95% Wilson     per seed"]
+    lines = [f"{'arm':36} {'success':>8}  95% Wilson      return  95% CI          per seed"]
     for arm, name in ARM_NAMES.items():
         row = report["arms"][arm]
         low, high = row["ci95"]
         seeds = " ".join(f"{v:.2f}" for v in row.get("per_seed", []))
-        lines.append(f"{name:36} {row['rate']:>8.3f}  [{low:.3f}, {high:.3f}]  {seeds}")
+        returns = row.get("return")
+        shown = " " * 22
+        if returns:
+            shown = f"{returns['mean']:.3f}  [{returns['ci95'][0]:.3f}, {returns['ci95'][1]:.3f}]"
+        lines.append(f"{name:36} {row['rate']:>8.3f}  [{low:.3f}, {high:.3f}]  {shown}  {seeds}")
     for goal, outcome in report["goals"].items():
         value = outcome.get("value")
         shown = "" if value is None else f" ({value:.2f})"

@@ -180,7 +180,12 @@ def test_bot_policies_are_for_minigrid_only(tmp_path, capsys):
 
 
 def test_a_minigrid_view_goes_in_one_hot_and_other_states_as_before():
-    from trainers.minigrid_view import MINIGRID_ONE_HOT_DIM, is_minigrid_view, minigrid_one_hot
+    from trainers.minigrid_view import (
+        MINIGRID_ONE_HOT_DIM,
+        is_minigrid_view,
+        minigrid_layout,
+        minigrid_one_hot,
+    )
     from trainers.models import build_model, model_config
 
     rng = np.random.default_rng(0)
@@ -207,7 +212,17 @@ def test_a_minigrid_view_goes_in_one_hot_and_other_states_as_before():
     }
     assert is_minigrid_view(index)
     config = model_config(index, [], kind="mlp", d_model=8, hidden=8)
-    assert config["observation_encoding"] == "minigrid_one_hot"
+    assert config["observation_encoding"] == "minigrid_relational"
+    # The layout the network sees next to the match maps: kinds with key/ball/box as one
+    # "object", states, no colours.
+    layout = minigrid_layout(torch.as_tensor(encoded)[None])[0].numpy()
+    assert layout.shape == (4 + 49 * 12,) and layout[:4].tolist() == [0, 0, 1, 0]
+    kinds = [0, 1, 2, 3, 4, 8, 9, 10]
+    for cell, (kind, _, state) in zip(layout[4:].reshape(49, 12), view):
+        expected = np.zeros(12)
+        expected[kinds.index(kind) if kind in kinds else 8] = 1
+        expected[9 + state] = 1
+        assert np.array_equal(cell, expected)
     policy = build_model(config)
     batch = {"observation": vector.reshape(1, 1, 148), "mask": torch.ones(1, 1, dtype=torch.bool)}
     assert policy(batch).shape == (1, 1, 7)

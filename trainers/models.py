@@ -25,10 +25,13 @@ from torch import nn
 from trainers.encoders import ConditionEncoder
 from trainers.frames import FrameEncoder, frames_config
 from trainers.minigrid_view import (
+    MINIGRID_LAYOUT_DIM,
     MINIGRID_ONE_HOT,
     MINIGRID_ONE_HOT_DIM,
+    MINIGRID_RELATIONAL,
     ViewMatch,
     is_minigrid_view,
+    minigrid_layout,
     minigrid_one_hot,
 )
 
@@ -87,7 +90,7 @@ def model_config(
     if frames is not None:  # a config without this key is a policy on the state vector alone
         config["frames"] = frames
     if is_minigrid_view(index):  # a config without this key reads its state as floats
-        config["observation_encoding"] = MINIGRID_ONE_HOT
+        config["observation_encoding"] = MINIGRID_RELATIONAL
     if kind == "mlp":
         # An MLP config without this key is an older one: 3 hidden layers, whatever n_layer.
         config["mlp_layers"] = n_layer
@@ -150,10 +153,13 @@ class Policy(nn.Module):
         # Created only for a run with frames, so a run without them draws the same initial
         # weights as before frames existed.
         self.frames = FrameEncoder(frames, config["d_model"]) if frames else None
-        self.one_hot = config.get("observation_encoding") == MINIGRID_ONE_HOT
+        encoding = config.get("observation_encoding")
+        self.one_hot = encoding in (MINIGRID_ONE_HOT, MINIGRID_RELATIONAL)
+        self.layout_only = encoding == MINIGRID_RELATIONAL
         # A MiniGrid view is also matched against the condition, cell by cell (ViewMatch).
         self.view_match = ViewMatch(config["d_model"]) if self.one_hot else None
         state_dim = MINIGRID_ONE_HOT_DIM if self.one_hot else dim
+        state_dim = MINIGRID_LAYOUT_DIM if self.layout_only else state_dim
         state_dim += self.view_match.output_dim if self.view_match is not None else 0
         self.input_dim = (state_dim if self.uses_state else 0) + (
             self.frames.output_dim if self.frames is not None else 0
@@ -176,15 +182,15 @@ class Policy(nn.Module):
             return minigrid_one_hot(observation)
         return (observation - self.observation_mean) / self.observation_std
 
-    def step_inputs(
-        self, batch: dict[str, torch.Tensor], condition: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def step_inputs(self, batch: dict[str, torch.Tensor], condition: torch.Tensor) -> torch.Tensor:
         """What the policy sees of each step, [B, W, input_dim]: the normalized state vector
         (a MiniGrid view one-hot, with its match against `condition`), the frames' features,
         or both, concatenated."""
         parts = [self.normalized_observation(batch)] if self.uses_state else []
-        if self.view_match is not None and condition is not None:
+        if self.view_match is not None:
             parts.append(self.view_match(parts[0], condition))
+            if self.layout_only:  # identities only through the match (trainers/minigrid_view.py)
+                parts[0] = minigrid_layout(parts[0])
         if self.frames is not None:
             parts.append(self.frames(batch))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
