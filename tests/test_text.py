@@ -334,3 +334,16 @@ def test_pretrained_encoder_finds_every_paraphrase_of_a_list_column(tmp_path):
     assert len(set(words)) > 3  # several paraphrases drawn
     found = encoder.vectors[encoder.rows[torch.searchsorted(encoder.hashes, encoders.token_hashes(batch["descriptions"]))]]  # fmt: skip
     assert np.allclose(found.numpy(), embedder.embed(words), atol=1e-5)
+
+
+def test_a_wordllama_run_resumes_without_repeating_its_text_encoder(dataset, tmp_path):
+    run = shard_and_train(dataset, tmp_path, "resume", "instruction", "wordllama")
+    shard_dir = str(tmp_path / "resume-shards")
+    resume = ["train", shard_dir, run, "--resume", "--condition", "instruction", "--model", "mlp",
+              "--d-model", "16", "--hidden", "16"]  # fmt: skip
+    assert cli_main([*resume, "--steps", "14"]) == 0
+    policy, config = train.load_policy(run)
+    assert config.options.text_encoder == "wordllama" and config.options.steps == 14
+    table = policy.condition.encoders["instruction"]
+    assert np.allclose(table.vectors.numpy(), text.load_embedder("wordllama").embed(table.texts), atol=1e-6)  # fmt: skip
+    assert cli_main([*resume, "--text-encoder", "tokens", "--steps", "16"]) == 2
