@@ -347,3 +347,21 @@ def test_a_wordllama_run_resumes_without_repeating_its_text_encoder(dataset, tmp
     table = policy.condition.encoders["instruction"]
     assert np.allclose(table.vectors.numpy(), text.load_embedder("wordllama").embed(table.texts), atol=1e-6)  # fmt: skip
     assert cli_main([*resume, "--text-encoder", "tokens", "--steps", "16"]) == 2
+
+
+@pytest.mark.ray
+def test_exclusion_on_ray_gives_the_same_shards_as_in_process(dataset, tmp_path, ray_local):
+    from jobs.runtime import RayExecutor
+
+    settings = shards.ShardSettings(
+        condition=("instruction",), window=4, shard_steps=100, block_steps=32, exclude=EXCLUDE
+    )
+    here = shards.write_shards(
+        open_dataset(dataset), settings, str(tmp_path / "here"), executor=InProcess(), command="t"
+    )
+    there = shards.write_shards(
+        open_dataset(dataset), settings, str(tmp_path / "ray"), executor=RayExecutor(), command="t"
+    )
+    assert len(here.shards) > 1
+    assert [s.sha256 for s in here.shards] == [s.sha256 for s in there.shards]
+    assert here.exclusions == there.exclusions and here.conditions == there.conditions
