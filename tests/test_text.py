@@ -288,3 +288,80 @@ def test_endpoint_embeddings_through_the_loopback_server(dataset, tmp_path, serv
             | {"conditions": {"instruction": {"type": "text", "level": "steps", "vocabulary": []}}},
             TrainOptions(input="x", output="y", condition=["instruction"], text_encoder="embeddings"),
         )  # fmt: skip
+
+
+def test_wordllama_loads_with_no_network_and_no_hub(tmp_path):
+    """The model comes from the installed wheel: with the hub offline and every proxy
+    pointing at a closed port, loading and embedding still work (a new process)."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HOME=str(tmp_path), HF_HOME=str(tmp_path / "hf"))
+    env |= {name: "http://127.0.0.1:9" for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")}
+    code = (
+        "from trainers.text import load_embedder; e = load_embedder('wordllama'); "
+        "v = e.embed(['crimson', 'red', 'blue']); "
+        "print(round(float(v[0] @ v[1]), 2), round(float(v[0] @ v[2]), 2), e.version)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    red, blue, version = done.stdout.split(maxsplit=2)
+    assert float(red) > float(blue) + 0.15 and version.startswith("0.4")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / ".cache").exists()
+
+
+def test_pretrained_encoder_finds_every_paraphrase_of_a_list_column(tmp_path):
+    """A list of paraphrases: the loader draws one per window; each finds its own vector."""
+    from tests.test_shards import conditioned_dataset
+
+    uri = conditioned_dataset(str(tmp_path / "ds"), num_episodes=12)
+    settings = shards.ShardSettings(condition=("descriptions",), window=2)
+    index = shards.write_shards(
+        open_dataset(uri), settings, str(tmp_path / "shards"), executor=InProcess(), command="t"
+    )
+    info = index.conditions["descriptions"].model_dump()
+    assert info["paraphrases"] == 3 and "a run" in info["texts"]
+    specs = text.with_text_encoder({"descriptions": info}, "wordllama")
+    encoder = encoders.PretrainedTextEncoder(specs["descriptions"], 8)
+    encoder.embed_texts()
+    embedder = text.load_embedder("wordllama")
+    from trainers.loader import stream
+
+    batch = next(iter(stream(str(tmp_path / "shards"), 64, "descriptions", seed=3)))
+    words = [
+        " ".join(info["vocabulary"][i] for i in row if i) for row in batch["descriptions"].tolist()
+    ]
+    assert len(set(words)) > 3  # several paraphrases drawn
+    found = encoder.vectors[encoder.rows[torch.searchsorted(encoder.hashes, encoders.token_hashes(batch["descriptions"]))]]  # fmt: skip
+    assert np.allclose(found.numpy(), embedder.embed(words), atol=1e-5)
+
+
+def test_a_wordllama_run_resumes_without_repeating_its_text_encoder(dataset, tmp_path):
+    run = shard_and_train(dataset, tmp_path, "resume", "instruction", "wordllama")
+    shard_dir = str(tmp_path / "resume-shards")
+    resume = ["train", shard_dir, run, "--resume", "--condition", "instruction", "--model", "mlp",
+              "--d-model", "16", "--hidden", "16"]  # fmt: skip
+    assert cli_main([*resume, "--steps", "14"]) == 0
+    policy, config = train.load_policy(run)
+    assert config.options.text_encoder == "wordllama" and config.options.steps == 14
+    table = policy.condition.encoders["instruction"]
+    assert np.allclose(table.vectors.numpy(), text.load_embedder("wordllama").embed(table.texts), atol=1e-6)  # fmt: skip
+    assert cli_main([*resume, "--text-encoder", "tokens", "--steps", "16"]) == 2
+
+
+@pytest.mark.ray
+def test_exclusion_on_ray_gives_the_same_shards_as_in_process(dataset, tmp_path, ray_local):
+    from jobs.runtime import RayExecutor
+
+    settings = shards.ShardSettings(
+        condition=("instruction",), window=4, shard_steps=100, block_steps=32, exclude=EXCLUDE
+    )
+    here = shards.write_shards(
+        open_dataset(dataset), settings, str(tmp_path / "here"), executor=InProcess(), command="t"
+    )
+    there = shards.write_shards(
+        open_dataset(dataset), settings, str(tmp_path / "ray"), executor=RayExecutor(), command="t"
+    )
+    assert len(here.shards) > 1
+    assert [s.sha256 for s in here.shards] == [s.sha256 for s in there.shards]
+    assert here.exclusions == there.exclusions and here.conditions == there.conditions

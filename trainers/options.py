@@ -80,10 +80,10 @@ class TrainOptions(BaseModel):
         description="Image encoder per camera: the Nature DQN conv net (default) or IMPALA's "
         "small ResNet.",
     )
-    text_encoder: Literal["tokens", "wordllama", "embeddings"] = Field(
-        default="tokens",
-        description="How text conditions are encoded: tokens (learned word embeddings over the "
-        "shard vocabulary; unseen words are <unk>), wordllama (a frozen pretrained sentence "
+    text_encoder: Literal["tokens", "wordllama", "embeddings"] | None = Field(
+        default=None,
+        description="How text conditions are encoded: tokens (the default; learned word "
+        "embeddings over the shard vocabulary; unseen words are <unk>), wordllama (a frozen pretrained sentence "
         "embedder shipped in the wordllama package; texts embedded once at train start), or "
         "embeddings (vectors the `embed` relabeler wrote; condition on its column). "
         "docs/trainer.md says which to pick.",

@@ -118,6 +118,8 @@ def new_run_config(index: dict[str, Any], options: TrainOptions) -> RunConfig:
     """The run's config: the options plus the model config and the index facts that a
     rollout needs later without the shards (action space, conditions, return distribution)."""
     options = with_model_defaults(options)
+    if options.text_encoder is None:  # recorded, so that the run says how it read text
+        options = options.model_copy(update={"text_encoder": "tokens"})
     model = model_config(
         index,
         list(options.condition),

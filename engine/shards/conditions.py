@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,9 @@ from schemas.shard_index import (
     encode_text,
     words,
 )
+
+if TYPE_CHECKING:
+    from engine.dataset import Dataset
 
 # Names of string columns that hold free text rather than labels.
 TEXT_COLUMNS = ("description", "descriptions", "instruction", "instructions")
@@ -125,6 +128,27 @@ def joined_texts(column: pa.ChunkedArray | pa.Array) -> pa.Array:
 def text_rows(column: pa.Array) -> list[list[str]]:
     """Every joined text as its list of texts (None: no text)."""
     return [[] if value is None else value.split(TEXT_SEPARATOR) for value in column.to_pylist()]
+
+
+def embedding_info(dataset: Dataset, condition: ConditionColumn) -> dict[str, Any] | None:
+    """How the `embed` relabeler wrote a vector column (None for any other column): what
+    `ask` needs to embed a request the same way. Never a credential (the endpoint's public
+    form; the key stays in the environment)."""
+    if condition.type != "vector":
+        return None
+    relabeler = dataset.group_of(condition.name.partition(".")[0], condition.level).relabeler
+    if relabeler is None or relabeler.name != "embed":
+        return None
+    report, params = relabeler.report or {}, relabeler.params or {}
+    return {
+        "relabeler": f"embed {relabeler.version}",
+        "column": params.get("column"),
+        "embedder": report.get("embedder"),
+        "model": report.get("model"),
+        "dimensions": report.get("dimensions"),
+        "requested_dimensions": params.get("dimensions"),
+        "endpoint": report.get("endpoint"),
+    }
 
 
 # ---------------------------------------------------------------- vocabularies

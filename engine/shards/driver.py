@@ -30,6 +30,7 @@ from engine.shards.conditions import (
     ConditionColumn,
     classify_condition,
     combine_vocabulary,
+    embedding_info,
     summarize_vocabulary,
 )
 from engine.shards.episodes import concat_episodes, read_part_episodes, shuffled_shards
@@ -426,27 +427,6 @@ def shard_index(
         frame_stack=settings.frame_stack,
         metadata=dataset.manifest.metadata,
     )
-
-
-def embedding_info(dataset: Dataset, condition: ConditionColumn) -> dict[str, Any] | None:
-    """How the `embed` relabeler wrote a vector column (None for any other column): what
-    `ask` needs to embed a request the same way. Never a credential (the endpoint's public
-    form; the key stays in the environment)."""
-    if condition.type != "vector":
-        return None
-    relabeler = dataset.group_of(condition.name.partition(".")[0], condition.level).relabeler
-    if relabeler is None or relabeler.name != "embed":
-        return None
-    report, params = relabeler.report or {}, relabeler.params or {}
-    return {
-        "relabeler": f"embed {relabeler.version}",
-        "column": params.get("column"),
-        "embedder": report.get("embedder"),
-        "model": report.get("model"),
-        "dimensions": report.get("dimensions"),
-        "requested_dimensions": params.get("dimensions"),
-        "endpoint": report.get("endpoint"),
-    }
 
 
 Task = TypeVar("Task")

@@ -16,8 +16,7 @@ class Shard(RayCommand):
     seed: byte-identical shards.
 
         hindsight shard data/pendulum-rl data/shards/pendulum --condition return_to_go,skill --window 20
-        hindsight shard data/babyai-rl data/shards/babyai --condition instruction \
-            --exclude "instruction IN ('go to the red key', 'go to the green ball')"
+        hindsight shard data/babyai-rl data/shards/babyai --condition instruction --exclude "instruction IN ('go to the red key')"
     """
 
     name = "shard"
