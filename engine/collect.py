@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 import engine.envs  # noqa: F401  (registers hindsight/PointGoal-v0)
+from engine import minigrid
 from engine.executor import Executor
 from engine.frames import camera_frame
 from engine.sources.tables import EpisodeLabels, build_tables
@@ -102,8 +103,13 @@ def heuristic_for(env_id: str) -> Policy:
 
 
 def load_policy(spec: str, env_id: str) -> Policy | None:
-    """`random` (None), `heuristic`, or a user function `module:function`."""
+    """`random` (None), `heuristic`, or a user function `module:function`; `bot` and
+    `bot:play` (None here: engine.minigrid runs BabyAI's bot) for MiniGrid/BabyAI envs."""
     if spec == "random":
+        return None
+    if spec in minigrid.BOT_POLICIES:
+        if not minigrid.is_minigrid_id(env_id):
+            raise ValueError(f"--policy {spec}: BabyAI's bot plays MiniGrid/BabyAI envs only")
         return None
     if spec == "heuristic":
         return heuristic_for(env_id)
@@ -126,6 +132,8 @@ def make_env(env_id: str, max_steps: int | None = None, render_mode: str | None 
     """A gymnasium environment; `render_mode="rgb_array"` where frames are rendered
     (`engine.frames.render_frame`)."""
     options: dict[str, Any] = {}
+    if minigrid.is_minigrid_id(env_id):
+        minigrid.register()
     if max_steps:
         options["max_episode_steps"] = max_steps
     if render_mode:
@@ -258,6 +266,13 @@ def collect_part_tables(
     frames are the observation; the policy still acts on the env's state)."""
     policy = load_policy(policy_spec, env_id)
     env = make_env(env_id, max_steps, render_mode="rgb_array" if frames else None)
+    if minigrid.is_minigrid_id(env_id):  # struct views, missions, the bot
+        runs = [
+            minigrid.rollout(env, policy_spec, policy, noise_of(e, noise_levels), seed, e)
+            for e in episodes
+        ]
+        env.close()
+        return (*minigrid.episode_tables(runs, env_id, policy_spec), [])
     info_keys = scalar_info_keys(env_id, max_steps) if info_keys is None else info_keys
     runs = [
         rollout(env, policy, noise_of(e, noise_levels), seed, e, info_keys, frames)
@@ -334,6 +349,8 @@ def plan_collect(rollouts: Rollouts, episodes: int, episodes_per_part: int) -> C
     the near miss) and cut `episodes` episodes into parts; nothing is rolled out."""
     info_keys = scalar_info_keys(rollouts.env_id, rollouts.max_steps)
     load_policy(rollouts.policy, rollouts.env_id)
+    if rollouts.frames is not None and minigrid.is_minigrid_id(rollouts.env_id):
+        raise ValueError("--frames is not supported for MiniGrid/BabyAI: the 7x7 view is stored")
     if rollouts.pixels_only and rollouts.frames is None:
         raise ValueError("--pixels-only needs --frames HxW: the frames are the observation")
     if rollouts.frames is not None:
@@ -422,6 +439,9 @@ def collect(plan: CollectPlan, output: str, *, executor: Executor, command: str)
     }
     if rollouts.pixels_only:
         metadata["pixels_only"] = True
+    if minigrid.is_minigrid_id(rollouts.env_id):
+        metadata["observation_shapes"] = minigrid.OBSERVATION_SHAPES
+        metadata["observation_dtypes"] = minigrid.OBSERVATION_DTYPES
     with VersionWriter(output) as writer:
         tasks = [
             CollectTask(index, rollouts, episodes, plan.info_keys, writer)

@@ -25,6 +25,7 @@ from pydantic import Field
 
 from relabelers import endpoint, llm
 from relabelers.base import Columns, Inputs, Output, Params, Part, Relabeler, RelabelError
+from relabelers.endpoint import endpoint_id as _endpoint_id
 from schemas import steps as cols
 
 PROBE_TEXT = "dimension probe"
@@ -107,6 +108,9 @@ class EmbedRelabeler(Relabeler):
             "embedder": self.embedder.kind,
             "dimensions": self.embedder.dimensions,
             "model": self.params.model if endpoint else "hashed-words-v1",
+            # Where `ask` embeds a request for a policy trained on these vectors (public
+            # form: no credentials).
+            "endpoint": _endpoint_id(self.embedder.base_url) if endpoint else None,
         }
 
     def relabel(self, steps: pa.Table, episodes: pa.Table, part: Part) -> Output:
@@ -205,6 +209,36 @@ class EmbedRelabeler(Relabeler):
                 cache.put(key(text), vector, meta)
                 vectors[text] = vector
         return vectors, failures
+
+
+def embed_like(texts: list[str], recorded: dict[str, Any]) -> np.ndarray:
+    """Vectors [len(texts), D] for new texts exactly as the relabeler embedded its column:
+    `recorded` is what a shard index keeps of it (embedder, model, endpoint, dimensions).
+    An endpoint that does not answer is a RelabelError naming it (no credentials)."""
+    dimensions = int(recorded["dimensions"])
+    if recorded.get("embedder") != "endpoint":
+        return np.stack([hashed_words(text, dimensions) for text in texts]).astype(np.float32)
+    params = {
+        "embedder": "endpoint",
+        "model": recorded["model"],
+        "base_url": recorded.get("endpoint"),
+        "dimensions": recorded.get("requested_dimensions"),
+        "max_retries": 2,  # a request, asked interactively: fail within seconds
+    }
+    relabeler = EmbedRelabeler(params)
+    vectors, failures = relabeler._embed_with_endpoint(texts, params["base_url"])
+    if failures:
+        raise RelabelError(
+            f"embed: the endpoint {endpoint.endpoint_id(params['base_url'])} (model "
+            f"{recorded['model']!r}) did not embed {texts[0]!r}: {failures[0]}"
+        )
+    matrix = np.array([vectors[text] for text in texts], np.float32)
+    if matrix.shape[1] != dimensions:
+        raise RelabelError(
+            f"embed: the endpoint returned {matrix.shape[1]}-dim vectors, the run was trained "
+            f"on {dimensions}"
+        )
+    return matrix
 
 
 def _embeddings_parser(count: int):

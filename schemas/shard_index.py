@@ -27,6 +27,8 @@ SHARD_FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 PAD_TOKEN = "<pad>"
 UNKNOWN_TOKEN = "<unk>"
+# Most distinct texts a text condition's index entry lists (`ConditionInfo.texts`).
+MAX_INDEX_TEXTS = 100_000
 WORD_PATTERN = re.compile(r"[a-z0-9]+")
 
 
@@ -201,6 +203,38 @@ class ConditionInfo(_Model):
     paraphrases: int | None = Field(
         None, description="text: texts per row for list columns (1 for a plain string)."
     )
+    texts: list[str] | None = Field(
+        None,
+        description="text: the distinct texts of the shards (each paraphrase apart), sorted, "
+        f"when there are at most {MAX_INDEX_TEXTS:,}; a pretrained text encoder embeds them "
+        "once at train start.",
+    )
+    embedding: dict[str, Any] | None = Field(
+        None,
+        description="vector written by the `embed` relabeler: its embedder, model, endpoint "
+        "(public form) and dimensions, so `ask` can embed a request the same way.",
+    )
+
+
+class ExclusionInfo(_Model):
+    """What the shard job left out (`--exclude`, and steps with a null text condition)."""
+
+    predicate: str | None = Field(None, description="The --exclude predicate (Polars SQL).")
+    excluded_steps: int = Field(0, description="Steps the predicate matched.")
+    excluded_episodes: int = Field(0, description="Episodes with a step it matched.")
+    null_steps: dict[str, int] = Field(
+        default_factory=dict,
+        description="By text condition: steps dropped because the text is null (not excluded).",
+    )
+    dropped_episodes: int = Field(0, description="Episodes left with no step, for any reason.")
+    values: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="By text or categorical condition: its distinct values on excluded steps "
+        "(each paraphrase apart), sorted; `ask` warns when a request is one of them.",
+    )
+    values_truncated: list[str] = Field(
+        default_factory=list, description="Conditions with more distinct values than recorded."
+    )
 
 
 class ShardIndex(_Model):
@@ -230,6 +264,9 @@ class ShardIndex(_Model):
     )
     frame_stack: int = Field(
         1, ge=1, description="Frames the loader stacks per step (the step's and k - 1 before)."
+    )
+    exclusions: ExclusionInfo | None = Field(
+        None, description="Steps left out: --exclude and null text conditions (none: all kept)."
     )
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -277,6 +314,13 @@ class ShardIndex(_Model):
 def words(text: str) -> list[str]:
     """The words of a text as the text vocabulary sees them."""
     return WORD_PATTERN.findall(text.lower())
+
+
+def normalized_text(text: str) -> str:
+    """A text's words, lower case, one space apart: the form a pretrained sentence embedder
+    embeds, in training and in `ask` (all its words; a training window finds the text by its
+    token row, which holds the first max_tokens)."""
+    return " ".join(words(text))
 
 
 def encode_text(texts: list[str], vocabulary: list[str], max_tokens: int) -> np.ndarray:

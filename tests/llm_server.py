@@ -10,7 +10,8 @@ records every request (path, query string, headers, JSON body), and injects faul
 
 Chat requests may carry images (content parts, `image_urls(body)`). Chat answers are deterministic: `{"descriptions": [...]}` with as many strings as the prompt
 asks for ("exactly N"), each naming the episode id found in the prompt's data block, so a test
-can check that descriptions land on the right episode.
+can check that descriptions land on the right episode; for a data block `{"text": ...}` (a
+paraphrase request), `{"paraphrases": ["<text> (rewrite i)", ...]}`.
 """
 
 from __future__ import annotations
@@ -234,6 +235,9 @@ class LLMServer:
             facts = data_block(body)
         except ValueError:
             facts = {}
+        if "text" in facts:  # a paraphrase request: rewrites that keep the text's words
+            rewrites = [f"{facts['text']} (rewrite {i}){say}" for i in range(n)]
+            return json.dumps({"paraphrases": rewrites})
         who = f"episode {facts.get('episode_id')}"
         if "segment" in facts:
             who += f" segment {facts['segment']}"

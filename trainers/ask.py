@@ -7,8 +7,10 @@
   is a goal dict (hindsight/PointGoal-v0), or a requested goal that is set into the
   environment; the achieved value is then the success rate;
 - categorical columns take a label of the index's vocabulary ("expert");
-- text columns take a sentence, tokenized with the shard-time vocabulary exactly as the
-  loader tokenized it for training.
+- text columns take a sentence, encoded as the run's text encoder encoded training text
+  (trainers/text.py: tokens of the shard-time vocabulary, or the sentence vector of the
+  recorded embedder or endpoint); a request the shards held out (`shard --exclude`), or
+  with words a `tokens` run never saw, gets a one-line warning on stderr.
 
 The episodes of one seed run side by side in one batch through the model (one forward
 per environment step), the last `window` steps as context, left-padded like training.
@@ -34,17 +36,18 @@ import json
 import math
 import os
 import re
+import sys
 from typing import Any
 
 import numpy as np
 import torch
 
 import engine.envs  # noqa: F401  (registers hindsight/PointGoal-v0)
+from engine import minigrid
 from engine.collect import make_env
-from engine.frames import render_frame, to_channels
 from engine.progress import Progress
-from schemas.frames import DEFAULT_CAMERA, CameraInfo, decode_frame, encode_frame, frame_column
 from schemas.shard_index import encode_text
+from trainers.ask_frames import RolloutFrames, as_stored, check_renderable  # noqa: F401
 from trainers.options import RunConfig
 from trainers.sweep_report import (
     follow_warning,
@@ -52,7 +55,9 @@ from trainers.sweep_report import (
     mean_ci95,
     plot_sweep,
     sweep_reference,
+    wilson_ci95,
 )
+from trainers.text import encode_request, request_warnings
 from trainers.train import load_policy
 
 
@@ -99,67 +104,9 @@ def parse_value(spec: dict[str, Any], column: str, text: str) -> Any:
     return text
 
 
-def check_renderable(config: RunConfig, run_dir: str) -> None:
-    """A run trained on frames can be asked only if its cameras are the environment's own
-    render (the camera `collect --frames` records): nothing else can be rendered here."""
-    cameras = sorted((config.model.get("frames") or {}).get("cameras") or {})
-    others = [camera for camera in cameras if camera != DEFAULT_CAMERA]
-    if others:
-        raise ValueError(
-            f"{run_dir} was trained on camera(s) {others}; ask renders only the environment's "
-            f"own camera {DEFAULT_CAMERA!r} (train with --cameras {DEFAULT_CAMERA} "
-            "or --inputs state to ask this way)"
-        )
-
-
-def as_stored(frame: np.ndarray, camera: CameraInfo) -> np.ndarray:
-    """A rendered H x W x 3 frame as training saw it after storage and decoding: grayscale
-    for a 1-channel camera, and through the camera's codec (PNG is lossless: its round trip
-    is the identity and is skipped)."""
-    frame = to_channels(frame, camera.channels)
-    if camera.codec == "png":
-        return frame
-    return decode_frame(encode_frame(frame, camera), camera, f"ask: camera {DEFAULT_CAMERA}")
-
-
-class RolloutFrames:
-    """The frames a rollout feeds, as the loader feeds them in training: per episode, each
-    step's render (`as_stored`), channels first; the last K stacked, oldest first, the
-    episode's first frame repeated before its first step; over the last `window` steps,
-    zeros where the window reaches before the episode (left padding)."""
-
-    def __init__(self, frames: dict[str, Any], episodes: int, window: int):
-        cameras = frames["cameras"]
-        if set(cameras) != {DEFAULT_CAMERA}:
-            raise ValueError(f"ask renders only the {DEFAULT_CAMERA!r} camera, not {sorted(cameras)}")  # fmt: skip
-        self.camera = CameraInfo.model_validate(cameras[DEFAULT_CAMERA])
-        self.stack = int(frames["frame_stack"])
-        channels, height, width = self.camera.channels, self.camera.height, self.camera.width
-        self.recent = np.zeros((episodes, self.stack, channels, height, width), np.uint8)
-        self.context = np.zeros((episodes, window, self.stack * channels, height, width), np.uint8)
-        self.steps = 0
-
-    def observe(self, envs: list[Any], done: np.ndarray) -> None:
-        """Render this step of every episode still running (a finished one keeps its last)."""
-        frames = self.recent[:, -1].copy()
-        for i, env in enumerate(envs):
-            if not done[i]:
-                rendered = render_frame(env, self.camera.height, self.camera.width)
-                frames[i] = as_stored(rendered, self.camera).transpose(2, 0, 1)
-        if self.steps == 0:
-            self.recent[:] = frames[:, None]  # before the first step, the first frame repeats
-        else:
-            self.recent[:, :-1] = self.recent[:, 1:]
-            self.recent[:, -1] = frames
-        self.context[:, :-1] = self.context[:, 1:]
-        self.context[:, -1] = self.recent.reshape(self.context.shape[0], *self.context.shape[2:])
-        self.steps += 1
-
-    def batch(self, device: str) -> dict[str, torch.Tensor]:
-        return {frame_column(DEFAULT_CAMERA): torch.from_numpy(self.context.copy()).to(device)}
-
-
 def _observation_vector(observation: Any) -> np.ndarray:
+    if isinstance(observation, dict) and "image" in observation and "direction" in observation:
+        return minigrid.view_vector(observation)  # as the shards flatten the stored struct
     if isinstance(observation, dict):
         return np.asarray(observation["observation"], dtype=np.float32).reshape(-1)
     return np.asarray(observation, dtype=np.float32).reshape(-1)
@@ -175,8 +122,14 @@ def rollout(
     seed: int,
     device: str = "cpu",
     progress: Progress | None = None,
+    mission: str | None = None,
+    sample: bool = False,
 ) -> dict[str, list[float]]:
-    """Run `episodes` episodes side by side; returns per-episode returns (and successes)."""
+    """Run `episodes` episodes side by side; returns per-episode returns (and successes).
+    A MiniGrid/BabyAI env is set to `mission` (engine.minigrid.reset_with_mission) and
+    succeeds when it is done (terminated with a reward). `sample`: discrete actions are
+    drawn from the policy's distribution (seeded by `seed`) instead of its argmax."""
+    draws = torch.Generator().manual_seed(seed) if sample else None
     model = config.model
     specs = model["conditions"]
     window = 1 if model["kind"] == "mlp" else model["window"]
@@ -185,13 +138,21 @@ def rollout(
     render_mode = "rgb_array" if frames is not None else None
     envs = [make_env(env_id, render_mode=render_mode) for _ in range(episodes)]
     observations = []
+    grid = minigrid.is_minigrid(envs[0])
     for i, env in enumerate(envs):
         # A requested goal goes to the environment the gymnasium way: reset options.
         goals = [v for c, v in condition.items() if specs[c]["type"] == "vector" and v is not None]
         options = {"goal": goals[0]} if goals else None
-        observation, _ = env.reset(seed=seed * 100_003 + i, options=options)
+        if grid and mission:  # seeds far apart: a mission may skip a few resets
+            observation, _ = minigrid.reset_with_mission(env, mission, (seed * 100_003 + i) * 1000)
+        elif grid:
+            observation = minigrid.reset(env, seed * 100_003 + i)
+        else:
+            observation, _ = env.reset(seed=seed * 100_003 + i, options=options)
         observations.append(observation)
-    horizon = max(int(env.spec.max_episode_steps or 1000) for env in envs)
+    horizon = max(
+        minigrid.horizon(env) if grid else int(env.spec.max_episode_steps or 1000) for env in envs
+    )
     obs_dim = model["observation_dim"]
     uses_state = frames is None or model["frames"]["inputs"] != "frames"
     env_obs_dim = _observation_vector(observations[0]).size
@@ -212,11 +173,9 @@ def rollout(
             history_cond[column] = np.zeros((episodes, horizon, int(spec["dim"])), np.float32)
         elif spec["type"] == "categorical":
             history_cond[column] = np.zeros((episodes, horizon), np.int64)
+    # Token ids or a sentence vector, as the run's text encoder saw training text.
     text_tokens = {
-        column: torch.tensor(
-            [tokenize(str(condition[column]), spec["vocabulary"], int(spec["max_tokens"]))]
-            * episodes
-        )
+        column: encode_request(spec, str(condition[column]), episodes)
         for column, spec in specs.items()
         if spec["type"] == "text"
     }
@@ -274,8 +233,12 @@ def rollout(
         batch.update({column: tokens.to(device) for column, tokens in text_tokens.items()})
         if frames is not None:
             batch.update(frames.batch(device))
-        prediction = policy(batch)[:, -1]
-        actions = policy.actions.to_env(prediction.float()).cpu().numpy()
+        prediction = policy(batch)[:, -1].float()
+        if draws is not None and discrete:
+            probabilities = torch.softmax(prediction, -1).cpu()
+            actions = torch.multinomial(probabilities, 1, generator=draws)[:, 0].numpy()
+        else:
+            actions = policy.actions.to_env(prediction).cpu().numpy()
         history_act[:, t] = actions
 
         for i, env in enumerate(envs):
@@ -289,6 +252,9 @@ def rollout(
             if "is_success" in info:
                 has_success = True
                 success[i] = bool(info["is_success"])
+            elif grid:  # BabyAI rewards only a mission done
+                has_success = True
+                success[i] = bool(terminated and reward > 0)
             observations[i] = observation
             done[i] = terminated or truncated
             if done[i] and progress is not None:
@@ -336,17 +302,38 @@ def ask(
     episodes: int = 10,
     seeds: list[int] | None = None,
     device: str = "cpu",
+    mission: str | None = None,
+    metric: str = "auto",
+    sample: bool = False,
 ) -> dict[str, Any]:
     """Roll the run's policy out under one condition over seeds; returns achieved stats.
 
-    `env_id` None asks in the environment the run's data was collected in."""
+    `env_id` None asks in the environment the run's data was collected in; `mission`,
+    `metric` and `sample`: see `ask_policy`."""
     policy, config = load_policy(run_dir, device)
     env_id = resolve_env(config, env_id, run_dir)
     seeds = seeds or [0]
     with Progress(f"ask {env_id}", episodes * len(seeds), "episodes") as progress:
         return ask_policy(
-            policy, config, run_dir, env_id, condition, episodes, seeds, device, progress
-        )
+            policy, config, run_dir, env_id, condition, episodes, seeds, device, progress,
+            mission=mission, metric=metric, sample=sample,
+        )  # fmt: skip
+
+
+def mission_of(env_id: str, specs: dict[str, Any], values: dict[str, Any], mission: str | None):
+    """The mission a MiniGrid/BabyAI env is set to: the one given, else the requested text
+    itself (a text or label condition); None for other envs or without either (the env's
+    own mission)."""
+    if not minigrid.is_minigrid_id(env_id):
+        if mission:
+            raise ValueError(f"--mission is for MiniGrid/BabyAI envs, not {env_id}")
+        return None
+    kinds = ("text", "categorical")
+    texts = [v for c, v in values.items() if specs[c]["type"] in kinds and v is not None]
+    mission = mission or (str(texts[0]) if texts else None)
+    if mission:
+        minigrid.parse_mission(mission)  # a mission the env cannot be set to fails here
+    return mission
 
 
 def ask_policy(
@@ -359,8 +346,15 @@ def ask_policy(
     seeds: list[int],
     device: str = "cpu",
     progress: Progress | None = None,
+    *,
+    mission: str | None = None,
+    metric: str = "auto",
+    sample: bool = False,
 ) -> dict[str, Any]:
-    """`ask` for a policy already loaded (a sweep loads it once)."""
+    """`ask` for a policy already loaded (a sweep loads it once). `mission`: the mission a
+    MiniGrid/BabyAI env is set to and scored on (`mission_of`); `metric`: what "achieved"
+    is: auto (`achieved_metric`), return, or success (the env's success rate, with a Wilson
+    interval); `sample`: draw discrete actions from the policy instead of its argmax."""
     check_renderable(config, run_dir)
     specs = config.model["conditions"]
     unknown = sorted(set(condition) - set(specs))
@@ -379,14 +373,22 @@ def ask_policy(
     }
     for column in specs:
         values.setdefault(column, None)  # goals default to the environment's own
-    metric = achieved_metric(config, list(specs))
+    warnings = request_warnings(config.index, specs, values)
+    for line in warnings:
+        print(f"ask: warning: {line}", file=sys.stderr)
+    mission = mission_of(env_id, specs, values, mission)
+    metric = achieved_metric(config, list(specs)) if metric == "auto" else metric
     returns, successes = [], []
     for seed in seeds:
-        result = rollout(policy, config, env_id, values, episodes, seed, device, progress)
+        result = rollout(
+            policy, config, env_id, values, episodes, seed, device, progress, mission, sample
+        )
         returns += result["returns"]
         successes += result.get("successes", [])
-    achieved = successes if metric == "success" and successes else returns
-    mean, low, high = mean_ci95(achieved)
+    if metric == "success" and not successes:
+        raise ValueError(f"--metric success: {env_id} reports no success (no is_success info)")
+    achieved = successes if metric == "success" else returns
+    mean, low, high = (wilson_ci95 if achieved is successes else mean_ci95)(achieved)
     return_mean, return_low, return_high = mean_ci95(returns)
     result = {
         "env": env_id,
@@ -398,8 +400,12 @@ def ask_policy(
         "return_ci95": [return_low, return_high],
         "dataset_mean_return": dataset_mean_return(config),
     }
+    if mission:
+        result["mission"] = mission
+    if warnings:
+        result["warnings"] = warnings
     if successes:  # goal environments report success whatever the policy is conditioned on
-        result["success_mean"], *interval = mean_ci95(successes)
+        result["success_mean"], *interval = wilson_ci95(successes)
         result["success_ci95"] = interval
     return result
 
@@ -413,20 +419,32 @@ def sweep(
     seeds: list[int] | None = None,
     out_dir: str | None = None,
     device: str = "cpu",
+    mission: str | list[str] | None = None,
+    metric: str = "auto",
+    sample: bool = False,
 ) -> dict[str, Any]:
     """Ask for each value of one column; returns the report (rows, references, warning)
-    and writes it as ask.json, with the plot ask.png, under `out_dir`."""
+    and writes it as ask.json, with the plot ask.png, under `out_dir`. On MiniGrid/BabyAI
+    each value is also the mission, unless `mission` gives one for every value or a list
+    with one per value (a paraphrase and the mission it means)."""
+    missions = mission if isinstance(mission, list) else [mission] * len(values)
+    if len(missions) != len(values):
+        raise ValueError(
+            f"--mission: give one mission or one per swept value ({len(values)}), "
+            f"got {len(missions)}"
+        )
     policy, config = load_policy(run_dir, device)
     env_id = resolve_env(config, env_id, run_dir)
     seeds = seeds or [0]
-    results, metric = [], "return"
+    results, achieved_as = [], "return"
     total = len(values) * len(seeds) * episodes
     with Progress(f"ask {column} sweep", total, "episodes") as progress:
-        for value in values:
+        for value, value_mission in zip(values, missions):
             outcome = ask_policy(
-                policy, config, run_dir, env_id, {column: value}, episodes, seeds, device, progress
-            )
-            metric = outcome["metric"]
+                policy, config, run_dir, env_id, {column: value}, episodes, seeds, device,
+                progress, mission=value_mission, metric=metric, sample=sample,
+            )  # fmt: skip
+            achieved_as = outcome["metric"]
             requested: Any = value
             try:
                 requested = float(value)
@@ -440,14 +458,21 @@ def sweep(
                     "episodes": outcome["episodes"],
                 }
             )
+            if "mission" in outcome:
+                results[-1]["mission"] = outcome["mission"]
+            if achieved_as == "success":  # the return next to the success rate
+                results[-1]["return_mean"] = outcome["return_mean"]
+                results[-1]["return_ci95"] = outcome["return_ci95"]
     reference = sweep_reference(results, dataset_mean_return(config))
+    if minigrid.is_minigrid_id(env_id):  # missions have no order to follow
+        reference["follows_request"] = None
     report = {
         "env": env_id,
         "condition": column,
-        "metric": metric,
+        "metric": achieved_as,
         "results": results,
         "reference": reference,
-        "warning": follow_warning(reference, column, metric),
+        "warning": follow_warning(reference, column, achieved_as),
     }
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)

@@ -11,6 +11,18 @@ Tensor shapes follow the loader's batch format (see trainers/loader/):
   categorical int64   [B, W]     index into the index's vocabulary
   text        int64   [B, L]     token ids of the shard-time vocabulary (0 = padding);
                                  one sentence per window, broadcast over the W steps
+
+A text column is encoded by the run's `--text-encoder` (recorded as `encoder` in its spec):
+  tokens      learned word embeddings over the shard vocabulary (`TextEncoder`); a word the
+              vocabulary lacks is <unk> (id 1), never dropped, and <unk> is trained by
+              replacing 10% of the words with it (seeded by the run), so an unseen word
+              means "some word" instead of a random vector
+  wordllama   a frozen pretrained sentence embedder (trainers/text.py) through a table of
+              the index's distinct texts, embedded once at train start, saved with the
+              weights (`PretrainedTextEncoder`); `ask` passes the request's vector
+  embeddings  vectors the `embed` relabeler wrote ([B, W, D] from a vector column whose
+              index entry records `embedding`; `EmbeddingsTextEncoder`)
+each followed by a small trainable projection.
 """
 
 from __future__ import annotations
@@ -70,7 +82,10 @@ class CategoricalEncoder(nn.Module):
 
 class TextEncoder(nn.Module):
     """A sentence per window: mean of learned word embeddings over the shard-time vocabulary
-    (padding id 0 ignored), then a small MLP; the result conditions every step of the window."""
+    (padding id 0 ignored), then a small MLP; the result conditions every step of the window.
+    In training a word is replaced by <unk> with probability `UNKNOWN_RATE`."""
+
+    UNKNOWN_RATE = 0.1
 
     def __init__(self, spec: dict[str, Any], d_model: int):
         super().__init__()
@@ -81,9 +96,120 @@ class TextEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, window: int) -> torch.Tensor:
         tokens = tokens.long()
+        if self.training:
+            drop = torch.rand(tokens.shape, device=tokens.device) < self.UNKNOWN_RATE
+            tokens = torch.where(drop & (tokens != 0), torch.ones_like(tokens), tokens)
         present = (tokens != 0).float().unsqueeze(-1)
         pooled = (self.embedding(tokens) * present).sum(1) / present.sum(1).clamp(min=1.0)
         return self.mix(pooled).unsqueeze(1).expand(-1, window, -1)
+
+
+def _projection(dim: int, d_model: int) -> nn.Module:
+    """The trainable part on top of a frozen sentence vector: linear, so that it composes as
+    the vectors do. A Linear-GELU-Linear head fit on a few dozen distinct sentences mapped
+    held-out colour-object pairs elsewhere (BabyAI, docs/trainer.md: held-out success 0.23 vs
+    0.75 with this head, seed 0)."""
+    return nn.Linear(dim, d_model)
+
+
+# Token rows are matched to the index's texts by a hash: a weighted sum of the token ids with
+# fixed random 40-bit weights (ids < 2**16, at most 64 tokens: no int64 overflow).
+_HASH_SEED = 20240611
+
+
+def token_hashes(tokens: torch.Tensor) -> torch.Tensor:
+    """int64 [N] hash of each row of token ids [N, L]."""
+    generator = torch.Generator().manual_seed(_HASH_SEED)
+    weights = torch.randint(1, 2**40, (tokens.shape[-1],), generator=generator)
+    return (tokens.long() * weights.to(tokens.device)).sum(-1)
+
+
+class PretrainedTextEncoder(nn.Module):
+    """A sentence per window through a frozen pretrained embedder: the window's token row
+    is looked up in the table of the index's distinct texts (`vectors`, filled once by
+    `embed_texts` at train start and saved with the weights); `ask` passes the request's
+    vector instead of tokens. Then a small trainable projection."""
+
+    def __init__(self, spec: dict[str, Any], d_model: int):
+        super().__init__()
+        from schemas.shard_index import encode_text
+
+        texts = spec.get("texts")
+        if texts is None:
+            raise ValueError(
+                "the shard index lists no texts for this column (more than the index keeps, or "
+                "shards written before texts were listed); re-shard it, or train with "
+                "--text-encoder tokens"
+            )
+        self.texts = list(texts)
+        self.embedder = dict(spec["embedder"])
+        self.max_tokens = int(spec.get("max_tokens") or 1)
+        tokens = torch.from_numpy(encode_text(self.texts, spec["vocabulary"], self.max_tokens))
+        hashes = token_hashes(tokens)
+        order = torch.argsort(hashes)
+        self.register_buffer("hashes", hashes[order], persistent=False)
+        self.register_buffer("rows", order, persistent=False)
+        dim = int(self.embedder["dimensions"])
+        self.register_buffer("vectors", torch.zeros(len(self.texts), dim))
+        self.project = _projection(dim, d_model)
+
+    @torch.no_grad()
+    def embed_texts(self) -> None:
+        """Fill the table: every distinct text embedded once, as the shards hold it."""
+        from schemas.shard_index import normalized_text
+        from trainers.text import load_embedder
+
+        embedder = load_embedder(self.embedder["name"])
+        normalized = [normalized_text(text) for text in self.texts]
+        self.vectors.copy_(torch.from_numpy(embedder.embed(normalized)))
+
+    def forward(self, values: torch.Tensor, window: int) -> torch.Tensor:
+        if values.is_floating_point():  # a request's vector (ask)
+            vectors = values.to(self.vectors.dtype)
+        elif len(self.texts) == 0:
+            vectors = torch.zeros(values.shape[0], self.vectors.shape[1], device=values.device)
+        else:
+            found = token_hashes(values)
+            position = torch.searchsorted(self.hashes, found).clamp(max=len(self.texts) - 1)
+            known = (self.hashes[position] == found).unsqueeze(-1)
+            vectors = self.vectors[self.rows[position]] * known  # an unknown row: zeros
+        return self.project(vectors).unsqueeze(1).expand(-1, window, -1)
+
+
+class EmbeddingsTextEncoder(nn.Module):
+    """Sentence vectors the `embed` relabeler wrote (a vector column, [B, W, D]), scaled to
+    unit length, then a small trainable projection."""
+
+    def __init__(self, spec: dict[str, Any], d_model: int):
+        super().__init__()
+        self.project = _projection(int(spec["dim"]), d_model)
+
+    def forward(self, vectors: torch.Tensor, window: int) -> torch.Tensor:
+        vectors = vectors.float()
+        if vectors.dim() == 2:  # one vector per window (ask): every step gets it
+            vectors = vectors.unsqueeze(1).expand(-1, window, -1)
+        return self.project(torch.nn.functional.normalize(vectors, dim=-1))
+
+
+TEXT_ENCODER_MODULES: dict[str, type[nn.Module]] = {
+    "tokens": TextEncoder,
+    "pretrained": PretrainedTextEncoder,
+    "embeddings": EmbeddingsTextEncoder,
+}
+
+
+def encoder_class(spec: dict[str, Any]) -> type[nn.Module]:
+    """The module of a column's spec: by type, and for text by its recorded encoder."""
+    if spec["type"] == TEXT:
+        return TEXT_ENCODER_MODULES[text_encoder_kind(spec)]
+    return ENCODERS[spec["type"]]
+
+
+def text_encoder_kind(spec: dict[str, Any]) -> str:
+    """tokens (also every run recorded before text encoders had a choice), pretrained or
+    embeddings."""
+    encoder = spec.get("encoder", "tokens")
+    return encoder if encoder in ("tokens", "embeddings") else "pretrained"
 
 
 ENCODERS: dict[str, type[nn.Module]] = {
@@ -121,8 +247,14 @@ class ConditionEncoder(nn.Module):
         self.columns = list(specs)
         self.d_model = d_model
         self.encoders = nn.ModuleDict(
-            {column: ENCODERS[spec["type"]](spec, d_model) for column, spec in specs.items()}
+            {column: encoder_class(spec)(spec, d_model) for column, spec in specs.items()}
         )
+
+    def embed_texts(self) -> None:
+        """A new run: fill the tables of its pretrained text encoders (once, at train start)."""
+        for encoder in self.encoders.values():
+            if isinstance(encoder, PretrainedTextEncoder):
+                encoder.embed_texts()
 
     def forward(self, batch: dict[str, torch.Tensor], batch_size: int, window: int) -> torch.Tensor:
         total: torch.Tensor | None = None

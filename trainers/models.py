@@ -24,6 +24,16 @@ from torch import nn
 
 from trainers.encoders import ConditionEncoder
 from trainers.frames import FrameEncoder, frames_config
+from trainers.minigrid_view import (
+    MINIGRID_LAYOUT_DIM,
+    MINIGRID_ONE_HOT,
+    MINIGRID_ONE_HOT_DIM,
+    MINIGRID_RELATIONAL,
+    ViewMatch,
+    is_minigrid_view,
+    minigrid_layout,
+    minigrid_one_hot,
+)
 
 
 def model_config(
@@ -39,13 +49,16 @@ def model_config(
     inputs: str | None = None,
     cameras: list[str] | None = None,
     frame_encoder: str | None = None,
+    text_encoder: str = "tokens",
 ) -> dict[str, Any]:
     """Everything needed to rebuild a model, as plain data (it travels in checkpoints).
 
     `window` is the steps per training window (default: the shards' window); `n_layer` the
     MLP's hidden layers or the transformer's blocks (trainers.options.MODEL_DEFAULTS);
-    `inputs`, `cameras` and `frame_encoder` what the policy sees (trainers.frames)."""
+    `inputs`, `cameras` and `frame_encoder` what the policy sees (trainers.frames);
+    `text_encoder` how its text conditions are encoded (trainers.text)."""
     from trainers.encoders import condition_specs
+    from trainers.text import with_text_encoder
 
     if kind not in ("transformer", "mlp"):
         raise ValueError(f"--model must be 'transformer' or 'mlp', got {kind!r}")
@@ -59,7 +72,9 @@ def model_config(
         "kind": kind,
         "observation_dim": int(math.prod(index["observation"]["shape"] or [0])),
         "action": dict(index["action"]),
-        "conditions": condition_specs(index.get("conditions", {}), conditions),
+        "conditions": with_text_encoder(
+            condition_specs(index.get("conditions", {}), conditions), text_encoder
+        ),
         "window": int(window),
         # Per-dimension statistics from the shard index when it has them; otherwise the
         # trainer fits them on its first batch.
@@ -74,6 +89,8 @@ def model_config(
     frames = frames_config(index, inputs=inputs, cameras=cameras, encoder=frame_encoder)
     if frames is not None:  # a config without this key is a policy on the state vector alone
         config["frames"] = frames
+    if is_minigrid_view(index):  # a config without this key reads its state as floats
+        config["observation_encoding"] = MINIGRID_RELATIONAL
     if kind == "mlp":
         # An MLP config without this key is an older one: 3 hidden layers, whatever n_layer.
         config["mlp_layers"] = n_layer
@@ -136,7 +153,15 @@ class Policy(nn.Module):
         # Created only for a run with frames, so a run without them draws the same initial
         # weights as before frames existed.
         self.frames = FrameEncoder(frames, config["d_model"]) if frames else None
-        self.input_dim = (dim if self.uses_state else 0) + (
+        encoding = config.get("observation_encoding")
+        self.one_hot = encoding in (MINIGRID_ONE_HOT, MINIGRID_RELATIONAL)
+        self.layout_only = encoding == MINIGRID_RELATIONAL
+        # A MiniGrid view is also matched against the condition, cell by cell (ViewMatch).
+        self.view_match = ViewMatch(config["d_model"]) if self.one_hot else None
+        state_dim = MINIGRID_ONE_HOT_DIM if self.one_hot else dim
+        state_dim = MINIGRID_LAYOUT_DIM if self.layout_only else state_dim
+        state_dim += self.view_match.output_dim if self.view_match is not None else 0
+        self.input_dim = (state_dim if self.uses_state else 0) + (
             self.frames.output_dim if self.frames is not None else 0
         )
 
@@ -153,12 +178,19 @@ class Policy(nn.Module):
     def normalized_observation(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         observation = batch["observation"].float()
         observation = observation.reshape(*observation.shape[:2], -1)
+        if self.one_hot:
+            return minigrid_one_hot(observation)
         return (observation - self.observation_mean) / self.observation_std
 
-    def step_inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """What the policy sees of each step, [B, W, input_dim]: the normalized state vector,
-        the frames' features, or both, concatenated."""
+    def step_inputs(self, batch: dict[str, torch.Tensor], condition: torch.Tensor) -> torch.Tensor:
+        """What the policy sees of each step, [B, W, input_dim]: the normalized state vector
+        (a MiniGrid view one-hot, with its match against `condition`), the frames' features,
+        or both, concatenated."""
         parts = [self.normalized_observation(batch)] if self.uses_state else []
+        if self.view_match is not None:
+            parts.append(self.view_match(parts[0], condition))
+            if self.layout_only:  # identities only through the match (trainers/minigrid_view.py)
+                parts[0] = minigrid_layout(parts[0])
         if self.frames is not None:
             parts.append(self.frames(batch))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
@@ -194,9 +226,9 @@ class MLPPolicy(Policy):
         self.network = nn.Sequential(*layers, nn.Linear(width, self.actions.output_dim))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = self.step_inputs(batch)
-        batch_size, window = inputs.shape[:2]
+        batch_size, window = batch["mask"].shape[:2]
         condition = self.condition(batch, batch_size, window)
+        inputs = self.step_inputs(batch, condition)
         return self.network(torch.cat([inputs, condition], dim=-1))
 
 
@@ -258,14 +290,15 @@ class TransformerPolicy(Policy):
         return self.embed_previous_action(shifted * valid.unsqueeze(-1).float())
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        observation = self.step_inputs(batch)
-        batch_size, window = observation.shape[:2]
+        batch_size, window = batch["mask"].shape[:2]
+        condition = self.condition(batch, batch_size, window)
+        observation = self.step_inputs(batch, condition)
         mask = batch["mask"]
         timestep = batch["timestep"].long().clamp(0, self.config["max_timestep"] - 1)
         position = torch.arange(window, device=observation.device)
         x = (
             self.embed_observation(observation)
-            + self.condition(batch, batch_size, window)
+            + condition
             + self.previous_actions(batch)
             + self.embed_timestep(timestep)
             + self.embed_position(position)

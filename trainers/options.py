@@ -80,6 +80,14 @@ class TrainOptions(BaseModel):
         description="Image encoder per camera: the Nature DQN conv net (default) or IMPALA's "
         "small ResNet.",
     )
+    text_encoder: Literal["tokens", "wordllama", "embeddings"] | None = Field(
+        default=None,
+        description="How text conditions are encoded: tokens (the default; learned word "
+        "embeddings over the shard vocabulary; unseen words are <unk>), wordllama (a frozen pretrained sentence "
+        "embedder shipped in the wordllama package; texts embedded once at train start), or "
+        "embeddings (vectors the `embed` relabeler wrote; condition on its column). "
+        "docs/trainer.md says which to pick.",
+    )
     shuffle_buffer: int = Field(default=65536, ge=1, description="Loader shuffle buffer (windows).")
     log_every: int = Field(default=50, ge=1, description="Steps between metrics lines.")
     checkpoint_every: int = Field(default=500, ge=1, description="Steps between checkpoints.")
@@ -116,7 +124,7 @@ RESUMABLE = ("steps", "log_every", "checkpoint_every", "device")
 # Settings that define the model and its data: a resumed run must ask for the same.
 FIXED_ON_RESUME = (
     "input", "condition", "model", "window", "d_model", "n_layer", "n_head", "hidden",
-    "inputs", "cameras", "frame_encoder",
+    "inputs", "cameras", "frame_encoder", "text_encoder",
 )  # fmt: skip
 # How runs written before this module recorded two fields.
 _OLD_NAMES = {"shards": "input", "run_dir": "output"}

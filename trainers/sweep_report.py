@@ -28,6 +28,19 @@ def mean_ci95(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def wilson_ci95(successes: list[float]) -> tuple[float, float, float]:
+    """A success rate and its Wilson score 95% interval (sound near 0 and 1 and for few
+    episodes, where the normal approximation collapses to a point)."""
+    n = len(successes)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    rate = float(np.mean(successes))
+    z = 1.959964
+    center = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return rate, max(0.0, center - half), min(1.0, center + half)
+
+
 # --- the sweep's references ------------------------------------------------------------------
 
 
@@ -93,9 +106,13 @@ def format_sweep(report: dict[str, Any]) -> list[str]:
     lines = [f"{'requested':>12} {'achieved':>10}  95% CI"]
     for row in report["results"]:
         low, high = row["achieved_ci95"]
-        lines.append(
-            f"{row['requested']!s:>12} {row['achieved_mean']:>10.2f}  [{low:.2f}, {high:.2f}]"
-        )
+        line = f"{row['requested']!s:>12} {row['achieved_mean']:>10.2f}  [{low:.2f}, {high:.2f}]"
+        if "return_mean" in row:  # --metric success: the return next to it
+            r_low, r_high = row["return_ci95"]
+            line += f"  return {row['return_mean']:.3f} [{r_low:.3f}, {r_high:.3f}]"
+        if row.get("mission") and row["mission"] != row["requested"]:
+            line += f"  (mission: {row['mission']})"
+        lines.append(line)
     reference = report["reference"]
     if reference["dataset_mean_return"] is not None:
         lines.append(f"dataset mean return: {reference['dataset_mean_return']:.2f}")

@@ -118,6 +118,8 @@ def new_run_config(index: dict[str, Any], options: TrainOptions) -> RunConfig:
     """The run's config: the options plus the model config and the index facts that a
     rollout needs later without the shards (action space, conditions, return distribution)."""
     options = with_model_defaults(options)
+    if options.text_encoder is None:  # recorded, so that the run says how it read text
+        options = options.model_copy(update={"text_encoder": "tokens"})
     model = model_config(
         index,
         list(options.condition),
@@ -130,6 +132,7 @@ def new_run_config(index: dict[str, Any], options: TrainOptions) -> RunConfig:
         inputs=options.inputs,
         cameras=options.cameras,
         frame_encoder=options.frame_encoder,
+        text_encoder=options.text_encoder,
     )
     facts = {key: value for key, value in index.items() if key != "shards"}
     return RunConfig(options=options, model=model, index=facts)
@@ -302,6 +305,8 @@ def train_loop(
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, loader_states, fitted = int(checkpoint["step"]), checkpoint["loader"], True
         torch.set_rng_state(checkpoint["rng"].cpu())
+    else:  # a new run: a pretrained text encoder embeds the index's texts, once
+        policy.condition.embed_texts()
     loader_state = loader_states[rank] if loader_states and rank < len(loader_states) else None
 
     module: torch.nn.Module = _Loss(policy)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 from schemas import steps as cols
 from schemas.shard_index import (
+    MAX_INDEX_TEXTS,
     PAD_TOKEN,
     UNKNOWN_TOKEN,
     ConditionInfo,
@@ -32,6 +33,9 @@ from schemas.shard_index import (
     encode_text,
     words,
 )
+
+if TYPE_CHECKING:
+    from engine.dataset import Dataset
 
 # Names of string columns that hold free text rather than labels.
 TEXT_COLUMNS = ("description", "descriptions", "instruction", "instructions")
@@ -51,6 +55,7 @@ class ConditionColumn:
     level: Level
     dim: int | None = None
     count: int | None = None  # goals per step for vector columns holding k goals
+    embedded_text: bool = False  # a vector the `embed` relabeler wrote (null: no text)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +64,7 @@ class ConditionColumn:
             "level": self.level,
             "dim": self.dim,
             "count": self.count,
+            "embedded_text": self.embedded_text,
         }
 
 
@@ -124,6 +130,27 @@ def text_rows(column: pa.Array) -> list[list[str]]:
     return [[] if value is None else value.split(TEXT_SEPARATOR) for value in column.to_pylist()]
 
 
+def embedding_info(dataset: Dataset, condition: ConditionColumn) -> dict[str, Any] | None:
+    """How the `embed` relabeler wrote a vector column (None for any other column): what
+    `ask` needs to embed a request the same way. Never a credential (the endpoint's public
+    form; the key stays in the environment)."""
+    if condition.type != "vector":
+        return None
+    relabeler = dataset.group_of(condition.name.partition(".")[0], condition.level).relabeler
+    if relabeler is None or relabeler.name != "embed":
+        return None
+    report, params = relabeler.report or {}, relabeler.params or {}
+    return {
+        "relabeler": f"embed {relabeler.version}",
+        "column": params.get("column"),
+        "embedder": report.get("embedder"),
+        "model": report.get("model"),
+        "dimensions": report.get("dimensions"),
+        "requested_dimensions": params.get("dimensions"),
+        "endpoint": report.get("endpoint"),
+    }
+
+
 # ---------------------------------------------------------------- vocabularies
 
 
@@ -144,14 +171,22 @@ def summarize_vocabulary(column: pa.ChunkedArray, condition: ConditionColumn) ->
     word_counts: dict[str, int] = {}
     longest = 0
     paraphrases = 1
+    distinct: set[str] = set()
     for texts in text_rows(unique.cast(pa.string())):
         paraphrases = max(paraphrases, len(texts))
+        if len(distinct) <= MAX_INDEX_TEXTS:
+            distinct.update(texts)
         for text in texts:
             text_words = words(text)
             longest = max(longest, len(text_words))
             for word in text_words:
                 word_counts[word] = word_counts.get(word, 0) + 1
-    return {"words": word_counts, "longest": longest, "paraphrases": paraphrases}
+    return {
+        "words": word_counts,
+        "longest": longest,
+        "paraphrases": paraphrases,
+        "texts": sorted(distinct),
+    }
 
 
 def combine_vocabulary(
@@ -183,12 +218,17 @@ def combine_vocabulary(
             totals[word] = totals.get(word, 0) + count
     ranked = sorted(totals, key=lambda word: (-totals[word], word))[: max(0, max_words - 2)]
     longest = max([s["longest"] for s in summaries] + [1])
+    texts: set[str] = set()
+    for summary in summaries:
+        texts.update(summary.get("texts", ()))
     return ConditionInfo(
         type="text",
         level=condition.level,
         vocabulary=[PAD_TOKEN, UNKNOWN_TOKEN, *ranked],
         max_tokens=min(longest, max_tokens),
         paraphrases=max([s["paraphrases"] for s in summaries] + [1]),
+        # Listed for a pretrained text encoder, which embeds each once at train start.
+        texts=sorted(texts) if len(texts) <= MAX_INDEX_TEXTS else None,
     )
 
 

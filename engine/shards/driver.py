@@ -19,7 +19,7 @@ dataset, settings and seed -> byte-identical shards, whichever executor runs the
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from engine import storage
@@ -30,9 +30,18 @@ from engine.shards.conditions import (
     ConditionColumn,
     classify_condition,
     combine_vocabulary,
+    embedding_info,
     summarize_vocabulary,
 )
 from engine.shards.episodes import concat_episodes, read_part_episodes, shuffled_shards
+from engine.shards.exclude import (
+    Exclusion,
+    StepFilter,
+    combine_filters,
+    kept_rows,
+    plan_exclusion,
+    read_filter,
+)
 from engine.shards.frames import resolve_cameras
 from engine.shards.statistics import combine_numeric, numeric_summary
 from engine.shards.tar import build_shard
@@ -83,6 +92,8 @@ class ShardSettings:
     frame_stack: int = 1
     """Frames the loader stacks per step (recorded in the index; chunks of long episodes
     carry the history it needs)."""
+    exclude: str | None = None
+    """Polars SQL predicate: matching steps stay out of the shards (engine/shards/exclude.py)."""
 
     def __post_init__(self) -> None:
         small = {
@@ -141,9 +152,10 @@ def resolve_conditions(
         goals = None
         if relabeler is not None and relabeler.name == "goals" and name == "hindsight_goal":
             goals = int(relabeler.params.get("k", 1))
-        resolved.append(
-            classify_condition(name, data_type, level, text=is_text, goals_per_step=goals)
-        )
+        condition = classify_condition(name, data_type, level, text=is_text, goals_per_step=goals)
+        if condition.type == "vector" and relabeler is not None and relabeler.name == "embed":
+            condition = replace(condition, embedded_text=True)
+        resolved.append(condition)
     return resolved
 
 
@@ -191,6 +203,7 @@ class VocabularyTask:
     dataset: str
     part: int
     conditions: tuple[ConditionColumn, ...]
+    exclusion: Exclusion | None = None
 
 
 @dataclass(frozen=True)
@@ -202,11 +215,13 @@ class VocabularyResult:
 def vocabulary_task(task: VocabularyTask) -> VocabularyResult:
     """Pass one: label and word counts of one part's categorical and text conditions."""
     dataset = open_dataset(task.dataset)
+    # The steps the shards will hold: a held-out text adds no word to the vocabulary.
+    kept = read_filter(dataset, task.part, task.conditions, task.exclusion)
     summaries = {}
     for condition in task.conditions:
         head = condition.name.partition(".")[0]
         table = dataset.read_part(task.part, condition.level, [head])
-        column = cols.column_by_path(table, condition.name)
+        column = kept_rows(cols.column_by_path(table, condition.name), condition.level, kept)
         summaries[condition.name] = summarize_vocabulary(column, condition)
     return VocabularyResult(summaries, dataset.manifest.parts[task.part].steps)
 
@@ -216,12 +231,15 @@ def vocabularies(
     conditions: Sequence[ConditionColumn],
     settings: ShardSettings,
     executor: Executor,
+    exclusion: Exclusion | None = None,
 ) -> dict[str, ConditionInfo]:
     """The index entries of the categorical and text conditions (one pass over the parts)."""
     labelled = tuple(c for c in conditions if c.type in ("categorical", "text"))
     if not labelled:
         return {}
-    tasks = [VocabularyTask(dataset.uri, part, labelled) for part in range(dataset.num_parts)]
+    tasks = [
+        VocabularyTask(dataset.uri, part, labelled, exclusion) for part in range(dataset.num_parts)
+    ]
     results = _run(executor, vocabulary_task, tasks, "shard vocabularies", dataset.manifest.steps)
     infos = {}
     for condition in labelled:
@@ -251,6 +269,7 @@ class WriteTask:
     settings: ShardSettings
     writer: VersionWriter
     cameras: tuple[str, ...] = ()
+    exclusion: Exclusion | None = None
 
 
 @dataclass(frozen=True)
@@ -258,18 +277,19 @@ class WriteResult:
     shards: list[ShardInfo]
     statistics: dict[str, Any]  # numeric_summary of the task's episodes
     steps: int  # moves the progress bar
+    filters: tuple[StepFilter | None, ...] = ()  # per part: what was left out
 
 
 def write_task(task: WriteTask) -> WriteResult:
     """Pass two: read the task's parts, shuffle its episodes into shards, write the tars."""
     dataset = open_dataset(task.dataset)
     plan, settings = task.plan, task.settings
-    episodes = concat_episodes(
-        [
-            read_part_episodes(dataset, part, task.conditions, task.infos, task.cameras)
-            for part in plan.parts
-        ]
-    )
+    parts = [
+        read_part_episodes(dataset, part, task.conditions, task.infos, task.cameras, task.exclusion)
+        for part in plan.parts
+    ]
+    filters = tuple(part.filtered for part in parts)
+    episodes = concat_episodes(parts)
     written = []
     for offset, group in enumerate(
         shuffled_shards(episodes, plan.shards, settings.seed, plan.index)
@@ -295,7 +315,8 @@ def write_task(task: WriteTask) -> WriteResult:
     return WriteResult(
         shards=written,
         statistics=numeric_summary(episodes, task.conditions),
-        steps=int(episodes.lengths.sum()),
+        steps=sum(dataset.manifest.parts[part].steps for part in plan.parts),
+        filters=filters,
     )
 
 
@@ -318,14 +339,25 @@ def write_shards(
     output = check_new_output(output, INDEX_NAME)
     conditions = tuple(resolve_conditions(dataset, settings.condition, settings.text))
     cameras = checked_cameras(dataset, settings)
+    exclusion = plan_exclusion(dataset, settings.exclude)
     with VersionWriter(output, commit_file=INDEX_NAME) as writer:
-        infos = vocabularies(dataset, conditions, settings, executor)
+        infos = vocabularies(dataset, conditions, settings, executor, exclusion)
         tasks = [
-            WriteTask(dataset.uri, plan, conditions, infos, settings, writer, tuple(cameras))
+            WriteTask(
+                dataset.uri, plan, conditions, infos, settings, writer, tuple(cameras), exclusion
+            )
             for plan in plan_tasks(dataset, settings.shard_steps)
         ]
         results = _run(executor, write_task, tasks, "shard", dataset.manifest.steps)
         index = shard_index(dataset, settings, conditions, infos, results, command, cameras)
+        index.exclusions = combine_filters(
+            exclusion, [found for result in results for found in result.filters]
+        )
+        if index.steps == 0 and index.exclusions is not None:
+            raise ShardError(
+                f"{dataset.uri}: no step is left to shard ({index.exclusions}); "
+                "check --exclude and the conditioning columns"
+            )
         writer.commit(index.to_json().encode())
     return index
 
@@ -367,6 +399,7 @@ def shard_index(
                 level=condition.level,
                 dim=condition.dim,
                 count=condition.count,
+                embedding=embedding_info(dataset, condition),
                 **statistics[condition_member(condition.name)],
             )
     observation_dim = len(statistics["observation"]["mean"])

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 
 from engine.dataset import Dataset
 from engine.shards.conditions import ConditionColumn, TextTable, condition_values
+from engine.shards.exclude import Exclusion, StepFilter, read_filter
 from engine.shards.frames import EncodedFrames, FrameRanges, concat_frames, read_part_frames
 from schemas import steps as cols
 from schemas.shard_index import ConditionInfo, ShardError
@@ -38,6 +39,7 @@ class EpisodeArrays:
     conditions: dict[str, np.ndarray] = field(default_factory=dict)
     texts: dict[str, TextTable] = field(default_factory=dict)
     frames: dict[str, EncodedFrames | FrameRanges] = field(default_factory=dict)
+    filtered: StepFilter | None = None  # what `read_part_episodes` left out, if it could
 
     @property
     def offsets(self) -> np.ndarray:
@@ -54,15 +56,33 @@ def expand_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) + shifts
 
 
+def observation_vectors(column: pa.ChunkedArray) -> np.ndarray:
+    """Observations as float32 vectors [N, D]: a goal dict's `observation` field, or every
+    field of another struct (a MiniGrid view {direction, image}) joined in name order."""
+    if not pa.types.is_struct(column.type):
+        return cols.arrow_to_numpy(column).astype(np.float32, copy=False)
+    names = sorted(column.type.field(i).name for i in range(column.type.num_fields))
+    if cols.OBSERVATION in names:
+        names = [cols.OBSERVATION]
+    parts = []
+    for name in names:
+        field = pa.chunked_array([chunk.field(name) for chunk in column.chunks])
+        values = cols.arrow_to_numpy(field).astype(np.float32)
+        parts.append(values.reshape(len(values), -1))
+    return np.concatenate(parts, axis=1) if parts else np.zeros((len(column), 0), np.float32)
+
+
 def read_part_episodes(
     dataset: Dataset,
     index: int,
     conditions: Sequence[ConditionColumn],
     infos: Mapping[str, ConditionInfo],
     cameras: Sequence[str] = (),
+    exclusion: Exclusion | None = None,
 ) -> EpisodeArrays:
     """Part `index` of a dataset version as EpisodeArrays (episode columns broadcast), with
-    the encoded frames of `cameras` (read from the frames group's file of this part only).
+    the encoded frames of `cameras` (read from the frames group's file of this part only),
+    without the steps `exclusion` matches or whose text condition is null (exclude.py).
 
     Raises ShardError naming the part (and episode) for steps that do not match the episode
     lengths, NaN/inf/null rewards, and condition values that cannot be stored. Rewards null
@@ -83,6 +103,16 @@ def read_part_episodes(
         "episodes",
         list(dict.fromkeys([cols.EPISODE_ID, cols.LENGTH, cols.RETURN, *episode_conditions])),
     )
+    found = read_filter(dataset, index, conditions, exclusion)
+    part_steps = steps.num_rows
+    if found is not None and not found.keep.all():
+        # Left out before anything is converted: the kept steps of an episode become its
+        # steps (t renumbered from 0), an episode with none left is dropped.
+        steps = steps.filter(pa.array(found.keep))
+        kept = pa.array(found.kept_lengths, pa.int64())
+        episodes = episodes.set_column(
+            episodes.schema.get_field_index(cols.LENGTH), cols.LENGTH, kept
+        ).filter(pa.array(found.keep_episodes))
     lengths = episodes.column(cols.LENGTH).to_numpy().astype(np.int64)
     boundaries = cols.episode_boundaries(steps.column(cols.EPISODE_ID).to_numpy())
     offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -92,10 +122,7 @@ def read_part_episodes(
             "(episode_id, t) with one episodes row per episode expected)"
         )
     if has_state:
-        column = steps.column(cols.OBSERVATION)
-        if pa.types.is_struct(column.type):
-            column = cols.column_by_path(steps, f"{cols.OBSERVATION}.{cols.OBSERVATION}")
-        observation = cols.arrow_to_numpy(column).astype(np.float32, copy=False)
+        observation = observation_vectors(steps.column(cols.OBSERVATION))
     else:
         observation = np.zeros((steps.num_rows, 0), np.float32)
     reward = steps.column(cols.REWARD)
@@ -114,7 +141,10 @@ def read_part_episodes(
         episode_ids=episodes.column(cols.EPISODE_ID).to_numpy().astype(np.int64),
         lengths=lengths,
         returns=pc.fill_null(episodes.column(cols.RETURN).cast(pa.float64()), np.nan).to_numpy(),
-        timestep=steps.column(cols.T).to_numpy().astype(np.int32),
+        timestep=steps.column(cols.T).to_numpy().astype(np.int32)
+        if found is None or found.keep.all()
+        # Renumbered from 0: the loader cuts a window ending at t from t + 1 steps.
+        else (np.arange(steps.num_rows) - np.repeat(offsets[:-1], lengths)).astype(np.int32),
         observation=observation,
         action=action.astype(np.int64 if action.ndim == 1 else np.float32, copy=False),
         reward=reward.to_numpy(zero_copy_only=False).astype(np.float32, copy=False),
@@ -132,7 +162,15 @@ def read_part_episodes(
         arrays.conditions[condition.name] = values
         if text_table is not None:
             arrays.texts[condition.name] = text_table
-    arrays.frames = read_part_frames(dataset, index, cameras, steps.num_rows)
+    frames = read_part_frames(dataset, index, cameras, part_steps)
+    if found is not None and not found.keep.all() and frames:
+        # Runs of consecutive kept steps: frames are copied range by range, not one by one.
+        edges = np.diff(np.concatenate([[0], found.keep.astype(np.int8), [0]]))
+        starts = np.flatnonzero(edges == 1)
+        counts = np.flatnonzero(edges == -1) - starts
+        frames = {camera: data.take_ranges(starts, counts) for camera, data in frames.items()}
+    arrays.frames = frames
+    arrays.filtered = found
     return arrays
 
 

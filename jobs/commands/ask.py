@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import CliPositionalArg, NoDecode
@@ -25,6 +25,8 @@ class Ask(Command):
 
         hindsight ask runs/pend-rtg --request return_to_go=-150 --episodes 20
         hindsight ask runs/pend-rtg --sweep return_to_go=-1000,-600,-300,-150 --baseline runs/pend-bc
+        hindsight ask runs/babyai --request "instruction=walk up to the crimson key" \
+            --mission "go to the red key" --metric success --episodes 50
     """
 
     name = "ask"
@@ -56,6 +58,23 @@ class Ask(Command):
         "INPUT/ask-COLUMN.",
     )
     device: str = Field(default="cpu", description="Device for the rollout.")
+    mission: str | None = Field(
+        default=None,
+        description="MiniGrid/BabyAI: the mission the env is set to and scored on, e.g. 'go "
+        "to the red key' (default: the requested text itself); the condition may word it "
+        "differently. With --sweep: one for every value, or one per value (M1,M2,...).",
+    )
+    metric: Literal["auto", "return", "success"] = Field(
+        default="auto",
+        description="What 'achieved' is: the env's success rate (95% Wilson interval, the "
+        "return next to it), the return, or auto (success for goal conditions, else return).",
+    )
+    actions: Literal["greedy", "sample"] = Field(
+        default="greedy",
+        description="Discrete actions: the policy's most likely one, or drawn from its "
+        "distribution (seeded by --seeds; breaks the loops a memoryless greedy policy falls "
+        "into, e.g. on MiniGrid).",
+    )
     baseline: Run | None = Field(
         default=None,
         description="Another run asked the same way with no condition (e.g. behaviour "
@@ -92,6 +111,15 @@ class Ask(Command):
         column, _, values = str(self.sweep).partition("=")
         return column.strip(), [v.strip() for v in values.split(",") if v.strip()]
 
+    def sweep_missions(self, count: int) -> str | list[str] | None:
+        """--mission of a sweep: one for every value, or M1,M2,... one per value."""
+        if self.mission is None or "," not in self.mission:
+            return self.mission
+        missions = [m.strip() for m in self.mission.split(",")]
+        if len(missions) != count:
+            raise ValueError(f"--mission: {len(missions)} missions for {count} swept values")
+        return missions
+
     @model_validator(mode="after")
     def _one_or_the_other(self) -> Ask:
         if self.sweep and self.request:
@@ -105,14 +133,19 @@ class Ask(Command):
             column, values = self.sweep_values()
             output = self.output or os.path.join(self.input, f"ask-{column}")
             report = ask.sweep(
-                self.input, self.env, column, values, self.episodes, self.seeds, output, self.device
-            )
+                self.input, self.env, column, values, self.episodes, self.seeds, output,
+                self.device, mission=self.sweep_missions(len(values)), metric=self.metric,
+                sample=self.actions == "sample",
+            )  # fmt: skip
             if self.baseline:
                 report["reference"]["baseline"] = self.ask_baseline(report["env"])
                 with open(os.path.join(output, "ask.json"), "w") as handle:
                     json.dump(report, handle, indent=2)
             return {**report, "output": output}
-        result = ask.ask(self.input, self.env, self.request, self.episodes, self.seeds, self.device)
+        result = ask.ask(
+            self.input, self.env, self.request, self.episodes, self.seeds, self.device,
+            mission=self.mission, metric=self.metric, sample=self.actions == "sample",
+        )  # fmt: skip
         result = {"condition": self.request, **result}
         if self.baseline:
             result["baseline"] = self.ask_baseline(result["env"])
@@ -126,7 +159,10 @@ class Ask(Command):
         """The baseline run, asked with no condition in the same environment and seeds."""
         from trainers import ask
 
-        outcome = ask.ask(self.baseline, env, {}, self.episodes, self.seeds, self.device)
+        outcome = ask.ask(
+            self.baseline, env, {}, self.episodes, self.seeds, self.device,
+            mission=self.mission, metric=self.metric, sample=self.actions == "sample",
+        )  # fmt: skip
         return {
             "run": self.baseline,
             "achieved_mean": outcome["achieved_mean"],

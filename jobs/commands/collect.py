@@ -20,6 +20,7 @@ class Collect(RayCommand):
         hindsight collect hindsight/PointGoal-v0 data/point --policy random
         hindsight collect Pendulum-v1 data/pend-pix --episodes 300 --frames 64x64
         hindsight collect CartPole-v1 data/cart-pix --frames 64x64 --pixels-only
+        hindsight collect BabyAI-GoToLocal-v0 data/babyai --policy bot:play --noise 0.2
     """
 
     name = "collect"
@@ -37,8 +38,9 @@ class Collect(RayCommand):
     )
     policy: str = Field(
         "heuristic",
-        description="random, heuristic (built-in for classic control and PointGoal) or "
-        "module:function called as function(observation) -> action.",
+        description="random, heuristic (built-in for classic control and PointGoal), bot, "
+        "bot:play (BabyAI's bot on MiniGrid/BabyAI: pursues the mission, or a random object "
+        "of the room) or module:function called as function(observation) -> action.",
     )
     seed: int = Field(0, description="Base seed; episode e is seeded from (seed, e).")
     max_steps: int | None = Field(None, ge=1, description="Override the env's time limit.")

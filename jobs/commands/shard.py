@@ -16,6 +16,7 @@ class Shard(RayCommand):
     seed: byte-identical shards.
 
         hindsight shard data/pendulum-rl data/shards/pendulum --condition return_to_go,skill --window 20
+        hindsight shard data/babyai-rl data/shards/babyai --condition instruction --exclude "instruction IN ('go to the red key')"
     """
 
     name = "shard"
@@ -62,10 +63,18 @@ class Shard(RayCommand):
         json_schema_extra={"metavar": "CAMERA,..."},
     )
 
+    exclude: str | None = Field(
+        None,
+        description="Polars SQL predicate over step (and episode) columns: matching steps stay "
+        "out of the shards, recorded in the index (held-out values; `ask` warns on them).",
+        json_schema_extra={"metavar": "SQL"},
+    )
+
     def check(self) -> None:
         super().check()
         from engine.dataset import open_dataset
         from engine.shards import checked_cameras, resolve_conditions
+        from engine.shards.exclude import plan_exclusion
 
         if self.text and not self.condition:
             raise ValueError("--text names text columns among --condition; give --condition too")
@@ -73,6 +82,7 @@ class Shard(RayCommand):
         dataset = open_dataset(self.input)
         resolve_conditions(dataset, tuple(self.condition), self.text_columns())
         checked_cameras(dataset, self.settings())
+        plan_exclusion(dataset, self.exclude)
 
     def text_columns(self) -> tuple[str, ...] | None:
         return None if self.text is None else tuple(self.text)
@@ -92,6 +102,7 @@ class Shard(RayCommand):
             max_words=self.max_words,
             cameras=None if self.cameras is None else tuple(c for c in self.cameras if c),
             frame_stack=self.frame_stack,
+            exclude=self.exclude,
         )
 
     def run(self) -> ShardIndex:
@@ -116,11 +127,20 @@ class Shard(RayCommand):
             "bytes": sum(s.bytes for s in index.shards),
             "cameras": sorted(index.cameras),
             "frame_stack": index.frame_stack,
+            "exclusions": index.exclusions.model_dump() if index.exclusions else None,
         }
 
     def report(self, index: ShardIndex, seconds: float) -> str:
+        left_out = ""
+        if index.exclusions is not None:
+            found = index.exclusions
+            nulls = sum(found.null_steps.values())
+            left_out = (
+                f"; left out {found.excluded_steps:,} excluded steps and {nulls:,} steps with "
+                f"no text ({found.dropped_episodes:,} episodes dropped whole)"
+            )
         return (
             f"wrote {len(index.shards)} shards ({index.windows:,} windows, {index.steps:,} steps, "
             f"{sum(s.bytes for s in index.shards) / 1e6:.1f} MB) to "
-            f"{storage.normalize(self.output)} in {rate(index.steps, seconds)}"
+            f"{storage.normalize(self.output)} in {rate(index.steps, seconds)}{left_out}"
         )

@@ -48,6 +48,7 @@ from relabelers.base import (
     RelabelError,
     require_columns,
 )
+from relabelers.language import paraphrase
 from relabelers.language.describers import LLMDescriber, split_budget, template_descriptions
 from relabelers.language.facts import (
     SUCCESS_COLUMNS,
@@ -59,11 +60,13 @@ from relabelers.language.facts import (
 )
 from relabelers.language.keyframes import unit_keyframes
 from relabelers.language.params import LanguageParams
-from relabelers.language.prompt import DEFAULT_PROMPT, PromptTemplate, read_prompt
+from relabelers.language.prompt import DEFAULT_PROMPT, PROMPTS, PromptTemplate, read_prompt
 from schemas import steps as cols
 from schemas.frames import frame_column
 
 log = logging.getLogger("hindsight.language")
+
+PARAPHRASE_PROMPT = PROMPTS / "paraphrase_v1.txt"
 
 __all__ = ["DEFAULT_PROMPT", "LanguageParams", "LanguageRelabeler", "PromptTemplate"]
 
@@ -86,6 +89,8 @@ class LanguageRelabeler(Relabeler):
     def __init__(self, params: Any = None, seed: int = 0):
         super().__init__(params, seed)
         self.plan: Plan | None = None  # set by `setup`
+        # Paraphrase mode (`source=`): every distinct text and its rewrites, set by `setup`.
+        self.paraphrases: paraphrase.ParaphraseTable | None = None
 
     def uses_llm(self) -> bool:
         """Whether the model writes the descriptions (else the template describer)."""
@@ -95,6 +100,13 @@ class LanguageRelabeler(Relabeler):
         )
 
     def reads(self) -> Columns:
+        p = self.params
+        if p.paraphrase_mode:
+            at = paraphrase.levels(p)
+            return Columns(
+                steps=(cols.EPISODE_ID, cols.T, p.source) if "steps" in at else (),
+                episodes=(cols.EPISODE_ID, p.source) if "episodes" in at else (),
+            )
         # The frames only when the model will see them: the template describer never does.
         frames = (frame_column(self.params.camera),) if self.keyframes_sent() else ()
         return Columns(
@@ -118,6 +130,9 @@ class LanguageRelabeler(Relabeler):
         return self.params.keyframes > 0 and self.uses_llm()
 
     def writes(self) -> Columns:
+        if self.params.paraphrase_mode:
+            written = (paraphrase.output_column(self.params),)
+            return Columns(**{level: written for level in paraphrase.levels(self.params)})
         names = ("description", "descriptions", "description_status", "description_error")
         if self.params.per == "segment":
             return Columns(steps=(*names[:2], "description_segment", *names[2:]))
@@ -128,8 +143,11 @@ class LanguageRelabeler(Relabeler):
         """Check the prompt template, choose the describer, split the budget over parts,
         and find the dataset's return percentiles (one pass over every part)."""
         p = self.params
-        prompt_path = Path(p.prompt) if p.prompt else DEFAULT_PROMPT
+        default_prompt = PARAPHRASE_PROMPT if p.paraphrase_mode else DEFAULT_PROMPT
+        prompt_path = Path(p.prompt) if p.prompt else default_prompt
         prompt_text = read_prompt(prompt_path)
+        if p.paraphrase_mode:
+            return self.setup_paraphrases(inputs, prompt_path, prompt_text)
         if p.keyframes and p.camera not in inputs.cameras:
             has = ", ".join(sorted(inputs.cameras)) or "none: record them with `collect --frames`"
             raise RelabelError(
@@ -174,6 +192,25 @@ class LanguageRelabeler(Relabeler):
             report.update(model=None, prompt="template_v1")
         self.plan = Plan(merge_quantiles(summaries), describer, report)
 
+    def setup_paraphrases(self, inputs: Inputs, prompt_path: Path, prompt_text: str) -> None:
+        """Check the source column, gather its distinct texts (one pass) and rewrite them."""
+        p = self.params
+        schemas = {"steps": inputs.steps_schema, "episodes": inputs.episodes_schema}
+        paraphrase.check_source(p, schemas)
+        found = inputs.summarize(
+            lambda steps, episodes, part: paraphrase.distinct_texts(p, steps, episodes)
+        )
+        texts = sorted(set().union(*found)) if found else []
+        use_llm = self.uses_llm()
+        table = paraphrase.paraphrase_texts(p, texts, self.seed, use_llm, prompt_text)
+        if use_llm:
+            table.report.update(
+                prompt=prompt_path.stem,
+                prompt_sha256=hashlib.sha256(prompt_text.encode()).hexdigest(),
+                temperature=p.temperature,
+            )
+        self.paraphrases = table
+
     def part_returns(self, steps: pa.Table, episodes: pa.Table, part: Part) -> dict[str, Any]:
         """One part's unit count and unit returns (for percentiles and budget shares)."""
         return part_returns(steps, self.params.per, self.params.segment)
@@ -182,6 +219,8 @@ class LanguageRelabeler(Relabeler):
     def relabel(self, steps: pa.Table, episodes: pa.Table, part: Part) -> Output:
         p = self.params
         where = f"{part} (episodes {id_range(steps)})"
+        if p.paraphrase_mode:
+            return self.relabel_paraphrases(steps, episodes, where)
         require_columns(steps, self.reads().steps, "steps", self.name, where)
         require_columns(episodes, self.reads().episodes, "episodes", self.name, where)
         if self.plan is None:
@@ -225,9 +264,28 @@ class LanguageRelabeler(Relabeler):
         )
         return Output(steps=table, report=report)
 
+    def relabel_paraphrases(self, steps: pa.Table, episodes: pa.Table, where: str) -> Output:
+        """Each level's texts mapped onto setup's lists (Arrow index_in + take)."""
+        if self.paraphrases is None:
+            raise RelabelError(
+                f"{where}: relabeler 'language' needs setup()'s paraphrases; for tables in "
+                "memory use relabelers.base.relabel_tables"
+            )
+        name = paraphrase.output_column(self.params)
+        tables = {"steps": steps, "episodes": episodes}
+        out = {
+            level: pa.table(
+                {name: self.paraphrases.column(tables[level].column(self.params.source), where)}
+            )
+            for level in paraphrase.levels(self.params)
+        }
+        return Output(steps=out.get("steps"), episodes=out.get("episodes"))
+
     # ------------------------------------------------------------ in the driver, after
     def finish(self, reports: list[dict[str, Any]]) -> dict[str, Any]:
         """The describer, model and prompt; descriptions by status; what the model cost."""
+        if self.paraphrases is not None:
+            return self.paraphrases.report
         assert self.plan is not None
         status: dict[str, int] = {}
         for part_report in reports:

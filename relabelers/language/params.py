@@ -1,10 +1,13 @@
-"""The parameters of the `language` relabeler (`language:model=...,per=segment,n=3`)."""
+"""The parameters of the `language` relabeler (`language:model=...,per=segment,n=3`).
+
+Two modes, one model: descriptions (the default) and paraphrases (`source=COLUMN` and/or
+`paraphrases=N`: paraphrase.py), which share the endpoint, model and budget parameters."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from relabelers import llm
 from schemas.frames import DEFAULT_CAMERA
@@ -41,3 +44,34 @@ class LanguageParams(llm.EndpointParams):
     detail: Literal["low", "high"] | None = Field(
         None, description="image detail asked of the model (default: the endpoint's)"
     )
+    source: str | None = Field(
+        None,
+        description="paraphrase mode: the text column to rewrite (default instruction when "
+        "paraphrases is given)",
+        pattern=r"^\w+$",
+    )
+    paraphrases: int = Field(
+        0, ge=0, le=16, description="paraphrase mode: rewrites per text (default 3 with source)"
+    )
+    at: Literal["both", "episodes", "steps"] = Field(
+        "both", description="paraphrase mode: the levels the source is read from and written at"
+    )
+
+    @model_validator(mode="after")
+    def _paraphrase_mode(self) -> LanguageParams:
+        """`source` alone means 3 paraphrases; `paraphrases` alone paraphrases `instruction`.
+        Description-only parameters make no sense with them."""
+        if self.source is None and self.paraphrases == 0:
+            return self
+        if self.per != "episode" or self.keyframes:
+            raise ValueError(
+                "per=segment and keyframes describe episodes; paraphrases (source=...) rewrite "
+                "a text column and take neither"
+            )
+        object.__setattr__(self, "source", self.source or "instruction")
+        object.__setattr__(self, "paraphrases", self.paraphrases or 3)
+        return self
+
+    @property
+    def paraphrase_mode(self) -> bool:
+        return self.source is not None

@@ -1,0 +1,88 @@
+"""What a policy sees of a MiniGrid view (engine/minigrid.py): indices in one-hot, and where
+the cells match the condition.
+
+The shards hold a MiniGrid step as 148 floats, [direction, 147 view numbers in (x, y,
+channel) order] (channels: object type, colour, state). Those are indices, not magnitudes:
+each goes in one-hot (984 numbers). A GoTo policy must find the cell whose object and colour
+the instruction names, a conjunction a plain MLP over (view, condition) learns slowly;
+`ViewMatch` scores every cell against the condition embedding (a few dot-product heads, as
+FiLM or attention would) and hands the 49-cell maps to the network next to the view.
+
+Two encodings of what the network sees next to the maps:
+- `minigrid_relational` (new runs): the layout only, i.e. walls, doors, where an object is
+  and the direction, but not which object or colour it is: an object's identity reaches the
+  network only through its match against the words. A policy that saw identities learned
+  "never go to a red key" from data where red keys were held out of every instruction, and
+  asked for one went elsewhere (docs/trainer.md, the BabyAI experiment, run 1);
+- `minigrid_one_hot` (runs before it): the whole one-hot view.
+Measured in docs/trainer.md ("MiniGrid views").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MINIGRID_ONE_HOT = "minigrid_one_hot"
+MINIGRID_RELATIONAL = "minigrid_relational"
+MINIGRID_SIZES = (11, 6, 3)  # OBJECT_TO_IDX, COLOR_TO_IDX and door states of minigrid
+MINIGRID_CELLS = 49
+CELL_DIM = sum(MINIGRID_SIZES)
+MINIGRID_ONE_HOT_DIM = 4 + MINIGRID_CELLS * CELL_DIM
+OBJECTS = (5, 6, 7)  # key, ball, box in OBJECT_TO_IDX: one "object" in the layout
+LAYOUT_CELL_DIM = MINIGRID_SIZES[0] - len(OBJECTS) + 1 + MINIGRID_SIZES[2]
+MINIGRID_LAYOUT_DIM = 4 + MINIGRID_CELLS * LAYOUT_CELL_DIM
+
+
+def is_minigrid_view(index: dict[str, Any]) -> bool:
+    """Shards of a MiniGrid dataset: the view's shape recorded, 1 + 147 numbers per step."""
+    shapes = (index.get("metadata") or {}).get("observation_shapes") or {}
+    shape = index["observation"].get("shape") or []
+    return shapes.get("image") == [7, 7, 3] and list(shape) == [1 + MINIGRID_CELLS * 3]
+
+
+def minigrid_one_hot(observation: torch.Tensor) -> torch.Tensor:
+    """[..., 148] (direction, view) as [..., 984]: the direction's one-hot, then each cell's
+    object, colour and state one-hots (an index out of range: zeros)."""
+    values = observation.round().long()
+    view = values[..., 1:].reshape(*values.shape[:-1], MINIGRID_CELLS, 3)
+    cells = []
+    for channel, size in enumerate(MINIGRID_SIZES):
+        index = view[..., channel]
+        cells.append(F.one_hot(index.clamp(0, size - 1), size) * (index < size).unsqueeze(-1))
+    direction = F.one_hot(values[..., 0].clamp(0, 3), 4)
+    return torch.cat([direction, torch.cat(cells, dim=-1).flatten(-2)], dim=-1).float()
+
+
+def minigrid_layout(one_hot: torch.Tensor) -> torch.Tensor:
+    """The layout of a one-hot view [..., 984] as [..., 592]: the direction, and per cell its
+    object type with key, ball and box as one "object", and its state; no colours."""
+    cells = one_hot[..., 4:].reshape(*one_hot.shape[:-1], MINIGRID_CELLS, CELL_DIM)
+    kinds = cells[..., : MINIGRID_SIZES[0]]
+    others = [i for i in range(MINIGRID_SIZES[0]) if i not in OBJECTS]
+    is_object = kinds[..., list(OBJECTS)].sum(-1, keepdim=True)
+    state = cells[..., MINIGRID_SIZES[0] + MINIGRID_SIZES[1] :]
+    layout = torch.cat([kinds[..., others], is_object, state], dim=-1)
+    return torch.cat([one_hot[..., :4], layout.flatten(-2)], dim=-1)
+
+
+class ViewMatch(nn.Module):
+    """Per-cell match of a one-hot view against the condition: `heads` maps of 49 scores."""
+
+    def __init__(self, d_model: int, heads: int = 4, dim: int = 32):
+        super().__init__()
+        self.heads, self.dim = heads, dim
+        self.cell = nn.Linear(CELL_DIM, heads * dim)
+        self.query = nn.Linear(d_model, heads * dim)
+        self.output_dim = heads * MINIGRID_CELLS
+
+    def forward(self, one_hot: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        cells = one_hot[..., 4:].reshape(*one_hot.shape[:-1], MINIGRID_CELLS, CELL_DIM)
+        keys = self.cell(cells).reshape(*cells.shape[:-1], self.heads, self.dim)
+        query = self.query(condition).reshape(*condition.shape[:-1], 1, self.heads, self.dim)
+        scores = (keys * query).sum(-1) / math.sqrt(self.dim)  # [..., 49, heads]
+        return scores.transpose(-1, -2).flatten(-2)
