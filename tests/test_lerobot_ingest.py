@@ -473,3 +473,19 @@ def test_map_names_the_reward_feature(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines()[1] == (
         f"  {info}: column 'features': has no feature 'next.rewards' (--map reward=next.rewards)"
     )
+
+
+def test_several_observation_vectors_shard_side_by_side(tmp_path):
+    """LeRobot's `observation.state` and `observation.environment_state` become a struct
+    without an `observation` member: the shards' state vector is both, in field order."""
+    data = lrd.make_data([5, 7], environment_state=True)
+    src = lrd.write_v30(tmp_path / "src", data)
+    assert main(["ingest", src, str(tmp_path / "ds"), "--format", "lerobot"]) == 0
+    out = str(tmp_path / "shards")
+    assert main(["shard", str(tmp_path / "ds"), out, "--window", "2"]) == 0
+    with open(f"{out}/index.json") as file:
+        index = json.load(file)
+    both = np.concatenate([data.state, data.environment_state], axis=1).astype(np.float64)
+    assert index["observation"]["shape"] == [7]
+    np.testing.assert_allclose(index["observation"]["mean"], both.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(index["observation"]["std"], both.std(axis=0), rtol=1e-5)

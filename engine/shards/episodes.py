@@ -54,6 +54,29 @@ def expand_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) + shifts
 
 
+def _state_vector(column: pa.ChunkedArray, where: str) -> np.ndarray:
+    """The state the trainer sees, float32 (rows,) or (rows, d). A struct observation gives
+    its `observation` member (goal-conditioned data: the goals are conditions), else its
+    members side by side in field order (LeRobot's `state` and `environment_state`)."""
+    if not pa.types.is_struct(column.type):
+        return cols.arrow_to_numpy(column).astype(np.float32, copy=False)
+    names = [column.type.field(i).name for i in range(column.type.num_fields)]
+    if cols.OBSERVATION in names:
+        names = [cols.OBSERVATION]
+    members = []
+    for name in names:
+        kind = column.type.field(name).type
+        value = kind.value_type if pa.types.is_fixed_size_list(kind) else kind
+        if not (pa.types.is_integer(value) or pa.types.is_floating(value)):
+            raise ShardError(
+                f"{where}: column 'observation.{name}' is {kind}, not a number or a "
+                "fixed-size vector of numbers: the state vector cannot hold it"
+            )
+        values = cols.arrow_to_numpy(pa.chunked_array([c.field(name) for c in column.chunks], kind))
+        members.append(values.astype(np.float32, copy=False).reshape(len(values), -1))
+    return members[0] if len(members) == 1 else np.concatenate(members, axis=1)
+
+
 def read_part_episodes(
     dataset: Dataset,
     index: int,
@@ -92,10 +115,7 @@ def read_part_episodes(
             "(episode_id, t) with one episodes row per episode expected)"
         )
     if has_state:
-        column = steps.column(cols.OBSERVATION)
-        if pa.types.is_struct(column.type):
-            column = cols.column_by_path(steps, f"{cols.OBSERVATION}.{cols.OBSERVATION}")
-        observation = cols.arrow_to_numpy(column).astype(np.float32, copy=False)
+        observation = _state_vector(steps.column(cols.OBSERVATION), where)
     else:
         observation = np.zeros((steps.num_rows, 0), np.float32)
     reward = steps.column(cols.REWARD)
