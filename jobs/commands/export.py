@@ -42,7 +42,8 @@ class Export(RayCommand):
     task_column: str | None = Field(
         None,
         description="LeRobot: a text column (episode or step level) whose values become the "
-        "tasks (default: the env id, else 'default').",
+        "tasks (default: a `task` text column, as a LeRobot ingest writes; else the env "
+        "id, else 'default').",
     )
     video_codec: Literal["libsvtav1", "h264"] = Field(
         "libsvtav1",
