@@ -489,3 +489,11 @@ def test_several_observation_vectors_shard_side_by_side(tmp_path):
     assert index["observation"]["shape"] == [7]
     np.testing.assert_allclose(index["observation"]["mean"], both.mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(index["observation"]["std"], both.std(axis=0), rtol=1e-5)
+
+
+def test_ingest_help_names_lerobot(capsys):
+    with pytest.raises(SystemExit):
+        main(["ingest", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--format lerobot" in out and "a LeRobot dataset directory" in out
+    assert "LeRobot: observation, action, reward, terminated name other features" in out
