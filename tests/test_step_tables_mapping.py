@@ -183,6 +183,17 @@ def test_map_mistakes_fail_in_one_line_and_write_nothing(tmp_path, capsys, mappi
     assert not out.exists()
 
 
+def test_map_on_a_format_without_columns_names_the_formats_with(tmp_path, capsys):
+    write_lerobot_like(tmp_path / "src")
+    arguments = [str(tmp_path / "src"), str(tmp_path / "ds"), "--format", "minari"]
+    assert main(["ingest", *arguments, "--map", "reward=next.reward"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "hindsight ingest: error: --map renames the columns of formats that read columns by "
+        "name (lerobot, parquet, jsonl); format 'minari' has its own layout"
+    )
+    assert not (tmp_path / "ds").exists()
+
+
 def test_problems_name_the_source_column_of_a_mapped_one(tmp_path, capsys):
     table = lerobot_table((0, 1), seed=0)
     frames = table.column("frame_index").to_numpy().copy()
