@@ -412,3 +412,13 @@ def test_a_lerobot_dataset_relabeled_goes_back_to_lerobot(tmp_path):
     assert [text_of[i] for i in frames_out["task_index"].to_pylist()] == [
         task_of[i] for i in frames_in["task_index"].to_pylist()
     ]
+
+
+def test_lerobot_export_names_the_text_columns_it_leaves_out(relabeled, tmp_path, capsys):
+    """Text columns are never LeRobot features: the ones that are not the task are listed."""
+    out = str(tmp_path / "lerobot")
+    assert main(["export", relabeled, out, "--format", "lerobot", "--task-column", "source"]) == 0
+    assert (
+        "  text columns not exported (one can be the task: --task-column NAME): episodes.env_id"
+        in capsys.readouterr().out.splitlines()
+    )

@@ -121,6 +121,11 @@ class Export(RayCommand):
                 f"  not exported (no place in {result.format}): "
                 + ", ".join(result.skipped_columns)
             )
+        if result.details.get("texts_not_exported"):
+            lines.append(
+                "  text columns not exported (one can be the task: --task-column NAME): "
+                + ", ".join(result.details["texts_not_exported"])
+            )
         if result.format == "minari":
             lines.append(
                 f"  load with: minari.MinariDataset({storage.join(result.output, 'data')!r}), "
