@@ -44,7 +44,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.executor import Executor
-from engine.sources import IngestPlan, Part, PlanOptions, Source, detect_format, source_for
+from engine.sources import (
+    FORMATS,
+    IngestPlan,
+    Part,
+    PlanOptions,
+    Source,
+    detect_format,
+    source_for,
+)
 from engine.sources.base import Frames, PartRead
 from engine.sources.images import check_encoded_frames
 from engine.validate import Problem, ValidationError, check_stored_values
@@ -80,9 +88,10 @@ def plan_ingest(
         raise ValueError(f"--codec must be one of {CODECS}, not {codec!r}")
     reader = source_for(format or detect_format(source))
     if column_map and not reader.takes_column_map:
+        takers = ", ".join(n for n in FORMATS if source_for(n).takes_column_map)
         raise ValueError(
-            f"--map renames the columns of step tables (parquet, jsonl); format "
-            f"{reader.name!r} has its own layout"
+            f"--map renames the columns of formats that read columns by name ({takers}); "
+            f"format {reader.name!r} has its own layout"
         )
     options = PlanOptions(
         env_id=env_id,

@@ -89,7 +89,7 @@ def view(observation: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def view_vector(observation: dict[str, Any]) -> np.ndarray:
     """A MiniGrid observation as the float vector the shards hold: the struct's fields in
-    name order (`direction`, then the 147 view numbers), as `flatten_struct` does."""
+    their stored order (`direction`, then the 147 view numbers; engine/shards/episodes.py)."""
     stored = view(observation)
     return np.concatenate([[stored["direction"]], stored["image"]]).astype(np.float32)
 

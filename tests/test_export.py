@@ -382,7 +382,7 @@ def test_a_query_subset_exports_with_its_own_episodes(relabeled, tmp_path):
 def test_a_lerobot_dataset_relabeled_goes_back_to_lerobot(tmp_path):
     """The issue's user story: ingest a LeRobot dataset (written by hand following the
     format, tests/lerobot_datasets.py), relabel it, export it: fps, robot type, feature
-    names and tasks carry over, the relabel column is a new feature."""
+    names and tasks (without --task-column) carry over, the relabel column is a new feature."""
     from tests.lerobot_datasets import make_data, write_v30
 
     data = make_data([6, 4, 5], camera=(16, 16), several_tasks=True)
@@ -391,7 +391,7 @@ def test_a_lerobot_dataset_relabeled_goes_back_to_lerobot(tmp_path):
     out = str(tmp_path / "lerobot-out")
     assert main(["ingest", source, raw, "--format", "lerobot"]) == 0
     assert main(["relabel", raw, labeled, "--with", "returns"]) == 0
-    assert main(["export", labeled, out, "--format", "lerobot", "--task-column", "task"]) == 0
+    assert main(["export", labeled, out, "--format", "lerobot"]) == 0  # tasks by default
     before = json.loads(open(os.path.join(source, "meta/info.json")).read())
     after = json.loads(open(os.path.join(out, "meta/info.json")).read())
     assert after["fps"] == 10 and after["robot_type"] == before["robot_type"]
@@ -412,3 +412,13 @@ def test_a_lerobot_dataset_relabeled_goes_back_to_lerobot(tmp_path):
     assert [text_of[i] for i in frames_out["task_index"].to_pylist()] == [
         task_of[i] for i in frames_in["task_index"].to_pylist()
     ]
+
+
+def test_lerobot_export_names_the_text_columns_it_leaves_out(relabeled, tmp_path, capsys):
+    """Text columns are never LeRobot features: the ones that are not the task are listed."""
+    out = str(tmp_path / "lerobot")
+    assert main(["export", relabeled, out, "--format", "lerobot", "--task-column", "source"]) == 0
+    assert (
+        "  text columns not exported (one can be the task: --task-column NAME): episodes.env_id"
+        in capsys.readouterr().out.splitlines()
+    )

@@ -473,3 +473,54 @@ def test_map_names_the_reward_feature(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines()[1] == (
         f"  {info}: column 'features': has no feature 'next.rewards' (--map reward=next.rewards)"
     )
+
+
+def test_several_observation_vectors_shard_side_by_side(tmp_path):
+    """LeRobot's `observation.state` and `observation.environment_state` become a struct
+    without an `observation` member: the shards' state vector is both, in field order."""
+    data = lrd.make_data([5, 7], environment_state=True)
+    src = lrd.write_v30(tmp_path / "src", data)
+    assert main(["ingest", src, str(tmp_path / "ds"), "--format", "lerobot"]) == 0
+    out = str(tmp_path / "shards")
+    assert main(["shard", str(tmp_path / "ds"), out, "--window", "2"]) == 0
+    with open(f"{out}/index.json") as file:
+        index = json.load(file)
+    both = np.concatenate([data.state, data.environment_state], axis=1).astype(np.float64)
+    assert index["observation"]["shape"] == [7]
+    np.testing.assert_allclose(index["observation"]["mean"], both.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(index["observation"]["std"], both.std(axis=0), rtol=1e-5)
+
+
+def test_ingest_help_names_lerobot(capsys):
+    with pytest.raises(SystemExit):
+        main(["ingest", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--format lerobot" in out and "a LeRobot dataset directory" in out
+    assert "LeRobot: observation, action, reward, terminated name other features" in out
+
+
+@pytest.mark.parametrize("version", ["v3.0", "v2.1"])
+def test_a_vector_of_the_wrong_size_fails_or_skips_its_episode(tmp_path, capsys, version):
+    """A ragged `observation.state` row (2 values of 3; another with 4 so that the values
+    still divide evenly into rows) would be cut into rows at the wrong places: the row is
+    named, and with --on-error skip its episode is left out."""
+    data = lrd.make_data([3, 4, 2])
+    root = _write(version, tmp_path / "src", data)
+    data_file = _data_file(root, version, 1)
+    table = pq.read_table(data_file)
+    rows = table.column("observation.state").to_pylist()
+    rows[2], rows[3] = rows[2][:2], [*rows[3], 0.0]  # episode 1, steps 2 and 3
+    index = table.schema.get_field_index("observation.state")
+    table = table.set_column(index, "observation.state", pa.array(rows, pa.list_(pa.float32())))
+    pq.write_table(table, data_file)
+    lines = _fails(root, tmp_path / "ds", capsys)
+    assert lines[1] == (
+        f"  {data_file}: episode 1, step 2: column 'observation.state': has 2 values, "
+        f"{lr.INFO_PATH} says 3"
+    )
+    report, steps = _skipped(root, tmp_path / "skip")
+    assert [(p["episode"], p["step"], p["column"]) for p in report["skipped"]] == [
+        (1, 2, "observation.state")
+    ]
+    keep = np.r_[0:3, 7:9]
+    np.testing.assert_array_equal(vectors(steps.column("observation")), data.state[keep])

@@ -183,6 +183,17 @@ def test_map_mistakes_fail_in_one_line_and_write_nothing(tmp_path, capsys, mappi
     assert not out.exists()
 
 
+def test_map_on_a_format_without_columns_names_the_formats_with(tmp_path, capsys):
+    write_lerobot_like(tmp_path / "src")
+    arguments = [str(tmp_path / "src"), str(tmp_path / "ds"), "--format", "minari"]
+    assert main(["ingest", *arguments, "--map", "reward=next.reward"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "hindsight ingest: error: --map renames the columns of formats that read columns by "
+        "name (lerobot, parquet, jsonl); format 'minari' has its own layout"
+    )
+    assert not (tmp_path / "ds").exists()
+
+
 def test_problems_name_the_source_column_of_a_mapped_one(tmp_path, capsys):
     table = lerobot_table((0, 1), seed=0)
     frames = table.column("frame_index").to_numpy().copy()
@@ -408,3 +419,23 @@ def test_nested_json_lines_take_the_same_path(tmp_path):
         cols.arrow_to_numpy(steps.column(cols.OBSERVATION)), np.float32(state)
     )
     assert steps.column(cols.REWARD).null_count == steps.num_rows
+
+
+def test_vector_info_columns_compare_like_their_json():
+    """Whether a vector info column changes within an episode (so stays a step column):
+    the vectorized comparison of equal-length rows agrees with comparing each row's JSON."""
+    from engine.sources.step_scan import info_changes_within_episodes
+
+    order = np.array([3, 0, 1, 2, 4, 5])
+    starts = np.array([True, False, False, False, True, False])  # rows 3, 0, 1, 2 | 4, 5
+    constant = [[1.0, 2.0]] * 4 + [[np.nan, 3.0]] * 2  # rows 4, 5: episode 2 with a NaN
+    changing = [*constant[:5], [np.nan, 4.0]]
+    for rows, kind, expected in [
+        (constant, pa.list_(pa.float32()), False),
+        (constant, pa.list_(pa.float64(), 2), False),
+        (changing, pa.list_(pa.float32()), True),
+        ([[1, 2], [1, 2], [1, 2], [1, 2], [7], [7]], pa.list_(pa.int64()), False),  # ragged
+        ([[1, 2], [1, 3], [1, 2], [1, 2], [7], [7]], pa.list_(pa.int64()), True),
+    ]:
+        column = pa.chunked_array([pa.array(rows, kind)])
+        assert info_changes_within_episodes(column, order, starts) is expected, rows

@@ -297,6 +297,10 @@ def export_lerobot(
         info = info_json(plan, results)
         data = json.dumps(info, indent=4).encode()
         writer.commit(data)
+    # Text columns are never features: say which ones the export leaves out.
+    columns = divide_columns(dataset)
+    texts = [t for t in columns.texts if t != plan.task_column]
+    texts += [f"episodes.{t}" for t in columns.episode_texts if t != plan.task_column]
     return ExportResult(
         format="lerobot",
         output=writer.uri,
@@ -304,8 +308,13 @@ def export_lerobot(
         steps=info["total_frames"],
         bytes=sum(r.bytes for r in results) + sum(w.bytes for w in written) + len(data),
         files=sum(r.files for r in results) + len(written) + 1,
-        skipped_columns=divide_columns(dataset).skipped,
-        details={"fps": plan.fps, "tasks": len(plan.task_index), "cameras": list(plan.cameras)},
+        skipped_columns=columns.skipped,
+        details={
+            "fps": plan.fps,
+            "tasks": len(plan.task_index),
+            "cameras": list(plan.cameras),
+            "texts_not_exported": texts,
+        },
     )
 
 

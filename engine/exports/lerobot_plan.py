@@ -32,6 +32,7 @@ COMMIT_FILE = INFO_PATH
 # The driver writes all episodes' rows into one file of the episodes table.
 EPISODES_PATH = EPISODES_PATH_V30.format(chunk_index=0, file_index=0)
 DEFAULT_FPS = 30
+TASK = "task"  # the task text column a LeRobot ingest writes (engine/sources/lerobot.py)
 INDEX_COLUMNS = tuple(DEFAULT_FEATURES)
 
 
@@ -106,6 +107,16 @@ def check_task_column(dataset: Dataset, column: str) -> str:
     )
 
 
+def _task_column(dataset: Dataset) -> str | None:
+    """Without --task-column, a text column named `task` (a LeRobot ingest's tasks) keeps
+    its values: exported and ingested again, the tasks round-trip."""
+    for level in ("steps", "episodes"):
+        schema = dataset.arrow_schema(level)
+        if TASK in schema.names and is_text_type(schema.field(TASK).type):
+            return TASK
+    return None
+
+
 def plan_export(dataset: Dataset, options: LeRobotOptions) -> Plan:
     steps_schema = dataset.arrow_schema("steps")
     episodes_schema = dataset.arrow_schema("episodes")
@@ -145,11 +156,12 @@ def plan_export(dataset: Dataset, options: LeRobotOptions) -> Plan:
             raise ExportError(f"column {name!r} would clash with LeRobot's own feature {name!r}")
         shape = (kind.list_size,) if is_vector_type(kind) else (1,)
         features.append(Feature(name, source, "float32", shape))
-    task_level = check_task_column(dataset, options.task_column) if options.task_column else None
+    task_column = options.task_column or _task_column(dataset)
+    task_level = check_task_column(dataset, task_column) if task_column else None
     default_task = single_env_id(dataset) or "default"
     task_index: dict[str, int] = {}
     for part in range(dataset.num_parts):
-        tasks = part_tasks(dataset, part, options.task_column, task_level, default_task)
+        tasks = part_tasks(dataset, part, task_column, task_level, default_task)
         for task in pc.unique(tasks).to_pylist():  # in order of first appearance
             task_index.setdefault(task, len(task_index))
     if not task_index:
@@ -178,7 +190,7 @@ def plan_export(dataset: Dataset, options: LeRobotOptions) -> Plan:
         features=tuple(features),
         cameras=tuple(columns.cameras),
         video_codec=options.video_codec,
-        task_column=options.task_column,
+        task_column=task_column,
         task_level=task_level,
         default_task=default_task,
         task_index=task_index,

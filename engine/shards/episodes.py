@@ -56,20 +56,28 @@ def expand_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) + shifts
 
 
-def observation_vectors(column: pa.ChunkedArray) -> np.ndarray:
-    """Observations as float32 vectors [N, D]: a goal dict's `observation` field, or every
-    field of another struct (a MiniGrid view {direction, image}) joined in name order."""
+def _state_vector(column: pa.ChunkedArray, where: str) -> np.ndarray:
+    """The state the trainer sees, float32 (rows,) or (rows, d). A struct observation gives
+    its `observation` member (goal-conditioned data: the goals are conditions), else its
+    members side by side in field order (LeRobot's `state` and `environment_state`; a
+    MiniGrid view's `direction` and `image`, as engine.minigrid.view_vector gives ask)."""
     if not pa.types.is_struct(column.type):
         return cols.arrow_to_numpy(column).astype(np.float32, copy=False)
-    names = sorted(column.type.field(i).name for i in range(column.type.num_fields))
+    names = [column.type.field(i).name for i in range(column.type.num_fields)]
     if cols.OBSERVATION in names:
         names = [cols.OBSERVATION]
-    parts = []
+    members = []
     for name in names:
-        field = pa.chunked_array([chunk.field(name) for chunk in column.chunks])
-        values = cols.arrow_to_numpy(field).astype(np.float32)
-        parts.append(values.reshape(len(values), -1))
-    return np.concatenate(parts, axis=1) if parts else np.zeros((len(column), 0), np.float32)
+        kind = column.type.field(name).type
+        value = kind.value_type if pa.types.is_fixed_size_list(kind) else kind
+        if not (pa.types.is_integer(value) or pa.types.is_floating(value)):
+            raise ShardError(
+                f"{where}: column 'observation.{name}' is {kind}, not a number or a "
+                "fixed-size vector of numbers: the state vector cannot hold it"
+            )
+        values = cols.arrow_to_numpy(pa.chunked_array([c.field(name) for c in column.chunks], kind))
+        members.append(values.astype(np.float32, copy=False).reshape(len(values), -1))
+    return members[0] if len(members) == 1 else np.concatenate(members, axis=1)
 
 
 def read_part_episodes(
@@ -122,7 +130,7 @@ def read_part_episodes(
             "(episode_id, t) with one episodes row per episode expected)"
         )
     if has_state:
-        observation = observation_vectors(steps.column(cols.OBSERVATION))
+        observation = _state_vector(steps.column(cols.OBSERVATION), where)
     else:
         observation = np.zeros((steps.num_rows, 0), np.float32)
     reward = steps.column(cols.REWARD)

@@ -104,6 +104,7 @@ class LeRobotLayout:
     infos: tuple[str, ...]  # features kept as step columns under their names
     tasks: tuple[tuple[int, str], ...]  # task_index -> text
     several_tasks: bool  # some episode has several: the episode column `tasks`
+    sizes: tuple[tuple[str, int], ...] = ()  # observation/action feature -> values per frame
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,7 +192,9 @@ class LeRobot(Source[LeRobotPart]):
         checked = table.drop_columns([] if videos else ["timestamp"])
         left_out = [
             replace(problem, file=storage.join(part.layout.root, data_file))
-            for problem in check_rows(part.file, checked, dict(part.layout.tasks))
+            for problem in check_rows(
+                part.file, checked, dict(part.layout.tasks), dict(part.layout.sizes)
+            )
             for data_file in [episode_file(part, problem.episode)]
         ]
         part, table = without_episodes(part, table, {p.episode for p in left_out})
@@ -315,6 +318,7 @@ def plan_layout(
         infos=infos,
         tasks=tuple(sorted(meta.tasks.items())) if "task_index" in features else (),
         several_tasks=several,
+        sizes=tuple((k, features[k].size) for k in (*observation, action) if k in features),
     )
     return layout, problems
 

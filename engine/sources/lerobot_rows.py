@@ -4,6 +4,7 @@ hindsight's (scalars stored as lists of one, vectors, discrete actions)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -57,13 +58,32 @@ def _row_steps(episode_ids: np.ndarray) -> np.ndarray:
     return np.arange(len(episode_ids)) - np.repeat(boundaries[:-1], np.diff(boundaries))
 
 
-def check_rows(file: str, table: pa.Table, tasks: dict[int, str]) -> list[Problem]:
+def check_rows(
+    file: str, table: pa.Table, tasks: dict[int, str], sizes: Mapping[str, int] | None = None
+) -> list[Problem]:
     """Rows grouped by episode (`episode_index`, and `task_index` or `timestamp` where
-    present): every task index is in the task table, every timestamp is a time >= 0.
+    present): every task index is in the task table, every timestamp is a time >= 0, every
+    vector feature of `sizes` (name -> values per frame, from info.json) has that many values.
     One problem per bad episode, at its first bad row, in episode order."""
     episode_ids = np.asarray(table.column("episode_index").to_numpy(), dtype=np.int64)
     steps = _row_steps(episode_ids)
     problems = []
+    for name, size in (sizes or {}).items():
+        if name not in table.column_names:
+            continue
+        counts = _values_per_row(table.column(name))
+        problems += first_per_episode(
+            file,
+            name,
+            episode_ids,
+            counts != size,
+            lambda row, counts=counts, size=size: (
+                "is null"
+                if counts[row] < 0
+                else f"has {counts[row]} values, {lr.INFO_PATH} says {size}"
+            ),
+            steps,
+        )
     if "task_index" in table.column_names:
         index = flat_values(table.column("task_index")).astype(np.int64)
         problems += first_per_episode(
@@ -90,6 +110,19 @@ def check_rows(file: str, table: pa.Table, tasks: dict[int, str]) -> list[Proble
         if known is None or (problem.step or 0) < (known.step or 0):
             first[problem.episode] = problem
     return [first[e] for e in sorted(first)]
+
+
+def _values_per_row(column: pa.ChunkedArray) -> np.ndarray:
+    """How many values each row of a vector (or scalar) feature holds; -1 for a null row.
+    A ragged list would otherwise be cut into rows at the wrong places."""
+    array = column.combine_chunks()
+    if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+        counts = pc.list_value_length(array).fill_null(-1)
+        return np.asarray(counts.to_numpy(zero_copy_only=False), dtype=np.int64)
+    width = array.type.list_size if pa.types.is_fixed_size_list(array.type) else 1
+    counts = np.full(len(array), width, np.int64)
+    counts[np.asarray(array.is_null().to_numpy(zero_copy_only=False), bool)] = -1
+    return counts
 
 
 def last_timestamps(table: pa.Table) -> dict[int, dict[str, Any]]:

@@ -204,6 +204,9 @@ def info_changes_within_episodes(
 ) -> bool:
     """Whether an info column changes inside some episode (rows in `order`, episodes
     starting where `starts` is set). Nested values are compared as JSON."""
+    rows_of_numbers = _number_rows(column)
+    if rows_of_numbers is not None:  # vectors of one length: compared whole, vectorized
+        return changes_within_episodes(rows_of_numbers[order], starts)
     if pa.types.is_nested(column.type):
         # By index: np.asarray of equal-length lists (a vector info column such as
         # LeRobot's observation.state next to an image observation) would make it 2-D.
@@ -212,6 +215,25 @@ def info_changes_within_episodes(
     else:
         values = column.to_numpy(zero_copy_only=False)[order]
     return changes_within_episodes(values, starts)
+
+
+def _number_rows(column: pa.ChunkedArray) -> np.ndarray | None:
+    """A list column of numbers without nulls whose rows all hold as many values, as a
+    (rows, length) array; None for anything else (compared row by row as JSON)."""
+    kind = column.type
+    if not (pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind)):
+        return None
+    value = kind.value_type
+    if not (pa.types.is_integer(value) or pa.types.is_floating(value)) or column.null_count:
+        return None
+    array = column.combine_chunks()
+    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
+    if len(array) == 0 or lengths.min() != lengths.max():
+        return None
+    flat = array.flatten()
+    if flat.null_count:
+        return None
+    return flat.to_numpy(zero_copy_only=False).reshape(len(array), int(lengths[0]))
 
 
 def _json_bytes(value: object) -> str:

@@ -42,7 +42,8 @@ class Export(RayCommand):
     task_column: str | None = Field(
         None,
         description="LeRobot: a text column (episode or step level) whose values become the "
-        "tasks (default: the env id, else 'default').",
+        "tasks (default: a `task` text column, as a LeRobot ingest writes; else the env "
+        "id, else 'default').",
     )
     video_codec: Literal["libsvtav1", "h264"] = Field(
         "libsvtav1",
@@ -119,6 +120,11 @@ class Export(RayCommand):
             lines.append(
                 f"  not exported (no place in {result.format}): "
                 + ", ".join(result.skipped_columns)
+            )
+        if result.details.get("texts_not_exported"):
+            lines.append(
+                "  text columns not exported (one can be the task: --task-column NAME): "
+                + ", ".join(result.details["texts_not_exported"])
             )
         if result.format == "minari":
             lines.append(

@@ -26,7 +26,8 @@ class Ingest(RayCommand):
         hindsight ingest my_logs.h5 data/logs --format d4rl --env Pendulum-v1
         hindsight ingest s3://bucket/raw/ data/robot --format parquet --on-error skip
         hindsight ingest atari_logs.h5 data/pong --codec webp --quality 90   # uint8 frames
-        hindsight ingest pusht/data data/pusht --map t=frame_index,episode_id=episode_index
+        hindsight ingest ~/lerobot/pusht data/pusht --format lerobot   # v3.0/v2.1, or s3://
+        hindsight ingest logs/ data/logs --map observation=obs.state,episode_id=episode
 
     uint8 image observations (and Parquet image columns) become cameras in the dataset's
     frames group, never flattened floats (docs/frames.md, "Ingesting images").
@@ -36,8 +37,9 @@ class Ingest(RayCommand):
     job = True
 
     input: CliPositionalArg[Source] = Field(
-        description="A D4RL .h5/.hdf5/.npz file, a Minari dataset directory, or Parquet/JSONL "
-        "step tables (a file, a directory searched recursively, or a glob)."
+        description="A D4RL .h5/.hdf5/.npz file, a Minari dataset directory, a LeRobot "
+        "dataset directory (v3.0 or v2.1: meta/info.json), or Parquet/JSONL step tables "
+        "(a file, a directory searched recursively, or a glob)."
     )
     output: CliPositionalArg[NewDataset] = Field(
         description="New dataset directory (local path or s3://bucket/prefix)."
@@ -60,7 +62,9 @@ class Ingest(RayCommand):
         default={},
         description="Step tables: which source column holds each of hindsight's columns, "
         "NAME=SOURCE (comma-separated or repeated): episode_id, t, observation, action, "
-        "reward, terminated, truncated, next_observation.",
+        "reward, terminated, truncated, next_observation. LeRobot: observation, action, "
+        "reward, terminated name other features (default observation.state, action, "
+        "next.reward, next.done).",
         json_schema_extra={"metavar": "NAME=SOURCE,..."},
     )
     episode_column: str | None = Field(None, description="Deprecated: use --map episode_id=COLUMN.")
