@@ -202,10 +202,11 @@ def test_lerobot_export_round_trips_and_reruns_identically(relabeled, tmp_path):
     assert main(["ingest", first, back, "--format", "lerobot"]) == 0
     steps, _ = source_tables(relabeled)
     again, _ = source_tables(back)
-    for column in ("observation", "action", "reward", "return_to_go"):
+    for column in ("observation", "action", "reward", "return_to_go", "terminated", "truncated"):
         np.testing.assert_array_equal(
             cols.arrow_to_numpy(again[column]), cols.arrow_to_numpy(steps[column]), column
         )
+    assert cols.arrow_to_numpy(steps["truncated"]).sum() > 0  # time limits stay time limits
     error = np.abs(source_frames(back).astype(np.int16) - source_frames(relabeled)).mean()
     assert error < VIDEO_MEAN_ERROR
 

@@ -14,7 +14,8 @@ executor; the driver then writes the episodes table, tasks, stats and info.json.
 
 Frame columns: `observation.state` (the observation vector; a struct observation gives
 `observation.<field>` per field), `action`, `next.reward` (absent when the dataset has no
-rewards), `next.done` (terminated or truncated), `timestamp` (frame_index / fps),
+rewards), `next.done` (terminated or truncated), `next.truncated` (truncated: ours, so
+a re-ingest tells the two apart), `timestamp` (frame_index / fps),
 `frame_index`, `episode_index`, `index`, `task_index`, then every other numeric step
 column (relabels: `return_to_go`, goals...) and every numeric episode column repeated on
 its steps (`skill` codes, `episode_return`...), as float32 features (NaN where null).
@@ -173,11 +174,12 @@ def export_part(task: PartTask) -> PartResult:
 def feature_values(
     feature: Feature, steps: pa.Table, episodes: pa.Table, lengths: np.ndarray
 ) -> np.ndarray | pa.Array:
-    if feature.key == "next.done":
-        done = flags(steps, cols.TERMINATED) | flags(steps, cols.TRUNCATED)
+    if feature.key in ("next.done", "next.truncated"):
+        terminated, truncated = flags(steps, cols.TERMINATED), flags(steps, cols.TRUNCATED)
         if steps.column(cols.TERMINATED).null_count or steps.column(cols.TRUNCATED).null_count:
-            done[np.cumsum(lengths) - 1] = True  # ends unrecorded: an episode ends at its end
-        return done
+            # Ends unrecorded: an episode ends at its end, by the data running out.
+            truncated[np.cumsum(lengths) - 1] = ~terminated[np.cumsum(lengths) - 1]
+        return truncated if feature.key == "next.truncated" else terminated | truncated
     if feature.source.startswith("episodes."):
         values = column_values(episodes.column(feature.source.removeprefix("episodes.")))
         return broadcast_episodes(values.astype(np.float32), lengths)

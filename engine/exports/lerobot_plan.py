@@ -139,6 +139,9 @@ def plan_export(dataset: Dataset, options: LeRobotOptions) -> Plan:
     if has_rewards:
         features.append(Feature("next.reward", cols.REWARD, "float32", (1,)))
     features.append(Feature("next.done", "done", "bool", (1,)))
+    # LeRobot has one end flag; this one (ignored by LeRobot) tells a time limit from a
+    # true end, so that a re-ingest gets `truncated` back (engine/sources/lerobot.py).
+    features.append(Feature("next.truncated", cols.TRUNCATED, "bool", (1,)))
     taken = {f.key for f in features} | set(INDEX_COLUMNS)
     extras = [(name, steps_schema.field(name).type, name) for name in columns.numbers]
     extras += [

@@ -82,6 +82,9 @@ from schemas.frames import CameraInfo, FrameError
 STATE = "observation.state"
 REWARD = "next.reward"
 DONE = "next.done"
+# Not LeRobot's own: hindsight's export writes it so that a time-limit end (next.done and
+# next.truncated) comes back truncated, not terminated.
+TRUNCATED = "next.truncated"
 TASK = "task"  # the step and episode column of the task text
 TASKS = "tasks"  # the episode column of every task, where some episode has several
 KEPT_COLUMNS = ("timestamp", "frame_index")  # LeRobot's own columns kept as steps columns
@@ -101,6 +104,7 @@ class LeRobotLayout:
     action: str
     reward: str | None
     done: str | None
+    truncated: str | None
     infos: tuple[str, ...]  # features kept as step columns under their names
     tasks: tuple[tuple[int, str], ...]  # task_index -> text
     several_tasks: bool  # some episode has several: the episode column `tasks`
@@ -219,6 +223,8 @@ def base_tables(part: LeRobotPart, table: pa.Table) -> tuple[pa.Table, pa.Table]
     terminated = np.zeros(len(episode_ids), bool)
     if layout.done:
         done = flat_values(table.column(layout.done)).astype(bool)
+        if layout.truncated:
+            done &= ~flat_values(table.column(layout.truncated)).astype(bool)
         terminated[last] = done[last]
     truncated = np.zeros(len(episode_ids), bool)
     truncated[last] = ~terminated[last]
@@ -301,7 +307,8 @@ def plan_layout(
         for name in (action, "episode_index", *KEPT_COLUMNS)
         if name not in features
     ]
-    mapped = {*observation, action, reward, done, *KEPT_COLUMNS, *DROPPED_COLUMNS}
+    truncated = column_map.get(cols.TRUNCATED, TRUNCATED)
+    mapped = {*observation, action, reward, done, truncated, *KEPT_COLUMNS, *DROPPED_COLUMNS}
     infos = tuple(
         key
         for key, feature in features.items()
@@ -315,6 +322,7 @@ def plan_layout(
         action=action,
         reward=reward if reward in features else None,
         done=done if done in features else None,
+        truncated=truncated if truncated in features else None,
         infos=infos,
         tasks=tuple(sorted(meta.tasks.items())) if "task_index" in features else (),
         several_tasks=several,
@@ -377,7 +385,7 @@ def read_rows(part: LeRobotPart) -> pa.Table:
         *KEPT_COLUMNS,
         *layout.observation,
         layout.action,
-        *[c for c in (layout.reward, layout.done) if c],
+        *[c for c in (layout.reward, layout.done, layout.truncated) if c],
         *layout.infos,
         *(["task_index"] if layout.tasks else []),
         *[image.source for image in part.images if image.encoded],
