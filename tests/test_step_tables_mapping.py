@@ -149,6 +149,14 @@ def test_the_dataset_root_names_the_meta_file_that_is_no_step_table(tmp_path, ca
         == 2
     )
     error = capsys.readouterr().err
+    assert "this is a LeRobot dataset: ingest it with --format lerobot" in error
+    assert not out.exists()
+    # Without its info.json it is just a tree of Parquet files: the one that does not fit
+    # is named.
+    (tmp_path / "src" / "meta" / "info.json").unlink()
+    arguments = ["ingest", str(tmp_path / "src"), str(out), "--format", "parquet"]
+    assert main([*arguments, "--map", LEROBOT_MAP]) == 2
+    error = capsys.readouterr().err
     assert (
         f"{tmp_path / 'src' / 'meta' / 'tasks.parquet'}: column 'episode_index': is not in" in error
     )

@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from engine import storage
 from engine.sources.base import (
     IngestPlan,
     Part,
@@ -73,6 +74,7 @@ from engine.validate import (
     check_core_types,
     check_same_schema,
 )
+from schemas import lerobot as lr
 from schemas import steps as cols
 
 
@@ -105,6 +107,13 @@ class StepTables(Source[StepTablePart]):
         return any(n.endswith(DIRECTORY_SUFFIXES[self.name]) for n in directory_names(path))
 
     def plan(self, path: str, options: PlanOptions) -> IngestPlan:
+        if storage.exists(storage.join(path, lr.INFO_PATH)):
+            # Its meta/ tables are Parquet too, and no step tables: say what works.
+            return IngestPlan.refused(self.name, path, [Problem(
+                storage.join(path, lr.INFO_PATH), "format",
+                "this is a LeRobot dataset: ingest it with --format lerobot (or give "
+                f"--format {self.name} its data/ directory and --map)",
+            )])  # fmt: skip
         files = step_table_files(path, self.name)
         column_map = ColumnMap.of(options.column_map)
         stored = {file: step_file_schema(file, self.name) for file in files}
