@@ -166,6 +166,10 @@ def test_collect_shard_train_ask_for_a_mission(tmp_path, capsys):
     assert cli_main(sweep) == 0
     table = capsys.readouterr().out
     assert "go to the blue ball" in table and "return" in table and "warning" not in table
+    # Missions have no order: no rank correlation; the numbers line up under "achieved".
+    assert "Spearman" not in table
+    header, *rows = table.splitlines()[:3]
+    assert {row.index("  [") for row in rows} == {header.index("  95% CI")}
     # A sweep over paraphrases, each with the mission it means.
     sweep = ["ask", run, "--sweep", "mission=approach the crimson key,go to the blue ball", "--mission", "go to the red key,go to the blue ball", "--metric", "success", "--episodes", "2"]  # fmt: skip
     assert cli_main(sweep) == 0
