@@ -162,6 +162,16 @@ def test_collect_shard_train_ask_for_a_mission(tmp_path, capsys):
     # A text request for a BabyAI env is its mission, unless the words are not BabyAI's.
     assert cli_main(["ask", run, "--request", "mission=walk up to the crimson key", "--episodes", "1"]) == 2  # fmt: skip
     assert "--mission" in capsys.readouterr().err
+    # A bad --mission itself: named as such, without the advice to give --mission.
+    assert cli_main(["ask", run, "--request", "mission=go to the red key", "--mission", "go to the reddish key", "--episodes", "1"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--mission: mission 'go to the reddish key'" in err and "with --mission" not in err
+    assert len(err.strip().splitlines()) == 1  # the error only: no warning before it
+    # --mission on another env fails before any warning about the request.
+    assert cli_main(["ask", run, "--env", "CartPole-v1", "--request", "mission=go to the red key", "--mission", "go to the red key"]) == 2  # fmt: skip
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "hindsight ask: error: --mission is for MiniGrid/BabyAI envs, not CartPole-v1"
+    ]
     sweep = ["ask", run, "--sweep", "mission=go to the red key,go to the blue ball", "--metric", "success", "--episodes", "2"]  # fmt: skip
     assert cli_main(sweep) == 0
     table = capsys.readouterr().out
