@@ -315,7 +315,8 @@ def _in_task(relabeler: Relabeler, part: Part, work: Callable[[], Any]) -> Any:
     except (ValueError, KeyError, RuntimeError, OSError) as error:
         message = _message(error)
         if not message.startswith(f"{part}: "):  # relabelers' own errors name the part already
-            message = f"relabeler {relabeler.name!r}: {part}: {message}"
+            named = f"relabeler {relabeler.name!r}: "
+            message = f"{named}{part}: {message.removeprefix(named)}"
         raise RelabelError(message) from error
 
 
