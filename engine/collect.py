@@ -115,11 +115,21 @@ def load_policy(spec: str, env_id: str) -> Policy | None:
         return heuristic_for(env_id)
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
-        raise ValueError(f"--policy {spec!r}: expected random, heuristic or module:function")
+        raise ValueError(
+            f"--policy {spec!r}: expected random, heuristic, "
+            f"{', '.join(minigrid.BOT_POLICIES)} (MiniGrid/BabyAI) or module:function"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(f"--policy {spec!r}: cannot import {module_name}: {error}") from error
+        also = (  # `bot:wander`: a mistyped bot mode, not a module named bot
+            f"; BabyAI's bot is {' or '.join(minigrid.BOT_POLICIES)}"
+            if module_name == "bot"
+            else ""
+        )
+        raise ValueError(
+            f"--policy {spec!r}: cannot import {module_name}: {error}{also}"
+        ) from error
     if not hasattr(module, function_name):
         raise ValueError(f"--policy {spec!r}: module {module_name} has no {function_name}")
     return getattr(module, function_name)

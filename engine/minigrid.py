@@ -106,9 +106,10 @@ def views_to_arrow(images: np.ndarray, directions: np.ndarray) -> pa.StructArray
 # ---------------------------------------------------------------- missions
 
 
-def parse_mission(text: str) -> tuple[str, str | None, str]:
+def parse_mission(text: str, *, given: bool = False) -> tuple[str, str | None, str]:
     """(verb, colour or None, object type) of a BabyAI GoTo / PickUp mission, or a
-    ValueError that says which missions can be set."""
+    ValueError that says which missions can be set (and, for a requested text rather than a
+    `given` --mission, that --mission sets the mission apart from the words)."""
     from minigrid.core.constants import COLOR_TO_IDX
 
     match = MISSION_PATTERN.match(text.lower())
@@ -117,11 +118,16 @@ def parse_mission(text: str) -> tuple[str, str | None, str]:
         or match["type"] not in OBJECT_TYPES
         or (match["color"] is not None and match["color"] not in COLOR_TO_IDX)
     ):
+        hint = (
+            ""
+            if given
+            else "; to condition on other words, give the mission the env is scored on with "
+            "--mission"
+        )
         raise ValueError(
-            f"mission {text!r} is not one a BabyAI env can be set to: write 'go to the "
-            f"<colour> <type>' or 'pick up the <colour> <type>' (colours "
-            f"{', '.join(COLOR_TO_IDX)}; types {', '.join(OBJECT_TYPES)}); to condition on "
-            "other words, give the mission the env is scored on with --mission"
+            f"{'--mission: ' if given else ''}mission {text!r} is not one a BabyAI env can be "
+            f"set to: write 'go to the <colour> <type>' or 'pick up the <colour> <type>' "
+            f"(colours {', '.join(COLOR_TO_IDX)}; types {', '.join(OBJECT_TYPES)}){hint}"
         )
     return match["verb"], match["color"], match["type"]
 

@@ -313,7 +313,11 @@ def _in_task(relabeler: Relabeler, part: Part, work: Callable[[], Any]) -> Any:
     except StaleWriterError:
         raise  # another run owns the output now: its own message says so
     except (ValueError, KeyError, RuntimeError, OSError) as error:
-        raise RelabelError(f"relabeler {relabeler.name!r}: {part}: {_message(error)}") from error
+        message = _message(error)
+        if not message.startswith(f"{part}: "):  # relabelers' own errors name the part already
+            named = f"relabeler {relabeler.name!r}: "
+            message = f"{named}{part}: {message.removeprefix(named)}"
+        raise RelabelError(message) from error
 
 
 def summarize_part(

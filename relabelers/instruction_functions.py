@@ -78,7 +78,8 @@ def episode_instructions(
         try:
             answer = function(episode_steps, rows[i])
         except Exception as error:  # whatever a plugin raises, named with the episode
-            raise RelabelError(f"{said} raised {type(error).__name__}: {error}") from None
+            detail = " ".join(str(error).split())  # a plugin's message, on the one line
+            raise RelabelError(f"{said} raised {type(error).__name__}: {detail}") from None
         text, step = checked_answer(answer, said, stop - start)
         if text is None:
             continue

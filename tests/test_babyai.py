@@ -162,10 +162,24 @@ def test_collect_shard_train_ask_for_a_mission(tmp_path, capsys):
     # A text request for a BabyAI env is its mission, unless the words are not BabyAI's.
     assert cli_main(["ask", run, "--request", "mission=walk up to the crimson key", "--episodes", "1"]) == 2  # fmt: skip
     assert "--mission" in capsys.readouterr().err
+    # A bad --mission itself: named as such, without the advice to give --mission.
+    assert cli_main(["ask", run, "--request", "mission=go to the red key", "--mission", "go to the reddish key", "--episodes", "1"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--mission: mission 'go to the reddish key'" in err and "with --mission" not in err
+    assert len(err.strip().splitlines()) == 1  # the error only: no warning before it
+    # --mission on another env fails before any warning about the request.
+    assert cli_main(["ask", run, "--env", "CartPole-v1", "--request", "mission=go to the red key", "--mission", "go to the red key"]) == 2  # fmt: skip
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "hindsight ask: error: --mission is for MiniGrid/BabyAI envs, not CartPole-v1"
+    ]
     sweep = ["ask", run, "--sweep", "mission=go to the red key,go to the blue ball", "--metric", "success", "--episodes", "2"]  # fmt: skip
     assert cli_main(sweep) == 0
     table = capsys.readouterr().out
     assert "go to the blue ball" in table and "return" in table and "warning" not in table
+    # Missions have no order: no rank correlation; the numbers line up under "achieved".
+    assert "Spearman" not in table
+    header, *rows = table.splitlines()[:3]
+    assert {row.index("  [") for row in rows} == {header.index("  95% CI")}
     # A sweep over paraphrases, each with the mission it means.
     sweep = ["ask", run, "--sweep", "mission=approach the crimson key,go to the blue ball", "--mission", "go to the red key,go to the blue ball", "--metric", "success", "--episodes", "2"]  # fmt: skip
     assert cli_main(sweep) == 0

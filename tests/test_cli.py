@@ -17,6 +17,16 @@ def test_every_command_has_help(command, capsys):
     assert "usage: hindsight" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_examples_keep_their_line_breaks(command):
+    """A `\\` ending an example's line in a docstring must be escaped, else Python joins
+    the lines and --help shows one line with a run of spaces inside."""
+    import re
+
+    doc = command_class(command).__doc__ or ""
+    assert not re.search(r"\S {4,}--", doc), doc
+
+
 def test_pipeline_commands_are_all_there():
     expected = {"collect", "ingest", "info", "materialize", "relabel", "relabelers", "query"}
     expected |= {"shard", "train", "ask", "demo", "run", "submit", "jobs"}

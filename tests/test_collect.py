@@ -89,6 +89,11 @@ def test_user_policy_and_bad_specs():
         load_policy("nonsense", "CartPole-v1")
     with pytest.raises(ValueError, match="cannot import"):
         load_policy("no_such_module:f", "CartPole-v1")
+    # A mistyped bot mode is not a module named `bot`: the message says what the bot's are.
+    with pytest.raises(ValueError, match="BabyAI's bot is bot or bot:play"):
+        load_policy("bot:wander", "BabyAI-GoToLocal-v0")
+    with pytest.raises(ValueError, match="bot, bot:play"):
+        load_policy("nonsense", "CartPole-v1")
     with pytest.raises(ValueError, match="no built-in heuristic"):
         heuristic_for("LunarLander-v3")
 

@@ -306,6 +306,10 @@ def test_plugin_function_labels_any_environment(monkeypatch):
     assert output.report["function"] == f"{module}:first_big_reward"
 
 
+def raise_two_lines(steps: pa.Table, episode: dict):
+    raise ValueError("bad view at t=3\n  expected a key")
+
+
 @pytest.mark.parametrize(
     ("answer", "words"),
     [
@@ -314,6 +318,7 @@ def test_plugin_function_labels_any_environment(monkeypatch):
         (lambda steps, episode: (3, 0), "returned instruction 3"),
         (lambda steps, episode: ("go", "0"), "returned step '0'"),
         (lambda steps, episode: ("go", 10_000), "returned step 10000, outside"),
+        (raise_two_lines, "raised ValueError: bad view at t=3 expected a key"),
     ],
 )
 def test_plugin_function_that_raises_or_returns_a_wrong_type_names_episode_and_function(
@@ -444,3 +449,38 @@ def test_views_of_another_integer_type_are_read_and_checked():
     assert as_int64.episodes.equals(as_uint8.episodes) and as_int64.steps.equals(as_uint8.steps)
     with pytest.raises(RelabelError, match="outside 0..255"):
         relabel_tables(InstructionsRelabeler({}), widened(steps, 261), episodes)
+
+
+def test_a_plugin_error_in_the_relabel_job_names_the_part_once(monkeypatch, tmp_path):
+    """The job adds "relabeler X: part:" only to messages that do not name the part yet."""
+    from engine.executor import InProcess
+    from jobs.relabeling import relabel
+    from tests.synthetic import make_episodes, write_synthetic_dataset
+
+    module = install_module(monkeypatch, bad=raise_two_lines)
+    steps, episodes = make_episodes(4, seed=0)
+    write_synthetic_dataset(str(tmp_path / "in"), steps, episodes)
+    with pytest.raises(RelabelError) as error:
+        relabel(  # in this process, where the test's plugin module is installed
+            str(tmp_path / "in"),
+            str(tmp_path / "out"),
+            [InstructionsRelabeler({"function": f"{module}:bad"})],
+            executor=InProcess(),
+            command="test",
+        )
+    message = str(error.value)
+    assert message.count("part 0") == 1 and message.count("relabeler 'instructions'") == 1
+    assert "raised ValueError: bad view at t=3 expected a key" in message
+    assert "\n" not in message and not (tmp_path / "out").exists()
+    # A message that names the relabeler but not the part (a plugin that fails to load in
+    # a worker): the part goes in, the relabeler's name stays once.
+    from jobs.relabeling import _in_task
+
+    def fails():
+        raise RelabelError("relabeler 'instructions': function 'm:f' could not be loaded")
+
+    with pytest.raises(RelabelError) as error:
+        _in_task(InstructionsRelabeler({"function": "m:f"}), "data part 2", fails)
+    assert str(error.value) == (
+        "relabeler 'instructions': data part 2: function 'm:f' could not be loaded"
+    )

@@ -143,11 +143,28 @@ def test_shard_exclude_on_an_episode_column_and_bad_predicates(dataset, tmp_path
     assert cli_main(["shard", dataset, out, "--exclude", "reward > avg(reward)"]) == 2
     assert "not row-local" in capsys.readouterr().err
     everything = shards.ShardSettings(condition=("instruction",), exclude="t >= 0")
-    with pytest.raises(ShardError, match="no step is left"):
+    with pytest.raises(ShardError, match="no step is left") as error:
         shards.write_shards(
             open_dataset(dataset), everything, out, executor=InProcess(), command="test"
         )
+    # The counts, not the held-out values (up to 1,000 of them).
+    total = step_frame(dataset).height
+    assert f"--exclude 't >= 0' matched {total} step(s)" in str(error.value)
+    assert "go to the" not in str(error.value)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_struct_observation_part_with_every_step_left_out_is_empty_not_an_error():
+    """A MiniGrid-like struct state: its width comes from the type, so a part whose steps
+    were all excluded gives a (0, width) state instead of failing to reshape."""
+    from engine.shards.episodes import _state_vector
+
+    kind = pa.struct([("direction", pa.int64()), ("image", pa.list_(pa.uint8(), 147))])
+    rows = pa.array([{"direction": 3, "image": [i % 11 for i in range(147)]}] * 2, kind)
+    state = _state_vector(pa.chunked_array([rows]), "test")
+    assert state.shape == (2, 148) and state[0, 0] == 3
+    assert np.array_equal(state[1, 1:], np.arange(147) % 11)
+    assert _state_vector(pa.chunked_array([rows.slice(0, 0)]), "test").shape == (0, 148)
 
 
 # ---------------------------------------------------------------- text encoders

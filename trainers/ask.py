@@ -330,9 +330,12 @@ def mission_of(env_id: str, specs: dict[str, Any], values: dict[str, Any], missi
         return None
     kinds = ("text", "categorical")
     texts = [v for c, v in values.items() if specs[c]["type"] in kinds and v is not None]
-    mission = mission or (str(texts[0]) if texts else None)
     if mission:
-        minigrid.parse_mission(mission)  # a mission the env cannot be set to fails here
+        minigrid.parse_mission(mission, given=True)  # one the env cannot be set to fails here
+        return mission
+    mission = str(texts[0]) if texts else None
+    if mission:
+        minigrid.parse_mission(mission)
     return mission
 
 
@@ -373,10 +376,10 @@ def ask_policy(
     }
     for column in specs:
         values.setdefault(column, None)  # goals default to the environment's own
+    mission = mission_of(env_id, specs, values, mission)  # a bad request fails before warnings
     warnings = request_warnings(config.index, specs, values)
     for line in warnings:
         print(f"ask: warning: {line}", file=sys.stderr)
-    mission = mission_of(env_id, specs, values, mission)
     metric = achieved_metric(config, list(specs)) if metric == "auto" else metric
     returns, successes = [], []
     for seed in seeds:
@@ -464,8 +467,8 @@ def sweep(
                 results[-1]["return_mean"] = outcome["return_mean"]
                 results[-1]["return_ci95"] = outcome["return_ci95"]
     reference = sweep_reference(results, dataset_mean_return(config))
-    if minigrid.is_minigrid_id(env_id):  # missions have no order to follow
-        reference["follows_request"] = None
+    if minigrid.is_minigrid_id(env_id):  # missions have no order: no rank correlation
+        reference["follows_request"] = reference["spearman"] = None
     report = {
         "env": env_id,
         "condition": column,

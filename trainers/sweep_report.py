@@ -103,10 +103,13 @@ def follow_warning(reference: dict[str, Any], column: str, metric: str) -> str |
 
 def format_sweep(report: dict[str, Any]) -> list[str]:
     """The sweep as printed: one row per requested value, the references, the warning."""
-    lines = [f"{'requested':>12} {'achieved':>10}  95% CI"]
+    # As wide as the longest request (a sentence), so the numbers stay in their columns.
+    width = max([12, *(len(str(row["requested"])) for row in report["results"])])
+    lines = [f"{'requested':>{width}} {'achieved':>10}  95% CI"]
     for row in report["results"]:
         low, high = row["achieved_ci95"]
-        line = f"{row['requested']!s:>12} {row['achieved_mean']:>10.2f}  [{low:.2f}, {high:.2f}]"
+        requested = str(row["requested"])
+        line = f"{requested:>{width}} {row['achieved_mean']:>10.2f}  [{low:.2f}, {high:.2f}]"
         if "return_mean" in row:  # --metric success: the return next to it
             r_low, r_high = row["return_ci95"]
             line += f"  return {row['return_mean']:.3f} [{r_low:.3f}, {r_high:.3f}]"

@@ -354,9 +354,15 @@ def write_shards(
             exclusion, [found for result in results for found in result.filters]
         )
         if index.steps == 0 and index.exclusions is not None:
+            found = index.exclusions  # the counts, not the held-out values (up to 1,000)
+            matched = (
+                f"--exclude {found.predicate!r} matched {found.excluded_steps} step(s), "
+                if found.predicate
+                else ""
+            )
             raise ShardError(
-                f"{dataset.uri}: no step is left to shard ({index.exclusions}); "
-                "check --exclude and the conditioning columns"
+                f"{dataset.uri}: no step is left to shard ({matched}steps with no text: "
+                f"{found.null_steps}); check --exclude and the conditioning columns"
             )
         writer.commit(index.to_json().encode())
     return index

@@ -76,7 +76,9 @@ def _state_vector(column: pa.ChunkedArray, where: str) -> np.ndarray:
                 "fixed-size vector of numbers: the state vector cannot hold it"
             )
         values = cols.arrow_to_numpy(pa.chunked_array([c.field(name) for c in column.chunks], kind))
-        members.append(values.astype(np.float32, copy=False).reshape(len(values), -1))
+        # The width from the type: a part whose steps were all excluded has none to infer it.
+        width = kind.list_size if pa.types.is_fixed_size_list(kind) else 1
+        members.append(values.astype(np.float32, copy=False).reshape(len(values), width))
     return members[0] if len(members) == 1 else np.concatenate(members, axis=1)
 
 

@@ -25,7 +25,7 @@ class Ask(Command):
 
         hindsight ask runs/pend-rtg --request return_to_go=-150 --episodes 20
         hindsight ask runs/pend-rtg --sweep return_to_go=-1000,-600,-300,-150 --baseline runs/pend-bc
-        hindsight ask runs/babyai --request "instruction=walk up to the crimson key" \
+        hindsight ask runs/babyai --request "instruction=walk up to the crimson key" \\
             --mission "go to the red key" --metric success --episodes 50
     """
 
