@@ -9,6 +9,7 @@ step column `instruction` holding the episode's instruction up to that step, nul
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -33,9 +34,11 @@ HELD_OUT = ("go to the red key", "go to the green ball")
 EXCLUDE = "instruction IN ('go to the red key', 'go to the green ball')"
 
 
-def instruction_dataset(uri: str, num_episodes: int = 40, seed: int = 0) -> str:
-    """CartPole-shaped episodes (4 numbers, 2 actions) with hindsight instructions; every
-    fifth episode accomplished nothing."""
+def instruction_dataset(
+    uri: str, num_episodes: int = 40, seed: int = 0, column: str = "instruction"
+) -> str:
+    """CartPole-shaped episodes (4 numbers, 2 actions) with hindsight instructions (in
+    `column`); every fifth episode accomplished nothing."""
     steps, episodes = make_episodes(
         num_episodes=num_episodes, obs_dim=4, seed=seed, min_length=3, max_length=25,
         discrete_actions=2,
@@ -61,11 +64,11 @@ def instruction_dataset(uri: str, num_episodes: int = 40, seed: int = 0) -> str:
         ]
         episode_columns = pa.table(
             {
-                "instruction": pa.array(texts, pa.string()),
+                column: pa.array(texts, pa.string()),
                 "instruction_step": pa.array(done_at, pa.int32()),
             }
         )
-        return pa.table({"instruction": pa.array(step_texts, pa.string())}), episode_columns
+        return pa.table({column: pa.array(step_texts, pa.string())}), episode_columns
 
     relabeler = RelabelerInfo(name="instructions", version="1", params={})
     return attach_group(base, uri, "instructions", columns, relabeler, {"env_id": "CartPole-v1"})
@@ -382,3 +385,23 @@ def test_exclusion_on_ray_gives_the_same_shards_as_in_process(dataset, tmp_path,
     assert len(here.shards) > 1
     assert [s.sha256 for s in here.shards] == [s.sha256 for s in there.shards]
     assert here.exclusions == there.exclusions and here.conditions == there.conditions
+
+
+def test_a_label_column_with_missing_values_names_the_part_and_the_text_option(tmp_path, capsys):
+    """A string column that is not a known text column is a label: missing labels stop the
+    shard job naming the part and `--text`, which reads it as text and leaves out the steps
+    with none (counted like the other steps with no text)."""
+    uri = instruction_dataset(str(tmp_path / "labels"), column="mission")
+    shards_dir = str(tmp_path / "shards")
+    arguments = ["shard", uri, shards_dir, "--condition", "mission", "--window", "2"]
+    assert cli_main(arguments) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert re.search(rf"{re.escape(uri)} part \d+: condition column 'mission' has \d+ null", error)
+    assert "give --text mission to read it as text" in error
+    assert cli_main([*arguments, "--text", "mission"]) == 0
+    index = ShardIndex.model_validate_json(open(f"{shards_dir}/index.json").read())
+    nulls = index.exclusions.null_steps["mission"]
+    assert nulls > 0 and index.steps + nulls == sum(
+        p.steps for p in open_dataset(uri).manifest.parts
+    )

@@ -154,13 +154,17 @@ def embedding_info(dataset: Dataset, condition: ConditionColumn) -> dict[str, An
 # ---------------------------------------------------------------- vocabularies
 
 
-def summarize_vocabulary(column: pa.ChunkedArray, condition: ConditionColumn) -> dict[str, Any]:
-    """Pass one over a part: label counts of a categorical, word counts of a text column."""
+def summarize_vocabulary(
+    column: pa.ChunkedArray, condition: ConditionColumn, where: str = ""
+) -> dict[str, Any]:
+    """Pass one over a part (`where` names it): label counts of a categorical, word counts
+    of a text column."""
     if condition.type == "categorical":
         if column.null_count:
             raise ShardError(
-                f"condition column {condition.name!r} has {column.null_count} null labels; "
-                "fill them (e.g. with a relabeler) before sharding"
+                f"{where}: condition column {condition.name!r} has {column.null_count} null "
+                f"labels; fill them (e.g. with a relabeler), or give --text {condition.name} "
+                "to read it as text (steps with no text are left out)"
             )
         counts = pc.value_counts(
             column.cast(pa.string()) if pa.types.is_dictionary(column.type) else column

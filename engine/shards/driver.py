@@ -222,7 +222,8 @@ def vocabulary_task(task: VocabularyTask) -> VocabularyResult:
         head = condition.name.partition(".")[0]
         table = dataset.read_part(task.part, condition.level, [head])
         column = kept_rows(cols.column_by_path(table, condition.name), condition.level, kept)
-        summaries[condition.name] = summarize_vocabulary(column, condition)
+        where = f"{dataset.uri} part {task.part}"
+        summaries[condition.name] = summarize_vocabulary(column, condition, where)
     return VocabularyResult(summaries, dataset.manifest.parts[task.part].steps)
 
 

@@ -137,7 +137,8 @@ class Shard(RayCommand):
             nulls = sum(found.null_steps.values())
             left_out = (
                 f"; left out {found.excluded_steps:,} excluded steps and {nulls:,} steps with "
-                f"no text ({found.dropped_episodes:,} episodes dropped whole)"
+                f"no text ({found.dropped_episodes:,} episodes lost every step to one or the "
+                "other)"
             )
         return (
             f"wrote {len(index.shards)} shards ({index.windows:,} windows, {index.steps:,} steps, "
