@@ -34,6 +34,7 @@ from engine import storage
 from schemas.frames import FRAMES_GROUP, CameraInfo
 from schemas.manifest import MANIFEST_NAME, ColumnGroup, Manifest, content_id
 from schemas.shard_index import describe_invalid
+from schemas.steps import ABSENT, REWARD
 
 if TYPE_CHECKING:
     import polars as pl
@@ -93,6 +94,12 @@ class Dataset:
             if frames or not holds_frames(g)
             for f in getattr(g, f"{level}_columns")
         ]
+
+    @property
+    def rewards_known(self) -> bool:
+        """False for a version whose source had no rewards (versions made from it inherit
+        the manifest's `reward: absent`)."""
+        return self.manifest.metadata.get(REWARD) != ABSENT
 
     @property
     def cameras(self) -> dict[str, CameraInfo]:

@@ -224,7 +224,7 @@ def format_info(info: dict[str, Any]) -> str:
                 f"({ratio:.1f}x smaller than raw)"
             )
     returns = info["returns"]
-    if info.get("reward") == "absent":
+    if info.get("reward") == cols.ABSENT:
         lines += ["", "reward: absent (the source had none: rewards and returns are null)"]
     if returns.get("count"):
         lines += [

@@ -130,7 +130,7 @@ def check_plan(parent: Dataset, relabelers: Sequence[Relabeler]) -> None:
         parent.arrow_schema("episodes"),
         parent.num_parts,
         parent.cameras,
-        rewards_known(parent),
+        parent.rewards_known,
         parent.uri,
     )
     groups = {g.name for g in parent.manifest.groups}
@@ -185,12 +185,6 @@ def check_plan(parent: Dataset, relabelers: Sequence[Relabeler]) -> None:
                 )
             available[level] |= set(getattr(writes, level))
             produced |= set(getattr(writes, level))
-
-
-def rewards_known(dataset: Dataset) -> bool:
-    """False for a dataset ingested without rewards (its manifest says `reward: absent`;
-    versions made from it inherit that)."""
-    return dataset.manifest.metadata.get(cols.REWARD) != "absent"
 
 
 def _check_frames(wanted: Sequence[str], frame_columns: set[str], where: str) -> None:
@@ -378,7 +372,7 @@ class VersionInputs:
 
     @property
     def rewards_known(self) -> bool:
-        return rewards_known(self.reader.dataset)
+        return self.reader.dataset.rewards_known
 
     @property
     def where(self) -> str:

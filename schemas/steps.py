@@ -24,6 +24,10 @@ STEP_CORE_COLUMNS = (EPISODE_ID, T, OBSERVATION, ACTION, REWARD, TERMINATED, TRU
 # The columns of a transition: what every format has a place for (a relabel column is not).
 TRANSITION_COLUMNS = (*STEP_CORE_COLUMNS, NEXT_OBSERVATION)
 
+# What a version's manifest metadata says of an optional core column its source lacked
+# (`metadata["reward"] == ABSENT`: every reward and return is null, i.e. unknown).
+ABSENT = "absent"
+
 # Episode table columns.
 LENGTH = "length"
 RETURN = "return"

@@ -106,18 +106,6 @@ def divide_columns(dataset: Dataset) -> Columns:
     return Columns(numbers, episode_numbers, texts, episode_texts, cameras, skipped)
 
 
-def rewards_known(dataset: Dataset) -> bool:
-    """Whether the dataset has rewards: a dataset ingested without one keeps the `reward`
-    column with every value null (the shared contract of reward-less sources)."""
-    if cols.REWARD not in dataset.columns("steps"):
-        return False
-    return any(
-        dataset.read_part(i, "steps", [cols.REWARD]).column(cols.REWARD).null_count
-        < dataset.manifest.parts[i].steps
-        for i in range(dataset.num_parts)
-    )
-
-
 def column_values(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A numeric column as NumPy: (rows,) for scalars, (rows, dim) for vectors; nulls
     become NaN (floats) so that a value is never invented."""

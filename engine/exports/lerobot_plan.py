@@ -16,7 +16,6 @@ from engine.exports import (
     divide_columns,
     is_text_type,
     is_vector_type,
-    rewards_known,
     single_env_id,
 )
 from schemas import steps as cols
@@ -135,7 +134,7 @@ def plan_export(dataset: Dataset, options: LeRobotOptions) -> Plan:
         features.append(
             numeric_feature("action", cols.ACTION, steps_schema.field(cols.ACTION).type)
         )
-    has_rewards = rewards_known(dataset)
+    has_rewards = dataset.rewards_known
     if has_rewards:
         features.append(Feature("next.reward", cols.REWARD, "float32", (1,)))
     features.append(Feature("next.done", "done", "bool", (1,)))

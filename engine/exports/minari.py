@@ -43,7 +43,6 @@ from engine.exports import (
     flags,
     is_text_type,
     is_vector_type,
-    rewards_known,
     single_env_id,
 )
 from engine.writer import VersionWriter
@@ -80,7 +79,7 @@ def export_minari(dataset: Dataset, output: str, *, dataset_id: str | None = Non
         if needed not in steps_schema.names:
             raise ExportError(f"{dataset.uri}: Minari needs the step column {needed!r}")
     columns = divide_columns(dataset)
-    has_rewards = rewards_known(dataset)
+    has_rewards = dataset.rewards_known
     info_columns = columns.numbers + columns.texts
     step_columns = [
         c for c in steps_schema.names if c in (*cols.STEP_CORE_COLUMNS, cols.NEXT_OBSERVATION)

@@ -179,7 +179,7 @@ class LeRobot(Source[LeRobotPart]):
                     "robot_type": info.robot_type,
                     "features": {k: f.model_dump(mode="json") for k, f in info.features.items()},
                 },
-                **({} if layout.reward else {"reward": "absent"}),
+                **({} if layout.reward else {cols.REWARD: cols.ABSENT}),
             },
             images=images,
             cameras=cameras,

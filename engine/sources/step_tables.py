@@ -279,7 +279,7 @@ def described(problems: list[Problem], column_map: ColumnMap) -> list[Problem]:
 
 def absent_metadata(absent: tuple[str, ...]) -> dict[str, Any]:
     """What the manifest says about the optional core columns a source lacks."""
-    return dict.fromkeys(absent, "absent")
+    return dict.fromkeys(absent, cols.ABSENT)
 
 
 def schema_problems(schemas: Mapping[str, pa.Schema], columns: StepColumns) -> list[Problem]:
