@@ -34,12 +34,13 @@ import numpy as np
 import pyarrow as pa
 
 from schemas import steps as cols
+from schemas.minigrid import (  # noqa: F401  (OBSERVATION_*: collect reads them here)
+    OBJECT_TYPES,
+    OBSERVATION_DTYPES,
+    OBSERVATION_SHAPES,
+)
 
-VIEW_SHAPE = (7, 7, 3)
-OBSERVATION_SHAPES = {"image": list(VIEW_SHAPE), "direction": []}
-OBSERVATION_DTYPES = {"image": "uint8", "direction": "int64"}
 BOT_POLICIES = ("bot", "bot:play")
-OBJECT_TYPES = ("key", "ball", "box")
 # "go to the red key", "go to a red key", "pick up the blue ball" (BabyAI's own grammar).
 MISSION_PATTERN = re.compile(
     r"^\s*(?P<verb>go to|pick up)\s+(?:the|a)\s+(?:(?P<color>[a-z]+)\s+)?(?P<type>[a-z]+)\s*$"

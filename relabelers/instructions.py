@@ -50,32 +50,15 @@ from relabelers.instruction_functions import (
     load_function,
 )
 from schemas import steps as cols
+from schemas.minigrid import COLOR_NAMES, FRONT, OBJECT_TO_IDX, OBJECT_TYPES, OWN, VIEW_SHAPE
 
 INSTRUCTION = "instruction"
 INSTRUCTION_STEP = "instruction_step"
 MISSION = "mission"
 IMAGE = "image"
 
-# MiniGrid's encoding (minigrid.core.constants OBJECT_TO_IDX / COLOR_TO_IDX), copied so
-# that relabeling needs no minigrid install; tests check them against the package.
-OBJECT_TO_IDX = {
-    "unseen": 0,
-    "empty": 1,
-    "wall": 2,
-    "floor": 3,
-    "door": 4,
-    "key": 5,
-    "ball": 6,
-    "box": 7,
-    "goal": 8,
-    "lava": 9,
-    "agent": 10,
-}
-COLOR_NAMES = ("red", "green", "blue", "purple", "yellow", "grey")  # COLOR_TO_IDX order
-VIEW = (7, 7, 3)  # MiniGrid's default agent view, (x, y, channel)
-FRONT = (3, 5)  # the cell the agent faces
-OWN = (3, 6)  # the agent's own cell: what it carries
-CARRIABLE = ("key", "ball", "box")
+# MiniGrid's stored view (schemas/minigrid.py); CARRIABLE: what PickUp can name.
+CARRIABLE = OBJECT_TYPES
 VERBS = {"goto": "go to", "pickup": "pick up"}
 
 
@@ -304,7 +287,7 @@ def read_cells(steps: pa.Table, path: str, cells: tuple[tuple[int, int], ...]) -
     (`next_observation.image`, 147 values a row): an (n, 2 * len(cells)) integer array."""
     column = cols.column_by_path(steps, path)
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    size = int(np.prod(VIEW))
+    size = int(np.prod(VIEW_SHAPE))
     if pa.types.is_fixed_size_binary(column.type):  # 147 bytes a row: no list levels to decode
         buffer = column.buffers()[1]
         values = np.frombuffer(buffer, np.uint8, len(column) * size, column.offset * size)
@@ -313,9 +296,11 @@ def read_cells(steps: pa.Table, path: str, cells: tuple[tuple[int, int], ...]) -
     if len(values) != size * len(column) or column.null_count:
         raise RelabelError(
             f"relabeler 'instructions': column {path!r} holds views that are null or not "
-            f"{size} values long (MiniGrid's {VIEW} encoded view)"
+            f"{size} values long (MiniGrid's {VIEW_SHAPE} encoded view)"
         )
-    offsets = [(x * VIEW[1] + y) * VIEW[2] + channel for x, y in cells for channel in (0, 1)]
+    offsets = [
+        (x * VIEW_SHAPE[1] + y) * VIEW_SHAPE[2] + channel for x, y in cells for channel in (0, 1)
+    ]
     used = values.reshape(len(column), size)[:, offsets]
     if used.dtype != np.uint8:  # MiniGrid's indices are bytes; other integer types are checked
         if len(used) and (used.min() < 0 or used.max() > 255):
@@ -360,12 +345,12 @@ def check_view(schema: pa.Schema, path: str) -> None:
             f"relabeler 'instructions': step column {head!r} ({kind}) has no field {field!r}; {hint}"
         )
     view = kind.field(field).type
-    if pa.types.is_fixed_size_binary(view) and view.byte_width == int(np.prod(VIEW)):
+    if pa.types.is_fixed_size_binary(view) and view.byte_width == int(np.prod(VIEW_SHAPE)):
         return
     is_list = (
         pa.types.is_list(view) or pa.types.is_large_list(view) or pa.types.is_fixed_size_list(view)
     )
-    size = int(np.prod(VIEW))
+    size = int(np.prod(VIEW_SHAPE))
     if (
         not is_list
         or not pa.types.is_integer(view.value_type)

@@ -27,13 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from schemas.minigrid import COLOR_NAMES, DOOR_STATES, OBJECT_TO_IDX, OBJECT_TYPES, VIEW_SHAPE
+
 MINIGRID_ONE_HOT = "minigrid_one_hot"
 MINIGRID_RELATIONAL = "minigrid_relational"
-MINIGRID_SIZES = (11, 6, 3)  # OBJECT_TO_IDX, COLOR_TO_IDX and door states of minigrid
-MINIGRID_CELLS = 49
+MINIGRID_SIZES = (len(OBJECT_TO_IDX), len(COLOR_NAMES), DOOR_STATES)
+MINIGRID_CELLS = VIEW_SHAPE[0] * VIEW_SHAPE[1]
 CELL_DIM = sum(MINIGRID_SIZES)
 MINIGRID_ONE_HOT_DIM = 4 + MINIGRID_CELLS * CELL_DIM
-OBJECTS = (5, 6, 7)  # key, ball, box in OBJECT_TO_IDX: one "object" in the layout
+OBJECTS = tuple(OBJECT_TO_IDX[o] for o in OBJECT_TYPES)  # one "object" in the layout
 LAYOUT_CELL_DIM = MINIGRID_SIZES[0] - len(OBJECTS) + 1 + MINIGRID_SIZES[2]
 MINIGRID_LAYOUT_DIM = 4 + MINIGRID_CELLS * LAYOUT_CELL_DIM
 

@@ -5,8 +5,9 @@ step the predicate matches out of the shards. The predicate is Polars SQL, read 
 `hindsight query --where` reads it: step columns first, an episode-only column broadcast to
 its episode's steps, and only row-local operations (it is evaluated part by part). A step
 whose text condition is null (or the `embed` relabeler's vector of a null text) has nothing
-to condition on and is dropped as well (counted per column); an episode left with no step is dropped whole. Both passes of the shard job (the
-vocabulary and the shards) apply the same filter, so a held-out text adds no word to the
+to condition on and is dropped as well (counted per column); an episode left with no step
+is dropped whole. Both passes of the shard job (the vocabulary and the shards) apply the
+same filter, so a held-out text adds no word to the
 vocabulary. The index records the predicate, the counts and the distinct values of the
 conditioning columns (and of the predicate's string columns) on the excluded steps (`ask`
 warns when asked for one of them).
