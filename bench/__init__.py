@@ -4,6 +4,8 @@ Speeds are reported as ratios against a baseline measured in the same run on the
 """
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,3 +17,21 @@ def save_results(results: dict[str, Any], out: str | Path, echo: bool = True) ->
     text = json.dumps(results, indent=2) + "\n"
     out.write_text(text)
     print(text if echo else f"wrote {out}", end="" if echo else "\n")
+
+
+def best_of(repeats: int, timed: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Wall seconds of each callable, the best of `repeats` rounds; within a round they run
+    in turn, so a burst of load on the machine hits every side alike. With `cpu`, also
+    the best CPU seconds of this process (`name_cpu`), which other processes on the
+    machine disturb less (but which leave out waiting for the disk)."""
+    best = dict.fromkeys(timed, float("inf"))
+    cpu = dict.fromkeys(timed, float("inf"))
+    for _ in range(repeats):
+        for name, function in timed.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            function()
+            best[name] = min(best[name], time.perf_counter() - start)
+            cpu[name] = min(cpu[name], time.process_time() - start_cpu)
+    return {name: round(seconds, 4) for name, seconds in best.items()} | {
+        f"{name}_cpu": round(seconds, 4) for name, seconds in cpu.items()
+    }

@@ -30,7 +30,6 @@ import argparse
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,31 +37,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench import save_results
+from bench import best_of, save_results
 from bench.relabel import GOAL_SLICE, K, pandas_frame, pandas_goals, write_bench_dataset
 
 PART_STEPS = 1_000_000
 EPISODE_LENGTH = 1000
 PARAMS = {"strategy": "future", "k": K, "achieved": "observation[0:3]"}
 GOAL_COLUMNS = ("hindsight_goal", "hindsight_goal_step", "hindsight_reward", "hindsight_reached")
-
-
-def best_of(repeats: int, timed: dict[str, Callable[[], object]]) -> dict[str, float]:
-    """Wall seconds of each callable, the best of `repeats` rounds; within a round they run
-    in turn, so a burst of load on the machine hits every side alike. With `cpu`, also
-    the best CPU seconds of this process (`name_cpu`), which other processes on the
-    machine disturb less (but which leave out waiting for the disk)."""
-    best = dict.fromkeys(timed, float("inf"))
-    cpu = dict.fromkeys(timed, float("inf"))
-    for _ in range(repeats):
-        for name, function in timed.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            function()
-            best[name] = min(best[name], time.perf_counter() - start)
-            cpu[name] = min(cpu[name], time.process_time() - start_cpu)
-    return {name: round(seconds, 4) for name, seconds in best.items()} | {
-        f"{name}_cpu": round(seconds, 4) for name, seconds in cpu.items()
-    }
 
 
 # ---------------------------------------------------------------- 1: the part as the job runs it

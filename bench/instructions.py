@@ -32,14 +32,13 @@ import os
 import platform
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from bench import save_results
+from bench import best_of, save_results
 
 MIN_LENGTH, MAX_LENGTH = 8, 64
 FRONT_OFFSET = (3 * 7 + 5) * 3  # image[3, 5]
@@ -165,21 +164,6 @@ def pandas_instructions(steps: pa.Table) -> Callable[[], object]:
 
     columns = [c for c in frame.columns if c != "episode_id"]
     return lambda: frame.groupby("episode_id", sort=False)[columns].apply(first)
-
-
-def best_of(repeats: int, timed: dict[str, Callable[[], object]]) -> dict[str, float]:
-    """Best wall and CPU seconds of each callable over `repeats` alternated rounds."""
-    best = dict.fromkeys(timed, float("inf"))
-    cpu = dict.fromkeys(timed, float("inf"))
-    for _ in range(repeats):
-        for name, function in timed.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            function()
-            best[name] = min(best[name], time.perf_counter() - start)
-            cpu[name] = min(cpu[name], time.process_time() - start_cpu)
-    return {n: round(s, 4) for n, s in best.items()} | {
-        f"{n}_cpu": round(s, 4) for n, s in cpu.items()
-    }
 
 
 def main(argv: list[str] | None = None) -> dict:
