@@ -179,6 +179,7 @@ def test_skill_on_cartpole_and_text_through_the_cli(tmp_path, capsys):
     written = json.loads((tmp_path / "skill-report" / "ask.json").read_text())
     assert [r["requested"] for r in written["results"]] == ["novice", "expert"]
     assert all(1 <= r["achieved_mean"] <= 500 for r in written["results"])
+    assert written["reference"]["follows_request"] is not None  # labels rank as requested
 
     text = {
         "description": {
@@ -191,6 +192,9 @@ def test_skill_on_cartpole_and_text_through_the_cli(tmp_path, capsys):
     run = train_tiny_run(tmp_path / "text", 3, PENDULUM_ACTION, text, model="mlp")
     result = ask.ask(run, "Pendulum-v1", {"description": "Swung up, fast!"}, episodes=1)
     assert result["episodes"] == 1
+    # Sentences have no order: a sweep over them reports no rank correlation and no warning.
+    report = ask.sweep(run, "Pendulum-v1", "description", ["swung up", "fast"], episodes=1)
+    assert report["reference"]["spearman"] is None and report["warning"] is None
 
     assert cli_main(["ask", run, "--env", "Pendulum-v1", "--request", "skill=expert"]) == 2
     assert "cannot ask for ['skill']" in capsys.readouterr().err

@@ -467,7 +467,10 @@ def sweep(
                 results[-1]["return_mean"] = outcome["return_mean"]
                 results[-1]["return_ci95"] = outcome["return_ci95"]
     reference = sweep_reference(results, dataset_mean_return(config))
-    if minigrid.is_minigrid_id(env_id):  # missions have no order: no rank correlation
+    # Sentences (free text, missions) have no order, so no rank correlation; labels
+    # (skill levels) are ranked in the order they were requested.
+    unordered = config.model["conditions"].get(column, {}).get("type") == "text"
+    if unordered or minigrid.is_minigrid_id(env_id):
         reference["follows_request"] = reference["spearman"] = None
     report = {
         "env": env_id,
