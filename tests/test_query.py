@@ -627,10 +627,11 @@ def test_cli_formats(labeled, raw, tmp_path, capsys):
         expected.select("episode_id", "t", "return_to_go", "observation"),
     )
 
+    experts = f"{episodes.filter(pl.col('skill') == 'expert').height} matching episodes"
     assert cli_main(["query", labeled, "--where", "skill = 'expert'", "--level", "episodes"]) == 0
-    assert f"{episodes.filter(pl.col('skill') == 'expert').height} matching episodes" in (
-        capsys.readouterr().out
-    )
+    assert experts in capsys.readouterr().out
+    assert cli_main(["query", labeled, "--where", "skill = 'expert'", "--episodes"]) == 0
+    assert experts in capsys.readouterr().out  # --episodes is --level episodes
 
     assert cli_main(["query", labeled, "--where", "nope > 1"]) == 2
     assert "step columns:" in capsys.readouterr().err

@@ -51,6 +51,9 @@ class Query(Command):
     level: Literal["steps", "episodes"] = Field(
         default="steps", description="Rows to return: steps, or episodes (one row each)."
     )
+    episodes: bool = Field(
+        default=False, description="Return episodes: the same as --level episodes."
+    )
     select: list[str] | None = Field(
         default=None,
         description="Columns to return (default: all columns of the level; a table shows "
@@ -91,10 +94,12 @@ class Query(Command):
     @model_validator(mode="after")
     def _check_options(self) -> Query:
         """Options that contradict each other, before anything is read."""
+        if self.episodes:
+            self.level = "episodes"
         if self.output is not None:
             if self.select or self.level == "episodes":
                 raise ValueError(
-                    "--output writes whole episodes with every column; drop --select/--level"
+                    "--output writes whole episodes with every column; drop --select/--level/--episodes"
                 )
             if self.limit == 0:
                 raise ValueError("--limit 0 with --output keeps no episode")
