@@ -440,7 +440,7 @@ def base_manifest(
     frames = [w for w in written if w.group == FRAMES_GROUP]
     groups = [group]
     if frames:
-        columns = {camera_of(f.name) for w in frames for f in w.steps_fields}
+        columns = {camera_of(f.name) for w in frames for f in [*w.steps_fields, *w.episodes_fields]}
         if not cameras or columns - set(cameras):
             raise DatasetError(
                 f"{dataset_uri}: frames of camera(s) {sorted(columns - set(cameras or {}))} "
