@@ -9,14 +9,16 @@ exactly as many frames as its episode has steps (checked on every decode).
 Settings follow LeRobot's writer (lerobot/configs/video.py, engine/exports/video.py):
 yuv420p, crf 30, a keyframe every `gop` frames (2 by default: any frame decodes from the one
 before it), SVT-AV1 preset 12. Encoding is deterministic: one encoder thread, no B-frames
-(presentation order is decode order), and the MP4 muxer is told not to write a creation
-time, so the same frames give the same bytes in any process, on Ray or not.
+(presentation order is decode order), x264's mbtree off (see `encoder_options`), bitexact
+muxing (no version or creation time written) and explicit timestamps, so the same frames
+give the same bytes in any process, on Ray or not (tests/test_frames_video.py checks it).
 """
 
 from __future__ import annotations
 
 import io
 import os
+from fractions import Fraction
 
 import numpy as np
 
@@ -31,7 +33,9 @@ def encoder_options(camera: CameraInfo) -> dict[str, str]:
     """The encoder's options for a camera's settings (single-threaded: identical bytes)."""
     options = {"g": str(camera.gop), "crf": str(camera.crf)}
     if camera.codec == "h264":
-        options.update({"threads": "1", "bf": "0", "preset": "medium"})
+        # mbtree off: with it, x264 encoded the same small frames (16-32 pixels) to other
+        # bytes from one run to the next; with a keyframe every 2 frames it gains nothing.
+        options.update({"threads": "1", "bf": "0", "x264-params": "mbtree=0"})
     else:  # SVT-AV1: preset 12 as LeRobot; lp=1 one thread for identical bytes
         options.update({"preset": "12", "svtav1-params": "lp=1"})
     return options
@@ -56,8 +60,10 @@ def encode_video(frames: np.ndarray, camera: CameraInfo) -> bytes:
         stream.pix_fmt = PIX_FMT
         stream.width, stream.height = camera.width, camera.height
         stream.codec_context.flags |= av.codec.context.Flags.bitexact
-        for frame in frames:
+        for step, frame in enumerate(frames):
             picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            # Step k is shown at k / fps (timestamps are part of the bytes written).
+            picture.pts, picture.time_base = step, Fraction(1, camera.fps)
             container.mux(stream.encode(picture))
         container.mux(stream.encode())
     return out.getvalue()
@@ -89,13 +95,16 @@ def decode_video(
                 f"{where}: the video is {stream.width}x{stream.height}, the camera says "
                 f"{camera.width}x{camera.height}"
             )
+        # A damaged packet raises instead of being concealed: the error names its step.
+        stream.codec_context.options = {"err_detect": "explode"}
+        step = 0
         try:
-            for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
+            for packet in container.demux(stream):
+                if packet.pts is not None:  # no B-frames: decode order is step order
+                    step = int(round(float(packet.pts * stream.time_base) * camera.fps))
+                frames.extend(frame.to_ndarray(format="rgb24") for frame in packet.decode())
         except Exception as error:  # a damaged stream
-            raise FrameError(
-                f"{where} step {len(frames)}: the video does not decode ({error})"
-            ) from None
+            raise FrameError(f"{where} step {step}: the video does not decode ({error})") from None
     if steps is not None and len(frames) != steps:
         raise FrameError(
             f"{where}: the video holds {len(frames)} frames, the episode has {steps} steps"
