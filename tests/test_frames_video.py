@@ -202,6 +202,21 @@ def test_shards_hold_the_videos_frames_as_png_and_the_loader_yields_them(pendulu
     assert windows == index.windows
 
 
+def test_query_output_and_materialize_keep_each_episodes_video(pendulum, tmp_path, capsys):
+    video, _ = pendulum
+    subset, copy = str(tmp_path / "noisy"), str(tmp_path / "copy")
+    assert main(["query", video, "--where", "noise = 1", "--output", subset]) == 0
+    assert main(["materialize", video, copy]) == 0
+    for out, episodes in ((subset, [1, 3]), (copy, [0, 1, 2, 3])):
+        dataset = open_dataset(out)
+        assert dataset.cameras["render"].codec == "h264"
+        assert dataset.manifest.episodes == len(episodes)
+        for episode in episodes:  # the very same video bytes: same frames
+            np.testing.assert_array_equal(
+                episode_frames(out, episode).frames, episode_frames(video, episode).frames
+            )
+
+
 def test_a_relabeler_that_reads_frames_is_told_the_camera_is_video(pendulum, tmp_path, capsys):
     video, _ = pendulum
     out = str(tmp_path / "drex")
