@@ -126,10 +126,20 @@ def sniff_codec(data: bytes) -> str | None:
     return None
 
 
+def _image_camera(camera: CameraInfo, where: str = "") -> None:
+    """Images are one per step; a video camera's frames go through schemas/video.py."""
+    if camera.is_video:
+        raise FrameError(
+            f"{where}: the camera is {camera.codec} video (one per episode), not an image per "
+            "step (schemas.video.decode_video)".lstrip(": ")
+        )
+
+
 def encode_frame(frame: np.ndarray, camera: CameraInfo) -> bytes:
     """One H x W x C uint8 frame in the camera's codec."""
     from PIL import Image
 
+    _image_camera(camera)
     check_frame_array(frame, camera)
     image = Image.fromarray(frame[:, :, 0] if camera.channels == 1 else frame)
     out = io.BytesIO()
@@ -154,6 +164,7 @@ def decode_frame(data: bytes, camera: CameraInfo, where: str = "") -> np.ndarray
     codec must match, or a FrameError names `where` (file, episode, step or shard, sample)."""
     from PIL import Image
 
+    _image_camera(camera, where)
     try:
         image = Image.open(io.BytesIO(data))
         if image.format != _PIL_FORMAT[camera.codec]:
