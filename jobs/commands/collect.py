@@ -102,7 +102,7 @@ class Collect(RayCommand):
             3,
             None,
         ):
-            raise ValueError("--camera, --codec, --quality, --channels and --gop need --frames HxW")
+            raise ValueError("--camera, --codec, --quality, --gop and --channels need --frames HxW")
         return self
 
     def camera_info(self) -> CameraInfo | None:
