@@ -299,3 +299,30 @@ def test_a_bad_video_is_named_by_file_episode_and_camera(fault, message, tmp_pat
     with pytest.raises(FrameError, match=file + message):
         episode_frames(uri, 17)
     assert episode_frames(uri, 7).frames.shape[1:] == (SIZE, SIZE, 3)  # the others are fine
+
+
+# ---------------------------------------------------------------- ingest
+
+
+def test_ingest_stores_raw_image_arrays_as_one_video_per_episode(tmp_path, capsys):
+    from tests.test_frames_ingest import flat_arrays, scenes, write_hdf5
+
+    frames = scenes(40, 16, 16)
+    source = write_hdf5(tmp_path / "pixels.h5", flat_arrays(40, [9, 24, 39], frames))
+    uri = str(tmp_path / "ds")
+    # Parts of 12 steps: chunks and parts cut across episodes; videos are whole episodes.
+    flags = ["--codec", "h264", "--part-steps", "12"]
+    assert main(["ingest", source, uri, *flags]) == 0, capsys.readouterr().err
+    dataset = open_dataset(uri)
+    camera = dataset.cameras["observation"]
+    assert (camera.codec, camera.gop, camera.quality) == ("h264", 2, None)
+    episodes = engine.scan_episodes(uri, frames=True).collect()
+    assert episodes["length"].to_list() == [10, 15, 15]
+    # Each episode's video is the one its raw frames encode to (PNG in between is lossless).
+    bounds = [(0, 10), (10, 25), (25, 40)]
+    stored = episodes["frame_observation"].to_list()
+    assert stored == [encode_video(frames[a:b], camera) for a, b in bounds]
+    assert decode_video(stored[1], camera, "t", 15).shape == (15, 16, 16, 3)
+    odd = write_hdf5(tmp_path / "odd.h5", flat_arrays(10, [9], scenes(10, 15, 16)))
+    assert main(["ingest", odd, str(tmp_path / "odd"), "--codec", "av1"]) != 0
+    assert "needs an even height and width" in capsys.readouterr().err
