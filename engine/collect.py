@@ -18,7 +18,8 @@ the manifest last.
 With frames (`Rollouts.frames`), the env is made with render_mode="rgb_array" and each
 step's frame is the observation at t (rendered after reset, then after each step but the
 last), resized by `engine.frames.render_frame` and encoded at once in the part's task: a
-part holds only encoded frames in memory. They are written as the `frames` group next to
+part holds only encoded frames in memory (a video camera: an episode's raw frames until
+the episode ends, then its one video, in the frames group's episodes table). They are written as the `frames` group next to
 the base part, the camera recorded in the manifest. With `pixels_only` the base steps have
 no `observation` / `next_observation` column (as ingest of an image-only observation): the
 frames are the observation, and metadata says `pixels_only: true`.
@@ -45,6 +46,7 @@ from engine.validate import ValidationError, check_stored_values
 from engine.writer import VersionWriter, WrittenParts, base_manifest
 from schemas.frames import DEFAULT_CAMERA, FRAMES_GROUP, CameraInfo, encode_frame, frames_table
 from schemas.manifest import Manifest
+from schemas.video import encode_video
 
 Policy = Callable[[Any], Any]
 NOISE_COLUMN = "noise"
@@ -202,7 +204,8 @@ def rollout(
     infos: dict[str, list] = {key: [] for key in info_keys}
     while True:
         if frames is not None:  # the frame of `observation`, before the step leaves it
-            record["frames"].append(encode_frame(camera_frame(env, frames), frames))
+            frame = camera_frame(env, frames)  # a video camera encodes the episode at its end
+            record["frames"].append(frame if frames.is_video else encode_frame(frame, frames))
         if policy is None or rng.random() < noise:
             action = env.action_space.sample()
         else:
@@ -236,7 +239,9 @@ def rollout(
         },
         "noise": np.full(length, noise, dtype=np.float32),
         "episode_id": np.full(length, episode, dtype=np.int64),
-        "frames": record["frames"],
+        "frames": [encode_video(np.stack(record["frames"]), frames)]
+        if frames is not None and frames.is_video
+        else record["frames"],
     }
 
 
@@ -271,7 +276,8 @@ def collect_part_tables(
     frames: CameraInfo | None = None,
     pixels_only: bool = False,
 ) -> tuple[pa.Table, pa.Table, list[bytes]]:
-    """`collect_tables`, and with `frames` every step's encoded frame in row order;
+    """`collect_tables`, and with `frames` every step's encoded frame in row order (a
+    video camera: every episode's video, in episode order);
     `pixels_only`: the steps table has no `observation` / `next_observation` columns (the
     frames are the observation; the policy still acts on the env's state)."""
     policy = load_policy(policy_spec, env_id)
@@ -387,7 +393,8 @@ def check_rendering(env_id: str, camera: CameraInfo, max_steps: int | None = Non
     env = make_env(env_id, max_steps, render_mode="rgb_array")
     try:
         env.reset(seed=0)
-        encode_frame(camera_frame(env, camera), camera)
+        frame = camera_frame(env, camera)
+        encode_video(frame[None], camera) if camera.is_video else encode_frame(frame, camera)
     except (ImportError, gym.error.Error) as error:  # pygame missing, no rgb_array mode
         raise ValueError(f"{env_id}: cannot render frames: {error}") from error
     finally:
@@ -429,7 +436,8 @@ def collect_part(task: CollectTask) -> WrittenParts:
     written = [task.writer.write_part(task.index, steps, episodes)]
     if rollouts.frames is not None:
         table = frames_table({rollouts.camera: frames})
-        written.append(task.writer.write_part(task.index, table, None, group=FRAMES_GROUP))
+        levels = (None, table) if rollouts.frames.is_video else (table, None)
+        written.append(task.writer.write_part(task.index, *levels, group=FRAMES_GROUP))
     return WrittenParts(tuple(written))
 
 

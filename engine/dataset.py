@@ -384,6 +384,7 @@ def scan(uri: str, frames: bool = False) -> pl.LazyFrame:
     return _scan_level(uri, "steps", frames)
 
 
-def scan_episodes(uri: str) -> pl.LazyFrame:
-    """All episode columns of every group as one Polars LazyFrame."""
-    return _scan_level(uri, "episodes")
+def scan_episodes(uri: str, frames: bool = False) -> pl.LazyFrame:
+    """All episode columns of every group as one Polars LazyFrame; with `frames`, a video
+    camera's `frame_<camera>` too (one video per episode: `schemas.video.decode_video`)."""
+    return _scan_level(uri, "episodes", frames)

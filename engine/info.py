@@ -66,13 +66,13 @@ def _ordered_values(episodes: pl.DataFrame, name: str) -> list:
     return episodes[name].unique().sort().to_list()
 
 
-def stored_bytes(dataset: Dataset, columns: list[str]) -> dict[str, int]:
-    """Bytes each step column takes on disk (its Parquet column chunks, compressed), from the
+def stored_bytes(dataset: Dataset, columns: list[str], level: str = "steps") -> dict[str, int]:
+    """Bytes each column of `level` takes on disk (its Parquet column chunks, compressed), from the
     footers of its group's files: no data page is read."""
     totals = dict.fromkeys(columns, 0)
     for column in columns:
-        group = dataset.group_of(column)
-        for uri in dataset.file_uris(group, "steps"):
+        group = dataset.group_of(column, level)
+        for uri in dataset.file_uris(group, level):
             fs, path = storage.filesystem(uri)
             try:
                 metadata = pq.read_metadata(path, filesystem=fs)
@@ -89,7 +89,10 @@ def stored_bytes(dataset: Dataset, columns: list[str]) -> dict[str, int]:
 def cameras_info(dataset: Dataset) -> list[dict[str, Any]]:
     """Per camera: its shape, codec (and quality) and the mean bytes a frame takes stored."""
     cameras = dataset.cameras
-    sizes = stored_bytes(dataset, [frame_column(camera) for camera in cameras])
+    sizes = {}
+    for level, video in (("steps", False), ("episodes", True)):  # video: one per episode
+        names = [frame_column(camera) for camera, info in cameras.items() if info.is_video == video]
+        sizes.update(stored_bytes(dataset, names, level))
     steps = max(dataset.manifest.steps, 1)
     return [
         {
@@ -216,6 +219,8 @@ def format_info(info: dict[str, Any]) -> str:
             lines.append("  pixels only: no state vector, the frames are the observation")
         for camera in info["cameras"]:
             quality = f" quality {camera['quality']}" if camera["quality"] else ""
+            if camera.get("fps"):  # a video per episode
+                quality = f" video, {camera['fps']} fps, gop {camera['gop']}, crf {camera['crf']}"
             ratio = camera["raw_bytes_per_frame"] / max(camera["bytes_per_frame"], 1e-9)
             lines.append(
                 f"  {camera['camera']} ({camera['column']}): {camera['height']}x{camera['width']}"

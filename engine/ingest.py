@@ -54,12 +54,20 @@ from engine.sources import (
     source_for,
 )
 from engine.sources.base import Frames, PartRead
-from engine.sources.images import check_encoded_frames
+from engine.sources.images import check_encoded_frames, step_camera
 from engine.validate import Problem, ValidationError, check_stored_values
 from engine.writer import DEFAULT_PART_STEPS, VersionWriter, WrittenPart, base_manifest
 from schemas import steps as cols
-from schemas.frames import CODECS, FRAMES_GROUP, frames_table
+from schemas.frames import (
+    CODECS,
+    FRAMES_GROUP,
+    VIDEO_CODECS,
+    CameraInfo,
+    decode_frames,
+    frames_table,
+)
 from schemas.manifest import SKIPPED_REPORT_NAME, Manifest
+from schemas.video import encode_video
 
 ON_ERROR = ("fail", "skip")
 SKIP_HINT = "Re-run with --on-error skip to ingest the other episodes and write a report."
@@ -84,8 +92,8 @@ def plan_ingest(
     cannot be skipped) in any case."""
     if on_error not in ON_ERROR:
         raise ValueError(f"--on-error must be one of {ON_ERROR}, not {on_error!r}")
-    if codec not in CODECS:
-        raise ValueError(f"--codec must be one of {CODECS}, not {codec!r}")
+    if codec not in (*CODECS, *VIDEO_CODECS):
+        raise ValueError(f"--codec must be one of {(*CODECS, *VIDEO_CODECS)}, not {codec!r}")
     reader = source_for(format or detect_format(source))
     if column_map and not reader.takes_column_map:
         takers = ", ".join(n for n in FORMATS if source_for(n).takes_column_map)
@@ -166,10 +174,37 @@ def ingest_part(task: IngestTask) -> IngestedPart:
     written = task.writer.write_part(task.index, steps, episodes)
     frames_written = None
     if frames:
+        cameras = task.part.cameras
+        videos = {name: data for name, data in frames.items() if cameras[name].is_video}
+        images = {name: data for name, data in frames.items() if name not in videos}
+        if videos:
+            videos = episode_videos(steps, episodes, videos, cameras)
         frames_written = task.writer.write_part(
-            task.index, frames_table(frames), None, group=FRAMES_GROUP
+            task.index,
+            frames_table(images) if images else None,
+            frames_table(videos) if videos else None,
+            group=FRAMES_GROUP,
         )
     return IngestedPart(written, problems, task.part.steps, frames_written)
+
+
+def episode_videos(
+    steps: pa.Table, episodes: pa.Table, frames: Frames, cameras: Mapping[str, CameraInfo]
+) -> Frames:
+    """Video cameras' frames (one PNG per step, in step order) as one video per episode,
+    in the order of the episodes table: decoded and encoded an episode at a time."""
+    ids = steps.column(cols.EPISODE_ID).to_numpy()
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(ids)) + 1, [len(ids)]])
+    row_of = {int(ids[start]): (start, end) for start, end in zip(starts[:-1], starts[1:])}
+    out: Frames = {}
+    for name, data in frames.items():
+        camera, stepwise = cameras[name], step_camera(cameras[name])
+        out[name] = []
+        for episode_id in episodes.column(cols.EPISODE_ID).to_pylist():
+            start, end = row_of[episode_id]
+            raw = decode_frames(data[start:end], stepwise, f"episode {episode_id}")
+            out[name].append(encode_video(raw, camera))
+    return out
 
 
 def part_read(read: tuple | PartRead) -> PartRead:

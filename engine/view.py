@@ -8,7 +8,9 @@ so that a user can see what a description or a label claims.
     episode.steps                                         # polars: t, reward (+ columns)
 
 Only the frames of the one episode are read (the query engine reads the row groups that
-hold its rows), and each is decoded and checked against its camera.
+hold its rows), and each is decoded and checked against its camera; a video camera's
+episode is its one video, decoded whole (schemas/video.py) and checked against the
+episode's length.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from engine.query import query
 from engine.query.read import as_dataset
 from schemas import steps as cols
 from schemas.frames import CameraInfo, decode_frame, frame_column
+from schemas.video import decode_video
 
 MAX_TILES = 64  # frames on a sheet when `every` is not given: every k-th step to fit
 TILES_PER_ROW = 8
@@ -88,15 +91,42 @@ def episode_frames(
     where = f"{cols.EPISODE_ID} = {int(episode_id)}"
     if every > 1:  # only the frames shown are taken from the files and decoded
         where += f" AND {cols.T} % {int(every)} = 0"
-    steps = query(dataset, where, select=[*wanted, frame_column(camera)]).frame
+    images = [] if info.is_video else [frame_column(camera)]
+    steps = query(dataset, where, select=[*wanted, *images]).frame
     if not steps.height:
         raise ViewError(f"{dataset.uri} has no episode {episode_id}{_id_range(dataset)}")
     steps = steps.sort(cols.T)
+    if info.is_video:
+        video = episode_video(dataset, int(episode_id), camera)
+        frames = video[steps[cols.T].to_numpy()]
+        return EpisodeFrames(int(episode_id), camera, info, frames, steps)
     frames = np.empty((steps.height, *info.shape), dtype=np.uint8)
     for i, (t, data) in enumerate(zip(steps[cols.T], steps[frame_column(camera)])):
         where = f"{dataset.uri} episode {episode_id} step {t} column {frame_column(camera)}"
         frames[i] = decode_frame(data, info, where)
     return EpisodeFrames(int(episode_id), camera, info, frames, steps.drop(frame_column(camera)))
+
+
+def episode_video(dataset: Dataset, episode_id: int, camera: str) -> np.ndarray:
+    """Every frame of one episode's video (a video camera), decoded and checked against
+    the episode's length: uint8 [length, H, W, C]. Only the parts whose episode ids span
+    `episode_id` are opened."""
+    info, column = dataset.cameras[camera], frame_column(camera)
+    group = dataset.group_of(column, "episodes")
+    for index, part in enumerate(dataset.manifest.parts):
+        if not part.min_episode_id <= episode_id <= part.max_episode_id:
+            continue
+        ids = dataset.read_part(index, "episodes", [cols.EPISODE_ID, cols.LENGTH])
+        rows = np.flatnonzero(ids.column(cols.EPISODE_ID).to_numpy() == episode_id)
+        if len(rows):
+            row = int(rows[0])
+            data = dataset.read_part(index, "episodes", [column]).column(column)[row].as_py()
+            uri = dataset.file_uris(group, "episodes")[index]
+            length = ids.column(cols.LENGTH)[row].as_py()
+            return decode_video(
+                data, info, f"{uri}: episode {episode_id} camera {camera!r}", length
+            )
+    raise ViewError(f"{dataset.uri} has no episode {episode_id}{_id_range(dataset)}")
 
 
 def _id_range(dataset: Dataset) -> str:

@@ -297,11 +297,17 @@ class VersionWriter:
     def write_base_part(self, index: int, steps: pa.Table, episodes: pa.Table) -> WrittenParts:
         """Part `index` of a self-contained version from tables holding every column: the
         frame columns (`frame_<camera>`) go to the frames group, the rest to the base group,
-        same rows in the same order."""
+        same rows in the same order; a video camera's (one video per episode) from the
+        episodes table to the frames group's episodes table."""
         frame_columns = [name for name in steps.column_names if camera_of(name) is not None]
-        parts = [self.write_part(index, steps.drop_columns(frame_columns), episodes)]
-        if frame_columns:
-            parts.append(self.write_part(index, steps.select(frame_columns), None, FRAMES_GROUP))
+        videos = [name for name in episodes.column_names if camera_of(name) is not None]
+        parts = [
+            self.write_part(index, steps.drop_columns(frame_columns), episodes.drop_columns(videos))
+        ]
+        if frame_columns or videos:
+            frames = (steps.select(frame_columns) if frame_columns else None,)
+            frames += (episodes.select(videos) if videos else None,)
+            parts.append(self.write_part(index, *frames, FRAMES_GROUP))
         return WrittenParts(tuple(parts))
 
     # -- on_write_complete
@@ -440,7 +446,7 @@ def base_manifest(
     frames = [w for w in written if w.group == FRAMES_GROUP]
     groups = [group]
     if frames:
-        columns = {camera_of(f.name) for w in frames for f in w.steps_fields}
+        columns = {camera_of(f.name) for w in frames for f in [*w.steps_fields, *w.episodes_fields]}
         if not cameras or columns - set(cameras):
             raise DatasetError(
                 f"{dataset_uri}: frames of camera(s) {sorted(columns - set(cameras or {}))} "

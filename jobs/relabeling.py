@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -50,7 +50,7 @@ from engine.writer import (
 from relabelers import registry
 from relabelers.base import Part, Relabeler, RelabelError, Summary
 from schemas import steps as cols
-from schemas.frames import CameraInfo, frame_column
+from schemas.frames import CameraInfo, camera_of, frame_column
 from schemas.manifest import ColumnGroup, Manifest, RelabelerInfo, public_params
 
 # --------------------------------------------------------------------- creating relabelers
@@ -170,7 +170,7 @@ def check_plan(parent: Dataset, relabelers: Sequence[Relabeler]) -> None:
                         f"have; {_pixels_only_hint(name, parent)}available {level} columns: "
                         f"{', '.join(sorted(available[level]))}"
                     )
-        _check_frames(reads.frames, frame_columns, where)
+        _check_frames(reads.frames, frame_columns, where, parent.cameras)
         if not read_heads & produced:
             _check_setup(relabeler, schema_inputs, where)
         for level in LEVELS:
@@ -187,11 +187,23 @@ def check_plan(parent: Dataset, relabelers: Sequence[Relabeler]) -> None:
             produced |= set(getattr(writes, level))
 
 
-def _check_frames(wanted: Sequence[str], frame_columns: set[str], where: str) -> None:
+def _check_frames(
+    wanted: Sequence[str],
+    frame_columns: set[str],
+    where: str,
+    cameras: Mapping[str, CameraInfo],
+) -> None:
     """Every frame column a relabeler reads exists, or one line saying which there are."""
     for name in wanted:
         if name in frame_columns:
             continue
+        video = cameras.get(camera_of(name) or "")
+        if video is not None and video.is_video:
+            raise RelabelError(
+                f"{where}: reads frame column {name!r}, but camera {camera_of(name)!r} is "
+                f"stored as {video.codec} video (one per episode) and relabelers read one "
+                "image per step; record it with --codec png, jpeg or webp"
+            )
         if not frame_columns:
             raise RelabelError(
                 f"{where}: reads camera frames ({name!r}), but the dataset has none; record "

@@ -7,6 +7,9 @@ one encoded image per step (Arrow `binary`). Scans, queries and relabelers that 
 a frame column never read these files. The group's `cameras` entry in the manifest says, per
 camera, the frame shape, dtype (uint8) and codec with its settings (`CameraInfo`).
 
+A video camera (codec h264 or av1) is the exception: one video per episode, in the group's
+episodes table, aligned with the base episodes (schemas/video.py encodes and decodes it).
+
 Frames are H x W x C uint8 (C = 1 or 3), in the order a gymnasium `render()` returns them.
 Encoded frames that arrive encoded (JPEG from a Minari source, PNG from a LeRobot image
 feature) are stored as they came, never decoded and re-encoded.
@@ -20,15 +23,20 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FRAMES_GROUP = "frames"
 FRAME_PREFIX = "frame_"
 DEFAULT_CAMERA = "render"  # the camera `collect --frames` records: the env's own render()
 
-Codec = Literal["png", "jpeg", "webp"]
-CODECS: tuple[str, ...] = ("png", "jpeg", "webp")
+Codec = Literal["png", "jpeg", "webp", "h264", "av1"]
+CODECS: tuple[str, ...] = ("png", "jpeg", "webp")  # image codecs: one image per step
+VIDEO_CODECS: tuple[str, ...] = ("h264", "av1")  # one video per episode (schemas/video.py)
 DEFAULT_QUALITY = {"jpeg": 90, "webp": 90}  # lossy codecs only; png is lossless
+# Video settings by default (LeRobot's): 30 fps, a keyframe every 2 frames, crf 30.
+DEFAULT_FPS = 30
+DEFAULT_GOP = 2
+DEFAULT_CRF = 30
 _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 # A decoded frame larger than this is refused before decoding (a decompression bomb, a 4K
 # frame where the camera says 84x84): checked against the header's size.
@@ -37,6 +45,10 @@ MAX_FRAME_PIXELS = 4096 * 4096
 
 class FrameError(ValueError):
     """A frame that is not what its camera says (size, channels, codec) or does not decode."""
+
+
+def _absent(value: object) -> bool:
+    return value is None
 
 
 class CameraInfo(BaseModel):
@@ -52,10 +64,42 @@ class CameraInfo(BaseModel):
     quality: int | None = Field(
         default=None, ge=1, le=100, description="JPEG/WebP quality; None for PNG."
     )
+    # Video cameras only (absent from an image camera's manifest entry):
+    fps: int | None = Field(
+        default=None, ge=1, exclude_if=_absent, description="Video: frames per second."
+    )
+    gop: int | None = Field(
+        default=None, ge=1, exclude_if=_absent, description="Video: a keyframe every gop frames."
+    )
+    crf: int | None = Field(
+        default=None, ge=0, le=63, exclude_if=_absent, description="Video: constant rate factor."
+    )
+
+    @model_validator(mode="after")
+    def _video_settings(self) -> CameraInfo:
+        if self.is_video:
+            if self.quality is not None:
+                raise ValueError(f"{self.codec} video has no quality setting (it has crf)")
+            if self.height % 2 or self.width % 2:
+                raise ValueError(
+                    f"{self.codec} video (yuv420p) needs an even height and width, "
+                    f"got {self.height}x{self.width}"
+                )
+            self.fps = self.fps or DEFAULT_FPS
+            self.gop = self.gop or DEFAULT_GOP
+            self.crf = DEFAULT_CRF if self.crf is None else self.crf
+        elif (self.fps, self.gop, self.crf) != (None, None, None):
+            raise ValueError(f"fps, gop and crf are video settings, not {self.codec}'s")
+        return self
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.height, self.width, self.channels)
+
+    @property
+    def is_video(self) -> bool:
+        """One video per episode (its frames group's episodes table), not an image per step."""
+        return self.codec in VIDEO_CODECS
 
 
 def frame_column(camera: str) -> str:
@@ -82,10 +126,20 @@ def sniff_codec(data: bytes) -> str | None:
     return None
 
 
+def _image_camera(camera: CameraInfo, where: str = "") -> None:
+    """Images are one per step; a video camera's frames go through schemas/video.py."""
+    if camera.is_video:
+        raise FrameError(
+            f"{where}: the camera is {camera.codec} video (one per episode), not an image per "
+            "step (schemas.video.decode_video)".lstrip(": ")
+        )
+
+
 def encode_frame(frame: np.ndarray, camera: CameraInfo) -> bytes:
     """One H x W x C uint8 frame in the camera's codec."""
     from PIL import Image
 
+    _image_camera(camera)
     check_frame_array(frame, camera)
     image = Image.fromarray(frame[:, :, 0] if camera.channels == 1 else frame)
     out = io.BytesIO()
@@ -110,6 +164,7 @@ def decode_frame(data: bytes, camera: CameraInfo, where: str = "") -> np.ndarray
     codec must match, or a FrameError names `where` (file, episode, step or shard, sample)."""
     from PIL import Image
 
+    _image_camera(camera, where)
     try:
         image = Image.open(io.BytesIO(data))
         if image.format != _PIL_FORMAT[camera.codec]:

@@ -42,7 +42,7 @@ from engine.shards.exclude import (
     plan_exclusion,
     read_filter,
 )
-from engine.shards.frames import resolve_cameras
+from engine.shards.frames import resolve_cameras, shard_camera
 from engine.shards.statistics import combine_numeric, numeric_summary
 from engine.shards.tar import build_shard
 from engine.writer import VersionWriter, check_new_output
@@ -370,7 +370,8 @@ def write_shards(
 
 
 def checked_cameras(dataset: Dataset, settings: ShardSettings) -> dict[str, CameraInfo]:
-    """The cameras to shard (KeyError for an unknown one); a frame stack needs frames."""
+    """The cameras to shard, as the shards store them (`shard_camera`: video as PNG);
+    KeyError for an unknown one; a frame stack needs frames."""
     cameras = resolve_cameras(dataset, settings.cameras)
     if not cameras and "observation" not in dataset.columns("steps", frames=False):
         chosen = f"--cameras {','.join(settings.cameras)} leaves" if settings.cameras else "has"
@@ -383,7 +384,7 @@ def checked_cameras(dataset: Dataset, settings: ShardSettings) -> dict[str, Came
             f"{dataset.uri} has no camera frames: --frame-stack {settings.frame_stack} needs a "
             "dataset with a frames group (collect --frames, or ingest of image observations)"
         )
-    return cameras
+    return {name: shard_camera(info) for name, info in cameras.items()}
 
 
 def shard_index(

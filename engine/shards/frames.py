@@ -8,6 +8,10 @@ an Arrow binary column and of the block members `frame_<camera>.bin` +
 segments): one slice per range, never a loop or an index array over bytes; a task's
 episodes and shards are views (`FrameRanges`) of its parts' frames, and only a block's
 frames are ever copied.
+
+A video camera (one video per episode) is the exception: its frames are decoded at shard
+time and carried as PNG (`shard_camera`): a loader that reads random windows would
+otherwise decode from each window's keyframe, over the whole episode file.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import numpy as np
 import pyarrow as pa
 
 from engine.dataset import Dataset
-from schemas.frames import CameraInfo, frame_column
+from schemas import steps as cols
+from schemas.frames import CameraInfo, FrameError, encode_frames, frame_column
 from schemas.shard_index import ShardError
+from schemas.video import decode_video
 
 
 @dataclass
@@ -146,18 +152,68 @@ def resolve_cameras(dataset: Dataset, names: Sequence[str] | None) -> dict[str, 
     return {name: available[name] for name in names}
 
 
+def shard_camera(camera: CameraInfo) -> CameraInfo:
+    """The camera as shards store it: itself for an image codec; a video camera's frames
+    are decoded at shard time and stored as PNG (lossless: the video's own pixels), so
+    that the loader decodes any window alone at PNG's speed (docs/frames.md, "Video")."""
+    if not camera.is_video:
+        return camera
+    return CameraInfo(
+        height=camera.height, width=camera.width, channels=camera.channels, codec="png"
+    )
+
+
+def transcode_part_videos(
+    dataset: Dataset, index: int, camera: str, info: CameraInfo
+) -> EncodedFrames:
+    """A video camera's frames of part `index` (one video per episode, episodes in the
+    part's order), decoded and encoded as its `shard_camera`: one PNG per step. A video
+    whose frame count is not its episode's steps, or that does not decode, is a ShardError
+    naming the file, episode and camera (and step)."""
+    column = frame_column(camera)
+    group = dataset.group_of(column, "episodes")
+    uri = dataset.file_uris(group, "episodes")[index]
+    table = dataset.read_part(index, "episodes", [cols.EPISODE_ID, cols.LENGTH, column])
+    png = shard_camera(info)
+    encoded: list[bytes] = []
+    for episode_id, length, video in zip(
+        table.column(cols.EPISODE_ID).to_pylist(),
+        table.column(cols.LENGTH).to_pylist(),
+        table.column(column).to_pylist(),
+    ):
+        where = f"{uri}: episode {episode_id} camera {camera!r}"
+        if video is None:
+            raise ShardError(f"{where}: no video")
+        try:
+            encoded += encode_frames(decode_video(video, info, where, length), png)
+        except FrameError as error:
+            raise ShardError(str(error)) from None
+    return EncodedFrames.from_arrow(pa.array(encoded, pa.binary()), uri)
+
+
 def read_part_frames(
     dataset: Dataset, index: int, cameras: Sequence[str], steps: int
 ) -> dict[str, EncodedFrames]:
     """Part `index`'s encoded frames per camera (only the frames group's file is read),
-    checked to hold one frame per step of the base part."""
+    checked to hold one frame per step of the base part; a video camera's as PNG
+    (`transcode_part_videos`)."""
     if not cameras:
         return {}
-    table = dataset.read_part(index, "steps", [frame_column(camera) for camera in cameras])
+    infos = dataset.cameras
+    images = [camera for camera in cameras if not infos[camera].is_video]
+    table = (
+        dataset.read_part(index, "steps", [frame_column(camera) for camera in images])
+        if images
+        else None
+    )
     frames = {}
     for camera in cameras:
         where = f"{dataset.uri} part {index} column {frame_column(camera)!r}"
-        encoded = EncodedFrames.from_arrow(table.column(frame_column(camera)), where)
+        if infos[camera].is_video:
+            encoded = transcode_part_videos(dataset, index, camera, infos[camera])
+        else:
+            assert table is not None
+            encoded = EncodedFrames.from_arrow(table.column(frame_column(camera)), where)
         if len(encoded) != steps:
             raise ShardError(f"{where}: {len(encoded)} frames for {steps} steps")
         frames[camera] = encoded

@@ -30,6 +30,7 @@ from engine.validate import Problem
 from schemas.frames import (
     DEFAULT_QUALITY,
     MAX_FRAME_PIXELS,
+    VIDEO_CODECS,
     CameraInfo,
     FrameError,
     decode_frame,
@@ -104,7 +105,12 @@ def image_array_problems(
 def raw_camera(shape: Sequence[int], codec: str, quality: int | None) -> CameraInfo:
     """The camera of a raw (N, H, W[, C]) uint8 array, encoded with `codec`."""
     channels = shape[3] if len(shape) == 4 else 1
-    if codec == "png":
+    if codec in VIDEO_CODECS and (shape[1] % 2 or shape[2] % 2):
+        raise FrameError(
+            f"{codec} video (yuv420p) needs an even height and width, the frames are "
+            f"{shape[1]}x{shape[2]}: choose --codec png, jpeg or webp"
+        )
+    if codec in ("png", *VIDEO_CODECS):
         quality = None
     elif quality is None:
         quality = DEFAULT_QUALITY[codec]
@@ -150,10 +156,22 @@ def chunk_rows(camera: CameraInfo) -> int:
 
 
 def encode_raw(frames: np.ndarray, camera: CameraInfo) -> list[bytes]:
-    """(N, H, W[, C]) uint8 frames, each encoded on its own in the camera's codec."""
+    """(N, H, W[, C]) uint8 frames, each encoded on its own in the camera's codec; a video
+    camera's as PNG (lossless) until the part task makes each episode's video of them
+    (engine/ingest.py `episode_videos`): a chunk of rows is not an episode."""
     if frames.ndim == 3:
         frames = frames[..., None]
+    camera = step_camera(camera)
     return [encode_frame(frame, camera) for frame in frames]
+
+
+def step_camera(camera: CameraInfo) -> CameraInfo:
+    """How a camera's frames are held one per step: itself, or PNG for a video camera."""
+    if not camera.is_video:
+        return camera
+    return CameraInfo(
+        height=camera.height, width=camera.width, channels=camera.channels, codec="png"
+    )
 
 
 def encode_rows(

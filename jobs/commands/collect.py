@@ -8,7 +8,13 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import CliPositionalArg
 
 from jobs.command import NewDataset, RayCommand, version_line
-from schemas.frames import DEFAULT_CAMERA, DEFAULT_QUALITY, CameraInfo, frame_column
+from schemas.frames import (
+    DEFAULT_CAMERA,
+    DEFAULT_QUALITY,
+    VIDEO_CODECS,
+    CameraInfo,
+    frame_column,
+)
 from schemas.manifest import Manifest
 
 
@@ -54,8 +60,13 @@ class Collect(RayCommand):
         json_schema_extra={"metavar": "HxW"},
     )
     camera: str = Field(DEFAULT_CAMERA, description="Name of the camera --frames records.")
-    codec: Literal["png", "jpeg", "webp"] = Field(
-        "png", description="Frame codec: png (lossless), jpeg or webp."
+    codec: Literal["png", "jpeg", "webp", "h264", "av1"] = Field(
+        "png",
+        description="Frame codec: png (lossless), jpeg or webp (an image per step), or h264 "
+        "or av1 (one video per episode; even height and width).",
+    )
+    gop: int | None = Field(
+        None, ge=1, description="h264/av1: a keyframe every GOP frames (default 2, LeRobot's)."
     )
     quality: int | None = Field(
         None, ge=1, le=100, description="JPEG/WebP quality (default 90); not for png."
@@ -84,13 +95,14 @@ class Collect(RayCommand):
             raise ValueError("--pixels-only needs --frames HxW: the frames are the observation")
         if self.frames is not None:
             self.camera_info()  # a bad size or camera name is an error before any work
-        elif (self.codec, self.quality, self.camera, self.channels) != (
+        elif (self.codec, self.quality, self.camera, self.channels, self.gop) != (
             "png",
             None,
             DEFAULT_CAMERA,
             3,
+            None,
         ):
-            raise ValueError("--camera, --codec, --quality and --channels need --frames HxW")
+            raise ValueError("--camera, --codec, --quality, --gop and --channels need --frames HxW")
         return self
 
     def camera_info(self) -> CameraInfo | None:
@@ -100,12 +112,19 @@ class Collect(RayCommand):
         if self.frames is None:
             return None
         frame_column(self.camera)  # letters, digits and underscores
-        if self.codec == "png" and self.quality is not None:
-            raise ValueError("--quality is for jpeg and webp; png is lossless")
+        if self.codec in ("png", *VIDEO_CODECS) and self.quality is not None:
+            raise ValueError(f"--quality is for jpeg and webp, not {self.codec}")
+        if self.gop is not None and self.codec not in VIDEO_CODECS:
+            raise ValueError(f"--gop is for h264 and av1 video, not {self.codec}")
         height, width = parse_size(self.frames)
         quality = self.quality or DEFAULT_QUALITY.get(self.codec)
         return CameraInfo(
-            height=height, width=width, channels=self.channels, codec=self.codec, quality=quality
+            height=height,
+            width=width,
+            channels=self.channels,
+            codec=self.codec,
+            quality=quality,
+            gop=self.gop,
         )
 
     def run(self) -> Manifest:

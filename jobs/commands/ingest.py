@@ -69,10 +69,11 @@ class Ingest(RayCommand):
     )
     episode_column: str | None = Field(None, description="Deprecated: use --map episode_id=COLUMN.")
     step_column: str | None = Field(None, description="Deprecated: use --map t=COLUMN.")
-    codec: Literal["png", "jpeg", "webp"] = Field(
+    codec: Literal["png", "jpeg", "webp", "h264", "av1"] = Field(
         "png",
-        description="Codec of the frames of raw uint8 image arrays (docs/frames.md); "
-        "images that arrive encoded (PNG/JPEG/WebP) are stored as they came.",
+        description="Codec of the frames of raw uint8 image arrays (docs/frames.md): an "
+        "image per step, or h264/av1 one video per episode; images that arrive encoded "
+        "(PNG/JPEG/WebP) are stored as they came.",
     )
     quality: int | None = Field(
         None, ge=1, le=100, description="JPEG/WebP quality (default 90); PNG is lossless."

@@ -1,0 +1,117 @@
+"""A camera stored as video: one MP4 per episode (H.264 or AV1 through PyAV), the one place
+such a video is encoded and decoded.
+
+A video camera's frames live in the frames group's **episodes** table: one row per episode
+of the base part, in its order, the column `frame_<camera>` holding that episode's whole
+video (Arrow `binary`). Frame k of the video is step t = k of the episode, so a video holds
+exactly as many frames as its episode has steps (checked on every decode).
+
+Settings follow LeRobot's writer (lerobot/configs/video.py, engine/exports/video.py):
+yuv420p, crf 30, a keyframe every `gop` frames (2 by default: any frame decodes from the one
+before it), SVT-AV1 preset 12. Encoding is deterministic: one encoder thread, no B-frames
+(presentation order is decode order), x264's mbtree off (see `encoder_options`), bitexact
+muxing (no version or creation time written) and explicit timestamps, so the same frames
+give the same bytes in any process, on Ray or not (tests/test_frames_video.py checks it).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from fractions import Fraction
+
+import numpy as np
+
+from schemas.frames import CameraInfo, FrameError, check_frame_array
+
+# codec -> the PyAV encoder that writes it
+ENCODERS = {"h264": "libx264", "av1": "libsvtav1"}
+PIX_FMT = "yuv420p"
+
+
+def encoder_options(camera: CameraInfo) -> dict[str, str]:
+    """The encoder's options for a camera's settings (single-threaded: identical bytes)."""
+    options = {"g": str(camera.gop), "crf": str(camera.crf)}
+    if camera.codec == "h264":
+        # mbtree off: with it, x264 encoded the same small frames (16-32 pixels) to other
+        # bytes from one run to the next; with a keyframe every 2 frames it gains nothing.
+        options.update({"threads": "1", "bf": "0", "x264-params": "mbtree=0"})
+    else:  # SVT-AV1: preset 12 as LeRobot; lp=1 one thread for identical bytes
+        options.update({"preset": "12", "svtav1-params": "lp=1"})
+    return options
+
+
+def encode_video(frames: np.ndarray, camera: CameraInfo) -> bytes:
+    """An episode's frames (N x H x W x C uint8, N >= 1) as one MP4 in the camera's codec,
+    one video frame per step at the camera's fps."""
+    import av
+
+    check_frame_array(frames, camera)
+    if len(frames) == 0:
+        raise FrameError("an episode with no frames has no video")
+    os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its configuration otherwise
+    if camera.channels == 1:
+        frames = np.repeat(frames, 3, axis=3)
+    out = io.BytesIO()
+    with av.open(out, "w", format="mp4", options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream(
+            ENCODERS[camera.codec], camera.fps, options=encoder_options(camera)
+        )
+        stream.pix_fmt = PIX_FMT
+        stream.width, stream.height = camera.width, camera.height
+        stream.codec_context.flags |= av.codec.context.Flags.bitexact
+        for step, frame in enumerate(frames):
+            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            # Step k is shown at k / fps (timestamps are part of the bytes written).
+            picture.pts, picture.time_base = step, Fraction(1, camera.fps)
+            container.mux(stream.encode(picture))
+        container.mux(stream.encode())
+    return out.getvalue()
+
+
+def decode_video(
+    data: bytes, camera: CameraInfo, where: str, steps: int | None = None
+) -> np.ndarray:
+    """Every frame of one episode's video as N x H x W x C uint8, checked against the
+    camera (codec, size) and, given `steps`, the episode's step count. A FrameError names
+    `where` (file, episode, camera) and, for a video that stops decoding, the step."""
+    import av
+
+    frames: list[np.ndarray] = []
+    try:
+        container = av.open(io.BytesIO(data), "r")
+    except Exception as error:  # PyAV raises its own error types for damaged files
+        raise FrameError(f"{where}: not a video PyAV can read ({error})") from None
+    with container:
+        if not container.streams.video:
+            raise FrameError(f"{where}: holds no video stream")
+        stream = container.streams.video[0]
+        if stream.codec_context.name not in (camera.codec, ENCODERS[camera.codec], "libdav1d"):
+            raise FrameError(
+                f"{where}: the video is {stream.codec_context.name}, the camera says {camera.codec}"
+            )
+        if (stream.height, stream.width) != (camera.height, camera.width):
+            raise FrameError(
+                f"{where}: the video is {stream.width}x{stream.height}, the camera says "
+                f"{camera.width}x{camera.height}"
+            )
+        # A damaged packet raises instead of being concealed: the error names its step.
+        stream.codec_context.options = {"err_detect": "explode"}
+        step = 0
+        try:
+            for packet in container.demux(stream):
+                if packet.pts is not None:  # no B-frames: decode order is step order
+                    step = int(round(float(packet.pts * stream.time_base) * camera.fps))
+                frames.extend(frame.to_ndarray(format="rgb24") for frame in packet.decode())
+        except Exception as error:  # a damaged stream
+            raise FrameError(f"{where} step {step}: the video does not decode ({error})") from None
+    if steps is not None and len(frames) != steps:
+        raise FrameError(
+            f"{where}: the video holds {len(frames)} frames, the episode has {steps} steps"
+        )
+    if not frames:
+        raise FrameError(f"{where}: the video holds no frame")
+    video = np.stack(frames)
+    if camera.channels == 1:  # stored as RGB with equal channels: their mean
+        video = np.round(video.mean(axis=3, keepdims=True)).astype(np.uint8)
+    return video
