@@ -58,7 +58,7 @@ from engine.sources.images import check_encoded_frames
 from engine.validate import Problem, ValidationError, check_stored_values
 from engine.writer import DEFAULT_PART_STEPS, VersionWriter, WrittenPart, base_manifest
 from schemas import steps as cols
-from schemas.frames import CODECS, FRAMES_GROUP, frames_table
+from schemas.frames import CODECS, FRAMES_GROUP, LOSSLESS_CODECS, frames_table
 from schemas.manifest import SKIPPED_REPORT_NAME, Manifest
 
 ON_ERROR = ("fail", "skip")
@@ -86,6 +86,8 @@ def plan_ingest(
         raise ValueError(f"--on-error must be one of {ON_ERROR}, not {on_error!r}")
     if codec not in CODECS:
         raise ValueError(f"--codec must be one of {CODECS}, not {codec!r}")
+    if codec in LOSSLESS_CODECS and quality is not None:
+        raise ValueError(f"--quality is for jpeg and webp; {codec} is lossless")
     reader = source_for(format or detect_format(source))
     if column_map and not reader.takes_column_map:
         takers = ", ".join(n for n in FORMATS if source_for(n).takes_column_map)

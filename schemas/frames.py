@@ -26,10 +26,13 @@ FRAMES_GROUP = "frames"
 FRAME_PREFIX = "frame_"
 DEFAULT_CAMERA = "render"  # the camera `collect --frames` records: the env's own render()
 
-Codec = Literal["png", "jpeg", "webp"]
-CODECS: tuple[str, ...] = ("png", "jpeg", "webp")
-DEFAULT_QUALITY = {"jpeg": 90, "webp": 90}  # lossy codecs only; png is lossless
-_PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+# "webp-lossless" is WebP's lossless bitstream (VP8L), a codec of its own rather than a
+# quality: it has no quality setting, and it decodes to exactly the frame it was given.
+Codec = Literal["png", "jpeg", "webp", "webp-lossless"]
+CODECS: tuple[str, ...] = ("png", "jpeg", "webp", "webp-lossless")
+LOSSLESS_CODECS: tuple[str, ...] = ("png", "webp-lossless")  # no quality setting
+DEFAULT_QUALITY = {"jpeg": 90, "webp": 90}  # lossy codecs only
+_PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "webp-lossless": "WEBP"}
 # A decoded frame larger than this is refused before decoding (a decompression bomb, a 4K
 # frame where the camera says 84x84): checked against the header's size.
 MAX_FRAME_PIXELS = 4096 * 4096
@@ -50,7 +53,7 @@ class CameraInfo(BaseModel):
     dtype: Literal["uint8"] = "uint8"
     codec: Codec = "png"
     quality: int | None = Field(
-        default=None, ge=1, le=100, description="JPEG/WebP quality; None for PNG."
+        default=None, ge=1, le=100, description="JPEG/WebP quality; None for the lossless codecs."
     )
 
     @property
@@ -94,6 +97,8 @@ def encode_frame(frame: np.ndarray, camera: CameraInfo) -> bytes:
         options = {"compress_level": 6}
     elif camera.codec == "jpeg":
         options = {"quality": camera.quality or DEFAULT_QUALITY["jpeg"], "subsampling": 0}
+    elif camera.codec == "webp-lossless":
+        options = {"lossless": True, "method": 4}
     else:
         options = {"quality": camera.quality or DEFAULT_QUALITY["webp"], "method": 4}
     image.save(out, format=_PIL_FORMAT[camera.codec], **options)

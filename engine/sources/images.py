@@ -29,6 +29,7 @@ import numpy as np
 from engine.validate import Problem
 from schemas.frames import (
     DEFAULT_QUALITY,
+    LOSSLESS_CODECS,
     MAX_FRAME_PIXELS,
     CameraInfo,
     FrameError,
@@ -104,7 +105,7 @@ def image_array_problems(
 def raw_camera(shape: Sequence[int], codec: str, quality: int | None) -> CameraInfo:
     """The camera of a raw (N, H, W[, C]) uint8 array, encoded with `codec`."""
     channels = shape[3] if len(shape) == 4 else 1
-    if codec == "png":
+    if codec in LOSSLESS_CODECS:
         quality = None
     elif quality is None:
         quality = DEFAULT_QUALITY[codec]

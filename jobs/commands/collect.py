@@ -8,7 +8,13 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import CliPositionalArg
 
 from jobs.command import NewDataset, RayCommand, version_line
-from schemas.frames import DEFAULT_CAMERA, DEFAULT_QUALITY, CameraInfo, frame_column
+from schemas.frames import (
+    DEFAULT_CAMERA,
+    DEFAULT_QUALITY,
+    LOSSLESS_CODECS,
+    CameraInfo,
+    frame_column,
+)
 from schemas.manifest import Manifest
 
 
@@ -54,11 +60,15 @@ class Collect(RayCommand):
         json_schema_extra={"metavar": "HxW"},
     )
     camera: str = Field(DEFAULT_CAMERA, description="Name of the camera --frames records.")
-    codec: Literal["png", "jpeg", "webp"] = Field(
-        "png", description="Frame codec: png (lossless), jpeg or webp."
+    codec: Literal["png", "jpeg", "webp", "webp-lossless"] = Field(
+        "png",
+        description="Frame codec: png or webp-lossless (lossless), jpeg or webp (lossy).",
     )
     quality: int | None = Field(
-        None, ge=1, le=100, description="JPEG/WebP quality (default 90); not for png."
+        None,
+        ge=1,
+        le=100,
+        description="JPEG/WebP quality (default 90); not for the lossless codecs.",
     )
     channels: int = Field(
         3, description="Frame channels: 3 (RGB) or 1 (grayscale, a third of the pixels)."
@@ -100,8 +110,8 @@ class Collect(RayCommand):
         if self.frames is None:
             return None
         frame_column(self.camera)  # letters, digits and underscores
-        if self.codec == "png" and self.quality is not None:
-            raise ValueError("--quality is for jpeg and webp; png is lossless")
+        if self.codec in LOSSLESS_CODECS and self.quality is not None:
+            raise ValueError(f"--quality is for jpeg and webp; {self.codec} is lossless")
         height, width = parse_size(self.frames)
         quality = self.quality or DEFAULT_QUALITY.get(self.codec)
         return CameraInfo(
