@@ -290,6 +290,46 @@ def test_workers_and_threads_decode_the_same_frames(written):
     for batch in stream(out, batch_size=16, epochs=1, num_workers=2, decode_threads=2):
         windows += check_batch_frames(batch, k=3)
     assert windows == index.windows
+    # Workers hand frames over in recycled shared memory: batches a consumer keeps are
+    # never written over (every one still right after the whole epoch).
+    kept = list(stream(out, batch_size=16, epochs=1, num_workers=2, augment_shift=0))
+    assert sum(check_batch_frames(batch, k=3) for batch in kept) == index.windows
+
+
+def test_worker_frame_buffers_are_reused_only_once_released():
+    from trainers.loader.handover import FREE, LENT, Lent, SharedFrames, new_board
+
+    board = new_board(1)
+    # The worker's side: a lent slot is not written again until the board says free.
+    worker = SharedFrames(board, 0)
+    first = worker.empty((4, 8))
+    address = first.ctypes.data
+    _, slot = worker.hand_over(first)
+    worker.clear()
+    assert board[0, slot] == LENT
+    second = worker.empty((4, 8)).ctypes.data  # another buffer, not handed over
+    assert second != address
+    worker.clear()
+    assert worker.empty((4, 8)).ctypes.data == second  # free again: reused
+    worker.clear()
+    board[0, slot] = FREE
+    assert {worker.empty((4, 8)).ctypes.data, worker.empty((4, 8)).ctypes.data} == {
+        address,
+        second,
+    }  # both reused, no third buffer made
+    assert sum(buffer is not None for buffer in worker.buffers) == 2
+    # The main process's side (its own mapping of the buffer): free once no view is left.
+    lent = Lent(board)
+    board[0, 3] = LENT
+    received = torch.zeros((4, 8), dtype=torch.uint8).share_memory_()
+    lent.add(0, {"frame_render": 3}, {"frame_render": received})
+    view = received[1:3]  # the consumer keeps a view of the batch
+    del received
+    lent.release()
+    assert board[0, 3] == LENT
+    del view
+    lent.release()
+    assert board[0, 3] == FREE and lent.out == []
 
 
 def test_random_shift_is_seeded_and_shifts_each_window_as_a_whole(written):
