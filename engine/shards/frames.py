@@ -118,7 +118,8 @@ class StoredFrames:
         if np.array_equal(distinct, wanted):
             return read
         # A range's rows are consecutive among the distinct rows read (kept rows too).
-        firsts = np.searchsorted(distinct, wanted[np.cumsum(counts) - counts])
+        heads = np.minimum(np.cumsum(counts) - counts, len(wanted) - 1)  # empty ranges: any
+        firsts = np.searchsorted(distinct, wanted[heads])
         return read.take_ranges(firsts, np.asarray(counts, np.int64))
 
     def select(self, starts: np.ndarray, counts: np.ndarray) -> FrameRanges:
