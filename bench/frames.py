@@ -3,6 +3,7 @@ and decode speed; and the same frames as video per episode (H.264 and AV1 throug
 LeRobot stores cameras).
 
     python -m bench.frames --out bench/results/frames.json [--frames 2000] [--sizes 64,84]
+    python -m bench.frames --codecs webp_lossless --images-only --out ...   # png vs one codec
 
 1. Render `--frames` Pendulum-v1 frames (episodes of 200 steps, the heuristic policy with
    half its actions random, so the pendulum swings) at each size with
@@ -10,8 +11,8 @@ LeRobot stores cameras).
    variant adds Gaussian noise (sigma 8, clipped): a real camera's sensor noise, which
    lossless codecs cannot squeeze out.
 2. Image codecs, one frame at a time as the dataset stores them (schemas/frames.py):
-   PNG, JPEG q90 and q75, WebP q90, and WebP lossless (PIL `lossless=True`; not a camera
-   setting yet). Bytes per frame against raw uint8 (H x W x 3); for lossy codecs the mean
+   PNG, JPEG q90 and q75, WebP q90, and WebP lossless (`--codec webp-lossless`), each
+   through `encode_frames` / `decode_frame` with its camera setting. Bytes per frame against raw uint8 (H x W x 3); for lossy codecs the mean
    absolute pixel error and PSNR; encode and decode frames/s on one core (decode checked as
    the loader decodes, `decode_frame`); decode speed also as a ratio against PNG's.
 3. Video, one file per episode (PyAV): H.264 (libx264, yuv420p, CRF 23, the default GOP)
@@ -110,33 +111,24 @@ def best_of(work, repeats: int = REPEATS) -> tuple[float, Any]:
     return best, result
 
 
-def image_codecs() -> dict[str, tuple[str, dict[str, Any]]]:
-    """Name -> (PIL format, save options), the options `schemas.frames.encode_frame` uses."""
+def image_codecs() -> dict[str, tuple[str, int | None]]:
+    """Name -> the camera setting (codec, quality): frames are encoded and decoded exactly
+    as a dataset stores them (`schemas.frames.encode_frames` / `decode_frame`)."""
     return {
-        "png": ("PNG", {"compress_level": 6}),
-        "jpeg_q90": ("JPEG", {"quality": 90, "subsampling": 0}),
-        "jpeg_q75": ("JPEG", {"quality": 75, "subsampling": 0}),
-        "webp_q90": ("WEBP", {"quality": 90, "method": 4}),
-        "webp_lossless": ("WEBP", {"lossless": True, "method": 4}),
+        "png": ("png", None),
+        "jpeg_q90": ("jpeg", 90),
+        "jpeg_q75": ("jpeg", 75),
+        "webp_q90": ("webp", 90),
+        "webp_lossless": ("webp-lossless", None),
     }
 
 
-def measure_image_codec(frames: np.ndarray, format: str, options: dict[str, Any]) -> dict:
-    from PIL import Image
+def measure_image_codec(frames: np.ndarray, codec: str, quality: int | None) -> dict:
+    from schemas.frames import LOSSLESS_CODECS, CameraInfo, decode_frame, encode_frames
 
-    from schemas.frames import CameraInfo, decode_frame
-
-    def encode_all() -> list[bytes]:
-        encoded = []
-        for frame in frames:
-            out = io.BytesIO()
-            Image.fromarray(frame).save(out, format=format, **options)
-            encoded.append(out.getvalue())
-        return encoded
-
-    encode_seconds, encoded = best_of(encode_all)
     height, width = frames.shape[1:3]
-    camera = CameraInfo(height=height, width=width, codec=format.lower())
+    camera = CameraInfo(height=height, width=width, codec=codec, quality=quality)
+    encode_seconds, encoded = best_of(lambda: encode_frames(frames, camera))
     decode_seconds, decoded = best_of(
         lambda: np.stack([decode_frame(data, camera) for data in encoded])
     )
@@ -147,10 +139,11 @@ def measure_image_codec(frames: np.ndarray, format: str, options: dict[str, Any]
         "encode_frames_per_s": round(len(frames) / encode_seconds),
         "decode_frames_per_s": round(len(frames) / decode_seconds),
     }
-    if format != "PNG" and not options.get("lossless"):
-        result |= pixel_error(decoded, frames)
+    if codec in LOSSLESS_CODECS:
+        assert np.array_equal(decoded, frames), f"{codec} is not lossless"
+        result["mean_abs_error"] = 0.0
     else:
-        assert np.array_equal(decoded, frames), f"{format} {options} is not lossless"
+        result |= pixel_error(decoded, frames)
     return result
 
 
@@ -368,7 +361,15 @@ def large_frames(count: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- the run
 
 
-def run(count: int, sizes: list[int], large: int = 0) -> dict[str, Any]:
+def run(
+    count: int,
+    sizes: list[int],
+    large: int = 0,
+    codecs: list[str] | None = None,
+    video: bool = True,
+    ingest: bool = True,
+) -> dict[str, Any]:
+    codecs = ["png", *(c for c in codecs or image_codecs() if c != "png")]  # png: the baseline
     load_at_start = os.getloadavg()
     started = time.perf_counter()
     rendered = render_frames(count, sizes)
@@ -386,14 +387,14 @@ def run(count: int, sizes: list[int], large: int = 0) -> dict[str, Any]:
                 "raw_bytes_per_frame": frames[0].nbytes,
                 "frames": len(frames),
             }
-            for name, (format, options) in image_codecs().items():
-                results[name] = measure_image_codec(frames, format, options)
+            for name in codecs:
+                results[name] = measure_image_codec(frames, *image_codecs()[name])
             png_decode = results["png"]["decode_frames_per_s"]
-            for name in image_codecs():
+            for name in codecs:
                 results[name]["decode_speed_over_png"] = round(
                     results[name]["decode_frames_per_s"] / png_decode, 2
                 )
-            if video_available:
+            if video_available and video:
                 for name, settings in video_codecs().items():
                     results[f"video_{name}"] = measure_video_codec(
                         frames, settings["codec"], settings["options"], settings["gop"]
@@ -413,7 +414,7 @@ def run(count: int, sizes: list[int], large: int = 0) -> dict[str, Any]:
         "load_average_at_start": [round(x, 2) for x in load_at_start],
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "results": variants,
-        "ingest_vs_bare_encode": ingest_vs_encode(rendered[max(sizes)]),
+        "ingest_vs_bare_encode": ingest_vs_encode(rendered[max(sizes)]) if ingest else None,
         "large_frames": large_frames(large) if large else None,
     }
 
@@ -426,9 +427,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--large-frames", type=int, default=0, help="also ingest this many 4K frames (memory)"
     )
+    parser.add_argument(
+        "--codecs",
+        default=",".join(image_codecs()),
+        help="image codecs to measure, comma-separated (png, the baseline, always is)",
+    )
+    parser.add_argument(
+        "--images-only", action="store_true", help="leave out the video and ingest rows"
+    )
     args = parser.parse_args(argv)
     sizes = [int(size) for size in args.sizes.split(",")]
-    save_results(run(args.frames, sizes, args.large_frames), args.out)
+    codecs = args.codecs.split(",")
+    unknown = sorted(set(codecs) - set(image_codecs()))
+    if unknown:
+        parser.error(f"unknown codecs {unknown}; choose from {list(image_codecs())}")
+    only_images = args.images_only
+    results = run(args.frames, sizes, args.large_frames, codecs, not only_images, not only_images)
+    save_results(results, args.out)
     return 0
 
 

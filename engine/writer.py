@@ -58,6 +58,22 @@ from schemas.retry import retrying
 # scan stays within ~10% of 64k-row groups (bench/results/query.json; 1024 rows made it 30%
 # slower, query-compare-1024-rows.json). Episode files are small and read whole.
 ROW_GROUP_ROWS = MappingProxyType({"steps": 4096, "episodes": 64 * 1024})
+# Camera frames weigh far more per row: their row groups are cut to about 1 MiB,
+# so that reading a few frames (language keyframes) or a part a row group at a time (the
+# shard writer) holds a MiB or so, not 4096 frames (48 MB of noisy 84x84 PNG, GBs of 4K).
+FRAME_ROW_GROUP_BYTES = 2**20
+
+
+def row_group_rows(table: pa.Table, level: str) -> int:
+    """Rows per Parquet row group: ROW_GROUP_ROWS, fewer for big camera frames."""
+    frames = [n for n in table.column_names if camera_of(n) is not None]
+    rows = ROW_GROUP_ROWS[level]
+    if frames and table.num_rows:
+        per_row = sum(table.column(n).nbytes for n in frames) / table.num_rows
+        rows = int(min(rows, max(1, FRAME_ROW_GROUP_BYTES // max(per_row, 1))))
+    return rows
+
+
 DEFAULT_PART_STEPS = 1_000_000
 
 
@@ -280,7 +296,7 @@ class VersionWriter:
             data_file = write_parquet(
                 storage.join(self.uri, relative_path),
                 table,
-                ROW_GROUP_ROWS[level],
+                row_group_rows(table, level),
                 self.check_fence,
             )
             files[level] = data_file.model_copy(update={"path": relative_path})

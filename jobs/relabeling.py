@@ -38,6 +38,7 @@ import pyarrow as pa
 
 from engine.dataset import LEVELS, Dataset, open_dataset
 from engine.executor import Executor
+from engine.query import read_part_rows
 from engine.storage import StaleWriterError
 from engine.writer import (
     VersionWriter,
@@ -111,7 +112,9 @@ class SchemaInputs:
     rewards_known: bool = True
     where: str = ""
 
-    def summarize(self, function: Callable[[pa.Table, pa.Table, Part], Summary]) -> list[Summary]:
+    def summarize(
+        self, function: Callable[[pa.Table, pa.Table, Part], Summary], frames: bool = True
+    ) -> list[Summary]:
         raise _NeedsData
 
 
@@ -283,13 +286,26 @@ class PartReader:
     def part(self, index: int) -> Part:
         return Part(index, self.dataset.num_parts, f"{self.dataset.uri} part {index}")
 
-    def read(self, part: Part, frames: bool = True) -> tuple[pa.Table, pa.Table]:
-        """The part's columns; with `frames`, the declared frame columns too (last)."""
-        steps_columns = self.steps_columns + (self.frame_columns if frames else ())
-        return (
-            self.dataset.read_part(part.index, "steps", steps_columns),
-            self.dataset.read_part(part.index, "episodes", self.episodes_columns),
-        )
+    def read(
+        self, part: Part, frames: bool = True, relabeler: Relabeler | None = None
+    ) -> tuple[pa.Table, pa.Table]:
+        """The part's columns; with `frames`, the declared frame columns too (last): every
+        row's, or only those at `relabeler.frame_rows` (null elsewhere), read from the
+        Parquet row groups that hold them."""
+        steps = self.dataset.read_part(part.index, "steps", self.steps_columns)
+        episodes = self.dataset.read_part(part.index, "episodes", self.episodes_columns)
+        if not (frames and self.frame_columns):
+            return steps, episodes
+        rows = None if relabeler is None else relabeler.frame_rows(steps, episodes, part)
+        if rows is None:
+            frame_table = self.dataset.read_part(part.index, "steps", self.frame_columns)
+        else:
+            frame_table = read_part_rows(
+                self.dataset, part.index, "steps", self.frame_columns, rows, fill=steps.num_rows
+            )
+        for name in self.frame_columns:
+            steps = steps.append_column(frame_table.schema.field(name), frame_table[name])
+        return steps, episodes
 
 
 @dataclass(frozen=True)
@@ -330,13 +346,14 @@ def summarize_part(
     reader: PartReader,
     relabeler: Relabeler,
     function: Callable[[pa.Table, pa.Table, Part], Any],
+    frames: bool,
     index: int,
 ) -> Summarized:
-    """A task of `setup`'s pass: `function` on one part's columns."""
+    """A task of `setup`'s pass: `function` on one part's columns (`frames`: and frames)."""
     part = reader.part(index)
 
     def work() -> Summarized:
-        steps, episodes = reader.read(part)
+        steps, episodes = reader.read(part, frames, relabeler)
         return Summarized(function(steps, episodes, part), steps.num_rows)
 
     return _in_task(relabeler, part, work)
@@ -349,7 +366,7 @@ def relabel_part(
     part = reader.part(index)
 
     def work() -> RelabeledPart:
-        steps, episodes = reader.read(part)
+        steps, episodes = reader.read(part, relabeler=relabeler)
         output = relabeler.run(steps, episodes, part)
         written = writer.write_part(index, output.steps, output.episodes, group=relabeler.name)
         return RelabeledPart(written, output.report, steps.num_rows)
@@ -390,9 +407,11 @@ class VersionInputs:
     def where(self) -> str:
         return self.reader.dataset.uri
 
-    def summarize(self, function: Callable[[pa.Table, pa.Table, Part], Summary]) -> list[Summary]:
+    def summarize(
+        self, function: Callable[[pa.Table, pa.Table, Part], Summary], frames: bool = True
+    ) -> list[Summary]:
         results = self.executor.map(
-            functools.partial(summarize_part, self.reader, self.relabeler, function),
+            functools.partial(summarize_part, self.reader, self.relabeler, function, frames),
             list(range(self.parts)),
             description=f"{self.relabeler.name} (setup)",
             total=self.reader.dataset.manifest.steps,

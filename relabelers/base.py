@@ -8,6 +8,9 @@ A relabeler is a small class (docs/plugins.md walks through a complete one):
                             (`frame_<camera>` step columns) only when declared in
                             `Columns.frames` (default: none, and the frames files stay
                             unopened)
+    frame_rows(steps, episodes, part)
+                            optional: the few rows whose declared frames it needs
+                            (language keyframes); the others arrive null, unread
     setup(inputs)           optional, in the driver, once: check the input types
                             (inputs.steps_schema, inputs.episodes_schema, inputs.cameras)
                             and, if the
@@ -41,7 +44,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from schemas import steps as cols
-from schemas.frames import CameraInfo
+from schemas.frames import CameraInfo, camera_of
 
 Summary = TypeVar("Summary")
 
@@ -110,10 +113,12 @@ class Inputs(Protocol):
     rewards_known: bool
     where: str  # the dataset, as messages name it
 
-    def summarize(self, function: Callable[[pa.Table, pa.Table, Part], Summary]) -> list[Summary]:
+    def summarize(
+        self, function: Callable[[pa.Table, pa.Table, Part], Summary], frames: bool = True
+    ) -> list[Summary]:
         """`function(steps, episodes, part)` on every part (the columns of `reads()`, the
-        frames it declares included: D-REX trains on them), in parallel; the results in part
-        order. Keep them small: they come to the driver."""
+        frames it declares included unless `frames=False`: D-REX trains on them), in
+        parallel; the results in part order. Keep them small: they come to the driver."""
         ...
 
 
@@ -159,6 +164,14 @@ class Relabeler(ABC):
     @abstractmethod
     def relabel(self, steps: pa.Table, episodes: pa.Table, part: Part) -> Output:
         """Per part: the new columns for these whole episodes."""
+
+    def frame_rows(self, steps: pa.Table, episodes: pa.Table, part: Part) -> np.ndarray | None:
+        """Optional, for a relabeler that declares frames but looks at a few of them: the
+        sorted, distinct rows of the part whose frames it needs, from the part's other
+        columns (`steps` and `episodes` without frames). The job then reads only the
+        Parquet row groups that hold those rows, and the frame columns it hands over are
+        null at every other row. None (the default): every row's frames."""
+        return None
 
     def finish(self, reports: list[dict[str, Any]]) -> dict[str, Any]:
         """In the driver, after every part: the report stored in the manifest."""
@@ -238,8 +251,15 @@ class TableInputs:
     def part(self, index: int) -> Part:
         return Part(index, self.parts, f"{self.where} part {index}")
 
-    def summarize(self, function: Callable[[pa.Table, pa.Table, Part], Summary]) -> list[Summary]:
-        return [function(s, e, self.part(i)) for i, (s, e) in enumerate(self.tables)]
+    def summarize(
+        self, function: Callable[[pa.Table, pa.Table, Part], Summary], frames: bool = True
+    ) -> list[Summary]:
+        tables = self.tables if frames else [(_without_frames(s), e) for s, e in self.tables]
+        return [function(s, e, self.part(i)) for i, (s, e) in enumerate(tables)]
+
+
+def _without_frames(steps: pa.Table) -> pa.Table:
+    return steps.drop_columns([n for n in steps.column_names if camera_of(n) is not None])
 
 
 def split_parts(steps: pa.Table, episodes: pa.Table, parts: int) -> list[tuple[pa.Table, pa.Table]]:

@@ -29,15 +29,18 @@ FRAMES_GROUP = "frames"
 FRAME_PREFIX = "frame_"
 DEFAULT_CAMERA = "render"  # the camera `collect --frames` records: the env's own render()
 
-Codec = Literal["png", "jpeg", "webp", "h264", "av1"]
-CODECS: tuple[str, ...] = ("png", "jpeg", "webp")  # image codecs: one image per step
+# "webp-lossless" is WebP's lossless bitstream (VP8L), a codec of its own rather than a
+# quality: it has no quality setting, and it decodes to exactly the frame it was given.
+Codec = Literal["png", "jpeg", "webp", "webp-lossless", "h264", "av1"]
+CODECS: tuple[str, ...] = ("png", "jpeg", "webp", "webp-lossless")  # one image per step
+LOSSLESS_CODECS: tuple[str, ...] = ("png", "webp-lossless")  # no quality setting
 VIDEO_CODECS: tuple[str, ...] = ("h264", "av1")  # one video per episode (schemas/video.py)
-DEFAULT_QUALITY = {"jpeg": 90, "webp": 90}  # lossy codecs only; png is lossless
+DEFAULT_QUALITY = {"jpeg": 90, "webp": 90}  # lossy codecs only
 # Video settings by default (LeRobot's): 30 fps, a keyframe every 2 frames, crf 30.
 DEFAULT_FPS = 30
 DEFAULT_GOP = 2
 DEFAULT_CRF = 30
-_PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+_PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "webp-lossless": "WEBP"}
 # A decoded frame larger than this is refused before decoding (a decompression bomb, a 4K
 # frame where the camera says 84x84): checked against the header's size.
 MAX_FRAME_PIXELS = 4096 * 4096
@@ -62,7 +65,7 @@ class CameraInfo(BaseModel):
     dtype: Literal["uint8"] = "uint8"
     codec: Codec = "png"
     quality: int | None = Field(
-        default=None, ge=1, le=100, description="JPEG/WebP quality; None for PNG."
+        default=None, ge=1, le=100, description="JPEG/WebP quality; None for the lossless codecs."
     )
     # Video cameras only (absent from an image camera's manifest entry):
     fps: int | None = Field(
@@ -148,6 +151,8 @@ def encode_frame(frame: np.ndarray, camera: CameraInfo) -> bytes:
         options = {"compress_level": 6}
     elif camera.codec == "jpeg":
         options = {"quality": camera.quality or DEFAULT_QUALITY["jpeg"], "subsampling": 0}
+    elif camera.codec == "webp-lossless":
+        options = {"lossless": True, "method": 4}
     else:
         options = {"quality": camera.quality or DEFAULT_QUALITY["webp"], "method": 4}
     image.save(out, format=_PIL_FORMAT[camera.codec], **options)

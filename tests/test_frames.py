@@ -40,6 +40,19 @@ def test_png_is_lossless_and_lossy_codecs_stay_close(channels):
         assert np.abs(decoded.astype(int) - smooth).mean() < 4
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_webp_lossless_gives_back_every_pixel_of_a_noisy_frame(channels):
+    raw = frames(4, channels=channels)  # uniform noise: nothing for a lossy codec to keep
+    camera = CameraInfo(height=12, width=10, channels=channels, codec="webp-lossless")
+    encoded = encode_frames(raw, camera)
+    np.testing.assert_array_equal(decode_frames(encoded, camera), raw)
+    # WebP's lossless bitstream (a VP8L chunk), not a lossy VP8 one at a high quality.
+    assert all(data[:4] == b"RIFF" and data[8:16] == b"WEBPVP8L" for data in encoded)
+    # Frames that are WebP either way decode under a lossy or a lossless WebP camera.
+    lossy = CameraInfo(height=12, width=10, channels=channels, codec="webp")
+    np.testing.assert_array_equal(decode_frames(encoded, lossy), raw)
+
+
 def test_a_frame_unlike_its_camera_is_refused_naming_where():
     camera = CameraInfo(height=12, width=10)
     data = encode_frames(frames(1), camera)[0]

@@ -161,8 +161,23 @@ def test_collect_cli_frames_options(tmp_path, capsys):
     assert cameras == {"front": CameraInfo(height=24, width=32, codec="jpeg", quality=80)}
     assert frames_of(str(output), "front").shape == (10, 24, 32, 3)
     capsys.readouterr()
+    lossless = tmp_path / "webp-lossless"
+    options = "--episodes 2 --max-steps 5 --frames 24x32 --codec webp-lossless"
+    assert main(["collect", "CartPole-v1", str(lossless), *options.split()]) == 0
+    cameras = open_dataset(str(lossless)).cameras
+    assert cameras == {"render": CameraInfo(height=24, width=32, codec="webp-lossless")}
+    manifest = json.loads((lossless / "manifest.json").read_text())
+    frames_group = next(g for g in manifest["groups"] if g["name"] == FRAMES_GROUP)
+    assert frames_group["cameras"]["render"]["codec"] == "webp-lossless"
+    assert frames_group["cameras"]["render"]["quality"] is None
+    png = tmp_path / "png"
+    assert main(["collect", "CartPole-v1", str(png), *options.split()[:-2]]) == 0
+    np.testing.assert_array_equal(frames_of(str(lossless)), frames_of(str(png)))  # every pixel
+    capsys.readouterr()
     refused = {
         "--quality is for jpeg and webp": ["--frames", "8x8", "--quality", "50"],
+        "webp-lossless is lossless": ["--frames", "8x8", "--codec", "webp-lossless"]
+        + ["--quality", "50"],
         "need --frames": ["--codec", "webp"],
         "HEIGHTxWIDTH": ["--frames", "64"],
         "letters, digits and underscores": ["--frames", "8x8", "--camera", "a/b"],

@@ -104,6 +104,19 @@ def test_a_uint8_observation_array_is_camera_observation(ray_local, tmp_path):
     }
 
 
+def test_webp_lossless_ingest_keeps_every_pixel_and_refuses_a_quality(tmp_path):
+    frames = scenes(20, 24, 32, seed=3)
+    frames[5:] = np.random.default_rng(2).integers(0, 256, frames[5:].shape, dtype=np.uint8)
+    source = write_hdf5(tmp_path / "pixels.h5", flat_arrays(20, [9, 19], frames))
+    uri = str(tmp_path / "ds")
+    ingest(plan_ingest(source, codec="webp-lossless"), uri, executor=InProcess(), command="t")
+    data, camera = frames_of(uri, "observation")
+    assert camera == CameraInfo(height=24, width=32, codec="webp-lossless", quality=None)
+    np.testing.assert_array_equal(decode_frames(data, camera), frames)
+    with pytest.raises(ValueError, match="--quality is for jpeg and webp; webp-lossless is"):
+        plan_ingest(source, codec="webp-lossless", quality=90)
+
+
 def test_dict_observation_image_keys_are_cameras_the_rest_the_state(tmp_path):
     grey = scenes(30, 16, 20, channels=1)[..., 0]  # (N, H, W): one channel
     state = np.random.default_rng(2).normal(size=(30, 4)).astype(np.float32)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,9 +61,12 @@ def episode_number(episode_id) -> np.ndarray:
     return (np.asarray(episode_id, dtype=np.int64) - 7) // 10
 
 
-def frames_dataset(uri: str, num_episodes=12, max_length=40, part_steps=100, cameras=CAMERAS):
+def frames_dataset(
+    uri: str, num_episodes=12, max_length=40, part_steps=100, cameras=CAMERAS, encode=None
+):
     """A base dataset plus a child version with a frames group (one PNG per step and camera,
-    pixels encoding (episode, t)), written as any frames writer would."""
+    pixels encoding (episode, t); or `encode(camera, episode number, t)`'s bytes), written
+    as any frames writer would."""
     steps, episodes = make_episodes(
         num_episodes=num_episodes, obs_dim=3, action_dim=2, seed=1, max_length=max_length
     )
@@ -76,7 +80,9 @@ def frames_dataset(uri: str, num_episodes=12, max_length=40, part_steps=100, cam
             t = part.column("t").to_numpy()
             table = frames_table(
                 {
-                    camera: encode_frames(frame_pixels(camera, number, t), info)
+                    camera: encode(camera, number, t)
+                    if encode
+                    else encode_frames(frame_pixels(camera, number, t), info)
                     for camera, info in cameras.items()
                 }
             )
@@ -284,6 +290,46 @@ def test_workers_and_threads_decode_the_same_frames(written):
     for batch in stream(out, batch_size=16, epochs=1, num_workers=2, decode_threads=2):
         windows += check_batch_frames(batch, k=3)
     assert windows == index.windows
+    # Workers hand frames over in recycled shared memory: batches a consumer keeps are
+    # never written over (every one still right after the whole epoch).
+    kept = list(stream(out, batch_size=16, epochs=1, num_workers=2, augment_shift=0))
+    assert sum(check_batch_frames(batch, k=3) for batch in kept) == index.windows
+
+
+def test_worker_frame_buffers_are_reused_only_once_released():
+    from trainers.loader.handover import FREE, LENT, Lent, SharedFrames, new_board
+
+    board = new_board(1)
+    # The worker's side: a lent slot is not written again until the board says free.
+    worker = SharedFrames(board, 0)
+    first = worker.empty((4, 8))
+    address = first.ctypes.data
+    _, slot = worker.hand_over(first)
+    worker.clear()
+    assert board[0, slot] == LENT
+    second = worker.empty((4, 8)).ctypes.data  # another buffer, not handed over
+    assert second != address
+    worker.clear()
+    assert worker.empty((4, 8)).ctypes.data == second  # free again: reused
+    worker.clear()
+    board[0, slot] = FREE
+    assert {worker.empty((4, 8)).ctypes.data, worker.empty((4, 8)).ctypes.data} == {
+        address,
+        second,
+    }  # both reused, no third buffer made
+    assert sum(buffer is not None for buffer in worker.buffers) == 2
+    # The main process's side (its own mapping of the buffer): free once no view is left.
+    lent = Lent(board)
+    board[0, 3] = LENT
+    received = torch.zeros((4, 8), dtype=torch.uint8).share_memory_()
+    lent.add(0, {"frame_render": 3}, {"frame_render": received})
+    view = received[1:3]  # the consumer keeps a view of the batch
+    del received
+    lent.release()
+    assert board[0, 3] == LENT
+    del view
+    lent.release()
+    assert board[0, 3] == FREE and lent.out == []
 
 
 def test_random_shift_is_seeded_and_shifts_each_window_as_a_whole(written):
@@ -436,3 +482,128 @@ def test_frames_shards_on_s3_stream_the_same_frames(dataset, s3_server):
     for batch in stream("s3://hs-frames/shards/v1", batch_size=32, epochs=1, decode_threads=2):
         windows += check_batch_frames(batch, k=3)
     assert windows == index.windows
+
+
+# ---------------------------------------------------------------- a huge part, streamed
+
+
+def shard_bytes(out: str) -> list[bytes]:
+    index = read_index(out)
+    return [(Path(out) / info.name).read_bytes() for info in index.shards]
+
+
+@pytest.mark.parametrize("exclude", [None, "t % 7 = 3"])
+def test_a_part_of_many_frames_is_read_shard_by_shard_into_the_same_shards(
+    tmp_path, monkeypatch, exclude
+):
+    import engine.writer
+    from engine.shards import frames as shard_frames
+
+    # One part of ~400 steps; frames in row groups of ~5 frames, shards of ~16 KB of frames.
+    monkeypatch.setattr(engine.writer, "FRAME_ROW_GROUP_BYTES", 5 * 160)
+    uri = frames_dataset(str(tmp_path / "ds"), num_episodes=14, max_length=60, part_steps=10**6)
+    assert len(open_dataset(uri).manifest.parts) == 1
+    monkeypatch.setattr(shard_frames, "MAX_SHARD_FRAME_BYTES", 16 * 2**10)
+    settings = dict(shard_steps=10**6, exclude=exclude)
+    held = shard(uri, str(tmp_path / "held"), **settings)
+    monkeypatch.setattr(shard_frames, "FRAMES_IN_MEMORY_BYTES", 0)
+    reads = []
+    original = shard_frames.StoredFrames.take_ranges
+
+    def counted(self, starts, counts):
+        reads.append(int(np.sum(counts)))
+        return original(self, starts, counts)
+
+    monkeypatch.setattr(shard_frames.StoredFrames, "take_ranges", counted)
+    streamed = shard(uri, str(tmp_path / "streamed"), **settings)
+    # Many shards (the frames' bytes cap them), each reading only its own steps' frames,
+    # once per camera; and the very same shard bytes as when the part's frames are held.
+    assert len(streamed.shards) >= 4 and streamed.shards == held.shards
+    filled = [info for info in streamed.shards if info.steps]
+    assert len(reads) == 2 * len(filled) and sum(reads) == 2 * streamed.steps
+    assert shard_bytes(str(tmp_path / "streamed")) == shard_bytes(str(tmp_path / "held"))
+    if exclude:  # t is renumbered over the kept steps: the frames show the original t
+        return
+    windows = 0
+    for batch in stream(str(tmp_path / "streamed"), batch_size=32, epochs=1):
+        windows += check_batch_frames(batch, k=3)
+    assert windows == streamed.windows
+
+
+def big_frames_dataset(uri: str, steps: int, frame_bytes: int) -> str:
+    """One part of `steps` steps whose one camera holds incompressible frames of
+    `frame_bytes` bytes (a PNG signature, then random bytes: the shard writer carries
+    frames unchanged and never decodes them, so only their size matters here)."""
+    camera = {"render": CameraInfo(height=256, width=256, codec="png")}
+    return frames_dataset(
+        uri,
+        num_episodes=steps // 50,
+        max_length=50,
+        part_steps=10**7,
+        cameras=camera,
+        encode=lambda camera, number, t: [
+            b"\x89PNG\r\n\x1a\n" + np.random.default_rng([int(n), int(s)]).bytes(frame_bytes)
+            for n, s in zip(number, t)
+        ],
+    )
+
+
+PEAK_SCRIPT = """
+import json, sys, tracemalloc
+import pyarrow as pa
+from engine.dataset import open_dataset
+from engine.executor import InProcess
+from engine.shards import ShardSettings, frames, write_shards
+
+frames.FRAMES_IN_MEMORY_BYTES = int(sys.argv[3])
+frames.MAX_SHARD_FRAME_BYTES = 2 * 2**20
+dataset = open_dataset(sys.argv[1])
+tracemalloc.start()
+# First without frames: what importing and the other columns take is not counted.
+settings = ShardSettings(window=5, shard_steps=10**6, cameras=())
+write_shards(dataset, settings, sys.argv[2] + "-warm", executor=InProcess(), command="t")
+tracemalloc.reset_peak()
+before, arrow_before = tracemalloc.get_traced_memory()[0], pa.total_allocated_bytes()
+settings = ShardSettings(window=5, shard_steps=10**6)
+write_shards(dataset, settings, sys.argv[2], executor=InProcess(), command="t")
+print(json.dumps({"numpy_python": tracemalloc.get_traced_memory()[1] - before,
+                  "arrow": pa.default_memory_pool().max_memory() - arrow_before}))
+"""
+
+
+def shard_peak(dataset: str, out: str, in_memory_bytes: int) -> int:
+    """Peak bytes allocated while sharding, in a fresh process: Arrow's pool (what the
+    Parquet reader holds) plus Python and NumPy (tracemalloc: frame buffers, tars)."""
+    import os
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root}
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, dataset, out, str(in_memory_bytes)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        check=True,
+    )
+    peaks = json.loads(result.stdout.strip().splitlines()[-1])
+    return peaks["numpy_python"] + peaks["arrow"]
+
+
+def test_a_huge_part_is_sharded_in_bounded_memory(tmp_path, monkeypatch):
+    import engine.writer
+
+    # ~2,000 frames of 20 KB: a ~40 MB part in row groups of 64 KiB, shards of <= ~2 MiB of
+    # frames (the defaults, 1 MiB and 128 MiB, scaled down to keep the test small).
+    monkeypatch.setattr(engine.writer, "FRAME_ROW_GROUP_BYTES", 64 * 2**10)
+    uri = big_frames_dataset(str(tmp_path / "big"), steps=4000, frame_bytes=20_000)
+    part = open_dataset(uri).manifest.groups[-1].steps_files[0].bytes
+    streamed = shard_peak(uri, str(tmp_path / "streamed"), in_memory_bytes=0)
+    held = shard_peak(uri, str(tmp_path / "held"), in_memory_bytes=10**12)
+    # Held whole, the part's frames are in memory (twice: Parquet's read, then the copy);
+    # streamed, a few shards' worth, however large the part.
+    assert held > part > 30 * 2**20, (held, part)
+    assert streamed < 12 * 2 * 2**20 < part, (streamed, held, part)  # measured: 16.7 MB
+    assert shard_bytes(str(tmp_path / "streamed")) == shard_bytes(str(tmp_path / "held"))

@@ -343,3 +343,93 @@ def test_keyframes_are_read_in_ray_tasks(ray_local, pixels, server, tmp_path, mo
     assert manifest.group("language").relabeler.report["descriptions_by_status"] == {"ok": 4}
     steps = stored_steps(pixels)
     assert check_requests([r["body"] for r in server.served], steps, 2, "image/png") == 4
+
+
+# ---------------------------------------------------------------- only the keyframes are read
+
+
+@pytest.fixture(scope="module")
+def pixels_small_row_groups(tmp_path_factory) -> str:
+    """As `pixels`, 4 episodes of 15 steps in 1 part, with frame row groups of at most 400
+    bytes: 2-3 of these frames each (as ~1 MiB row groups hold big frames)."""
+    import engine.writer
+
+    output = tmp_path_factory.mktemp("keyframes-rows") / "pix"
+    rollouts = Rollouts(
+        "Pendulum-v1",
+        noise_levels=(0.0, 1.0),
+        seed=3,
+        max_steps=15,
+        frames=CameraInfo(height=16, width=16, codec="png"),
+    )
+    saved = engine.writer.FRAME_ROW_GROUP_BYTES
+    engine.writer.FRAME_ROW_GROUP_BYTES = 400
+    try:
+        collect(plan_collect(rollouts, 4, 4), str(output), executor=InProcess(), command="t")
+    finally:
+        engine.writer.FRAME_ROW_GROUP_BYTES = saved
+    return str(output)
+
+
+def test_frames_are_written_in_row_groups_of_bounded_bytes(pixels_small_row_groups):
+    import pyarrow.parquet as pq
+
+    frames = f"{pixels_small_row_groups}/{FRAMES_GROUP}/steps/part-00000.parquet"
+    metadata = pq.ParquetFile(frames).metadata
+    sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+    column = open_dataset(pixels_small_row_groups).read_part(0, "steps", ["frame_render"])
+    per_frame = column.column("frame_render").nbytes / 60  # 16x16 PNG: ~140-200 bytes
+    assert sizes[:-1] == [int(400 // per_frame)] * (len(sizes) - 1) and sum(sizes) == 60
+    base = pq.ParquetFile(f"{pixels_small_row_groups}/base/steps/part-00000.parquet").metadata
+    assert base.num_row_groups == 1  # other columns keep ROW_GROUP_ROWS
+
+
+def test_the_job_reads_only_the_keyframes_row_groups(pixels_small_row_groups, server, tmp_path):
+    import pyarrow.parquet as pq
+
+    from engine.query import ReadStats, read_part_rows
+    from jobs.relabeling import PartReader
+
+    dataset = open_dataset(pixels_small_row_groups)
+    params = {"base_url": server.url, "cache": str(tmp_path / "cache"), "keyframes": 2}
+    relabeler = LanguageRelabeler(params)
+    reader = PartReader.of(dataset, relabeler)
+    part = reader.part(0)
+    steps, _ = reader.read(part, relabeler=relabeler)
+    whole = dataset.read_part(0, "steps", ["frame_render"]).column("frame_render").to_pylist()
+    seen = steps.column("frame_render").to_pylist()
+    # Keyframes of 2: each episode's first and last step; every other frame null, unread.
+    ends = np.flatnonzero(np.diff(steps.column(cols.EPISODE_ID).to_numpy(), append=-1))
+    chosen = sorted({0, *(ends + 1)[:-1].tolist(), *ends.tolist()})
+    assert [i for i, f in enumerate(seen) if f is not None] == chosen
+    assert all(seen[i] == whole[i] for i in chosen)
+    stats, all_rows = ReadStats(), ReadStats()
+    read_part_rows(dataset, 0, "steps", ["frame_render"], np.array(chosen), stats)
+    read_part_rows(dataset, 0, "steps", ["frame_render"], np.arange(60), all_rows)
+    per_group = pq.ParquetFile(dataset.uri + "/frames/steps/part-00000.parquet").metadata
+    rows_per_group = per_group.row_group(0).num_rows
+    assert stats.row_groups == len({r // rows_per_group for r in chosen}) < all_rows.row_groups
+    assert stats.bytes < all_rows.bytes  # the footer (~12 KB here) is read either way
+    # The job, on any executor, reads those row groups and no other: in a copy whose
+    # other row groups of frames are zeroed (a read would fail its page CRC), it succeeds
+    # and sends exactly the stored keyframes; setup's pass reads no frame at all.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(pixels_small_row_groups, damaged)
+    path = damaged / FRAMES_GROUP / "steps" / "part-00000.parquet"
+    data = bytearray(path.read_bytes())
+    for i in range(per_group.num_row_groups):
+        if i not in {r // rows_per_group for r in chosen}:
+            chunk = per_group.row_group(i).column(0)
+            start = chunk.dictionary_page_offset or chunk.data_page_offset
+            data[start : start + chunk.total_compressed_size] = bytes(chunk.total_compressed_size)
+    path.write_bytes(bytes(data))
+    Relabel(
+        input=str(damaged),
+        output=str(tmp_path / "described"),
+        relabelers=[f"language:keyframes=2,n=1,cache={tmp_path / 'cache2'}"],
+        llm_base_url=server.url,
+    ).run()
+    with pytest.raises(Exception, match="part-00000.parquet"):
+        open_dataset(str(damaged)).read_part(0, "steps", ["frame_render"])  # whole: fails
+    bodies = [r["body"] for r in server.served]
+    assert check_requests(bodies[-4:], stored_steps(pixels_small_row_groups), 2, "image/png") == 4

@@ -25,7 +25,13 @@ The modules, in the order a query goes through them: `plan` (parse, split, check
 
 from engine.query.cluster import ORIGINAL_EPISODE_ID
 from engine.query.plan import LEVELS, Plan, QueryError, conjuncts, parse_where, plan_query
-from engine.query.read import PartReader, ReadStats, read_rows, row_group_selection
+from engine.query.read import (
+    PartReader,
+    ReadStats,
+    read_part_rows,
+    read_rows,
+    row_group_selection,
+)
 from engine.query.row_local import ROW_LOCAL, across_rows, expression_tree, is_row_local
 from engine.query.run import QueryResult, count, matching_episodes, query
 from engine.query.subset import iter_episodes, write_subset
@@ -49,6 +55,7 @@ __all__ = [
     "parse_where",
     "plan_query",
     "query",
+    "read_part_rows",
     "read_rows",
     "row_group_selection",
     "write_subset",

@@ -104,6 +104,13 @@ def read_rows(
 
     The footer is parsed here, not up front, so the footers of the parts a query reads
     together are parsed in parallel too (with small row groups they are not small)."""
+    return pl.from_arrow(read_rows_arrow(uri, columns, rows, stats))
+
+
+def read_rows_arrow(
+    uri: str, columns: list[str], rows: np.ndarray | None, stats: ReadStats
+) -> pa.Table:
+    """`read_rows` as an Arrow table."""
     fs, path = storage.filesystem(uri)
     try:
         # Pre-buffering coalesces the reads of scattered row groups (on S3: fewer GETs);
@@ -118,17 +125,53 @@ def read_rows(
             if rows is None:
                 groups = np.arange(metadata.num_row_groups)
                 stats.count_file(metadata, groups, columns)
-                return pl.from_arrow(parquet.read(columns=columns))
+                return parquet.read(columns=columns)
             sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
             offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-            if rows[-1] >= offsets[-1]:
+            if len(rows) and rows[-1] >= offsets[-1]:
                 raise _not_aligned(uri, int(offsets[-1]), rows)
             groups, positions = row_group_selection(rows, offsets)
             stats.count_file(metadata, groups, columns)
             table = parquet.read_row_groups(groups.tolist(), columns=columns)
     except (OSError, pa.ArrowException) as error:
         raise unreadable(uri, error) from error
-    return pl.from_arrow(table.take(pa.array(positions)))
+    return table.take(pa.array(positions, pa.int64()))
+
+
+def read_part_rows(
+    dataset: Dataset,
+    index: int,
+    level: str,
+    columns: Sequence[str],
+    rows: np.ndarray,
+    stats: ReadStats | None = None,
+    fill: int | None = None,
+) -> pa.Table:
+    """`columns` (of any groups) of part `index` at the row positions `rows`, sorted: only
+    the Parquet row groups that hold them are read (`read_rows`), so a few rows of a column
+    of big camera frames cost a few row groups, not the whole column. With `fill` (the
+    part's row count), full-length columns instead, null at every row not in `rows`."""
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    if len(rows) and (rows[0] < 0 or (fill is not None and rows[-1] >= fill)):
+        raise ValueError(f"{dataset.uri} part {index}: rows {rows[0]}..{rows[-1]} out of range")
+    stats = stats if stats is not None else ReadStats()
+    read: dict[str, pa.ChunkedArray] = {}
+    for group in dataset.manifest.groups:
+        names = [f.name for f in getattr(group, f"{level}_columns") if f.name in columns]
+        if names:
+            data_file = getattr(group, f"{level}_files")[index]
+            part = read_rows_arrow(storage.join(group.root, data_file.path), names, rows, stats)
+            read |= {name: part.column(name) for name in part.column_names}
+    missing = [c for c in columns if c not in read]
+    if missing:
+        raise KeyError(f"{dataset.uri}: no column {missing} at level {level}")
+    table = pa.table({name: read[name] for name in columns})
+    if fill is None:
+        return table
+    # Row r of the result is row slot[r] of `table`, or null: `take` of a null index.
+    slot = np.full(fill, -1, dtype=np.int64)
+    slot[rows] = np.arange(len(rows))
+    return table.take(pa.array(slot, mask=slot < 0))
 
 
 class PartReader:

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from engine import storage
 from engine.dataset import Dataset, DatasetError, open_dataset, read_schema
 from engine.executor import Executor
+from engine.shards import frames as frames_module
 from engine.shards.conditions import (
     TEXT_COLUMNS,
     ConditionColumn,
@@ -42,7 +43,12 @@ from engine.shards.exclude import (
     plan_exclusion,
     read_filter,
 )
-from engine.shards.frames import resolve_cameras, shard_camera
+from engine.shards.frames import (
+    load_frames,
+    resolve_cameras,
+    shard_camera,
+    stored_frame_bytes,
+)
 from engine.shards.statistics import combine_numeric, numeric_summary
 from engine.shards.tar import build_shard
 from engine.writer import VersionWriter, check_new_output
@@ -170,9 +176,10 @@ class ShardTask:
     shards: int
 
 
-def plan_tasks(dataset: Dataset, shard_steps: int) -> list[ShardTask]:
+def plan_tasks(dataset: Dataset, shard_steps: int, frames: bool = False) -> list[ShardTask]:
     """Consecutive parts grouped until each group holds >= shard_steps steps; each group is
-    dealt into round(steps / shard_steps) shards (at least one)."""
+    dealt into round(steps / shard_steps) shards (at least one), and with `frames` into
+    enough that none holds much more than MAX_SHARD_FRAME_BYTES of them."""
     groups: list[list[int]] = []
     steps: list[int] = []
     for index, part in enumerate(dataset.manifest.parts):
@@ -188,6 +195,9 @@ def plan_tasks(dataset: Dataset, shard_steps: int) -> list[ShardTask]:
     tasks, first_shard = [], 0
     for task, (parts, total) in enumerate(zip(groups, steps)):
         count = max(1, round(total / shard_steps))
+        if frames:
+            frame_bytes = stored_frame_bytes(dataset, parts)
+            count = max(count, -(-frame_bytes // frames_module.MAX_SHARD_FRAME_BYTES))
         tasks.append(ShardTask(task, tuple(parts), first_shard, count))
         first_shard += count
     return tasks
@@ -285,8 +295,16 @@ def write_task(task: WriteTask) -> WriteResult:
     """Pass two: read the task's parts, shuffle its episodes into shards, write the tars."""
     dataset = open_dataset(task.dataset)
     plan, settings = task.plan, task.settings
+    # More frames than fit comfortably, dealt into several shards: each shard reads its own.
+    stream = (
+        bool(task.cameras)
+        and plan.shards > 1
+        and stored_frame_bytes(dataset, plan.parts) > frames_module.FRAMES_IN_MEMORY_BYTES
+    )
     parts = [
-        read_part_episodes(dataset, part, task.conditions, task.infos, task.cameras, task.exclusion)
+        read_part_episodes(
+            dataset, part, task.conditions, task.infos, task.cameras, task.exclusion, stream
+        )
         for part in plan.parts
     ]
     filters = tuple(part.filtered for part in parts)
@@ -295,6 +313,7 @@ def write_task(task: WriteTask) -> WriteResult:
     for offset, group in enumerate(
         shuffled_shards(episodes, plan.shards, settings.seed, plan.index)
     ):
+        group.frames = load_frames(group.frames)
         built = build_shard(
             group, settings.window, settings.stride, settings.block_steps, settings.frame_stack
         )
@@ -313,6 +332,7 @@ def write_task(task: WriteTask) -> WriteResult:
                 sha256=data_file.sha256,
             )
         )
+        del built, group  # one shard in memory at a time, not two
     return WriteResult(
         shards=written,
         statistics=numeric_summary(episodes, task.conditions),
@@ -347,7 +367,7 @@ def write_shards(
             WriteTask(
                 dataset.uri, plan, conditions, infos, settings, writer, tuple(cameras), exclusion
             )
-            for plan in plan_tasks(dataset, settings.shard_steps)
+            for plan in plan_tasks(dataset, settings.shard_steps, bool(cameras))
         ]
         results = _run(executor, write_task, tasks, "shard", dataset.manifest.steps)
         index = shard_index(dataset, settings, conditions, infos, results, command, cameras)

@@ -14,7 +14,13 @@ import pyarrow.compute as pc
 from engine.dataset import Dataset
 from engine.shards.conditions import ConditionColumn, TextTable, condition_values
 from engine.shards.exclude import Exclusion, StepFilter, read_filter
-from engine.shards.frames import EncodedFrames, FrameRanges, concat_frames, read_part_frames
+from engine.shards.frames import (
+    EncodedFrames,
+    FrameRanges,
+    StoredFrames,
+    concat_frames,
+    read_part_frames,
+)
 from schemas import steps as cols
 from schemas.shard_index import ConditionInfo, ShardError
 
@@ -38,7 +44,7 @@ class EpisodeArrays:
     reward: np.ndarray  # [N] float32
     conditions: dict[str, np.ndarray] = field(default_factory=dict)
     texts: dict[str, TextTable] = field(default_factory=dict)
-    frames: dict[str, EncodedFrames | FrameRanges] = field(default_factory=dict)
+    frames: dict[str, EncodedFrames | StoredFrames | FrameRanges] = field(default_factory=dict)
     filtered: StepFilter | None = None  # what `read_part_episodes` left out, if it could
 
     @property
@@ -89,10 +95,12 @@ def read_part_episodes(
     infos: Mapping[str, ConditionInfo],
     cameras: Sequence[str] = (),
     exclusion: Exclusion | None = None,
+    stream_frames: bool = False,
 ) -> EpisodeArrays:
     """Part `index` of a dataset version as EpisodeArrays (episode columns broadcast), with
     the encoded frames of `cameras` (read from the frames group's file of this part only),
     without the steps `exclusion` matches or whose text condition is null (exclude.py).
+    With `stream_frames`, the frames are not read yet (`StoredFrames`, frames.py).
 
     Raises ShardError naming the part (and episode) for steps that do not match the episode
     lengths, NaN/inf/null rewards, and condition values that cannot be stored. Rewards null
@@ -172,13 +180,19 @@ def read_part_episodes(
         arrays.conditions[condition.name] = values
         if text_table is not None:
             arrays.texts[condition.name] = text_table
-    frames = read_part_frames(dataset, index, cameras, part_steps)
+    frames = read_part_frames(dataset, index, cameras, part_steps, stream_frames)
     if found is not None and not found.keep.all() and frames:
-        # Runs of consecutive kept steps: frames are copied range by range, not one by one.
+        # Runs of consecutive kept steps: frames are copied range by range, not one by one
+        # (stored frames are not read: they keep the rows to read later).
         edges = np.diff(np.concatenate([[0], found.keep.astype(np.int8), [0]]))
         starts = np.flatnonzero(edges == 1)
         counts = np.flatnonzero(edges == -1) - starts
-        frames = {camera: data.take_ranges(starts, counts) for camera, data in frames.items()}
+        frames = {
+            camera: data.keep(found.keep)
+            if isinstance(data, StoredFrames)
+            else data.take_ranges(starts, counts)
+            for camera, data in frames.items()
+        }
     arrays.frames = frames
     arrays.filtered = found
     return arrays

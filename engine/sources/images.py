@@ -29,6 +29,7 @@ import numpy as np
 from engine.validate import Problem
 from schemas.frames import (
     DEFAULT_QUALITY,
+    LOSSLESS_CODECS,
     MAX_FRAME_PIXELS,
     VIDEO_CODECS,
     CameraInfo,
@@ -110,7 +111,7 @@ def raw_camera(shape: Sequence[int], codec: str, quality: int | None) -> CameraI
             f"{codec} video (yuv420p) needs an even height and width, the frames are "
             f"{shape[1]}x{shape[2]}: choose --codec png, jpeg or webp"
         )
-    if codec in ("png", *VIDEO_CODECS):
+    if codec in (*LOSSLESS_CODECS, *VIDEO_CODECS):
         quality = None
     elif quality is None:
         quality = DEFAULT_QUALITY[codec]

@@ -11,6 +11,7 @@ from jobs.command import NewDataset, RayCommand, version_line
 from schemas.frames import (
     DEFAULT_CAMERA,
     DEFAULT_QUALITY,
+    LOSSLESS_CODECS,
     VIDEO_CODECS,
     CameraInfo,
     frame_column,
@@ -60,16 +61,19 @@ class Collect(RayCommand):
         json_schema_extra={"metavar": "HxW"},
     )
     camera: str = Field(DEFAULT_CAMERA, description="Name of the camera --frames records.")
-    codec: Literal["png", "jpeg", "webp", "h264", "av1"] = Field(
+    codec: Literal["png", "jpeg", "webp", "webp-lossless", "h264", "av1"] = Field(
         "png",
-        description="Frame codec: png (lossless), jpeg or webp (an image per step), or h264 "
-        "or av1 (one video per episode; even height and width).",
+        description="Frame codec: png or webp-lossless (lossless), jpeg or webp (lossy), an "
+        "image per step; or h264 or av1 (one video per episode; even height and width).",
     )
     gop: int | None = Field(
         None, ge=1, description="h264/av1: a keyframe every GOP frames (default 2, LeRobot's)."
     )
     quality: int | None = Field(
-        None, ge=1, le=100, description="JPEG/WebP quality (default 90); not for png."
+        None,
+        ge=1,
+        le=100,
+        description="JPEG/WebP quality (default 90); not for the lossless codecs.",
     )
     channels: int = Field(
         3, description="Frame channels: 3 (RGB) or 1 (grayscale, a third of the pixels)."
@@ -112,7 +116,7 @@ class Collect(RayCommand):
         if self.frames is None:
             return None
         frame_column(self.camera)  # letters, digits and underscores
-        if self.codec in ("png", *VIDEO_CODECS) and self.quality is not None:
+        if self.codec in (*LOSSLESS_CODECS, *VIDEO_CODECS) and self.quality is not None:
             raise ValueError(f"--quality is for jpeg and webp, not {self.codec}")
         if self.gop is not None and self.codec not in VIDEO_CODECS:
             raise ValueError(f"--gop is for h264 and av1 video, not {self.codec}")

@@ -69,14 +69,17 @@ class Ingest(RayCommand):
     )
     episode_column: str | None = Field(None, description="Deprecated: use --map episode_id=COLUMN.")
     step_column: str | None = Field(None, description="Deprecated: use --map t=COLUMN.")
-    codec: Literal["png", "jpeg", "webp", "h264", "av1"] = Field(
+    codec: Literal["png", "jpeg", "webp", "webp-lossless", "h264", "av1"] = Field(
         "png",
         description="Codec of the frames of raw uint8 image arrays (docs/frames.md): an "
         "image per step, or h264/av1 one video per episode; images that arrive encoded "
         "(PNG/JPEG/WebP) are stored as they came.",
     )
     quality: int | None = Field(
-        None, ge=1, le=100, description="JPEG/WebP quality (default 90); PNG is lossless."
+        None,
+        ge=1,
+        le=100,
+        description="JPEG/WebP quality (default 90); not for png and webp-lossless.",
     )
 
     @field_validator("map", mode="before")

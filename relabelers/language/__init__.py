@@ -58,7 +58,7 @@ from relabelers.language.facts import (
     unit_facts,
     units_of,
 )
-from relabelers.language.keyframes import unit_keyframes
+from relabelers.language.keyframes import keyframe_rows, unit_keyframes
 from relabelers.language.params import LanguageParams
 from relabelers.language.prompt import DEFAULT_PROMPT, PROMPTS, PromptTemplate, read_prompt
 from schemas import steps as cols
@@ -129,6 +129,14 @@ class LanguageRelabeler(Relabeler):
     def keyframes_sent(self) -> bool:
         return self.params.keyframes > 0 and self.uses_llm()
 
+    def frame_rows(self, steps: pa.Table, episodes: pa.Table, part: Part) -> np.ndarray | None:
+        """Only the keyframes' rows: the job reads no other frame of the part."""
+        if not self.keyframes_sent():
+            return None
+        return keyframe_rows(
+            units_of(steps, self.params.per, self.params.segment), self.params.keyframes
+        )
+
     def writes(self) -> Columns:
         if self.params.paraphrase_mode:
             written = (paraphrase.output_column(self.params),)
@@ -154,7 +162,7 @@ class LanguageRelabeler(Relabeler):
                 f"language: keyframes={p.keyframes} needs frames of camera {p.camera!r}, "
                 f"which the dataset does not have (its cameras: {has})"
             )
-        summaries = inputs.summarize(self.part_returns)
+        summaries = inputs.summarize(self.part_returns, frames=False)  # returns need no pixels
         use_llm = self.uses_llm()
         report: dict[str, Any] = {
             "describer": "llm" if use_llm else "template",

@@ -6,6 +6,10 @@ L steps, rounding halves up; K = 1 is the last step (where the unit ended up). A
 shorter than K steps sends each of its steps once. The positions depend only on the unit's
 length, so they never depend on how episodes are split into parts.
 
+Only those frames are read from the dataset: the job asks `frame_rows` first and reads the
+Parquet row groups that hold them (camera frames are written in row groups of ~1 MiB), so
+a part of big frames costs its keyframes' row groups, not its whole frame column.
+
 The images are the dataset's stored bytes as they are (PNG, JPEG or WebP: the media type
 is read from the bytes' own signature), never decoded or re-encoded, sent as data URIs in
 `image_url` parts of the user message. A frame that is null or not one of those formats is
@@ -53,6 +57,14 @@ def keyframe_offsets(lengths: np.ndarray, k: int) -> list[np.ndarray]:
     return [np.unique(row) for row in offsets]  # sorted; fewer than k when the unit is short
 
 
+def keyframe_rows(units: dict[str, np.ndarray], k: int) -> np.ndarray:
+    """The part rows of every unit's keyframes (`units`: facts.units_of), in unit order:
+    the only frames of the part the relabeler reads (`LanguageRelabeler.frame_rows`)."""
+    offsets = keyframe_offsets(units["length"], k)
+    rows = [start + offset for start, offset in zip(units["start"], offsets)]
+    return np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+
+
 def media_type(data: bytes) -> str | None:
     """image/png, image/jpeg or image/webp from the bytes' signature; None otherwise."""
     codec = sniff_codec(data)
@@ -63,9 +75,7 @@ def unit_keyframes(
     steps: pa.Table, column: str, units: dict[str, np.ndarray], k: int, where: str
 ) -> Keyframes:
     """The keyframes of every unit of a part (`units`: facts.units_of) from frame `column`."""
-    offsets = keyframe_offsets(units["length"], k)
-    rows = [start + offset for start, offset in zip(units["start"], offsets)]
-    flat = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    flat = keyframe_rows(units, k)
     data = steps.column(column).take(pa.array(flat, pa.int64())).to_pylist()
     t = steps.column(cols.T).take(pa.array(flat, pa.int64())).to_numpy()
     episode = steps.column(cols.EPISODE_ID).take(pa.array(flat, pa.int64())).to_numpy()
@@ -79,7 +89,7 @@ def unit_keyframes(
                 f"the frame {what}"
             )
         images.append((kind, image))
-    bounds = np.cumsum([0] + [len(r) for r in rows])
+    bounds = np.cumsum([0] + [len(o) for o in keyframe_offsets(units["length"], k)])
     return Keyframes(
         steps=[t[a:b].astype(int).tolist() for a, b in zip(bounds[:-1], bounds[1:])],
         images=[images[a:b] for a, b in zip(bounds[:-1], bounds[1:])],

@@ -59,6 +59,7 @@ The pipeline is a chain of small generator stages, each testable alone, in three
                 seeded permutation of the pool, windows cut vectorized with left padding and
                 a mask)
     frames.py   -> the frames each batch needs, decoded (threads) and stacked
+    handover.py -> in DataLoader workers, frames gathered into recycled shared memory
 Every consumer (rank r, worker w of W) reads the shards at positions r * W + w, (r * W + w) +
 R * W, ... of the epoch's shard order, so across R ranks x W workers each window is seen
 exactly once per epoch. Use at least R x W shards (fewer leaves some consumers idle).

@@ -13,7 +13,7 @@ DataLoader workers each run their own).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -91,6 +91,9 @@ class FrameDecoder:
         return out, errors
 
 
+Allocate = Callable[[tuple[int, ...]], np.ndarray]  # uint8 of that shape: the batch's frames
+
+
 def window_frames(
     frames: dict[str, PoolFrames],
     rows: np.ndarray,
@@ -98,10 +101,13 @@ def window_frames(
     timestep: np.ndarray,
     k: int,
     decoder: FrameDecoder,
+    allocate: Allocate | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
     """Per camera `frame_<camera>` uint8 [B, W, C * k, H, W] of the windows at pool `rows`
     [B, W] (`mask` False on padding), plus which windows hold a frame that did not decode
-    (bool [B]) and the first such error per camera."""
+    (bool [B]) and the first such error per camera. The frames are gathered straight into
+    `allocate(shape)` (a DataLoader worker's shared memory: no copy to hand them over)."""
+    allocate = allocate or _empty
     stacked = stack_rows(rows, mask, timestep, k)
     needed, inverse = np.unique(stacked[stacked >= 0], return_inverse=True)
     positions = np.full(stacked.shape, len(needed), dtype=np.int64)  # padding: a zero frame
@@ -112,9 +118,17 @@ def window_frames(
         decoded, errors = decoder.decode(pool_frames, needed)
         height, width, channels = pool_frames.camera.shape
         with_zero = np.concatenate([decoded, np.zeros((1, channels, height, width), np.uint8)])
-        # One gather: [B, W, k, C, H, W], i.e. [B, W, k * C, H, W] without another copy.
-        taken = np.take(with_zero, positions, axis=0)
-        batch[frame_column(camera)] = taken.reshape(*rows.shape, k * channels, height, width)
+        # One gather: [B, W, k, C, H, W], i.e. [B, W, k * C, H, W] without another copy
+        # (mode "clip": the positions are valid, and "raise" would buffer the output).
+        taken = allocate((*rows.shape, k * channels, height, width))
+        np.take(
+            with_zero,
+            positions,
+            axis=0,
+            out=taken.reshape(*positions.shape, *with_zero.shape[1:]),
+            mode="clip",
+        )
+        batch[frame_column(camera)] = taken
         if any(errors):
             failed = np.flatnonzero([bool(e) for e in errors])
             messages.append(errors[int(failed[0])])
@@ -124,7 +138,9 @@ def window_frames(
     return batch, bad, messages
 
 
-def random_shift(frames: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
+def random_shift(
+    frames: np.ndarray, shift: int, rng: np.random.Generator, allocate: Allocate | None = None
+) -> np.ndarray:
     """DrQ's random shift: every window's frames [W, C * k, H, W] padded by `shift` pixels
     (replicating the border) and cropped back at a random offset, the same for all of the
     window's steps and stacked frames. Seeded by `rng`."""
@@ -132,12 +148,16 @@ def random_shift(frames: np.ndarray, shift: int, rng: np.random.Generator) -> np
         return frames
     count, height, width = frames.shape[0], frames.shape[-2], frames.shape[-1]
     dy, dx = (rng.integers(0, 2 * shift + 1, size=(2, count)) - shift).tolist()
-    out = np.empty_like(frames)
+    out = (allocate or _empty)(frames.shape)
     for i in range(count):  # a slice copy per window, not per step or pixel
         ys = np.clip(np.arange(height) + dy[i], 0, height - 1)
         xs = np.clip(np.arange(width) + dx[i], 0, width - 1)
         out[i] = frames[i][..., ys[:, None], xs[None, :]]
     return out
+
+
+def _empty(shape: tuple[int, ...]) -> np.ndarray:
+    return np.empty(shape, dtype=np.uint8)
 
 
 def pool_frames(

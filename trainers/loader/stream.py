@@ -26,6 +26,7 @@ import torch
 from engine import storage
 from schemas.shard_index import ShardError, ShardIndex, ShardInfo
 from trainers.loader.frames import FrameDecoder
+from trainers.loader.handover import Lent, SharedFrames, new_board
 from trainers.loader.shards import (
     IndexMismatchError,
     UnsafeShardError,
@@ -158,12 +159,14 @@ class WindowDataset(torch.utils.data.IterableDataset):
         index: ShardIndex,
         options: StreamOptions,
         start_positions: Sequence[dict[str, int] | None] | None = None,
+        board: torch.Tensor | None = None,
     ):
         super().__init__()
         self.root = root
         self.index = index
         self.options = options
         self.start_positions = start_positions
+        self.board = board  # the workers' frame buffers: lent or free (handover.py)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -174,6 +177,8 @@ class WindowDataset(torch.utils.data.IterableDataset):
         lost = LostWindows(int(saved.pop("lost_windows", 0)))
         position = Position(**saved)
         frames = None
+        # In a DataLoader worker, frames are gathered straight into shared memory.
+        memory = SharedFrames(self.board, worker) if info is not None else None
         if o.cameras:
             frames = FrameOptions(
                 cameras={camera: self.index.cameras[camera] for camera in o.cameras},
@@ -182,9 +187,10 @@ class WindowDataset(torch.utils.data.IterableDataset):
                 decoder=FrameDecoder(o.decode_threads),
                 on_error=o.on_error,
                 lost=lost,
+                allocate=memory.empty if memory is not None else None,
             )
         try:
-            yield from self._batches(consumer, worker, position, lost, frames, info is None)
+            yield from self._batches(consumer, worker, position, lost, frames, memory)
         finally:
             if frames is not None:
                 frames.decoder.close()
@@ -196,7 +202,7 @@ class WindowDataset(torch.utils.data.IterableDataset):
         position: Position,
         lost: LostWindows,
         frames: FrameOptions | None,
-        in_process: bool,
+        memory: SharedFrames | None,
     ):
         o = self.options
         epoch = position.epoch
@@ -227,42 +233,59 @@ class WindowDataset(torch.utils.data.IterableDataset):
                 ):
                     state = {**after.to_dict(), "worker": worker, "lost_windows": lost.count}
                     produced += 1
-                    if in_process:
+                    if memory is None:
                         yield {k: torch.from_numpy(v) for k, v in batch.items()}, state
                     else:
-                        yield pack_batch(batch), state
+                        yield pack_batch(batch, memory), state
             if from_start and not produced:
                 return  # a whole epoch without a window (every shard skipped): stop, not spin
             epoch += 1
 
 
-def pack_batch(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, list[tuple]]:
+def pack_batch(
+    batch: dict[str, np.ndarray], memory: SharedFrames | None = None
+) -> tuple[torch.Tensor, list[tuple], dict[str, torch.Tensor], dict[str, int]]:
     """A batch as one uint8 tensor plus its layout: a DataLoader worker hands the main
     process one shared-memory buffer per batch instead of one per array (~10x cheaper).
     The buffer is allocated in shared memory (as torch's default_collate does in workers):
-    handing it over copies nothing more (frame batches are tens of MB)."""
-    layout, offset = [], 0
+    handing it over copies nothing more. Frame arrays already in shared memory (`memory`)
+    go as their own tensors, with their slots, not copied (handover.py)."""
+    shared, slots = {}, {}
     for name, value in batch.items():
+        found = memory.hand_over(value) if memory is not None else None
+        if found is not None:
+            shared[name], slots[name] = found
+    if memory is not None:
+        memory.clear()
+    small = {name: value for name, value in batch.items() if name not in shared}
+    layout, offset = [], 0
+    for name, value in small.items():
         layout.append((name, value.dtype.str, value.shape, offset))
         offset += -(-value.nbytes // 8) * 8  # 8-byte aligned views
-    shared = torch.UntypedStorage._new_shared(offset)
-    packed = torch.empty(0, dtype=torch.uint8).set_(shared, 0, (offset,), (1,))
+    storage = torch.UntypedStorage._new_shared(offset)
+    packed = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (offset,), (1,))
     buffer = packed.numpy()
-    for (_, _, _, start), value in zip(layout, batch.values()):
+    for (_, _, _, start), value in zip(layout, small.values()):
         buffer[start : start + value.nbytes] = (
             np.ascontiguousarray(value).reshape(-1).view(np.uint8)
         )
-    return packed, layout
+    return packed, layout, shared, slots
 
 
-def unpack_batch(buffer: torch.Tensor, layout: list[tuple]) -> dict[str, torch.Tensor]:
-    """The tensors of a packed batch, as views of the buffer (no copies)."""
+def unpack_batch(
+    buffer: torch.Tensor,
+    layout: list[tuple],
+    shared: dict[str, torch.Tensor] | None = None,
+    slots: dict[str, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The tensors of a packed batch, as views of the buffer (no copies), and the frame
+    tensors handed over as they were."""
     batch = {}
     for name, dtype, shape, start in layout:
         size = int(np.prod(shape)) * np.dtype(dtype).itemsize
         torch_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
         batch[name] = buffer[start : start + size].view(torch_dtype).view(tuple(shape))
-    return batch
+    return {**batch, **(shared or {})}
 
 
 def in_background(source: Iterator[Any], depth: int) -> Iterator[Any]:
@@ -342,7 +365,9 @@ class ShardStream:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         o = self.options
-        dataset = WindowDataset(self.uri, self.index, o, list(self.positions))
+        board = new_board(o.num_workers) if o.num_workers and o.cameras else None
+        lent = Lent(board)
+        dataset = WindowDataset(self.uri, self.index, o, list(self.positions), board)
         if o.num_workers == 0 and o.prefetch > 0:
             source = in_background(iter(dataset), o.prefetch)
         elif o.num_workers == 0:
@@ -361,9 +386,11 @@ class ShardStream:
             )
         try:
             for batch, state in source:
-                if isinstance(batch, (tuple, list)):
-                    batch = unpack_batch(*batch)
                 worker = int(state.pop("worker"))
+                lent.release()  # frame buffers the consumer is done with go back
+                if isinstance(batch, (tuple, list)):
+                    lent.add(worker, batch[3], batch[2])
+                    batch = unpack_batch(*batch)
                 self.positions[worker] = {k: int(v) for k, v in state.items()}
                 yield batch
         finally:

@@ -32,6 +32,7 @@ from schemas.shard_index import (
     text_index_member,
 )
 from trainers.loader.frames import (
+    Allocate,
     FrameDecoder,
     PoolFrames,
     pool_frames,
@@ -61,6 +62,7 @@ class FrameOptions:
     decoder: FrameDecoder = field(default_factory=FrameDecoder)
     on_error: str = "raise"
     lost: LostWindows = field(default_factory=LostWindows)
+    allocate: Allocate | None = None  # where a batch's frames go (None: np.empty)
 
 
 @dataclass(frozen=True)
@@ -272,10 +274,16 @@ def add_frames(
 ) -> dict[str, np.ndarray]:
     """The batch with its windows' decoded, stacked (and shifted) frames; see cut_windows."""
     decoded, bad, messages = window_frames(
-        arrays.frames, rows, mask, arrays.steps[TIMESTEP], frames.frame_stack, frames.decoder
+        arrays.frames,
+        rows,
+        mask,
+        arrays.steps[TIMESTEP],
+        frames.frame_stack,
+        frames.decoder,
+        frames.allocate,
     )
     for name, values in decoded.items():  # one shift per window, drawn after the conditions'
-        batch[name] = random_shift(values, frames.augment_shift, rng)
+        batch[name] = random_shift(values, frames.augment_shift, rng, frames.allocate)
     if not bad.any():
         return batch
     if frames.on_error != "skip":
