@@ -320,10 +320,7 @@ def read_part_frames(
     if stream:
         for group in dataset.manifest.groups:
             names = {f.name for f in group.steps_columns}
-            if (
-                names & {frame_column(c) for c in images}
-                and group.steps_files[index].rows != steps
-            ):
+            if names & {frame_column(c) for c in images} and group.steps_files[index].rows != steps:
                 raise ShardError(
                     f"{dataset.uri} part {index} group {group.name!r}: "
                     f"{group.steps_files[index].rows} frames for {steps} steps"
