@@ -96,7 +96,10 @@ def plan_ingest(
     if codec not in (*CODECS, *VIDEO_CODECS):
         raise ValueError(f"--codec must be one of {(*CODECS, *VIDEO_CODECS)}, not {codec!r}")
     if codec in (*LOSSLESS_CODECS, *VIDEO_CODECS) and quality is not None:
-        raise ValueError(f"--quality is for jpeg and webp, not {codec}")
+        raise ValueError(
+            f"--quality is for jpeg and webp; {codec} is "
+            + ("lossless" if codec in LOSSLESS_CODECS else "video (it has crf)")
+        )
     reader = source_for(format or detect_format(source))
     if column_map and not reader.takes_column_map:
         takers = ", ".join(n for n in FORMATS if source_for(n).takes_column_map)

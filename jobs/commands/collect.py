@@ -117,7 +117,10 @@ class Collect(RayCommand):
             return None
         frame_column(self.camera)  # letters, digits and underscores
         if self.codec in (*LOSSLESS_CODECS, *VIDEO_CODECS) and self.quality is not None:
-            raise ValueError(f"--quality is for jpeg and webp, not {self.codec}")
+            raise ValueError(
+                f"--quality is for jpeg and webp; {self.codec} is "
+                + ("lossless" if self.codec in LOSSLESS_CODECS else "video (it has crf)")
+            )
         if self.gop is not None and self.codec not in VIDEO_CODECS:
             raise ValueError(f"--gop is for h264 and av1 video, not {self.codec}")
         height, width = parse_size(self.frames)
