@@ -22,10 +22,13 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from engine import storage
+from schemas.frames import FrameError
+from schemas.video import video_stream
 
 
-class VideoError(ValueError):
-    """A video that does not hold what was asked of it."""
+class VideoError(FrameError):
+    """A video that does not hold what was asked of it (a FrameError, like a video that
+    does not open: schemas/video.py `video_stream`)."""
 
 
 def open_video(uri: str) -> BinaryIO:
@@ -38,27 +41,19 @@ def open_video(uri: str) -> BinaryIO:
 
 
 @contextmanager
-def _open_container(source: str | BinaryIO, name: str) -> Iterator[Any]:
-    """An av input container over a URI (opened and closed here) or an open file."""
-    import av
-
+def _open_stream(source: str | BinaryIO, name: str) -> Iterator[tuple[Any, Any]]:
+    """A video's container and first stream over a URI (opened and closed here) or an open
+    file."""
     with ExitStack() as stack:
         file = stack.enter_context(open_video(source)) if isinstance(source, str) else source
-        try:
-            container = stack.enter_context(av.open(file, "r"))
-        except Exception as error:  # PyAV raises its own error types for damaged files
-            raise VideoError(f"{name}: not a video PyAV can read ({error})") from None
-        yield container
+        yield stack.enter_context(video_stream(file, name))
 
 
 def video_frame_count(source: str | BinaryIO, name: str = "") -> tuple[int, float]:
     """The frames of a video's first stream and its frame rate, from the header alone
     (MP4 stores both): what a plan checks a span against without decoding."""
     name = name or (source if isinstance(source, str) else "video")
-    with _open_container(source, name) as container:
-        if not container.streams.video:
-            raise VideoError(f"{name}: holds no video stream")
-        stream = container.streams.video[0]
+    with _open_stream(source, name) as (container, stream):
         rate = float(stream.average_rate or stream.base_rate or 0)
         frames = int(stream.frames)
         if frames == 0 and stream.duration is not None and rate:  # a header without a count
@@ -81,10 +76,7 @@ def decode_video_span(
     video ends early, or has a hole) is a VideoError naming the file and the time."""
     name = name or (source if isinstance(source, str) else "video")
     count = span_frames(start_s, end_s, fps)
-    with _open_container(source, name) as container:
-        if not container.streams.video:
-            raise VideoError(f"{name}: holds no video stream")
-        stream = container.streams.video[0]
+    with _open_stream(source, name) as (container, stream):
         stream.thread_type = "AUTO"
         out = np.empty((count, stream.height, stream.width, 3), np.uint8)
         if count == 0:

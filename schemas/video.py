@@ -18,21 +18,30 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from fractions import Fraction
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from schemas.frames import CameraInfo, FrameError, check_frame_array
+from schemas.frames import (
+    DEFAULT_CRF,
+    DEFAULT_GOP,
+    CameraInfo,
+    FrameError,
+    check_frame_array,
+)
 
 # codec -> the PyAV encoder that writes it
 ENCODERS = {"h264": "libx264", "av1": "libsvtav1"}
 PIX_FMT = "yuv420p"
 
 
-def encoder_options(camera: CameraInfo) -> dict[str, str]:
-    """The encoder's options for a camera's settings (single-threaded: identical bytes)."""
-    options = {"g": str(camera.gop), "crf": str(camera.crf)}
-    if camera.codec == "h264":
+def encoder_options(codec: str, gop: int = DEFAULT_GOP, crf: int = DEFAULT_CRF) -> dict[str, str]:
+    """The encoder's options for a codec's settings (single-threaded: identical bytes)."""
+    options = {"g": str(gop), "crf": str(crf)}
+    if codec == "h264":
         # mbtree off: with it, x264 encoded the same small frames (16-32 pixels) to other
         # bytes from one run to the next; with a keyframe every 2 frames it gains nothing.
         options.update({"threads": "1", "bf": "0", "x264-params": "mbtree=0"})
@@ -41,32 +50,83 @@ def encoder_options(camera: CameraInfo) -> dict[str, str]:
     return options
 
 
+def write_video(
+    frames: Iterable[np.ndarray],
+    file: str | BinaryIO,
+    codec: str,
+    fps: int,
+    gop: int = DEFAULT_GOP,
+    crf: int = DEFAULT_CRF,
+) -> tuple[int, int, int]:
+    """Encode `frames` (each H x W x C uint8, C = 1 or 3, one at a time: memory is one
+    frame) into one MP4 at `file` (a local path or a writable binary file), one video frame
+    per array at `fps`; the number of frames written, their height and width. The one
+    encoder of the repo: video cameras (`encode_video`) and the LeRobot export use it."""
+    try:
+        import av
+    except ImportError:
+        raise FrameError("video needs PyAV: pip install 'hindsight[video]'") from None
+
+    if codec not in ENCODERS:
+        raise FrameError(f"video codec {codec!r}: choose one of {sorted(ENCODERS)}")
+    os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its configuration otherwise
+    count = height = width = 0
+    with av.open(file, "w", format="mp4", options={"fflags": "+bitexact"}) as container:
+        stream = None
+        for frame in frames:
+            if frame.ndim == 3 and frame.shape[2] == 1:  # grayscale: RGB with equal channels
+                frame = np.repeat(frame, 3, axis=2)
+            if stream is None:
+                height, width = frame.shape[:2]
+                if height % 2 or width % 2:
+                    raise FrameError(
+                        f"frames of {height}x{width}: yuv420p video needs an even height and width"
+                    )
+                try:
+                    stream = container.add_stream(
+                        ENCODERS[codec], fps, options=encoder_options(codec, gop, crf)
+                    )
+                except (av.FFmpegError, ValueError) as error:
+                    raise FrameError(f"PyAV cannot encode {codec}: {error}") from None
+                stream.pix_fmt = PIX_FMT
+                stream.width, stream.height = width, height
+                stream.codec_context.flags |= av.codec.context.Flags.bitexact
+            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            # Frame k is shown at k / fps (timestamps are part of the bytes written).
+            picture.pts, picture.time_base = count, Fraction(1, fps)
+            container.mux(stream.encode(picture))
+            count += 1
+        if stream is None:
+            raise FrameError("no frames: an empty video is not written")
+        container.mux(stream.encode())
+    return count, height, width
+
+
 def encode_video(frames: np.ndarray, camera: CameraInfo) -> bytes:
     """An episode's frames (N x H x W x C uint8, N >= 1) as one MP4 in the camera's codec,
     one video frame per step at the camera's fps."""
-    import av
-
     check_frame_array(frames, camera)
     if len(frames) == 0:
         raise FrameError("an episode with no frames has no video")
-    os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its configuration otherwise
-    if camera.channels == 1:
-        frames = np.repeat(frames, 3, axis=3)
     out = io.BytesIO()
-    with av.open(out, "w", format="mp4", options={"fflags": "+bitexact"}) as container:
-        stream = container.add_stream(
-            ENCODERS[camera.codec], camera.fps, options=encoder_options(camera)
-        )
-        stream.pix_fmt = PIX_FMT
-        stream.width, stream.height = camera.width, camera.height
-        stream.codec_context.flags |= av.codec.context.Flags.bitexact
-        for step, frame in enumerate(frames):
-            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            # Step k is shown at k / fps (timestamps are part of the bytes written).
-            picture.pts, picture.time_base = step, Fraction(1, camera.fps)
-            container.mux(stream.encode(picture))
-        container.mux(stream.encode())
+    write_video(iter(frames), out, camera.codec, camera.fps, camera.gop, camera.crf)
     return out.getvalue()
+
+
+@contextmanager
+def video_stream(file: str | BinaryIO, where: str) -> Iterator[tuple[Any, Any]]:
+    """An MP4's open container and its first video stream (closed on exit); a FrameError
+    naming `where` for a file PyAV cannot read or one with no video stream."""
+    import av
+
+    try:
+        container = av.open(file, "r")
+    except Exception as error:  # PyAV raises its own error types for damaged files
+        raise FrameError(f"{where}: not a video PyAV can read ({error})") from None
+    with container:
+        if not container.streams.video:
+            raise FrameError(f"{where}: holds no video stream")
+        yield container, container.streams.video[0]
 
 
 def decode_video(
@@ -75,17 +135,8 @@ def decode_video(
     """Every frame of one episode's video as N x H x W x C uint8, checked against the
     camera (codec, size) and, given `steps`, the episode's step count. A FrameError names
     `where` (file, episode, camera) and, for a video that stops decoding, the step."""
-    import av
-
     frames: list[np.ndarray] = []
-    try:
-        container = av.open(io.BytesIO(data), "r")
-    except Exception as error:  # PyAV raises its own error types for damaged files
-        raise FrameError(f"{where}: not a video PyAV can read ({error})") from None
-    with container:
-        if not container.streams.video:
-            raise FrameError(f"{where}: holds no video stream")
-        stream = container.streams.video[0]
+    with video_stream(io.BytesIO(data), where) as (container, stream):
         if stream.codec_context.name not in (camera.codec, ENCODERS[camera.codec], "libdav1d"):
             raise FrameError(
                 f"{where}: the video is {stream.codec_context.name}, the camera says {camera.codec}"

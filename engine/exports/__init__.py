@@ -97,7 +97,9 @@ def divide_columns(dataset: Dataset) -> Columns:
     for f in episodes:
         if f.name in EPISODE_CORE:
             continue
-        if is_number_type(f.type) or is_vector_type(f.type):
+        if camera_of(f.name) in dataset.cameras:  # a video camera: one video per episode
+            cameras.append(camera_of(f.name))
+        elif is_number_type(f.type) or is_vector_type(f.type):
             episode_numbers.append(f.name)
         elif is_text_type(f.type):
             episode_texts.append(f.name)

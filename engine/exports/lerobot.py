@@ -73,6 +73,7 @@ from schemas.lerobot import (
     VIDEO_PATH_V30,
     LeRobotInfo,
 )
+from schemas.video import decode_video
 
 
 @dataclass(frozen=True)
@@ -207,16 +208,12 @@ def write_video(
 ) -> tuple[dict, np.ndarray, int]:
     """The part's frames of one camera as one MP4 (episodes one after another), its
     info.json entry, each episode's (3, 256) pixel counts and the file's size."""
-    info = dataset.cameras[camera]
-    column = dataset.read_part(task.index, "steps", [FRAME_PREFIX + camera]).column(0)
     episodes = len(starts) - 1
     histograms = np.zeros((episodes, 3, 256), dtype=np.int64)
     episode_of_step = np.repeat(np.arange(episodes), np.diff(starts))
 
     def frames() -> Iterator[np.ndarray]:
-        for step, data in enumerate(column.to_pylist()):
-            where = f"{dataset.uri} part {task.index} step row {step} camera {camera}"
-            frame = decode_frame(data, info, where)
+        for step, frame in enumerate(part_frames(dataset, task.index, camera)):
             if frame.shape[2] == 1:
                 frame = np.repeat(frame, 3, axis=2)
             counts = histograms[episode_of_step[step]]
@@ -247,6 +244,25 @@ def write_video(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return video_info(settings), histograms, size
+
+
+def part_frames(dataset: Dataset, index: int, camera: str) -> Iterator[np.ndarray]:
+    """Part `index`'s frames of one camera, one per step in the part's order, decoded one
+    at a time (an image camera) or one episode's video at a time (a video camera)."""
+    info, column = dataset.cameras[camera], FRAME_PREFIX + camera
+    if not info.is_video:
+        data = dataset.read_part(index, "steps", [column]).column(0)
+        for step, image in enumerate(data.to_pylist()):
+            where = f"{dataset.uri} part {index} step row {step} camera {camera}"
+            yield decode_frame(image, info, where)
+        return
+    uri = dataset.file_uris(dataset.group_of(column, "episodes"), "episodes")[index]
+    table = dataset.read_part(index, "episodes", [cols.EPISODE_ID, cols.LENGTH, column])
+    for episode_id, length, video in zip(*(c.to_pylist() for c in table.columns)):
+        where = f"{uri}: episode {episode_id} camera {camera!r}"
+        if video is None:
+            raise ExportError(f"{where}: no video")
+        yield from decode_video(video, info, where, length)
 
 
 def video_info(settings: VideoSettings) -> dict:

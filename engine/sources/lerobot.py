@@ -74,7 +74,7 @@ from engine.sources.lerobot_rows import (
 )
 from engine.sources.tables import EpisodeLabels, build_tables, strings_to_arrow
 from engine.validate import Problem
-from engine.video import VideoError, decode_video_span
+from engine.video import decode_video_span
 from schemas import lerobot as lr
 from schemas import steps as cols
 from schemas.frames import CameraInfo, FrameError
@@ -450,7 +450,7 @@ def read_frames(part: LeRobotPart, table: pa.Table) -> tuple[Frames, list[Proble
                 decoded[image.camera] = episode_frames(
                     uri, span.start_s, slots, fps, part.cameras[image.camera], episode.index
                 )
-            except (VideoError, FrameError) as error:
+            except FrameError as error:  # engine.video's VideoError is one
                 message = str(error).removeprefix(f"{uri}: ")
                 message = message.removeprefix(f"episode {episode.index}: ")
                 problems.append(Problem(uri, image.source, message, episode.index))

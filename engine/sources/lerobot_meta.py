@@ -32,8 +32,9 @@ from engine.sources.lerobot_rows import (
     row_columns,
 )
 from engine.validate import Problem
-from engine.video import VideoError, video_frame_count
+from engine.video import video_frame_count
 from schemas import lerobot as lr
+from schemas.frames import FrameError
 
 T = TypeVar("T")
 IO_THREADS = 16  # S3 requests in flight at once while planning
@@ -380,7 +381,7 @@ def check_videos(
             return "is missing"
         try:
             return video_frame_count(uri)[0]
-        except VideoError as error:
+        except FrameError as error:  # a VideoError, or a file that is not a video
             return str(error).removeprefix(f"{uri}: ")
 
     files = list(dict.fromkeys(span.file for e in episodes for _, span in e.videos))
