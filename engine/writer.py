@@ -58,9 +58,8 @@ from schemas.retry import retrying
 # scan stays within ~10% of 64k-row groups (bench/results/query.json; 1024 rows made it 30%
 # slower, query-compare-1024-rows.json). Episode files are small and read whole.
 ROW_GROUP_ROWS = MappingProxyType({"steps": 4096, "episodes": 64 * 1024})
-# Camera frames weigh far more per row: their row groups are cut to about 1 MiB,
-# so that reading a few frames (language keyframes) or a part a row group at a time (the
-# shard writer) holds a MiB or so, not 4096 frames (48 MB of noisy 84x84 PNG, GBs of 4K).
+# Frames' row groups hold ~1 MiB, so that a few frames (language keyframes) or a part read a
+# row group at a time (shard writer) hold a MiB, not 4096 frames (48 MB of noisy 84x84 PNG).
 FRAME_ROW_GROUP_BYTES = 2**20
 
 
