@@ -46,6 +46,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -142,11 +143,12 @@ def pooled_return(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def sweep(run: str, column: str, texts: list[str], missions: list[str], seed: int, args,
           out: str, sample: bool = True) -> list[dict[str, Any]]:  # fmt: skip
     """Ask `run` for each text (env set to its mission); `counts` per text."""
-    cli(
-        "ask", run, "--sweep", f"{column}={','.join(texts)}", "--mission", ",".join(missions),
-        "--metric", "success", "--episodes", str(args.eval_episodes), "--seeds", str(seed),
-        "--actions", "sample" if sample else "greedy", "--output", out,
-    )  # fmt: skip
+    if not os.path.exists(os.path.join(out, "ask.json")):  # else asked before, in --work
+        cli(
+            "ask", run, "--sweep", f"{column}={','.join(texts)}", "--mission", ",".join(missions),
+            "--metric", "success", "--episodes", str(args.eval_episodes), "--seeds", str(seed),
+            "--actions", "sample" if sample else "greedy", "--output", out,
+        )  # fmt: skip
     with open(os.path.join(out, "ask.json")) as handle:
         rows = json.load(handle)["results"]
     return [counts(row) for row in rows]
@@ -157,11 +159,12 @@ def ask_bc(run: str, missions: list[str], seed: int, args, out: str) -> list[dic
     rows = []
     for index, text in enumerate(missions):
         directory = os.path.join(out, str(index))
-        cli(
-            "ask", run, "--mission", text, "--metric", "success", "--episodes",
-            str(args.eval_episodes), "--seeds", str(seed), "--actions", "sample",
-            "--output", directory,
-        )  # fmt: skip
+        if not os.path.exists(os.path.join(directory, "ask.json")):
+            cli(
+                "ask", run, "--mission", text, "--metric", "success", "--episodes",
+                str(args.eval_episodes), "--seeds", str(seed), "--actions", "sample",
+                "--output", directory,
+            )  # fmt: skip
         with open(os.path.join(directory, "ask.json")) as handle:
             rows.append(counts(json.load(handle)))
     return rows
@@ -202,11 +205,28 @@ def data_facts(dataset: str) -> dict[str, Any]:
     }
 
 
+def trained_steps(run: str) -> int | None:
+    """The step of a run's checkpoint (a run of an earlier invocation in --work), or None."""
+    path = os.path.join(run, "checkpoint.pt")
+    if not os.path.exists(path):
+        return None
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+
+
 def train(shards: str, run: str, condition: str, seed: int, args) -> None:
+    done = trained_steps(run)
+    if done is not None and done >= args.steps:
+        print(f"reusing {run} (trained {done:,} steps)", flush=True)
+        return
+    if done is None and os.path.exists(run):  # stopped before its first checkpoint
+        shutil.rmtree(run)
     options = ["--steps", str(args.steps), "--seed", str(seed), "--log-every", str(max(1, args.steps // 4))]  # fmt: skip
     options += ["--checkpoint-every", str(args.steps)]
     if condition != "none":
         options += ["--text-encoder", args.text_encoder]
+    options += [] if done is None else ["--resume"]
     cli("train", shards, run, "--condition", condition, *options)
 
 
@@ -264,10 +284,10 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
     every_arm = ("a", "b", "c", "d", "e", "a_greedy") if args.arms == "all" else ("a", "b", "c")
     arms: dict[str, list[list[dict[str, Any]]]] = {k: [] for k in every_arm}
     for seed in args.seeds:
-        tag = f"{args.protocol}-{seed}"
+        tag = f"{args.protocol}-{seed}-{args.steps}"  # runs and asks are reused in --work
         run = {arm: os.path.join(work, f"run-{arm}-{tag}") for arm in ("hindsight", "mission", "bc")}  # fmt: skip
         train(shards_hindsight, run["hindsight"], "instruction_paraphrases", seed, args)
-        asks = os.path.join(work, f"asks-{tag}")
+        asks = os.path.join(work, f"asks-{tag}-{args.eval_episodes}")
         column = "instruction_paraphrases"
         arms["a"].append(sweep(run["hindsight"], column, trained, trained, seed, args, f"{asks}/a"))
         arms["b"].append(sweep(run["hindsight"], column, held, held, seed, args, f"{asks}/b"))
