@@ -21,7 +21,7 @@ scored on it (`--metric success`):
   (a) hindsight, the trained pairs in BabyAI's words ("go to the yellow ball");
   (b) hindsight, the held-out pairs;
   (c) hindsight, paraphrases of trained pairs in words that are in no training text
-      (PARAPHRASES, fixed before any result was seen);
+      (PROTOCOLS' paraphrases, fixed before any result was seen);
   (d) mission, the trained pairs;
   (e) bc, the trained pairs' missions (it cannot be told; the env still scores them).
 A random policy's success on the same missions is measured too: in GoToLocal any object of
@@ -46,6 +46,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -58,19 +59,40 @@ ENV = "BabyAI-GoToLocal-v0"
 # held-out pairs was measured again on pairs never looked at: run 1 held out red key, green
 # ball, blue box, purple key (then the view encoding changed: trainers/minigrid_view.py);
 # run 2 yellow key, grey ball, purple box, green key (then the head on the frozen sentence
-# vector became linear: trainers/encoders.py); run 3, the last 4 pairs untouched, these.
-HELD_OUT = ("grey key", "yellow box", "blue ball", "red box")
-TRAINED = ("yellow ball", "grey box", "blue key", "red ball", "green box", "purple ball")
-# Words in no training text (the offline paraphraser's verbs are go/walk/head/move/navigate/
-# get/go over, its frames find/and/it/your/task/is/that/please): chosen before any result.
-PARAPHRASES = (
-    ("approach the crimson ball", "red ball"),
-    ("proceed toward the golden ball", "yellow ball"),
-    ("travel near the silver box", "grey box"),
-    ("approach the azure key", "blue key"),
-    ("proceed toward the emerald box", "green box"),
-    ("travel near the violet ball", "purple ball"),
-)
+# vector became linear: trainers/encoders.py); run 3 grey key, yellow box, blue ball, red box
+# (then the view match became factored, colour AND object: trainers/minigrid_view.py).
+# Run 4 holds out 4 of the 6 pairs no run had held out (they were only ever asked as
+# trained pairs), chosen before any run 4 result; development of the factored match used
+# run 3's protocol (spent pairs, `--protocol dev`) with these 4 kept in training.
+# Paraphrases: words in no training text (the offline paraphraser's verbs are go/walk/head/
+# move/navigate/get/go over, its frames find/and/it/your/task/is/that/please), each naming a
+# pair asked in (a); the same 6 colour words and 3 verbs in every run.
+PROTOCOLS: dict[str, dict[str, tuple]] = {
+    "run4": {
+        "held_out": ("red ball", "green box", "blue key", "purple ball"),
+        "trained": ("red box", "yellow ball", "grey box", "blue ball", "green key", "purple box"),
+        "paraphrases": (
+            ("approach the crimson box", "red box"),
+            ("proceed toward the golden ball", "yellow ball"),
+            ("travel near the silver box", "grey box"),
+            ("approach the azure ball", "blue ball"),
+            ("proceed toward the emerald key", "green key"),
+            ("travel near the violet box", "purple box"),
+        ),
+    },
+    "dev": {  # run 3's: pairs already spent, for development only
+        "held_out": ("grey key", "yellow box", "blue ball", "red box"),
+        "trained": ("yellow ball", "grey box", "blue key", "red ball", "green box", "purple ball"),
+        "paraphrases": (
+            ("approach the crimson ball", "red ball"),
+            ("proceed toward the golden ball", "yellow ball"),
+            ("travel near the silver box", "grey box"),
+            ("approach the azure key", "blue key"),
+            ("proceed toward the emerald box", "green box"),
+            ("travel near the violet ball", "purple ball"),
+        ),
+    },
+}
 GOALS = {"a": 0.8, "b_over_a": 0.7, "c_over_a": 0.5}
 
 
@@ -121,11 +143,12 @@ def pooled_return(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def sweep(run: str, column: str, texts: list[str], missions: list[str], seed: int, args,
           out: str, sample: bool = True) -> list[dict[str, Any]]:  # fmt: skip
     """Ask `run` for each text (env set to its mission); `counts` per text."""
-    cli(
-        "ask", run, "--sweep", f"{column}={','.join(texts)}", "--mission", ",".join(missions),
-        "--metric", "success", "--episodes", str(args.eval_episodes), "--seeds", str(seed),
-        "--actions", "sample" if sample else "greedy", "--output", out,
-    )  # fmt: skip
+    if not os.path.exists(os.path.join(out, "ask.json")):  # else asked before, in --work
+        cli(
+            "ask", run, "--sweep", f"{column}={','.join(texts)}", "--mission", ",".join(missions),
+            "--metric", "success", "--episodes", str(args.eval_episodes), "--seeds", str(seed),
+            "--actions", "sample" if sample else "greedy", "--output", out,
+        )  # fmt: skip
     with open(os.path.join(out, "ask.json")) as handle:
         rows = json.load(handle)["results"]
     return [counts(row) for row in rows]
@@ -136,11 +159,12 @@ def ask_bc(run: str, missions: list[str], seed: int, args, out: str) -> list[dic
     rows = []
     for index, text in enumerate(missions):
         directory = os.path.join(out, str(index))
-        cli(
-            "ask", run, "--mission", text, "--metric", "success", "--episodes",
-            str(args.eval_episodes), "--seeds", str(seed), "--actions", "sample",
-            "--output", directory,
-        )  # fmt: skip
+        if not os.path.exists(os.path.join(directory, "ask.json")):
+            cli(
+                "ask", run, "--mission", text, "--metric", "success", "--episodes",
+                str(args.eval_episodes), "--seeds", str(seed), "--actions", "sample",
+                "--output", directory,
+            )  # fmt: skip
         with open(os.path.join(directory, "ask.json")) as handle:
             rows.append(counts(json.load(handle)))
     return rows
@@ -181,48 +205,99 @@ def data_facts(dataset: str) -> dict[str, Any]:
     }
 
 
+def trained_steps(run: str) -> int | None:
+    """The step of a run's checkpoint (a run of an earlier invocation in --work), or None."""
+    path = os.path.join(run, "checkpoint.pt")
+    if not os.path.exists(path):
+        return None
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+
+
 def train(shards: str, run: str, condition: str, seed: int, args) -> None:
+    done = trained_steps(run)
+    if done is not None and done >= args.steps:
+        print(f"reusing {run} (trained {done:,} steps)", flush=True)
+        return
+    if done is None and os.path.exists(run):  # stopped before its first checkpoint
+        shutil.rmtree(run)
     options = ["--steps", str(args.steps), "--seed", str(seed), "--log-every", str(max(1, args.steps // 4))]  # fmt: skip
     options += ["--checkpoint-every", str(args.steps)]
     if condition != "none":
         options += ["--text-encoder", args.text_encoder]
+    options += [] if done is None else ["--resume"]
     cli("train", shards, run, "--condition", condition, *options)
+
+
+def view_match_of(run: str) -> str | None:
+    """The view match a run built (its config; absent: the additive one)."""
+    with open(os.path.join(run, "config.json")) as handle:
+        return json.load(handle)["model"].get("view_match", "additive")
+
+
+def per_request(arms: dict[str, list], texts: dict[str, list[str]]) -> dict[str, Any]:
+    """Each asked text's success rate over every seed, and per seed, for arms a, b, c."""
+    shown: dict[str, Any] = {}
+    for arm, asked in texts.items():
+        shown[arm] = {
+            text: {
+                "rate": sum(rows[i]["successes"] for rows in arms[arm])
+                / max(1, sum(rows[i]["episodes"] for rows in arms[arm])),
+                "per_seed": [r[i]["successes"] / max(1, r[i]["episodes"]) for r in arms[arm]],
+            }
+            for i, text in enumerate(asked)
+        }
+    return shown
 
 
 def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
     work = args.work or tempfile.mkdtemp(prefix="hs-babyai-")
+    protocol = PROTOCOLS[args.protocol]
     data, relabeled = os.path.join(work, "data"), os.path.join(work, "data-rl")
-    shards_hindsight = os.path.join(work, "shards-hindsight")
-    shards_mission = os.path.join(work, "shards-mission")
+    shards_hindsight = os.path.join(work, f"shards-hindsight-{args.protocol}")
+    shards_mission = os.path.join(work, f"shards-mission-{args.protocol}")
     started = time.perf_counter()
     load_before = os.getloadavg()
-    held_out_sql = ", ".join(f"'{mission(p)}'" for p in HELD_OUT)
-    held_out_missions = ", ".join(f"'{m}'" for p in HELD_OUT for m in (mission(p), f"go to a {p}"))
-    cli("collect", ENV, data, "--episodes", str(args.episodes), "--policy", "bot:play",
-        "--noise", "0.2", "--episodes-per-part", str(args.episodes))  # fmt: skip
-    cli("relabel", data, relabeled, "--with", "instructions:steps=next",
-        "--with", f"language:source=instruction,paraphrases={args.paraphrases}")  # fmt: skip
-    cli("shard", relabeled, shards_hindsight, "--condition", "instruction_paraphrases",
-        "--window", "4", "--exclude", f"instruction IN ({held_out_sql})")  # fmt: skip
-    cli("shard", relabeled, shards_mission, "--condition", "mission", "--text", "mission",
-        "--window", "4", "--exclude", f"mission IN ({held_out_missions})")  # fmt: skip
+    held_out_sql = ", ".join(f"'{mission(p)}'" for p in protocol["held_out"])
+    held_out_missions = ", ".join(
+        f"'{m}'" for p in protocol["held_out"] for m in (mission(p), f"go to a {p}")
+    )
+    # A --work directory keeps what was made: the same commands and sizes make the same data.
+    if not os.path.exists(data):
+        cli("collect", ENV, data, "--episodes", str(args.episodes), "--policy", "bot:play",
+            "--noise", "0.2", "--episodes-per-part", str(args.episodes))  # fmt: skip
+    if not os.path.exists(relabeled):
+        cli("relabel", data, relabeled, "--with", "instructions:steps=next",
+            "--with", f"language:source=instruction,paraphrases={args.paraphrases}")  # fmt: skip
+    if not os.path.exists(shards_hindsight):
+        cli("shard", relabeled, shards_hindsight, "--condition", "instruction_paraphrases",
+            "--window", "4", "--exclude", f"instruction IN ({held_out_sql})")  # fmt: skip
+    if args.arms == "all" and not os.path.exists(shards_mission):
+        cli("shard", relabeled, shards_mission, "--condition", "mission", "--text", "mission",
+            "--window", "4", "--exclude", f"mission IN ({held_out_missions})")  # fmt: skip
     prepared = time.perf_counter() - started
 
-    trained = [mission(p) for p in TRAINED]
-    held = [mission(p) for p in HELD_OUT]
-    arms: dict[str, list[list[dict[str, Any]]]] = {k: [] for k in ("a", "b", "c", "d", "e", "a_greedy")}  # fmt: skip
+    trained = [mission(p) for p in protocol["trained"]]
+    held = [mission(p) for p in protocol["held_out"]]
+    paraphrases = protocol["paraphrases"]
+    every_arm = ("a", "b", "c", "d", "e", "a_greedy") if args.arms == "all" else ("a", "b", "c")
+    arms: dict[str, list[list[dict[str, Any]]]] = {k: [] for k in every_arm}
     for seed in args.seeds:
-        run = {arm: os.path.join(work, f"run-{arm}-{seed}") for arm in ("hindsight", "mission", "bc")}  # fmt: skip
+        tag = f"{args.protocol}-{seed}-{args.steps}"  # runs and asks are reused in --work
+        run = {arm: os.path.join(work, f"run-{arm}-{tag}") for arm in ("hindsight", "mission", "bc")}  # fmt: skip
         train(shards_hindsight, run["hindsight"], "instruction_paraphrases", seed, args)
-        train(shards_mission, run["mission"], "mission", seed, args)
-        train(shards_hindsight, run["bc"], "none", seed, args)
-        asks = os.path.join(work, f"asks-{seed}")
+        asks = os.path.join(work, f"asks-{tag}-{args.eval_episodes}")
         column = "instruction_paraphrases"
         arms["a"].append(sweep(run["hindsight"], column, trained, trained, seed, args, f"{asks}/a"))
         arms["b"].append(sweep(run["hindsight"], column, held, held, seed, args, f"{asks}/b"))
-        words = [text for text, _ in PARAPHRASES]
-        meant = [mission(pair) for _, pair in PARAPHRASES]
+        words = [text for text, _ in paraphrases]
+        meant = [mission(pair) for _, pair in paraphrases]
         arms["c"].append(sweep(run["hindsight"], column, words, meant, seed, args, f"{asks}/c"))
+        if args.arms != "all":
+            continue
+        train(shards_mission, run["mission"], "mission", seed, args)
+        train(shards_hindsight, run["bc"], "none", seed, args)
         arms["d"].append(sweep(run["mission"], "mission", trained, trained, seed, args, f"{asks}/d"))  # fmt: skip
         arms["e"].append(ask_bc(run["bc"], trained, seed, args, f"{asks}/e"))
         arms["a_greedy"].append(
@@ -239,15 +314,17 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
             ],
             "return": pooled_return(every),
         }
-    chance = random_success(trained + held, args.eval_episodes * len(args.seeds))
-    summary["random"] = wilson(*chance)
+    if args.arms == "all":
+        chance = random_success(trained + held, args.eval_episodes * len(args.seeds))
+        summary["random"] = wilson(*chance)
     a, b, c = (summary[k]["rate"] for k in "abc")
-    goals = {
-        "a >= 0.8": {"value": a, "holds": a >= GOALS["a"]},
-        "a above d and e (intervals apart)": {
+    goals = {"a >= 0.8": {"value": a, "holds": a >= GOALS["a"]}}
+    if args.arms == "all":
+        goals["a above d and e (intervals apart)"] = {
             "holds": summary["a"]["ci95"][0]
             > max(summary["d"]["ci95"][1], summary["e"]["ci95"][1]),  # fmt: skip
-        },
+        }
+    goals |= {
         "b >= 0.7 x a": {"value": b / a if a else None, "holds": b >= GOALS["b_over_a"] * a},
         "c >= 0.5 x a": {"value": c / a if a else None, "holds": c >= GOALS["c_over_a"] * a},
     }
@@ -255,9 +332,12 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
         "experiment": "ask in words it never saw (issue 16)",
         "env": ENV,
         "size": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
-        "held_out": list(HELD_OUT),
-        "trained_asked": list(TRAINED),
-        "paraphrases": [list(p) for p in PARAPHRASES],
+        "protocol": args.protocol,
+        "view_match": view_match_of(os.path.join(work, f"run-hindsight-{tag}")),
+        "held_out": list(protocol["held_out"]),
+        "trained_asked": list(protocol["trained"]),
+        "paraphrases": [list(p) for p in paraphrases],
+        "per_request": per_request(arms, {"a": trained, "b": held, "c": words}),
         "data": data_facts(relabeled),
         "arms": summary,
         "goals": goals,
@@ -280,6 +360,8 @@ ARM_NAMES = {
 def table(report: dict[str, Any]) -> str:
     lines = [f"{'arm':36} {'success':>8}  95% Wilson      return  95% CI          per seed"]
     for arm, name in ARM_NAMES.items():
+        if arm not in report["arms"]:
+            continue
         row = report["arms"][arm]
         low, high = row["ci95"]
         seeds = " ".join(f"{v:.2f}" for v in row.get("per_seed", []))
@@ -305,6 +387,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=2000, help="Training steps per policy.")
     parser.add_argument("--eval-episodes", type=int, default=20, help="Episodes per request and seed.")  # fmt: skip
     parser.add_argument("--text-encoder", default="wordllama", choices=["wordllama", "tokens"])
+    parser.add_argument("--protocol", default="run4", choices=sorted(PROTOCOLS),
+                        help="Which pairs are held out: run4 (the final run), or dev (run 3's, "
+                        "already spent: for development only).")  # fmt: skip
+    parser.add_argument("--arms", default="all", choices=["all", "hindsight"],
+                        help="hindsight: only arms (a), (b), (c), for development.")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="Hide the commands' own output.")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

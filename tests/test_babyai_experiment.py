@@ -17,9 +17,12 @@ def test_the_experiment_runs_end_to_end_at_toy_size(tmp_path, capsys):
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     arms = report["arms"]
     assert set(arms) == {"a", "b", "c", "d", "e", "a_greedy", "random"}
-    trained, held = len(babyai_experiment.TRAINED), len(babyai_experiment.HELD_OUT)
+    protocol = babyai_experiment.PROTOCOLS["run4"]  # the default: the final run's pairs
+    trained, held = len(protocol["trained"]), len(protocol["held_out"])
     assert arms["a"]["episodes"] == trained and arms["b"]["episodes"] == held
-    assert arms["c"]["episodes"] == len(babyai_experiment.PARAPHRASES)
+    assert arms["c"]["episodes"] == len(protocol["paraphrases"])
+    assert report["view_match"] == "factored" and report["protocol"] == "run4"
+    assert set(report["per_request"]["b"]) == {f"go to the {p}" for p in protocol["held_out"]}
     assert arms["e"]["episodes"] == trained
     for row in arms.values():
         assert 0.0 <= row["ci95"][0] <= row["rate"] <= row["ci95"][1] <= 1.0
@@ -30,3 +33,24 @@ def test_the_experiment_runs_end_to_end_at_toy_size(tmp_path, capsys):
     }  # fmt: skip
     printed = capsys.readouterr().out
     assert "(c) hindsight, unseen paraphrases" in printed
+
+
+def test_the_protocols_hold_pairs_out_as_documented():
+    """Run 4 holds out pairs no earlier run held out; development (`dev`) holds out only
+    spent pairs and keeps run 4's in training; every asked trained pair and paraphrase is
+    trained in its protocol, and no paraphrase word is in BabyAI's colour names."""
+    spent = {
+        "red key", "green ball", "blue box", "purple key",  # run 1
+        "yellow key", "grey ball", "purple box", "green key",  # run 2
+        "grey key", "yellow box", "blue ball", "red box",  # run 3
+    }  # fmt: skip
+    final = set(babyai_experiment.PROTOCOLS["run4"]["held_out"])
+    development = set(babyai_experiment.PROTOCOLS["dev"]["held_out"])
+    assert len(final) == 4 and not final & spent
+    assert development <= spent and not development & final
+    for protocol in babyai_experiment.PROTOCOLS.values():
+        held = set(protocol["held_out"])
+        assert not set(protocol["trained"]) & held
+        assert {pair for _, pair in protocol["paraphrases"]} <= set(protocol["trained"])
+        for words, pair in protocol["paraphrases"]:
+            assert pair.split()[0] not in words.split() and pair.split()[1] in words.split()

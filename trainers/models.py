@@ -29,10 +29,11 @@ from trainers.minigrid_view import (
     MINIGRID_ONE_HOT,
     MINIGRID_ONE_HOT_DIM,
     MINIGRID_RELATIONAL,
-    ViewMatch,
+    VIEW_MATCH_FACTORED,
     is_minigrid_view,
     minigrid_layout,
     minigrid_one_hot,
+    view_match,
 )
 
 
@@ -91,6 +92,7 @@ def model_config(
         config["frames"] = frames
     if is_minigrid_view(index):  # a config without this key reads its state as floats
         config["observation_encoding"] = MINIGRID_RELATIONAL
+        config["view_match"] = VIEW_MATCH_FACTORED  # without the key: the additive match
     if kind == "mlp":
         # An MLP config without this key is an older one: 3 hidden layers, whatever n_layer.
         config["mlp_layers"] = n_layer
@@ -157,7 +159,9 @@ class Policy(nn.Module):
         self.one_hot = encoding in (MINIGRID_ONE_HOT, MINIGRID_RELATIONAL)
         self.layout_only = encoding == MINIGRID_RELATIONAL
         # A MiniGrid view is also matched against the condition, cell by cell (ViewMatch).
-        self.view_match = ViewMatch(config["d_model"]) if self.one_hot else None
+        self.view_match = (
+            view_match(config.get("view_match"), config["d_model"]) if self.one_hot else None
+        )
         state_dim = MINIGRID_ONE_HOT_DIM if self.one_hot else dim
         state_dim = MINIGRID_LAYOUT_DIM if self.layout_only else state_dim
         state_dim += self.view_match.output_dim if self.view_match is not None else 0
