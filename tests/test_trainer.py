@@ -273,6 +273,13 @@ def test_the_trainer_steps_bit_for_bit_like_a_plain_pytorch_loop(tmp_path, grad_
         assert torch.equal(tensor, trained[name]), name
 
 
+def test_only_policies_on_frames_load_batches_in_a_background_thread(tmp_path):
+    config = config_for(tmp_path, "return_to_go", "mlp", steps=1)
+    assert train.loader_prefetch(config.model) == 0  # cut between steps, in this thread
+    frames = {**config.model, "frames": {"inputs": "frames", "cameras": {"render": {}}}}
+    assert train.loader_prefetch(frames) == 2
+
+
 @pytest.mark.parametrize("max_norm", [0.5, 1e6])
 def test_clip_gradients_is_clip_grad_norm_bit_for_bit(max_norm):
     generator = torch.Generator().manual_seed(3)
