@@ -211,9 +211,9 @@ def loader_prefetch(model: dict[str, Any]) -> int:
     (decoding them takes longer than a step and releases the GIL, so it overlaps); none for
     one on state vectors. Their batches take ~0.1 ms of NumPy and Python to cut, next to a
     step whose kernels already keep every core busy: in a thread that work still competes
-    for the cores, and for the GIL at every hand-off between ops, so on 2 cores the MLP
-    streamed at 0.61x a bare loop with the thread and 0.98x without it (docs/trainer.md,
-    Benchmarks). The batches are the same either way."""
+    for the cores, and for the GIL at every hand-off between ops: on 2 loaded cores (1 torch
+    thread, median of 50-step chunks) the MLP streamed at 0.61x a bare loop with the thread
+    and 0.98x without it (docs/trainer.md, Benchmarks). The batches are the same either way."""
     return 2 if model.get("frames") else 0
 
 
