@@ -11,7 +11,8 @@ for each model with its defaults (`mlp`: single steps, batch 256; `transformer`:
            on the device (read once from the loader, then cycled)
   trainer  trainers.train.train_loop as `hindsight train` runs it: batches streamed from the
            shards, warmup + cosine learning rate, gradient clipping, progress, metrics lines
-  loader   windows/s of trainers.loader.stream alone (no model), at the model's window
+  loader   windows/s of trainers.loader.stream alone (no model), at the model's window, over
+           1000 batches (shard reads included)
 Each side runs `--steps` optimizer steps; the rate counts the steps after the first
 `--warm` (so neither side is charged for its first batches; the trainer's time to its first
 step, which fills the shuffle buffer, is reported apart). The sides alternate `--repeats`
@@ -118,6 +119,13 @@ def trainer_loop(config, steps: int, warm: int) -> dict:
     }
 
 
+def train_prefetch(config) -> int:
+    """Batches the trainer's loader makes ahead in a thread (0: cut between steps)."""
+    from trainers.train import loader_prefetch
+
+    return loader_prefetch(config.model)
+
+
 def measure_model(
     shards: str, model: str, steps: int, warm: int, repeats: int, device: str, work: str
 ) -> dict[str, Any]:
@@ -147,7 +155,9 @@ def measure_model(
         "trainer": best["trainer"],
         "trainer_over_bare": best["trainer"]["samples_per_s"] / best["bare"]["samples_per_s"],
         "all_rates": {name: [r["samples_per_s"] for r in runs] for name, runs in sides.items()},
-        "loader": measure_loader(shards, batch_size, window, 200),
+        # 1000 batches: several pools, so the shard reads that refill them are counted too.
+        "loader": measure_loader(shards, batch_size, window, 1000),
+        "trainer_loader_prefetch": train_prefetch(config),
     }
 
 

@@ -208,6 +208,30 @@ def test_object_arrays_are_refused(written, tmp_path):
         list(stream(shards, 8, epochs=1))
 
 
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.zeros((2133, 3), np.float32),
+        np.arange(5, dtype=">i8"),
+        np.float64(2.5),
+        np.zeros(0, bool),
+        np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+        np.array([["go", "left"]]),
+    ],
+)
+def test_npy_members_read_back_as_numpy_wrote_them(array):
+    """load_npy reads numpy's own headers without literal_eval (a regular expression) and
+    anything else through it; both give the array numpy wrote."""
+    from trainers.loader.shards import load_npy, npy_header
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.asanyarray(array), allow_pickle=False)
+    loaded = load_npy(buffer.getvalue(), "member")
+    assert loaded.dtype == np.asanyarray(array).dtype and np.array_equal(loaded, array)
+    header = "{'shape': (2, 3), 'fortran_order': False, 'descr': '<f4'}"  # keys reordered
+    assert npy_header(header) == {"descr": "<f4", "fortran_order": False, "shape": (2, 3)}
+
+
 def test_truncated_shard_is_an_error_or_skipped_with_a_count(written, tmp_path):
     copy = tmp_path / "cut"
     shutil.copytree(written["local"], copy)

@@ -241,6 +241,62 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, model):
         assert torch.equal(state["exp_avg"], b["optimizer"]["state"][key]["exp_avg"])
 
 
+@pytest.mark.parametrize("grad_clip", [0.05, 100.0])  # clipped on every step / never
+def test_the_trainer_steps_bit_for_bit_like_a_plain_pytorch_loop(tmp_path, grad_clip):
+    """The trainer's step (its own gradient clipping, no autocast context on the CPU, the
+    loss called directly) trains exactly the weights of the loop everyone writes with
+    torch's clip_grad_norm_, the same learning-rate schedule and AdamW."""
+    batches = make_batches("return_to_go", count=3)
+    config = config_for(tmp_path, "return_to_go", "mlp", steps=25, grad_clip=grad_clip)
+    train.train_loop(config, lambda state, rank, world: InMemoryStream(batches, state))
+
+    options = config.options
+    torch.manual_seed(options.seed)
+    policy = build_model(config.model)
+    policy.condition.embed_texts()
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=options.lr, weight_decay=options.weight_decay, foreach=True
+    )
+    policy.fit_observation_normalizer(batches[0])
+    clipped = 0
+    for step in range(options.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = train.learning_rate(step, options)
+        loss = policy.loss(batches[step % len(batches)])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clipped += bool(torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip) > grad_clip)
+        optimizer.step()
+    assert (clipped > 0) == (grad_clip < 1), clipped
+    trained = train.load_checkpoint(str(tmp_path))["model"]
+    for name, tensor in policy.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
+
+
+def test_only_policies_on_frames_load_batches_in_a_background_thread(tmp_path):
+    config = config_for(tmp_path, "return_to_go", "mlp", steps=1)
+    assert train.loader_prefetch(config.model) == 0  # cut between steps, in this thread
+    frames = {**config.model, "frames": {"inputs": "frames", "cameras": {"render": {}}}}
+    assert train.loader_prefetch(frames) == 2
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_clip_gradients_is_clip_grad_norm_bit_for_bit(max_norm):
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(64, 35), (64,), (1, 64), (1,), (7, 3)]
+    ours = [torch.zeros(shape, requires_grad=True) for shape in shapes]
+    theirs = [torch.zeros(shape, requires_grad=True) for shape in shapes]
+    for a, b in zip(ours[:-1], theirs[:-1]):  # the last one has no gradient, as unused ones
+        a.grad = torch.randn(a.shape, generator=generator)
+        b.grad = a.grad.clone()
+    norm = train.clip_gradients(ours, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    assert torch.equal(norm, expected)
+    for a, b in zip(ours, theirs):
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
+    assert ours[-1].grad is None
+
+
 def test_checkpoint_loads_with_weights_only(tmp_path):
     batches = make_batches("skill", count=1)
     config = config_for(tmp_path, "skill", "transformer", steps=3)
