@@ -74,7 +74,9 @@ def train_pixel_policy(shards: str, run: str, condition: list[str], seed: int, a
     from jobs.commands.demo import train_run
 
     started = time.perf_counter()
-    if not os.path.exists(os.path.join(run, "config.json")):
+    # A finished run has its checkpoint (written at the last step: checkpoint_every = steps);
+    # config.json alone is a run stopped on its way, trained again from the start.
+    if not os.path.exists(os.path.join(run, "checkpoint.pt")):
         train_run(
             shards,
             run,
