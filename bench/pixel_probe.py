@@ -37,7 +37,7 @@ def probe_batches(shards: str, config: dict[str, Any], count: int, seed: int) ->
     camera = next(iter(config["frames"]["cameras"]))
     stream = loader.stream(shards, 256, None, seed=seed, window=1, cameras=[camera])
     batches = list(itertools.islice(stream, count))
-    frames = torch.cat([b[f"frame_{camera}"] for b in batches])
+    frames = torch.cat([b[f"frame_{camera}"][:, 0] for b in batches])  # single steps
     target = torch.cat([b["observation"][:, 0] for b in batches])
     target = target / torch.tensor([1.0, 1.0, VELOCITY_SCALE])
     even = torch.cat([b["episode_id"] % 2 == 0 for b in batches])
@@ -70,7 +70,7 @@ def probe(frames_config: dict[str, Any], data: dict[str, Any], steps: int, seed:
     r2 = 1 - ((predicted - test_target) ** 2).mean(0) / test_target.var(0)
     return {
         "r2": dict(zip(("cos", "sin", "velocity"), [round(float(v), 4) for v in r2], strict=True)),
-        "final_train_loss": float(loss),
+        "final_train_loss": float(loss.detach()),
         "seconds": time.perf_counter() - started,
     }
 

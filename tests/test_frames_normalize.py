@@ -2,9 +2,10 @@
 
 Pendulum renders a thin dark rod on a white page. Frames divided by 255 alone are ~1.0
 everywhere: the conv net sees a large constant with a small dip, and the pixel experiment's
-policies learned the angle at best, never the velocity. Runs now subtract the mean frame of
-their first training batch and divide by the pixels' spread, fitted once and saved with the
-weights; runs recorded before (no `normalize` in their frames entry) still divide by 255.
+policies acted at random (the encoder read the angle, hardly the velocity). Runs now
+subtract the mean frame of their first training batch and divide by the pixels' spread,
+fitted once and saved with the weights; runs recorded before (no `normalize` in their frames
+entry) still divide by 255.
 """
 
 from __future__ import annotations

@@ -12,11 +12,12 @@ vector.
 
 Why the mean frame: Pendulum renders a thin rod on a white page, 4% of the pixels at
 32x32. Divided by 255 alone, every input is ~1.0 and the signal is a small dip in a large
-constant; the Nature CNN then learned the rod's angle but not its velocity (the difference
-between stacked frames; R^2 0.00 after 300 steps), and the pixel policies acted at random.
-With the background subtracted the same encoder reaches R^2 0.99 on the velocity in the
-same steps (bench/pixel_probe.py). Atari-like black backgrounds were not affected, and the
-fitted mean is right for both.
+constant; the Nature CNN then learned the rod's angle but hardly its velocity (the
+difference between stacked frames; R^2 0.44 after 300 steps), and the pixel policies acted
+at random. With the background subtracted the same encoder reaches R^2 0.995 on the
+velocity in the same steps (bench/pixel_probe.py, docs/trainer.md "Pixels"). On a black
+page (the synthetic frames of tests/test_frames_train.py) / 255 already left the background
+at 0; the fitted mean frame does that for any page.
 
 Encoders (`--frame-encoder`):
   nature  the Nature DQN conv net (Mnih et al. 2015): conv 8x8/4 32, 4x4/2 64, 3x3/1 64,
