@@ -3,8 +3,8 @@
     .venv/bin/python -m examples.pixel_experiment --out bench/results/pixel-experiment.json
 
 Pendulum-v1 from rendered frames, where one frame hides the velocity: collect with the
-heuristic policy at noise 0, 0.25, 0.5, 0.75, 1.0 and `--frames 32x32` (the env's render,
-resized by the function `ask` uses too), relabel returns, shard with return_to_go and a
+heuristic policy at noise 0, 0.25, 0.5, 0.75, 1.0 and `--frames 32x32 --channels 1` (the
+env's render, resized and made grayscale by the function `ask` uses too), relabel returns, shard with return_to_go and a
 frame stack of 3, then for every seed train two MLP policies (single steps, the trainer's
 defaults but fewer steps) that see the pixels alone (`--inputs frames --frame-encoder
 nature`: the angular velocity can only come from the stack): behaviour cloning (condition
@@ -54,6 +54,7 @@ def build_pixel_shards(work: str, args: argparse.Namespace) -> dict[str, str]:
             seed=0,
             episodes_per_part=max(10, args.episodes // 4),
             frames=args.size,
+            channels=args.channels,
             max_steps=args.max_steps,
         ).run()
     Relabel(input=raw, output=relabeled, relabelers=["returns"], seed=0).run()
@@ -73,7 +74,9 @@ def train_pixel_policy(shards: str, run: str, condition: list[str], seed: int, a
     from jobs.commands.demo import train_run
 
     started = time.perf_counter()
-    if not os.path.exists(os.path.join(run, "config.json")):
+    # A finished run has its checkpoint (written at the last step: checkpoint_every = steps);
+    # config.json alone is a run stopped on its way, trained again from the start.
+    if not os.path.exists(os.path.join(run, "checkpoint.pt")):
         train_run(
             shards,
             run,
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--episodes", type=int, default=120, help="Episodes to collect.")
     parser.add_argument("--max-steps", type=int, default=None, help="Collected episode length.")
     parser.add_argument("--size", default="32x32", help="Frame size HxW.")
+    parser.add_argument("--channels", type=int, default=1, help="1 (grayscale) or 3 (RGB).")
     parser.add_argument("--frame-stack", type=int, default=3)
     parser.add_argument("--steps", type=int, default=1000, help="Training steps per policy.")
     parser.add_argument("--episodes-eval", type=int, default=10, help="Episodes per asked value.")

@@ -151,6 +151,7 @@ def test_the_model_config_records_cameras_stack_encoder_and_inputs(tmp_path):
         "frame_stack": 2,
         "encoder": "resnet",
         "inputs": "state+frames",  # the default when the shards have frames and a state
+        "normalize": "mean_frame",  # trainers.frames.FrameNormalizer
     }
     train_and_load(config, pixel_batches("motion", count=1))
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)

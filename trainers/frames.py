@@ -2,10 +2,22 @@
 
 The loader yields, per camera, `frame_<camera>`: uint8 [B, W, C * K, H, W] (channels first,
 the K stacked frames oldest first, C channels each). Each camera gets its own encoder; the
-uint8 frames become floats in [0, 1] here, on the model's device (the loader never
-normalizes); every step of every window is encoded on its own, and the features of all
-cameras are concatenated: [B, W, cameras * d_model]. trainers/models.py joins them with
-the state vector.
+uint8 frames become floats here, on the model's device (the loader never normalizes):
+divided by 255, then, in runs whose config says `normalize: mean_frame` (every run since
+the pixel experiment's diagnosis), the camera's mean frame subtracted and the result divided
+by one standard deviation, both fitted on the first training batch (`FrameNormalizer`).
+Every step of every window is encoded on its own, and the features of all cameras are
+concatenated: [B, W, cameras * d_model]. trainers/models.py joins them with the state
+vector.
+
+Why the mean frame: Pendulum renders a thin rod on a white page, 4% of the pixels at
+32x32. Divided by 255 alone, every input is ~1.0 and the signal is a small dip in a large
+constant; the Nature CNN then learned the rod's angle but hardly its velocity (the
+difference between stacked frames; R^2 0.44 after 300 steps), and the pixel policies acted
+at random. With the background subtracted the same encoder reaches R^2 0.995 on the
+velocity in the same steps (bench/pixel_probe.py, docs/trainer.md "Pixels"). On a black
+page (the synthetic frames of tests/test_frames_train.py) / 255 already left the background
+at 0; the fitted mean frame does that for any page.
 
 Encoders (`--frame-encoder`):
   nature  the Nature DQN conv net (Mnih et al. 2015): conv 8x8/4 32, 4x4/2 64, 3x3/1 64,
@@ -34,6 +46,8 @@ FRAME_ENCODERS = (NATURE, RESNET)
 # What the policy sees of a step: the state vector, the frames, or both.
 STATE, FRAMES, BOTH = "state", "frames", "state+frames"
 INPUTS = (BOTH, FRAMES, STATE)
+# How frames are normalized: the mean frame of the first training batch subtracted.
+MEAN_FRAME = "mean_frame"
 
 
 def frames_config(
@@ -83,6 +97,8 @@ def frames_config(
         "frame_stack": frame_stack,
         "encoder": encoder,
         "inputs": inputs,
+        # A frames entry without this key (runs before it existed) divides by 255 only.
+        "normalize": MEAN_FRAME,
     }
 
 
@@ -185,9 +201,37 @@ def check_frame_size(encoder: str, height: int, width: int, camera: str) -> None
         raise ValueError(f"camera {camera!r}: frames of {height}x{width} are below 8x8")
 
 
+class FrameNormalizer(nn.Module):
+    """x / 255, minus the camera's mean frame, divided by one standard deviation (the
+    pixels' spread around that mean); both fitted on the first batch seen in training and
+    saved with the weights, so that `ask` normalizes exactly as training did. Before it is
+    fitted (mean 0, std 1) it is x / 255."""
+
+    def __init__(self, channels: int, height: int, width: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels, height, width))
+        self.register_buffer("std", torch.ones(()))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self.known_fitted = False  # read `fitted` (a device sync) only until it is True
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor) -> None:
+        """From uint8 [N, C, H, W], the frames of real steps (not left padding)."""
+        if len(images) < 2:
+            return
+        scaled = images.float() / 255.0
+        self.mean.copy_(scaled.mean(0))
+        self.std.copy_((scaled - self.mean).std().clamp(min=1e-3))
+        self.fitted.fill_(True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() / 255.0 - self.mean) / self.std
+
+
 class FrameEncoder(nn.Module):
     """Every camera's frames, uint8 [B, W, C * K, H, W], to features [B, W, cameras * d_model]
-    (one encoder per camera; /255 on the device)."""
+    (one encoder per camera; normalized on the device: `FrameNormalizer`, or /255 in runs
+    from before it)."""
 
     def __init__(self, frames: dict[str, Any], d_model: int):
         super().__init__()
@@ -203,6 +247,26 @@ class FrameEncoder(nn.Module):
             )
         self.encoders = nn.ModuleDict(encoders)
         self.output_dim = len(encoders) * d_model
+        self.normalizers = (
+            nn.ModuleDict({camera: FrameNormalizer(*self.shapes[camera]) for camera in encoders})
+            if frames.get("normalize") == MEAN_FRAME
+            else None
+        )
+
+    def normalized(self, camera: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A camera's frames as the conv net sees them: float [B * W, C * K, H, W]. The first
+        call in training fits the normalizer on the batch's real steps (mask True)."""
+        frames = batch[frame_column(camera)]
+        images = frames.reshape(-1, *frames.shape[2:])
+        if self.normalizers is None:
+            return images.float() / 255.0
+        normalizer = self.normalizers[camera]
+        if self.training and not normalizer.known_fitted:
+            if not bool(normalizer.fitted):
+                mask = batch.get("mask")
+                normalizer.fit(images if mask is None else images[mask.reshape(-1)])
+            normalizer.known_fitted = bool(normalizer.fitted)
+        return normalizer(images)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         features = []
@@ -217,6 +281,6 @@ class FrameEncoder(nn.Module):
                     f", got {str(frames.dtype).removeprefix('torch.')} {list(frames.shape)}"
                 )
             batch_size, window = frames.shape[:2]
-            images = frames.reshape(batch_size * window, *frames.shape[2:]).float() / 255.0
+            images = self.normalized(camera, batch)
             features.append(encoder(images).reshape(batch_size, window, -1))
         return features[0] if len(features) == 1 else torch.cat(features, dim=-1)
