@@ -61,9 +61,9 @@ from schemas import steps as cols
 from schemas.frames import (
     CODECS,
     FRAMES_GROUP,
-    LOSSLESS_CODECS,
     VIDEO_CODECS,
     CameraInfo,
+    check_quality,
     decode_frames,
     frames_table,
 )
@@ -95,11 +95,7 @@ def plan_ingest(
         raise ValueError(f"--on-error must be one of {ON_ERROR}, not {on_error!r}")
     if codec not in (*CODECS, *VIDEO_CODECS):
         raise ValueError(f"--codec must be one of {(*CODECS, *VIDEO_CODECS)}, not {codec!r}")
-    if codec in (*LOSSLESS_CODECS, *VIDEO_CODECS) and quality is not None:
-        raise ValueError(
-            f"--quality is for jpeg and webp; {codec} is "
-            + ("lossless" if codec in LOSSLESS_CODECS else "video (it has crf)")
-        )
+    check_quality(codec, quality)
     reader = source_for(format or detect_format(source))
     if column_map and not reader.takes_column_map:
         takers = ", ".join(n for n in FORMATS if source_for(n).takes_column_map)

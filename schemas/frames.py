@@ -105,6 +105,13 @@ class CameraInfo(BaseModel):
         return self.codec in VIDEO_CODECS
 
 
+def check_quality(codec: str, quality: int | None) -> None:
+    """`--quality` only with a lossy image codec (collect and ingest refuse it alike)."""
+    if quality is not None and codec in (*LOSSLESS_CODECS, *VIDEO_CODECS):
+        kind = "lossless" if codec in LOSSLESS_CODECS else "video (it has crf)"
+        raise ValueError(f"--quality is for jpeg and webp; {codec} is {kind}")
+
+
 def frame_column(camera: str) -> str:
     """The step column that holds a camera's frames."""
     if not camera or not camera.replace("_", "").isalnum():

@@ -11,9 +11,9 @@ from jobs.command import NewDataset, RayCommand, version_line
 from schemas.frames import (
     DEFAULT_CAMERA,
     DEFAULT_QUALITY,
-    LOSSLESS_CODECS,
     VIDEO_CODECS,
     CameraInfo,
+    check_quality,
     frame_column,
 )
 from schemas.manifest import Manifest
@@ -116,11 +116,7 @@ class Collect(RayCommand):
         if self.frames is None:
             return None
         frame_column(self.camera)  # letters, digits and underscores
-        if self.codec in (*LOSSLESS_CODECS, *VIDEO_CODECS) and self.quality is not None:
-            raise ValueError(
-                f"--quality is for jpeg and webp; {self.codec} is "
-                + ("lossless" if self.codec in LOSSLESS_CODECS else "video (it has crf)")
-            )
+        check_quality(self.codec, self.quality)
         if self.gop is not None and self.codec not in VIDEO_CODECS:
             raise ValueError(f"--gop is for h264 and av1 video, not {self.codec}")
         height, width = parse_size(self.frames)
