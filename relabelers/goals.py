@@ -12,7 +12,8 @@ For every step, `k` goals are drawn from goals that were actually achieved:
 
 The achieved-goal source (`achieved`) is a column (`achieved_goal`), a struct field
 (`observation.achieved_goal`) or a slice of a vector column (`observation[0:2]`,
-`observation.observation[3:5]`): see relabelers/achieved_goals.py.
+`observation.observation[3:5]`): see schemas/goals.py, which also derives every column
+below from the goal steps (one derivation for both layouts).
 
 Columns written (step level), with G = goal_dim, every item non-null:
 
@@ -37,20 +38,26 @@ returns for (achieved, goal):
 - a gymnasium environment id (`hindsight/PointGoal-v0`, or `module:Env-v0` to import the
   module that registers it): its `compute_reward(achieved_goal, desired_goal, info)`;
 - a dotted path `package.module:function` taking (achieved_goal, desired_goal, info).
+
+`store=steps` writes `hindsight_goal_step` only (the draws are the same): hindsight's
+readers (engine/derived.py) derive `hindsight_goal`, `hindsight_reward` and
+`hindsight_reached` when they are asked for, from the achieved goals of whole episodes. It
+refuses `random` (goals of other episodes have no step here) and `reward_function` (a
+reader would have to import user code).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from relabelers.achieved_goals import AchievedSpec
 from relabelers.base import (
     Columns,
     Inputs,
@@ -63,17 +70,24 @@ from relabelers.base import (
     splitmix64,
 )
 from schemas import steps as cols
-
-HINDSIGHT_GOAL = "hindsight_goal"
-HINDSIGHT_GOAL_STEP = "hindsight_goal_step"
-HINDSIGHT_REWARD = "hindsight_reward"
-HINDSIGHT_REACHED = "hindsight_reached"
+from schemas.goals import (
+    CHUNK_ROWS,
+    HINDSIGHT_GOAL,
+    HINDSIGHT_GOAL_STEP,
+    HINDSIGHT_REACHED,
+    HINDSIGHT_REWARD,
+    AchievedSpec,
+    GoalsError,
+    achieved_after_step,
+    compare_goals,
+    derive_goals,
+    fixed_lists,
+    list_type,
+)
 
 # hash_uniform streams, so different uses of randomness never correlate.
 _STREAM_GOAL = 1_000
 _STREAM_POOL = 7
-# Rows the kernel handles at a time: its (rows, k) arrays stay in the CPU cache.
-_CHUNK_ROWS = 1 << 14
 
 
 def step_uniforms(
@@ -189,22 +203,43 @@ class GoalsParams(Params):
     pool_size: int = Field(
         4096, ge=2, description="Goals kept in the dataset-wide pool for strategy=random."
     )
+    store: Literal["vectors", "steps"] = Field(
+        "vectors",
+        description="vectors: write goal vectors, goal steps, rewards and flags; steps: write "
+        "the goal steps only, hindsight's readers derive the rest when asked for them.",
+    )
 
 
 class GoalsRelabeler(Relabeler):
     """Hindsight goals per step (HER final/future/episode/random) and their rewards."""
 
     name = "goals"
+    # 1.3: `store=steps` writes the goal steps only (readers derive the other columns);
+    # `store=vectors` (the default) writes what 1.2 wrote, the same numbers.
     # 1.2: goals stored as [k, G] (nested fixed-size lists) with non-null items; 1.1 stored
     # them flat, FixedSizeList<float32>[k*G] (the same numbers, goal j at [j*G, (j+1)*G)).
     # 1.1: the last step's goal is reached by the stored next observation's achieved goal
     # (1.0 compared it with the last row's own, so a final goal was always reached there).
-    version = "1.2"
+    version = "1.3"
     Params = GoalsParams
 
     def __init__(self, params=None, seed: int = 0):
         super().__init__(params, seed)
-        self.achieved = AchievedSpec.parse(self.params.achieved)
+        with _relabel_errors():
+            self.achieved = AchievedSpec.parse(self.params.achieved)
+        if self.params.store == "steps":
+            if self.params.strategy == "random":
+                raise RelabelError(
+                    "relabeler 'goals': store=steps cannot hold strategy=random, whose goals "
+                    "come from other episodes (no goal step of this episode names them); use "
+                    "store=vectors"
+                )
+            if self.params.reward_function:
+                raise RelabelError(
+                    "relabeler 'goals': store=steps cannot use reward_function, which readers "
+                    "would have to import (user code) to derive rewards; use store=vectors, "
+                    "or store=steps with the default reward (1 reached / 0 not)"
+                )
         # Where the state after the last step is, when the dataset stores next observations.
         self.achieved_next = self.achieved.after_step()
         # Set by `setup` for strategy=random: the dataset-wide goal pool, one goal per episode.
@@ -212,27 +247,33 @@ class GoalsRelabeler(Relabeler):
         self.pool_goals: np.ndarray | None = None
 
     def reads(self) -> Columns:
+        if self.params.store == "steps":  # the achieved goals are read by whoever derives
+            return Columns(steps=(cols.EPISODE_ID, cols.T))
         return Columns(
             steps=(cols.EPISODE_ID, cols.T, self.achieved.path),
             steps_if_present=(self.achieved_next.path,) if self.achieved_next else (),
         )
 
     def writes(self) -> Columns:
+        if self.params.store == "steps":
+            return Columns(steps=(HINDSIGHT_GOAL_STEP,))
         return Columns(
             steps=(HINDSIGHT_GOAL, HINDSIGHT_GOAL_STEP, HINDSIGHT_REWARD, HINDSIGHT_REACHED)
         )
 
     def setup(self, inputs: Inputs) -> None:
-        """The achieved-goal spec must fit the schema and the reward function load; for
-        strategy=random, one pass builds the goal pool."""
-        goal_dim = self.achieved.goal_dim(inputs.steps_schema)
-        next_spec = self.achieved_next
-        if next_spec and next_spec.column in inputs.steps_schema.names:
-            if next_spec.goal_dim(inputs.steps_schema) != goal_dim:
-                raise RelabelError(
-                    f"relabeler 'goals': {next_spec} has another size than {self.achieved}; "
-                    "next_observation must have the layout of observation"
-                )
+        """The achieved-goal spec must fit the schema (with store=steps too: readers will
+        derive from it) and the reward function load; for strategy=random, one pass builds
+        the goal pool."""
+        with _relabel_errors():
+            goal_dim = self.achieved.goal_dim(inputs.steps_schema)
+            next_spec = self.achieved_next
+            if next_spec and next_spec.column in inputs.steps_schema.names:
+                if next_spec.goal_dim(inputs.steps_schema) != goal_dim:
+                    raise RelabelError(
+                        f"relabeler 'goals': {next_spec} has another size than {self.achieved}; "
+                        "next_observation must have the layout of observation"
+                    )
         if self.params.reward_function:
             resolve_reward_function(self.params.reward_function)
         if self.params.strategy == "random":
@@ -251,7 +292,8 @@ class GoalsRelabeler(Relabeler):
         """One achieved goal per episode, keeping the `pool_size` smallest hashes."""
         episode_ids = cols.arrow_to_numpy(steps.column(cols.EPISODE_ID))
         t = cols.arrow_to_numpy(steps.column(cols.T))
-        achieved = self._read_checked(self.achieved, steps, episode_ids, t)
+        with _relabel_errors():
+            achieved = self.achieved.read_finite(steps, episode_ids, t)
         bounds = cols.episode_boundaries(episode_ids)
         starts, lengths = bounds[:-1], np.diff(bounds)
         ids = episode_ids[starts]
@@ -264,42 +306,6 @@ class GoalsRelabeler(Relabeler):
         return {"keys": keys[keep], "episode_ids": ids[keep], "goals": achieved[rows[keep]]}
 
     # ------------------------------------------------------------ per part
-
-    def _read_checked(
-        self, spec: AchievedSpec, steps: pa.Table, episode_ids: np.ndarray, t: np.ndarray
-    ) -> np.ndarray:
-        """Achieved goals at `spec` of these rows (with their episode ids and steps), all
-        finite."""
-        achieved = spec.read(steps)
-        if np.isfinite(achieved.sum()):  # the cheap check first: a sum with NaN/inf is not finite
-            return achieved
-        bad = ~np.isfinite(achieved).all(axis=1)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise RelabelError(
-                f"relabeler 'goals': achieved goals ({spec}) hold "
-                f"{int(bad.sum())} non-finite row(s), the first at episode "
-                f"{int(episode_ids[row])} step t={int(t[row])}"
-            )
-        return achieved
-
-    def achieved_after(
-        self, steps: pa.Table, achieved: np.ndarray, bounds: np.ndarray
-    ) -> np.ndarray:
-        """The achieved goal of the state after each step's action (n, G): row t + 1 of the
-        episode; at the last step, the stored next observation's when the part has it
-        (the SB3 / TorchRL HER convention), else the last row's own."""
-        last = bounds[1:] - 1
-        achieved_after = np.empty_like(achieved)
-        achieved_after[:-1] = achieved[1:]  # row t + 1, a shifted copy (no gather)
-        achieved_after[last] = achieved[last]
-        spec = self.achieved_next
-        if spec is not None and spec.column in steps.column_names and len(last):
-            final = steps.select([spec.column]).take(pa.array(last))
-            episode_ids = cols.arrow_to_numpy(steps.column(cols.EPISODE_ID))[last]
-            t = cols.arrow_to_numpy(steps.column(cols.T))[last]
-            achieved_after[last] = self._read_checked(spec, final, episode_ids, t)
-        return achieved_after
 
     def source_rows(
         self,
@@ -324,42 +330,58 @@ class GoalsRelabeler(Relabeler):
         offset += low
         return offset
 
+    def goal_steps(self, episode_ids: np.ndarray, t: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+        """The step t' each of the k goals of every row comes from (n, k) int32 (final,
+        future, episode): what both layouts store."""
+        n, k = len(t), self.params.k
+        draws = GoalDraws(self.seed, episode_ids, t, bounds, range(_STREAM_GOAL, _STREAM_GOAL + k))
+        goal_steps = np.empty((n, k), dtype=np.int32)
+        for start in range(0, n, CHUNK_ROWS):
+            rows = slice(start, min(start + CHUNK_ROWS, n))
+            uniform = None if self.params.strategy == "final" else draws.uniforms(rows)
+            sources = self.source_rows(rows, uniform, bounds, draws.episode_of_row)
+            goal_steps[rows] = t[sources.T]
+        return goal_steps
+
     def relabel(self, steps: pa.Table, episodes: pa.Table, part: Part) -> Output:
+        with _relabel_errors():
+            return self._relabel(steps, part)
+
+    def _relabel(self, steps: pa.Table, part: Part) -> Output:
         episode_ids = cols.arrow_to_numpy(steps.column(cols.EPISODE_ID))
         t = cols.arrow_to_numpy(steps.column(cols.T))
-        achieved = self._read_checked(self.achieved, steps, episode_ids, t)
-        n, goal_dim, k = len(episode_ids), achieved.shape[1], self.params.k
         bounds = cols.episode_boundaries(episode_ids)
         strategy = self.params.strategy
-        if strategy == "random" and (self.pool_episode_ids is None or self.pool_goals is None):
-            raise RelabelError(
-                f"{part}: relabeler 'goals' with strategy=random needs the goal pool from "
-                "setup(); for tables in memory use relabelers.base.relabel_tables"
+        if self.params.store == "steps":
+            goal_steps = self.goal_steps(episode_ids, t, bounds)
+            return Output(steps=pa.table({HINDSIGHT_GOAL_STEP: fixed_lists(goal_steps)}))
+        achieved = self.achieved.read_finite(steps, episode_ids, t)
+        n, goal_dim, k = len(episode_ids), achieved.shape[1], self.params.k
+        achieved_after = achieved_after_step(steps, achieved, bounds, self.achieved_next)
+        if strategy == "random":
+            if self.pool_episode_ids is None or self.pool_goals is None:
+                raise RelabelError(
+                    f"{part}: relabeler 'goals' with strategy=random needs the goal pool from "
+                    "setup(); for tables in memory use relabelers.base.relabel_tables"
+                )
+            if self.pool_goals.shape[1] != goal_dim:
+                raise RelabelError("relabeler 'goals': the random-goal pool has another goal_dim")
+            draws = GoalDraws(
+                self.seed, episode_ids, t, bounds, range(_STREAM_GOAL, _STREAM_GOAL + k)
             )
-        if strategy == "random" and self.pool_goals.shape[1] != goal_dim:
-            raise RelabelError("relabeler 'goals': the random-goal pool has another goal_dim")
-        achieved_after = self.achieved_after(steps, achieved, bounds)
 
-        # One pass in chunks of rows, each small enough to stay in the CPU cache.
-        draws = GoalDraws(self.seed, episode_ids, t, bounds, range(_STREAM_GOAL, _STREAM_GOAL + k))
-        goals = np.empty((n, k, goal_dim), dtype=np.float32)
-        goal_steps = None if strategy == "random" else np.empty((n, k), dtype=np.int32)
-        reached = np.empty((n, k), dtype=bool)
-        squared = np.empty((min(n, _CHUNK_ROWS), k))
-        for start in range(0, n, _CHUNK_ROWS):
-            rows = slice(start, min(start + _CHUNK_ROWS, n))
-            uniform = None if strategy == "final" else draws.uniforms(rows)  # (k, rows)
-            if strategy == "random":
-                picks = self._pool_picks(uniform, rows, episode_ids)
-                _take_rows(self.pool_goals, np.ascontiguousarray(picks.T), out=goals[rows])
-            else:
-                sources = self.source_rows(rows, uniform, bounds, draws.episode_of_row)
-                sources = np.ascontiguousarray(sources.T)  # (rows, k)
-                _take_rows(achieved, sources, out=goals[rows])
-                goal_steps[rows] = t[sources]
-            chunk = squared[: rows.stop - rows.start]
-            _squared_distances(goals[rows], achieved_after[rows], out=chunk)
-            np.less_equal(chunk, self.params.threshold**2, out=reached[rows])
+            def from_pool(rows: slice, out: np.ndarray) -> None:
+                picks = self._pool_picks(draws.uniforms(rows), rows, episode_ids)
+                _take_rows(self.pool_goals, np.ascontiguousarray(picks.T), out=out)
+
+            goals, reached = compare_goals(k, achieved_after, self.params.threshold, from_pool)
+            goal_steps = None
+        else:
+            # The derivation every reader of a store=steps group runs: one code path.
+            goal_steps = self.goal_steps(episode_ids, t, bounds)
+            goals, reached = derive_goals(
+                achieved, achieved_after, t, bounds, goal_steps, self.params.threshold, str(part)
+            )
         if self.params.reward_function:
             reward_function = resolve_reward_function(self.params.reward_function)
             reward = np.asarray(
@@ -379,6 +401,15 @@ class GoalsRelabeler(Relabeler):
         picks = np.minimum((uniform * len(pool_ids)).astype(np.int64), len(pool_ids) - 1)
         same = pool_ids[picks] == episode_ids[rows]
         return np.where(same, (picks + 1) % len(pool_ids), picks)
+
+
+@contextlib.contextmanager
+def _relabel_errors() -> Iterator[None]:
+    """Goals that cannot be derived (schemas/goals.py) are this relabeler's errors."""
+    try:
+        yield
+    except GoalsError as error:
+        raise RelabelError(str(error)) from None
 
 
 def merge_pools(
@@ -406,18 +437,6 @@ def _take_rows(values: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
     np.take(items, rows, out=out.view(row_type).reshape(rows.shape))
 
 
-def _squared_distances(goals: np.ndarray, achieved: np.ndarray, out: np.ndarray) -> None:
-    """out[i, j] = squared Euclidean distance of goals[i, j] (rows, k, G) to achieved[i]
-    (rows, G), in float64, summed one goal dimension at a time."""
-    term = np.empty_like(out)
-    for g in range(goals.shape[2]):
-        target = out if g == 0 else term
-        np.subtract(goals[:, :, g], achieved[:, g, None], out=target, dtype=np.float64)
-        target *= target
-        if g:
-            out += term
-
-
 def goal_table(
     goals: np.ndarray, goal_steps: np.ndarray | None, reward: np.ndarray, reached: np.ndarray
 ) -> pa.Table:
@@ -425,28 +444,14 @@ def goal_table(
     entries), rewards and flags, as nested fixed-size lists of non-null items."""
     n, k = reached.shape
     if goal_steps is None:
-        steps = pa.nulls(n, type=_list_type(pa.int32(), k))
+        steps = pa.nulls(n, type=list_type(pa.int32(), k))
     else:
-        steps = _fixed_lists(goal_steps)
+        steps = fixed_lists(goal_steps)
     return pa.table(
         {
-            HINDSIGHT_GOAL: _fixed_lists(goals),
+            HINDSIGHT_GOAL: fixed_lists(goals),
             HINDSIGHT_GOAL_STEP: steps,
-            HINDSIGHT_REWARD: _fixed_lists(reward),
-            HINDSIGHT_REACHED: _fixed_lists(reached),
+            HINDSIGHT_REWARD: fixed_lists(reward),
+            HINDSIGHT_REACHED: fixed_lists(reached),
         }
     )
-
-
-def _list_type(item: pa.DataType, size: int) -> pa.DataType:
-    # Non-null items: Parquet stores one definition level less per value (faster to read).
-    return pa.list_(pa.field("item", item, nullable=False), size)
-
-
-def _fixed_lists(values: np.ndarray) -> pa.Array:
-    """(rows, d1, ..., dm) -> FixedSizeList<...FixedSizeList<value>[dm]...>[d1] on the
-    array's buffer: row i is values[i], with its shape."""
-    array = cols.numpy_to_arrow(np.ascontiguousarray(values).reshape(-1))
-    for size in reversed(values.shape[1:]):
-        array = pa.FixedSizeListArray.from_arrays(array, type=_list_type(array.type, size))
-    return array
