@@ -23,6 +23,7 @@ checked the same way up the chain. Anything else is refused, naming the entry.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine import derived as derived_columns
 from engine import storage
 from schemas.frames import FRAMES_GROUP, CameraInfo
 from schemas.manifest import MANIFEST_NAME, ColumnGroup, Manifest, content_id
@@ -87,13 +89,21 @@ class Dataset:
         return len(self.manifest.parts)
 
     def columns(self, level: str = "steps", frames: bool = True) -> list[str]:
-        """The columns of a level, every group's; without the frame columns if not `frames`."""
-        return [
-            f.name
-            for g in self.manifest.groups
-            if frames or not holds_frames(g)
-            for f in getattr(g, f"{level}_columns")
-        ]
+        """The columns of a level, every group's (derived ones after their group's stored
+        ones); without the frame columns if not `frames`."""
+        derived = self.derived if level == "steps" else {}
+        names = []
+        for group in self.manifest.groups:
+            if frames or not holds_frames(group):
+                stored = [f.name for f in getattr(group, f"{level}_columns")]
+                names += derived_columns.group_columns(group, stored) if derived else stored
+        return names
+
+    @functools.cached_property
+    def derived(self) -> dict[str, derived_columns.DerivedColumn]:
+        """The step columns this version derives at read (engine/derived.py): name ->
+        where from. From the manifest alone: no file is opened."""
+        return derived_columns.derived_columns(self.manifest.groups)
 
     @property
     def rewards_known(self) -> bool:
@@ -108,18 +118,31 @@ class Dataset:
 
     def arrow_schema(self, level: str = "steps") -> pa.Schema:
         """The Arrow schema of a level, all groups together, from the first part's footers
-        (a frames group's from the manifest: its files are not opened)."""
-        fields: list[pa.Field] = []
+        (a frames group's from the manifest: its files are not opened), derived columns
+        after their group's stored ones."""
+        by_group: list[list[pa.Field]] = []
         for group in self.manifest.groups:
             files = getattr(group, f"{level}_files")
             columns = getattr(group, f"{level}_columns")
             if holds_frames(group) and all(f.type in _FRAME_TYPES for f in columns):
-                fields.extend(pa.field(f.name, _FRAME_TYPES[f.type]) for f in columns)
+                by_group.append([pa.field(f.name, _FRAME_TYPES[f.type]) for f in columns])
             elif files:
-                fields.extend(read_schema(storage.join(group.root, files[0].path)))
-        return pa.schema(fields)
+                by_group.append(list(read_schema(storage.join(group.root, files[0].path))))
+            else:
+                by_group.append([])
+        derived = self.derived if level == "steps" else {}
+        if derived:
+            stored = pa.schema([f for fields in by_group for f in fields])
+            by_group = [
+                derived_columns.group_fields(group, fields, stored)
+                for group, fields in zip(self.manifest.groups, by_group)
+            ]
+        return pa.schema([f for fields in by_group for f in fields])
 
     def group_of(self, column: str, level: str = "steps") -> ColumnGroup:
+        """The group that holds `column` (or derives it at read)."""
+        if level == "steps" and column in self.derived:
+            return self.derived[column].group
         for group in self.manifest.groups:
             if column in {f.name for f in getattr(group, f"{level}_columns")}:
                 return group
@@ -133,8 +156,24 @@ class Dataset:
     def read_part(
         self, index: int, level: str = "steps", columns: Sequence[str] | None = None
     ) -> pa.Table:
-        """Part `index` with the columns of every group (or only `columns`), zipped."""
+        """Part `index` with the columns of every group (or only `columns`), zipped;
+        derived columns (engine/derived.py) computed from their stored sources."""
         wanted = None if columns is None else list(dict.fromkeys(columns))
+        derived = self.derived if level == "steps" else {}
+        asked = [c for c in (self.columns(level) if wanted is None else wanted) if c in derived]
+        if asked:
+            stored = [c for c in self.columns(level) if c not in derived]
+            sources = derived_columns.sources(derived, asked, stored)
+            read = [c for c in (stored if wanted is None else wanted) if c not in derived]
+            table = self._read_stored(index, level, list(dict.fromkeys(read + sources)))
+            made = derived_columns.derive(derived, table, asked, f"{self.uri} part {index}")
+            for name in asked:
+                table = table.append_column(made.schema.field(name), made.column(name))
+            return table.select(self.columns(level) if wanted is None else wanted)
+        return self._read_stored(index, level, wanted)
+
+    def _read_stored(self, index: int, level: str, wanted: list[str] | None) -> pa.Table:
+        """Part `index` with the stored columns `wanted` (None: all), zipped."""
         table: pa.Table | None = None
         for group in self.manifest.groups:
             group_columns = [f.name for f in getattr(group, f"{level}_columns")]
@@ -158,7 +197,7 @@ class Dataset:
                 for name in part.column_names:
                     table = table.append_column(part.schema.field(name), part.column(name))
         if table is None:
-            raise KeyError(f"{self.uri}: none of the columns {columns} exist at level {level}")
+            raise KeyError(f"{self.uri}: none of the columns {wanted} exist at level {level}")
         if wanted is not None:
             missing = [c for c in wanted if c not in table.column_names]
             if missing:
@@ -374,7 +413,14 @@ def _scan_level(uri: str, level: str, frames: bool = False) -> pl.LazyFrame:
             )
     if not scans:
         raise DatasetError(f"{uri}: no {level} files")
-    return scans[0] if len(scans) == 1 else pl.concat(scans, how="horizontal")
+    frame = scans[0] if len(scans) == 1 else pl.concat(scans, how="horizontal")
+    if level == "steps" and dataset.derived:  # every part, in order: whole episodes
+        stored = pa.schema(
+            [f for f in dataset.arrow_schema(level) if f.name not in dataset.derived]
+        )
+        frame = derived_columns.with_derived(frame, dataset.derived, stored)
+        frame = frame.select(dataset.columns(level, frames=frames))
+    return frame
 
 
 def scan(uri: str, frames: bool = False) -> pl.LazyFrame:

@@ -31,7 +31,9 @@ HINDSIGHT_GOAL = "hindsight_goal"
 HINDSIGHT_GOAL_STEP = "hindsight_goal_step"
 HINDSIGHT_REWARD = "hindsight_reward"
 HINDSIGHT_REACHED = "hindsight_reached"
-# What a reader derives from the goal steps of a `store=steps` group, in this order.
+# The columns of a goals group, in the order `store=vectors` writes them.
+GOAL_COLUMNS = (HINDSIGHT_GOAL, HINDSIGHT_GOAL_STEP, HINDSIGHT_REWARD, HINDSIGHT_REACHED)
+# What a reader derives from the goal steps of a `store=steps` group.
 DERIVED_COLUMNS = (HINDSIGHT_GOAL, HINDSIGHT_REWARD, HINDSIGHT_REACHED)
 
 # Rows handled at a time: the (rows, k) arrays of a chunk stay in the CPU cache.

@@ -1,0 +1,121 @@
+"""Derived step columns: columns a version does not store, which hindsight's readers
+compute from stored columns of whole episodes when they are asked for.
+
+Today there is one kind: a `goals` group written with `store=steps` stores
+`hindsight_goal_step` only, and `hindsight_goal`, `hindsight_reward` and
+`hindsight_reached` are derived from those goal steps and the achieved goals
+(schemas/goals.py, the same code that `store=vectors` writes them with). What a group
+derives is known from its manifest entry alone: the relabeler's name and parameters
+(`goals`, `store: steps`, `achieved`, `threshold`, `k`); their types follow from the
+dataset's step schema.
+
+Every reader of step columns asks here: `Dataset.columns` / `arrow_schema` / `group_of`
+list them, `Dataset.read_part` derives them (shards, exports, materialize, relabel jobs),
+the query reader derives them per part (`hindsight query`, subsets), and `engine.scan`
+adds them to its LazyFrame. Derivation reads whole parts: parts hold whole episodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+from schemas.goals import DERIVED_COLUMNS, GOAL_COLUMNS, GoalRecipe
+from schemas.manifest import ColumnGroup
+
+if TYPE_CHECKING:
+    import polars as pl
+
+
+@dataclass(frozen=True)
+class DerivedColumn:
+    """A step column derived at read: the group it belongs to and how to derive it."""
+
+    name: str
+    group: ColumnGroup
+    recipe: GoalRecipe
+
+
+def recipe_of(group: ColumnGroup) -> GoalRecipe | None:
+    """How `group` derives columns at read; None for a group that stores all of its own."""
+    if group.relabeler is None:
+        return None
+    return GoalRecipe.of(group.relabeler.name, group.relabeler.params)
+
+
+def derived_columns(groups: Sequence[ColumnGroup]) -> dict[str, DerivedColumn]:
+    """Name -> derived step column of a version with these groups, in group order."""
+    found = {}
+    for group in groups:
+        recipe = recipe_of(group)
+        if recipe is not None:
+            found |= {name: DerivedColumn(name, group, recipe) for name in DERIVED_COLUMNS}
+    return found
+
+
+def group_fields(group: ColumnGroup, fields: list[pa.Field], stored: pa.Schema) -> list[pa.Field]:
+    """`group`'s step fields `fields` with its derived ones, in the order the group would
+    store them all (a store=steps goals group looks like a store=vectors one), for a
+    version whose stored step columns have the schema `stored`."""
+    recipe = recipe_of(group)
+    if recipe is None:
+        return fields
+    types = recipe.types(stored)
+    every = {f.name: f for f in fields} | {name: pa.field(name, types[name]) for name in types}
+    return [every[name] for name in GOAL_COLUMNS if name in every]
+
+
+def group_columns(group: ColumnGroup, names: list[str]) -> list[str]:
+    """`group`'s step columns `names` with its derived ones, in that order (no types)."""
+    if recipe_of(group) is None:
+        return names
+    every = set(names) | set(DERIVED_COLUMNS)
+    return [name for name in GOAL_COLUMNS if name in every]
+
+
+def sources(derived: Mapping[str, DerivedColumn], names: Sequence[str], stored: Sequence[str]):
+    """The stored step columns that deriving `names` reads (of a version that stores
+    `stored`)."""
+    wanted: list[str] = []
+    for name in names:
+        wanted += derived[name].recipe.sources(stored)
+    return list(dict.fromkeys(wanted))
+
+
+def derive(
+    derived: Mapping[str, DerivedColumn], steps: pa.Table, names: Sequence[str], where: str
+) -> pa.Table:
+    """The derived columns `names` for `steps` (whole episodes holding their sources)."""
+    by_recipe: dict[GoalRecipe, list[str]] = {}
+    for name in names:
+        by_recipe.setdefault(derived[name].recipe, []).append(name)
+    columns: dict[str, pa.ChunkedArray] = {}
+    for recipe, recipe_names in by_recipe.items():
+        table = recipe.derive(steps, recipe_names, where)
+        columns |= {name: table.column(name) for name in recipe_names}
+    return pa.table({name: columns[name] for name in names})
+
+
+def with_derived(
+    frame: pl.LazyFrame, derived: Mapping[str, DerivedColumn], stored: pa.Schema
+) -> pl.LazyFrame:
+    """A LazyFrame over whole episodes (a version's step columns, rows in order) with the
+    derived columns added, each computed over the whole frame when it is selected (a
+    projection that leaves it out never derives it)."""
+    import polars as pl
+
+    columns = []
+    for name, column in derived.items():
+        data_type = column.recipe.types(stored)[name]
+        dtype = pl.from_arrow(pa.schema([(name, data_type)]).empty_table()).schema[name]
+        names = column.recipe.sources(stored.names)
+
+        def compute(struct: pl.Series, name: str = name, recipe: GoalRecipe = column.recipe):
+            steps = struct.struct.unnest().to_arrow()
+            return pl.from_arrow(recipe.derive(steps, [name], "engine.scan")).to_series()
+
+        columns.append(pl.struct(names).map_batches(compute, return_dtype=dtype).alias(name))
+    return frame.with_columns(columns) if columns else frame
