@@ -150,6 +150,14 @@ class Dataset:
             f"{self.uri}: no {level} column {column!r}; available: {', '.join(self.columns(level))}"
         )
 
+    def field(self, column: str, level: str = "steps") -> pa.Field:
+        """The Arrow field of one column, from its group's first footer (a derived
+        column's from the schema of its sources)."""
+        if level == "steps" and column in self.derived:
+            return self.arrow_schema(level).field(column)
+        group = self.group_of(column, level)
+        return read_schema(self.file_uris(group, level)[0]).field(column)
+
     def file_uris(self, group: ColumnGroup, level: str) -> list[str]:
         return [storage.join(group.root, f.path) for f in getattr(group, f"{level}_files")]
 

@@ -139,6 +139,9 @@ def dataset_info(uri: str, bins: int = HISTOGRAM_BINS, verify: bool = False) -> 
                 }
             )
         by_value[name] = rows
+    derived_types = (
+        {f.name: f.type for f in dataset.arrow_schema("steps")} if dataset.derived else {}
+    )
     return {
         "uri": dataset.uri,
         "dataset_id": manifest.dataset_id,
@@ -163,6 +166,12 @@ def dataset_info(uri: str, bins: int = HISTOGRAM_BINS, verify: bool = False) -> 
                 "inherited": group.inherited,
                 "relabeler": group.relabeler.model_dump() if group.relabeler else None,
                 "steps_columns": {f.name: f.type for f in group.steps_columns},
+                # Not stored: hindsight's readers derive them (engine/derived.py).
+                "derived_steps_columns": {
+                    name: str(derived_types[name])
+                    for name, column in dataset.derived.items()
+                    if column.group.name == group.name
+                },
                 "episodes_columns": {f.name: f.type for f in group.episodes_columns},
                 "files": len(group.steps_files) + len(group.episodes_files),
                 "bytes": sum(f.bytes for f in group.steps_files + group.episodes_files),
@@ -213,6 +222,8 @@ def format_info(info: dict[str, Any]) -> str:
         for level in ("steps", "episodes"):
             for name, type_name in group[f"{level}_columns"].items():
                 lines.append(f"    {level:8s} {name}: {type_name}")
+        for name, type_name in group.get("derived_steps_columns", {}).items():
+            lines.append(f"    {'steps':8s} {name}: {type_name} (derived at read, not stored)")
     if info.get("cameras"):
         lines += ["", "cameras:"]
         if info.get("pixels_only"):

@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine import storage
+from engine import derived, storage
 from engine.dataset import Dataset, DatasetError, open_dataset, read_schema, unreadable
 from schemas import steps as cols
 from schemas.manifest import ColumnGroup
@@ -198,6 +198,8 @@ class PartReader:
             for group in dataset.manifest.groups
             for f in getattr(group, f"{level}_columns")
         }
+        # Columns derived at read (engine/derived.py): from whole parts, then the rows.
+        self.derived = dataset.derived if level == "steps" else {}
         self._schemas: dict[str, pl.Schema] = {}
         self._errors: list[Exception] = []
         self._files_of: dict[int, list[str]] = {}  # id of a frame from `scan` -> its files
@@ -206,15 +208,19 @@ class PartReader:
         self, index: int, columns: Sequence[str], rows: np.ndarray | None = None
     ) -> pl.LazyFrame:
         """`columns` of part `index` at the sorted row positions `rows` (None: all rows)."""
+        derived = [c for c in dict.fromkeys(columns) if c in self.derived]
         by_group: dict[str, list[str]] = {}
         for column in dict.fromkeys(columns):
-            by_group.setdefault(self.group_of[column].name, []).append(column)
+            if column not in self.derived:
+                by_group.setdefault(self.group_of[column].name, []).append(column)
         frames, uris = [], []
         for group_columns in by_group.values():
             group = self.group_of[group_columns[0]]
             data_file = getattr(group, f"{self.level}_files")[index]
             uris.append(storage.join(group.root, data_file.path))
             frames.append(self._scan(uris[-1], data_file.rows, group, group_columns, rows))
+        if derived:
+            frames.append(self._scan_derived(index, derived, rows))
         frame = pl.concat(frames, how="horizontal") if len(frames) > 1 else frames[0]
         frame = frame.select(list(dict.fromkeys(columns)))
         self._files_of[id(frame)] = uris
@@ -281,6 +287,47 @@ class PartReader:
                 return pl.DataFrame(schema=schema).clear(num_rows if rows is None else len(rows))
 
         return pl.defer(read, schema=schema, validate_schema=True)
+
+    def _scan_derived(self, index: int, names: list[str], rows: np.ndarray | None) -> pl.LazyFrame:
+        """Derived columns of part `index` at `rows`: their sources read for the whole
+        part (whole episodes), derived, then the rows taken."""
+        schema = self._derived_schema(names)
+        if rows is not None and not len(rows):
+            return pl.LazyFrame(schema=schema)
+        stored = [c for c in self.dataset.columns("steps") if c not in self.derived]
+        sources = derived.sources(self.derived, names, stored)
+        num_rows = self.dataset.manifest.parts[index].steps
+
+        def read() -> pl.DataFrame:
+            try:
+                table = None
+                for group in self.dataset.manifest.groups:
+                    wanted = [f.name for f in group.steps_columns if f.name in sources]
+                    if not wanted:
+                        continue
+                    uri = storage.join(group.root, group.steps_files[index].path)
+                    part = read_rows_arrow(uri, wanted, None, self.stats)
+                    table = part if table is None else _zip(table, part)
+                where = f"{self.dataset.uri} part {index}"
+                made = derived.derive(self.derived, table, names, where)
+                return pl.from_arrow(made if rows is None else made.take(pa.array(rows)))
+            except Exception as error:  # raised by `collect`, on the caller's thread
+                self._errors.append(error)
+                return pl.DataFrame(schema=schema).clear(num_rows if rows is None else len(rows))
+
+        return pl.defer(read, schema=schema, validate_schema=True)
+
+    def _derived_schema(self, names: list[str]) -> pl.Schema:
+        if "" not in self._schemas:  # the derived columns' schema, once per reader
+            fields = [f for f in self.dataset.arrow_schema("steps") if f.name in self.derived]
+            self._schemas[""] = pl.from_arrow(pa.schema(fields).empty_table()).schema
+        return pl.Schema({name: self._schemas[""][name] for name in names})
+
+
+def _zip(table: pa.Table, other: pa.Table) -> pa.Table:
+    for name in other.column_names:
+        table = table.append_column(other.schema.field(name), other.column(name))
+    return table
 
 
 def episode_table(

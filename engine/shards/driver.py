@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from engine import storage
-from engine.dataset import Dataset, DatasetError, open_dataset, read_schema
+from engine.dataset import Dataset, DatasetError, open_dataset
 from engine.executor import Executor
 from engine.shards import frames as frames_module
 from engine.shards.conditions import (
@@ -146,7 +146,7 @@ def resolve_conditions(
                 f"{', '.join(dataset.columns('episodes'))}"
             )
         group = dataset.group_of(head, level)
-        data_type = read_schema(dataset.file_uris(group, level)[0]).field(head).type
+        data_type = dataset.field(head, level).type  # derived columns too (engine/derived.py)
         for part in rest.split(".") if rest else []:
             data_type = data_type.field(part).type
         relabeler = group.relabeler
