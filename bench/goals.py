@@ -1,6 +1,7 @@
-"""Where a `goals` job spends its time on one part, and which stored layout writes fastest.
+"""Where a `goals` job spends its time on one part, in each stored layout, and what a
+reader pays to derive goal vectors from goal steps.
 
-    python -m bench.goals --out bench/results/goals.json [--repeats 5]
+    python -m bench.goals --out bench/results/goals.json [--repeats 5] [--skip-layouts]
 
 One 1M-step part of bench.relabel's data (1000-step episodes, observation 17 floats),
 `goals:strategy=future,k=4,achieved=observation[0:3]`, all in this process on one core
@@ -21,7 +22,14 @@ best of `--repeats`, the sides alternated:
    (zstd, statistics, page CRCs), then one change at a time;
 4. pandas groupby-apply computing the same columns on the same part
    (`bench.relabel.pandas_goals`), in the same rounds, so that the part's cost reads as a
-   ratio per core.
+   ratio per core;
+5. the part as a job task runs it with `store=steps` (read episode_id and t, draw the goal
+   steps, write that one column), in the same rounds as 1 and 4: against pandas computing
+   goal vectors, rewards and flags, the columns a reader of either layout gets;
+6. what a reader then pays per part (`Dataset.read_part` of the three derived columns
+   from a committed store=steps version: read the achieved goals' column, episode_id, t
+   and the goal steps, derive) against reading the same three columns stored by a
+   committed store=vectors version.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ PART_STEPS = 1_000_000
 EPISODE_LENGTH = 1000
 PARAMS = {"strategy": "future", "k": K, "achieved": "observation[0:3]"}
 GOAL_COLUMNS = ("hindsight_goal", "hindsight_goal_step", "hindsight_reward", "hindsight_reached")
+DERIVED = ("hindsight_goal", "hindsight_reward", "hindsight_reached")
 
 
 # ---------------------------------------------------------------- 1: the part as the job runs it
@@ -66,6 +75,13 @@ def part_breakdown(data_uri: str, workdir: Path, repeats: int) -> tuple[dict, pa
     steps, episodes = reader.read(part)
     relabeler.setup(TableInputs(steps, episodes))
     output = relabeler.run(steps, episodes, part).steps
+    # store=steps: the job reads episode_id and t, draws, writes the goal steps.
+    steps_relabeler = GoalsRelabeler(PARAMS | {"store": "steps"})
+    steps_reader = PartReader.of(dataset, steps_relabeler)
+    ids_t, ids_episodes = steps_reader.read(part)
+    steps_relabeler.setup(TableInputs(steps, episodes))
+    steps_output = steps_relabeler.run(ids_t, ids_episodes, part).steps
+    assert steps_output.column(0).equals(output.column("hindsight_goal_step"))
     arrays = {name: _values(output.column(name)) for name in GOAL_COLUMNS}
 
     def to_arrow() -> pa.Table:
@@ -84,6 +100,9 @@ def part_breakdown(data_uri: str, workdir: Path, repeats: int) -> tuple[dict, pa
         "relabel": lambda: relabeler.run(steps, episodes, part),
         "arrow_conversion": to_arrow,
         "write": lambda: writer.write_part(0, output, None, group="goals"),
+        "steps_read": lambda: steps_reader.read(part),
+        "steps_relabel": lambda: steps_relabeler.run(ids_t, ids_episodes, part),
+        "steps_write": lambda: writer.write_part(0, steps_output, None, group="goal-steps"),
         "pandas": lambda: frame.groupby("episode_id", sort=False)[achieved_columns].apply(
             per_episode
         ),
@@ -100,9 +119,11 @@ def part_breakdown(data_uri: str, workdir: Path, repeats: int) -> tuple[dict, pa
         seconds[f"kernel{suffix}"] = round(
             seconds[f"relabel{suffix}"] - seconds[f"arrow_conversion{suffix}"], 4
         )
-        seconds[f"part{suffix}"] = round(
-            sum(seconds[f"{name}{suffix}"] for name in ("read", "relabel", "write")), 4
-        )
+        for prefix in ("", "steps_"):
+            seconds[f"{prefix}part{suffix}"] = round(
+                sum(seconds[f"{prefix}{name}{suffix}"] for name in ("read", "relabel", "write")),
+                4,
+            )
     return seconds, output
 
 
@@ -126,6 +147,52 @@ def _values(column: pa.ChunkedArray) -> np.ndarray:
         shape.append(array.type.list_size)
         array = array.flatten()
     return array.to_numpy(zero_copy_only=False).reshape(shape)
+
+
+# ---------------------------------------------------------------- 6: what a reader pays
+
+
+def reader_costs(data_uri: str, workdir: Path, repeats: int) -> dict:
+    """Seconds to read the three derived columns of part 0 from committed store=steps and
+    store=vectors versions of the data (the same params and seed), and of each piece."""
+    from engine.dataset import open_dataset
+    from engine.executor import InProcess
+    from jobs.relabeling import relabel
+    from relabelers.goals import GoalsRelabeler
+
+    versions = {}
+    for store in ("vectors", "steps"):
+        uri = str(workdir / f"relabeled-{store}")
+        shutil.rmtree(uri, ignore_errors=True)
+        relabeler = GoalsRelabeler(PARAMS | {"store": store})
+        relabel(data_uri, uri, [relabeler], executor=InProcess(), command="bench.goals")
+        versions[store] = open_dataset(uri)
+    vectors, steps = versions["vectors"], versions["steps"]
+    assert steps.read_part(0, "steps", DERIVED).equals(vectors.read_part(0, "steps", DERIVED))
+    recipe = next(iter(steps.derived.values())).recipe
+    stored = [c for c in steps.columns() if c not in steps.derived]
+    sources = steps.read_part(0, "steps", recipe.sources(stored))
+    seconds = best_of(
+        repeats,
+        {
+            "read_stored_vectors": lambda: vectors.read_part(0, "steps", DERIVED),
+            "read_derived": lambda: steps.read_part(0, "steps", DERIVED),
+            "read_sources": lambda: steps.read_part(0, "steps", recipe.sources(stored)),
+            "derive": lambda: recipe.derive(sources, DERIVED),
+        },
+    )
+    return {
+        "steps": steps.manifest.parts[0].steps,
+        "sources_read": recipe.sources(stored),
+        "seconds": seconds,
+        # Above 1: deriving costs the reader more than reading stored vectors.
+        "derived_vs_stored_read": round(
+            seconds["read_derived"] / seconds["read_stored_vectors"], 2
+        ),
+        "derived_vs_stored_read_cpu": round(
+            seconds["read_derived_cpu"] / seconds["read_stored_vectors_cpu"], 2
+        ),
+    }
 
 
 # ---------------------------------------------------------------- 2: layouts
@@ -250,7 +317,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", default=None, help="where the data goes (default: temp)")
     parser.add_argument("--out", default="bench/results/goals.json")
+    parser.add_argument(
+        "--skip-layouts",
+        action="store_true",
+        help="leave out sections 2 and 3 (layouts and write settings of the goal vectors)",
+    )
     args = parser.parse_args()
+    earlier = _earlier_results(args.out)
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="hs-bench-goals-"))
@@ -274,16 +347,41 @@ def main() -> None:
         "part_seconds": breakdown,
         # The part as a job task runs it (read, relabel, write) against pandas computing
         # the same columns in memory (no read, no write), both on one core; then the kernel
-        # alone against pandas.
+        # alone against pandas. store=vectors (the default) first, then store=steps.
         "part_vs_pandas_per_core": round(breakdown["pandas"] / breakdown["part"], 2),
         "part_vs_pandas_per_core_cpu": round(breakdown["pandas_cpu"] / breakdown["part_cpu"], 2),
         "relabel_vs_pandas_per_core": round(breakdown["pandas"] / breakdown["relabel"], 2),
-        "layouts": compare_layouts(output, workdir, args.repeats),
-        "goal_column_write_settings": compare_settings(output, workdir, args.repeats),
-        "load_average_1min": round(os.getloadavg()[0], 1),
+        "store_steps_part_vs_pandas_per_core": round(
+            breakdown["pandas"] / breakdown["steps_part"], 2
+        ),
+        "store_steps_part_vs_pandas_per_core_cpu": round(
+            breakdown["pandas_cpu"] / breakdown["steps_part_cpu"], 2
+        ),
+        "reader_per_part": reader_costs(data, workdir, args.repeats),
     }
+    if not args.skip_layouts:
+        results["layouts"] = compare_layouts(output, workdir, args.repeats)
+        results["goal_column_write_settings"] = compare_settings(output, workdir, args.repeats)
+    results["load_average_1min"] = round(os.getloadavg()[0], 1)
+    if earlier:
+        results["earlier_runs"] = earlier
     shutil.rmtree(workdir, ignore_errors=True)
     save_results(results, args.out)
+
+
+def _earlier_results(out: str) -> dict:
+    """The figures already at `out`, kept under `earlier_runs` (by goals version and
+    date) so that a new run does not lose the layouts measured before."""
+    import json
+
+    path = Path(out)
+    if not path.exists():
+        return {}
+    previous = json.loads(path.read_text())
+    earlier = previous.pop("earlier_runs", {})
+    version = previous.get("config", {}).get("goals_version", "unknown")
+    key = f"goals {version}, load {previous.get('load_average_1min')}"
+    return earlier | {key: previous}
 
 
 if __name__ == "__main__":
