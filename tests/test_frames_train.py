@@ -413,3 +413,21 @@ def test_a_rendered_frame_is_asked_as_its_camera_stored_it():
     gray = CameraInfo.model_validate(camera(channels=1))
     expected = np.asarray(Image.fromarray(rendered).convert("L"))[:, :, None]
     assert np.array_equal(ask.as_stored(rendered, gray), expected)
+
+
+def test_augment_shift_is_a_frame_option_recorded_and_passed_to_the_loader(tmp_path, monkeypatch):
+    from jobs.cli import parse
+    from trainers import loader
+
+    assert parse(["train", "S", "R", "--augment-shift", "2"]).augment_shift == 2
+    index = pixel_index({"render": camera()}, frame_stack=2)
+    config = pixel_config(tmp_path, index, steps=2, augment_shift=2)
+    assert config.to_record()["options"]["augment_shift"] == 2
+    seen = {}
+    monkeypatch.setattr(loader, "stream", lambda *args, **kwargs: seen.update(kwargs))
+    train.default_stream_factory(config)(None, 0, 1)
+    assert seen["augment_shift"] == 2 and seen["cameras"] == ["render"]
+    with pytest.raises(ValueError, match="--resume: augment_shift was 2"):
+        train.resumed_config(config, config.options.model_copy(update={"augment_shift": 0}))
+    with pytest.raises(ValueError, match="--augment-shift 2 shifts camera frames, but this policy"):
+        pixel_config(tmp_path, index, inputs="state", augment_shift=2)
