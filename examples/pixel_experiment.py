@@ -86,6 +86,7 @@ def train_pixel_policy(shards: str, run: str, condition: list[str], seed: int, a
             frame_encoder="nature",
             steps=args.steps,
             seed=seed,
+            augment_shift=args.augment_shift,
             log_every=max(10, args.steps // 10),
             checkpoint_every=args.steps,
         )
@@ -167,6 +168,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--frame-stack", type=int, default=3)
     parser.add_argument("--steps", type=int, default=1000, help="Training steps per policy.")
     parser.add_argument("--episodes-eval", type=int, default=10, help="Episodes per asked value.")
+    parser.add_argument(
+        "--augment-shift", type=int, default=0, help="train --augment-shift (DrQ), pixels."
+    )
     args = parser.parse_args(argv)
 
     import tempfile
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "experiment": "ask for a high return from pixels alone (issue 14)",
         "size": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
         "policy": "mlp on single steps, trainer defaults (batch 256), --inputs frames, "
-        "--frame-encoder nature",
+        f"--frame-encoder nature, --augment-shift {args.augment_shift}",
         "machine": {
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),

@@ -265,6 +265,11 @@ class ShardIndex(_Model):
     frame_stack: int = Field(
         1, ge=1, description="Frames the loader stacks per step (the step's and k - 1 before)."
     )
+    camera_sources: dict[str, CameraInfo] = Field(
+        default_factory=dict,
+        description="Cameras the shards store otherwise than the dataset (a video camera's "
+        "frames decoded to PNG): the dataset's camera, whose compression `ask` reproduces.",
+    )
     exclusions: ExclusionInfo | None = Field(
         None, description="Steps left out: --exclude and null text conditions (none: all kept)."
     )
@@ -304,6 +309,8 @@ class ShardIndex(_Model):
         data = self.model_dump(mode="json", exclude_none=True)
         if not self.cameras:  # shards without frames keep the index they always had
             del data["cameras"], data["frame_stack"]
+        if not self.camera_sources:  # nor do shards of image cameras
+            del data["camera_sources"]
         return json.dumps(data, indent=2) + "\n"
 
     @classmethod

@@ -166,3 +166,73 @@ def decode_video(
     if camera.channels == 1:  # stored as RGB with equal channels: their mean
         video = np.round(video.mean(axis=3, keepdims=True)).astype(np.uint8)
     return video
+
+
+class CausalVideo:
+    """One episode's frames through a video camera's codec a step at a time, each given
+    back as the episode's stored video shows it, before the next frame exists (a rollout
+    acts on frame t first: `hindsight ask` for a policy trained on a video camera).
+
+    - h264: one encoder and one decoder stay open for the episode. The stored video's x264
+      holds each frame back one step (its lookahead); without the lookahead (and with
+      constant frame rate, as the stored timestamps are) it gives out every frame's packet
+      at once, and the decoded pixels equal the whole-episode video's (tested).
+    - av1: SVT-AV1 holds frames back for many steps; its frames depend only on the frames
+      of their keyframe group, so those given so far (at most `gop`) are encoded anew each
+      step: pixel for pixel the stored video's with gop <= 2 (the default, LeRobot's); with
+      a longer group SVT-AV1 codes its frames out of order, and a frame that referred to a
+      later one in the stored video is close to it, not equal (tested)."""
+
+    def __init__(self, camera: CameraInfo):
+        if not camera.is_video:
+            raise FrameError(f"camera codec {camera.codec} is not a video codec")
+        self.camera = camera
+        self.frames: list[np.ndarray] = []  # av1: the frames since the last keyframe
+        self.encoder: Any = None  # h264: the open encoder and decoder
+        self.decoder: Any = None
+        self.steps = 0
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        """This step's frame (H x W x C uint8, C as the camera's) as the video shows it."""
+        check_frame_array(frame[None], self.camera)
+        if self.camera.codec == "h264":
+            shown = self._streamed(frame)
+        else:
+            if len(self.frames) == self.camera.gop:
+                self.frames.clear()
+            self.frames.append(frame)
+            video = encode_video(np.stack(self.frames), self.camera)
+            shown = decode_video(video, self.camera, "a rollout's frame", len(self.frames))[-1]
+        self.steps += 1
+        return shown
+
+    def _streamed(self, frame: np.ndarray) -> np.ndarray:
+        import av
+
+        camera = self.camera
+        if self.encoder is None:
+            options = encoder_options(camera.codec, camera.gop, camera.crf)
+            options["x264-params"] += ":rc-lookahead=0:sync-lookahead=0:force-cfr=1"
+            self.encoder = av.CodecContext.create(ENCODERS[camera.codec], "w")
+            self.encoder.width, self.encoder.height = camera.width, camera.height
+            self.encoder.pix_fmt = PIX_FMT
+            self.encoder.time_base = Fraction(1, camera.fps)
+            self.encoder.framerate = camera.fps
+            self.encoder.options = options
+            self.encoder.flags |= av.codec.context.Flags.bitexact
+            self.decoder = av.CodecContext.create(camera.codec, "r")
+            self.decoder.flags |= av.codec.context.Flags.low_delay
+        rgb = np.repeat(frame, 3, axis=2) if frame.shape[2] == 1 else frame
+        picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        picture.pts = self.steps
+        decoded = [
+            shown.to_ndarray(format="rgb24")
+            for packet in self.encoder.encode(picture)
+            for shown in self.decoder.decode(packet)
+        ]
+        if len(decoded) != 1:  # never seen: the settings above give one frame per frame
+            raise FrameError(f"h264 gave {len(decoded)} frames for step {self.steps}, not 1")
+        shown = decoded[0]
+        if camera.channels == 1:  # as decode_video: the mean of the equal channels
+            shown = np.round(shown.mean(axis=2, keepdims=True)).astype(np.uint8)
+        return shown

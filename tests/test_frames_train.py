@@ -18,6 +18,7 @@ import torch
 from engine.frames import render_frame
 from jobs.cli import main as cli_main
 from schemas.frames import CameraInfo, decode_frame, encode_frame
+from schemas.video import decode_video, encode_video
 from tests.test_trainer import CONTINUOUS, InMemoryStream, config_for, make_batches
 from trainers import ask, train
 from trainers.frames import NatureCNN, ResNetEncoder, nature_strides
@@ -291,10 +292,13 @@ def test_resume_with_frames_matches_an_uninterrupted_run(tmp_path):
 PENDULUM = {"kind": "continuous", "dim": 1, "low": [-2.0], "high": [2.0]}
 
 
-def tiny_pixel_run(run_dir, cameras, *, model="transformer", frame_stack=2, window=3, **options):
-    """A run trained 2 steps on random frames shaped like Pendulum's (the rollout is tested)."""
+def tiny_pixel_run(
+    run_dir, cameras, *, model="transformer", frame_stack=2, window=3, sources=None, **options
+):
+    """A run trained 2 steps on random frames shaped like Pendulum's (the rollout is tested);
+    `sources`: the index's camera_sources (a video camera the shards hold as PNG)."""
     index = {**pixel_index(cameras, frame_stack, PENDULUM, RTG), "window": window,
-             "metadata": {"env_id": "Pendulum-v1"}}  # fmt: skip
+             "metadata": {"env_id": "Pendulum-v1"}, "camera_sources": sources or {}}  # fmt: skip
     config = pixel_config(
         run_dir, index, model=model, steps=2, condition=["return_to_go"], **options
     )
@@ -330,41 +334,75 @@ class Recording(torch.nn.Module):
         return prediction
 
 
-def test_a_rollout_feeds_the_frames_the_loader_would_give(tmp_path):
-    """Replayed independently: render every step, pass it through the camera's JPEG codec,
-    and stack as the loader's contract says (K frames oldest first, the first frame repeated
-    before step 0; window positions before the episode all zeros)."""
-    stack, window, episodes = 2, 3, 2
-    jpeg = camera(codec="jpeg", quality=50)
-    run = tiny_pixel_run(tmp_path / "run", {"render": jpeg}, frame_stack=stack, window=window)
+def rollout_and_replay(run, episodes: int, seed: int = 2):
+    """The frames a rollout of `run` fed its policy (per forward: [episodes, W, C*K, H, W]),
+    and each episode replayed independently with the actions it chose: the rendered
+    frames of its 200 steps (Pendulum's horizon)."""
     policy, config = train.load_policy(run)
     recording = Recording(policy)
-    ask.rollout(recording, config, "Pendulum-v1", {"return_to_go": -300.0}, episodes, seed=2)
-    assert len(recording.frames) == 200  # Pendulum's horizon
-
-    info = CameraInfo.model_validate(jpeg)
-    lossy = False
+    ask.rollout(recording, config, "Pendulum-v1", {"return_to_go": -300.0}, episodes, seed=seed)
+    assert len(recording.frames) == 200
+    rendered = []
     for i in range(episodes):
         env = gym.make("Pendulum-v1", render_mode="rgb_array")
-        env.reset(seed=2 * 100_003 + i)
-        stored = []
+        env.reset(seed=seed * 100_003 + i)
+        frames = []
         for t in range(200):
-            rendered = render_frame(env, SIZE, SIZE)
-            frame = decode_frame(encode_frame(rendered, info), info)
-            lossy |= not np.array_equal(frame, rendered)
-            stored.append(frame.transpose(2, 0, 1))
+            frames.append(render_frame(env, SIZE, SIZE))
             env.step(recording.chosen[t][i])
         env.close()
+        rendered.append(np.stack(frames))
+    return recording.frames, rendered
+
+
+def check_stacked(fed, stored: list[np.ndarray], stack: int, window: int) -> None:
+    """Every forward's frames are the stored frames (per episode [200, H, W, C]) stacked as
+    the loader's contract says: K frames oldest first, the first frame repeated before step
+    0, window positions before the episode all zeros."""
+    for i, frames in enumerate(stored):
+        channels_first = frames.transpose(0, 3, 1, 2)
         for t in range(200):
-            expected = np.zeros((window, 3 * stack, SIZE, SIZE), np.uint8)
+            expected = np.zeros((window, stack * frames.shape[3], SIZE, SIZE), np.uint8)
             for position in range(window):
                 step = t - (window - 1) + position
                 if step >= 0:
                     expected[position] = np.concatenate(
-                        [stored[max(0, step - (stack - 1) + k)] for k in range(stack)]
+                        [channels_first[max(0, step - (stack - 1) + k)] for k in range(stack)]
                     )
-            assert np.array_equal(recording.frames[t][i].numpy(), expected), (i, t)
-    assert lossy  # JPEG artifacts: what the policy saw in training, it sees when asked
+            assert np.array_equal(fed[t][i].numpy(), expected), (i, t)
+
+
+def test_a_rollout_feeds_the_frames_the_loader_would_give(tmp_path):
+    """Replayed independently: render every step, pass it through the camera's JPEG codec,
+    and stack as the loader's contract says."""
+    stack, window, episodes = 2, 3, 2
+    jpeg = camera(codec="jpeg", quality=50)
+    run = tiny_pixel_run(tmp_path / "run", {"render": jpeg}, frame_stack=stack, window=window)
+    fed, rendered = rollout_and_replay(run, episodes)
+    info = CameraInfo.model_validate(jpeg)
+    stored = [np.stack([decode_frame(encode_frame(f, info), info) for f in r]) for r in rendered]
+    check_stacked(fed, stored, stack, window)
+    # JPEG artifacts: what the policy saw in training, it sees when asked
+    assert not all(np.array_equal(s, r) for s, r in zip(stored, rendered))
+
+
+@pytest.mark.parametrize("codec", ["h264", "av1"])
+def test_a_rollout_of_a_video_trained_policy_sees_the_stored_videos_pixels(tmp_path, codec):
+    """Shards hold a video camera's frames decoded (PNG); training saw the video's
+    compression, so the rollout's frames are what the whole episode's video would show:
+    replayed, encoded as one video per episode, decoded, stacked."""
+    stack, window, episodes = 2, 2, 2
+    video = {**camera(codec="png"), "codec": codec, "fps": 30, "gop": 2, "crf": 30}
+    run = tiny_pixel_run(
+        tmp_path / "run", {"render": camera()}, frame_stack=stack, window=window,
+        sources={"render": video},
+    )  # fmt: skip
+    assert train.load_run_config(run).model["frames"]["collected_as"]["render"]["codec"] == codec
+    fed, rendered = rollout_and_replay(run, episodes)
+    info = CameraInfo.model_validate(video)
+    stored = [decode_video(encode_video(r, info), info, "replay", len(r)) for r in rendered]
+    check_stacked(fed, stored, stack, window)
+    assert not all(np.array_equal(s, r) for s, r in zip(stored, rendered))  # lossy
 
 
 def test_ask_from_pixels_through_the_command_line(tmp_path, capsys):
@@ -413,3 +451,21 @@ def test_a_rendered_frame_is_asked_as_its_camera_stored_it():
     gray = CameraInfo.model_validate(camera(channels=1))
     expected = np.asarray(Image.fromarray(rendered).convert("L"))[:, :, None]
     assert np.array_equal(ask.as_stored(rendered, gray), expected)
+
+
+def test_augment_shift_is_a_frame_option_recorded_and_passed_to_the_loader(tmp_path, monkeypatch):
+    from jobs.cli import parse
+    from trainers import loader
+
+    assert parse(["train", "S", "R", "--augment-shift", "2"]).augment_shift == 2
+    index = pixel_index({"render": camera()}, frame_stack=2)
+    config = pixel_config(tmp_path, index, steps=2, augment_shift=2)
+    assert config.to_record()["options"]["augment_shift"] == 2
+    seen = {}
+    monkeypatch.setattr(loader, "stream", lambda *args, **kwargs: seen.update(kwargs))
+    train.default_stream_factory(config)(None, 0, 1)
+    assert seen["augment_shift"] == 2 and seen["cameras"] == ["render"]
+    with pytest.raises(ValueError, match="--resume: augment_shift was 2"):
+        train.resumed_config(config, config.options.model_copy(update={"augment_shift": 0}))
+    with pytest.raises(ValueError, match="--augment-shift 2 shifts camera frames, but this policy"):
+        pixel_config(tmp_path, index, inputs="state", augment_shift=2)

@@ -11,6 +11,7 @@ import torch
 
 from engine.frames import render_frame, to_channels
 from schemas.frames import DEFAULT_CAMERA, CameraInfo, decode_frame, encode_frame, frame_column
+from schemas.video import CausalVideo
 from trainers.options import RunConfig
 
 
@@ -48,6 +49,13 @@ class RolloutFrames:
         if set(cameras) != {DEFAULT_CAMERA}:
             raise ValueError(f"ask renders only the {DEFAULT_CAMERA!r} camera, not {sorted(cameras)}")  # fmt: skip
         self.camera = CameraInfo.model_validate(cameras[DEFAULT_CAMERA])
+        # Training saw a video camera's frames through its video codec (the shards hold
+        # them decoded): the rollout's frames go through it too.
+        collected = (frames.get("collected_as") or {}).get(DEFAULT_CAMERA)
+        source = CameraInfo.model_validate(collected) if collected else None
+        self.videos = (
+            [CausalVideo(source) for _ in range(episodes)] if source and source.is_video else None
+        )
         self.stack = int(frames["frame_stack"])
         channels, height, width = self.camera.channels, self.camera.height, self.camera.width
         self.recent = np.zeros((episodes, self.stack, channels, height, width), np.uint8)
@@ -60,7 +68,11 @@ class RolloutFrames:
         for i, env in enumerate(envs):
             if not done[i]:
                 rendered = render_frame(env, self.camera.height, self.camera.width)
-                frames[i] = as_stored(rendered, self.camera).transpose(2, 0, 1)
+                if self.videos is not None:
+                    seen = self.videos[i](to_channels(rendered, self.camera.channels))
+                else:
+                    seen = as_stored(rendered, self.camera)
+                frames[i] = seen.transpose(2, 0, 1)
         if self.steps == 0:
             self.recent[:] = frames[:, None]  # before the first step, the first frame repeats
         else:

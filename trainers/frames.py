@@ -92,7 +92,7 @@ def frames_config(
     for name in chosen:
         info = available[name]
         check_frame_size(encoder, info.height, info.width, name)
-    return {
+    entry = {
         "cameras": {name: available[name].model_dump(mode="json") for name in chosen},
         "frame_stack": frame_stack,
         "encoder": encoder,
@@ -100,6 +100,17 @@ def frames_config(
         # A frames entry without this key (runs before it existed) divides by 255 only.
         "normalize": MEAN_FRAME,
     }
+    # A video camera's frames reach the shards decoded (as PNG): the dataset's camera says
+    # which compression training saw, for `ask` to reproduce (trainers/ask_frames.py).
+    sources = index.get("camera_sources") or {}
+    collected = {
+        name: camera_info(sources[name]).model_dump(mode="json")
+        for name in chosen
+        if name in sources
+    }
+    if collected:
+        entry["collected_as"] = collected
+    return entry
 
 
 def camera_info(info: dict[str, Any]) -> CameraInfo:

@@ -80,6 +80,13 @@ class TrainOptions(BaseModel):
         description="Image encoder per camera: the Nature DQN conv net (default) or IMPALA's "
         "small ResNet.",
     )
+    augment_shift: int = Field(
+        default=0,
+        ge=0,
+        description="Random-shift augmentation of frames (DrQ): each window's frames padded by "
+        "N pixels (edges repeated) and cropped back at a seeded random offset; 0: off. Only for "
+        "a policy that sees frames.",
+    )
     text_encoder: Literal["tokens", "wordllama", "embeddings"] | None = Field(
         default=None,
         description="How text conditions are encoded: tokens (the default; learned word "
@@ -124,7 +131,7 @@ RESUMABLE = ("steps", "log_every", "checkpoint_every", "device")
 # Settings that define the model and its data: a resumed run must ask for the same.
 FIXED_ON_RESUME = (
     "input", "condition", "model", "window", "d_model", "n_layer", "n_head", "hidden",
-    "inputs", "cameras", "frame_encoder", "text_encoder",
+    "inputs", "cameras", "frame_encoder", "text_encoder", "augment_shift",
 )  # fmt: skip
 # How runs written before this module recorded two fields.
 _OLD_NAMES = {"shards": "input", "run_dir": "output"}

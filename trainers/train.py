@@ -134,6 +134,11 @@ def new_run_config(index: dict[str, Any], options: TrainOptions) -> RunConfig:
         frame_encoder=options.frame_encoder,
         text_encoder=options.text_encoder,
     )
+    if options.augment_shift and not model.get("frames"):
+        raise ValueError(
+            f"--augment-shift {options.augment_shift} shifts camera frames, but this policy sees "
+            "none (its inputs are the state vector)"
+        )
     facts = {key: value for key, value in index.items() if key != "shards"}
     return RunConfig(options=options, model=model, index=facts)
 
@@ -200,6 +205,7 @@ def default_stream_factory(config: RunConfig) -> StreamFactory:
             window=int(config.model["window"]),
             # Decode only the cameras the model sees (none for a state-only run).
             cameras=sorted((config.model.get("frames") or {}).get("cameras") or {}),
+            augment_shift=options.augment_shift,
             prefetch=loader_prefetch(config.model),
         )
 

@@ -455,6 +455,11 @@ def shard_index(
         conditions={c.name: infos[c.name] for c in conditions},
         cameras=dict(cameras or {}),
         frame_stack=settings.frame_stack,
+        camera_sources={
+            name: info
+            for name, info in dataset.cameras.items()
+            if name in (cameras or {}) and cameras[name] != info
+        },
         metadata=dataset.manifest.metadata,
     )
 
