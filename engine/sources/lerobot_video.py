@@ -189,7 +189,11 @@ def episode_video(
         frames = episode_frames(uri, span.start_s, slots, fps, camera, episode)
         raw = decode_frames(frames, step_camera(camera), f"{uri}: episode {episode}")
         return encode_video(raw, camera), str(error)
-    check_video(video, camera, uri, steps)
+    try:
+        check_video(video, camera, uri, steps)
+    except FrameError as error:  # the source's bitstream is damaged: so is the copy
+        found = str(error).removeprefix(uri).lstrip(": ")
+        raise FrameError(f"{uri}: the video does not decode (its span copied: {found})") from None
     return video, None
 
 
