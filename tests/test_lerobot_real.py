@@ -25,8 +25,11 @@ import numpy as np
 import pytest
 
 from engine.dataset import open_dataset
+from engine.sources.lerobot_meta import read_meta
+from engine.video import decode_video_span
 from jobs.cli import main
 from schemas.frames import FRAMES_GROUP, decode_frames, frame_column
+from schemas.video import decode_video
 
 pytestmark = pytest.mark.slow
 
@@ -167,14 +170,36 @@ def test_ingest_a_dataset_written_by_lerobot(lerobot_written, tmp_path):
 
     cameras = next(g for g in dataset.manifest.groups if g.name == FRAMES_GROUP).cameras
     assert list(cameras) == ["front"]
+    # LeRobot joins each episode's video by stream copy: every episode's span is copied.
+    assert cameras["front"].copied and cameras["front"].codec == "av1"
+    origin = dataset.manifest.metadata["frames_from"]["front"]
+    assert (origin["copied_episodes"], origin["reencoded_episodes"]) == (len(LENGTHS), 0)
     column = frame_column("front")
-    decoded = decode_frames(
-        dataset.read("steps", [column]).column(column).to_pylist(), cameras["front"]
-    )
+    table = dataset.read("episodes", ["length", column])
+    per_episode = [
+        decode_video(video, cameras["front"], "front", length)
+        for length, video in zip(
+            table.column("length").to_pylist(), table.column(column).to_pylist()
+        )
+    ]
+    meta = read_meta(str(root))
+    for episode, decoded in zip(meta.episodes, per_episode):  # the source's pixels exactly
+        span = dict(episode.videos)[CAMERA]
+        fps = meta.info.fps
+        source = decode_video_span(
+            meta.uri(span.file), span.start_s, span.start_s + episode.length / fps, fps
+        )
+        np.testing.assert_array_equal(decoded, source)
+    decoded = np.concatenate(per_episode)
     assert decoded.shape == (sum(LENGTHS), 64, 64, 3)
     error, nearest = frame_errors(decoded, source_frames(frames))
     assert error.max() < VIDEO_MAE, error
     assert nearest == list(range(sum(LENGTHS)))  # each step got its own frame
+    # --codec png decodes and encodes, as before: the same pixels, one PNG per step.
+    assert main(["ingest", str(root), str(tmp_path / "png"), "--codec", "png"]) == 0
+    png = open_dataset(str(tmp_path / "png"))
+    pngs = png.read("steps", [column]).column(column).to_pylist()
+    np.testing.assert_array_equal(decode_frames(pngs, png.cameras["front"]), decoded)
 
 
 def expected_return_to_go(rewards: np.ndarray, lengths: list[int], gamma: float) -> np.ndarray:
