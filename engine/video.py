@@ -233,3 +233,45 @@ def copy_video_span(
                 packet.stream = copy
                 output.mux(packet)
     return out.getvalue()
+
+
+def join_videos(videos: list[bytes], lengths: list[int], path: str | BinaryIO, fps: float) -> bool:
+    """Episodes' MP4s (each `lengths[k]` frames from 0, one per 1/fps) joined back to back
+    into one MP4 at `path` by stream copy, as LeRobot v3.0 joins its episodes' videos:
+    episode k's frames shifted by the frames before it (its `from_timestamp` is that
+    count / fps). Nothing is decoded or encoded. False, with nothing written, when
+    the videos cannot share one stream as they are (other codec parameters: extradata,
+    size, time base), e.g. a copied camera with an episode re-encoded by hindsight."""
+    import av
+
+    if not videos:
+        return False
+    with ExitStack() as stack:
+        inputs = [stack.enter_context(av.open(io.BytesIO(v), "r")) for v in videos]
+        streams = [container.streams.video[0] for container in inputs]
+        first = streams[0]
+
+        def parameters(stream: Any) -> tuple:
+            context = stream.codec_context
+            extradata = bytes(context.extradata or b"")
+            return context.name, context.width, context.height, stream.time_base, extradata
+
+        if any(parameters(stream) != parameters(first) for stream in streams[1:]):
+            return False
+        output = stack.enter_context(
+            av.open(path, "w", format="mp4", options={"fflags": "+bitexact"})
+        )
+        copy = output.add_stream_from_template(template=first, opaque=True)
+        copy.time_base = first.time_base
+        frames = 0
+        for container, stream, length in zip(inputs, streams, lengths, strict=True):
+            shift = int(round(frames / fps / float(stream.time_base)))
+            for packet in container.demux(stream):
+                if packet.dts is None and packet.pts is None:
+                    continue
+                packet.pts = None if packet.pts is None else packet.pts + shift
+                packet.dts = None if packet.dts is None else packet.dts + shift
+                packet.stream = copy
+                output.mux(packet)
+            frames += length
+    return True
