@@ -29,7 +29,10 @@ its cameras in the plan (`IngestPlan.images`, `cameras`), its `read_part` return
 encoded frames next to the base tables (raw uint8 frames encoded in the task, a chunk of
 rows at a time; encoded ones as they came), each task checks the frames that came encoded
 (decoded once: whole, of the camera's size and codec) and writes them as the `frames`
-group's part next to its base part; the manifest records the cameras.
+group's part next to its base part; the manifest records the cameras. A video the source
+can hand over as it is (LeRobot's MP4s, `ImageColumn.copied`) comes as one video per
+episode (`PartRead.videos`) and is written as it came; `frames_from` in the manifest counts
+its episodes copied and re-encoded (`copy_summary`).
 """
 
 from __future__ import annotations
