@@ -15,6 +15,8 @@ same MP4 files (the ceiling of any decoding ingest), in the same run on the same
 4. Ingest, `plan_ingest` + `ingest` with `InProcess` (one process, the path of a small
    job): copied (no --codec: each episode's packets copied, then decoded once to check),
    and with each of `--codecs` (every frame decoded and encoded).
+5. Export back to LeRobot (AV1, `InProcess`) of the copied dataset (its episodes' videos
+   joined as they are) and of the `--codec png` one (decoded and encoded as AV1).
 
 For each ingest: steps/s, stored bytes per frame (`hindsight info`'s figure) and the pixel
 error of what is stored against the source's own pixels (each episode's span decoded by
@@ -119,6 +121,30 @@ def stored_pixels(output: str):
     )
 
 
+def export_runs(workdir: Path, names: list[str], repeats: int) -> dict[str, dict]:
+    """`export --format lerobot` (AV1) of the datasets ingested as `names`: the copied one
+    has its episodes' videos joined as they are, the PNG one is decoded and encoded."""
+    from engine.dataset import open_dataset
+    from engine.executor import InProcess
+    from engine.exports.lerobot import export_lerobot
+    from engine.exports.lerobot_plan import LeRobotOptions
+
+    runs: dict[str, dict] = {}
+    for name in names:
+        counter = iter(range(repeats))
+
+        def run(name: str = name, counter=counter) -> int:
+            output = str(workdir / f"export-{name}-{next(counter)}")
+            shutil.rmtree(output, ignore_errors=True)
+            dataset = open_dataset(str(workdir / f"ds-{name}-0"))
+            export_lerobot(dataset, output, LeRobotOptions(), executor=InProcess())
+            return 0
+
+        seconds, _ = best_of(repeats, run)
+        runs[name] = {"seconds": seconds, "root": str(workdir / f"export-{name}-0")}
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/results/lerobot_ingest.json")
@@ -189,6 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         }
     assert decoded == total, (decoded, total)
     copy_rate = ingests["copy"]["steps_per_second"]
+    exports = export_runs(workdir, [n for n in ("copy", "png") if n in ingests], args.repeats)
+    for run in exports.values():
+        run["steps_per_second"] = rate(run.pop("seconds"))
+        exported = source_pixels(run.pop("root"))
+        error = np.abs(exported.astype(np.int16) - reference.astype(np.int16))
+        run["max_abs_pixel_error_vs_source"] = int(error.max())
+        run["mean_abs_pixel_error_vs_source"] = round(float(error.mean()), 4)
 
     results = {
         "benchmark": "lerobot_ingest",
@@ -215,6 +248,16 @@ def main(argv: list[str] | None = None) -> int:
             if name != "copy"
         },
         "copy_vs_bare_decode": round(copy_rate / rate(decode_s), 3),
+        "export_to_lerobot_av1": exports,
+        **(
+            {
+                "export_joined_vs_encoded": round(
+                    exports["copy"]["steps_per_second"] / exports["png"]["steps_per_second"], 2
+                )
+            }
+            if len(exports) == 2
+            else {}
+        ),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
     }
     save_results(results, args.out)
