@@ -198,13 +198,10 @@ def ingest_part(task: IngestTask) -> IngestedPart:
         )
     kept = set(episodes.column(cols.EPISODE_ID).to_pylist())
     reencoded = [r for r in read.reencoded if r[1] in kept]
-    counts = {
-        name: [
-            len(kept) - sum(r[0] == name for r in reencoded),
-            sum(r[0] == name for r in reencoded),
-        ]
-        for name in copied
-    }
+    counts = {}
+    for name in copied:
+        again = sum(camera == name for camera, _, _ in reencoded)
+        counts[name] = [len(kept) - again, again]
     return IngestedPart(written, problems, task.part.steps, frames_written, counts, reencoded)
 
 

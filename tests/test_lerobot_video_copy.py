@@ -245,3 +245,19 @@ def test_export_joins_copied_videos_without_a_second_lossy_pass(tmp_path):
     np.testing.assert_array_equal(np.concatenate(source_spans(str(tmp_path / "export"))), source)
     assert ingest_to(str(tmp_path / "export"), tmp_path / "back")["copied_episodes"] == 3
     np.testing.assert_array_equal(np.concatenate(episode_videos(tmp_path / "back")), source)
+
+
+def test_an_episode_left_out_for_its_values_takes_its_copied_video_with_it(tmp_path):
+    """A NaN reward (found when the part's values are checked as stored, after the videos
+    were copied) leaves episode 1 out under --on-error skip: the videos kept are the other
+    episodes', each still the source's pixels, and the count is theirs."""
+    data = lrd.make_data([4, 5, 6], camera=(16, 16))
+    data.reward[6] = np.nan  # episode 1, step 2
+    root = lrd.write_v30(tmp_path / "src", data)
+    assert main(["ingest", root, str(tmp_path / "ds"), "--on-error", "skip"]) == 0
+    dataset = open_dataset(str(tmp_path / "ds"))
+    assert dataset.read("episodes", ["episode_id"]).column(0).to_pylist() == [0, 2]
+    assert dataset.manifest.metadata["frames_from"]["top"]["copied_episodes"] == 2
+    stored, source = episode_videos(tmp_path / "ds"), source_spans(root)
+    np.testing.assert_array_equal(stored[0], source[0])
+    np.testing.assert_array_equal(stored[1], source[2])
