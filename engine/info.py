@@ -230,8 +230,12 @@ def format_info(info: dict[str, Any]) -> str:
             lines.append("  pixels only: no state vector, the frames are the observation")
         for camera in info["cameras"]:
             quality = f" quality {camera['quality']}" if camera["quality"] else ""
-            if camera.get("fps"):  # a video per episode
-                quality = f" video, {camera['fps']} fps, gop {camera['gop']}, crf {camera['crf']}"
+            if camera.get("fps"):  # a video per episode; copied: the source's crf is unknown
+                quality = f" video, {camera['fps']} fps, gop {camera['gop']}, " + (
+                    f"{camera['pix_fmt']}, copied from the source"
+                    if camera.get("copied")
+                    else f"crf {camera['crf']}"
+                )
             ratio = camera["raw_bytes_per_frame"] / max(camera["bytes_per_frame"], 1e-9)
             lines.append(
                 f"  {camera['camera']} ({camera['column']}): {camera['height']}x{camera['width']}"

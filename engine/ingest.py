@@ -29,14 +29,17 @@ its cameras in the plan (`IngestPlan.images`, `cameras`), its `read_part` return
 encoded frames next to the base tables (raw uint8 frames encoded in the task, a chunk of
 rows at a time; encoded ones as they came), each task checks the frames that came encoded
 (decoded once: whole, of the camera's size and codec) and writes them as the `frames`
-group's part next to its base part; the manifest records the cameras.
+group's part next to its base part; the manifest records the cameras. A video the source
+can hand over as it is (LeRobot's MP4s, `ImageColumn.copied`) comes as one video per
+episode (`PartRead.videos`) and is written as it came; `frames_from` in the manifest counts
+its episodes copied and re-encoded (`copy_summary`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -53,7 +56,7 @@ from engine.sources import (
     detect_format,
     source_for,
 )
-from engine.sources.base import Frames, PartRead
+from engine.sources.base import Frames, PartRead, Videos
 from engine.sources.images import check_encoded_frames, step_camera
 from engine.validate import Problem, ValidationError, check_stored_values
 from engine.writer import DEFAULT_PART_STEPS, VersionWriter, WrittenPart, base_manifest
@@ -82,7 +85,7 @@ def plan_ingest(
     on_error: str = "fail",
     part_steps: int = DEFAULT_PART_STEPS,
     column_map: Mapping[str, str] | None = None,
-    codec: str = "png",
+    codec: str | None = None,
     quality: int | None = None,
 ) -> IngestPlan:
     """Read boundaries, validate, and cut the source into parts (nothing is written).
@@ -93,9 +96,9 @@ def plan_ingest(
     cannot be skipped) in any case."""
     if on_error not in ON_ERROR:
         raise ValueError(f"--on-error must be one of {ON_ERROR}, not {on_error!r}")
-    if codec not in (*CODECS, *VIDEO_CODECS):
+    if codec is not None and codec not in (*CODECS, *VIDEO_CODECS):
         raise ValueError(f"--codec must be one of {(*CODECS, *VIDEO_CODECS)}, not {codec!r}")
-    check_quality(codec, quality)
+    check_quality(codec or "png", quality)
     reader = source_for(format or detect_format(source))
     if column_map and not reader.takes_column_map:
         takers = ", ".join(n for n in FORMATS if source_for(n).takes_column_map)
@@ -144,6 +147,10 @@ class IngestedPart:
     problems: list[Problem]
     steps: int  # rows read: moves the progress bar
     frames: WrittenPart | None = None  # the part's frames (next to `written`), if any
+    # Copied cameras: camera -> [episodes copied, episodes re-encoded], and why each of
+    # those was (camera, episode, why); only episodes written count.
+    copied: dict[str, list[int]] = field(default_factory=dict)
+    reencoded: list[tuple[str, int, str]] = field(default_factory=list)
 
 
 def part_tasks(plan: IngestPlan, writer: VersionWriter) -> list[IngestTask]:
@@ -162,7 +169,7 @@ def ingest_part(task: IngestTask) -> IngestedPart:
     read = part_read(task.source.read_part(task.part))
     if not read.episodes.num_rows:  # the source left every episode out while reading
         return IngestedPart(None, read.left_out, task.part.steps)
-    steps, episodes, frames = read.steps, read.episodes, read.frames
+    steps, episodes, frames, copied = read.steps, read.episodes, read.frames, read.videos
     problems = [*read.left_out, *check_stored_values(task.file, steps, episodes)]
     problems += check_frames(task.file, task.part, steps, frames)
     if problems:
@@ -170,24 +177,32 @@ def ingest_part(task: IngestTask) -> IngestedPart:
             return IngestedPart(None, problems, task.part.steps)
         left_out = {p.episode for p in problems}
         frames = frames_without_episodes(steps, frames, left_out)
+        copied = videos_without_episodes(episodes, copied, left_out)
         steps, episodes = without_episodes(steps, episodes, left_out)
     if not episodes.num_rows:
         return IngestedPart(None, problems, task.part.steps)
     written = task.writer.write_part(task.index, steps, episodes)
     frames_written = None
-    if frames:
+    if frames or copied:
         cameras = task.part.cameras
         videos = {name: data for name, data in frames.items() if cameras[name].is_video}
         images = {name: data for name, data in frames.items() if name not in videos}
         if videos:
             videos = episode_videos(steps, episodes, videos, cameras)
+        videos |= copied
         frames_written = task.writer.write_part(
             task.index,
             frames_table(images) if images else None,
             frames_table(videos) if videos else None,
             group=FRAMES_GROUP,
         )
-    return IngestedPart(written, problems, task.part.steps, frames_written)
+    kept = set(episodes.column(cols.EPISODE_ID).to_pylist())
+    reencoded = [r for r in read.reencoded if r[1] in kept]
+    counts = {}
+    for name in copied:
+        again = sum(camera == name for camera, _, _ in reencoded)
+        counts[name] = [len(kept) - again, again]
+    return IngestedPart(written, problems, task.part.steps, frames_written, counts, reencoded)
 
 
 def episode_videos(
@@ -247,6 +262,15 @@ def frames_without_episodes(
     return {camera: [data[row] for row in rows] for camera, data in frames.items()}
 
 
+def videos_without_episodes(
+    episodes: pa.Table, videos: Videos, episode_ids: set[int | None]
+) -> Videos:
+    """Copied cameras' videos (one per row of `episodes`) without these episodes'."""
+    ids = episodes.column(cols.EPISODE_ID).to_pylist()
+    rows = [row for row, episode in enumerate(ids) if episode not in episode_ids]
+    return {camera: [data[row] for row in rows] for camera, data in videos.items()}
+
+
 def without_episodes(
     steps: pa.Table, episodes: pa.Table, episode_ids: set[int | None]
 ) -> tuple[pa.Table, pa.Table]:
@@ -272,7 +296,11 @@ def ingest_metadata(plan: IngestPlan) -> dict[str, Any]:
     }
     if plan.images:  # where each camera's frames came from, and whether they were encoded here
         metadata["frames_from"] = {
-            image.camera: {"source": image.source, "encoded_at_ingest": not image.encoded}
+            image.camera: {
+                "source": image.source,
+                "encoded_at_ingest": not (image.encoded or image.copied),
+                **({"copied": True} if image.copied else {}),
+            }
             for image in plan.images
         }
     if plan.skipped or plan.truncated_tails:
@@ -282,6 +310,28 @@ def ingest_metadata(plan: IngestPlan) -> dict[str, Any]:
             truncated_tails=len(plan.truncated_tails),
         )
     return metadata
+
+
+# The re-encoded episodes (and why) a manifest lists per copied camera; the count is whole.
+REENCODED_LISTED = 20
+
+
+def copy_summary(metadata: dict[str, Any], parts: list[IngestedPart]) -> None:
+    """Per copied camera, in `frames_from`: how many episodes were copied as they came and
+    how many were decoded and encoded instead, with why (the first REENCODED_LISTED)."""
+    for camera, origin in metadata.get("frames_from", {}).items():
+        if not origin.get("copied"):
+            continue
+        origin["copied_episodes"] = sum(p.copied.get(camera, [0, 0])[0] for p in parts)
+        origin["reencoded_episodes"] = sum(p.copied.get(camera, [0, 0])[1] for p in parts)
+        reencoded = [
+            {"episode": episode, "why": why}
+            for part in parts
+            for name, episode, why in part.reencoded
+            if name == camera
+        ]
+        if reencoded:
+            origin["reencoded"] = sorted(reencoded, key=lambda r: r["episode"])[:REENCODED_LISTED]
 
 
 def write_skipped_report(writer: VersionWriter, plan: IngestPlan) -> None:
@@ -314,12 +364,14 @@ def ingest(plan: IngestPlan, output: str, *, executor: Executor, command: str) -
         plan = replace(plan, skipped=[*plan.skipped, *found])
         if plan.skipped or plan.truncated_tails:
             write_skipped_report(writer, plan)
+        metadata = ingest_metadata(plan)
+        copy_summary(metadata, parts)
         manifest = base_manifest(
             writer.uri,
             written + frames,
             operation="ingest",
             command=command,
-            metadata=ingest_metadata(plan),
+            metadata=metadata,
             details={"format": plan.format, "source": plan.source},
             cameras=plan.cameras,
         )

@@ -9,6 +9,8 @@ camera, the frame shape, dtype (uint8) and codec with its settings (`CameraInfo`
 
 A video camera (codec h264 or av1) is the exception: one video per episode, in the group's
 episodes table, aligned with the base episodes (schemas/video.py encodes and decodes it).
+Encoded here with hindsight's settings, or `copied` from a source that stores video (a
+LeRobot camera: each episode's packets copied as they came, engine/video.py).
 
 Frames are H x W x C uint8 (C = 1 or 3), in the order a gymnasium `render()` returns them.
 Encoded frames that arrive encoded (JPEG from a Minari source, PNG from a LeRobot image
@@ -77,6 +79,15 @@ class CameraInfo(BaseModel):
     crf: int | None = Field(
         default=None, ge=0, le=63, exclude_if=_absent, description="Video: constant rate factor."
     )
+    copied: bool | None = Field(
+        default=None,
+        exclude_if=_absent,
+        description="Video: the source's bitstream copied per episode, not encoded here "
+        "(gop and pix_fmt as the source has them; crf unknown).",
+    )
+    pix_fmt: str | None = Field(
+        default=None, exclude_if=_absent, description="Video copied: the source's pixel format."
+    )
 
     @model_validator(mode="after")
     def _video_settings(self) -> CameraInfo:
@@ -90,9 +101,12 @@ class CameraInfo(BaseModel):
                 )
             self.fps = self.fps or DEFAULT_FPS
             self.gop = self.gop or DEFAULT_GOP
-            self.crf = DEFAULT_CRF if self.crf is None else self.crf
-        elif (self.fps, self.gop, self.crf) != (None, None, None):
-            raise ValueError(f"fps, gop and crf are video settings, not {self.codec}'s")
+            if not self.copied:  # a copied bitstream's crf is the source's, unknown
+                self.crf = DEFAULT_CRF if self.crf is None else self.crf
+        elif (self.fps, self.gop, self.crf, self.copied, self.pix_fmt) != (None,) * 5:
+            raise ValueError(
+                f"fps, gop, crf, copied and pix_fmt are video settings, not {self.codec}'s"
+            )
         return self
 
     @property

@@ -109,7 +109,8 @@ def encode_video(frames: np.ndarray, camera: CameraInfo) -> bytes:
     if len(frames) == 0:
         raise FrameError("an episode with no frames has no video")
     out = io.BytesIO()
-    write_video(iter(frames), out, camera.codec, camera.fps, camera.gop, camera.crf)
+    crf = DEFAULT_CRF if camera.crf is None else camera.crf  # None: a copied camera's
+    write_video(iter(frames), out, camera.codec, camera.fps, camera.gop, crf)
     return out.getvalue()
 
 
@@ -129,13 +130,10 @@ def video_stream(file: str | BinaryIO, where: str) -> Iterator[tuple[Any, Any]]:
         yield container, container.streams.video[0]
 
 
-def decode_video(
-    data: bytes, camera: CameraInfo, where: str, steps: int | None = None
-) -> np.ndarray:
-    """Every frame of one episode's video as N x H x W x C uint8, checked against the
-    camera (codec, size) and, given `steps`, the episode's step count. A FrameError names
-    `where` (file, episode, camera) and, for a video that stops decoding, the step."""
-    frames: list[np.ndarray] = []
+def _decoded(data: bytes, camera: CameraInfo, where: str) -> Iterator[Any]:
+    """The decoded pictures (PyAV frames) of one episode's video, checked against the
+    camera (codec, size); a FrameError names `where` and, for a video that stops decoding,
+    the step."""
     with video_stream(io.BytesIO(data), where) as (container, stream):
         if stream.codec_context.name not in (camera.codec, ENCODERS[camera.codec], "libdav1d"):
             raise FrameError(
@@ -151,17 +149,28 @@ def decode_video(
         step = 0
         try:
             for packet in container.demux(stream):
-                if packet.pts is not None:  # no B-frames: decode order is step order
+                if packet.pts is not None:  # the step of the packet (for the error)
                     step = int(round(float(packet.pts * stream.time_base) * camera.fps))
-                frames.extend(frame.to_ndarray(format="rgb24") for frame in packet.decode())
+                yield from packet.decode()
         except Exception as error:  # a damaged stream
             raise FrameError(f"{where} step {step}: the video does not decode ({error})") from None
-    if steps is not None and len(frames) != steps:
-        raise FrameError(
-            f"{where}: the video holds {len(frames)} frames, the episode has {steps} steps"
-        )
-    if not frames:
+
+
+def _check_count(count: int, where: str, steps: int | None) -> None:
+    if steps is not None and count != steps:
+        raise FrameError(f"{where}: the video holds {count} frames, the episode has {steps} steps")
+    if not count:
         raise FrameError(f"{where}: the video holds no frame")
+
+
+def decode_video(
+    data: bytes, camera: CameraInfo, where: str, steps: int | None = None
+) -> np.ndarray:
+    """Every frame of one episode's video as N x H x W x C uint8, checked against the
+    camera (codec, size) and, given `steps`, the episode's step count. A FrameError names
+    `where` (file, episode, camera) and, for a video that stops decoding, the step."""
+    frames = [frame.to_ndarray(format="rgb24") for frame in _decoded(data, camera, where)]
+    _check_count(len(frames), where, steps)
     video = np.stack(frames)
     if camera.channels == 1:  # stored as RGB with equal channels: their mean
         video = np.round(video.mean(axis=3, keepdims=True)).astype(np.uint8)
@@ -186,6 +195,8 @@ class CausalVideo:
     def __init__(self, camera: CameraInfo):
         if not camera.is_video:
             raise FrameError(f"camera codec {camera.codec} is not a video codec")
+        if camera.copied:  # its encoder's settings are the source's, unknown here
+            raise FrameError("a copied video camera's compression cannot be reproduced")
         self.camera = camera
         self.frames: list[np.ndarray] = []  # av1: the frames since the last keyframe
         self.encoder: Any = None  # h264: the open encoder and decoder
@@ -236,3 +247,12 @@ class CausalVideo:
         if camera.channels == 1:  # as decode_video: the mean of the equal channels
             shown = np.round(shown.mean(axis=2, keepdims=True)).astype(np.uint8)
         return shown
+
+
+def check_video(data: bytes, camera: CameraInfo, where: str, steps: int) -> None:
+    """What `decode_video` checks (codec, size, every packet decodes, one frame per step),
+    without keeping or converting the frames: memory is one picture."""
+    count = 0
+    for _ in _decoded(data, camera, where):
+        count += 1
+    _check_count(count, where, steps)

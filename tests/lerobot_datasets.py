@@ -6,7 +6,10 @@ pyarrow and PyAV only: fast, and with nothing of lerobot installed.
     root = write_v30(tmp_path / "ds", data)           # or write_v21(...)
 
 v3.0 puts every episode in one data Parquet file and one MP4 per camera (episodes back
-to back, as LeRobot concatenates them); v2.1 writes one Parquet and one MP4 per episode.
+to back, as LeRobot concatenates them: each episode encoded on its own, the files joined by
+stream copy, so each episode starts on a keyframe; `one_encode=True` encodes the whole file
+in one go instead, as a converter might, so an episode may start between keyframes); v2.1
+writes one Parquet and one MP4 per episode.
 Videos are encoded as LeRobot encodes them (libsvtav1, yuv420p, a keyframe every 2
 frames, crf 30) where this PyAV has libsvtav1, else h264, else mpeg4.
 """
@@ -127,6 +130,11 @@ def video_codec() -> str:
     raise RuntimeError("PyAV has no video encoder")
 
 
+def codec_name() -> str:
+    """The codec `video_codec` writes, as info.json and FFmpeg's decoders name it."""
+    return {"libsvtav1": "av1"}.get(video_codec(), video_codec())
+
+
 def write_video(path: str, frames: np.ndarray, fps: int = FPS, vcodec: str | None = None) -> None:
     """Frames as an MP4 with LeRobot's settings: yuv420p, g=2, crf=30 (libsvtav1)."""
     import av
@@ -145,6 +153,48 @@ def write_video(path: str, frames: np.ndarray, fps: int = FPS, vcodec: str | Non
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def concatenate_videos(paths: list[str], path: str) -> None:
+    """MP4 files joined by stream copy, as LeRobot's `concatenate_video_files` joins each
+    episode's video into a v3.0 file (FFmpeg's concat demuxer, packets remuxed)."""
+    import tempfile
+
+    import av
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ffconcat", delete=False) as listing:
+        listing.write("ffconcat version 1.0\n")
+        listing.writelines(f"file '{os.path.abspath(p)}'\n" for p in paths)
+    try:
+        with av.open(listing.name, "r", format="concat", options={"safe": "0"}) as source:
+            with av.open(path, "w", options={"movflags": "faststart"}) as out:
+                stream = source.streams.video[0]
+                copy = out.add_stream_from_template(template=stream, opaque=True)
+                copy.time_base = stream.time_base
+                for packet in source.demux(stream):
+                    if packet.dts is None:
+                        continue
+                    packet.stream = copy
+                    out.mux(packet)
+    finally:
+        os.remove(listing.name)
+
+
+def write_episode_videos(
+    path: str, frames: np.ndarray, lengths: list[int], fps: int = FPS, one_encode: bool = False
+) -> None:
+    """One MP4 holding episodes back to back: each encoded on its own and joined by stream
+    copy (LeRobot v3.0), or, `one_encode`, all encoded in one go."""
+    if one_encode or len(lengths) == 1:
+        write_video(path, frames, fps)
+        return
+    starts = np.cumsum([0, *lengths[:-1]])
+    parts = [f"{path}.episode{i}.mp4" for i in range(len(lengths))]
+    for part, start, length in zip(parts, starts, lengths, strict=True):
+        write_video(part, frames[start : start + length], fps)
+    concatenate_videos(parts, path)
+    for part in parts:
+        os.remove(part)
 
 
 def png(frame: np.ndarray) -> bytes:
@@ -185,7 +235,7 @@ def features(data: LeRobotData, height_width: dict[str, tuple[int, int]] | None 
             out[key]["info"] = {
                 "video.height": height,
                 "video.width": width,
-                "video.codec": {"libsvtav1": "av1"}.get(video_codec(), video_codec()),
+                "video.codec": codec_name(),
                 "video.pix_fmt": "yuv420p",
                 "video.is_depth_map": False,
                 "video.fps": FPS,
@@ -256,10 +306,18 @@ def _stats(data: LeRobotData) -> dict:
     return {"observation.state": of(data.state), "action": of(data.action)}
 
 
-def write_v30(root, data: LeRobotData, *, fps: int = FPS, episodes_per_file: int = 0) -> str:
+def write_v30(
+    root,
+    data: LeRobotData,
+    *,
+    fps: int = FPS,
+    episodes_per_file: int = 0,
+    one_encode: bool = False,
+) -> str:
     """A v3.0 dataset: episodes back to back in data/chunk-000/file-NNN.parquet and one
-    MP4 per camera and file (`episodes_per_file` episodes in each; 0: all in one), with
-    the episodes metadata (one file per data file), tasks and stats."""
+    MP4 per camera and file (`episodes_per_file` episodes in each; 0: all in one; each
+    episode encoded on its own and joined, or `one_encode`: the file in one go), with the
+    episodes metadata (one file per data file), tasks and stats."""
     root = str(root)
     n, count = sum(data.lengths), len(data.lengths)
     per_file = episodes_per_file or count
@@ -313,7 +371,9 @@ def write_v30(root, data: LeRobotData, *, fps: int = FPS, episodes_per_file: int
         if data.video is not None:
             key = CAMERA
             video = os.path.join(root, f"videos/{key}/{name}.mp4")
-            write_video(video, data.video[begin:end], fps)
+            write_episode_videos(
+                video, data.video[begin:end], here_lengths.tolist(), fps, one_encode
+            )
             in_file = here_starts - begin  # the episode's first frame in its video file
             episodes |= {
                 f"videos/{key}/chunk_index": [0] * len(episodes_here),

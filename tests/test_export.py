@@ -47,6 +47,13 @@ def source_tables(uri: str) -> tuple[pa.Table, pa.Table]:
 def source_frames(uri: str) -> np.ndarray:
     dataset = open_dataset(uri)
     camera = dataset.cameras["render"]
+    if camera.is_video:  # a LeRobot camera ingested without --codec: copied, one per episode
+        from schemas.video import decode_video
+
+        table = dataset.read("episodes", ["length", "frame_render"])
+        return np.concatenate(
+            [decode_video(v, camera, "render", n) for n, v in zip(*table.to_pydict().values())]
+        )
     data = dataset.read("steps", ["frame_render"]).column(0).to_pylist()
     return np.stack([decode_frame(d, camera) for d in data])
 

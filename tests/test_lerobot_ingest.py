@@ -21,12 +21,14 @@ from engine.dataset import open_dataset
 from engine.executor import InProcess
 from engine.ingest import ingest, plan_ingest
 from engine.sources import detect_format
+from engine.sources.lerobot_meta import read_meta
 from engine.validate import ValidationError
 from engine.video import VideoError, decode_video_span
 from jobs.cli import main
 from schemas import lerobot as lr
 from schemas.frames import FRAMES_GROUP, decode_frames, frame_column
 from schemas.manifest import SKIPPED_REPORT_NAME
+from schemas.video import decode_video
 from tests import lerobot_datasets as lrd
 
 WRITERS = {"v3.0": lrd.write_v30, "v2.1": lrd.write_v21}
@@ -40,6 +42,37 @@ def ingested(root: str, output: str, **options) -> tuple[pa.Table, pa.Table]:
     ingest(plan, output, executor=InProcess(), command="test")
     dataset = open_dataset(output)
     return dataset.read("steps"), dataset.read("episodes")
+
+
+def stored_frames(output, camera: str = "top") -> np.ndarray:
+    """Every frame of a camera as stored, in step order: decoded from one video per episode
+    (a video camera, copied or encoded here) or from one image per step."""
+    dataset = open_dataset(str(output))
+    info, column = dataset.cameras[camera], frame_column(camera)
+    if not info.is_video:
+        return decode_frames(dataset.read("steps", [column]).column(column).to_pylist(), info)
+    episodes = dataset.read("episodes", ["episode_id", "length", column])
+    return np.concatenate(
+        [
+            decode_video(video, info, f"episode {e}", n)
+            for e, n, video in zip(*(episodes.column(c).to_pylist() for c in episodes.column_names))
+        ]
+    )
+
+
+def source_span_frames(root: str, data: lrd.LeRobotData) -> np.ndarray:
+    """The source's frames of every episode, decoded from its span by the decode path
+    (engine/video.py `decode_video_span`): what a copy must reproduce exactly."""
+    meta = read_meta(root)
+    return np.concatenate(
+        [
+            decode_video_span(
+                meta.uri(span.file), span.start_s, span.start_s + e.length / lrd.FPS, lrd.FPS
+            )
+            for e in meta.episodes
+            for span in [dict(e.videos)[lrd.CAMERA]]
+        ]
+    )
 
 
 def vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -98,8 +131,14 @@ def test_values_tasks_and_frames_round_trip(tmp_path, version):
     dataset = open_dataset(str(tmp_path / "ds"))
     cameras = next(g for g in dataset.manifest.groups if g.name == FRAMES_GROUP).cameras
     assert set(cameras) == {"top", "wrist"}
-    top = dataset.read("steps", [frame_column("top")]).column(frame_column("top")).to_pylist()
-    decoded = decode_frames(top, cameras["top"])
+    # The video is copied (no --codec): the source's codec, each episode's packets as
+    # they came, so the same pixels as decoding the source's spans.
+    assert cameras["top"].copied and cameras["top"].codec == lrd.codec_name()
+    assert cameras["top"].crf is None and cameras["top"].pix_fmt == "yuv420p"
+    origin = dataset.manifest.metadata["frames_from"]["top"]
+    assert (origin["copied_episodes"], origin["reencoded_episodes"]) == (3, 0)
+    decoded = stored_frames(tmp_path / "ds")
+    np.testing.assert_array_equal(decoded, source_span_frames(root, data))
     error = np.abs(decoded.astype(np.int16) - data.video).mean(axis=(1, 2, 3))
     assert error.max() < VIDEO_MAE, error
     # Each step has its own frame: the nearest of all the source frames, not a neighbour.
@@ -137,10 +176,10 @@ def test_several_files_and_parts_in_ray_tasks(ray_local, tmp_path):
     in_process = ingested(root, str(tmp_path / "local"), part_steps=10)
     ray = open_dataset(str(tmp_path / "ray"))
     assert ray.read("steps").equals(in_process[0])  # the same bytes either way
+    assert ray.read("episodes").equals(open_dataset(str(tmp_path / "local")).read("episodes"))
     np.testing.assert_array_equal(vectors(in_process[0].column("action")), data.action)
-    frames = decode_frames(
-        in_process[0].column(frame_column("top")).to_pylist(), plan.cameras["top"]
-    )
+    frames = stored_frames(tmp_path / "local")
+    np.testing.assert_array_equal(frames, source_span_frames(root, data))
     assert np.abs(frames.astype(np.int16) - data.video).mean(axis=(1, 2, 3)).max() < VIDEO_MAE
 
 
@@ -272,8 +311,7 @@ def test_missing_video_file_is_skipped_with_a_report(tmp_path, capsys):
     assert main(["ingest", root, str(tmp_path / "ds"), "--on-error", "skip"]) == 0
     steps = open_dataset(str(tmp_path / "ds")).read("steps", ["episode_id"])
     assert steps.column("episode_id").to_pylist() == [1] * 4
-    frames = open_dataset(str(tmp_path / "ds")).read("steps", [frame_column("top")])
-    assert frames.num_rows == 4
+    assert len(stored_frames(tmp_path / "ds")) == 4
 
 
 def test_not_a_lerobot_dataset(tmp_path):
@@ -396,8 +434,7 @@ def test_damaged_video_fails_or_skips_its_episode_whatever_the_part_size(tmp_pat
     assert steps.column("episode_id").to_pylist() == [0] * 3 + [1] * 4 + [3] * 4
     kept = np.r_[0:7, 12:16]
     np.testing.assert_array_equal(vectors(steps.column("action")), data.action[kept])
-    camera = open_dataset(str(tmp_path / "skip1000")).manifest.groups[1].cameras["top"]
-    decoded = decode_frames(steps.column(frame_column("top")).to_pylist(), camera)
+    decoded = stored_frames(tmp_path / "skip1000")
     error = np.abs(decoded.astype(np.int16) - data.video[kept]).mean(axis=(1, 2, 3))
     assert error.max() < VIDEO_MAE
     for other_report, other_steps in runs.values():  # the same rows and report
@@ -435,21 +472,27 @@ def test_a_steps_frame_is_the_one_nearest_its_timestamp(tmp_path):
     pq.write_table(
         table.set_column(table.schema.get_field_index("timestamp"), "timestamp", stamps), path
     )
-    steps, _ = ingested(root, str(tmp_path / "ds"))
-    camera = open_dataset(str(tmp_path / "ds")).manifest.groups[1].cameras["top"]
-    decoded = decode_frames(steps.column(frame_column("top")).to_pylist()[:5], camera)
-    every = np.abs(decoded[:, None].astype(np.int16) - data.video[None, :5]).mean(axis=(2, 3, 4))
-    assert every.argmin(axis=1).tolist() == [0, 1, 2, 2, 4]
+    for codec in ("png", None):  # decoded per step; or, copying, that episode re-encoded
+        ingested(root, str(tmp_path / f"ds-{codec}"), codec=codec)
+        decoded = stored_frames(tmp_path / f"ds-{codec}")[:5]
+        every = np.abs(decoded[:, None].astype(np.int16) - data.video[None, :5]).mean(
+            axis=(2, 3, 4)
+        )
+        assert every.argmin(axis=1).tolist() == [0, 1, 2, 2, 4]
+    origin = open_dataset(str(tmp_path / "ds-None")).manifest.metadata["frames_from"]["top"]
+    assert origin["copied_episodes"] == 1 and origin["reencoded"] == [
+        {"episode": 0, "why": "its steps' timestamps are not one frame apart from 0"}
+    ]
 
 
 def test_long_episodes_are_decoded_a_window_at_a_time(tmp_path, monkeypatch):
-    import engine.sources.lerobot as source
+    import engine.sources.lerobot_video as source
 
     data = lrd.make_data([11, 7], camera=(32, 32))
     root = lrd.write_v30(tmp_path / "src", data)
-    whole, _ = ingested(root, str(tmp_path / "whole"))
+    whole, _ = ingested(root, str(tmp_path / "whole"), codec="png")
     monkeypatch.setattr(source, "chunk_rows", lambda camera: 3)  # windows of 3 frames
-    windows, _ = ingested(root, str(tmp_path / "windows"))
+    windows, _ = ingested(root, str(tmp_path / "windows"), codec="png")
     column = frame_column("top")
     assert windows.column(column).to_pylist() == whole.column(column).to_pylist()
 

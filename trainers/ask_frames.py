@@ -54,7 +54,9 @@ class RolloutFrames:
         collected = (frames.get("collected_as") or {}).get(DEFAULT_CAMERA)
         source = CameraInfo.model_validate(collected) if collected else None
         self.videos = (
-            [CausalVideo(source) for _ in range(episodes)] if source and source.is_video else None
+            [CausalVideo(source) for _ in range(episodes)]
+            if source and source.is_video and not source.copied
+            else None
         )
         self.stack = int(frames["frame_stack"])
         channels, height, width = self.camera.channels, self.camera.height, self.camera.width

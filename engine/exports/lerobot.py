@@ -61,10 +61,11 @@ from engine.exports.lerobot_plan import (
     plan_export,
     video_key,
 )
-from engine.exports.video import VideoSettings, encode_video
+from engine.exports.video import CODECS, VideoSettings, encode_video
+from engine.video import join_videos
 from engine.writer import VersionWriter
 from schemas import steps as cols
-from schemas.frames import FRAME_PREFIX, decode_frame
+from schemas.frames import DEFAULT_GOP, FRAME_PREFIX, decode_frame
 from schemas.lerobot import (
     DATA_PATH_V30,
     DEFAULT_FEATURES,
@@ -73,7 +74,7 @@ from schemas.lerobot import (
     VIDEO_PATH_V30,
     LeRobotInfo,
 )
-from schemas.video import decode_video
+from schemas.video import PIX_FMT, decode_video
 
 
 @dataclass(frozen=True)
@@ -214,12 +215,7 @@ def write_video(
 
     def frames() -> Iterator[np.ndarray]:
         for step, frame in enumerate(part_frames(dataset, task.index, camera)):
-            if frame.shape[2] == 1:
-                frame = np.repeat(frame, 3, axis=2)
-            counts = histograms[episode_of_step[step]]
-            for channel in range(3):
-                counts[channel] += np.bincount(frame[:, :, channel].ravel(), minlength=256)
-            yield frame
+            yield count_pixels(histograms[episode_of_step[step]], frame)
 
     chunk, file = chunk_and_file(task.index)
     relative = VIDEO_PATH_V30.format(
@@ -230,9 +226,11 @@ def write_video(
     scratch = tempfile.mkdtemp(prefix="hindsight-video-")
     try:
         local = os.path.join(scratch, "video.mp4")
-        settings, count = encode_video(frames(), local, task.plan.fps, task.plan.video_codec)
-        if count != int(starts[-1]):
-            raise ExportError(f"part {task.index} camera {camera}: {count} frames encoded")
+        settings = join_part_videos(task, dataset, camera, local, histograms)
+        if settings is None:
+            settings, count = encode_video(frames(), local, task.plan.fps, task.plan.video_codec)
+            if count != int(starts[-1]):
+                raise ExportError(f"part {task.index} camera {camera}: {count} frames encoded")
 
         def copy(sink) -> None:
             with open(local, "rb") as source:
@@ -244,6 +242,50 @@ def write_video(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return video_info(settings), histograms, size
+
+
+def count_pixels(counts: np.ndarray, frame: np.ndarray) -> np.ndarray:
+    """Add a frame's pixel values to its episode's (3, 256) counts (LeRobot's image
+    stats); the frame as RGB (grey repeated)."""
+    if frame.shape[2] == 1:
+        frame = np.repeat(frame, 3, axis=2)
+    for channel in range(3):
+        counts[channel] += np.bincount(frame[:, :, channel].ravel(), minlength=256)
+    return frame
+
+
+def join_part_videos(
+    task: PartTask, dataset: Dataset, camera: str, path: str, histograms: np.ndarray
+) -> VideoSettings | None:
+    """A video camera already in the export's codec, fps and pixel format (a LeRobot
+    camera copied at ingest, a collected AV1 camera): the part's episode videos joined
+    as they are into the MP4 at `path` (engine/video.py `join_videos`: no second lossy
+    pass), each decoded once for the image stats (`histograms`). None where it is not, or
+    its videos cannot share one stream (an episode encoded with other parameters)."""
+    info, column = dataset.cameras[camera], FRAME_PREFIX + camera
+    plan = task.plan
+    if not info.is_video or (info.codec, info.fps) != (CODECS[plan.video_codec], plan.fps):
+        return None
+    if (info.pix_fmt or PIX_FMT) != PIX_FMT:
+        return None
+    uri = dataset.file_uris(dataset.group_of(column, "episodes"), "episodes")[task.index]
+    table = dataset.read_part(task.index, "episodes", [cols.EPISODE_ID, cols.LENGTH, column])
+    ids, lengths, videos = (c.to_pylist() for c in table.columns)
+    if any(video is None for video in videos) or not join_videos(videos, lengths, path, plan.fps):
+        return None
+    for k, (episode_id, length, video) in enumerate(zip(ids, lengths, videos)):
+        where = f"{uri}: episode {episode_id} camera {camera!r}"
+        for frame in decode_video(video, info, where, length):
+            count_pixels(histograms[k], frame)
+    return VideoSettings(
+        codec=info.codec,
+        height=info.height,
+        width=info.width,
+        fps=plan.fps,
+        pix_fmt=info.pix_fmt or PIX_FMT,
+        g=info.gop or DEFAULT_GOP,
+        crf=info.crf,
+    )
 
 
 def part_frames(dataset: Dataset, index: int, camera: str) -> Iterator[np.ndarray]:

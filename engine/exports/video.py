@@ -31,7 +31,7 @@ class VideoSettings:
     fps: int
     pix_fmt: str = PIX_FMT
     g: int = DEFAULT_GOP
-    crf: int = DEFAULT_CRF
+    crf: int | None = DEFAULT_CRF  # None: a copied camera's videos, their crf unknown
 
     def info(self) -> dict:
         return {

@@ -31,6 +31,8 @@ A source with images (engine/sources/images.py) lists them in the plan and in ea
 (`images`, `cameras`; `plan` refuses non-uint8 image arrays and frames of another size
 where it can see them cheaply, and cuts parts with `image_part_steps`), and its
 `read_part` returns a third value: camera -> one encoded frame per row of the steps table.
+A camera whose source stores video it can copy as it is (`ImageColumn.copied`: LeRobot's
+MP4s) comes back in a `PartRead`'s `videos` instead: one video per episode.
 
 Some bad input only shows once a part is read (a damaged video that fails to decode). A
 source that finds such episodes returns a `PartRead` instead of the tuple: the tables
@@ -61,6 +63,9 @@ from schemas.frames import CameraInfo
 # What a source's `read_part` may return besides the base tables: camera -> one encoded
 # frame per row of the steps table, in its order.
 Frames = dict[str, list[bytes]]
+# A video camera copied from the source (`ImageColumn.copied`): camera -> one video per
+# row of the episodes table, in its order.
+Videos = dict[str, list[bytes]]
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,10 @@ class PartRead:
     episodes: pa.Table
     frames: Frames = field(default_factory=dict)
     left_out: list[Problem] = field(default_factory=list)  # one per episode, by episode
+    videos: Videos = field(default_factory=dict)  # copied cameras' videos, per episode
+    # Episodes of a copied camera whose span could not be copied and was decoded and
+    # encoded instead: (camera, episode, why).
+    reencoded: list[tuple[str, int, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,7 +113,9 @@ class PlanOptions:
     part_steps: int = DEFAULT_PART_STEPS  # steps per part (whole episodes)
     # Step tables: hindsight column -> the source column holding it (`--map`).
     column_map: tuple[tuple[str, str], ...] = ()
-    codec: str = "png"  # raw image arrays: the codec their frames are encoded with
+    # Raw image arrays and decoded videos: the codec their frames are encoded with. None
+    # (no --codec): PNG, and a LeRobot video camera copied as it is where it can be.
+    codec: str | None = None
     quality: int | None = None  # JPEG/WebP quality (None: the codec's default)
 
 

@@ -53,6 +53,7 @@ class ImageColumn:
     source: str  # the array or column in the source, e.g. `observations/pixels`, `image`
     camera: str  # the camera it becomes (its frames: column `frame_<camera>`)
     encoded: bool  # True: frames arrive encoded and are stored as they came
+    copied: bool = False  # True: a video, each episode's packets copied as they came
 
 
 def camera_name(name: str) -> str:
@@ -103,8 +104,9 @@ def image_array_problems(
     return []
 
 
-def raw_camera(shape: Sequence[int], codec: str, quality: int | None) -> CameraInfo:
-    """The camera of a raw (N, H, W[, C]) uint8 array, encoded with `codec`."""
+def raw_camera(shape: Sequence[int], codec: str | None, quality: int | None) -> CameraInfo:
+    """The camera of a raw (N, H, W[, C]) uint8 array, encoded with `codec` (None: PNG)."""
+    codec = codec or "png"
     channels = shape[3] if len(shape) == 4 else 1
     if codec in VIDEO_CODECS and (shape[1] % 2 or shape[2] % 2):
         raise FrameError(

@@ -15,8 +15,9 @@ Each frame row becomes a step of its episode (`episode_index` -> episode_id,
   episode column `tasks` (every task of the episode, from its metadata) where some
   episode has several; other non-camera features stay step columns under their names;
 - cameras (`observation.images.top` -> camera `top`, engine/sources/images.py):
-  a `video` feature's frames are decoded from the episode's span of its MP4 with PyAV
-  (engine/video.py) and encoded with `--codec`; an `image` feature's encoded frames are
+  a `video` feature's episodes are copied from its MP4s as they are (no --codec; H.264 or
+  AV1), or its frames decoded from the episode's span with PyAV and encoded with
+  `--codec` (engine/sources/lerobot_video.py); an `image` feature's encoded frames are
   stored as they came from the Parquet.
 
 `plan` reads only metadata (lerobot_meta.py; the data files' rows it checks:
@@ -39,7 +40,6 @@ import pyarrow.compute as pc
 
 from engine import storage
 from engine.sources.base import (
-    Frames,
     IngestPlan,
     Part,
     PartRead,
@@ -51,17 +51,13 @@ from engine.sources.base import (
 from engine.sources.images import (
     ImageColumn,
     camera_name,
-    chunk_rows,
-    encode_raw,
     encoded_camera,
     image_part_steps,
-    raw_camera,
 )
 from engine.sources.lerobot_meta import (
     LeRobotEpisode,
     LeRobotMeta,
     first_image,
-    image_bytes,
     read_meta,
 )
 from engine.sources.lerobot_rows import (
@@ -72,9 +68,9 @@ from engine.sources.lerobot_rows import (
     read_row_range,
     step_column,
 )
+from engine.sources.lerobot_video import FramesRead, read_frames, video_camera
 from engine.sources.tables import EpisodeLabels, build_tables, strings_to_arrow
 from engine.validate import Problem
-from engine.video import decode_video_span
 from schemas import lerobot as lr
 from schemas import steps as cols
 from schemas.frames import CameraInfo, FrameError
@@ -140,7 +136,7 @@ class LeRobot(Source[LeRobotPart]):
             return IngestPlan.refused(self.name, path, [meta])
         info = meta.info
         layout, problems = plan_layout(meta, dict(options.column_map))
-        images, cameras, found = plan_cameras(meta, options)
+        images, cameras, found, copying = plan_cameras(meta, options)
         problems += found
         if any(p.episode is None for p in problems):
             return IngestPlan.refused(self.name, path, problems)
@@ -178,6 +174,7 @@ class LeRobot(Source[LeRobotPart]):
                     "fps": info.fps,
                     "robot_type": info.robot_type,
                     "features": {k: f.model_dump(mode="json") for k, f in info.features.items()},
+                    **({"video_cameras": copying} if copying else {}),
                 },
                 **({} if layout.reward else {cols.REWARD: cols.ABSENT}),
             },
@@ -202,16 +199,22 @@ class LeRobot(Source[LeRobotPart]):
             for data_file in [episode_file(part, problem.episode)]
         ]
         part, table = without_episodes(part, table, {p.episode for p in left_out})
-        frames: Frames = {}
+        cameras = FramesRead()
         if part.images:
-            frames, undecoded = read_frames(part, table)
+            layout = part.layout
+            cameras = read_frames(
+                layout.root, layout.fps, part.episodes, part.images, part.cameras, table
+            )
+            undecoded = cameras.problems
             part, table = without_episodes(part, table, {p.episode for p in undecoded})
             left_out = sorted([*left_out, *undecoded], key=lambda p: p.episode or 0)
         if not part.episodes:  # every episode left out
             nothing = pa.table({cols.EPISODE_ID: pa.array([], pa.int64())})
             return PartRead(nothing, nothing, {}, left_out)
         steps, episodes = base_tables(part, table)
-        return PartRead(steps, episodes, frames, left_out)
+        return PartRead(
+            steps, episodes, cameras.frames, left_out, cameras.videos, cameras.reencoded
+        )
 
 
 def base_tables(part: LeRobotPart, table: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -333,10 +336,11 @@ def plan_layout(
 
 def plan_cameras(
     meta: LeRobotMeta, options: PlanOptions
-) -> tuple[list[ImageColumn], dict[str, CameraInfo], list[Problem]]:
-    """The cameras: video features (decoded, encoded with --codec) and image features
+) -> tuple[list[ImageColumn], dict[str, CameraInfo], list[Problem], dict[str, str]]:
+    """The cameras: video features (copied as they are, or decoded and encoded with
+    --codec: lerobot_video.py; what became of each in the last value) and image features
     (encoded frames stored as they came; the first frame tells the codec and size)."""
-    images, cameras, problems = [], {}, []
+    images, cameras, problems, copying = [], {}, [], {}
     info_uri = meta.uri(lr.INFO_PATH)
     for key, feature in meta.info.features.items():
         if not feature.is_camera:
@@ -354,8 +358,10 @@ def plan_cameras(
                     Problem(info_uri, key, "is a depth or non-RGB video; hindsight reads RGB ones")
                 )
                 continue
-            cameras[camera] = raw_camera((0, height, width, 3), options.codec, options.quality)
-            images.append(ImageColumn(key, camera, encoded=False))
+            cameras[camera], copied, copying[camera] = video_camera(
+                meta, key, (height, width), options
+            )
+            images.append(ImageColumn(key, camera, encoded=False, copied=copied))
         elif meta.episodes:
             episode = meta.episodes[0]
             data = first_image(meta, episode, key)
@@ -370,7 +376,7 @@ def plan_cameras(
                 problems.append(Problem(meta.uri(episode.data_file), key, str(error)))
                 continue
             images.append(ImageColumn(key, camera, encoded=True))
-    return images, cameras, problems
+    return images, cameras, problems, copying
 
 
 # ---------------------------------------------------------------- reading a part
@@ -416,70 +422,3 @@ def task_texts(part: LeRobotPart, table: pa.Table) -> pa.Array:
     texts = [known[i] for i in order]
     positions = np.searchsorted(order, index)
     return strings_to_arrow(texts).take(pa.array(positions))
-
-
-def read_frames(part: LeRobotPart, table: pa.Table) -> tuple[Frames, list[Problem]]:
-    """camera -> one encoded frame per row: image features as stored, video features
-    decoded from each episode's span (one episode's raw frames at a time). A step's frame
-    is the video's frame nearest to `from_timestamp + timestamp`, as LeRobot's reader
-    picks it: the frame grid slot its timestamp rounds to. An episode whose video does not
-    decode (a damaged file, frames missing or of another size) has no frames here and a
-    problem naming the video, the episode and the camera."""
-    fps = part.layout.fps
-    timestamps = flat_values(table.column("timestamp")).astype(np.float64)
-    boundaries = cols.episode_boundaries(
-        np.asarray(table.column("episode_index").to_numpy(), dtype=np.int64)
-    )
-    stored = {
-        image.camera: image_bytes(table.column(image.source)).to_pylist()
-        for image in part.images
-        if image.encoded
-    }
-    frames: Frames = {image.camera: [] for image in part.images}
-    problems: list[Problem] = []
-    for episode, first, stop in zip(part.episodes, boundaries[:-1], boundaries[1:]):
-        decoded: Frames = {}
-        for image in part.images:
-            if image.encoded:
-                decoded[image.camera] = stored[image.camera][first:stop]
-                continue
-            span = dict(episode.videos)[image.source]
-            uri = storage.join(part.layout.root, span.file)
-            slots = np.rint(timestamps[first:stop] * fps).astype(np.int64)
-            try:
-                decoded[image.camera] = episode_frames(
-                    uri, span.start_s, slots, fps, part.cameras[image.camera], episode.index
-                )
-            except FrameError as error:  # engine.video's VideoError is one
-                message = str(error).removeprefix(f"{uri}: ")
-                message = message.removeprefix(f"episode {episode.index}: ")
-                problems.append(Problem(uri, image.source, message, episode.index))
-                break
-        else:
-            for camera, data in decoded.items():
-                frames[camera] += data
-    return frames, problems
-
-
-def episode_frames(
-    uri: str, start_s: float, slots: np.ndarray, fps: int, camera: CameraInfo, episode: int
-) -> list[bytes]:
-    """The encoded frames at these slots of the frame grid from `start_s`, decoded a window
-    of `chunk_rows` frames at a time (a long episode never holds all its raw frames)."""
-    window = chunk_rows(camera)
-    count = int(slots.max()) + 1 if len(slots) else 0
-    out: list[bytes | None] = [None] * len(slots)
-    for first in range(0, count, window):
-        stop = min(count, first + window)
-        rows = np.flatnonzero((slots >= first) & (slots < stop))
-        if not len(rows):
-            continue
-        decoded = decode_video_span(uri, start_s + first / fps, start_s + stop / fps, fps)
-        if decoded.shape[1:] != camera.shape:
-            raise FrameError(
-                f"{uri}: episode {episode}: frames of {decoded.shape[2]}x{decoded.shape[1]}, "
-                f"info.json says {camera.width}x{camera.height}"
-            )
-        for row, data in zip(rows, encode_raw(decoded[slots[rows] - first], camera)):
-            out[row] = data
-    return out  # type: ignore[return-value]

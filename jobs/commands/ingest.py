@@ -69,11 +69,12 @@ class Ingest(RayCommand):
     )
     episode_column: str | None = Field(None, description="Deprecated: use --map episode_id=COLUMN.")
     step_column: str | None = Field(None, description="Deprecated: use --map t=COLUMN.")
-    codec: Literal["png", "jpeg", "webp", "webp-lossless", "h264", "av1"] = Field(
-        "png",
+    codec: Literal["png", "jpeg", "webp", "webp-lossless", "h264", "av1"] | None = Field(
+        None,
         description="Codec of the frames of raw uint8 image arrays (docs/frames.md): an "
-        "image per step, or h264/av1 one video per episode; images that arrive encoded "
-        "(PNG/JPEG/WebP) are stored as they came.",
+        "image per step, or h264/av1 one video per episode (default png). Images that "
+        "arrive encoded (PNG/JPEG/WebP) are stored as they came; LeRobot H.264/AV1 videos "
+        "are copied as they came unless --codec is given (then decoded and encoded).",
     )
     quality: int | None = Field(
         None,
@@ -141,8 +142,11 @@ class Ingest(RayCommand):
             name: camera for group in manifest.groups for name, camera in group.cameras.items()
         }
         if cameras:
+            origins = manifest.metadata.get("frames_from", {})
             line += "; cameras: " + ", ".join(
-                f"{name} {c.height}x{c.width}x{c.channels} {c.codec}" for name, c in cameras.items()
+                f"{name} {c.height}x{c.width}x{c.channels} {c.codec}"
+                + copied_note(origins.get(name, {}))
+                for name, c in cameras.items()
             )
         absent = [n for n in ("reward", "terminated", "truncated") if manifest.metadata.get(n)]
         if absent:
@@ -154,3 +158,17 @@ class Ingest(RayCommand):
                 f"{storage.join(storage.normalize(self.output), SKIPPED_REPORT_NAME)}"
             )
         return line
+
+
+def copied_note(origin: dict[str, Any]) -> str:
+    """How a copied camera's episodes were stored: copied, or decoded and encoded (why)."""
+    if not origin.get("copied"):
+        return ""
+    note = f" (copied: {origin['copied_episodes']} episodes"
+    if origin.get("reencoded_episodes"):
+        first = origin["reencoded"][0]
+        note += (
+            f"; {origin['reencoded_episodes']} decoded and encoded, e.g. episode "
+            f"{first['episode']}: {first['why']}"
+        )
+    return note + ")"
