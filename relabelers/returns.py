@@ -47,6 +47,7 @@ from relabelers.base import (
     RelabelError,
     require_rewards,
 )
+from relabelers.blocked_returns import blocked_return_to_go
 from schemas import steps as cols
 
 RETURN_TO_GO = "return_to_go"
@@ -54,6 +55,9 @@ EPISODE_RETURN = "episode_return"
 NORMALIZED_RETURN = "normalized_return"
 
 CHUNK_STEPS = 1 << 18
+# Episodes at least this long take the blocked scan (relabelers/blocked_returns.py): past a
+# few thousand steps it beats the compiled loops; below, the exact ways are as fast.
+BLOCKED_FROM = 4096
 # Cost estimates in nanoseconds, keyed by gamma == 1 (one operation per row and step, or
 # two), fitted to timings of each way on each length class (2 shared x86 cores). They only
 # steer which way a length class goes, never a result.
@@ -68,27 +72,40 @@ ALONE_PER_STEP = {True: 2.2, False: 4.0}
 def discounted_reverse_cumsum(
     rewards: np.ndarray, episode_ends: np.ndarray, gamma: float
 ) -> np.ndarray:
-    """Return-to-go of every step, in float64, bit-identical to the backward loop.
+    """Return-to-go of every step, in float64: bit-identical to the backward loop for
+    episodes shorter than BLOCKED_FROM steps, within a few units in the last place of the
+    episode's largest |return-to-go| for longer ones (see relabelers/blocked_returns.py).
 
     `episode_ends[i]` is True where step i is the last step of its episode (the last step
-    of the array always ends one).
+    of the array always ends one). `rewards` may be float32 (as stored): it is widened to
+    float64 as each way reads it.
     """
-    values = np.ascontiguousarray(rewards, dtype=np.float64)
-    out = np.empty(len(values), dtype=np.float64)
-    if len(values) == 0:
+    rewards = np.ascontiguousarray(rewards)
+    if rewards.dtype not in (np.float32, np.float64):
+        rewards = rewards.astype(np.float64)
+    out = np.empty(len(rewards), dtype=np.float64)
+    if len(rewards) == 0:
         return out
     ends = np.flatnonzero(episode_ends)
-    if len(ends) == 0 or ends[-1] != len(values) - 1:
-        ends = np.append(ends, len(values) - 1)
+    if len(ends) == 0 or ends[-1] != len(rewards) - 1:
+        ends = np.append(ends, len(rewards) - 1)
     starts = np.empty_like(ends)
     starts[0] = 0
     starts[1:] = ends[:-1] + 1
     lengths = ends - starts + 1
     gamma = float(gamma)
-    side_by_side = episodes_side_by_side(lengths, gamma == 1.0)
-    if side_by_side.any():
-        sweep_side_by_side(values, starts, lengths, side_by_side, gamma, out)
-    one_at_a_time(values, starts[~side_by_side], lengths[~side_by_side], gamma, out)
+    # Whether an episode is blocked depends on its length alone, so its bits do not depend
+    # on which other episodes share its part.
+    blocked = lengths >= BLOCKED_FROM
+    if not blocked.all():
+        values = np.ascontiguousarray(rewards, dtype=np.float64)
+        side_by_side = np.zeros(len(lengths), dtype=bool)
+        side_by_side[~blocked] = episodes_side_by_side(lengths[~blocked], gamma == 1.0)
+        if side_by_side.any():  # first: it writes over other episodes' steps in its chunks
+            sweep_side_by_side(values, starts, lengths, side_by_side, gamma, out)
+        alone = ~side_by_side & ~blocked
+        one_at_a_time(values, starts[alone], lengths[alone], gamma, out)
+    blocked_return_to_go(rewards, starts[blocked], lengths[blocked], gamma, out)
     return out
 
 
