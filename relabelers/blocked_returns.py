@@ -58,10 +58,11 @@ def blocked_return_to_go(
     # Where each episode's block 0 would start, its padding included (at most L - 1 before).
     origins = starts + lengths - blocks * BLOCK_STEPS
     powers = np.power(gamma, np.arange(BLOCK_STEPS, 0, -1, dtype=np.float64))  # gamma^(L-j)
-    tile = np.empty((BLOCK_STEPS, TILE_BLOCKS), dtype=np.float64)
-    spread = np.empty_like(tile)
-    carry = 0.0  # R of the first block of the tile after this one
     total = int(first_block[-1])
+    # No wider than the blocks need: a lone episode does not pay for a whole tile's pages.
+    tile = np.empty((BLOCK_STEPS, min(TILE_BLOCKS, total)), dtype=np.float64)
+    spread = np.empty_like(tile) if gamma != 1.0 else tile
+    carry = 0.0  # R of the first block of the tile after this one
     for low in range((total - 1) // TILE_BLOCKS * TILE_BLOCKS, -1, -TILE_BLOCKS):
         high = min(low + TILE_BLOCKS, total)
         pieces = tile_pieces(first_block, origins, low, high)
@@ -143,20 +144,31 @@ def chain_blocks(
     episode's last block), from the blocks' local first values `firsts` by R[b] = firsts[b] +
     jump * R[b + 1] within each episode; `carry` is R of the next tile's first block. Returns
     the carries (one per block) and R of this tile's first block."""
-    carries = np.zeros(len(firsts), dtype=np.float64)
+    carries = np.empty(len(firsts), dtype=np.float64)
     first_return = 0.0
-    numerator, denominator = np.array([1.0]), np.array([1.0, -jump])
     for _, begin, end, _, goes_on, _ in pieces:
         incoming = carry if goes_on else 0.0
-        reversed_firsts = firsts[begin - low : end - low][::-1]
-        initial = np.array([jump * incoming])
-        if compiled_lfilter is not None:
-            chained = compiled_lfilter(numerator, denominator, reversed_firsts, -1, initial)[0]
-        else:
-            chained = lfilter(numerator, denominator, reversed_firsts, zi=initial)[0]
-        chained = chained[::-1]  # R of the piece's blocks, in order
+        chained = chain_backwards(firsts[begin - low : end - low], jump, incoming)
         carries[begin - low : end - low - 1] = chained[1:]
         carries[end - low - 1] = incoming
         if begin == low:
             first_return = float(chained[0])
     return carries, first_return
+
+
+def chain_backwards(firsts: np.ndarray, jump: float, incoming: float) -> np.ndarray:
+    """R[b] = firsts[b] + jump * R[b + 1], R past the end = `incoming`: a compiled loop over
+    the reversed values, the same roundings whether or not a tile cuts the chain (lfilter's
+    initial state is jump * incoming, the product the loop would form)."""
+    if jump == 1.0:  # plain sums: the accumulate loop, faster than a filter
+        chained = np.empty(len(firsts) + 1, dtype=np.float64)
+        chained[0] = incoming
+        chained[1:] = firsts[::-1]
+        return np.add.accumulate(chained, out=chained)[:0:-1]
+    numerator, denominator = np.array([1.0]), np.array([1.0, -jump])
+    initial = np.array([jump * incoming])
+    if compiled_lfilter is not None:
+        chained = compiled_lfilter(numerator, denominator, firsts[::-1], -1, initial)[0]
+    else:
+        chained = lfilter(numerator, denominator, firsts[::-1], zi=initial)[0]
+    return chained[::-1]

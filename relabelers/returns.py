@@ -4,23 +4,28 @@ Return-to-go is the discounted sum of the rewards from step t to the end of the 
 
     return_to_go[t] = reward[t] + gamma * return_to_go[t + 1],   0 at the episode's end.
 
-`discounted_reverse_cumsum` computes it for a whole part in float64 with the operations of
-the textbook backward loop, in the same order, so its results are the loop's to the last bit:
-no gamma^t scaling (which loses precision past a few thousand steps and overflows past
-t ~ 70k) and no doubling scan (which rounds in another order). Two ways, both bit-identical,
-chosen per length class (lengths in [2^c, 2^(c+1))) by a cost estimate:
+`discounted_reverse_cumsum` computes it for a whole part in float64, with no gamma^t
+scaling (which loses precision past a few thousand steps and overflows past t ~ 70k). Each
+episode takes one of three ways:
 
-- short episodes go side by side: laid out time-major (row k holds step k-from-the-end of
-  every episode of the class), a backward sweep over the rows does y = r + gamma * y with
-  two vectorized operations per row, so NumPy's per-call cost is paid once per row, not once
-  per episode; in chunks of CHUNK_STEPS steps, so the layout stays in the CPU's cache; a
-  chunk of episodes all of one length (a fixed horizon) is laid out by a plain transpose;
-- long episodes go one at a time through a compiled sequential loop: `np.add.accumulate`
-  on the reversed episode for gamma = 1, SciPy's `lfilter` (y[i] = x[i] + gamma * y[i-1] on
-  the reversed episode) for gamma < 1.
+- episodes shorter than BLOCKED_FROM steps take one of two exact ways, which use the
+  textbook backward loop's operations in its order, so their results are the loop's to the
+  last bit; per length class (lengths in [2^c, 2^(c+1))), the cheaper by a cost estimate:
+  - side by side: laid out time-major (row k holds step k-from-the-end of every episode of
+    the class), a backward sweep over the rows does y = r + gamma * y with two vectorized
+    operations per row, so NumPy's per-call cost is paid once per row, not once per
+    episode; in chunks of CHUNK_STEPS steps, so the layout stays in the CPU's cache; a chunk
+    of episodes all of one length (a fixed horizon) is laid out by a plain transpose;
+  - alone, through a compiled sequential loop: `np.add.accumulate` on the reversed episode
+    for gamma = 1, SciPy's `lfilter` (y[i] = x[i] + gamma * y[i-1] reversed) for gamma < 1;
+- longer episodes take the blocked scan (relabelers/blocked_returns.py): a compiled loop
+  runs at the speed of its chain of dependent operations, and nothing exact can beat it on
+  one long episode; the blocked scan cuts the chain into 16-step blocks swept side by side
+  and adds each block's carry, about twice as fast, rounding in another order (within a few
+  units in the last place of the episode's largest |return-to-go|).
 
-On long episodes both compiled loops run at the speed of their chain of dependent
-operations; nothing exact can beat them there (a faster scan must round in another order).
+Which way an episode takes depends on its length alone (the side-by-side and alone ways give
+the same bits), so results do not depend on how a dataset is cut into parts.
 """
 
 from __future__ import annotations
