@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.signal import lfilter
 
 from relabelers import blocked_returns, returns
@@ -111,3 +113,26 @@ def test_integer_rewards_are_widened():
     got = discounted_reverse_cumsum(rewards, ends_of(lengths), 1.0)
     # Small integers: every sum is exact in float64, whatever the order.
     np.testing.assert_array_equal(got, float64_loop(rewards, lengths, 1.0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 3 * L + 1), min_size=1, max_size=12),
+    tile=st.integers(1, 9),
+    gamma=st.sampled_from([0.0, 0.5, 0.9, 0.99, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_any_lengths_and_tile_widths_through_the_blocked_scan(lengths, tile, gamma, seed):
+    """Every way episodes and tiles can meet (an episode inside one block, across tiles,
+    several per tile), against the float64 loop."""
+    lengths = np.array(lengths)
+    rewards = stored_rewards(seed, lengths)
+    got = np.full(int(lengths.sum()), np.nan)
+    starts = np.cumsum(lengths) - lengths
+    original = blocked_returns.TILE_BLOCKS
+    try:
+        blocked_returns.TILE_BLOCKS = tile
+        blocked_returns.blocked_return_to_go(rewards, starts, lengths, gamma, got)
+    finally:
+        blocked_returns.TILE_BLOCKS = original
+    assert error_of_largest(got, float64_loop(rewards, lengths, gamma), lengths) <= 1e-12
