@@ -282,7 +282,8 @@ class ReturnsRelabeler(Relabeler):
     """Return-to-go (discounted), episode return (undiscounted) and normalized return."""
 
     name = "returns"
-    version = "1.0"
+    # 1.1: episodes of BLOCKED_FROM steps or more by the blocked scan (not the loop's bits).
+    version = "1.1"
     Params = ReturnsParams
 
     @property
