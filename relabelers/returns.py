@@ -4,23 +4,28 @@ Return-to-go is the discounted sum of the rewards from step t to the end of the 
 
     return_to_go[t] = reward[t] + gamma * return_to_go[t + 1],   0 at the episode's end.
 
-`discounted_reverse_cumsum` computes it for a whole part in float64 with the operations of
-the textbook backward loop, in the same order, so its results are the loop's to the last bit:
-no gamma^t scaling (which loses precision past a few thousand steps and overflows past
-t ~ 70k) and no doubling scan (which rounds in another order). Two ways, both bit-identical,
-chosen per length class (lengths in [2^c, 2^(c+1))) by a cost estimate:
+`discounted_reverse_cumsum` computes it for a whole part in float64, with no gamma^t
+scaling (which loses precision past a few thousand steps and overflows past t ~ 70k). Each
+episode takes one of three ways:
 
-- short episodes go side by side: laid out time-major (row k holds step k-from-the-end of
-  every episode of the class), a backward sweep over the rows does y = r + gamma * y with
-  two vectorized operations per row, so NumPy's per-call cost is paid once per row, not once
-  per episode; in chunks of CHUNK_STEPS steps, so the layout stays in the CPU's cache; a
-  chunk of episodes all of one length (a fixed horizon) is laid out by a plain transpose;
-- long episodes go one at a time through a compiled sequential loop: `np.add.accumulate`
-  on the reversed episode for gamma = 1, SciPy's `lfilter` (y[i] = x[i] + gamma * y[i-1] on
-  the reversed episode) for gamma < 1.
+- episodes shorter than BLOCKED_FROM steps take one of two exact ways, which use the
+  textbook backward loop's operations in its order, so their results are the loop's to the
+  last bit; per length class (lengths in [2^c, 2^(c+1))), the cheaper by a cost estimate:
+  - side by side: laid out time-major (row k holds step k-from-the-end of every episode of
+    the class), a backward sweep over the rows does y = r + gamma * y with two vectorized
+    operations per row, so NumPy's per-call cost is paid once per row, not once per
+    episode; in chunks of CHUNK_STEPS steps, so the layout stays in the CPU's cache; a chunk
+    of episodes all of one length (a fixed horizon) is laid out by a plain transpose;
+  - alone, through a compiled sequential loop: `np.add.accumulate` on the reversed episode
+    for gamma = 1, SciPy's `lfilter` (y[i] = x[i] + gamma * y[i-1] reversed) for gamma < 1;
+- longer episodes take the blocked scan (relabelers/blocked_returns.py): a compiled loop
+  runs at the speed of its chain of dependent operations, and nothing exact can beat it on
+  one long episode; the blocked scan cuts the chain into 16-step blocks swept side by side
+  and adds each block's carry, about twice as fast, rounding in another order (within a few
+  units in the last place of the episode's largest |return-to-go|).
 
-On long episodes both compiled loops run at the speed of their chain of dependent
-operations; nothing exact can beat them there (a faster scan must round in another order).
+Which way an episode takes depends on its length alone (the side-by-side and alone ways give
+the same bits), so results do not depend on how a dataset is cut into parts.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from relabelers.base import (
     RelabelError,
     require_rewards,
 )
+from relabelers.blocked_returns import blocked_return_to_go
 from schemas import steps as cols
 
 RETURN_TO_GO = "return_to_go"
@@ -54,6 +60,9 @@ EPISODE_RETURN = "episode_return"
 NORMALIZED_RETURN = "normalized_return"
 
 CHUNK_STEPS = 1 << 18
+# Episodes at least this long take the blocked scan (relabelers/blocked_returns.py): past a
+# few thousand steps it beats the compiled loops; below, the exact ways are as fast.
+BLOCKED_FROM = 4096
 # Cost estimates in nanoseconds, keyed by gamma == 1 (one operation per row and step, or
 # two), fitted to timings of each way on each length class (2 shared x86 cores). They only
 # steer which way a length class goes, never a result.
@@ -68,27 +77,40 @@ ALONE_PER_STEP = {True: 2.2, False: 4.0}
 def discounted_reverse_cumsum(
     rewards: np.ndarray, episode_ends: np.ndarray, gamma: float
 ) -> np.ndarray:
-    """Return-to-go of every step, in float64, bit-identical to the backward loop.
+    """Return-to-go of every step, in float64: bit-identical to the backward loop for
+    episodes shorter than BLOCKED_FROM steps, within a few units in the last place of the
+    episode's largest |return-to-go| for longer ones (see relabelers/blocked_returns.py).
 
     `episode_ends[i]` is True where step i is the last step of its episode (the last step
-    of the array always ends one).
+    of the array always ends one). `rewards` may be float32 (as stored): it is widened to
+    float64 as each way reads it.
     """
-    values = np.ascontiguousarray(rewards, dtype=np.float64)
-    out = np.empty(len(values), dtype=np.float64)
-    if len(values) == 0:
+    rewards = np.ascontiguousarray(rewards)
+    if rewards.dtype not in (np.float32, np.float64):
+        rewards = rewards.astype(np.float64)
+    out = np.empty(len(rewards), dtype=np.float64)
+    if len(rewards) == 0:
         return out
     ends = np.flatnonzero(episode_ends)
-    if len(ends) == 0 or ends[-1] != len(values) - 1:
-        ends = np.append(ends, len(values) - 1)
+    if len(ends) == 0 or ends[-1] != len(rewards) - 1:
+        ends = np.append(ends, len(rewards) - 1)
     starts = np.empty_like(ends)
     starts[0] = 0
     starts[1:] = ends[:-1] + 1
     lengths = ends - starts + 1
     gamma = float(gamma)
-    side_by_side = episodes_side_by_side(lengths, gamma == 1.0)
-    if side_by_side.any():
-        sweep_side_by_side(values, starts, lengths, side_by_side, gamma, out)
-    one_at_a_time(values, starts[~side_by_side], lengths[~side_by_side], gamma, out)
+    # Whether an episode is blocked depends on its length alone, so its bits do not depend
+    # on which other episodes share its part.
+    blocked = lengths >= BLOCKED_FROM
+    if not blocked.all():
+        values = np.ascontiguousarray(rewards, dtype=np.float64)
+        side_by_side = np.zeros(len(lengths), dtype=bool)
+        side_by_side[~blocked] = episodes_side_by_side(lengths[~blocked], gamma == 1.0)
+        if side_by_side.any():  # first: it writes over other episodes' steps in its chunks
+            sweep_side_by_side(values, starts, lengths, side_by_side, gamma, out)
+        alone = ~side_by_side & ~blocked
+        one_at_a_time(values, starts[alone], lengths[alone], gamma, out)
+    blocked_return_to_go(rewards, starts[blocked], lengths[blocked], gamma, out)
     return out
 
 
@@ -260,7 +282,8 @@ class ReturnsRelabeler(Relabeler):
     """Return-to-go (discounted), episode return (undiscounted) and normalized return."""
 
     name = "returns"
-    version = "1.0"
+    # 1.1: episodes of BLOCKED_FROM steps or more by the blocked scan (not the loop's bits).
+    version = "1.1"
     Params = ReturnsParams
 
     @property
@@ -286,8 +309,8 @@ class ReturnsRelabeler(Relabeler):
 
     def relabel(self, steps: pa.Table, episodes: pa.Table, part: Part) -> Output:
         episode_ids = steps.column(cols.EPISODE_ID).to_numpy()
-        rewards = steps.column(self.params.reward_column).to_numpy(zero_copy_only=False)
-        rewards = np.asarray(rewards, dtype=np.float64)
+        stored = steps.column(self.params.reward_column).to_numpy(zero_copy_only=False)
+        rewards = np.asarray(stored, dtype=np.float64)
         bad = ~np.isfinite(rewards)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
@@ -296,8 +319,10 @@ class ReturnsRelabeler(Relabeler):
                 f"{int(bad.sum())} non-finite value(s), the first at episode "
                 f"{int(episode_ids[row])} step t={steps.column(cols.T)[row].as_py()}"
             )
+        # The stored column as it is (float32, usually): the blocked scan widens it as it
+        # lays it out, which reads half the bytes; the values, so the results, are the same.
         return_to_go = discounted_reverse_cumsum(
-            rewards, episode_ends_of(episode_ids), self.params.gamma
+            stored, episode_ends_of(episode_ids), self.params.gamma
         )
         bounds = cols.episode_boundaries(episode_ids)
         if len(episode_ids):

@@ -236,7 +236,7 @@ def test_command_line_and_spec(ray_local, tiny_dataset, tmp_path, capsys):
 
     assert cli.main(["relabelers"]) == 0
     listing = capsys.readouterr().out
-    assert "returns 1.0" in listing and "writes: steps: return_to_go" in listing
+    assert "returns 1.1" in listing and "writes: steps: return_to_go" in listing
 
 
 def test_generic_llm_options_reach_relabelers_that_have_them():

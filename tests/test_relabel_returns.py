@@ -103,13 +103,30 @@ def lengths_of(kind: str, rng: np.random.Generator) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["short", "fixed horizon", "mixed", "long"])
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 0.99, 0.999, 1.0])
-def test_kernel_is_the_backward_loop_bit_for_bit(kind, gamma):
-    """The loop's two roundings per step in its order: identical bits, not only close."""
+def test_kernel_is_the_backward_loop_bit_for_bit(monkeypatch, kind, gamma):
+    """The exact ways (side by side, alone; the blocked scan turned off for every length):
+    the loop's two roundings per step in its order, identical bits, not only close."""
+    monkeypatch.setattr(returns, "BLOCKED_FROM", 1 << 62)
     rng = np.random.default_rng(len(kind))
     lengths = lengths_of(kind, rng)
     rewards = rng.normal(size=int(lengths.sum())) * rng.choice([1e-3, 1.0, 1e3], int(lengths.sum()))
     got = discounted_reverse_cumsum(rewards, episode_ends(lengths), gamma)
     np.testing.assert_array_equal(got, backward_loop(rewards, lengths, gamma))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.9, 0.99, 1.0])
+def test_only_episodes_from_blocked_from_steps_leave_the_loops_bits(gamma):
+    """By default episodes shorter than BLOCKED_FROM keep the loop's bits; longer ones take
+    the blocked scan, within 1e-12 of their largest |return-to-go|."""
+    rng = np.random.default_rng(3)
+    lengths = lengths_of("mixed", rng)
+    rewards = rng.normal(size=int(lengths.sum())) * rng.choice([1e-3, 1.0, 1e3], int(lengths.sum()))
+    got = discounted_reverse_cumsum(rewards, episode_ends(lengths), gamma)
+    expected = backward_loop(rewards, lengths, gamma)
+    long = np.repeat(lengths >= returns.BLOCKED_FROM, lengths)
+    assert long.any() and not long.all()
+    np.testing.assert_array_equal(got[~long], expected[~long])
+    assert np.abs(got[long] - expected[long]).max() <= 1e-12 * np.abs(expected[long]).max()
 
 
 def test_short_episodes_go_side_by_side_and_long_ones_alone():
@@ -121,6 +138,7 @@ def test_short_episodes_go_side_by_side_and_long_ones_alone():
 
 @pytest.mark.parametrize("gamma", [0.99, 1.0])
 def test_both_ways_and_the_public_lfilter_give_the_same_bits(monkeypatch, gamma):
+    monkeypatch.setattr(returns, "BLOCKED_FROM", 1 << 62)
     rng = np.random.default_rng(7)
     lengths = lengths_of("mixed", rng)
     rewards = rng.normal(size=int(lengths.sum()))
@@ -138,20 +156,20 @@ def test_both_ways_and_the_public_lfilter_give_the_same_bits(monkeypatch, gamma)
 
 
 @pytest.mark.parametrize("gamma", [0.99, 0.999])
-def test_long_episodes_in_the_relabeler_round_the_exact_float64(gamma):
-    """100k-step episodes: float64 within 1e-9 of the loop (in fact identical), and the
-    stored float32 column is exactly the loop's float64 rounded once."""
+def test_long_episodes_in_the_relabeler_round_the_kernels_float64(gamma):
+    """100k-step episodes: float64 within 1e-12 of the loop's largest |return-to-go|, and
+    the stored float32 column is the kernel's float64 rounded once."""
     rng = np.random.default_rng(1)
     rewards = [rng.normal(size=n).astype(np.float32) for n in (100_000, 1_000, 100_000)]
     steps, episodes = tables(rewards)
     lengths = np.array([len(r) for r in rewards])
     expected = backward_loop(np.concatenate(rewards), lengths, gamma)
     got = discounted_reverse_cumsum(np.concatenate(rewards), episode_ends(lengths), gamma)
-    assert np.abs(got - expected).max() <= 1e-9 * np.abs(expected).max()
+    assert np.abs(got - expected).max() <= 1e-12 * np.abs(expected).max()
     output = relabel_tables(ReturnsRelabeler({"gamma": gamma}), steps, episodes)
     stored = output.steps.column("return_to_go").to_numpy()
     assert stored.dtype == np.float32
-    np.testing.assert_array_equal(stored, expected.astype(np.float32))
+    np.testing.assert_array_equal(stored, got.astype(np.float32))
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf")])
