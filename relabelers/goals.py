@@ -380,8 +380,9 @@ class GoalsRelabeler(Relabeler):
             # The derivation every reader of a store=steps group runs: one code path.
             goal_steps = self.goal_steps(episode_ids, t, bounds)
             goals, reached = derive_goals(
-                achieved, achieved_after, t, bounds, goal_steps, self.params.threshold, str(part)
-            )
+                achieved, achieved_after, t, bounds, goal_steps, self.params.threshold,
+                str(part), check=False,  # drawn inside their episodes just above
+            )  # fmt: skip
         if self.params.reward_function:
             reward_function = resolve_reward_function(self.params.reward_function)
             reward = np.asarray(
