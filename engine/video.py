@@ -160,6 +160,7 @@ def _span_packets(
             max(0, int(start_s / time_base) - 1), stream=stream, backward=True, any_frame=False
         )
     packets, slots = [], []
+    after_span = False  # a frame shown after the span has been decoded
     for packet in container.demux(stream):
         if packet.pts is None:
             if packet.dts is None:  # the demuxer's flush packet
@@ -171,22 +172,32 @@ def _span_packets(
         if slot >= steps and packet.dts is None:
             break
         if 0 <= slot < steps:
+            if after_span:  # B-frames across the span's end refer to a frame it does not hold
+                raise NotCopied(
+                    "a frame after the span is decoded before one of the span's own (B-frames "
+                    "across its end)"
+                )
             packets.append(packet)
             slots.append(slot)
         elif slot < 0 and packets:
+            if not packets[0].is_keyframe:
+                raise NotCopied("the span's first frame is not a keyframe")
             raise NotCopied("a frame before the span is decoded after its first (an open GOP)")
+        elif slot >= steps:
+            after_span = True
     return packets, slots
 
 
-def keyframe_interval(source: str | BinaryIO, start_s: float, steps: int, fps: float) -> int:
+def keyframe_interval(source: str | BinaryIO, start_s: float, steps: int, fps: float) -> int | None:
     """The longest run of frames from one keyframe to the next in a span (the span's
-    length when it holds one keyframe): the video's GOP as its packets show it."""
+    length when it holds one keyframe): the video's GOP as its packets show it; None for
+    a span that cannot stand alone."""
     name = source if isinstance(source, str) else "video"
     with _open_stream(source, name) as (container, stream):
         try:
             packets, slots = _span_packets(container, stream, start_s, steps, fps)
         except NotCopied:
-            return steps
+            return None
         except Exception as error:  # a damaged container
             raise VideoError(f"{name}: the video does not read ({error})") from None
     keys = sorted(slot for packet, slot in zip(packets, slots) if packet.is_keyframe)

@@ -261,3 +261,65 @@ def test_an_episode_left_out_for_its_values_takes_its_copied_video_with_it(tmp_p
     stored, source = episode_videos(tmp_path / "ds"), source_spans(root)
     np.testing.assert_array_equal(stored[0], source[0])
     np.testing.assert_array_equal(stored[1], source[2])
+
+
+def write_h264_with_b_frames(path: str, frames: np.ndarray, fps: int = lrd.FPS, vcodec=None):
+    """One H.264 MP4 in one go, a keyframe every 10 frames and 3 B-frames between
+    references: an episode ending inside a group has B-frames that refer to a frame after
+    its end."""
+    import av
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with av.open(path, "w") as container:
+        stream = container.add_stream(
+            "libx264", fps, options={"g": "10", "bf": "3", "x264-params": "scenecut=0"}
+        )
+        stream.pix_fmt = "yuv420p"
+        stream.height, stream.width = frames.shape[1:3]
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_b_frames_across_an_episodes_end_are_reencoded_not_copied(tmp_path, monkeypatch):
+    """Episodes of 10, 7 and 13 frames in one H.264 encode with B-frames: a span whose last
+    B-frames refer to the next episode's frame cannot stand alone (copied, it would decode
+    to concealed, wrong pixels): it is re-encoded and counted; what is copied is exact."""
+    monkeypatch.setattr(lrd, "write_video", write_h264_with_b_frames)
+    monkeypatch.setattr(lrd, "video_codec", lambda: "h264")
+    data = lrd.make_data([10, 7, 13], camera=(32, 32))
+    root = lrd.write_v30(tmp_path / "src", data, one_encode=True)
+    origin = ingest_to(root, tmp_path / "ds")
+    reasons = {entry["episode"]: entry["why"] for entry in origin.get("reencoded", [])}
+    assert any("B-frames across its end" in why for why in reasons.values()), reasons
+    stored, source = episode_videos(tmp_path / "ds"), source_spans(root)
+    for episode, (got, expected) in enumerate(zip(stored, source)):
+        if episode in reasons:  # encoded a second time: close, not equal
+            assert np.abs(got.astype(np.int16) - expected).mean() < VIDEO_MAE
+        else:
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_an_episode_in_another_format_than_the_camera_is_reencoded(tmp_path, monkeypatch):
+    """v2.1, one MP4 per episode: episode 1's is H.264 where the camera (the first
+    episode's) is AV1. It is decoded and encoded in the camera's codec, and counted."""
+    original = lrd.write_video
+    if lrd.video_codec() != "libsvtav1":
+        pytest.skip("needs an AV1 encoder for the camera's codec")
+
+    def mixed(path, frames, fps=lrd.FPS, vcodec=None):
+        other = "libx264" if path.endswith("episode_000001.mp4") else vcodec
+        original(path, frames, fps, vcodec=other)
+
+    monkeypatch.setattr(lrd, "write_video", mixed)
+    data = lrd.make_data([4, 5, 6], camera=(32, 32))
+    root = lrd.write_v21(tmp_path / "src", data)
+    origin = ingest_to(root, tmp_path / "ds")
+    assert (origin["copied_episodes"], origin["reencoded_episodes"]) == (2, 1)
+    assert origin["reencoded"][0]["episode"] == 1
+    assert "its MP4 is h264 yuv420p 32x32, the camera av1" in origin["reencoded"][0]["why"]
+    stored, source = episode_videos(tmp_path / "ds"), source_spans(root)
+    assert open_dataset(str(tmp_path / "ds")).cameras["top"].codec == "av1"
+    np.testing.assert_array_equal(stored[0], source[0])
+    np.testing.assert_array_equal(stored[2], source[2])
+    assert np.abs(stored[1].astype(np.int16) - source[1]).mean() < VIDEO_MAE

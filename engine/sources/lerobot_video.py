@@ -59,25 +59,32 @@ def video_camera(
     meta: LeRobotMeta, key: str, shape: tuple[int, int], options: PlanOptions
 ) -> tuple[CameraInfo, bool, str]:
     """A video feature's camera, whether it is copied, and what the plan says of it:
-    copied (its codec, pixel format and GOP as the first episode's MP4 has them), or
+    copied (codec and pixel format as the first readable episode's MP4 has them, the GOP
+    as the probed episodes' packets show it), or
     decoded and encoded with --codec (PNG without one), and why not copied."""
     height, width = shape
     encoded = raw_camera((0, height, width, 3), options.codec, options.quality)
     if options.codec is not None:
         return encoded, False, f"decoded and encoded as {options.codec} (--codec)"
-    probed = None
+    found, gops, lengths = None, [], []
     for episode in [e for e in meta.episodes if key in dict(e.videos)][:PROBED_EPISODES]:
         span = dict(episode.videos)[key]
         uri = meta.uri(span.file)
         try:
-            found = video_format(uri)
-            probed = found, keyframe_interval(uri, span.start_s, episode.length, meta.info.fps)
-            break
+            video = video_format(uri)
+            interval = keyframe_interval(uri, span.start_s, episode.length, meta.info.fps)
         except FrameError:  # that episode's problem is found again when its part reads it
             continue
-    if probed is None:
+        found = found or video
+        gops.append(interval)
+        lengths.append(episode.length)
+    if found is None:
         return encoded, False, "decoded and encoded as png: no episode's video reads"
-    found, gop = probed
+    # The longest keyframe interval of the probed episodes that stand alone (a short
+    # episode shows less than its video's GOP); none standing alone, their length. Each
+    # episode's own codec, pixel format and size are checked again when its part copies it.
+    standalone = [gop for gop in gops if gop]
+    gop = max(standalone) if standalone else max(lengths)
     why = None
     if found.codec not in VIDEO_CODECS:
         why = f"its MP4s are {found.codec}; hindsight stores {' and '.join(VIDEO_CODECS)} video"
@@ -184,6 +191,14 @@ def episode_video(
     try:
         if not np.array_equal(slots, np.arange(steps)):
             raise NotCopied("its steps' timestamps are not one frame apart from 0")
+        found = video_format(uri)  # the camera's is the first probed episode's
+        if (found.codec, found.pix_fmt, found.height, found.width) != (
+            camera.codec, camera.pix_fmt, camera.height, camera.width,
+        ):  # fmt: skip
+            raise NotCopied(
+                f"its MP4 is {found.codec} {found.pix_fmt} {found.width}x{found.height}, the "
+                f"camera {camera.codec} {camera.pix_fmt} {camera.width}x{camera.height}"
+            )
         video = copy_video_span(uri, span.start_s, steps, fps, uri)
     except NotCopied as error:
         frames = episode_frames(uri, span.start_s, slots, fps, camera, episode)
