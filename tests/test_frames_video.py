@@ -75,11 +75,14 @@ def test_a_video_round_trips_within_a_psnr_bound_with_its_frame_count(codec, cha
 @pytest.mark.parametrize("codec", ["h264", "av1"])
 @pytest.mark.parametrize("channels", [3, 1])
 @pytest.mark.parametrize("gop", [2, 3])
+@pytest.mark.parametrize("size", [SIZE, 64])
 def test_frames_given_a_step_at_a_time_come_back_as_the_whole_video_shows_them(
-    codec, channels, gop
+    codec, channels, gop, size
 ):
-    camera = CameraInfo(height=SIZE, width=SIZE, channels=channels, codec=codec, gop=gop)
-    frames = moving_frames(13, channels)
+    if codec == "av1" and size > SIZE:
+        pytest.skip("SVT-AV1 keyframes at 64x64 depend on later frames (docs/frames.md)")
+    camera = CameraInfo(height=size, width=size, channels=channels, codec=codec, gop=gop)
+    frames = np.tile(moving_frames(13, channels), (1, size // SIZE, size // SIZE, 1))
     whole = decode_video(encode_video(frames, camera), camera, "here", steps=13)
     causal = CausalVideo(camera)
     given = np.stack([causal(frame) for frame in frames])
