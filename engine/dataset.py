@@ -89,8 +89,9 @@ class Dataset:
         return len(self.manifest.parts)
 
     def columns(self, level: str = "steps", frames: bool = True) -> list[str]:
-        """The columns of a level, every group's (derived ones after their group's stored
-        ones); without the frame columns if not `frames`."""
+        """The columns of a level, every group's (a group's derived ones among its stored
+        ones, in the order `store=vectors` would store them); without the frame columns if
+        not `frames`."""
         derived = self.derived if level == "steps" else {}
         names = []
         for group in self.manifest.groups:
@@ -118,8 +119,8 @@ class Dataset:
 
     def arrow_schema(self, level: str = "steps") -> pa.Schema:
         """The Arrow schema of a level, all groups together, from the first part's footers
-        (a frames group's from the manifest: its files are not opened), derived columns
-        after their group's stored ones."""
+        (a frames group's from the manifest: its files are not opened), a group's derived
+        columns among its stored ones, in the order `store=vectors` would store them."""
         by_group: list[list[pa.Field]] = []
         for group in self.manifest.groups:
             files = getattr(group, f"{level}_files")

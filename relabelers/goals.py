@@ -330,18 +330,17 @@ class GoalsRelabeler(Relabeler):
         offset += low
         return offset
 
-    def goal_steps(self, episode_ids: np.ndarray, t: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-        """The step t' each of the k goals of every row comes from (n, k) int32 (final,
-        future, episode): what both layouts store."""
+    def goal_rows(self, episode_ids: np.ndarray, t: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+        """The row (within the part) each of the k goals of every row comes from (n, k)
+        (final, future, episode); their steps `t[rows]` are what both layouts store."""
         n, k = len(t), self.params.k
         draws = GoalDraws(self.seed, episode_ids, t, bounds, range(_STREAM_GOAL, _STREAM_GOAL + k))
-        goal_steps = np.empty((n, k), dtype=np.int32)
+        rows_out = np.empty((n, k), dtype=np.int64)
         for start in range(0, n, CHUNK_ROWS):
             rows = slice(start, min(start + CHUNK_ROWS, n))
             uniform = None if self.params.strategy == "final" else draws.uniforms(rows)
-            sources = self.source_rows(rows, uniform, bounds, draws.episode_of_row)
-            goal_steps[rows] = t[sources.T]
-        return goal_steps
+            rows_out[rows] = self.source_rows(rows, uniform, bounds, draws.episode_of_row).T
+        return rows_out
 
     def relabel(self, steps: pa.Table, episodes: pa.Table, part: Part) -> Output:
         with _relabel_errors():
@@ -353,7 +352,7 @@ class GoalsRelabeler(Relabeler):
         bounds = cols.episode_boundaries(episode_ids)
         strategy = self.params.strategy
         if self.params.store == "steps":
-            goal_steps = self.goal_steps(episode_ids, t, bounds)
+            goal_steps = t[self.goal_rows(episode_ids, t, bounds)].astype(np.int32)
             return Output(steps=pa.table({HINDSIGHT_GOAL_STEP: fixed_lists(goal_steps)}))
         achieved = self.achieved.read_finite(steps, episode_ids, t)
         n, goal_dim, k = len(episode_ids), achieved.shape[1], self.params.k
@@ -378,10 +377,11 @@ class GoalsRelabeler(Relabeler):
             goal_steps = None
         else:
             # The derivation every reader of a store=steps group runs: one code path.
-            goal_steps = self.goal_steps(episode_ids, t, bounds)
+            rows = self.goal_rows(episode_ids, t, bounds)
+            goal_steps = t[rows].astype(np.int32)
             goals, reached = derive_goals(
                 achieved, achieved_after, t, bounds, goal_steps, self.params.threshold,
-                str(part), check=False,  # drawn inside their episodes just above
+                str(part), rows=rows,  # the rows just drawn: no need to find them from t
             )  # fmt: skip
         if self.params.reward_function:
             reward_function = resolve_reward_function(self.params.reward_function)

@@ -217,12 +217,12 @@ def derive_goals(
     goal_steps: np.ndarray,
     threshold: float,
     where: str = "",
-    check: bool = True,
+    rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Goals (n, k, G) and reached flags (n, k) of whole episodes from their goal steps
     (n, k): goal j of row r is the achieved goal at row r - t[r] + goal_steps[r, j]. A
-    goal step outside its episode is an error naming the episode and step (`check=False`:
-    steps the relabeler has just drawn inside their episodes, not checked again)."""
+    goal step outside its episode is an error naming the episode and step. `rows`: the
+    goals' rows (n, k), as the relabeler has just drawn them (then taken as they are)."""
     n, k = goal_steps.shape
     lengths = np.diff(bounds)
     episode_of_row = np.repeat(np.arange(len(lengths)), lengths)
@@ -230,12 +230,14 @@ def derive_goals(
     row_type = np.dtype((np.void, achieved.shape[1] * achieved.itemsize))
     items = np.ascontiguousarray(achieved).view(row_type).reshape(-1)
 
+    drawn = rows
+
     def fill(rows: slice, out: np.ndarray) -> None:
+        if drawn is not None:
+            np.take(items, drawn[rows], out=out.view(row_type).reshape(drawn[rows].shape))
+            return
         source = goal_steps[rows].astype(np.int64)
         source += first_row[rows, None]
-        if not check:
-            np.take(items, source, out=out.view(row_type).reshape(source.shape))
-            return
         episode = episode_of_row[rows, None]
         outside = (source < bounds[:-1][episode]) | (source >= bounds[1:][episode])
         if outside.any():

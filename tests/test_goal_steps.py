@@ -16,7 +16,7 @@ import pytest
 from engine import storage
 from engine.dataset import open_dataset, scan
 from engine.executor import InProcess
-from engine.query import query, write_subset
+from engine.query import query, read_part_rows, write_subset
 from jobs import relabeling
 from relabelers.base import RelabelError, relabel_tables
 from relabelers.goals import GoalsRelabeler
@@ -125,6 +125,12 @@ def test_scan_query_and_subsets_derive_the_same_columns(layouts, tmp_path):
     selected = ["episode_id", "t", "hindsight_goal", "hindsight_reward"]
     assert query(steps, where="t >= 3", select=selected).frame.equals(
         query(vectors, where="t >= 3", select=selected).frame
+    )
+    # A few rows of a part (the query engine's row reader): derived from the whole part.
+    rows = np.array([0, 5, 17, 41])
+    names = ["t", "hindsight_reward", "hindsight_goal"]
+    assert read_part_rows(open_dataset(steps), 1, "steps", names, rows).equals(
+        read_part_rows(open_dataset(vectors), 1, "steps", names, rows)
     )
     # A subset stores every column it reads: the derived ones as plain columns.
     write_subset(steps, "noise > 0.2", str(tmp_path / "a"), command="test")

@@ -149,13 +149,18 @@ def read_part_rows(
 ) -> pa.Table:
     """`columns` (of any groups) of part `index` at the row positions `rows`, sorted: only
     the Parquet row groups that hold them are read (`read_rows`), so a few rows of a column
-    of big camera frames cost a few row groups, not the whole column. With `fill` (the
-    part's row count), full-length columns instead, null at every row not in `rows`."""
+    of big camera frames cost a few row groups, not the whole column (a derived column
+    reads its sources for the whole part). With `fill` (the part's row count),
+    full-length columns instead, null at every row not in `rows`."""
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     if len(rows) and (rows[0] < 0 or (fill is not None and rows[-1] >= fill)):
         raise ValueError(f"{dataset.uri} part {index}: rows {rows[0]}..{rows[-1]} out of range")
     stats = stats if stats is not None else ReadStats()
     read: dict[str, pa.ChunkedArray] = {}
+    derived = [c for c in columns if level == "steps" and c in dataset.derived]
+    if derived:  # derived from whole episodes (engine/derived.py): the part's sources are read
+        whole = dataset.read_part(index, level, derived)
+        read |= {name: whole.column(name).take(pa.array(rows)) for name in derived}
     for group in dataset.manifest.groups:
         names = [f.name for f in getattr(group, f"{level}_columns") if f.name in columns]
         if names:
