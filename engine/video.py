@@ -40,7 +40,12 @@ class VideoError(FrameError):
 
 
 class NotCopied(Exception):
-    """A span that cannot be carried as it is (the message says why): decode it instead."""
+    """A span that cannot be carried as it is (the message says why): decode it instead.
+    `index`: which of several videos it is about (`join_videos`), where it is one."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
 
 
 @dataclass(frozen=True)
@@ -246,17 +251,18 @@ def copy_video_span(
     return out.getvalue()
 
 
-def join_videos(videos: list[bytes], lengths: list[int], path: str | BinaryIO, fps: float) -> bool:
+def join_videos(videos: list[bytes], lengths: list[int], path: str | BinaryIO, fps: float) -> None:
     """Episodes' MP4s (each `lengths[k]` frames from 0, one per 1/fps) joined back to back
     into one MP4 at `path` by stream copy, as LeRobot v3.0 joins its episodes' videos:
     episode k's frames shifted by the frames before it (its `from_timestamp` is that
-    count / fps). Nothing is decoded or encoded. False, with nothing written, when
+    count / fps). Nothing is decoded or encoded. NotCopied, with nothing written, when
     the videos cannot share one stream as they are (other codec parameters: extradata,
-    size, time base), e.g. a copied camera with an episode re-encoded by hindsight."""
+    size, time base), e.g. a copied camera with an episode re-encoded by hindsight; its
+    `index` is the first video that differs from video 0."""
     import av
 
     if not videos:
-        return False
+        raise NotCopied("no videos")
     with ExitStack() as stack:
         inputs = [stack.enter_context(av.open(io.BytesIO(v), "r")) for v in videos]
         streams = [container.streams.video[0] for container in inputs]
@@ -267,8 +273,9 @@ def join_videos(videos: list[bytes], lengths: list[int], path: str | BinaryIO, f
             extradata = bytes(context.extradata or b"")
             return context.name, context.width, context.height, stream.time_base, extradata
 
-        if any(parameters(stream) != parameters(first) for stream in streams[1:]):
-            return False
+        for k, stream in enumerate(streams[1:], 1):
+            if parameters(stream) != parameters(first):
+                raise NotCopied(f"video {k} has other codec parameters than video 0", index=k)
         output = stack.enter_context(
             av.open(path, "w", format="mp4", options={"fflags": "+bitexact"})
         )
@@ -285,4 +292,3 @@ def join_videos(videos: list[bytes], lengths: list[int], path: str | BinaryIO, f
                 packet.stream = copy
                 output.mux(packet)
             frames += length
-    return True

@@ -177,6 +177,22 @@ def decode_video(
     return video
 
 
+def video_frames(
+    data: bytes, camera: CameraInfo, where: str, steps: int | None = None
+) -> Iterator[np.ndarray]:
+    """`decode_video`'s frames one at a time (each H x W x C uint8, the same values):
+    memory is one frame. The count is checked once the video ends, so a consumer has seen
+    the frames before a video of the wrong length raises."""
+    count = 0
+    for picture in _decoded(data, camera, where):
+        frame = picture.to_ndarray(format="rgb24")
+        if camera.channels == 1:  # as decode_video: the mean of the equal channels
+            frame = np.round(frame.mean(axis=2, keepdims=True)).astype(np.uint8)
+        count += 1
+        yield frame
+    _check_count(count, where, steps)
+
+
 class CausalVideo:
     """One episode's frames through a video camera's codec a step at a time, each given
     back as the episode's stored video shows it, before the next frame exists (a rollout

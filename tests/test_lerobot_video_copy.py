@@ -323,3 +323,36 @@ def test_an_episode_in_another_format_than_the_camera_is_reencoded(tmp_path, mon
     np.testing.assert_array_equal(stored[0], source[0])
     np.testing.assert_array_equal(stored[2], source[2])
     assert np.abs(stored[1].astype(np.int16) - source[1]).mean() < VIDEO_MAE
+
+
+def test_export_says_which_parts_were_joined_and_which_encoded_again(tmp_path, capsys, monkeypatch):
+    """An H.264 source (x264's defaults, crf 18) whose episode 2 is re-encoded at ingest
+    (it starts off a keyframe) with hindsight's x264 settings, which its SPS shows: part 0's
+    videos (episodes 0-2) cannot share one stream, so that part is decoded and encoded
+    again; part 1 (episode 3) is joined by stream copy (the source's pixels). The export's
+    line and meta/hindsight.json (its result's `videos` too) say which and why."""
+    monkeypatch.setattr(lrd, "video_codec", lambda: "h264")
+    data = lrd.make_data([5, 7, 4, 6], camera=(32, 32))
+    root = lrd.write_v30(tmp_path / "src", data, one_encode=True)
+    assert main(["ingest", root, str(tmp_path / "ds"), "--part-steps", "16"]) == 0
+    dataset = open_dataset(str(tmp_path / "ds"))
+    assert dataset.num_parts == 2  # episodes 0-2 | episode 3
+    assert dataset.manifest.metadata["frames_from"]["top"]["reencoded"][0]["episode"] == 2
+    capsys.readouterr()
+    out = str(tmp_path / "export")
+    command = ["export", str(tmp_path / "ds"), out, "--format", "lerobot"]
+    assert main([*command, "--video-codec", "h264"]) == 0
+    why = (
+        "episode 2's video was encoded with other parameters than episode 0's (episode 2 "
+        "re-encoded at ingest)"
+    )
+    assert (
+        f"  cameras: top joined by stream copy (part 1), encoded as h264 (part 0: {why})"
+        in capsys.readouterr().out
+    )
+    videos = json.loads((tmp_path / "export/meta/hindsight.json").read_text())["videos"]
+    assert videos == {"top": {"joined": [1], "encoded": [{"part": 0, "why": why}]}}
+    source, exported = source_spans(root), source_spans(out)
+    np.testing.assert_array_equal(exported[3], source[3])  # joined: exact
+    error = np.abs(exported[0].astype(np.int16) - source[0]).mean()
+    assert 0 < error < VIDEO_MAE  # encoded a second time: close, not equal

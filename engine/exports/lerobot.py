@@ -61,8 +61,8 @@ from engine.exports.lerobot_plan import (
     plan_export,
     video_key,
 )
-from engine.exports.video import CODECS, VideoSettings, encode_video
-from engine.video import join_videos
+from engine.exports.video import CODECS, VideoSettings, camera_summary, encode_video
+from engine.video import NotCopied, join_videos
 from engine.writer import VersionWriter
 from schemas import steps as cols
 from schemas.frames import DEFAULT_GOP, FRAME_PREFIX, decode_frame
@@ -74,7 +74,7 @@ from schemas.lerobot import (
     VIDEO_PATH_V30,
     LeRobotInfo,
 )
-from schemas.video import PIX_FMT, decode_video
+from schemas.video import PIX_FMT, video_frames
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,8 @@ class PartResult:
     episodes: list[dict] = field(default_factory=list)
     episode_stats: list[dict[str, stats.Stats]] = field(default_factory=list)
     videos: dict[str, dict] = field(default_factory=dict)  # camera -> video info
+    # camera -> None where its episodes' videos were joined by stream copy, else why not
+    encoded: dict[str, str | None] = field(default_factory=dict)
     bytes: int = 0
     files: int = 0
 
@@ -144,7 +146,7 @@ def export_part(task: PartTask) -> PartResult:
     }
     video_stats = {}
     for camera in plan.cameras:
-        info, histograms, size = write_video(task, dataset, camera, starts)
+        info, histograms, size, result.encoded[camera] = write_video(task, dataset, camera, starts)
         result.videos[camera] = info
         result.bytes += size
         result.files += 1
@@ -206,9 +208,10 @@ def data_table(plan: Plan, arrays: dict[str, np.ndarray]) -> pa.Table:
 
 def write_video(
     task: PartTask, dataset: Dataset, camera: str, starts: np.ndarray
-) -> tuple[dict, np.ndarray, int]:
+) -> tuple[dict, np.ndarray, int, str | None]:
     """The part's frames of one camera as one MP4 (episodes one after another), its
-    info.json entry, each episode's (3, 256) pixel counts and the file's size."""
+    info.json entry, each episode's (3, 256) pixel counts, the file's size and why its
+    frames were encoded (None: its episodes' videos joined by stream copy)."""
     episodes = len(starts) - 1
     histograms = np.zeros((episodes, 3, 256), dtype=np.int64)
     episode_of_step = np.repeat(np.arange(episodes), np.diff(starts))
@@ -226,7 +229,7 @@ def write_video(
     scratch = tempfile.mkdtemp(prefix="hindsight-video-")
     try:
         local = os.path.join(scratch, "video.mp4")
-        settings = join_part_videos(task, dataset, camera, local, histograms)
+        settings, why = join_part_videos(task, dataset, camera, local, histograms)
         if settings is None:
             settings, count = encode_video(frames(), local, task.plan.fps, task.plan.video_codec)
             if count != int(starts[-1]):
@@ -241,7 +244,7 @@ def write_video(
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return video_info(settings), histograms, size
+    return video_info(settings), histograms, size, why
 
 
 def count_pixels(counts: np.ndarray, frame: np.ndarray) -> np.ndarray:
@@ -256,26 +259,43 @@ def count_pixels(counts: np.ndarray, frame: np.ndarray) -> np.ndarray:
 
 def join_part_videos(
     task: PartTask, dataset: Dataset, camera: str, path: str, histograms: np.ndarray
-) -> VideoSettings | None:
+) -> tuple[VideoSettings | None, str | None]:
     """A video camera already in the export's codec, fps and pixel format (a LeRobot
     camera copied at ingest, a collected AV1 camera): the part's episode videos joined
     as they are into the MP4 at `path` (engine/video.py `join_videos`: no second lossy
-    pass), each decoded once for the image stats (`histograms`). None where it is not, or
-    its videos cannot share one stream (an episode encoded with other parameters)."""
+    pass), each decoded a frame at a time for the image stats (`histograms`). (None, why)
+    where it is not, or its videos cannot share one stream (an episode encoded with other
+    parameters): the caller encodes the part's frames, and the export says why."""
     info, column = dataset.cameras[camera], FRAME_PREFIX + camera
     plan = task.plan
-    if not info.is_video or (info.codec, info.fps) != (CODECS[plan.video_codec], plan.fps):
-        return None
+    wanted = CODECS[plan.video_codec]
+    if not info.is_video:
+        return None, f"its frames are {info.codec} images"
+    if (info.codec, info.fps) != (wanted, plan.fps):
+        return None, f"stored as {info.codec} at {info.fps} fps, exported as {wanted} at {plan.fps}"
     if (info.pix_fmt or PIX_FMT) != PIX_FMT:
-        return None
+        return None, f"stored as {info.pix_fmt}, exported as {PIX_FMT}"
     uri = dataset.file_uris(dataset.group_of(column, "episodes"), "episodes")[task.index]
     table = dataset.read_part(task.index, "episodes", [cols.EPISODE_ID, cols.LENGTH, column])
     ids, lengths, videos = (c.to_pylist() for c in table.columns)
-    if any(video is None for video in videos) or not join_videos(videos, lengths, path, plan.fps):
-        return None
+    if any(video is None for video in videos):
+        return None, "an episode has no video"
+    try:
+        join_videos(videos, lengths, path, plan.fps)
+    except NotCopied as error:
+        if error.index is None:
+            return None, str(error)
+        origin = dataset.manifest.metadata.get("frames_from", {}).get(camera, {})
+        again = {entry["episode"] for entry in origin.get("reencoded", [])}
+        ingested = [i for i in (ids[error.index], ids[0]) if i in again]
+        return None, (
+            f"episode {ids[error.index]}'s video was encoded with other parameters than "
+            f"episode {ids[0]}'s"
+            + (f" (episode {ingested[0]} re-encoded at ingest)" if ingested else "")
+        )
     for k, (episode_id, length, video) in enumerate(zip(ids, lengths, videos)):
         where = f"{uri}: episode {episode_id} camera {camera!r}"
-        for frame in decode_video(video, info, where, length):
+        for frame in video_frames(video, info, where, length):  # one frame at a time
             count_pixels(histograms[k], frame)
     return VideoSettings(
         codec=info.codec,
@@ -285,7 +305,7 @@ def join_part_videos(
         pix_fmt=info.pix_fmt or PIX_FMT,
         g=info.gop or DEFAULT_GOP,
         crf=info.crf,
-    )
+    ), None
 
 
 def part_frames(dataset: Dataset, index: int, camera: str) -> Iterator[np.ndarray]:
@@ -304,7 +324,7 @@ def part_frames(dataset: Dataset, index: int, camera: str) -> Iterator[np.ndarra
         where = f"{uri}: episode {episode_id} camera {camera!r}"
         if video is None:
             raise ExportError(f"{where}: no video")
-        yield from decode_video(video, info, where, length)
+        yield from video_frames(video, info, where, length)
 
 
 def video_info(settings: VideoSettings) -> dict:
@@ -350,6 +370,7 @@ def export_lerobot(
             "source": dataset.uri,
             "dataset_id": dataset.manifest.dataset_id,
             "command": command,
+            "videos": camera_summary([r.encoded for r in results]),
         }
         written.append(
             writer.write_file("meta/hindsight.json", json.dumps(provenance, indent=4).encode())
@@ -373,6 +394,8 @@ def export_lerobot(
             "fps": plan.fps,
             "tasks": len(plan.task_index),
             "cameras": list(plan.cameras),
+            "videos": provenance["videos"],
+            "video_codec": CODECS[plan.video_codec],
             "texts_not_exported": texts,
         },
     )

@@ -58,3 +58,39 @@ def encode_video(
         raise ValueError(f"video codec {codec!r}: choose one of {sorted(CODECS)}")
     count, height, width = write_video(frames, path, CODECS[codec], fps)
     return VideoSettings(codec=CODECS[codec], height=height, width=width, fps=fps), count
+
+
+def camera_summary(parts: list[dict[str, str | None]]) -> dict[str, dict]:
+    """Per camera, over the parts (each camera -> None where its episodes' videos were
+    joined by stream copy, else why its frames were encoded): `joined` (the parts joined)
+    and `encoded` (`{"part", "why"}` each): what the export's line and hindsight.json say."""
+    out: dict[str, dict] = {}
+    for part, cameras in enumerate(parts):
+        for camera, why in cameras.items():
+            entry = out.setdefault(camera, {"joined": [], "encoded": []})
+            if why is None:
+                entry["joined"].append(part)
+            else:
+                entry["encoded"].append({"part": part, "why": why})
+    return out
+
+
+def camera_note(camera: str, entry: dict, codec: str) -> str:
+    """One camera's clause of the export's line: which parts were joined by stream copy,
+    which encoded (into `codec`), and why (parts grouped by reason, the first two)."""
+    notes = []
+    if entry["joined"]:
+        notes.append(f"joined by stream copy ({_parts(entry['joined'])})")
+    reasons: dict[str, list[int]] = {}
+    for encoded in entry["encoded"]:
+        reasons.setdefault(encoded["why"], []).append(encoded["part"])
+    if reasons:
+        shown = [f"{_parts(parts)}: {why}" for why, parts in list(reasons.items())[:2]]
+        more = "; ..." if len(reasons) > 2 else ""
+        notes.append(f"encoded as {codec} ({'; '.join(shown)}{more})")
+    return f"{camera} " + ", ".join(notes)
+
+
+def _parts(parts: list[int]) -> str:
+    shown = ", ".join(str(p) for p in parts[:5])
+    return ("part " if len(parts) == 1 else "parts ") + shown + (", ..." if len(parts) > 5 else "")

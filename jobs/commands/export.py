@@ -126,6 +126,17 @@ class Export(RayCommand):
                 "  text columns not exported (one can be the task: --task-column NAME): "
                 + ", ".join(result.details["texts_not_exported"])
             )
+        if result.details.get("videos"):
+            from engine.exports.video import camera_note
+
+            codec = result.details["video_codec"]
+            lines.append(
+                "  cameras: "
+                + "; ".join(
+                    camera_note(camera, entry, codec)
+                    for camera, entry in result.details["videos"].items()
+                )
+            )
         if result.format == "minari":
             lines.append(
                 f"  load with: minari.MinariDataset({storage.join(result.output, 'data')!r}), "
