@@ -31,7 +31,7 @@ from schemas.frames import (
     frames_table,
 )
 from schemas.shard_index import ShardError
-from schemas.video import CausalVideo, decode_video, encode_video
+from schemas.video import CausalVideo, decode_video, encode_video, video_frames
 from tests.synthetic import make_episodes, write_synthetic_dataset
 from trainers.loader import read_index, stream
 
@@ -70,6 +70,10 @@ def test_a_video_round_trips_within_a_psnr_bound_with_its_frame_count(codec, cha
     other = CameraInfo(height=SIZE, width=SIZE + 2, channels=channels, codec=codec)
     with pytest.raises(FrameError, match="the camera says 18x16"):
         decode_video(data, other, "here")
+    # a frame at a time (the export's image stats): the same frames, the same checks
+    np.testing.assert_array_equal(np.stack(list(video_frames(data, camera, "here", 20))), decoded)
+    with pytest.raises(FrameError, match="here: the video holds 20 frames, the episode has 21"):
+        list(video_frames(data, camera, "here", steps=21))
 
 
 @pytest.mark.parametrize("codec", ["h264", "av1"])

@@ -356,3 +356,29 @@ def test_export_says_which_parts_were_joined_and_which_encoded_again(tmp_path, c
     np.testing.assert_array_equal(exported[3], source[3])  # joined: exact
     error = np.abs(exported[0].astype(np.int16) - source[0]).mean()
     assert 0 < error < VIDEO_MAE  # encoded a second time: close, not equal
+
+
+@pytest.mark.parametrize("window", [3, 100])
+def test_a_reencoded_episode_is_encoded_straight_from_its_decoded_frames(
+    tmp_path, monkeypatch, window
+):
+    """The fallback of a copied camera encodes the decoded frames a window at a time: the
+    same bytes as decoding to PNG per step, decoding those and encoding the episode whole
+    (the path before), whether the episode is one window or several."""
+    from engine.sources import lerobot_video
+    from engine.sources.images import step_camera
+    from schemas.video import encode_video
+
+    data = lrd.make_data([5, 7, 4], camera=(32, 32))
+    root = lrd.write_v30(tmp_path / "src", data, one_encode=True)
+    camera = plan_ingest(root).cameras["top"]
+    meta = read_meta(root)
+    episode = meta.episodes[1]
+    span = dict(episode.videos)[lrd.CAMERA]
+    uri, slots = meta.uri(span.file), np.arange(episode.length)
+    monkeypatch.setattr(lerobot_video, "chunk_rows", lambda camera: window)
+    for steps in (slots, np.array([0, 0, 2, 3, 3, 5, 6])):  # repeated and skipped slots too
+        encoded = lerobot_video.episode_frames(uri, span.start_s, steps, lrd.FPS, camera, 1)
+        before = encode_video(decode_frames(encoded, step_camera(camera)), camera)
+        now = lerobot_video.reencoded_video(uri, span.start_s, steps, lrd.FPS, camera, 1)
+        assert now == before

@@ -13,7 +13,8 @@ An episode's span is copied when it can stand alone and maps frame k to step k: 
 timestamps are 0, 1/fps, 2/fps, ...; its first frame is a keyframe (LeRobot v3.0 joins
 per-episode videos by stream copy, so each episode starts on one); its frames are one per
 step. Otherwise that episode alone is decoded (frames picked by timestamp, as below) and
-encoded in the camera's codec with hindsight's settings, and the manifest counts it, with
+encoded in the camera's codec with hindsight's settings (straight from the decoded frames, a
+window at a time: `reencoded_video`), and the manifest counts it, with
 why (`frames_from`, engine/ingest.py `copy_summary`): never silently different.
 
 With `--codec X` (or a video that cannot be copied: another codec or pixel format), every
@@ -23,6 +24,8 @@ as LeRobot's reader picks it) and encoded with X (PNG by default), as before.
 
 from __future__ import annotations
 
+import io
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,8 +51,8 @@ from engine.video import (
     video_format,
 )
 from schemas import steps as cols
-from schemas.frames import VIDEO_CODECS, CameraInfo, FrameError, decode_frames
-from schemas.video import PIX_FMT, check_video, encode_video
+from schemas.frames import DEFAULT_CRF, VIDEO_CODECS, CameraInfo, FrameError, decode_frames
+from schemas.video import PIX_FMT, check_video, write_video
 
 # Episodes whose MP4 a plan tries for the codec, pixel format and GOP of a camera.
 PROBED_EPISODES = 3
@@ -201,15 +204,59 @@ def episode_video(
             )
         video = copy_video_span(uri, span.start_s, steps, fps, uri)
     except NotCopied as error:
-        frames = episode_frames(uri, span.start_s, slots, fps, camera, episode)
-        raw = decode_frames(frames, step_camera(camera), f"{uri}: episode {episode}")
-        return encode_video(raw, camera), str(error)
+        return reencoded_video(uri, span.start_s, slots, fps, camera, episode), str(error)
     try:
         check_video(video, camera, uri, steps)
     except FrameError as error:  # the source's bitstream is damaged: so is the copy
         found = str(error).removeprefix(uri).lstrip(": ")
         raise FrameError(f"{uri}: the video does not decode (its span copied: {found})") from None
     return video, None
+
+
+def reencoded_video(
+    uri: str, start_s: float, slots: np.ndarray, fps: int, camera: CameraInfo, episode: int
+) -> bytes:
+    """An episode's frames at these slots decoded from its span and encoded in the copied
+    camera's codec, straight from the decoded frames a window of `chunk_rows` at a time
+    (steps in time order, as LeRobot's are); steps out of order go through
+    `episode_frames` (PNG per step) first. The same video either way (PNG is lossless)."""
+    if len(slots) and np.all(np.diff(slots) >= 0):
+        frames = raw_frames(uri, start_s, slots, fps, camera, episode)
+    else:
+        encoded = episode_frames(uri, start_s, slots, fps, camera, episode)
+        frames = iter(decode_frames(encoded, step_camera(camera), f"{uri}: episode {episode}"))
+    out = io.BytesIO()
+    crf = DEFAULT_CRF if camera.crf is None else camera.crf  # None: a copied camera's
+    write_video(frames, out, camera.codec, camera.fps, camera.gop, crf)
+    return out.getvalue()
+
+
+def raw_frames(
+    uri: str, start_s: float, slots: np.ndarray, fps: int, camera: CameraInfo, episode: int
+) -> Iterator[np.ndarray]:
+    """The frames at these slots (non-decreasing) of the frame grid from `start_s`, in
+    order, decoded a window of `chunk_rows` frames at a time."""
+    window = chunk_rows(camera)
+    for first in range(int(slots[0]) - int(slots[0]) % window, int(slots[-1]) + 1, window):
+        stop = first + window
+        rows = np.flatnonzero((slots >= first) & (slots < stop))
+        if not len(rows):
+            continue
+        end = int(slots[rows[-1]]) + 1
+        decoded = check_shape(
+            decode_video_span(uri, start_s + first / fps, start_s + end / fps, fps),
+            camera, uri, episode,
+        )  # fmt: skip
+        yield from decoded[slots[rows] - first]
+
+
+def check_shape(decoded: np.ndarray, camera: CameraInfo, uri: str, episode: int) -> np.ndarray:
+    if decoded.shape[1:] != camera.shape:
+        raise FrameError(
+            f"{uri}: episode {episode}: frames of {decoded.shape[2]}x{decoded.shape[1]}, "
+            f"info.json says {camera.width}x{camera.height}"
+        )
+    return decoded
 
 
 def episode_frames(
@@ -226,11 +273,7 @@ def episode_frames(
         if not len(rows):
             continue
         decoded = decode_video_span(uri, start_s + first / fps, start_s + stop / fps, fps)
-        if decoded.shape[1:] != camera.shape:
-            raise FrameError(
-                f"{uri}: episode {episode}: frames of {decoded.shape[2]}x{decoded.shape[1]}, "
-                f"info.json says {camera.width}x{camera.height}"
-            )
+        check_shape(decoded, camera, uri, episode)
         for row, data in zip(rows, encode_raw(decoded[slots[rows] - first], camera)):
             out[row] = data
     return out  # type: ignore[return-value]
