@@ -318,12 +318,15 @@ REENCODED_LISTED = 20
 
 def copy_summary(metadata: dict[str, Any], parts: list[IngestedPart]) -> None:
     """Per copied camera, in `frames_from`: how many episodes were copied as they came and
-    how many were decoded and encoded instead, with why (the first REENCODED_LISTED)."""
+    how many were decoded and encoded instead, with why (the first REENCODED_LISTED);
+    `encoded_at_ingest` is true when any episode was."""
     for camera, origin in metadata.get("frames_from", {}).items():
         if not origin.get("copied"):
             continue
         origin["copied_episodes"] = sum(p.copied.get(camera, [0, 0])[0] for p in parts)
         origin["reencoded_episodes"] = sum(p.copied.get(camera, [0, 0])[1] for p in parts)
+        # Encoded here: true as soon as one episode's video was (the others are copied).
+        origin["encoded_at_ingest"] = origin["reencoded_episodes"] > 0
         reencoded = [
             {"episode": episode, "why": why}
             for part in parts

@@ -137,6 +137,7 @@ def test_episodes_off_a_keyframe_are_reencoded_and_counted(tmp_path, capsys):
     )
     origin = open_dataset(str(tmp_path / "ds")).manifest.metadata["frames_from"]["top"]
     assert (origin["copied_episodes"], origin["reencoded_episodes"]) == (2, 1)
+    assert origin["encoded_at_ingest"] is True  # one episode was
     assert origin["reencoded"] == [
         {"episode": 1, "why": "the span's first frame is not a keyframe"}
     ]
@@ -166,15 +167,18 @@ def test_codec_option_decodes_and_encodes_as_before(tmp_path):
     assert "(--codec)" in plan.metadata["lerobot"]["video_cameras"]["top"]
 
 
-def test_a_codec_hindsight_does_not_store_is_decoded_to_png(tmp_path, monkeypatch):
+def test_a_codec_hindsight_does_not_store_is_decoded_to_png(tmp_path, monkeypatch, capsys):
+    """An MPEG-4 camera is decoded and stored as PNG; the manifest and the command's line
+    say why."""
     monkeypatch.setattr(lrd, "video_codec", lambda: "mpeg4")
     data = lrd.make_data([5, 4], camera=(32, 32))
     root = lrd.write_v21(tmp_path / "src", data)
-    plan = plan_ingest(root)
-    assert plan.metadata["lerobot"]["video_cameras"]["top"] == (
-        "decoded and encoded as png: its MP4s are mpeg4; hindsight stores h264 and av1 video"
-    )
-    assert ingest_to(root, tmp_path / "ds")["encoded_at_ingest"] is True
+    why = "decoded and encoded as png: its MP4s are mpeg4; hindsight stores h264 and av1 video"
+    assert plan_ingest(root).metadata["lerobot"]["video_cameras"]["top"] == why
+    assert main(["ingest", root, str(tmp_path / "ds")]) == 0
+    assert f"cameras: top 32x32x3 png ({why})" in capsys.readouterr().out
+    origin = open_dataset(str(tmp_path / "ds")).manifest.metadata["frames_from"]["top"]
+    assert origin["encoded_at_ingest"] is True
     assert open_dataset(str(tmp_path / "ds")).cameras["top"].codec == "png"
 
 

@@ -143,9 +143,10 @@ class Ingest(RayCommand):
         }
         if cameras:
             origins = manifest.metadata.get("frames_from", {})
+            plans = manifest.metadata.get("lerobot", {}).get("video_cameras", {})
             line += "; cameras: " + ", ".join(
                 f"{name} {c.height}x{c.width}x{c.channels} {c.codec}"
-                + copied_note(origins.get(name, {}))
+                + copied_note(origins.get(name, {}), plans.get(name))
                 for name, c in cameras.items()
             )
         absent = [n for n in ("reward", "terminated", "truncated") if manifest.metadata.get(n)]
@@ -160,9 +161,13 @@ class Ingest(RayCommand):
         return line
 
 
-def copied_note(origin: dict[str, Any]) -> str:
-    """How a copied camera's episodes were stored: copied, or decoded and encoded (why)."""
+def copied_note(origin: dict[str, Any], planned: str | None = None) -> str:
+    """How a copied camera's episodes were stored: copied, or decoded and encoded (why);
+    for a LeRobot video camera that could not be copied, why (`planned`: the plan's
+    `lerobot.video_cameras` entry; not said when --codec asked for it)."""
     if not origin.get("copied"):
+        if planned and not planned.startswith("copied") and not planned.endswith("(--codec)"):
+            return f" ({planned})"
         return ""
     note = f" (copied: {origin['copied_episodes']} episodes"
     if origin.get("reencoded_episodes"):
