@@ -220,7 +220,7 @@ def reencoded_video(
     camera's codec, straight from the decoded frames a window of `chunk_rows` at a time
     (steps in time order, as LeRobot's are); steps out of order go through
     `episode_frames` (PNG per step) first. The same video either way (PNG is lossless)."""
-    if len(slots) and np.all(np.diff(slots) >= 0):
+    if len(slots) and slots[0] >= 0 and np.all(np.diff(slots) >= 0):
         frames = raw_frames(uri, start_s, slots, fps, camera, episode)
     else:
         encoded = episode_frames(uri, start_s, slots, fps, camera, episode)
@@ -243,14 +243,12 @@ def raw_frames(
         if not len(rows):
             continue
         end = int(slots[rows[-1]]) + 1
-        decoded = check_shape(
-            decode_video_span(uri, start_s + first / fps, start_s + end / fps, fps),
-            camera, uri, episode,
-        )  # fmt: skip
-        yield from decoded[slots[rows] - first]
+        decoded = decode_video_span(uri, start_s + first / fps, start_s + end / fps, fps)
+        yield from check_shape(decoded, camera, uri, episode)[slots[rows] - first]
 
 
 def check_shape(decoded: np.ndarray, camera: CameraInfo, uri: str, episode: int) -> np.ndarray:
+    """Decoded frames of the size info.json gives the camera, or a FrameError."""
     if decoded.shape[1:] != camera.shape:
         raise FrameError(
             f"{uri}: episode {episode}: frames of {decoded.shape[2]}x{decoded.shape[1]}, "
