@@ -261,3 +261,32 @@ def test_goal_steps_outside_their_episode_are_an_error():
     goal_steps = np.array([[2], [2], [2], [1], [2]], dtype=np.int32)  # row 4: t'=2 of 2 steps
     with pytest.raises(GoalsError, match="step t=1 .*outside its episode"):
         derive_goals(achieved, achieved, t, bounds, goal_steps, 0.1, "part 0")
+
+
+def test_scan_derives_once_per_recipe_and_only_when_selected(layouts, monkeypatch):
+    """All three derived columns come from one derivation; a scan without them none."""
+    from schemas.goals import GoalRecipe
+
+    _, vectors, steps = layouts
+    calls = []
+    derive = GoalRecipe.derive
+
+    def counted(self, table, names, where=""):
+        calls.append(list(names))
+        return derive(self, table, names, where)
+
+    monkeypatch.setattr(GoalRecipe, "derive", counted)
+    assert scan(steps).collect().equals(scan(vectors).collect())
+    assert calls == [["hindsight_goal", "hindsight_reward", "hindsight_reached"]]
+    calls.clear()
+    assert scan(steps).select("t", "hindsight_goal_step").collect().height > 0
+    assert scan(steps).filter(pl.col("t") > 2).select("episode_id").collect().height > 0
+    assert calls == []
+    frame = scan(steps).filter(pl.col("hindsight_reached").arr.get(0)).select("hindsight_reward")
+    assert frame.collect().equals(
+        scan(vectors)
+        .filter(pl.col("hindsight_reached").arr.get(0))
+        .select("hindsight_reward")
+        .collect()
+    )
+    assert len(calls) == 1
