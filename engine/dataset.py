@@ -104,7 +104,7 @@ class Dataset:
     def derived(self) -> dict[str, derived_columns.DerivedColumn]:
         """The step columns this version derives at read (engine/derived.py): name ->
         where from. From the manifest alone: no file is opened."""
-        return derived_columns.derived_columns(self.manifest.groups)
+        return derived_columns.derived_columns(self.manifest.groups, self.uri)
 
     @property
     def rewards_known(self) -> bool:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from schemas.goals import DERIVED_COLUMNS, GOAL_COLUMNS, GoalRecipe
+from schemas.goals import DERIVED_COLUMNS, GOAL_COLUMNS, GoalRecipe, GoalsError
 from schemas.manifest import ColumnGroup
 
 if TYPE_CHECKING:
@@ -39,18 +39,22 @@ class DerivedColumn:
     recipe: GoalRecipe
 
 
-def recipe_of(group: ColumnGroup) -> GoalRecipe | None:
-    """How `group` derives columns at read; None for a group that stores all of its own."""
+def recipe_of(group: ColumnGroup, uri: str = "") -> GoalRecipe | None:
+    """How `group` (of the version at `uri`) derives columns at read; None for a group that
+    stores all of its own. A manifest it cannot derive from gives a recipe that raises,
+    naming the version and group, only when a derived column is used."""
     if group.relabeler is None:
         return None
-    return GoalRecipe.of(group.relabeler.name, group.relabeler.params)
+    label = f"{uri + ': ' if uri else ''}goals group {group.name!r}"
+    info = group.relabeler
+    return GoalRecipe.of(info.name, info.params, info.version, label)
 
 
-def derived_columns(groups: Sequence[ColumnGroup]) -> dict[str, DerivedColumn]:
-    """Name -> derived step column of a version with these groups, in group order."""
+def derived_columns(groups: Sequence[ColumnGroup], uri: str = "") -> dict[str, DerivedColumn]:
+    """Name -> derived step column of a version (at `uri`) with these groups, in group order."""
     found = {}
     for group in groups:
-        recipe = recipe_of(group)
+        recipe = recipe_of(group, uri)
         if recipe is not None:
             found |= {name: DerivedColumn(name, group, recipe) for name in DERIVED_COLUMNS}
     return found
@@ -63,7 +67,10 @@ def group_fields(group: ColumnGroup, fields: list[pa.Field], stored: pa.Schema) 
     recipe = recipe_of(group)
     if recipe is None:
         return fields
-    types = recipe.types(stored)
+    try:
+        types = recipe.types(stored)
+    except GoalsError:  # not derivable: listed as null, reading one raises why
+        types = {name: pa.null() for name in DERIVED_COLUMNS}
     every = {f.name: f for f in fields} | {name: pa.field(name, types[name]) for name in types}
     return [every[name] for name in GOAL_COLUMNS if name in every]
 
@@ -112,12 +119,23 @@ def with_derived(
     for name, column in derived.items():
         by_recipe.setdefault(column.recipe, []).append(name)
     for index, (recipe, names) in enumerate(by_recipe.items()):
-        types = recipe.types(stored)
+        problem: GoalsError | None = None
+        try:
+            types = recipe.types(stored)
+            sources = recipe.sources(stored.names)
+        except GoalsError as error:  # not derivable: null columns whose computation raises why
+            problem, types, sources = error, {name: pa.null() for name in names}, stored.names[:1]
         empty = pa.schema([(name, types[name]) for name in names]).empty_table()
         dtype = pl.Struct(pl.from_arrow(empty).schema)
-        sources = recipe.sources(stored.names)
 
-        def compute(struct: pl.Series, recipe: GoalRecipe = recipe, names: list[str] = names):
+        def compute(
+            struct: pl.Series,
+            recipe: GoalRecipe = recipe,
+            names: list[str] = names,
+            problem: GoalsError | None = problem,
+        ) -> pl.Series:
+            if problem is not None:
+                raise problem
             steps = struct.struct.unnest().to_arrow()
             made = pl.from_arrow(recipe.derive(steps, names, "engine.scan"))
             return made.to_struct(struct.name)

@@ -4,6 +4,8 @@ rewards and flags, byte for byte what `store=vectors` stores (checked against a 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -290,3 +292,100 @@ def test_scan_derives_once_per_recipe_and_only_when_selected(layouts, monkeypatc
         .collect()
     )
     assert len(calls) == 1
+
+
+def edited_copy(steps: str, name: str, change) -> str:
+    """A copy of the store=steps version (beside it: its parent is found relative to it)
+    whose goals group's manifest entry `change` edits (no checksum covers params)."""
+    from tests.test_damaged_data import rewrite_manifest
+
+    uri = str(Path(steps).parent / name)
+    shutil.copytree(steps, uri)
+
+    def edit(manifest):
+        change(next(g for g in manifest["groups"] if g["name"] == "goals")["relabeler"])
+
+    rewrite_manifest(uri, edit)
+    return uri
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda info: info["params"].pop("achieved"), "store=steps needs achieved=COLUMN"),
+        (
+            lambda info: info["params"].update(
+                reward_function="tests.test_relabel_goals:reward_sum"
+            ),
+            "store=steps cannot use reward_function='tests.test_relabel_goals:reward_sum'",
+        ),
+        (
+            lambda info: info["params"].update(strategy="random"),
+            "store=steps cannot hold strategy=random",
+        ),
+        (lambda info: info.update(version="2.0"), "store=steps written by goals 2.0"),
+        (
+            lambda info: info["params"].update(achieved="observation.goal"),
+            "achieved='observation.goal': struct 'observation' has no field 'goal'",
+        ),
+    ],
+)
+def test_a_manifest_it_cannot_derive_from_fails_only_where_derived_columns_are_used(
+    layouts, tmp_path, change, message
+):
+    _, vectors, steps = layouts
+    uri = edited_copy(steps, tmp_path.name, change)
+    dataset, good = open_dataset(uri), open_dataset(steps)
+    error = re.escape(f"{dataset.uri}: goals group 'goals': {message}")
+    # What never touches a derived column works as before.
+    assert dataset.columns() == good.columns()
+    assert dataset.arrow_schema().field("hindsight_goal").type == pa.null()
+    stored = ["t", "reward", "hindsight_goal_step"]
+    assert dataset.read_part(1, columns=stored).equals(good.read_part(1, columns=stored))
+    assert scan(uri).select(stored).collect().equals(scan(steps).select(stored).collect())
+    selected = ["episode_id", "t", "reward"]
+    assert query(uri, where="t >= 3", select=selected).frame.equals(
+        query(steps, where="t >= 3", select=selected).frame
+    )
+    # A derived column used: one line naming the version, the group and the reason.
+    with pytest.raises(GoalsError, match=error):
+        dataset.read_part(0, columns=["t", "hindsight_reward"])
+    with pytest.raises(Exception, match=error):
+        scan(uri).select("hindsight_goal").collect()
+    with pytest.raises(Exception, match=error):
+        query(uri, where="t >= 3", select=["t", "hindsight_reached"])
+
+
+def test_the_command_line_names_what_the_manifest_lacks(layouts, tmp_path):
+    _, _, steps = layouts
+    uri = edited_copy(steps, tmp_path.name, lambda info: info["params"].pop("achieved"))
+
+    def run(select: str) -> subprocess.CompletedProcess:
+        command = ["query", uri, "--where", "t = 0", "--select", select, "--format", "json"]
+        return subprocess.run(
+            [sys.executable, "-m", "jobs.cli", *command], capture_output=True, text=True
+        )
+
+    assert run("episode_id,reward").returncode == 0
+    failed = run("episode_id,hindsight_reward")
+    assert failed.returncode == 2
+    assert failed.stderr.strip().splitlines() == [
+        f"hindsight query: error: {open_dataset(uri).uri}: goals group 'goals': store=steps "
+        "needs achieved=COLUMN (where its goal steps' achieved goals are); the manifest has "
+        "achieved=None"
+    ]
+
+
+def test_k_is_read_from_the_stored_goal_steps(layouts, tmp_path):
+    """A manifest whose k disagrees with the stored lists: the stored size wins."""
+    _, vectors, steps = layouts
+    uri = edited_copy(steps, tmp_path.name, lambda info: info["params"].update(k=5))
+    assert open_dataset(uri).arrow_schema() == open_dataset(vectors).arrow_schema()
+    assert open_dataset(uri).read_part(2).equals(open_dataset(vectors).read_part(2))
+    assert scan(uri).collect().equals(scan(vectors).collect())
+
+
+def test_every_goals_version_that_writes_steps_is_one_readers_derive():
+    from schemas.goals import STEPS_VERSIONS
+
+    assert GoalsRelabeler.version in STEPS_VERSIONS
