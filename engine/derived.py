@@ -107,7 +107,10 @@ def derive(
 
 
 def with_derived(
-    frame: pl.LazyFrame, derived: Mapping[str, DerivedColumn], stored: pa.Schema
+    frame: pl.LazyFrame,
+    derived: Mapping[str, DerivedColumn],
+    stored: pa.Schema,
+    where: str = "engine.scan",
 ) -> pl.LazyFrame:
     """A LazyFrame over whole episodes (a version's step columns, rows in order) with the
     derived columns added. Each recipe derives once over the whole frame, all of its
@@ -137,7 +140,7 @@ def with_derived(
             if problem is not None:
                 raise problem
             steps = struct.struct.unnest().to_arrow()
-            made = pl.from_arrow(recipe.derive(steps, names, "engine.scan"))
+            made = pl.from_arrow(recipe.derive(steps, names, where))
             return made.to_struct(struct.name)
 
         # One derivation per recipe: a column per derived name, each its own UDF, would

@@ -150,8 +150,15 @@ class AchievedSpec:
             row += len(values)
         return achieved
 
-    def read_finite(self, steps: pa.Table, episode_ids: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """`read`, all finite: else an error naming the first bad episode and step."""
+    def read_finite(
+        self,
+        steps: pa.Table,
+        episode_ids: np.ndarray,
+        t: np.ndarray,
+        where: str = "relabeler 'goals'",
+    ) -> np.ndarray:
+        """`read`, all finite: else an error naming the first bad episode and step, after
+        `where` (a reader's: `data/x part 2: goals derived at read`)."""
         achieved = self.read(steps)
         if np.isfinite(achieved.sum()):  # the cheap check first: a sum with NaN/inf is not finite
             return achieved
@@ -159,14 +166,18 @@ class AchievedSpec:
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise GoalsError(
-                f"relabeler 'goals': achieved goals ({self}) hold {int(bad.sum())} non-finite "
+                f"{where}: achieved goals ({self}) hold {int(bad.sum())} non-finite "
                 f"row(s), the first at episode {int(episode_ids[row])} step t={int(t[row])}"
             )
         return achieved
 
 
 def achieved_after_step(
-    steps: pa.Table, achieved: np.ndarray, bounds: np.ndarray, spec: AchievedSpec | None
+    steps: pa.Table,
+    achieved: np.ndarray,
+    bounds: np.ndarray,
+    spec: AchievedSpec | None,
+    where: str = "relabeler 'goals'",
 ) -> np.ndarray:
     """The achieved goal of the state after each step's action (n, G): row t + 1 of the
     episode; at the last step, `spec` (the same field of `next_observation`) when the table
@@ -179,7 +190,7 @@ def achieved_after_step(
         final = steps.select([spec.column]).take(pa.array(last))
         episode_ids = cols.arrow_to_numpy(steps.column(cols.EPISODE_ID))[last]
         t = cols.arrow_to_numpy(steps.column(cols.T))[last]
-        after[last] = spec.read_finite(final, episode_ids, t)
+        after[last] = spec.read_finite(final, episode_ids, t, where)
     return after
 
 
@@ -420,8 +431,9 @@ class GoalRecipe:
         episode_ids = cols.arrow_to_numpy(steps.column(cols.EPISODE_ID))
         t = cols.arrow_to_numpy(steps.column(cols.T))
         bounds = cols.episode_boundaries(episode_ids)
-        achieved = spec.read_finite(steps, episode_ids, t)
-        after = achieved_after_step(steps, achieved, bounds, spec.after_step())
+        reading = f"{where or self.label}: goals derived at read"
+        achieved = spec.read_finite(steps, episode_ids, t, reading)
+        after = achieved_after_step(steps, achieved, bounds, spec.after_step(), reading)
         goal_steps = goal_steps_of(steps.column(HINDSIGHT_GOAL_STEP))
         goals, reached = derive_goals(achieved, after, t, bounds, goal_steps, self.threshold, where)
         values = {

@@ -389,3 +389,51 @@ def test_every_goals_version_that_writes_steps_is_one_readers_derive():
     from schemas.goals import STEPS_VERSIONS
 
     assert GoalsRelabeler.version in STEPS_VERSIONS
+
+
+def test_a_non_finite_achieved_goal_at_read_names_the_version_part_episode_and_step(tmp_path):
+    """Goal steps whose achieved goals turned non-finite (a hand-attached group): the
+    error says where, for every reader."""
+    from schemas.goals import fixed_lists
+
+    steps, episodes = make_episodes(8, obs_dim=3, goal_dim=2, seed=4, max_length=9)
+    rows = steps.to_pylist()
+    bad = 40
+    rows[bad]["observation"]["achieved_goal"][1] = float("nan")
+    steps = pa.Table.from_pylist(rows, schema=steps.schema)
+    base, uri = str(tmp_path / "base"), str(tmp_path / "steps")
+    write_synthetic_dataset(base, steps, episodes, part_steps=20)
+
+    def goal_steps(parent, index):  # goal j of every step: step 0 of its episode
+        part = parent.read_part(index, columns=["t"])
+        return pa.table(
+            {"hindsight_goal_step": fixed_lists(np.zeros((part.num_rows, 3), np.int32))}
+        ), None
+
+    params = PARAMS | {"store": "steps", "reward_function": None}
+    attach_group(
+        base,
+        uri,
+        "goals",
+        goal_steps,
+        RelabelerInfo(name="goals", version="1.3", params=params, seed=7),
+    )
+    dataset = open_dataset(uri)
+    index = next(
+        i
+        for i in range(dataset.num_parts)
+        if bad < sum(p.steps for p in dataset.manifest.parts[: i + 1])
+    )
+    episode, t = rows[bad]["episode_id"], rows[bad]["t"]
+    tail = (
+        ": goals derived at read: achieved goals (observation.achieved_goal) hold 1 "
+        f"non-finite row(s), the first at episode {episode} step t={t}"
+    )
+    assert index > 0
+    with pytest.raises(GoalsError, match=re.escape(f"{dataset.uri} part {index}{tail}")):
+        dataset.read()
+    with pytest.raises(Exception, match=re.escape(f"{dataset.uri} part {index}{tail}")):
+        query(uri, where="t >= 0", select=["t", "hindsight_reached"])
+    with pytest.raises(Exception, match=re.escape(f"{dataset.uri} (engine.scan){tail}")):
+        scan(uri).select("hindsight_goal").collect()
+    assert dataset.read(columns=["t", "hindsight_goal_step"]).num_rows == steps.num_rows
