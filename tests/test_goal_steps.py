@@ -437,3 +437,34 @@ def test_a_non_finite_achieved_goal_at_read_names_the_version_part_episode_and_s
     with pytest.raises(Exception, match=re.escape(f"{dataset.uri} (engine.scan){tail}")):
         scan(uri).select("hindsight_goal").collect()
     assert dataset.read(columns=["t", "hindsight_goal_step"]).num_rows == steps.num_rows
+
+
+def test_store_steps_derives_from_an_achieved_column_written_earlier_in_the_job(layouts, tmp_path):
+    """`--with returns --with goals:store=steps,achieved=return_to_go`: the goals
+    relabeler only checks the column's type (it never reads it), so the plan accepts a
+    column an earlier relabeler writes, and readers derive what store=vectors stores."""
+    from relabelers.returns import ReturnsRelabeler
+
+    base, _, _ = layouts
+    params = {"achieved": "return_to_go", "threshold": 0.5}
+    versions = {}
+    for store in ("vectors", "steps"):
+        relabelers = [
+            ReturnsRelabeler({"gamma": 0.9}),
+            GoalsRelabeler(PARAMS | params | {"store": store}, seed=7),
+        ]
+        uri = str(tmp_path / store)
+        relabeling.relabel(base, uri, relabelers, executor=InProcess(), command="test")
+        versions[store] = open_dataset(uri)
+    steps, vectors = versions["steps"], versions["vectors"]
+    assert steps.read(columns=GOAL_COLUMNS).equals(vectors.read(columns=GOAL_COLUMNS))
+    assert steps.arrow_schema().field("hindsight_goal").type == pa.list_(
+        pa.field("item", pa.list_(pa.field("item", pa.float32(), False), 1), False), 3
+    )
+    assert scan(str(tmp_path / "steps")).collect().equals(scan(str(tmp_path / "vectors")).collect())
+    # A column nobody writes is refused before anything runs, as with store=vectors.
+    with pytest.raises(
+        RelabelError, match="reads steps column 'return_to_go', which the dataset does not have"
+    ):
+        relabel(base, str(tmp_path / "none"), store="steps", achieved="return_to_go")
+    assert not (tmp_path / "none").exists()
