@@ -6,8 +6,9 @@ Today there is one kind: a `goals` group written with `store=steps` stores
 `hindsight_reached` are derived from those goal steps and the achieved goals
 (schemas/goals.py, the same code that `store=vectors` writes them with). What a group
 derives is known from its manifest entry alone: the relabeler's name and parameters
-(`goals`, `store: steps`, `achieved`, `threshold`, `k`); their types follow from the
-dataset's step schema.
+(`goals`, `store: steps`, `achieved`, `threshold`); their types follow from the
+dataset's step schema (`k`: the stored goal-step lists' size). A manifest entry they cannot
+be derived from still lists them; using one raises why, naming the version and group.
 
 Every reader of step columns asks here: `Dataset.columns` / `arrow_schema` / `group_of`
 list them, `Dataset.read_part` derives them (shards, exports, materialize, relabel jobs),
