@@ -61,6 +61,16 @@ def derived_columns(groups: Sequence[ColumnGroup], uri: str = "") -> dict[str, D
     return found
 
 
+def problem(column: DerivedColumn, stored: pa.Schema) -> str | None:
+    """Why `column` cannot be derived in a version whose stored step columns have the
+    schema `stored` (without the version and group); None when it can."""
+    try:
+        column.recipe.types(stored)
+    except GoalsError as error:
+        return str(error).removeprefix(f"{column.recipe.label}: ")
+    return None
+
+
 def group_fields(group: ColumnGroup, fields: list[pa.Field], stored: pa.Schema) -> list[pa.Field]:
     """`group`'s step fields `fields` with its derived ones, in the order the group would
     store them all (a store=steps goals group looks like a store=vectors one), for a

@@ -333,6 +333,8 @@ def edited_copy(steps: str, name: str, change) -> str:
 def test_a_manifest_it_cannot_derive_from_fails_only_where_derived_columns_are_used(
     layouts, tmp_path, change, message
 ):
+    from engine.info import dataset_info
+
     _, vectors, steps = layouts
     uri = edited_copy(steps, tmp_path.name, change)
     dataset, good = open_dataset(uri), open_dataset(steps)
@@ -347,6 +349,8 @@ def test_a_manifest_it_cannot_derive_from_fails_only_where_derived_columns_are_u
     assert query(uri, where="t >= 3", select=selected).frame.equals(
         query(steps, where="t >= 3", select=selected).frame
     )
+    info = next(g for g in dataset_info(uri)["groups"] if g["name"] == "goals")
+    assert info["derived_steps_columns"]["hindsight_reward"].startswith(f"null: cannot: {message}")
     # A derived column used: one line naming the version, the group and the reason.
     with pytest.raises(GoalsError, match=error):
         dataset.read_part(0, columns=["t", "hindsight_reward"])
