@@ -104,7 +104,7 @@ class Dataset:
     def derived(self) -> dict[str, derived_columns.DerivedColumn]:
         """The step columns this version derives at read (engine/derived.py): name ->
         where from. From the manifest alone: no file is opened."""
-        return derived_columns.derived_columns(self.manifest.groups)
+        return derived_columns.derived_columns(self.manifest.groups, self.uri)
 
     @property
     def rewards_known(self) -> bool:
@@ -427,7 +427,9 @@ def _scan_level(uri: str, level: str, frames: bool = False) -> pl.LazyFrame:
         stored = pa.schema(
             [f for f in dataset.arrow_schema(level) if f.name not in dataset.derived]
         )
-        frame = derived_columns.with_derived(frame, dataset.derived, stored)
+        frame = derived_columns.with_derived(
+            frame, dataset.derived, stored, f"{dataset.uri} (engine.scan)"
+        )
         frame = frame.select(dataset.columns(level, frames=frames))
     return frame
 

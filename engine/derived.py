@@ -6,8 +6,9 @@ Today there is one kind: a `goals` group written with `store=steps` stores
 `hindsight_reached` are derived from those goal steps and the achieved goals
 (schemas/goals.py, the same code that `store=vectors` writes them with). What a group
 derives is known from its manifest entry alone: the relabeler's name and parameters
-(`goals`, `store: steps`, `achieved`, `threshold`, `k`); their types follow from the
-dataset's step schema.
+(`goals`, `store: steps`, `achieved`, `threshold`); their types follow from the
+dataset's step schema (`k`: the stored goal-step lists' size). A manifest entry they cannot
+be derived from still lists them; using one raises why, naming the version and group.
 
 Every reader of step columns asks here: `Dataset.columns` / `arrow_schema` / `group_of`
 list them, `Dataset.read_part` derives them (shards, exports, materialize, relabel jobs),
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from schemas.goals import DERIVED_COLUMNS, GOAL_COLUMNS, GoalRecipe
+from schemas.goals import DERIVED_COLUMNS, GOAL_COLUMNS, GoalRecipe, GoalsError
 from schemas.manifest import ColumnGroup
 
 if TYPE_CHECKING:
@@ -39,21 +40,35 @@ class DerivedColumn:
     recipe: GoalRecipe
 
 
-def recipe_of(group: ColumnGroup) -> GoalRecipe | None:
-    """How `group` derives columns at read; None for a group that stores all of its own."""
+def recipe_of(group: ColumnGroup, uri: str = "") -> GoalRecipe | None:
+    """How `group` (of the version at `uri`) derives columns at read; None for a group that
+    stores all of its own. A manifest it cannot derive from gives a recipe that raises,
+    naming the version and group, only when a derived column is used."""
     if group.relabeler is None:
         return None
-    return GoalRecipe.of(group.relabeler.name, group.relabeler.params)
+    label = f"{uri + ': ' if uri else ''}goals group {group.name!r}"
+    info = group.relabeler
+    return GoalRecipe.of(info.name, info.params, info.version, label)
 
 
-def derived_columns(groups: Sequence[ColumnGroup]) -> dict[str, DerivedColumn]:
-    """Name -> derived step column of a version with these groups, in group order."""
+def derived_columns(groups: Sequence[ColumnGroup], uri: str = "") -> dict[str, DerivedColumn]:
+    """Name -> derived step column of a version (at `uri`) with these groups, in group order."""
     found = {}
     for group in groups:
-        recipe = recipe_of(group)
+        recipe = recipe_of(group, uri)
         if recipe is not None:
             found |= {name: DerivedColumn(name, group, recipe) for name in DERIVED_COLUMNS}
     return found
+
+
+def problem(column: DerivedColumn, stored: pa.Schema) -> str | None:
+    """Why `column` cannot be derived in a version whose stored step columns have the
+    schema `stored` (without the version and group); None when it can."""
+    try:
+        column.recipe.types(stored)
+    except GoalsError as error:
+        return str(error).removeprefix(f"{column.recipe.label}: ")
+    return None
 
 
 def group_fields(group: ColumnGroup, fields: list[pa.Field], stored: pa.Schema) -> list[pa.Field]:
@@ -63,7 +78,10 @@ def group_fields(group: ColumnGroup, fields: list[pa.Field], stored: pa.Schema) 
     recipe = recipe_of(group)
     if recipe is None:
         return fields
-    types = recipe.types(stored)
+    try:
+        types = recipe.types(stored)
+    except GoalsError:  # not derivable: listed as null, reading one raises why
+        types = {name: pa.null() for name in DERIVED_COLUMNS}
     every = {f.name: f for f in fields} | {name: pa.field(name, types[name]) for name in types}
     return [every[name] for name in GOAL_COLUMNS if name in every]
 
@@ -100,22 +118,50 @@ def derive(
 
 
 def with_derived(
-    frame: pl.LazyFrame, derived: Mapping[str, DerivedColumn], stored: pa.Schema
+    frame: pl.LazyFrame,
+    derived: Mapping[str, DerivedColumn],
+    stored: pa.Schema,
+    where: str = "engine.scan",
 ) -> pl.LazyFrame:
     """A LazyFrame over whole episodes (a version's step columns, rows in order) with the
-    derived columns added, each computed over the whole frame when it is selected (a
-    projection that leaves it out never derives it)."""
+    derived columns added. Each recipe derives once over the whole frame, all of its
+    columns together (a struct, then its fields), when any of them is selected: a
+    projection that leaves them all out never derives."""
     import polars as pl
 
-    columns = []
+    by_recipe: dict[GoalRecipe, list[str]] = {}
     for name, column in derived.items():
-        data_type = column.recipe.types(stored)[name]
-        dtype = pl.from_arrow(pa.schema([(name, data_type)]).empty_table()).schema[name]
-        names = column.recipe.sources(stored.names)
+        by_recipe.setdefault(column.recipe, []).append(name)
+    for index, (recipe, names) in enumerate(by_recipe.items()):
+        problem: GoalsError | None = None
+        try:
+            types = recipe.types(stored)
+            sources = recipe.sources(stored.names)
+        except GoalsError as error:  # not derivable: null columns whose computation raises why
+            problem, types, sources = error, {name: pa.null() for name in names}, stored.names[:1]
+        empty = pa.schema([(name, types[name]) for name in names]).empty_table()
+        dtype = pl.Struct(pl.from_arrow(empty).schema)
 
-        def compute(struct: pl.Series, name: str = name, recipe: GoalRecipe = column.recipe):
+        def compute(
+            struct: pl.Series,
+            recipe: GoalRecipe = recipe,
+            names: list[str] = names,
+            problem: GoalsError | None = problem,
+        ) -> pl.Series:
+            if problem is not None:
+                raise problem
             steps = struct.struct.unnest().to_arrow()
-            return pl.from_arrow(recipe.derive(steps, [name], "engine.scan")).to_series()
+            made = pl.from_arrow(recipe.derive(steps, names, where))
+            return made.to_struct(struct.name)
 
-        columns.append(pl.struct(names).map_batches(compute, return_dtype=dtype).alias(name))
-    return frame.with_columns(columns) if columns else frame
+        # One derivation per recipe: a column per derived name, each its own UDF, would
+        # derive the goals once for every column selected (3x the time and memory).
+        hidden = f"__hindsight_derived_{index}"
+        frame = (
+            frame.with_columns(
+                pl.struct(sources).map_batches(compute, return_dtype=dtype).alias(hidden)
+            )
+            .with_columns(pl.col(hidden).struct.field(*names))
+            .drop(hidden)
+        )
+    return frame

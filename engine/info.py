@@ -16,7 +16,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine import storage
+from engine import derived, storage
 from engine.dataset import Dataset, open_dataset, scan_episodes, unreadable
 from schemas import steps as cols
 from schemas.frames import frame_column
@@ -139,9 +139,12 @@ def dataset_info(uri: str, bins: int = HISTOGRAM_BINS, verify: bool = False) -> 
                 }
             )
         by_value[name] = rows
-    derived_types = (
-        {f.name: f.type for f in dataset.arrow_schema("steps")} if dataset.derived else {}
-    )
+    schema = dataset.arrow_schema("steps") if dataset.derived else pa.schema([])
+    stored = pa.schema([f for f in schema if f.name not in dataset.derived])
+    derived_types = {}
+    for name, column in dataset.derived.items():
+        why = derived.problem(column, stored)  # a manifest it cannot derive from: say why
+        derived_types[name] = str(schema.field(name).type) + (f": cannot: {why}" if why else "")
     return {
         "uri": dataset.uri,
         "dataset_id": manifest.dataset_id,
@@ -168,7 +171,7 @@ def dataset_info(uri: str, bins: int = HISTOGRAM_BINS, verify: bool = False) -> 
                 "steps_columns": {f.name: f.type for f in group.steps_columns},
                 # Not stored: hindsight's readers derive them (engine/derived.py).
                 "derived_steps_columns": {
-                    name: str(derived_types[name])
+                    name: derived_types[name]
                     for name, column in dataset.derived.items()
                     if column.group.name == group.name
                 },

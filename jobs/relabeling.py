@@ -160,7 +160,9 @@ def check_plan(parent: Dataset, relabelers: Sequence[Relabeler]) -> None:
         reads, writes = relabeler.reads(), relabeler.writes()
         read_heads = set()
         for level in LEVELS:
-            for name in getattr(reads, level):
+            # A column only looked up in the schema must exist all the same.
+            schema_only = reads.steps_schema if level == "steps" else ()
+            for name in (*getattr(reads, level), *schema_only):
                 read_heads.add(name.split(".")[0])
                 if name.split(".")[0] in frame_columns:
                     raise RelabelError(

@@ -69,13 +69,19 @@ class Columns:
     encoded image per step) the relabeler reads. Frames are read only for relabelers that
     declare them here (never through `steps` or `steps_if_present`): they weigh far more
     than every other column, and a relabeler that does not look at them must not pay for
-    them. The job refuses, before writing anything, a dataset without those cameras."""
+    them. The job refuses, before writing anything, a dataset without those cameras.
+
+    `steps_schema`: step columns whose type `setup` checks but whose values the relabeler
+    never reads (goals:store=steps' achieved goals: readers derive from them later). The
+    job checks that they exist, in the dataset or written earlier in the job, and never
+    reads them."""
 
     steps: tuple[str, ...] = ()
     episodes: tuple[str, ...] = ()
     episodes_if_present: tuple[str, ...] = ()
     steps_if_present: tuple[str, ...] = ()
     frames: tuple[str, ...] = ()
+    steps_schema: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

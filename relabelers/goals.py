@@ -248,7 +248,7 @@ class GoalsRelabeler(Relabeler):
 
     def reads(self) -> Columns:
         if self.params.store == "steps":  # the achieved goals are read by whoever derives
-            return Columns(steps=(cols.EPISODE_ID, cols.T))
+            return Columns(steps=(cols.EPISODE_ID, cols.T), steps_schema=(self.achieved.path,))
         return Columns(
             steps=(cols.EPISODE_ID, cols.T, self.achieved.path),
             steps_if_present=(self.achieved_next.path,) if self.achieved_next else (),

@@ -150,8 +150,15 @@ class AchievedSpec:
             row += len(values)
         return achieved
 
-    def read_finite(self, steps: pa.Table, episode_ids: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """`read`, all finite: else an error naming the first bad episode and step."""
+    def read_finite(
+        self,
+        steps: pa.Table,
+        episode_ids: np.ndarray,
+        t: np.ndarray,
+        where: str = "relabeler 'goals'",
+    ) -> np.ndarray:
+        """`read`, all finite: else an error naming the first bad episode and step, after
+        `where` (a reader's: `data/x part 2: goals derived at read`)."""
         achieved = self.read(steps)
         if np.isfinite(achieved.sum()):  # the cheap check first: a sum with NaN/inf is not finite
             return achieved
@@ -159,14 +166,18 @@ class AchievedSpec:
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise GoalsError(
-                f"relabeler 'goals': achieved goals ({self}) hold {int(bad.sum())} non-finite "
+                f"{where}: achieved goals ({self}) hold {int(bad.sum())} non-finite "
                 f"row(s), the first at episode {int(episode_ids[row])} step t={int(t[row])}"
             )
         return achieved
 
 
 def achieved_after_step(
-    steps: pa.Table, achieved: np.ndarray, bounds: np.ndarray, spec: AchievedSpec | None
+    steps: pa.Table,
+    achieved: np.ndarray,
+    bounds: np.ndarray,
+    spec: AchievedSpec | None,
+    where: str = "relabeler 'goals'",
 ) -> np.ndarray:
     """The achieved goal of the state after each step's action (n, G): row t + 1 of the
     episode; at the last step, `spec` (the same field of `next_observation`) when the table
@@ -179,7 +190,7 @@ def achieved_after_step(
         final = steps.select([spec.column]).take(pa.array(last))
         episode_ids = cols.arrow_to_numpy(steps.column(cols.EPISODE_ID))[last]
         t = cols.arrow_to_numpy(steps.column(cols.T))[last]
-        after[last] = spec.read_finite(final, episode_ids, t)
+        after[last] = spec.read_finite(final, episode_ids, t, where)
     return after
 
 
@@ -302,44 +313,127 @@ def goal_steps_of(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 # ---------------------------------------------------------------- a store=steps group
 
 
+def _reason(error: GoalsError) -> str:
+    """An achieved-spec error without its relabeler prefix (a reader names the group)."""
+    return str(error).removeprefix("relabeler 'goals': ")
+
+
+# The `goals` versions whose store=steps layout this reader derives: a later version may
+# derive differently, so its groups are refused (clearly, when read) rather than misread.
+STEPS_VERSIONS = ("1.3",)
+
+
 @dataclass(frozen=True)
 class GoalRecipe:
     """How a reader derives the goal vectors, rewards and flags of a `goals` group stored
-    as goal steps (`store=steps`): the parameters its manifest records."""
+    as goal steps (`store=steps`): the parameters its manifest records. `k` is not one of
+    them: it is the size of the stored `hindsight_goal_step` lists. A manifest this reader
+    cannot derive from (no `achieved`, a `reward_function`, ...) still lists the derived
+    columns; `problem` says why, and using one of them raises it (`check`), so commands
+    that never touch them work."""
 
-    achieved: AchievedSpec
+    achieved: AchievedSpec | None
     threshold: float
-    k: int
+    label: str = "goals group"
+    problem: str | None = None
 
     @classmethod
-    def of(cls, relabeler: str, params: Mapping[str, Any]) -> GoalRecipe | None:
-        """The recipe of a group made by relabeler `relabeler` with `params`; None unless
-        it is a `goals` group that stored goal steps only (versions before 1.3 never did)."""
+    def of(
+        cls,
+        relabeler: str,
+        params: Mapping[str, Any],
+        version: str | None = None,
+        label: str = "goals group",
+    ) -> GoalRecipe | None:
+        """The recipe of a group made by relabeler `relabeler` (at `version`) with `params`;
+        None unless it is a `goals` group that stored goal steps only (versions before 1.3
+        never did). `label` names the group in errors (`data/x: goals group 'goals'`)."""
         if relabeler != "goals" or params.get("store") != "steps":
             return None
-        return cls(AchievedSpec.parse(params["achieved"]), float(params["threshold"]), params["k"])
+
+        def broken(problem: str) -> GoalRecipe:
+            return cls(None, 0.0, label, f"{label}: {problem}")
+
+        if version is not None and version not in STEPS_VERSIONS:
+            return broken(
+                f"store=steps written by goals {version}; this hindsight derives the goals "
+                f"of {', '.join(STEPS_VERSIONS)} only (upgrade hindsight)"
+            )
+        if params.get("reward_function") is not None:
+            return broken(
+                f"store=steps cannot use reward_function={params['reward_function']!r}: "
+                "readers derive the default rewards only (relabel with store=vectors)"
+            )
+        if params.get("strategy") == "random":
+            return broken("store=steps cannot hold strategy=random (relabel with store=vectors)")
+        if not isinstance(params.get("achieved"), str):
+            return broken(
+                "store=steps needs achieved=COLUMN (where its goal steps' achieved goals "
+                f"are); the manifest has achieved={params.get('achieved')!r}"
+            )
+        threshold = params.get("threshold")
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+            return broken(f"store=steps needs a number threshold=; the manifest has {threshold!r}")
+        try:
+            achieved = AchievedSpec.parse(params["achieved"])
+        except GoalsError as error:
+            return broken(_reason(error))
+        return cls(achieved, float(threshold), label)
+
+    def _spec(self) -> AchievedSpec:
+        """The achieved-goal spec; the recipe's problem, if any, raised."""
+        if self.problem is not None or self.achieved is None:
+            raise GoalsError(self.problem)
+        return self.achieved
+
+    def check(self, schema: pa.Schema) -> tuple[int, int]:
+        """(k, goal_dim) for a dataset of step schema `schema` (holding the stored goal
+        steps and the achieved goals); a GoalsError naming the group when the recipe or the
+        columns do not fit."""
+        achieved = self._spec()
+        try:
+            goal_dim = achieved.goal_dim(schema)
+        except GoalsError as error:
+            raise GoalsError(f"{self.label}: {_reason(error)}") from None
+        steps_type = (
+            schema.field(HINDSIGHT_GOAL_STEP).type
+            if HINDSIGHT_GOAL_STEP in schema.names
+            else pa.null()
+        )
+        if not (
+            pa.types.is_fixed_size_list(steps_type) and pa.types.is_integer(steps_type.value_type)
+        ):
+            raise GoalsError(
+                f"{self.label}: store=steps needs a stored {HINDSIGHT_GOAL_STEP} column of "
+                f"fixed-size integer lists; it is {steps_type}"
+            )
+        return steps_type.list_size, goal_dim
 
     def sources(self, columns: Sequence[str]) -> list[str]:
         """The stored step columns a derivation reads, of a dataset with `columns`."""
-        wanted = [cols.EPISODE_ID, cols.T, self.achieved.column, HINDSIGHT_GOAL_STEP]
-        after = self.achieved.after_step()
+        achieved = self._spec()
+        wanted = [cols.EPISODE_ID, cols.T, achieved.column, HINDSIGHT_GOAL_STEP]
+        after = achieved.after_step()
         if after is not None and after.column in columns:
             wanted.append(after.column)
         return list(dict.fromkeys(wanted))
 
     def types(self, schema: pa.Schema) -> dict[str, pa.DataType]:
         """Name -> Arrow type of the derived columns, for a dataset of this step schema."""
-        types = goal_types(self.k, self.achieved.goal_dim(schema))
+        types = goal_types(*self.check(schema))
         return {name: types[name] for name in DERIVED_COLUMNS}
 
     def derive(self, steps: pa.Table, names: Sequence[str], where: str = "") -> pa.Table:
         """The columns `names` (of DERIVED_COLUMNS) for `steps`: whole episodes, sorted by
         (episode_id, t), with the columns of `sources`."""
+        self.check(steps.schema)
+        spec = self._spec()
         episode_ids = cols.arrow_to_numpy(steps.column(cols.EPISODE_ID))
         t = cols.arrow_to_numpy(steps.column(cols.T))
         bounds = cols.episode_boundaries(episode_ids)
-        achieved = self.achieved.read_finite(steps, episode_ids, t)
-        after = achieved_after_step(steps, achieved, bounds, self.achieved.after_step())
+        reading = f"{where or self.label}: goals derived at read"
+        achieved = spec.read_finite(steps, episode_ids, t, reading)
+        after = achieved_after_step(steps, achieved, bounds, spec.after_step(), reading)
         goal_steps = goal_steps_of(steps.column(HINDSIGHT_GOAL_STEP))
         goals, reached = derive_goals(achieved, after, t, bounds, goal_steps, self.threshold, where)
         values = {

@@ -4,6 +4,8 @@ rewards and flags, byte for byte what `store=vectors` stores (checked against a 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -261,3 +263,212 @@ def test_goal_steps_outside_their_episode_are_an_error():
     goal_steps = np.array([[2], [2], [2], [1], [2]], dtype=np.int32)  # row 4: t'=2 of 2 steps
     with pytest.raises(GoalsError, match="step t=1 .*outside its episode"):
         derive_goals(achieved, achieved, t, bounds, goal_steps, 0.1, "part 0")
+
+
+def test_scan_derives_once_per_recipe_and_only_when_selected(layouts, monkeypatch):
+    """All three derived columns come from one derivation; a scan without them none."""
+    from schemas.goals import GoalRecipe
+
+    _, vectors, steps = layouts
+    calls = []
+    derive = GoalRecipe.derive
+
+    def counted(self, table, names, where=""):
+        calls.append(list(names))
+        return derive(self, table, names, where)
+
+    monkeypatch.setattr(GoalRecipe, "derive", counted)
+    assert scan(steps).collect().equals(scan(vectors).collect())
+    assert calls == [["hindsight_goal", "hindsight_reward", "hindsight_reached"]]
+    calls.clear()
+    assert scan(steps).select("t", "hindsight_goal_step").collect().height > 0
+    assert scan(steps).filter(pl.col("t") > 2).select("episode_id").collect().height > 0
+    assert calls == []
+    frame = scan(steps).filter(pl.col("hindsight_reached").arr.get(0)).select("hindsight_reward")
+    assert frame.collect().equals(
+        scan(vectors)
+        .filter(pl.col("hindsight_reached").arr.get(0))
+        .select("hindsight_reward")
+        .collect()
+    )
+    assert len(calls) == 1
+
+
+def edited_copy(steps: str, name: str, change) -> str:
+    """A copy of the store=steps version (beside it: its parent is found relative to it)
+    whose goals group's manifest entry `change` edits (no checksum covers params)."""
+    from tests.test_damaged_data import rewrite_manifest
+
+    uri = str(Path(steps).parent / name)
+    shutil.copytree(steps, uri)
+
+    def edit(manifest):
+        change(next(g for g in manifest["groups"] if g["name"] == "goals")["relabeler"])
+
+    rewrite_manifest(uri, edit)
+    return uri
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda info: info["params"].pop("achieved"), "store=steps needs achieved=COLUMN"),
+        (
+            lambda info: info["params"].update(
+                reward_function="tests.test_relabel_goals:reward_sum"
+            ),
+            "store=steps cannot use reward_function='tests.test_relabel_goals:reward_sum'",
+        ),
+        (
+            lambda info: info["params"].update(strategy="random"),
+            "store=steps cannot hold strategy=random",
+        ),
+        (lambda info: info.update(version="2.0"), "store=steps written by goals 2.0"),
+        (
+            lambda info: info["params"].update(achieved="observation.goal"),
+            "achieved='observation.goal': struct 'observation' has no field 'goal'",
+        ),
+    ],
+)
+def test_a_manifest_it_cannot_derive_from_fails_only_where_derived_columns_are_used(
+    layouts, tmp_path, change, message
+):
+    from engine.info import dataset_info
+
+    _, vectors, steps = layouts
+    uri = edited_copy(steps, tmp_path.name, change)
+    dataset, good = open_dataset(uri), open_dataset(steps)
+    error = re.escape(f"{dataset.uri}: goals group 'goals': {message}")
+    # What never touches a derived column works as before.
+    assert dataset.columns() == good.columns()
+    assert dataset.arrow_schema().field("hindsight_goal").type == pa.null()
+    stored = ["t", "reward", "hindsight_goal_step"]
+    assert dataset.read_part(1, columns=stored).equals(good.read_part(1, columns=stored))
+    assert scan(uri).select(stored).collect().equals(scan(steps).select(stored).collect())
+    selected = ["episode_id", "t", "reward"]
+    assert query(uri, where="t >= 3", select=selected).frame.equals(
+        query(steps, where="t >= 3", select=selected).frame
+    )
+    info = next(g for g in dataset_info(uri)["groups"] if g["name"] == "goals")
+    assert info["derived_steps_columns"]["hindsight_reward"].startswith(f"null: cannot: {message}")
+    # A derived column used: one line naming the version, the group and the reason.
+    with pytest.raises(GoalsError, match=error):
+        dataset.read_part(0, columns=["t", "hindsight_reward"])
+    with pytest.raises(Exception, match=error):
+        scan(uri).select("hindsight_goal").collect()
+    with pytest.raises(Exception, match=error):
+        query(uri, where="t >= 3", select=["t", "hindsight_reached"])
+
+
+def test_the_command_line_names_what_the_manifest_lacks(layouts, tmp_path):
+    _, _, steps = layouts
+    uri = edited_copy(steps, tmp_path.name, lambda info: info["params"].pop("achieved"))
+
+    def run(select: str) -> subprocess.CompletedProcess:
+        command = ["query", uri, "--where", "t = 0", "--select", select, "--format", "json"]
+        return subprocess.run(
+            [sys.executable, "-m", "jobs.cli", *command], capture_output=True, text=True
+        )
+
+    assert run("episode_id,reward").returncode == 0
+    failed = run("episode_id,hindsight_reward")
+    assert failed.returncode == 2
+    assert failed.stderr.strip().splitlines() == [
+        f"hindsight query: error: {open_dataset(uri).uri}: goals group 'goals': store=steps "
+        "needs achieved=COLUMN (where its goal steps' achieved goals are); the manifest has "
+        "achieved=None"
+    ]
+
+
+def test_k_is_read_from_the_stored_goal_steps(layouts, tmp_path):
+    """A manifest whose k disagrees with the stored lists: the stored size wins."""
+    _, vectors, steps = layouts
+    uri = edited_copy(steps, tmp_path.name, lambda info: info["params"].update(k=5))
+    assert open_dataset(uri).arrow_schema() == open_dataset(vectors).arrow_schema()
+    assert open_dataset(uri).read_part(2).equals(open_dataset(vectors).read_part(2))
+    assert scan(uri).collect().equals(scan(vectors).collect())
+
+
+def test_every_goals_version_that_writes_steps_is_one_readers_derive():
+    from schemas.goals import STEPS_VERSIONS
+
+    assert GoalsRelabeler.version in STEPS_VERSIONS
+
+
+def test_a_non_finite_achieved_goal_at_read_names_the_version_part_episode_and_step(tmp_path):
+    """Goal steps whose achieved goals turned non-finite (a hand-attached group): the
+    error says where, for every reader."""
+    from schemas.goals import fixed_lists
+
+    steps, episodes = make_episodes(8, obs_dim=3, goal_dim=2, seed=4, max_length=9)
+    rows = steps.to_pylist()
+    bad = 40
+    rows[bad]["observation"]["achieved_goal"][1] = float("nan")
+    steps = pa.Table.from_pylist(rows, schema=steps.schema)
+    base, uri = str(tmp_path / "base"), str(tmp_path / "steps")
+    write_synthetic_dataset(base, steps, episodes, part_steps=20)
+
+    def goal_steps(parent, index):  # goal j of every step: step 0 of its episode
+        part = parent.read_part(index, columns=["t"])
+        return pa.table(
+            {"hindsight_goal_step": fixed_lists(np.zeros((part.num_rows, 3), np.int32))}
+        ), None
+
+    params = PARAMS | {"store": "steps", "reward_function": None}
+    attach_group(
+        base,
+        uri,
+        "goals",
+        goal_steps,
+        RelabelerInfo(name="goals", version="1.3", params=params, seed=7),
+    )
+    dataset = open_dataset(uri)
+    index = next(
+        i
+        for i in range(dataset.num_parts)
+        if bad < sum(p.steps for p in dataset.manifest.parts[: i + 1])
+    )
+    episode, t = rows[bad]["episode_id"], rows[bad]["t"]
+    tail = (
+        ": goals derived at read: achieved goals (observation.achieved_goal) hold 1 "
+        f"non-finite row(s), the first at episode {episode} step t={t}"
+    )
+    assert index > 0
+    with pytest.raises(GoalsError, match=re.escape(f"{dataset.uri} part {index}{tail}")):
+        dataset.read()
+    with pytest.raises(Exception, match=re.escape(f"{dataset.uri} part {index}{tail}")):
+        query(uri, where="t >= 0", select=["t", "hindsight_reached"])
+    with pytest.raises(Exception, match=re.escape(f"{dataset.uri} (engine.scan){tail}")):
+        scan(uri).select("hindsight_goal").collect()
+    assert dataset.read(columns=["t", "hindsight_goal_step"]).num_rows == steps.num_rows
+
+
+def test_store_steps_derives_from_an_achieved_column_written_earlier_in_the_job(layouts, tmp_path):
+    """`--with returns --with goals:store=steps,achieved=return_to_go`: the goals
+    relabeler only checks the column's type (it never reads it), so the plan accepts a
+    column an earlier relabeler writes, and readers derive what store=vectors stores."""
+    from relabelers.returns import ReturnsRelabeler
+
+    base, _, _ = layouts
+    params = {"achieved": "return_to_go", "threshold": 0.5}
+    versions = {}
+    for store in ("vectors", "steps"):
+        relabelers = [
+            ReturnsRelabeler({"gamma": 0.9}),
+            GoalsRelabeler(PARAMS | params | {"store": store}, seed=7),
+        ]
+        uri = str(tmp_path / store)
+        relabeling.relabel(base, uri, relabelers, executor=InProcess(), command="test")
+        versions[store] = open_dataset(uri)
+    steps, vectors = versions["steps"], versions["vectors"]
+    assert steps.read(columns=GOAL_COLUMNS).equals(vectors.read(columns=GOAL_COLUMNS))
+    assert steps.arrow_schema().field("hindsight_goal").type == pa.list_(
+        pa.field("item", pa.list_(pa.field("item", pa.float32(), False), 1), False), 3
+    )
+    assert scan(str(tmp_path / "steps")).collect().equals(scan(str(tmp_path / "vectors")).collect())
+    # A column nobody writes is refused before anything runs, as with store=vectors.
+    with pytest.raises(
+        RelabelError, match="reads steps column 'return_to_go', which the dataset does not have"
+    ):
+        relabel(base, str(tmp_path / "none"), store="steps", achieved="return_to_go")
+    assert not (tmp_path / "none").exists()

@@ -47,6 +47,8 @@ def describe_relabelers() -> list[dict[str, Any]]:
             optional = [*reads.steps_if_present, *reads.episodes_if_present]
             if optional:
                 row["reads"]["when present"] = optional
+            if reads.steps_schema:
+                row["reads"]["type only"] = list(reads.steps_schema)
             row["writes"] = {"steps": list(writes.steps), "episodes": list(writes.episodes)}
         except (RelabelError, ValueError):
             row["reads"] = row["writes"] = "depends on required parameters"
