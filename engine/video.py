@@ -92,10 +92,12 @@ def video_format(source: str | BinaryIO, name: str = "") -> VideoFormat:
     """The codec, pixel format and size of a video's first stream (its header alone)."""
     name = name or (source if isinstance(source, str) else "video")
     with _open_stream(source, name) as (container, stream):
-        context = stream.codec_context
-        return VideoFormat(
-            context.codec.canonical_name, context.pix_fmt, context.height, context.width
-        )
+        return _format(stream)
+
+
+def _format(stream: Any) -> VideoFormat:
+    context = stream.codec_context
+    return VideoFormat(context.codec.canonical_name, context.pix_fmt, context.height, context.width)
 
 
 def span_frames(start_s: float, end_s: float, fps: float) -> int:
@@ -211,13 +213,19 @@ def keyframe_interval(source: str | BinaryIO, start_s: float, steps: int, fps: f
 
 
 def copy_video_span(
-    source: str | BinaryIO, start_s: float, steps: int, fps: float, name: str = ""
+    source: str | BinaryIO,
+    start_s: float,
+    steps: int,
+    fps: float,
+    name: str = "",
+    expected: VideoFormat | None = None,
 ) -> bytes:
     """The `steps` frames of a video from `start_s` (one per 1/fps) as an MP4 of their own,
     their compressed packets copied unchanged (nothing decoded or encoded) and their times
     moved to start at 0: frame k of the result is step k. NotCopied says why a span cannot
-    stand alone (it does not start on a keyframe, its frames are not one per step); a
-    VideoError that the file does not read. The output is deterministic (bitexact)."""
+    stand alone (it does not start on a keyframe, its frames are not one per step, its
+    stream is not in the `expected` format); a VideoError that the file does not read. The
+    output is deterministic (bitexact)."""
     import av
 
     name = name or (source if isinstance(source, str) else "video")
@@ -225,6 +233,12 @@ def copy_video_span(
         raise NotCopied("an empty span")
     out = io.BytesIO()
     with _open_stream(source, name) as (container, stream):
+        found = _format(stream)
+        if expected is not None and found != expected:
+            raise NotCopied(
+                f"its MP4 is {found.codec} {found.pix_fmt} {found.width}x{found.height}, the "
+                f"camera {expected.codec} {expected.pix_fmt} {expected.width}x{expected.height}"
+            )
         try:
             packets, slots = _span_packets(container, stream, start_s, steps, fps)
         except NotCopied:

@@ -45,6 +45,7 @@ from engine.sources.lerobot_rows import flat_values
 from engine.validate import Problem
 from engine.video import (
     NotCopied,
+    VideoFormat,
     copy_video_span,
     decode_video_span,
     keyframe_interval,
@@ -194,15 +195,9 @@ def episode_video(
     try:
         if not np.array_equal(slots, np.arange(steps)):
             raise NotCopied("its steps' timestamps are not one frame apart from 0")
-        found = video_format(uri)  # the camera's is the first probed episode's
-        if (found.codec, found.pix_fmt, found.height, found.width) != (
-            camera.codec, camera.pix_fmt, camera.height, camera.width,
-        ):  # fmt: skip
-            raise NotCopied(
-                f"its MP4 is {found.codec} {found.pix_fmt} {found.width}x{found.height}, the "
-                f"camera {camera.codec} {camera.pix_fmt} {camera.width}x{camera.height}"
-            )
-        video = copy_video_span(uri, span.start_s, steps, fps, uri)
+        # The camera's format is the first probed episode's: this one's must be the same.
+        expected = VideoFormat(camera.codec, camera.pix_fmt, camera.height, camera.width)
+        video = copy_video_span(uri, span.start_s, steps, fps, uri, expected)
     except NotCopied as error:
         return reencoded_video(uri, span.start_s, slots, fps, camera, episode), str(error)
     try:
