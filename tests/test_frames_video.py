@@ -226,19 +226,25 @@ def test_shards_hold_the_videos_frames_as_png_and_the_loader_yields_them(pendulu
     assert index.camera_sources == {"render": open_dataset(video).cameras["render"]}
     assert read_index(out).camera_sources["render"].codec == "h264"
     decoded = {e: episode_frames(video, e).frames for e in range(4)}
+    assert windows_show_frames(out, "render", decoded, batch_size=8) == index.windows
+
+
+def windows_show_frames(out: str, camera: str, frames, batch_size: int) -> int:
+    """Every window the loader yields from shards `out` (RGB, a stack of 2) holds each
+    step's previous and own frame of `frames[episode]` (H x W x 3 per step), the first
+    repeated before step 0; the windows counted."""
     windows = 0
-    for batch in stream(out, batch_size=8, epochs=1):
-        got = batch["frame_render"].numpy()  # [B, W, 3 * 2, H, W]
+    for batch in stream(out, batch_size=batch_size, epochs=1):
+        got = batch[frame_column(camera)].numpy()  # [B, W, 3 * 2, H, W]
         for b, (episode, ts, mask) in enumerate(
             zip(batch["episode_id"].numpy(), batch["timestep"].numpy(), batch["mask"].numpy())
         ):
             for w in np.flatnonzero(mask):
-                t = int(ts[w])
                 for j, lag in enumerate((1, 0)):
-                    expected = decoded[int(episode)][max(t - lag, 0)].transpose(2, 0, 1)
+                    expected = frames[int(episode)][max(int(ts[w]) - lag, 0)].transpose(2, 0, 1)
                     np.testing.assert_array_equal(got[b, w, 3 * j : 3 * j + 3], expected)
             windows += 1
-    assert windows == index.windows
+    return windows
 
 
 def test_query_output_and_materialize_keep_each_episodes_video(pendulum, tmp_path, capsys):

@@ -22,7 +22,7 @@ from jobs.cli import main
 from schemas.frames import CameraInfo, decode_frames, frame_column
 from schemas.video import decode_video
 from tests import lerobot_datasets as lrd
-from trainers.loader import stream
+from tests.test_frames_video import windows_show_frames
 
 VIDEO_MAE = 8.0  # as tests/test_lerobot_ingest.py: the source codec's error, measured 2-5
 
@@ -211,18 +211,7 @@ def test_copied_cameras_shard_load_and_view(tmp_path):
     index = write_shards(
         open_dataset(str(tmp_path / "ds")), settings, out, executor=InProcess(), command="t"
     )
-    source = source_spans(root)
-    windows = 0
-    for batch in stream(out, batch_size=4, epochs=1):
-        got = batch["frame_top"].numpy()  # [B, W, 3 * 2, H, W]
-        for b, (episode, ts, mask) in enumerate(
-            zip(batch["episode_id"].numpy(), batch["timestep"].numpy(), batch["mask"].numpy())
-        ):
-            for w in np.flatnonzero(mask):
-                for j, lag in enumerate((1, 0)):
-                    expected = source[int(episode)][max(int(ts[w]) - lag, 0)].transpose(2, 0, 1)
-                    np.testing.assert_array_equal(got[b, w, 3 * j : 3 * j + 3], expected)
-            windows += 1
+    windows = windows_show_frames(out, "top", source_spans(root), batch_size=4)
     assert windows == index.windows > 0
     sheet = tmp_path / "sheet.png"
     assert main(["view", str(tmp_path / "ds"), "--episode", "1", "--output", str(sheet)]) == 0
