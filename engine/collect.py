@@ -37,7 +37,7 @@ import gymnasium as gym
 import numpy as np
 import pyarrow as pa
 
-import engine.envs  # noqa: F401  (registers hindsight/PointGoal-v0)
+import engine.envs  # noqa: F401  (registers hindsight/* envs)
 from engine import minigrid
 from engine.executor import Executor
 from engine.frames import camera_frame
@@ -86,6 +86,7 @@ def acrobot_heuristic(observation: np.ndarray) -> int:
 
 HEURISTICS: dict[str, Policy] = {
     "Pendulum": pendulum_heuristic,
+    "hindsight/PendulumNoArrow": pendulum_heuristic,
     "CartPole": cartpole_heuristic,
     "MountainCarContinuous": mountain_car_heuristic,
     "Acrobot": acrobot_heuristic,

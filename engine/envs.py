@@ -1,4 +1,7 @@
-"""A tiny goal-conditioned environment of our own: `hindsight/PointGoal-v0`.
+"""hindsight's own gymnasium environments: `hindsight/PointGoal-v0` and
+`hindsight/PendulumNoArrow-v1` (at the end of this file).
+
+`hindsight/PointGoal-v0`, a tiny goal-conditioned environment.
 
 A point in the square [-1, 1]^2 moves by `STEP_SIZE * action` per step (action in
 [-1, 1]^2). Observations are gymnasium-robotics style dicts: `observation` (position and
@@ -8,8 +11,8 @@ velocity), `achieved_goal` (position), `desired_goal` (the target). The reward i
 which is exactly what hindsight relabeling of goals needs. Episodes never terminate; the
 time limit (50 steps) truncates them.
 
-Importing this module registers the environment; `engine.collect` imports it, so
-`hindsight collect hindsight/PointGoal-v0 ...` works out of the box.
+Importing this module registers the environments; `engine.collect` and `trainers.ask`
+import it, so `hindsight collect hindsight/PointGoal-v0 ...` works out of the box.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from gymnasium.envs.classic_control.pendulum import PendulumEnv
 
 ENV_ID = "hindsight/PointGoal-v0"
 STEP_SIZE = 0.1
@@ -98,13 +102,50 @@ def heuristic_policy(observation: dict[str, np.ndarray]) -> np.ndarray:
     return np.clip(direction / STEP_SIZE, -1.0, 1.0).astype(np.float32)
 
 
+# ------------------------------------------------- hindsight/PendulumNoArrow-v1
+
+PENDULUM_NO_ARROW_ID = "hindsight/PendulumNoArrow-v1"
+
+
+class HideTorqueArrow(gym.Wrapper):
+    """Pendulum-v1 whose `render()` leaves out the torque arrow; nothing else differs.
+
+    Pendulum-v1 draws the torque of the step before as an arrow around the pivot, so every
+    frame shows the previous action. Behaviour cloned from frames then learns to repeat the
+    arrow, which predicts the next action in the data but says nothing about the state
+    (the "copycat" causal confusion of de Haan et al. 2019, Wen et al. 2020): asked in a
+    rollout, the policy keeps repeating its own last torque. In the pixel experiment
+    (docs/trainer.md, Pixels) the same 200 episodes' frames with the arrow gave policies
+    below the data's average episode, without it above. Dynamics, rewards, observations,
+    seeding and the 200-step limit are Pendulum-v1's, step for step (tested)."""
+
+    def render(self):
+        pendulum = self.env.unwrapped
+        last_torque, pendulum.last_u = pendulum.last_u, None  # None: nothing drawn
+        try:
+            return self.env.render()
+        finally:
+            pendulum.last_u = last_torque
+
+
+def pendulum_no_arrow(**kwargs: Any) -> gym.Env:
+    """gymnasium's entry point of `hindsight/PendulumNoArrow-v1`."""
+    return HideTorqueArrow(PendulumEnv(**kwargs))
+
+
 def register() -> None:
-    """Register `hindsight/PointGoal-v0` with gymnasium (idempotent)."""
+    """Register hindsight's environments with gymnasium (idempotent)."""
     if ENV_ID not in gym.registry:
         gym.register(
             id=ENV_ID,
             entry_point="engine.envs:PointGoalEnv",
             max_episode_steps=MAX_EPISODE_STEPS,
+        )
+    if PENDULUM_NO_ARROW_ID not in gym.registry:
+        gym.register(
+            id=PENDULUM_NO_ARROW_ID,
+            entry_point="engine.envs:pendulum_no_arrow",
+            max_episode_steps=gym.spec("Pendulum-v1").max_episode_steps,
         )
 
 

@@ -31,9 +31,11 @@ CAMERA = CameraInfo(height=16, width=16, codec="png")
 EPISODES = 6
 
 
-def collect_frames(output: Path, executor=None, episodes_per_part: int = 2, **frames) -> None:
+def collect_frames(
+    output: Path, executor=None, episodes_per_part: int = 2, env_id: str = "Pendulum-v1", **frames
+) -> None:
     rollouts = Rollouts(
-        "Pendulum-v1",
+        env_id,
         noise_levels=(0.0, 1.0),
         seed=3,
         max_steps=12,
@@ -93,6 +95,29 @@ def test_each_frame_is_the_render_of_the_observation_at_its_step(pixels):
     error_after_t = np.abs(after_t - frames).mean(axis=(1, 2, 3))
     assert np.mean(error_at_t == 0) > 0.9 and error_at_t.max() < 1.0
     assert error_after_t.mean() > 10 * max(error_at_t.mean(), 0.01)
+
+
+def test_pendulum_no_arrow_is_pendulum_without_the_previous_torque_in_its_frames(pixels, tmp_path):
+    """`hindsight/PendulumNoArrow-v1` collects the same steps as Pendulum-v1 (same seeds,
+    policy and noise), and each frame is Pendulum-v1's render of the same state with no
+    torque arrow, where Pendulum-v1's frames show the step before's torque."""
+    collect_frames(tmp_path / "plain", env_id="hindsight/PendulumNoArrow-v1")
+    arrow, plain = engine.scan(pixels).collect(), engine.scan(str(tmp_path / "plain")).collect()
+    for column in (cols.OBSERVATION, cols.ACTION, cols.REWARD, cols.NEXT_OBSERVATION):
+        assert arrow[column].to_list() == plain[column].to_list()
+    env = make_env("Pendulum-v1", render_mode="rgb_array")
+    env.reset(seed=0)
+    expected = []
+    for state in np.stack(plain[cols.OBSERVATION].to_numpy()):
+        env.unwrapped.state = np.array([np.arctan2(state[1], state[0]), state[2]])
+        env.unwrapped.last_u = None
+        expected.append(render_frame(env, 16, 16))
+    env.close()
+    no_arrow = frames_of(str(tmp_path / "plain"))
+    assert np.abs(no_arrow.astype(int) - np.stack(expected)).max() <= 1  # resize rounding
+    moved = plain[cols.T].to_numpy() > 0  # after reset Pendulum-v1 draws no arrow either
+    assert np.array_equal(no_arrow[~moved], frames_of(pixels)[~moved])
+    assert (no_arrow[moved] != frames_of(pixels)[moved]).any(axis=(1, 2, 3)).mean() > 0.9
 
 
 def test_a_grayscale_camera_stores_the_luma_of_the_rgb_frames(pixels, tmp_path, capsys):

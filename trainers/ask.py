@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-import engine.envs  # noqa: F401  (registers hindsight/PointGoal-v0)
+import engine.envs  # noqa: F401  (registers hindsight/* envs)
 from engine import minigrid
 from engine.collect import make_env
 from engine.progress import Progress
