@@ -9,7 +9,8 @@ videos of the episodes that hold the asked rows are decoded one episode at a tim
 only up to the last frame asked (memory: one decoded frame), and each asked row gets its
 frame as a lossless PNG (zlib level 1: made here, read once). The pixels are the ones
 `hindsight view` and the loader show for those steps: the same decoder
-(`schemas.video.video_frames`, `decode_video`'s frames one at a time). Rows not asked for
+(`schemas.video.video_frames_at`: `decode_video`'s values, turned into RGB only at the
+frames asked). Rows not asked for
 are null. A bad video (no video, a header whose frame count is not the episode's steps, a
 stream that stops decoding) is a FrameError naming the file, episode and camera.
 """
@@ -27,7 +28,7 @@ from engine.query.read import read_part_rows
 from engine.video import video_frame_count
 from schemas import steps as cols
 from schemas.frames import CameraInfo, FrameError, encode_frame, frame_column
-from schemas.video import video_frames
+from schemas.video import video_frames_at
 
 PNG_LEVEL = 1  # zlib's fastest: frames made per relabel, sent or decoded once
 
@@ -110,8 +111,4 @@ def _frames_up_to(
         raise FrameError(
             f"{where}: the video holds {frames} frames, the episode has {length} steps"
         )
-    for t, frame in enumerate(video_frames(data, info, where, length)):
-        if t in wanted:
-            yield t, frame
-        if t == last:
-            return
+    yield from video_frames_at(data, info, where, wanted)

@@ -26,12 +26,28 @@ from jobs.commands.relabel import Relabel
 from relabelers.base import relabel_tables
 from relabelers.drex import DrexRelabeler
 from schemas import steps as cols
-from schemas.frames import CameraInfo, encode_frames, frame_column
+from schemas.frames import CameraInfo, FrameError, encode_frames, frame_column
+from schemas.video import decode_video, encode_video, video_frames_at
 from tests import lerobot_datasets as lrd
 from tests.llm_server import data_block, image_urls
-from tests.test_frames_video import bad_video_dataset
+from tests.test_frames_video import bad_video_dataset, moving_frames
 from tests.test_language_keyframes import expected_steps
 from tests.test_lerobot_video_copy import ingest_to, source_spans
+
+
+@pytest.mark.parametrize("codec", ["h264", "av1"])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_frames_at_chosen_steps_are_decode_videos(codec, channels):
+    camera = CameraInfo(height=16, width=16, channels=channels, codec=codec)
+    data = encode_video(moving_frames(20, channels), camera)
+    whole = decode_video(data, camera, "here", 20)
+    for wanted in ([0], [3, 7, 19], list(range(20)), [19]):
+        got = list(video_frames_at(data, camera, "here", set(wanted)))
+        assert [k for k, _ in got] == wanted
+        np.testing.assert_array_equal(np.stack([f for _, f in got]), whole[wanted])
+    assert list(video_frames_at(data, camera, "here", ())) == []
+    with pytest.raises(FrameError, match="here: the video holds 20 frames; step 20 was asked"):
+        list(video_frames_at(data, camera, "here", {2, 20}))
 
 
 def collect_pixels(out: str, codec: str) -> str:
