@@ -38,9 +38,8 @@ import pyarrow as pa
 
 from engine.dataset import LEVELS, Dataset, open_dataset
 from engine.executor import Executor
-from engine.query import read_part_rows
+from engine.step_frames import image_cameras, part_frames
 from engine.storage import StaleWriterError
-from engine.video_steps import image_cameras, video_step_frames
 from engine.writer import (
     VersionWriter,
     WrittenPart,
@@ -52,7 +51,7 @@ from engine.writer import (
 from relabelers import registry
 from relabelers.base import Part, Relabeler, RelabelError, Summary
 from schemas import steps as cols
-from schemas.frames import CameraInfo, camera_of, frame_column
+from schemas.frames import CameraInfo, frame_column
 from schemas.manifest import ColumnGroup, Manifest, RelabelerInfo, public_params
 
 # --------------------------------------------------------------------- creating relabelers
@@ -252,8 +251,8 @@ def _message(error: BaseException) -> str:
 class PartReader:
     """Reads, for one relabeler, only the columns it reads from a part of the version so
     far (the parent's groups and those written earlier in this job): frame columns only
-    when it declares them (`Columns.frames`), a video camera's decoded to one PNG per step
-    (engine/video_steps.py)."""
+    when it declares them (`Columns.frames`), one image per step whatever the camera's
+    storage (engine/step_frames.py)."""
 
     dataset: Dataset
     steps_columns: tuple[str, ...]
@@ -292,23 +291,9 @@ class PartReader:
         if not (frames and self.frame_columns):
             return steps, episodes
         rows = None if relabeler is None else relabeler.frame_rows(steps, episodes, part)
-        cameras, index = self.dataset.cameras, part.index
-        images = [c for c in self.frame_columns if not cameras[camera_of(c) or ""].is_video]
-        if not images:
-            frame_table = pa.table({})
-        elif rows is None:
-            frame_table = self.dataset.read_part(index, "steps", images)
-        else:
-            frame_table = read_part_rows(
-                self.dataset, index, "steps", images, rows, fill=steps.num_rows
-            )
+        frame_table = part_frames(self.dataset, part.index, self.frame_columns, steps, rows)
         for name in self.frame_columns:
-            if name in images:
-                steps = steps.append_column(frame_table.schema.field(name), frame_table[name])
-            else:  # a video camera: its episodes' videos decoded, a PNG per step
-                camera = camera_of(name) or ""
-                column = video_step_frames(self.dataset, index, camera, steps, rows)
-                steps = steps.append_column(pa.field(name, pa.binary()), column)
+            steps = steps.append_column(frame_table.schema.field(name), frame_table[name])
         return steps, episodes
 
 

@@ -200,7 +200,7 @@ def video_frames_at(
     decoded up to the last k and turned into RGB only at those k (with one reformatter for
     the video: 3.5x faster than a frame's own `to_ndarray` at 32x32). Memory is one frame.
     The frame count is not checked (the video is not read to its end): the caller checks
-    it against the header (engine/video_steps.py)."""
+    it against the header (engine/step_frames.py)."""
     from av.video.reformatter import VideoReformatter
 
     last, rgb, count = max(wanted, default=-1), VideoReformatter(), 0

@@ -1,5 +1,5 @@
 """Relabelers that read frames read video cameras too: the relabel job decodes a video
-camera's episodes and gives each asked step its frame as a PNG (engine/video_steps.py),
+camera's episodes and gives each asked step its frame as a PNG (engine/step_frames.py),
 with the pixels `hindsight view` and the loader show. Checked with language keyframes
 against a real OpenAI-compatible server on loopback (the images it receives), with drex
 on frame features (against drex on the decoded frames, computed apart), on collected
@@ -19,7 +19,7 @@ from PIL import Image
 from engine.collect import Rollouts, collect, plan_collect
 from engine.dataset import open_dataset
 from engine.executor import InProcess
-from engine.video_steps import video_step_frames
+from engine.step_frames import video_step_frames
 from engine.view import episode_frames
 from jobs.cli import main
 from jobs.commands.relabel import Relabel

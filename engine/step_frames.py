@@ -1,24 +1,24 @@
-"""A video camera's frames as one image per step: what a relabeler that reads frames
-(language keyframes, drex frame features) gets from a camera stored as video.
+"""A part's camera frames as relabelers read them: one encoded image per step, whatever
+the camera's storage.
 
-    column = video_step_frames(dataset, index, "render", steps, rows)   # pa.binary, one per row
+    frames = part_frames(dataset, index, ["frame_render"], steps, rows)   # rows None: all
 
-Relabelers read `frame_<camera>` as a step column of encoded images, whatever the storage.
-For a video camera (one MP4 per episode, schemas/video.py) the relabel job calls this: the
-videos of the episodes that hold the asked rows are decoded one episode at a time, each
-only up to the last frame asked (memory: one decoded frame), and each asked row gets its
-frame as a lossless PNG (zlib level 1: made here, read once). The pixels are the ones
-`hindsight view` and the loader show for those steps: the same decoder
-(`schemas.video.video_frames_at`: `decode_video`'s values, turned into RGB only at the
-frames asked). Rows not asked for
-are null. A bad video (no video, a header whose frame count is not the episode's steps, a
-stream that stops decoding) is a FrameError naming the file, episode and camera.
+An image camera's frames are its stored bytes (PNG, JPEG, WebP), read from the Parquet row
+groups that hold the rows asked for. A video camera (one MP4 per episode,
+schemas/video.py) has no image per step: the videos of the episodes that hold the rows
+asked for are decoded one episode at a time, each only up to the last frame asked
+(memory: one decoded frame), and each row asked gets its frame as a lossless PNG (zlib
+level 1: made here, read once). The pixels are the ones `hindsight view` and the loader
+show for those steps: the same decoder (`schemas.video.video_frames_at`: `decode_video`'s
+values, turned into RGB only at the frames asked). Rows not asked for are null. A bad
+video (none stored, a header whose frame count is not the episode's steps, a stream that
+stops decoding) is a FrameError naming the file, episode and camera.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +27,7 @@ from engine.dataset import Dataset
 from engine.query.read import read_part_rows
 from engine.video import video_frame_count
 from schemas import steps as cols
-from schemas.frames import CameraInfo, FrameError, encode_frame, frame_column
+from schemas.frames import CameraInfo, FrameError, camera_of, encode_frame, frame_column
 from schemas.video import video_frames_at
 
 PNG_LEVEL = 1  # zlib's fastest: frames made per relabel, sent or decoded once
@@ -45,6 +45,38 @@ def image_camera(camera: CameraInfo) -> CameraInfo:
 
 def image_cameras(cameras: dict[str, CameraInfo]) -> dict[str, CameraInfo]:
     return {name: image_camera(info) for name, info in cameras.items()}
+
+
+def part_frames(
+    dataset: Dataset,
+    index: int,
+    columns: Sequence[str],
+    steps: pa.Table,
+    rows: np.ndarray | None = None,
+) -> pa.Table:
+    """Frame columns `columns` of part `index`, a row per row of `steps` (the part's
+    `episode_id` and `t`): every row's frames, or only those at `rows` (null elsewhere)."""
+    cameras = dataset.cameras
+    video = {c for c in columns if getattr(cameras.get(camera_of(c) or ""), "is_video", False)}
+    images = [c for c in columns if c not in video]
+    if not images:
+        stored = pa.table({})
+    elif rows is None:
+        stored = dataset.read_part(index, "steps", images)
+    else:
+        stored = read_part_rows(dataset, index, "steps", images, rows, fill=steps.num_rows)
+    fields, arrays = [], []
+    for name in columns:
+        if name in video:
+            fields.append(pa.field(name, pa.binary()))
+            camera = camera_of(name) or ""
+            arrays.append(
+                pa.chunked_array([video_step_frames(dataset, index, camera, steps, rows)])
+            )
+        else:
+            fields.append(stored.schema.field(name))
+            arrays.append(stored.column(name))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
 def video_step_frames(
