@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,7 +38,7 @@ import pyarrow as pa
 
 from engine.dataset import LEVELS, Dataset, open_dataset
 from engine.executor import Executor
-from engine.query import read_part_rows
+from engine.step_frames import image_cameras, part_frames
 from engine.storage import StaleWriterError
 from engine.writer import (
     VersionWriter,
@@ -51,7 +51,7 @@ from engine.writer import (
 from relabelers import registry
 from relabelers.base import Part, Relabeler, RelabelError, Summary
 from schemas import steps as cols
-from schemas.frames import CameraInfo, camera_of, frame_column
+from schemas.frames import CameraInfo, frame_column
 from schemas.manifest import ColumnGroup, Manifest, RelabelerInfo, public_params
 
 # --------------------------------------------------------------------- creating relabelers
@@ -126,13 +126,15 @@ def check_plan(parent: Dataset, relabelers: Sequence[Relabeler]) -> None:
     Reads only the schemas; raises RelabelError naming the relabeler and what to do.
     Frame columns are available only to relabelers that declare them in `Columns.frames`."""
     available = {level: set(parent.columns(level, frames=False)) for level in LEVELS}
+    # Every camera's frames are a step column to relabelers, a video camera's too.
     frame_columns = set(parent.columns("steps")) - available["steps"]
+    frame_columns |= {frame_column(camera) for camera in parent.cameras}
     produced: set[str] = set()
     schema_inputs = SchemaInputs(
         parent.arrow_schema("steps"),
         parent.arrow_schema("episodes"),
         parent.num_parts,
-        parent.cameras,
+        image_cameras(parent.cameras),
         parent.rewards_known,
         parent.uri,
     )
@@ -175,7 +177,7 @@ def check_plan(parent: Dataset, relabelers: Sequence[Relabeler]) -> None:
                         f"have; {_pixels_only_hint(name, parent)}available {level} columns: "
                         f"{', '.join(sorted(available[level]))}"
                     )
-        _check_frames(reads.frames, frame_columns, where, parent.cameras)
+        _check_frames(reads.frames, frame_columns, where)
         if not read_heads & produced:
             _check_setup(relabeler, schema_inputs, where)
         for level in LEVELS:
@@ -192,23 +194,12 @@ def check_plan(parent: Dataset, relabelers: Sequence[Relabeler]) -> None:
             produced |= set(getattr(writes, level))
 
 
-def _check_frames(
-    wanted: Sequence[str],
-    frame_columns: set[str],
-    where: str,
-    cameras: Mapping[str, CameraInfo],
-) -> None:
-    """Every frame column a relabeler reads exists, or one line saying which there are."""
+def _check_frames(wanted: Sequence[str], frame_columns: set[str], where: str) -> None:
+    """Every frame column a relabeler reads exists (an image or a video camera's: both
+    are read as one image per step), or one line saying which there are."""
     for name in wanted:
         if name in frame_columns:
             continue
-        video = cameras.get(camera_of(name) or "")
-        if video is not None and video.is_video:
-            raise RelabelError(
-                f"{where}: reads frame column {name!r}, but camera {camera_of(name)!r} is "
-                f"stored as {video.codec} video (one per episode) and relabelers read one "
-                "image per step; record it with --codec png, jpeg or webp"
-            )
         if not frame_columns:
             raise RelabelError(
                 f"{where}: reads camera frames ({name!r}), but the dataset has none; record "
@@ -260,7 +251,8 @@ def _message(error: BaseException) -> str:
 class PartReader:
     """Reads, for one relabeler, only the columns it reads from a part of the version so
     far (the parent's groups and those written earlier in this job): frame columns only
-    when it declares them (`Columns.frames`)."""
+    when it declares them (`Columns.frames`), one image per step whatever the camera's
+    storage (engine/step_frames.py)."""
 
     dataset: Dataset
     steps_columns: tuple[str, ...]
@@ -293,18 +285,13 @@ class PartReader:
     ) -> tuple[pa.Table, pa.Table]:
         """The part's columns; with `frames`, the declared frame columns too (last): every
         row's, or only those at `relabeler.frame_rows` (null elsewhere), read from the
-        Parquet row groups that hold them."""
+        Parquet row groups that hold them (a video camera's: from its episodes' videos)."""
         steps = self.dataset.read_part(part.index, "steps", self.steps_columns)
         episodes = self.dataset.read_part(part.index, "episodes", self.episodes_columns)
         if not (frames and self.frame_columns):
             return steps, episodes
         rows = None if relabeler is None else relabeler.frame_rows(steps, episodes, part)
-        if rows is None:
-            frame_table = self.dataset.read_part(part.index, "steps", self.frame_columns)
-        else:
-            frame_table = read_part_rows(
-                self.dataset, part.index, "steps", self.frame_columns, rows, fill=steps.num_rows
-            )
+        frame_table = part_frames(self.dataset, part.index, self.frame_columns, steps, rows)
         for name in self.frame_columns:
             steps = steps.append_column(frame_table.schema.field(name), frame_table[name])
         return steps, episodes
@@ -399,7 +386,7 @@ class VersionInputs:
 
     @property
     def cameras(self) -> dict[str, CameraInfo]:
-        return self.reader.dataset.cameras
+        return image_cameras(self.reader.dataset.cameras)
 
     @property
     def rewards_known(self) -> bool:

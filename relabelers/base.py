@@ -66,7 +66,9 @@ class Columns:
     (optional facts, e.g. `skill`, or `next_observation.achieved_goal`).
 
     `frames`: camera frame columns (`schemas.frames.frame_column(camera)`, step level, one
-    encoded image per step) the relabeler reads. Frames are read only for relabelers that
+    encoded image per step whatever the camera's storage: a video camera's steps arrive
+    as lossless PNG, decoded by the job from its episodes' videos, and `inputs.cameras`
+    describes it as PNG) the relabeler reads. Frames are read only for relabelers that
     declare them here (never through `steps` or `steps_if_present`): they weigh far more
     than every other column, and a relabeler that does not look at them must not pay for
     them. The job refuses, before writing anything, a dataset without those cameras.

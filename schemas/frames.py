@@ -159,8 +159,9 @@ def _image_camera(camera: CameraInfo, where: str = "") -> None:
         )
 
 
-def encode_frame(frame: np.ndarray, camera: CameraInfo) -> bytes:
-    """One H x W x C uint8 frame in the camera's codec."""
+def encode_frame(frame: np.ndarray, camera: CameraInfo, png_level: int = 6) -> bytes:
+    """One H x W x C uint8 frame in the camera's codec (`png_level`: PNG's zlib level; 1
+    for frames made on the fly, read once: engine/step_frames.py)."""
     from PIL import Image
 
     _image_camera(camera)
@@ -169,7 +170,7 @@ def encode_frame(frame: np.ndarray, camera: CameraInfo) -> bytes:
     out = io.BytesIO()
     options: dict = {}
     if camera.codec == "png":
-        options = {"compress_level": 6}
+        options = {"compress_level": png_level}
     elif camera.codec == "jpeg":
         options = {"quality": camera.quality or DEFAULT_QUALITY["jpeg"], "subsampling": 0}
     elif camera.codec == "webp-lossless":

@@ -262,13 +262,6 @@ def test_query_output_and_materialize_keep_each_episodes_video(pendulum, tmp_pat
             )
 
 
-def test_a_relabeler_that_reads_frames_is_told_the_camera_is_video(pendulum, tmp_path, capsys):
-    video, _ = pendulum
-    out = str(tmp_path / "drex")
-    assert main(["relabel", video, out, "--with", "drex:features=frame_render"]) != 0
-    assert "stored as h264 video" in capsys.readouterr().err
-
-
 def test_collect_on_ray_writes_the_same_bytes(ray_local, pendulum, tmp_path):
     from jobs.runtime import RayExecutor
 

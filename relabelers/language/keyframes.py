@@ -12,8 +12,9 @@ a part of big frames costs its keyframes' row groups, not its whole frame column
 
 The images are the dataset's stored bytes as they are (PNG, JPEG or WebP: the media type
 is read from the bytes' own signature), never decoded or re-encoded, sent as data URIs in
-`image_url` parts of the user message. A frame that is null or not one of those formats is
-one error naming the part, episode, step and column.
+`image_url` parts of the user message (a video camera's steps arrive as PNG, decoded by
+the job from the episode's video: engine/step_frames.py). A frame that is null or not one
+of those formats is one error naming the part, episode, step and column.
 """
 
 from __future__ import annotations
