@@ -33,18 +33,9 @@ from schemas.video import video_frames_at
 PNG_LEVEL = 1  # zlib's fastest: frames made per relabel, sent or decoded once
 
 
-def image_camera(camera: CameraInfo) -> CameraInfo:
-    """The camera as relabelers see it: itself for an image codec; a video camera's
-    frames arrive as PNG (lossless: the video's own pixels), as shards store them."""
-    if not camera.is_video:
-        return camera
-    return CameraInfo(
-        height=camera.height, width=camera.width, channels=camera.channels, codec="png"
-    )
-
-
 def image_cameras(cameras: dict[str, CameraInfo]) -> dict[str, CameraInfo]:
-    return {name: image_camera(info) for name, info in cameras.items()}
+    """The cameras as relabelers see them: a video camera's frames arrive as PNG."""
+    return {name: info.as_images() for name, info in cameras.items()}
 
 
 def part_frames(
@@ -99,7 +90,7 @@ def video_step_frames(
     needed = np.unique(episode_row)  # the episodes' rows whose videos are read, in order
     videos = read_part_rows(dataset, index, "episodes", [column], needed).column(column)
     lengths = episodes.column(cols.LENGTH).to_numpy()
-    png = image_camera(info)
+    png = info.as_images()
     out: list[bytes | None] = [None] * count
     by_episode = np.argsort(episode_row, kind="stable")
     starts = np.searchsorted(episode_row[by_episode], needed)

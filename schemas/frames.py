@@ -118,6 +118,14 @@ class CameraInfo(BaseModel):
         """One video per episode (its frames group's episodes table), not an image per step."""
         return self.codec in VIDEO_CODECS
 
+    def as_images(self) -> CameraInfo:
+        """The camera as one image per step: itself for an image codec; a video camera's
+        frames decoded and stored as PNG (lossless: the video's own pixels), as shards
+        carry them and relabelers read them (engine/shards/frames.py, engine/step_frames.py)."""
+        if not self.is_video:
+            return self
+        return CameraInfo(height=self.height, width=self.width, channels=self.channels, codec="png")
+
 
 def check_quality(codec: str, quality: int | None) -> None:
     """`--quality` only with a lossy image codec (collect and ingest refuse it alike)."""

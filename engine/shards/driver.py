@@ -46,7 +46,6 @@ from engine.shards.exclude import (
 from engine.shards.frames import (
     load_frames,
     resolve_cameras,
-    shard_camera,
     stored_frame_bytes,
 )
 from engine.shards.statistics import combine_numeric, numeric_summary
@@ -390,7 +389,7 @@ def write_shards(
 
 
 def checked_cameras(dataset: Dataset, settings: ShardSettings) -> dict[str, CameraInfo]:
-    """The cameras to shard, as the shards store them (`shard_camera`: video as PNG);
+    """The cameras to shard, as the shards store them (`CameraInfo.as_images`: video as PNG);
     KeyError for an unknown one; a frame stack needs frames."""
     cameras = resolve_cameras(dataset, settings.cameras)
     if not cameras and "observation" not in dataset.columns("steps", frames=False):
@@ -404,7 +403,7 @@ def checked_cameras(dataset: Dataset, settings: ShardSettings) -> dict[str, Came
             f"{dataset.uri} has no camera frames: --frame-stack {settings.frame_stack} needs a "
             "dataset with a frames group (collect --frames, or ingest of image observations)"
         )
-    return {name: shard_camera(info) for name, info in cameras.items()}
+    return {name: info.as_images() for name, info in cameras.items()}
 
 
 def shard_index(

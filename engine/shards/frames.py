@@ -16,7 +16,7 @@ built (`load_frames`), only the row groups that hold them (frames are written in
 groups). The task then holds one shard's frames at a time, never the part's.
 
 A video camera (one video per episode) is the exception: its frames are decoded at shard
-time and carried as PNG (`shard_camera`): a loader that reads random windows would
+time and carried as PNG (`CameraInfo.as_images`): a loader that reads random windows would
 otherwise decode from each window's keyframe, over the whole episode file.
 """
 
@@ -256,29 +256,18 @@ def resolve_cameras(dataset: Dataset, names: Sequence[str] | None) -> dict[str, 
     return {name: available[name] for name in names}
 
 
-def shard_camera(camera: CameraInfo) -> CameraInfo:
-    """The camera as shards store it: itself for an image codec; a video camera's frames
-    are decoded at shard time and stored as PNG (lossless: the video's own pixels), so
-    that the loader decodes any window alone at PNG's speed (docs/frames.md, "Video")."""
-    if not camera.is_video:
-        return camera
-    return CameraInfo(
-        height=camera.height, width=camera.width, channels=camera.channels, codec="png"
-    )
-
-
 def transcode_part_videos(
     dataset: Dataset, index: int, camera: str, info: CameraInfo
 ) -> EncodedFrames:
     """A video camera's frames of part `index` (one video per episode, episodes in the
-    part's order), decoded and encoded as its `shard_camera`: one PNG per step. A video
+    part's order), decoded and encoded as `CameraInfo.as_images`: one PNG per step. A video
     whose frame count is not its episode's steps, or that does not decode, is a ShardError
     naming the file, episode and camera (and step)."""
     column = frame_column(camera)
     group = dataset.group_of(column, "episodes")
     uri = dataset.file_uris(group, "episodes")[index]
     table = dataset.read_part(index, "episodes", [cols.EPISODE_ID, cols.LENGTH, column])
-    png = shard_camera(info)
+    png = info.as_images()
     encoded: list[bytes] = []
     for episode_id, length, video in zip(
         table.column(cols.EPISODE_ID).to_pylist(),
