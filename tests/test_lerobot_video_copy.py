@@ -61,8 +61,8 @@ def source_spans(root: str) -> list[np.ndarray]:
 @pytest.mark.parametrize("vcodec", ["libsvtav1", "libx264", "hevc"])
 def test_a_copied_span_decodes_to_the_source_spans_pixels(tmp_path, vcodec):
     """Episodes encoded apart and joined by stream copy (LeRobot v3.0), B-frames included
-    for H.264 and HEVC (x265's open GOP too): each span copied alone decodes to the pixels of the source's span, and the
-    same span gives the same bytes twice."""
+    for H.264 and HEVC (x265's open GOP too): each span copied alone decodes to the pixels
+    of the source's span, and the same span gives the same bytes twice."""
     frames = lrd.scenes(20, 32, 32)
     lengths, starts = [5, 7, 8], [0, 5, 12]
     path = str(tmp_path / "joined.mp4")

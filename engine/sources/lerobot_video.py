@@ -1,13 +1,13 @@
 """LeRobot's `video` features as cameras: copied as they are, or decoded and encoded.
 
 Without `--codec`, a video feature whose MP4s hold H.264, AV1 or HEVC in yuv420p (LeRobot
-writes AV1 by default, H.264 or HEVC on request) becomes a **copied** video camera: each episode's span of its MP4 is copied packet by
-packet into an MP4 of its own (engine/video.py `copy_video_span`: nothing decoded or
-encoded, the source's pixels exactly), which is what a hindsight video camera stores
-(schemas/video.py: one video per episode, frame k = step k). Every copied video is decoded
-once in its part task to check it is whole and holds one frame per step (a damaged MP4 is
-a problem naming the video, the episode and the camera), which costs a decode but no
-encode.
+writes AV1 by default, H.264 or HEVC on request) becomes a **copied** video camera: each
+episode's span of its MP4 is copied packet by packet into an MP4 of its own (engine/video.py
+`copy_video_span`: nothing decoded or encoded, the source's pixels exactly), which is what a
+hindsight video camera stores (schemas/video.py: one video per episode, frame k = step k).
+Every copied video is decoded once in its part task to check it is whole and holds one frame
+per step (a damaged MP4 is a problem naming the video, the episode and the camera), which
+costs a decode but no encode.
 
 An episode's span is copied when it can stand alone and maps frame k to step k: its steps'
 timestamps are 0, 1/fps, 2/fps, ...; its first frame is a keyframe (LeRobot v3.0 joins
