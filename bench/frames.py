@@ -1,9 +1,10 @@
 """Frame codecs against each other on the same frames: bytes per frame, pixel error, encode
-and decode speed; and the same frames as video per episode (H.264 and AV1 through PyAV, as
-LeRobot stores cameras).
+and decode speed; and the same frames as video per episode (H.264, AV1 and HEVC through
+PyAV, as LeRobot stores cameras).
 
     python -m bench.frames --out bench/results/frames.json [--frames 2000] [--sizes 64,84]
     python -m bench.frames --codecs webp_lossless --images-only --out ...   # png vs one codec
+    python -m bench.frames --codecs png --video-codecs h264,av1,hevc --no-ingest --out ...
 
 1. Render `--frames` Pendulum-v1 frames (episodes of 200 steps, the heuristic policy with
    half its actions random, so the pendulum swings) at each size with
@@ -16,7 +17,9 @@ LeRobot stores cameras).
    absolute pixel error and PSNR; encode and decode frames/s on one core (decode checked as
    the loader decodes, `decode_frame`); decode speed also as a ratio against PNG's.
 3. Video, one file per episode (PyAV): H.264 (libx264, yuv420p, CRF 23, the default GOP)
-   and AV1 (libsvtav1, CRF 30, GOP 2: LeRobot's default settings). Bytes per frame, pixel
+   and AV1 (libsvtav1, CRF 30, GOP 2: LeRobot's default settings); HEVC (libx265) as
+   hindsight stores it (CRF 30, GOP 2, schemas/video.py's settings: x265's zerolatency tune,
+   one thread). Bytes per frame, pixel
    error (chroma subsampling included), encode frames/s, decode frames/s reading whole
    episodes in order, and decode frames/s of single frames at random positions (seek to
    the keyframe before, decode up to the frame): what a loader drawing random windows pays.
@@ -151,10 +154,14 @@ def measure_image_codec(frames: np.ndarray, codec: str, quality: int | None) -> 
 
 
 def video_codecs() -> dict[str, dict[str, Any]]:
+    from schemas.video import encoder_options
+
+    hevc = encoder_options("hevc", gop=2, crf=30)  # hindsight's own, one thread
     return {
         "h264": {"codec": "libx264", "options": {"crf": "23"}, "gop": None},
         # lp=1: SVT-AV1 on one thread, like every other codec here.
         "av1": {"codec": "libsvtav1", "options": {"crf": "30", "svtav1-params": "lp=1"}, "gop": 2},
+        "hevc": {"codec": "libx265", "options": hevc, "gop": 2},
     }
 
 
@@ -368,6 +375,7 @@ def run(
     codecs: list[str] | None = None,
     video: bool = True,
     ingest: bool = True,
+    video_names: list[str] | None = None,
 ) -> dict[str, Any]:
     codecs = ["png", *(c for c in codecs or image_codecs() if c != "png")]  # png: the baseline
     load_at_start = os.getloadavg()
@@ -396,6 +404,8 @@ def run(
                 )
             if video_available and video:
                 for name, settings in video_codecs().items():
+                    if video_names and name not in video_names:
+                        continue
                     results[f"video_{name}"] = measure_video_codec(
                         frames, settings["codec"], settings["options"], settings["gop"]
                     )
@@ -435,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--images-only", action="store_true", help="leave out the video and ingest rows"
     )
+    parser.add_argument(
+        "--video-codecs",
+        default=",".join(video_codecs()),
+        help="video rows to measure, comma-separated",
+    )
+    parser.add_argument("--no-ingest", action="store_true", help="leave out the ingest row")
     args = parser.parse_args(argv)
     sizes = [int(size) for size in args.sizes.split(",")]
     codecs = args.codecs.split(",")
@@ -442,7 +458,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown codecs {unknown}; choose from {list(image_codecs())}")
     only_images = args.images_only
-    results = run(args.frames, sizes, args.large_frames, codecs, not only_images, not only_images)
+    ingest = not (only_images or args.no_ingest)
+    results = run(
+        args.frames,
+        sizes,
+        args.large_frames,
+        codecs,
+        not only_images,
+        ingest,
+        args.video_codecs.split(","),
+    )
     save_results(results, args.out)
     return 0
 

@@ -4,10 +4,12 @@ same MP4 files (the ceiling of any decoding ingest), in the same run on the same
 
     python -m bench.lerobot_ingest --out bench/results/lerobot_ingest.json \
         [--episodes 20] [--steps 100] [--size 96x96] [--episodes-per-file 10] [--codecs png,av1]
+        [--source-codec hevc]   # the source written as LeRobot's vcodec="hevc" writes it
 
 1. Write a LeRobot v3.0 dataset by hand (tests/lerobot_datasets.py): one camera, smooth
    moving frames, each episode encoded as LeRobot encodes it (libsvtav1, yuv420p, GOP 2,
-   CRF 30) and joined into files by stream copy, as LeRobot joins them.
+   CRF 30; `--source-codec hevc`: x265 with its defaults, B-frames included) and joined
+   into files by stream copy, as LeRobot joins them.
 2. Bare decode: PyAV decodes every frame of those files to RGB arrays (the same threading
    as ingest's decoder), nothing else.
 3. Decode + encode: the same, then each frame encoded as PNG: the work a PNG ingest
@@ -15,8 +17,8 @@ same MP4 files (the ceiling of any decoding ingest), in the same run on the same
 4. Ingest, `plan_ingest` + `ingest` with `InProcess` (one process, the path of a small
    job): copied (no --codec: each episode's packets copied, then decoded once to check),
    and with each of `--codecs` (every frame decoded and encoded).
-5. Export back to LeRobot (AV1, `InProcess`) of the copied dataset (its episodes' videos
-   joined as they are) and of the `--codec png` one (decoded and encoded as AV1).
+5. Export back to LeRobot (the source's codec, `InProcess`) of the copied dataset (its
+   episodes' videos joined as they are) and of the `--codec png` one (decoded and encoded).
 
 For each ingest: steps/s, stored bytes per frame (`hindsight info`'s figure) and the pixel
 error of what is stored against the source's own pixels (each episode's span decoded by
@@ -121,9 +123,12 @@ def stored_pixels(output: str):
     )
 
 
-def export_runs(workdir: Path, names: list[str], repeats: int) -> dict[str, dict]:
-    """`export --format lerobot` (AV1) of the datasets ingested as `names`: the copied one
-    has its episodes' videos joined as they are, the PNG one is decoded and encoded."""
+def export_runs(
+    workdir: Path, names: list[str], repeats: int, video_codec: str = "libsvtav1"
+) -> dict[str, dict]:
+    """`export --format lerobot` (`video_codec`: the source's) of the datasets ingested as
+    `names`: the copied one has its episodes' videos joined as they are, the PNG one is
+    decoded and encoded."""
     from engine.dataset import open_dataset
     from engine.executor import InProcess
     from engine.exports.lerobot import export_lerobot
@@ -137,7 +142,8 @@ def export_runs(workdir: Path, names: list[str], repeats: int) -> dict[str, dict
             output = str(workdir / f"export-{name}-{next(counter)}")
             shutil.rmtree(output, ignore_errors=True)
             dataset = open_dataset(str(workdir / f"ds-{name}-0"))
-            export_lerobot(dataset, output, LeRobotOptions(), executor=InProcess())
+            options = LeRobotOptions(video_codec=video_codec)
+            export_lerobot(dataset, output, options, executor=InProcess())
             return 0
 
         seconds, _ = best_of(repeats, run)
@@ -154,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes-per-file", type=int, default=10)
     parser.add_argument("--codecs", default="png,av1", help="--codec values to compare.")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--source-codec",
+        default="libsvtav1",
+        choices=["libsvtav1", "h264", "hevc"],
+        help="The codec LeRobot writes the source's videos in (its vcodec).",
+    )
     parser.add_argument("--workdir", help="Where to write the dataset (a temp dir if unset).")
     args = parser.parse_args(argv)
 
@@ -166,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests import lerobot_datasets as lrd
 
     height, width = (int(x) for x in args.size.lower().split("x"))
+    lrd.video_codec = lambda: args.source_codec  # what the source's writer encodes with
     load_at_start = os.getloadavg()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="hs-bench-lerobot-"))
     source = str(workdir / "lerobot")
@@ -215,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         }
     assert decoded == total, (decoded, total)
     copy_rate = ingests["copy"]["steps_per_second"]
-    exports = export_runs(workdir, [n for n in ("copy", "png") if n in ingests], args.repeats)
+    exported_names = [n for n in ("copy", "png") if n in ingests]
+    # export's --video-codec names are LeRobot's vcodec names: the source's joins by copy
+    exports = export_runs(workdir, exported_names, args.repeats, args.source_codec)
     for run in exports.values():
         run["steps_per_second"] = rate(run.pop("seconds"))
         exported = source_pixels(run.pop("root"))
@@ -248,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             if name != "copy"
         },
         "copy_vs_bare_decode": round(copy_rate / rate(decode_s), 3),
-        "export_to_lerobot_av1": exports,
+        f"export_to_lerobot_{lrd.codec_name()}": exports,
         **(
             {
                 "export_joined_vs_encoded": round(

@@ -7,7 +7,7 @@ one encoded image per step (Arrow `binary`). Scans, queries and relabelers that 
 a frame column never read these files. The group's `cameras` entry in the manifest says, per
 camera, the frame shape, dtype (uint8) and codec with its settings (`CameraInfo`).
 
-A video camera (codec h264 or av1) is the exception: one video per episode, in the group's
+A video camera (codec h264, av1 or hevc) is the exception: one video per episode, in the group's
 episodes table, aligned with the base episodes (schemas/video.py encodes and decodes it).
 Encoded here with hindsight's settings, or `copied` from a source that stores video (a
 LeRobot camera: each episode's packets copied as they came, engine/video.py).
@@ -33,10 +33,13 @@ DEFAULT_CAMERA = "render"  # the camera `collect --frames` records: the env's ow
 
 # "webp-lossless" is WebP's lossless bitstream (VP8L), a codec of its own rather than a
 # quality: it has no quality setting, and it decodes to exactly the frame it was given.
-Codec = Literal["png", "jpeg", "webp", "webp-lossless", "h264", "av1"]
+Codec = Literal["png", "jpeg", "webp", "webp-lossless", "h264", "av1", "hevc"]
 CODECS: tuple[str, ...] = ("png", "jpeg", "webp", "webp-lossless")  # one image per step
 LOSSLESS_CODECS: tuple[str, ...] = ("png", "webp-lossless")  # no quality setting
-VIDEO_CODECS: tuple[str, ...] = ("h264", "av1")  # one video per episode (schemas/video.py)
+VIDEO_CODECS: tuple[str, ...] = ("h264", "av1", "hevc")  # one video per episode (schemas/video.py)
+# x265 (4.2) gives other bytes from one run to the next for pictures under 32 pixels a side
+# (measured: 16x16, 16x32, 32x16 at CTU 16; larger pictures gave the same bytes every run).
+MIN_HEVC_SIDE = 32
 DEFAULT_QUALITY = {"jpeg": 90, "webp": 90}  # lossy codecs only
 # Video settings by default (LeRobot's): 30 fps, a keyframe every 2 frames, crf 30.
 DEFAULT_FPS = 30
@@ -94,11 +97,11 @@ class CameraInfo(BaseModel):
         if self.is_video:
             if self.quality is not None:
                 raise ValueError(f"{self.codec} video has no quality setting (it has crf)")
-            if self.height % 2 or self.width % 2:
-                raise ValueError(
-                    f"{self.codec} video (yuv420p) needs an even height and width, "
-                    f"got {self.height}x{self.width}"
-                )
+            problem = video_size_problem(self.codec, self.height, self.width)
+            if problem:
+                raise ValueError(problem)
+            if self.codec == "hevc" and self.crf is not None and self.crf > 51:
+                raise ValueError(f"hevc's crf is 0-51, got {self.crf}")
             self.fps = self.fps or DEFAULT_FPS
             self.gop = self.gop or DEFAULT_GOP
             if not self.copied:  # a copied bitstream's crf is the source's, unknown
@@ -125,6 +128,18 @@ class CameraInfo(BaseModel):
         if not self.is_video:
             return self
         return CameraInfo(height=self.height, width=self.width, channels=self.channels, codec="png")
+
+
+def video_size_problem(codec: str, height: int, width: int) -> str | None:
+    """Why frames of this size cannot be a video camera's in `codec` (None: they can)."""
+    if height % 2 or width % 2:
+        return f"{codec} video (yuv420p) needs an even height and width, got {height}x{width}"
+    if codec == "hevc" and min(height, width) < MIN_HEVC_SIDE:
+        return (
+            f"hevc video needs frames of at least {MIN_HEVC_SIDE}x{MIN_HEVC_SIDE} (x265 does not "
+            f"encode smaller ones the same way twice), got {height}x{width}"
+        )
+    return None
 
 
 def check_quality(codec: str, quality: int | None) -> None:

@@ -1,4 +1,4 @@
-"""A camera stored as video: one MP4 per episode (H.264 or AV1 through PyAV), the one place
+"""A camera stored as video: one MP4 per episode (H.264, AV1 or HEVC through PyAV), the one place
 such a video is encoded and decoded.
 
 A video camera's frames live in the frames group's **episodes** table: one row per episode
@@ -8,10 +8,11 @@ exactly as many frames as its episode has steps (checked on every decode).
 
 Settings follow LeRobot's writer (lerobot/configs/video.py, engine/exports/video.py):
 yuv420p, crf 30, a keyframe every `gop` frames (2 by default: any frame decodes from the one
-before it), SVT-AV1 preset 12. Encoding is deterministic: one encoder thread, no B-frames
-(presentation order is decode order), x264's mbtree off (see `encoder_options`), bitexact
-muxing (no version or creation time written) and explicit timestamps, so the same frames
-give the same bytes in any process, on Ray or not (tests/test_frames_video.py checks it).
+before it), SVT-AV1 preset 12, x265's default preset. Encoding is deterministic: one encoder
+thread, no B-frames (presentation order is decode order), x264's mbtree off and x265's
+zerolatency tune (see `encoder_options`), bitexact muxing (no version or creation time
+written) and explicit timestamps, so the same frames give the same bytes in any process, on
+Ray or not (tests/test_frames_video.py checks it).
 """
 
 from __future__ import annotations
@@ -28,13 +29,22 @@ import numpy as np
 from schemas.frames import (
     DEFAULT_CRF,
     DEFAULT_GOP,
+    MIN_HEVC_SIDE,
     CameraInfo,
     FrameError,
     check_frame_array,
+    video_size_problem,
 )
 
 # codec -> the PyAV encoder that writes it
-ENCODERS = {"h264": "libx264", "av1": "libsvtav1"}
+ENCODERS = {"h264": "libx264", "av1": "libsvtav1", "hevc": "libx265"}
+# x265: one thread and no thread pool (the frame threads x265 picks by itself depend on the
+# machine's cores, and change the bytes); CTU 16, not 64 (x265 4.2 gave other bytes from run
+# to run for one-CTU pictures: 64x64 at CTU 64; CTU 16 was also 4% smaller and faster from
+# 32x32 to 320x240); no SEI with x265's version and options; errors only on stderr; a CRC of
+# each decoded picture (hash=2, 16 bytes a frame): FFmpeg's HEVC decoder conceals a damaged
+# packet without an error (measured: most damaged frames went unseen), but checks the CRC.
+X265_PARAMS = "ctu=16:pools=none:frame-threads=1:info=0:log-level=error:hash=2"
 PIX_FMT = "yuv420p"
 
 
@@ -45,6 +55,11 @@ def encoder_options(codec: str, gop: int = DEFAULT_GOP, crf: int = DEFAULT_CRF) 
         # mbtree off: with it, x264 encoded the same small frames (16-32 pixels) to other
         # bytes from one run to the next; with a keyframe every 2 frames it gains nothing.
         options.update({"threads": "1", "bf": "0", "x264-params": "mbtree=0"})
+    elif codec == "hevc":
+        # zerolatency: no B-frames, no lookahead, no scene cuts (a keyframe every gop
+        # exactly), no cutree: each frame's packet is written from it and the frames
+        # before it only, so `CausalVideo` reproduces the stored video exactly.
+        options.update({"tune": "zerolatency", "x265-params": X265_PARAMS})
     else:  # SVT-AV1: preset 12 as LeRobot; lp=1 one thread for identical bytes
         options.update({"preset": "12", "svtav1-params": "lp=1"})
     return options
@@ -82,6 +97,8 @@ def write_video(
                     raise FrameError(
                         f"frames of {height}x{width}: yuv420p video needs an even height and width"
                     )
+                if codec == "hevc" and min(height, width) < MIN_HEVC_SIDE:
+                    raise FrameError(str(video_size_problem(codec, height, width)))
                 try:
                     stream = container.add_stream(
                         ENCODERS[codec], fps, options=encoder_options(codec, gop, crf)
@@ -144,8 +161,10 @@ def _decoded(data: bytes, camera: CameraInfo, where: str) -> Iterator[Any]:
                 f"{where}: the video is {stream.width}x{stream.height}, the camera says "
                 f"{camera.width}x{camera.height}"
             )
-        # A damaged packet raises instead of being concealed: the error names its step.
-        stream.codec_context.options = {"err_detect": "explode"}
+        # A damaged packet raises instead of being concealed: the error names its step
+        # (HEVC: also a picture whose CRC, written by hindsight's x265, does not match).
+        detect = "crccheck+explode" if camera.codec == "hevc" else "explode"
+        stream.codec_context.options = {"err_detect": detect}
         step = 0
         try:
             for packet in container.demux(stream):
@@ -225,13 +244,15 @@ class CausalVideo:
       holds each frame back one step (its lookahead); without the lookahead (and with
       constant frame rate, as the stored timestamps are) it gives out every frame's packet
       at once, and the decoded pixels equal the whole-episode video's (tested).
+    - hevc: the stored video's x265 settings (zerolatency) already give out each frame's
+      packet as it comes; the same encoder, kept open, gives the same pixels (tested).
     - av1: SVT-AV1 holds frames back for many steps, so the frames given since the last
       keyframe (at most `gop`) are encoded anew each step. This is only approximate:
       SVT-AV1 decides how to code a keyframe group from the frames after it, which a
       rollout does not have yet. Small frames (16x16, a keyframe every 2) come back pixel
       for pixel; at 64x64 the pixels differ from the stored video's by about as much as
       the compression itself (measured: mean 0.04-1.6 levels against 0.4-4 for the raw
-      frame). Pick h264 for a camera a policy is asked from."""
+      frame). Pick h264 or hevc for a camera a policy is asked from."""
 
     def __init__(self, camera: CameraInfo):
         if not camera.is_video:
@@ -240,14 +261,14 @@ class CausalVideo:
             raise FrameError("a copied video camera's compression cannot be reproduced")
         self.camera = camera
         self.frames: list[np.ndarray] = []  # av1: the frames since the last keyframe
-        self.encoder: Any = None  # h264: the open encoder and decoder
+        self.encoder: Any = None  # h264, hevc: the open encoder and decoder
         self.decoder: Any = None
         self.steps = 0
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         """This step's frame (H x W x C uint8, C as the camera's) as the video shows it."""
         check_frame_array(frame[None], self.camera)
-        if self.camera.codec == "h264":
+        if self.camera.codec in ("h264", "hevc"):
             shown = self._streamed(frame)
         else:
             if len(self.frames) == self.camera.gop:
@@ -264,7 +285,8 @@ class CausalVideo:
         camera = self.camera
         if self.encoder is None:
             options = encoder_options(camera.codec, camera.gop, camera.crf)
-            options["x264-params"] += ":rc-lookahead=0:sync-lookahead=0:force-cfr=1"
+            if camera.codec == "h264":
+                options["x264-params"] += ":rc-lookahead=0:sync-lookahead=0:force-cfr=1"
             self.encoder = av.CodecContext.create(ENCODERS[camera.codec], "w")
             self.encoder.width, self.encoder.height = camera.width, camera.height
             self.encoder.pix_fmt = PIX_FMT
@@ -283,7 +305,9 @@ class CausalVideo:
             for shown in self.decoder.decode(packet)
         ]
         if len(decoded) != 1:  # never seen: the settings above give one frame per frame
-            raise FrameError(f"h264 gave {len(decoded)} frames for step {self.steps}, not 1")
+            raise FrameError(
+                f"{camera.codec} gave {len(decoded)} frames for step {self.steps}, not 1"
+            )
         shown = decoded[0]
         if camera.channels == 1:  # as decode_video: the mean of the equal channels
             shown = np.round(shown.mean(axis=2, keepdims=True)).astype(np.uint8)

@@ -136,13 +136,15 @@ def codec_name() -> str:
 
 
 def write_video(path: str, frames: np.ndarray, fps: int = FPS, vcodec: str | None = None) -> None:
-    """Frames as an MP4 with LeRobot's settings: yuv420p, g=2, crf=30 (libsvtav1)."""
+    """Frames as an MP4 with LeRobot's settings: yuv420p, g=2, crf=30 (libsvtav1, hevc)."""
     import av
 
     vcodec = vcodec or video_codec()
     options = {"g": "2"}
-    if vcodec in ("libsvtav1", "h264"):
-        options["crf"] = "30" if vcodec == "libsvtav1" else "18"
+    if vcodec in ("libsvtav1", "h264", "hevc"):  # hevc: x265 as LeRobot runs it (crf 30)
+        options["crf"] = "18" if vcodec == "h264" else "30"
+    if vcodec == "hevc":  # x265 logs to stderr by itself (its bitstream is the same)
+        options["x265-params"] = "log-level=error"
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with av.open(path, "w") as container:
         stream = container.add_stream(vcodec, fps, options=options)

@@ -1,4 +1,4 @@
-"""A camera stored as video (H.264 or AV1, one MP4 per episode in the frames group's
+"""A camera stored as video (H.264, AV1 or HEVC, one MP4 per episode in the frames group's
 episodes table): encode and decode round trip within a PSNR bound, identical bytes in any
 process and on Ray, collect / info / view / scan / shard / loader, and bad videos (a frame
 count that is not the episode's steps, a damaged stream) named by file, episode and camera."""
@@ -36,6 +36,7 @@ from tests.synthetic import make_episodes, write_synthetic_dataset
 from trainers.loader import read_index, stream
 
 SIZE = 16
+HEVC_SIZE = 32  # x265 is not deterministic under 32x32 (schemas/frames.py MIN_HEVC_SIDE)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -54,12 +55,18 @@ def moving_frames(steps: int, channels: int = 3, shift: int = 0) -> np.ndarray:
     return frames[..., :1] if channels == 1 else frames
 
 
-@pytest.mark.parametrize("codec", ["h264", "av1"])
+def tiled(frames: np.ndarray, size: int) -> np.ndarray:
+    """`moving_frames` repeated to size x size (a multiple of SIZE)."""
+    return np.tile(frames, (1, size // SIZE, size // SIZE, 1))
+
+
+@pytest.mark.parametrize("codec", ["h264", "av1", "hevc"])
 @pytest.mark.parametrize("channels", [3, 1])
 def test_a_video_round_trips_within_a_psnr_bound_with_its_frame_count(codec, channels):
-    camera = CameraInfo(height=SIZE, width=SIZE, channels=channels, codec=codec)
+    size = HEVC_SIZE if codec == "hevc" else SIZE
+    camera = CameraInfo(height=size, width=size, channels=channels, codec=codec)
     assert (camera.fps, camera.gop, camera.crf) == (30, 2, 30)  # LeRobot's settings
-    frames = moving_frames(20, channels)
+    frames = tiled(moving_frames(20, channels), size)
     data = encode_video(frames, camera)
     assert data == encode_video(frames, camera)  # deterministic
     decoded = decode_video(data, camera, "here", steps=20)
@@ -67,8 +74,8 @@ def test_a_video_round_trips_within_a_psnr_bound_with_its_frame_count(codec, cha
     assert psnr(decoded, frames) > 30
     with pytest.raises(FrameError, match="here: the video holds 20 frames, the episode has 21"):
         decode_video(data, camera, "here", steps=21)
-    other = CameraInfo(height=SIZE, width=SIZE + 2, channels=channels, codec=codec)
-    with pytest.raises(FrameError, match="the camera says 18x16"):
+    other = CameraInfo(height=size, width=size + 2, channels=channels, codec=codec)
+    with pytest.raises(FrameError, match=f"the camera says {size + 2}x{size}"):
         decode_video(data, other, "here")
     # a frame at a time (the export's image stats): the same frames, the same checks
     np.testing.assert_array_equal(np.stack(list(video_frames(data, camera, "here", 20))), decoded)
@@ -76,7 +83,7 @@ def test_a_video_round_trips_within_a_psnr_bound_with_its_frame_count(codec, cha
         list(video_frames(data, camera, "here", steps=21))
 
 
-@pytest.mark.parametrize("codec", ["h264", "av1"])
+@pytest.mark.parametrize("codec", ["h264", "av1", "hevc"])
 @pytest.mark.parametrize("channels", [3, 1])
 @pytest.mark.parametrize("gop", [2, 3])
 @pytest.mark.parametrize("size", [SIZE, 64])
@@ -85,8 +92,9 @@ def test_frames_given_a_step_at_a_time_come_back_as_the_whole_video_shows_them(
 ):
     if codec == "av1" and size > SIZE:
         pytest.skip("SVT-AV1 keyframes at 64x64 depend on later frames (docs/frames.md)")
+    size = max(size, HEVC_SIZE) if codec == "hevc" else size
     camera = CameraInfo(height=size, width=size, channels=channels, codec=codec, gop=gop)
-    frames = np.tile(moving_frames(13, channels), (1, size // SIZE, size // SIZE, 1))
+    frames = tiled(moving_frames(13, channels), size)
     whole = decode_video(encode_video(frames, camera), camera, "here", steps=13)
     causal = CausalVideo(camera)
     given = np.stack([causal(frame) for frame in frames])
@@ -106,6 +114,10 @@ def test_camera_settings_are_checked():
         CameraInfo(height=15, width=16, codec="h264")
     with pytest.raises(ValueError, match="no quality"):
         CameraInfo(height=16, width=16, codec="av1", quality=80)
+    with pytest.raises(ValueError, match="hevc video needs frames of at least 32x32"):
+        CameraInfo(height=16, width=64, codec="hevc")
+    with pytest.raises(ValueError, match="hevc's crf is 0-51"):
+        CameraInfo(height=32, width=32, codec="hevc", crf=52)
     with pytest.raises(ValueError, match="video settings"):
         CameraInfo(height=16, width=16, codec="png", gop=2)
     # An image camera's manifest entry is what it was before video cameras existed.
@@ -132,26 +144,29 @@ def damage(data: bytes, step: int) -> bytes:
     return bytes(damaged)
 
 
-@pytest.mark.parametrize(("codec", "step"), [("h264", "6"), ("av1", r"\d+")])
+@pytest.mark.parametrize(("codec", "step"), [("h264", "6"), ("av1", r"\d+"), ("hevc", "6")])
 def test_a_damaged_video_names_the_step_it_stops_at(codec, step):
     # H.264 fails at the damaged step; dav1d decodes a few frames ahead, so AV1 may name
     # a later one.
-    camera = CameraInfo(height=SIZE, width=SIZE, codec=codec)
-    data = damage(encode_video(moving_frames(20), camera), 6)
+    size = HEVC_SIZE if codec == "hevc" else SIZE
+    camera = CameraInfo(height=size, width=size, codec=codec)
+    data = damage(encode_video(tiled(moving_frames(20), size), camera), 6)
     with pytest.raises(FrameError, match=rf"^file: episode 3 step {step}: the video does not"):
         decode_video(data, camera, "file: episode 3", steps=20)
     with pytest.raises(FrameError, match="not a video"):
         decode_video(b"\x00" * 100, camera, "file: episode 3")
 
 
-def test_the_same_frames_give_the_same_bytes_in_another_process():
-    camera = CameraInfo(height=SIZE, width=SIZE, codec="h264")
-    here = hashlib.sha256(encode_video(moving_frames(12), camera)).hexdigest()
+@pytest.mark.parametrize("codec", ["h264", "hevc"])
+def test_the_same_frames_give_the_same_bytes_in_another_process(codec):
+    size = HEVC_SIZE if codec == "hevc" else SIZE
+    camera = CameraInfo(height=size, width=size, codec=codec)
+    here = hashlib.sha256(encode_video(tiled(moving_frames(12), size), camera)).hexdigest()
     script = (
         "import hashlib; from schemas.frames import CameraInfo; from schemas.video import "
-        "encode_video; from tests.test_frames_video import moving_frames; print(hashlib."
-        "sha256(encode_video(moving_frames(12), CameraInfo(height=16, width=16, codec='h264')))"
-        ".hexdigest())"
+        "encode_video; from tests.test_frames_video import moving_frames, tiled; print(hashlib."
+        f"sha256(encode_video(tiled(moving_frames(12), {size}), CameraInfo(height={size}, "
+        f"width={size}, codec='{codec}'))).hexdigest())"
     )
     there = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert there.stdout.strip() == here, there.stderr
@@ -270,14 +285,15 @@ def test_collect_on_ray_writes_the_same_bytes(ray_local, pendulum, tmp_path):
     assert open_dataset(again).manifest.dataset_id == open_dataset(video).manifest.dataset_id
 
 
-@pytest.mark.parametrize("codec", ["av1"])
+@pytest.mark.parametrize("codec", ["av1", "hevc"])
 def test_collect_av1_from_the_cli(codec, tmp_path, capsys):
-    out = str(tmp_path / "av1")
-    flags = ["--episodes", "2", "--max-steps", "10", "--frames", "16x16", "--gop", "4"]
+    out = str(tmp_path / codec)
+    size = HEVC_SIZE if codec == "hevc" else SIZE
+    flags = ["--episodes", "2", "--max-steps", "10", "--frames", f"{size}x{size}", "--gop", "4"]
     assert main(["collect", "Pendulum-v1", out, *flags, "--codec", codec]) == 0
     camera = open_dataset(out).cameras["render"]
-    assert (camera.codec, camera.gop) == ("av1", 4)
-    assert episode_frames(out, 1).frames.shape == (10, SIZE, SIZE, 3)
+    assert (camera.codec, camera.gop) == (codec, 4)
+    assert episode_frames(out, 1).frames.shape == (10, size, size, 3)
 
 
 # ---------------------------------------------------------------- bad videos

@@ -345,3 +345,42 @@ def test_lerobot_ingest_relabel_export_round_trip(lerobot_env, lerobot_written, 
     # The camera copied at ingest and joined at export: one lossy pass (LeRobot's), not two.
     assert error.max() < VIDEO_MAE, error
     assert nearest == list(range(total))
+
+
+def test_an_hevc_dataset_written_by_lerobot_is_copied_and_joined_back(lerobot_env, tmp_path):
+    """LeRobot's writer with vcodec="hevc" (x265's defaults: B-frames, open GOP) -> ingest:
+    every episode copied, the source's pixels exactly -> export --video-codec hevc: joined by
+    stream copy -> LeRobot reads the frames it wrote, within one lossy pass of the given."""
+    root, given = tmp_path / "src", tmp_path / "given.npz"
+    side(lerobot_env, "write_dataset.py", str(root), "--lengths", ",".join(map(str, LENGTHS)),
+         "--vcodec", "hevc", "--frames-out", str(given), hf_home=tmp_path / "hf")  # fmt: skip
+    assert main(["ingest", str(root), str(tmp_path / "ds"), "--format", "lerobot"]) == 0
+    dataset = open_dataset(str(tmp_path / "ds"))
+    camera = dataset.cameras["front"]
+    assert (camera.codec, camera.copied, camera.pix_fmt) == ("hevc", True, "yuv420p")
+    assert dataset.manifest.metadata["frames_from"]["front"]["copied_episodes"] == len(LENGTHS)
+    meta = read_meta(str(root))
+    table = dataset.read("episodes", ["length", frame_column("front")])
+    for episode, video in zip(meta.episodes, table.column(1).to_pylist()):
+        span, fps = dict(episode.videos)[CAMERA], meta.info.fps
+        np.testing.assert_array_equal(
+            decode_video(video, camera, "front", episode.length),
+            decode_video_span(
+                meta.uri(span.file), span.start_s, span.start_s + episode.length / fps, fps
+            ),
+        )
+    export = ["export", str(tmp_path / "ds"), str(tmp_path / "export"), "--format", "lerobot",
+              "--video-codec", "hevc"]  # fmt: skip
+    assert main(export) == 0
+    read = side(lerobot_env, "read_dataset.py", str(tmp_path / "export"), "--frames-out",
+                str(tmp_path / "read.npz"), hf_home=tmp_path / "hf")  # fmt: skip
+    assert [e["frames"] for e in read["episodes"]] == LENGTHS
+    info = json.loads((tmp_path / "export/meta/info.json").read_text())
+    assert info["features"][CAMERA]["info"]["video.codec"] == "hevc"
+    with np.load(tmp_path / "read.npz") as saved:
+        decoded = np.concatenate([saved[f"{CAMERA}/episode_{e}"] for e in range(len(LENGTHS))])
+    with np.load(given) as saved:
+        frames = {key: saved[key] for key in saved.files}
+    error, nearest = frame_errors(decoded, source_frames(frames))
+    assert error.max() < VIDEO_MAE, error  # LeRobot's x265 pass only: joined, not encoded
+    assert nearest == list(range(sum(LENGTHS)))

@@ -58,11 +58,11 @@ def source_spans(root: str) -> list[np.ndarray]:
     ]
 
 
-@pytest.mark.parametrize("vcodec", ["libsvtav1", "libx264"])
+@pytest.mark.parametrize("vcodec", ["libsvtav1", "libx264", "hevc"])
 def test_a_copied_span_decodes_to_the_source_spans_pixels(tmp_path, vcodec):
     """Episodes encoded apart and joined by stream copy (LeRobot v3.0), B-frames included
-    for H.264: each span copied alone decodes to the pixels of the source's span, and the
-    same span gives the same bytes twice."""
+    for H.264 and HEVC (x265's open GOP too): each span copied alone decodes to the pixels
+    of the source's span, and the same span gives the same bytes twice."""
     frames = lrd.scenes(20, 32, 32)
     lengths, starts = [5, 7, 8], [0, 5, 12]
     path = str(tmp_path / "joined.mp4")
@@ -71,7 +71,7 @@ def test_a_copied_span_decodes_to_the_source_spans_pixels(tmp_path, vcodec):
         parts.append(str(tmp_path / f"episode{i}.mp4"))
         lrd.write_video(parts[-1], frames[start : start + length], vcodec=vcodec)
     lrd.concatenate_videos(parts, path)
-    codec = "av1" if vcodec == "libsvtav1" else "h264"
+    codec = {"libsvtav1": "av1", "libx264": "h264"}.get(vcodec, vcodec)
     camera = CameraInfo(height=32, width=32, codec=codec, fps=lrd.FPS)
     for start, length in zip(starts, lengths):
         copied = copy_video_span(path, start / lrd.FPS, length, lrd.FPS)
@@ -173,7 +173,9 @@ def test_a_codec_hindsight_does_not_store_is_decoded_to_png(tmp_path, monkeypatc
     monkeypatch.setattr(lrd, "video_codec", lambda: "mpeg4")
     data = lrd.make_data([5, 4], camera=(32, 32))
     root = lrd.write_v21(tmp_path / "src", data)
-    why = "decoded and encoded as png: its MP4s are mpeg4; hindsight stores h264 and av1 video"
+    why = (
+        "decoded and encoded as png: its MP4s are mpeg4; hindsight stores h264, av1 and hevc video"
+    )
     assert plan_ingest(root).metadata["lerobot"]["video_cameras"]["top"] == why
     assert main(["ingest", root, str(tmp_path / "ds")]) == 0
     assert f"cameras: top 32x32x3 png ({why})" in capsys.readouterr().out

@@ -1,10 +1,11 @@
 """Camera frames as an MP4 video for a LeRobot export, with LeRobot's own writer's settings
 (lerobot/datasets/video_utils.py `encode_video_frames`, lerobot/configs/video.py): AV1 by
-SVT-AV1 (`libsvtav1`, preset 12) or H.264 (`libx264`), pixel format yuv420p, a keyframe
-every 2 frames (g=2: LeRobot seeks to any frame cheaply), crf 30. Encoding is
-schemas/video.py's `write_video`, the one encoder of the repo (the same one video cameras
-use): deterministic, so a re-run export writes the same bytes. This module only names the
-codec as the export's option does and says what info.json records per video feature.
+SVT-AV1 (`libsvtav1`, preset 12), H.264 (`libx264`) or HEVC (`libx265`), pixel format
+yuv420p, a keyframe every 2 frames (g=2: LeRobot seeks to any frame cheaply), crf 30.
+Encoding is schemas/video.py's `write_video`, the one encoder of the repo (the same one video
+cameras use): deterministic, so a re-run export writes the same bytes. This module only
+names the codec as the export's option does and says what info.json records per video
+feature.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from schemas.frames import DEFAULT_CRF, DEFAULT_GOP
 from schemas.video import PIX_FMT, write_video
 
 # the export's --video-codec (LeRobot's names) -> the codec schemas/video.py encodes
-CODECS = {"libsvtav1": "av1", "h264": "h264"}
+CODECS = {"libsvtav1": "av1", "h264": "h264", "hevc": "hevc"}
 
 
 @dataclass(frozen=True)
 class VideoSettings:
     """What LeRobot records per video feature in info.json (`video.*` keys)."""
 
-    codec: str  # the canonical codec name a decoder reports: "av1" or "h264"
+    codec: str  # the canonical codec name a decoder reports: "av1", "h264" or "hevc"
     height: int
     width: int
     fps: int

@@ -31,12 +31,14 @@ from schemas.frames import (
     DEFAULT_QUALITY,
     LOSSLESS_CODECS,
     MAX_FRAME_PIXELS,
+    MIN_HEVC_SIDE,
     VIDEO_CODECS,
     CameraInfo,
     FrameError,
     decode_frame,
     encode_frame,
     sniff_codec,  # noqa: F401  (re-exported: image sources sniff what they read)
+    video_size_problem,
 )
 
 # Raw frames a part may hold in all (its parts are cut smaller when they would hold more;
@@ -112,6 +114,10 @@ def raw_camera(shape: Sequence[int], codec: str | None, quality: int | None) -> 
         raise FrameError(
             f"{codec} video (yuv420p) needs an even height and width, the frames are "
             f"{shape[1]}x{shape[2]}: choose --codec png, jpeg or webp"
+        )
+    if codec == "hevc" and min(shape[1], shape[2]) < MIN_HEVC_SIDE:
+        raise FrameError(
+            f"{video_size_problem(codec, int(shape[1]), int(shape[2]))}: choose --codec h264 or av1"
         )
     if codec in (*LOSSLESS_CODECS, *VIDEO_CODECS):
         quality = None

@@ -1,13 +1,13 @@
 """LeRobot's `video` features as cameras: copied as they are, or decoded and encoded.
 
-Without `--codec`, a video feature whose MP4s hold H.264 or AV1 in yuv420p (LeRobot writes
-AV1) becomes a **copied** video camera: each episode's span of its MP4 is copied packet by
-packet into an MP4 of its own (engine/video.py `copy_video_span`: nothing decoded or
-encoded, the source's pixels exactly), which is what a hindsight video camera stores
-(schemas/video.py: one video per episode, frame k = step k). Every copied video is decoded
-once in its part task to check it is whole and holds one frame per step (a damaged MP4 is
-a problem naming the video, the episode and the camera), which costs a decode but no
-encode.
+Without `--codec`, a video feature whose MP4s hold H.264, AV1 or HEVC in yuv420p (LeRobot
+writes AV1 by default, H.264 or HEVC on request) becomes a **copied** video camera: each
+episode's span of its MP4 is copied packet by packet into an MP4 of its own (engine/video.py
+`copy_video_span`: nothing decoded or encoded, the source's pixels exactly), which is what a
+hindsight video camera stores (schemas/video.py: one video per episode, frame k = step k).
+Every copied video is decoded once in its part task to check it is whole and holds one frame
+per step (a damaged MP4 is a problem naming the video, the episode and the camera), which
+costs a decode but no encode.
 
 An episode's span is copied when it can stand alone and maps frame k to step k: its steps'
 timestamps are 0, 1/fps, 2/fps, ...; its first frame is a keyframe (LeRobot v3.0 joins
@@ -52,7 +52,14 @@ from engine.video import (
     video_format,
 )
 from schemas import steps as cols
-from schemas.frames import DEFAULT_CRF, VIDEO_CODECS, CameraInfo, FrameError, decode_frames
+from schemas.frames import (
+    DEFAULT_CRF,
+    VIDEO_CODECS,
+    CameraInfo,
+    FrameError,
+    decode_frames,
+    video_size_problem,
+)
 from schemas.video import PIX_FMT, check_video, write_video
 
 # Episodes whose MP4 a plan tries for the codec, pixel format and GOP of a camera.
@@ -91,11 +98,14 @@ def video_camera(
     gop = max(standalone) if standalone else max(lengths)
     why = None
     if found.codec not in VIDEO_CODECS:
-        why = f"its MP4s are {found.codec}; hindsight stores {' and '.join(VIDEO_CODECS)} video"
+        stored = f"{', '.join(VIDEO_CODECS[:-1])} and {VIDEO_CODECS[-1]}"
+        why = f"its MP4s are {found.codec}; hindsight stores {stored} video"
     elif found.pix_fmt != PIX_FMT:
         why = f"its MP4s are {found.pix_fmt}; hindsight stores {PIX_FMT} video"
     elif (found.height, found.width) != (height, width) or height % 2 or width % 2:
         why = f"its MP4s are {found.width}x{found.height}, info.json says {width}x{height}"
+    elif video_size_problem(found.codec, height, width):
+        why = str(video_size_problem(found.codec, height, width))
     if why:
         return encoded, False, f"decoded and encoded as png: {why}"
     copied = CameraInfo(

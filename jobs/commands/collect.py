@@ -61,13 +61,14 @@ class Collect(RayCommand):
         json_schema_extra={"metavar": "HxW"},
     )
     camera: str = Field(DEFAULT_CAMERA, description="Name of the camera --frames records.")
-    codec: Literal["png", "jpeg", "webp", "webp-lossless", "h264", "av1"] = Field(
+    codec: Literal["png", "jpeg", "webp", "webp-lossless", "h264", "av1", "hevc"] = Field(
         "png",
         description="Frame codec: png or webp-lossless (lossless), jpeg or webp (lossy), an "
-        "image per step; or h264 or av1 (one video per episode; even height and width).",
+        "image per step; or h264, av1 or hevc (one video per episode; even height and width, "
+        "hevc at least 32x32).",
     )
     gop: int | None = Field(
-        None, ge=1, description="h264/av1: a keyframe every GOP frames (default 2, LeRobot's)."
+        None, ge=1, description="Video: a keyframe every GOP frames (default 2, LeRobot's)."
     )
     quality: int | None = Field(
         None,
@@ -118,7 +119,7 @@ class Collect(RayCommand):
         frame_column(self.camera)  # letters, digits and underscores
         check_quality(self.codec, self.quality)
         if self.gop is not None and self.codec not in VIDEO_CODECS:
-            raise ValueError(f"--gop is for h264 and av1 video, not {self.codec}")
+            raise ValueError(f"--gop is for h264, av1 and hevc video, not {self.codec}")
         height, width = parse_size(self.frames)
         quality = self.quality or DEFAULT_QUALITY.get(self.codec)
         return CameraInfo(

@@ -45,9 +45,9 @@ class Export(RayCommand):
         "tasks (default: a `task` text column, as a LeRobot ingest writes; else the env "
         "id, else 'default').",
     )
-    video_codec: Literal["libsvtav1", "h264"] = Field(
+    video_codec: Literal["libsvtav1", "h264", "hevc"] = Field(
         "libsvtav1",
-        description="LeRobot: codec of the camera videos (LeRobot's default AV1, or H.264).",
+        description="LeRobot: codec of the camera videos (LeRobot's default AV1, H.264 or HEVC).",
     )
     dataset_id: str | None = Field(
         None,

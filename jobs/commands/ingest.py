@@ -69,11 +69,11 @@ class Ingest(RayCommand):
     )
     episode_column: str | None = Field(None, description="Deprecated: use --map episode_id=COLUMN.")
     step_column: str | None = Field(None, description="Deprecated: use --map t=COLUMN.")
-    codec: Literal["png", "jpeg", "webp", "webp-lossless", "h264", "av1"] | None = Field(
+    codec: Literal["png", "jpeg", "webp", "webp-lossless", "h264", "av1", "hevc"] | None = Field(
         None,
         description="Codec of the frames of raw uint8 image arrays (docs/frames.md): an "
-        "image per step, or h264/av1 one video per episode (default png). Images that "
-        "arrive encoded (PNG/JPEG/WebP) are stored as they came; LeRobot H.264/AV1 videos "
+        "image per step, or h264/av1/hevc one video per episode (default png). Images that "
+        "arrive encoded (PNG/JPEG/WebP) are stored as they came; LeRobot H.264/AV1/HEVC videos "
         "are copied as they came unless --codec is given (then decoded and encoded).",
     )
     quality: int | None = Field(
