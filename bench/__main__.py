@@ -28,6 +28,7 @@ BENCHMARKS = (
     "frames_loader",
     "train",
     "frames_train",
+    "frames_train_shards",
     "rvs",
     "scale",
     "export",

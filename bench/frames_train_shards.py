@@ -1,0 +1,343 @@
+"""Training from pixels through the frames loader: `hindsight train` from real shards against
+the same model on in-memory uint8 batches (issue 14).
+
+    PYTHONPATH=. nice -n 5 .venv/bin/python -m bench.frames_train_shards \\
+        --out bench/results/frames_train_shards.json [--work DIR] [--rounds 3]
+
+Data, made once in `--work` (reused by a rerun): `hindsight collect Pendulum-v1 --frames
+64x64` (`--episodes`, 40 by default: 8,000 steps of PNG frames), `relabel --with returns`,
+`shard --condition return_to_go --window 10 --frame-stack 3 --shard-steps 2000` (4 shards, so
+that 2 DataLoader workers each read their own), run as the CLI in subprocesses (so this
+process never starts Ray and DataLoader workers fork from a process without its threads).
+
+Per model with its trainer defaults (`mlp`: single steps, batch 256; `transformer`: windows of
+10, batch 64; the Nature CNN on the frames, the state vector and return_to_go), arms:
+  bare       the same model (built from the run's config) and AdamW in the few lines everyone
+             writes (bench.frames_train.bare_step_function), on 4 batches the loader made,
+             held in memory: uint8 frames [B, W, 9, 64, 64], no loading at all
+  trainer    trainers.train.train_loop as `hindsight train` runs it (the default stream: 0
+             DataLoader workers, decoding in a background thread 2 batches ahead)
+  threads-2  the same, 2 decode threads in that loader thread (`decode_threads=2`)
+  workers-1  the loader in 1 DataLoader worker process
+  workers-2  in 2 (each reads its own shards and decodes its own batches)
+The arms run in turn, `--rounds` times, the order rotated each round (load drift on this
+shared machine hits every arm alike). A segment is one fresh run of `--mlp-steps` (or
+`--transformer-steps`) steps; its first quarter and one step are untimed (model and loader
+start up: the shuffle buffer fills, workers fork). A segment's rate is the timed steps' samples over their
+wall time (a loader that cannot keep up shows as waits); its CPU-seconds are those of this
+process and its live children (the workers) over the same steps, read from /proc. An arm's
+figure is the median over rounds; `over_bare` the median over rounds of the arm's rate over
+that round's bare rate. The goal (issue 14): the whole trainer at >= 0.9x the bare loop.
+On a GPU box (`device` is cuda when torch sees one) the same command measures the same arms.
+
+Also measured: what the loader does per batch (frames decoded per sample, CPU-seconds of
+decoding per batch against all of its CPU-seconds), and PNG decode per frame on these frames:
+schemas.frames.decode_frame (Image.open) against the loader's decode_plain_png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench import save_results
+
+ARMS = {  # arm -> loader settings beyond the trainer's own (trainers.train)
+    "trainer": {},
+    "threads-2": {"decode_threads": 2},
+    "workers-1": {"num_workers": 1},
+    "workers-2": {"num_workers": 2},
+}
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def build_shards(work: str, episodes: int) -> str:
+    """collect -> relabel -> shard with the CLI, once per work directory."""
+    shards = os.path.join(work, "shards")
+    if os.path.exists(os.path.join(shards, "index.json")):
+        return shards
+    raw, relabeled = os.path.join(work, "raw"), os.path.join(work, "relabeled")
+    cli = [sys.executable, "-m", "jobs.cli"]
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    for command in (
+        ["collect", "Pendulum-v1", raw, "--episodes", str(episodes), "--frames", "64x64",
+         "--noise", "0,0.5,1.0", "--episodes-per-part", str(max(1, episodes // 4))],
+        ["relabel", raw, relabeled, "--with", "returns"],
+        ["shard", relabeled, shards, "--condition", "return_to_go", "--window", "10",
+         "--frame-stack", "3", "--shard-steps", str(max(1, episodes * 200 // 4))],
+    ):  # fmt: skip
+        if not os.path.exists(os.path.join(work, command[2], "manifest.json")):
+            subprocess.run([*cli, *command], check=True, env=env, cwd=work)
+    return shards
+
+
+def cpu_seconds(children: list[int]) -> float:
+    """CPU seconds of this process (all its threads) and of the `children` still alive."""
+    total = time.process_time()
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
+def child_pids() -> list[int]:
+    """Processes whose parent is this one (DataLoader workers)."""
+    me, found = str(os.getpid()), []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as handle:
+                    if handle.read().rsplit(")", 1)[1].split()[1] == me:
+                        found.append(int(name))
+            except OSError:
+                continue
+    return found
+
+
+def stream_factory(config, settings: dict[str, int]):
+    """trainers.train.default_stream_factory with `settings` added (workers, threads)."""
+    from trainers import loader
+    from trainers.train import loader_prefetch
+
+    options = config.options
+
+    def make(start_state, rank: int, world_size: int):
+        arguments = dict(
+            seed=options.seed, shuffle_buffer=options.shuffle_buffer, rank=rank,
+            world_size=world_size, start_state=start_state, window=int(config.model["window"]),
+            cameras=sorted(config.model["frames"]["cameras"]), prefetch=loader_prefetch(config.model),
+        )  # fmt: skip
+        return loader.stream(
+            options.input, options.batch_size, list(options.condition), **arguments | settings
+        )
+
+    return make
+
+
+def segment_figures(ends: list[float], cpu: tuple[float, float], warm: int, batch: int) -> dict:
+    """Rate and CPU of the steps after the first `warm` + 1 of a segment: `ends[i]` is when
+    step i (from 0) ended, `cpu` the CPU-seconds read at ends[warm] and at the last end."""
+    steps = np.diff(np.asarray(ends[warm:]))
+    wall = float(ends[-1] - ends[warm])
+    return {
+        "timed_steps": len(steps),
+        "wall_s": wall,
+        "samples_per_s": batch * len(steps) / wall,
+        "median_step_s": float(np.median(steps)),
+        "cpu_s": cpu[1] - cpu[0],
+        "samples_per_cpu_s": batch * len(steps) / max(cpu[1] - cpu[0], 1e-9),
+    }
+
+
+def bare_segment(step, steps: int, warm: int, batch: int) -> dict:
+    ends, cpu = [], []
+    for number in range(steps):
+        step(number)
+        ends.append(time.perf_counter())
+        if number + 1 in (warm + 1, steps):  # as trainer_segment: when step warm + 1 ends
+            cpu.append(cpu_seconds([]))
+    return segment_figures(ends, (cpu[0], cpu[1]), warm, batch)
+
+
+def trainer_segment(config, settings: dict[str, int], steps: int, warm: int, batch: int) -> dict:
+    """One fresh `hindsight train` run of `steps` steps (its own run directory)."""
+    from trainers import train
+
+    ends: list[float] = []
+    cpu: list[float] = []
+    children: list[int] = []
+
+    def report(line: dict[str, Any]) -> None:
+        ends.append(time.perf_counter())
+        if len(ends) == warm + 1:  # step `warm` (from 0) ended: the timed steps start
+            children.extend(child_pids() if settings.get("num_workers") else [])
+            cpu.append(cpu_seconds(children))
+        elif len(ends) == steps:
+            cpu.append(cpu_seconds(children))
+
+    train.train_loop(config, stream_factory(config, settings), report=report, catch_signals=False)
+    return segment_figures(ends, (cpu[0], cpu[1]), warm, batch)
+
+
+def loader_profile(config, batches: int = 12) -> dict[str, Any]:
+    """Per batch of the trainer's stream (0 workers, no prefetch thread: CPU in this
+    thread): frames decoded, decode CPU-seconds, all of the loader's CPU-seconds."""
+    from trainers.loader import frames as loader_frames
+
+    spent = {"decode_s": 0.0, "frames": 0}
+    decode = loader_frames.FrameDecoder.decode
+
+    def timed(self, frames, rows):
+        started = time.thread_time()
+        result = decode(self, frames, rows)
+        spent["decode_s"] += time.thread_time() - started
+        spent["frames"] += len(rows)
+        return result
+
+    options = config.options
+    iterator = iter(stream_factory(config, {"prefetch": 0})(None, 0, 1))
+    next(iterator)  # the shuffle buffer fills
+    loader_frames.FrameDecoder.decode = timed
+    try:
+        started = time.thread_time()
+        for _ in range(batches):
+            next(iterator)
+        total = time.thread_time() - started
+    finally:
+        loader_frames.FrameDecoder.decode = decode
+        iterator.close()
+    window = int(config.model["window"])
+    samples = batches * int(options.batch_size) * window
+    return {
+        "frames_decoded_per_batch": spent["frames"] / batches,
+        "frames_decoded_per_step": spent["frames"] / samples,
+        "frames_per_batch": int(options.batch_size) * window * int(config.index["frame_stack"]),
+        "cpu_s_per_batch": total / batches,
+        "decode_cpu_s_per_batch": spent["decode_s"] / batches,
+        "decode_share": spent["decode_s"] / total,
+    }
+
+
+def png_decode(shards: str, frames: int = 2000, rounds: int = 3) -> dict[str, float]:
+    """CPU microseconds per frame, best of `rounds` (in turn): Image.open as
+    schemas.frames.decode_frame does, and the loader's decode_plain_png; same pixels."""
+    from schemas.frames import decode_frame
+    from trainers.loader import read_index
+    from trainers.loader.frames import decode_plain_png
+    from trainers.loader.shards import shard_blocks
+
+    index = read_index(shards)
+    camera = index.cameras["render"]
+    block = next(shard_blocks(os.path.join(shards, index.shards[0].name), index, [],
+                              cameras=["render"]))  # fmt: skip
+    data, offsets = block.frames["render"]
+    encoded = [data[offsets[i] : offsets[i + 1]] for i in range(min(frames, len(offsets) - 1))]
+    for item in encoded[:50]:
+        assert np.array_equal(decode_plain_png(item, camera), decode_frame(item, camera))
+    best = {"decode_frame_us": float("inf"), "decode_plain_png_us": float("inf")}
+    for _ in range(rounds):
+        for name, function in (("decode_frame_us", lambda item: decode_frame(item, camera)),
+                               ("decode_plain_png_us", lambda item: decode_plain_png(item, camera))):  # fmt: skip
+            started = time.process_time()
+            for item in encoded:
+                function(item)
+            best[name] = min(best[name], (time.process_time() - started) / len(encoded) * 1e6)
+    return {**best, "bytes_per_frame": float(np.mean([len(item) for item in encoded]))}
+
+
+def measure(model: str, shards: str, steps: int, rounds: int, device: str, work: str) -> dict:
+    from bench.frames_train import bare_step_function
+    from trainers import loader, train
+    from trainers.options import TrainOptions
+
+    def config_for(name: str):
+        options = TrainOptions(
+            input=shards, output=os.path.join(work, "runs", f"{model}-{name}-{time.time_ns()}"),
+            condition=["return_to_go"], model=model, steps=steps, log_every=1,
+            checkpoint_every=steps + 1, device=device, frame_encoder="nature",
+        )  # fmt: skip
+        return train.new_run_config(loader.read_index(shards).model_dump(mode="json"), options)
+
+    config = config_for("bare")
+    batch = int(config.options.batch_size)
+    held = iter(stream_factory(config, {})(None, 0, 1))
+    batches = [{k: v.clone().to(device) for k, v in next(held).items()} for _ in range(4)]
+    held.close()
+    bare_step = bare_step_function(config, batches)
+    warm = max(2, steps // 4)
+    arms = ["bare", *ARMS]
+    segments: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for round_number in range(rounds):
+        for arm in arms[round_number % len(arms) :] + arms[: round_number % len(arms)]:
+            if arm == "bare":
+                figures = bare_segment(bare_step, steps, warm, batch)
+            else:
+                figures = trainer_segment(config_for(arm), ARMS[arm], steps, warm, batch)
+            figures["load_1min"] = os.getloadavg()[0]
+            segments[arm].append(figures)
+            print(model, round_number, arm, json.dumps(figures), flush=True)
+    summary = {}
+    for arm in arms:
+        rates = [s["samples_per_s"] for s in segments[arm]]
+        per_cpu = [s["samples_per_cpu_s"] for s in segments[arm]]
+        over = [s["samples_per_s"] / b["samples_per_s"] for s, b in zip(segments[arm], segments["bare"])]  # fmt: skip
+        summary[arm] = {
+            "loader": ARMS.get(arm, "none: batches in memory"),
+            "samples_per_s": float(np.median(rates)),
+            "samples_per_cpu_s": float(np.median(per_cpu)),
+            "over_bare": float(np.median(over)),
+            "over_bare_per_cpu_s": float(np.median(
+                [s["samples_per_cpu_s"] / b["samples_per_cpu_s"]
+                 for s, b in zip(segments[arm], segments["bare"])])),
+        }  # fmt: skip
+    return {
+        "batch_size": batch,
+        "window": int(config.model["window"]),
+        "steps_per_segment": steps,
+        "untimed_steps_per_segment": warm,
+        "arms": summary,
+        "loader_per_batch": loader_profile(config),
+        "segments": segments,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="bench/results/frames_train_shards.json")
+    parser.add_argument("--work", default=None, help="Data directory (kept; default: a temp).")
+    parser.add_argument("--episodes", type=int, default=40, help="Pendulum episodes collected.")
+    parser.add_argument("--rounds", type=int, default=3, help="Rounds of all arms, in turn.")
+    parser.add_argument("--mlp-steps", type=int, default=16, help="Steps per MLP segment.")
+    parser.add_argument("--transformer-steps", type=int, default=8, help="Per transformer one.")
+    parser.add_argument("--models", default="mlp,transformer")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("HINDSIGHT_PROGRESS_SECONDS", "0")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="hs-bench-frames-train-shards-") as temporary:
+        work = args.work or temporary
+        shards = build_shards(work, args.episodes)
+        steps = {"mlp": args.mlp_steps, "transformer": args.transformer_steps}
+        models = {
+            model: measure(model, shards, steps[model], args.rounds, device, work)
+            for model in args.models.split(",")
+        }
+        decode = png_decode(shards)
+    report = {
+        "benchmark": "frames_train_shards",
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "data": f"Pendulum-v1, {args.episodes} episodes, 64x64 RGB PNG, frame stack 3, 4 shards",
+        "load_average_1min_before": load_before[0],
+        "models": models,
+        "png_decode": decode,
+        "load_average_1min_after": os.getloadavg()[0],
+    }  # fmt: skip
+    save_results(report, args.out, echo=False)
+    for model, result in models.items():
+        for arm, figures in result["arms"].items():
+            print(f"{model:12} {arm:10} {figures['samples_per_s']:8,.0f} samples/s "
+                  f"({figures['over_bare']:.2f}x bare), {figures['samples_per_cpu_s']:6,.0f} "
+                  f"samples per CPU-second ({figures['over_bare_per_cpu_s']:.2f}x)")  # fmt: skip
+    return report
+
+
+if __name__ == "__main__":
+    main()
