@@ -53,6 +53,8 @@ from typing import Any
 
 import numpy as np
 
+from examples.experiment import trained_steps
+
 ENV = "BabyAI-GoToLocal-v0"
 # Held out of every training instruction; each colour and each type stays in training with
 # other partners (compositions of known words). Each change made after a run failed on its
@@ -203,16 +205,6 @@ def data_facts(dataset: str) -> dict[str, Any]:
         "with_instruction": int(table["instruction"].is_not_null().sum()),
         "mission_is_what_happened": float(same.mean()),
     }
-
-
-def trained_steps(run: str) -> int | None:
-    """The step of a run's checkpoint (a run of an earlier invocation in --work), or None."""
-    path = os.path.join(run, "checkpoint.pt")
-    if not os.path.exists(path):
-        return None
-    import torch
-
-    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
 
 
 def train(shards: str, run: str, condition: str, seed: int, args) -> None:

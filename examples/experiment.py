@@ -35,6 +35,16 @@ import numpy as np
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
+def trained_steps(run: str) -> int | None:
+    """The step of a run's checkpoint (a run of an earlier invocation in --work), or None."""
+    path = os.path.join(run, "checkpoint.pt")
+    if not os.path.exists(path):
+        return None
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+
+
 def interval(values: list[float]) -> dict[str, Any]:
     """Mean over seeds with a 95% t-interval."""
     array = np.asarray(values, dtype=float)

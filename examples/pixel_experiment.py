@@ -28,10 +28,11 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import time
 from typing import Any
 
-from examples.experiment import asking_claims, interval, spearman
+from examples.experiment import asking_claims, interval, spearman, trained_steps
 
 # Pendulum-v1's frames also draw the previous step's torque as an arrow, which behaviour
 # cloned from frames learns to copy (causal confusion: engine/envs.py HideTorqueArrow); the
@@ -79,9 +80,11 @@ def train_pixel_policy(shards: str, run: str, condition: list[str], seed: int, a
     from jobs.commands.demo import train_run
 
     started = time.perf_counter()
-    # A finished run has its checkpoint (written at the last step: checkpoint_every = steps);
-    # config.json alone is a run stopped on its way, trained again from the start.
-    if not os.path.exists(os.path.join(run, "checkpoint.pt")):
+    # A finished run has a checkpoint of the last step. A run stopped on its way (no
+    # checkpoint, or one `train` saved when it was stopped) is trained again from the start.
+    done = trained_steps(run)
+    if done is None or done < args.steps:
+        shutil.rmtree(run, ignore_errors=True)
         train_run(
             shards,
             run,
