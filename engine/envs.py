@@ -111,13 +111,13 @@ class HideTorqueArrow(gym.Wrapper):
     """Pendulum-v1 whose `render()` leaves out the torque arrow; nothing else differs.
 
     Pendulum-v1 draws the torque of the step before as an arrow around the pivot, so every
-    frame shows the previous action. Behaviour cloned from frames then learns to repeat the
-    arrow, which predicts the next action in the data but says nothing about the state
-    (the "copycat" causal confusion of de Haan et al. 2019, Wen et al. 2020): asked in a
-    rollout, the policy keeps repeating its own last torque. In the pixel experiment
-    (docs/trainer.md, Pixels) the same 200 episodes' frames with the arrow gave policies
-    below the data's average episode, without it above. Dynamics, rewards, observations,
-    seeding and the 200-step limit are Pendulum-v1's, step for step (tested)."""
+    frame shows the previous action, which predicts the next action in the data but says
+    nothing about the state: a policy cloned from frames can learn to repeat it (the
+    "copycat" causal confusion of de Haan et al. 2019, Wen et al. 2020). In the pixel
+    experiment (docs/trainer.md, Pixels), on the same 200 episodes, asking for a high
+    return went from below the dataset mean with the arrow to above it without.
+    Dynamics, rewards, observations, seeding and the 200-step limit are Pendulum-v1's,
+    step for step (tested)."""
 
     def render(self):
         pendulum = self.env.unwrapped

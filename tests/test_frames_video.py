@@ -157,6 +157,30 @@ def test_a_damaged_video_names_the_step_it_stops_at(codec, step):
         decode_video(b"\x00" * 100, camera, "file: episode 3")
 
 
+def test_one_flipped_bit_in_an_hevc_video_is_an_error_or_changes_nothing():
+    """hindsight's x265 writes an MD5 of every picture, which FFmpeg checks: a flipped bit
+    that would change pixels is an error naming the video, never wrong frames."""
+    import av
+
+    camera = CameraInfo(height=HEVC_SIZE, width=HEVC_SIZE, codec="hevc")
+    data = encode_video(tiled(moving_frames(20), HEVC_SIZE), camera)
+    whole = decode_video(data, camera, "file", steps=20)
+    with av.open(io.BytesIO(data)) as container:
+        packets = [(p.pos, p.size) for p in container.demux(container.streams.video[0]) if p.size]
+    rng, outcomes = np.random.default_rng(1), []
+    for _ in range(30):
+        position, size = packets[int(rng.integers(len(packets)))]
+        flipped = bytearray(data)
+        flipped[position + 4 + int(rng.integers(size - 4))] ^= 1 << int(rng.integers(8))
+        try:
+            same = np.array_equal(decode_video(bytes(flipped), camera, "file", steps=20), whole)
+            outcomes.append("same" if same else "WRONG PIXELS")
+        except FrameError as error:
+            assert str(error).startswith("file")
+            outcomes.append("error")
+    assert "WRONG PIXELS" not in outcomes and outcomes.count("error") >= 20
+
+
 @pytest.mark.parametrize("codec", ["h264", "hevc"])
 def test_the_same_frames_give_the_same_bytes_in_another_process(codec):
     size = HEVC_SIZE if codec == "hevc" else SIZE

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import re
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -71,12 +73,27 @@ def test_other_pngs_and_bad_data_are_left_to_decode_frame():
         "no IEND": good[:-12],
         "bad IDAT": good[:41] + bytes(len(good) - 53) + good[-12:],
     }
+    # Refused by decode_frame too: a header whose CRC is wrong, image data split by another chunk.
+    bad_header = bytearray(good)
+    bad_header[29] ^= 1
+    others["bad IHDR CRC"] = bytes(bad_header)
+    idat = good.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", good[idat : idat + 4])
+    body, half = good[idat + 8 : idat + 8 + length], length // 2
+    split = chunk(b"IDAT", body[:half]) + chunk(b"tEXt", b"a\x00b") + chunk(b"IDAT", body[half:])
+    others["IDAT split by tEXt"] = good[:idat] + split + good[idat + 12 + length :]
     for name, data in others.items():
         assert decode_plain_png(data, camera) is None, name
     # PIL writes no interlaced PNG: a header that says so is refused before decoding.
     interlaced = bytearray(good)
     interlaced[28] = 1
+    interlaced[29:33] = struct.pack(">I", zlib.crc32(bytes(interlaced[12:29])))
     assert decode_plain_png(bytes(interlaced), camera) is None
+
+
+def chunk(kind: bytes, body: bytes) -> bytes:
+    """A PNG chunk: length, type, data and the CRC of type and data."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def test_the_decoder_falls_back_with_the_same_pixels_and_the_same_errors():

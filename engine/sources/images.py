@@ -31,7 +31,6 @@ from schemas.frames import (
     DEFAULT_QUALITY,
     LOSSLESS_CODECS,
     MAX_FRAME_PIXELS,
-    MIN_HEVC_SIDE,
     VIDEO_CODECS,
     CameraInfo,
     FrameError,
@@ -110,15 +109,10 @@ def raw_camera(shape: Sequence[int], codec: str | None, quality: int | None) -> 
     """The camera of a raw (N, H, W[, C]) uint8 array, encoded with `codec` (None: PNG)."""
     codec = codec or "png"
     channels = shape[3] if len(shape) == 4 else 1
-    if codec in VIDEO_CODECS and (shape[1] % 2 or shape[2] % 2):
-        raise FrameError(
-            f"{codec} video (yuv420p) needs an even height and width, the frames are "
-            f"{shape[1]}x{shape[2]}: choose --codec png, jpeg or webp"
-        )
-    if codec == "hevc" and min(shape[1], shape[2]) < MIN_HEVC_SIDE:
-        raise FrameError(
-            f"{video_size_problem(codec, int(shape[1]), int(shape[2]))}: choose --codec h264 or av1"
-        )
+    problem = video_size_problem(codec, int(shape[1]), int(shape[2]))
+    if codec in VIDEO_CODECS and problem:
+        other = "png, jpeg or webp" if shape[1] % 2 or shape[2] % 2 else "h264 or av1"
+        raise FrameError(f"{problem}: choose --codec {other}")
     if codec in (*LOSSLESS_CODECS, *VIDEO_CODECS):
         quality = None
     elif quality is None:

@@ -105,7 +105,10 @@ def video_camera(
     elif (found.height, found.width) != (height, width) or height % 2 or width % 2:
         why = f"its MP4s are {found.width}x{found.height}, info.json says {width}x{height}"
     elif video_size_problem(found.codec, height, width):
-        why = str(video_size_problem(found.codec, height, width))
+        # A copy encodes nothing, but an episode that cannot be copied is encoded again in
+        # the camera's codec, which hindsight refuses below hevc's minimum size.
+        problem = video_size_problem(found.codec, height, width)
+        why = f"an episode that cannot be copied would be encoded again, and {problem}"
     if why:
         return encoded, False, f"decoded and encoded as png: {why}"
     copied = CameraInfo(

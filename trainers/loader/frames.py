@@ -16,6 +16,7 @@ in parallel (and DataLoader workers each run their own).
 from __future__ import annotations
 
 import struct
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ def decode_plain_png(data: bytes, camera: CameraInfo) -> np.ndarray | None:
     if (
         kind != b"IHDR"
         or length != 13
+        or zlib.crc32(data[12:29]) != struct.unpack_from(">I", data, 29)[0]
         or (height, width) != (camera.height, camera.width)
         or (depth, compression, filtering, interlace) != (8, 0, 0, 0)
         or color != PNG_COLOR_TYPE.get(camera.channels)
@@ -88,8 +90,8 @@ def decode_plain_png(data: bytes, camera: CameraInfo) -> np.ndarray | None:
         length, kind = struct.unpack_from(">I4s", data, position)
         if kind == b"IDAT":
             chunks.append(view[position + 8 : position + 8 + length])
-        elif kind == b"IEND":
-            break
+        elif kind == b"IEND" or chunks:
+            break  # image data ends at the first chunk after it: PIL reads no further
         elif not kind[0] & 0x20:
             return None  # a critical chunk other than these (PLTE): Image.open knows it
         position += 12 + length
