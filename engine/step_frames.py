@@ -71,7 +71,12 @@ def part_frames(
 
 
 def video_step_frames(
-    dataset: Dataset, index: int, camera: str, steps: pa.Table, rows: np.ndarray | None = None
+    dataset: Dataset,
+    index: int,
+    camera: str,
+    steps: pa.Table,
+    rows: np.ndarray | None = None,
+    png_level: int = PNG_LEVEL,
 ) -> pa.Array:
     """Video camera `camera`'s frames of part `index` at the rows `rows` of its steps
     (`steps`: the part's `episode_id` and `t`; None: every row), each a PNG of the frame
@@ -101,7 +106,7 @@ def video_step_frames(
         chosen = by_episode[starts[k] : ends[k]]  # positions in `asked`
         slot_of = dict(zip(t_of[chosen].tolist(), asked[chosen].tolist()))
         for frame_index, frame in _frames_up_to(videos[k].as_py(), info, where, length, slot_of):
-            out[slot_of[frame_index]] = encode_frame(frame, png, png_level=PNG_LEVEL)
+            out[slot_of[frame_index]] = encode_frame(frame, png, png_level=png_level)
     return pa.array(out, pa.binary())
 
 

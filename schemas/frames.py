@@ -182,7 +182,12 @@ def _image_camera(camera: CameraInfo, where: str = "") -> None:
         )
 
 
-def encode_frame(frame: np.ndarray, camera: CameraInfo, png_level: int = 6) -> bytes:
+DEFAULT_PNG_LEVEL = 6  # zlib's default: what collect, ingest and shards write
+
+
+def encode_frame(
+    frame: np.ndarray, camera: CameraInfo, png_level: int = DEFAULT_PNG_LEVEL
+) -> bytes:
     """One H x W x C uint8 frame in the camera's codec (`png_level`: PNG's zlib level; 1
     for frames made on the fly, read once: engine/step_frames.py)."""
     from PIL import Image

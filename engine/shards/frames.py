@@ -30,10 +30,10 @@ import pyarrow as pa
 
 from engine.dataset import Dataset, holds_frames
 from engine.query.read import read_part_rows
+from engine.step_frames import video_step_frames
 from schemas import steps as cols
-from schemas.frames import CameraInfo, FrameError, encode_frames, frame_column
+from schemas.frames import DEFAULT_PNG_LEVEL, CameraInfo, FrameError, frame_column
 from schemas.shard_index import ShardError
-from schemas.video import decode_video
 
 
 @dataclass
@@ -256,32 +256,19 @@ def resolve_cameras(dataset: Dataset, names: Sequence[str] | None) -> dict[str, 
     return {name: available[name] for name in names}
 
 
-def transcode_part_videos(
-    dataset: Dataset, index: int, camera: str, info: CameraInfo
-) -> EncodedFrames:
-    """A video camera's frames of part `index` (one video per episode, episodes in the
-    part's order), decoded and encoded as `CameraInfo.as_images`: one PNG per step. A video
-    whose frame count is not its episode's steps, or that does not decode, is a ShardError
-    naming the file, episode and camera (and step)."""
-    column = frame_column(camera)
-    group = dataset.group_of(column, "episodes")
-    uri = dataset.file_uris(group, "episodes")[index]
-    table = dataset.read_part(index, "episodes", [cols.EPISODE_ID, cols.LENGTH, column])
-    png = info.as_images()
-    encoded: list[bytes] = []
-    for episode_id, length, video in zip(
-        table.column(cols.EPISODE_ID).to_pylist(),
-        table.column(cols.LENGTH).to_pylist(),
-        table.column(column).to_pylist(),
-    ):
-        where = f"{uri}: episode {episode_id} camera {camera!r}"
-        if video is None:
-            raise ShardError(f"{where}: no video")
-        try:
-            encoded += encode_frames(decode_video(video, info, where, length), png)
-        except FrameError as error:
-            raise ShardError(str(error)) from None
-    return EncodedFrames.from_arrow(pa.array(encoded, pa.binary()), uri)
+def transcode_part_videos(dataset: Dataset, index: int, camera: str) -> EncodedFrames:
+    """A video camera's frames of part `index`, decoded and encoded as
+    `CameraInfo.as_images`: one PNG per step, as relabelers read them
+    (engine/step_frames.py), at PNG's default level (shards are kept). A video whose frame
+    count is not its episode's steps, or that does not decode, is a ShardError naming the
+    file, episode and camera (and step)."""
+    steps = dataset.read_part(index, "steps", [cols.EPISODE_ID, cols.T])
+    try:
+        encoded = video_step_frames(dataset, index, camera, steps, png_level=DEFAULT_PNG_LEVEL)
+    except FrameError as error:
+        raise ShardError(str(error)) from None
+    uri = dataset.file_uris(dataset.group_of(frame_column(camera), "episodes"), "episodes")[index]
+    return EncodedFrames.from_arrow(encoded, uri)
 
 
 def stored_frame_bytes(dataset: Dataset, parts: Sequence[int]) -> int:
@@ -326,7 +313,7 @@ def read_part_frames(
             continue
         where = f"{dataset.uri} part {index} column {frame_column(camera)!r}"
         if infos[camera].is_video:
-            encoded = transcode_part_videos(dataset, index, camera, infos[camera])
+            encoded = transcode_part_videos(dataset, index, camera)
         else:
             assert table is not None
             encoded = EncodedFrames.from_arrow(table.column(frame_column(camera)), where)
