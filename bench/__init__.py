@@ -4,6 +4,8 @@ Speeds are reported as ratios against a baseline measured in the same run on the
 """
 
 import json
+import os
+import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,19 @@ def save_results(results: dict[str, Any], out: str | Path, echo: bool = True) ->
     text = json.dumps(results, indent=2) + "\n"
     out.write_text(text)
     print(text if echo else f"wrote {out}", end="" if echo else "\n")
+
+
+def torch_machine(device: str) -> dict[str, Any]:
+    """What a torch benchmark ran on: device, its name, torch's threads and the cores."""
+    import torch  # only the torch benchmarks pay for it
+
+    name = torch.cuda.get_device_name() if device == "cuda" else ""
+    return {
+        "device": device,
+        "device_name": name or platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
 
 
 def best_of(repeats: int, timed: dict[str, Callable[[], object]]) -> dict[str, float]:

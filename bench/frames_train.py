@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import save_results
+from bench import save_results, torch_machine
 from bench.train import print_ratios
 
 SIZE, STACK, OBS_DIM = 64, 3, 3
@@ -190,10 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(model, json.dumps(models[model]), flush=True)
     report = {
         "benchmark": "frames_train",
-        "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
+        **torch_machine(device),
         "load_average_1min_before": load_before[0],
         "models": models,
         "loader": "not measured here (the frames loader alone: bench/frames_loader.py)",

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import save_results
+from bench import save_results, torch_machine
 
 ARMS = {  # arm -> loader settings beyond the trainer's own (trainers.train)
     "trainer": {},
@@ -320,10 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
         decode = png_decode(shards)
     report = {
         "benchmark": "frames_train_shards",
-        "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
+        **torch_machine(device),
         "data": f"Pendulum-v1, {args.episodes} episodes, 64x64 RGB PNG, frame stack 3, 4 shards",
         "load_average_1min_before": load_before[0],
         "models": models,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -34,7 +33,7 @@ from typing import Any
 
 import torch
 
-from bench import save_results
+from bench import save_results, torch_machine
 
 WINDOW = 20
 
@@ -203,10 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(model, json.dumps(models[model]), flush=True)
     report = {
         "benchmark": "train",
-        "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
+        **torch_machine(device),
         "load_average_1min_before": load_before[0],
         "size": {"episodes": args.episodes, "shard_window": WINDOW, "repeats": args.repeats},
         "shard_build_seconds": build_seconds,
