@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import CliPositionalArg
 
@@ -13,6 +11,7 @@ from schemas.frames import (
     DEFAULT_QUALITY,
     VIDEO_CODECS,
     CameraInfo,
+    Codec,
     check_quality,
     frame_column,
 )
@@ -61,7 +60,7 @@ class Collect(RayCommand):
         json_schema_extra={"metavar": "HxW"},
     )
     camera: str = Field(DEFAULT_CAMERA, description="Name of the camera --frames records.")
-    codec: Literal["png", "jpeg", "webp", "webp-lossless", "h264", "av1", "hevc"] = Field(
+    codec: Codec = Field(
         "png",
         description="Frame codec: png or webp-lossless (lossless), jpeg or webp (lossy), an "
         "image per step; or h264, av1 or hevc (one video per episode; even height and width, "

@@ -13,6 +13,7 @@ from engine import storage
 from engine.sources import FORMATS
 from engine.writer import DEFAULT_PART_STEPS
 from jobs.command import NewDataset, RayCommand, Source, version_line
+from schemas.frames import Codec
 from schemas.manifest import SKIPPED_REPORT_NAME, Manifest
 
 # Where the next NAME= pair of `--map` starts (a source column may hold a comma).
@@ -69,7 +70,7 @@ class Ingest(RayCommand):
     )
     episode_column: str | None = Field(None, description="Deprecated: use --map episode_id=COLUMN.")
     step_column: str | None = Field(None, description="Deprecated: use --map t=COLUMN.")
-    codec: Literal["png", "jpeg", "webp", "webp-lossless", "h264", "av1", "hevc"] | None = Field(
+    codec: Codec | None = Field(
         None,
         description="Codec of the frames of raw uint8 image arrays (docs/frames.md): an "
         "image per step, or h264/av1/hevc one video per episode (default png). Images that "
