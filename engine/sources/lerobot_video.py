@@ -104,10 +104,9 @@ def video_camera(
         why = f"its MP4s are {found.pix_fmt}; hindsight stores {PIX_FMT} video"
     elif (found.height, found.width) != (height, width) or height % 2 or width % 2:
         why = f"its MP4s are {found.width}x{found.height}, info.json says {width}x{height}"
-    elif video_size_problem(found.codec, height, width):
+    elif problem := video_size_problem(found.codec, height, width):
         # A copy encodes nothing, but an episode that cannot be copied is encoded again in
         # the camera's codec, which hindsight refuses below hevc's minimum size.
-        problem = video_size_problem(found.codec, height, width)
         why = f"an episode that cannot be copied would be encoded again, and {problem}"
     if why:
         return encoded, False, f"decoded and encoded as png: {why}"
