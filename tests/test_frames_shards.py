@@ -296,6 +296,94 @@ def test_workers_and_threads_decode_the_same_frames(written):
     assert sum(check_batch_frames(batch, k=3) for batch in kept) == index.windows
 
 
+def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for name in x:
+            assert torch.equal(x[name], y[name]), name
+
+
+def test_the_frame_cache_changes_no_byte_of_any_batch(written):
+    out, index = written
+    for settings in (
+        dict(window=1),  # single steps: 3 frames per sample, ~1 per pool row
+        dict(window=5, augment_shift=2),
+        dict(window=1, shuffle_buffer=40),  # many small pools: the cache empties per pool
+        dict(window=1, num_workers=2),  # each worker its half of the rank's cache
+    ):
+        cached = list(stream(out, batch_size=16, epochs=2, seed=3, **settings))
+        uncached = list(stream(out, batch_size=16, epochs=2, seed=3, frame_cache_mb=0, **settings))
+        assert_same_batches(cached, uncached)
+        assert (
+            sum(check_batch_frames(batch, k=3, shifted=True) for batch in cached)
+            == 2 * index.windows
+        )
+    with pytest.raises(ValueError, match="frame_cache_mb >= 0"):
+        stream(out, batch_size=4, frame_cache_mb=-1)
+
+
+def block_frames(out: str, index, camera: str = "render"):
+    """The first block of the first shard as a pool's frames (trainers.loader.frames)."""
+    from trainers.loader.frames import PoolFrames
+    from trainers.loader.shards import shard_blocks
+
+    block = next(shard_blocks(f"{out}/{index.shards[0].name}", index, [], cameras=[camera]))
+    data, offsets = block.frames[camera]
+    return PoolFrames(
+        index.cameras[camera], [data], [offsets], [block.where], np.zeros(1, np.int64)
+    )
+
+
+def test_the_frame_cache_decodes_a_pools_frames_once_and_bounds_its_memory(written):
+    from trainers.loader.frames import FrameDecoder
+
+    out, index = written
+    frames = block_frames(out, index)
+    rows_in_pool = len(frames.offsets[0]) - 1
+    frame_bytes = HEIGHT * WIDTH * 3
+    plain = FrameDecoder()
+    requests = [np.unique(np.random.default_rng(i).integers(0, rows_in_pool, 9)) for i in range(40)]
+    for slots in (rows_in_pool, 7):  # the pool fits; 7 slots: rows share slots
+        decoder = FrameDecoder(
+            cache_bytes=slots * frame_bytes + frame_bytes - 1, cameras={"render": frames.camera}
+        )
+        cache = decoder.caches["render"]
+        assert cache.frames.shape[0] == slots  # memory: the budget's whole frames, no more
+        for rows in requests:
+            got, errors = decoder.frames_at("render", frames, rows)
+            expected, _ = plain.decode(frames, rows)
+            np.testing.assert_array_equal(got, expected)
+            assert not any(errors)
+        distinct = len(np.unique(np.concatenate(requests)))
+        assert cache.decoded + cache.reused == sum(map(len, requests))
+        if slots == rows_in_pool:
+            assert cache.decoded == distinct  # each frame once
+        else:
+            assert distinct < cache.decoded < sum(map(len, requests))
+        # Another pool (even of the same frames) starts empty: its rows are other frames.
+        before = cache.decoded
+        decoder.frames_at("render", block_frames(out, index), requests[0])
+        assert cache.decoded == before + len(requests[0])
+    assert FrameDecoder(cache_bytes=frame_bytes - 1, cameras={"render": frames.camera}).caches == {}
+
+
+def test_a_frame_that_does_not_decode_is_never_cached(written, tmp_path):
+    from trainers.loader.frames import FrameDecoder
+
+    out, index = written
+    copy, row = corrupt_one_frame(out, tmp_path)
+    frames = block_frames(copy, read_index(copy))
+    decoder = FrameDecoder(cache_bytes=1 << 20, cameras={"render": frames.camera})
+    rows = np.array([row - 1, row, row + 1])
+    for _ in range(2):  # the second time too: the same error, the good frames from the cache
+        got, errors = decoder.frames_at("render", frames, rows)
+        assert [bool(e) for e in errors] == [False, True, False]
+        assert f"row {row}: frame" in errors[1]
+        assert not got[1].any()
+    assert decoder.caches["render"].decoded == 4  # 3, then only the bad one again
+
+
 def test_worker_frame_buffers_are_reused_only_once_released():
     from trainers.loader.handover import FREE, LENT, Lent, SharedFrames, new_board
 

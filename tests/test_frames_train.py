@@ -469,3 +469,20 @@ def test_augment_shift_is_a_frame_option_recorded_and_passed_to_the_loader(tmp_p
         train.resumed_config(config, config.options.model_copy(update={"augment_shift": 0}))
     with pytest.raises(ValueError, match="--augment-shift 2 shifts camera frames, but this policy"):
         pixel_config(tmp_path, index, inputs="state", augment_shift=2)
+
+
+def test_frame_cache_mb_is_passed_to_the_loader_and_may_change_on_resume(tmp_path, monkeypatch):
+    from jobs.cli import parse
+    from trainers import loader
+
+    assert parse(["train", "S", "R", "--frame-cache-mb", "0"]).frame_cache_mb == 0
+    index = pixel_index({"render": camera()}, frame_stack=2)
+    config = pixel_config(tmp_path, index, steps=2)
+    seen = {}
+    monkeypatch.setattr(loader, "stream", lambda *args, **kwargs: seen.update(kwargs))
+    train.default_stream_factory(config)(None, 0, 1)
+    assert seen["frame_cache_mb"] == 1024  # the default
+    # It changes no batch (tests/test_frames_shards.py), so a resumed run may set another.
+    resumed = train.resumed_config(config, config.options.model_copy(update={"frame_cache_mb": 64}))
+    train.default_stream_factory(resumed)(None, 0, 1)
+    assert seen["frame_cache_mb"] == 64

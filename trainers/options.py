@@ -96,6 +96,12 @@ class TrainOptions(BaseModel):
         "docs/trainer.md says which to pick.",
     )
     shuffle_buffer: int = Field(default=65536, ge=1, description="Loader shuffle buffer (windows).")
+    frame_cache_mb: int = Field(
+        default=1024,
+        ge=0,
+        description="Decoded frames the loader keeps for the shuffle buffer's later batches "
+        "(MiB per training worker); 0: decode every batch's frames afresh. Same batches either way.",
+    )
     log_every: int = Field(default=50, ge=1, description="Steps between metrics lines.")
     checkpoint_every: int = Field(default=500, ge=1, description="Steps between checkpoints.")
     device: str | None = Field(default=None, description="cpu or cuda; CUDA when present.")
@@ -127,7 +133,7 @@ CHECKPOINT = "checkpoint.pt"  # tensors and plain containers (torch.load weights
 METRICS = "metrics.jsonl"  # one JSON line every log_every steps
 
 # Settings a resumed run may change; every other setting is the recorded run's.
-RESUMABLE = ("steps", "log_every", "checkpoint_every", "device")
+RESUMABLE = ("steps", "log_every", "checkpoint_every", "device", "frame_cache_mb")
 # Settings that define the model and its data: a resumed run must ask for the same.
 FIXED_ON_RESUME = (
     "input", "condition", "model", "window", "d_model", "n_layer", "n_head", "hidden",

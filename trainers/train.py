@@ -207,6 +207,7 @@ def default_stream_factory(config: RunConfig) -> StreamFactory:
             cameras=sorted((config.model.get("frames") or {}).get("cameras") or {}),
             augment_shift=options.augment_shift,
             prefetch=loader_prefetch(config.model),
+            frame_cache_mb=options.frame_cache_mb,
         )
 
     return make

@@ -10,14 +10,18 @@ repeats, and left-padded window positions are zeros. Decoding is PIL through
 as the camera, not interlaced: what collect and ingest write) goes straight to PIL's PNG
 decoder (`decode_plain_png`: the same pixels, a third less CPU per small frame). PIL
 releases the GIL while it decodes, so a `FrameDecoder` with threads decodes a batch's frames
-in parallel (and DataLoader workers each run their own).
+in parallel (and DataLoader workers each run their own). A `FrameCache` per camera keeps
+the decoded frames of the pool being cut for its later batches: a pool's windows overlap
+(each of its steps ends one, and a window needs W + k - 1 frames), so without it every
+frame would be decoded once per window that shows it.
 """
 
 from __future__ import annotations
 
 import struct
+import weakref
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -103,17 +107,96 @@ def decode_plain_png(data: bytes, camera: CameraInfo) -> np.ndarray | None:
     return np.asarray(image).reshape(camera.shape)
 
 
-class FrameDecoder:
-    """Decodes a pool's frames at given rows, in `threads` threads (0: this thread)."""
+Decode = Callable[[PoolFrames, np.ndarray], tuple[np.ndarray, list[str]]]
 
-    def __init__(self, threads: int = 0):
+
+class FrameCache:
+    """One camera's decoded frames of the pool being cut, kept for the pool's later batches.
+
+    Why: single steps with a stack of 3 need ~2.9 distinct frames per sample, and a window
+    of W steps W + 2, while a pool holds about one frame per window; decoding each frame
+    once per pool instead of once per window that shows it is what keeps PNG decoding
+    from being the bottleneck of an MLP on a few cores (docs/shards.md).
+
+    Direct-mapped: pool row r lives in slot r % slots. A pool whose frames fit in the slots
+    decodes each frame once; a larger one keeps those that share no slot. Memory is `slots`
+    frames at most, and only pages a frame was written to are committed, so a small pool
+    costs what it holds. A new pool (another PoolFrames) empties it. Frames that did not
+    decode are never kept: they fail again, with the same message. Cached or not, a batch
+    holds the same bytes."""
+
+    def __init__(self, camera: CameraInfo, slots: int):
+        height, width, channels = camera.shape
+        self.frames = np.empty((slots, channels, height, width), dtype=np.uint8)
+        self.rows = np.full(slots, -1, dtype=np.int64)  # the pool row in each slot; -1: none
+        self.pool: weakref.ref | None = None  # the PoolFrames the slots belong to
+        self.decoded = 0  # frames decoded through the cache (misses), for tests and benches
+        self.reused = 0  # frames served from it
+
+    def frames_at(
+        self, frames: PoolFrames, rows: np.ndarray, decode: Decode
+    ) -> tuple[np.ndarray, list[str]]:
+        """As `FrameDecoder.decode` (rows distinct), decoding only the frames not kept."""
+        if self.pool is None or self.pool() is not frames:
+            self.rows.fill(-1)
+            self.pool = weakref.ref(frames)
+        slot = rows % len(self.rows)
+        hit = self.rows[slot] == rows
+        miss = np.flatnonzero(~hit)
+        out = np.empty((len(rows), *self.frames.shape[1:]), dtype=np.uint8)
+        out[hit] = self.frames[slot[hit]]
+        errors = [""] * len(rows)
+        self.reused += len(rows) - len(miss)
+        self.decoded += len(miss)
+        if len(miss):
+            decoded, missed_errors = decode(frames, rows[miss])
+            out[miss] = decoded
+            good = np.ones(len(miss), dtype=bool)
+            if any(missed_errors):
+                for i, error in enumerate(missed_errors):
+                    errors[int(miss[i])] = error
+                    good[i] = not error
+            # Two rows of a batch may share a slot: keep the first, so that the slot's row
+            # and frame agree (NumPy leaves the order of repeated assignments open).
+            slots, first = np.unique(slot[miss][good], return_index=True)
+            self.frames[slots] = decoded[good][first]
+            self.rows[slots] = rows[miss][good][first]
+        return out, errors
+
+
+class FrameDecoder:
+    """Decodes a pool's frames at given rows, in `threads` threads (0: this thread), keeping
+    up to `cache_bytes` of decoded frames of the current pool (`FrameCache`, slots split
+    evenly among `cameras`; 0: none)."""
+
+    def __init__(
+        self,
+        threads: int = 0,
+        cache_bytes: int = 0,
+        cameras: Mapping[str, CameraInfo] | None = None,
+    ):
         self.threads = threads
         self.executor = ThreadPoolExecutor(threads, "hindsight-frames") if threads > 0 else None
+        cameras = dict(cameras or {})
+        step_bytes = sum(info.height * info.width * info.channels for info in cameras.values())
+        slots = cache_bytes // step_bytes if step_bytes else 0
+        self.caches = (
+            {name: FrameCache(info, slots) for name, info in cameras.items()} if slots else {}
+        )
 
     def close(self) -> None:
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
             self.executor = None
+
+    def frames_at(
+        self, camera: str, frames: PoolFrames, rows: np.ndarray
+    ) -> tuple[np.ndarray, list[str]]:
+        """`decode` of the camera's frames at distinct pool `rows`, through its cache."""
+        cache = self.caches.get(camera)
+        if cache is None:
+            return self.decode(frames, rows)
+        return cache.frames_at(frames, rows, self.decode)
 
     def decode(self, frames: PoolFrames, rows: np.ndarray) -> tuple[np.ndarray, list[str]]:
         """The frames at pool `rows`, channels first (N x C x H x W uint8: the transpose
@@ -172,7 +255,7 @@ def window_frames(
     batch, messages = {}, []
     bad = np.zeros(len(rows), dtype=bool)
     for camera, pool_frames in frames.items():
-        decoded, errors = decoder.decode(pool_frames, needed)
+        decoded, errors = decoder.frames_at(camera, pool_frames, needed)
         height, width, channels = pool_frames.camera.shape
         with_zero = np.concatenate([decoded, np.zeros((1, channels, height, width), np.uint8)])
         # One gather: [B, W, k, C, H, W], i.e. [B, W, k * C, H, W] without another copy

@@ -71,11 +71,17 @@ class StreamOptions:
     frame_stack: int = 1  # frames stacked per step (at most the index's)
     augment_shift: int = 0  # DrQ random shift in pixels, seeded; 0: off
     decode_threads: int = 0  # threads decoding frames per consumer; 0: in the loader's thread
+    frame_cache_mb: int = 1024  # decoded frames kept per rank (split among its workers)
 
     @property
     def consumers(self) -> int:
         """Ranks x workers: every consumer reads its own share of the shards."""
         return self.world_size * max(1, self.num_workers)
+
+    @property
+    def frame_cache_bytes(self) -> int:
+        """Each consumer's share of the rank's frame cache (its workers split it)."""
+        return (self.frame_cache_mb << 20) // max(1, self.num_workers)
 
     @property
     def pool_windows(self) -> int:
@@ -180,11 +186,12 @@ class WindowDataset(torch.utils.data.IterableDataset):
         # In a DataLoader worker, frames are gathered straight into shared memory.
         memory = SharedFrames(self.board, worker) if info is not None else None
         if o.cameras:
+            cameras = {camera: self.index.cameras[camera] for camera in o.cameras}
             frames = FrameOptions(
-                cameras={camera: self.index.cameras[camera] for camera in o.cameras},
+                cameras=cameras,
                 frame_stack=o.frame_stack,
                 augment_shift=o.augment_shift,
-                decoder=FrameDecoder(o.decode_threads),
+                decoder=FrameDecoder(o.decode_threads, o.frame_cache_bytes, cameras),
                 on_error=o.on_error,
                 lost=lost,
                 allocate=memory.empty if memory is not None else None,
@@ -421,6 +428,7 @@ def stream(
     frame_stack: int | None = None,
     augment_shift: int = 0,
     decode_threads: int = 0,
+    frame_cache_mb: int = 1024,
 ) -> ShardStream:
     """Batches of windows from the shards at `uri` (see trainers/loader/__init__.py).
 
@@ -450,11 +458,15 @@ def stream(
             f"{sorted(index.cameras) or 'none'}"
         )
     frame_stack = index.frame_stack if frame_stack is None else frame_stack
-    if not 1 <= frame_stack <= index.frame_stack or augment_shift < 0 or decode_threads < 0:
+    if (
+        not 1 <= frame_stack <= index.frame_stack
+        or min(augment_shift, decode_threads, frame_cache_mb) < 0
+    ):
         raise ValueError(
             f"{uri}: need 1 <= frame_stack <= the shards' frame stack {index.frame_stack} "
-            f"(`hindsight shard --frame-stack`), augment_shift >= 0 and decode_threads >= 0 "
-            f"(got {frame_stack}, {augment_shift}, {decode_threads})"
+            f"(`hindsight shard --frame-stack`), and augment_shift, decode_threads and "
+            f"frame_cache_mb >= 0 (got {frame_stack}, {augment_shift}, {decode_threads}, "
+            f"{frame_cache_mb})"
         )
     if batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(
@@ -479,6 +491,7 @@ def stream(
         frame_stack=frame_stack,
         augment_shift=augment_shift,
         decode_threads=decode_threads,
+        frame_cache_mb=frame_cache_mb,
     )
     if len(index.shards) < options.consumers:
         warnings.warn(
