@@ -5,10 +5,11 @@ the same model on in-memory uint8 batches (issue 14).
         --out bench/results/frames_train_shards.json [--work DIR] [--rounds 3]
 
 Data, made once in `--work` (reused by a rerun): `hindsight collect Pendulum-v1 --frames
-64x64` (`--episodes`, 40 by default: 8,000 steps of PNG frames), `relabel --with returns`,
-`shard --condition return_to_go --window 10 --frame-stack 3 --shard-steps 2000` (4 shards, so
-that 2 DataLoader workers each read their own), run as the CLI in subprocesses (so this
-process never starts Ray and DataLoader workers fork from a process without its threads).
+64x64` (`--episodes`, 64 by default: 12,800 steps of PNG frames, 50 MLP batches of 256),
+`relabel --with returns`, `shard --condition return_to_go --window 10 --frame-stack 3
+--shard-steps 3200` (4 shards, so that 2 DataLoader workers each read their own), run as the
+CLI in subprocesses (so this process never starts Ray and DataLoader workers fork from a
+process without its threads).
 
 Per model with its trainer defaults (`mlp`: single steps, batch 256; `transformer`: windows of
 10, batch 64; the Nature CNN on the frames, the state vector and return_to_go), arms:
@@ -16,22 +17,31 @@ Per model with its trainer defaults (`mlp`: single steps, batch 256; `transforme
              writes (bench.frames_train.bare_step_function), on 4 batches the loader made,
              held in memory: uint8 frames [B, W, 9, 64, 64], no loading at all
   trainer    trainers.train.train_loop as `hindsight train` runs it (the default stream: 0
-             DataLoader workers, decoding in a background thread 2 batches ahead)
+             DataLoader workers, decoding in a background thread 2 batches ahead, a frame
+             cache of 1 GiB)
+  no-cache   the same without the frame cache (`frame_cache_mb=0`: each frame decoded once
+             per window that shows it)
   threads-2  the same, 2 decode threads in that loader thread (`decode_threads=2`)
   workers-1  the loader in 1 DataLoader worker process
   workers-2  in 2 (each reads its own shards and decodes its own batches)
 The arms run in turn, `--rounds` times, the order rotated each round (load drift on this
-shared machine hits every arm alike). A segment is one fresh run of `--mlp-steps` (or
-`--transformer-steps`) steps; its first quarter and one step are untimed (model and loader
-start up: the shuffle buffer fills, workers fork). A segment's rate is the timed steps' samples over their
+shared machine hits every arm alike). A segment is one fresh run. The MLP's is two epochs
+(the shuffle buffer holds the whole epoch, so an epoch is one pool): the first is untimed
+(model and loader start up, workers fork), the second timed whole, from reading its shards
+to its last batch: what every later epoch of a run costs, the frame cache's work included
+(it decodes a frame at its first batch of the pool and reuses it after, so a part of a pool
+would flatter or slight it). The transformer's is `--transformer-steps` steps, a quarter
+and one untimed: the first batches of a pool, where the cache has kept least (its goal was
+met without one). A segment's rate is the timed steps' samples over their
 wall time (a loader that cannot keep up shows as waits); its CPU-seconds are those of this
 process and its live children (the workers) over the same steps, read from /proc. An arm's
 figure is the median over rounds; `over_bare` the median over rounds of the arm's rate over
 that round's bare rate. The goal (issue 14): the whole trainer at >= 0.9x the bare loop.
 On a GPU box (`device` is cuda when torch sees one) the same command measures the same arms.
 
-Also measured: what the loader does per batch (frames decoded per sample, CPU-seconds of
-decoding per batch against all of its CPU-seconds), and PNG decode per frame on these frames:
+Also measured: what the loader does per batch over an epoch after the first (frames decoded
+per sample, CPU-seconds of decoding per batch against all of its CPU-seconds), with the
+trainer's frame cache and without it (`frame_cache_mb=0`), and PNG decode per frame on these frames:
 schemas.frames.decode_frame (Image.open) against the loader's decode_plain_png.
 """
 
@@ -53,6 +63,7 @@ from bench import save_results, torch_machine
 
 ARMS = {  # arm -> loader settings beyond the trainer's own (trainers.train)
     "trainer": {},
+    "no-cache": {"frame_cache_mb": 0},
     "threads-2": {"decode_threads": 2},
     "workers-1": {"num_workers": 1},
     "workers-2": {"num_workers": 2},
@@ -119,6 +130,7 @@ def stream_factory(config, settings: dict[str, int]):
             seed=options.seed, shuffle_buffer=options.shuffle_buffer, rank=rank,
             world_size=world_size, start_state=start_state, window=int(config.model["window"]),
             cameras=sorted(config.model["frames"]["cameras"]), prefetch=loader_prefetch(config.model),
+            frame_cache_mb=options.frame_cache_mb,
         )  # fmt: skip
         return loader.stream(
             options.input, options.batch_size, list(options.condition), **arguments | settings
@@ -172,9 +184,10 @@ def trainer_segment(config, settings: dict[str, int], steps: int, warm: int, bat
     return segment_figures(ends, (cpu[0], cpu[1]), warm, batch)
 
 
-def loader_profile(config, batches: int = 12) -> dict[str, Any]:
-    """Per batch of the trainer's stream (0 workers, no prefetch thread: CPU in this
-    thread): frames decoded, decode CPU-seconds, all of the loader's CPU-seconds."""
+def loader_profile(config, skip: int, batches: int, settings: dict[str, int]) -> dict[str, Any]:
+    """Per batch of the trainer's stream with `settings` (0 workers, no prefetch thread: CPU
+    in this thread), over `batches` batches after the first `skip`: frames decoded, decode
+    CPU-seconds, all of the loader's CPU-seconds."""
     from trainers.loader import frames as loader_frames
 
     spent = {"decode_s": 0.0, "frames": 0}
@@ -188,8 +201,9 @@ def loader_profile(config, batches: int = 12) -> dict[str, Any]:
         return result
 
     options = config.options
-    iterator = iter(stream_factory(config, {"prefetch": 0})(None, 0, 1))
-    next(iterator)  # the shuffle buffer fills
+    iterator = iter(stream_factory(config, {**settings, "prefetch": 0})(None, 0, 1))
+    for _ in range(skip):  # the shuffle buffer fills (and, for an MLP, the first epoch)
+        next(iterator)
     loader_frames.FrameDecoder.decode = timed
     try:
         started = time.thread_time()
@@ -238,10 +252,14 @@ def png_decode(shards: str, frames: int = 2000, rounds: int = 3) -> dict[str, fl
     return {**best, "bytes_per_frame": float(np.mean([len(item) for item in encoded]))}
 
 
-def measure(model: str, shards: str, steps: int, rounds: int, device: str, work: str) -> dict:
+def measure(
+    model: str, shards: str, steps: int | None, rounds: int, device: str, work: str
+) -> dict:
+    """The arms for one model: segments of `steps` steps, or (None) of two epochs, the
+    second timed."""
     from bench.frames_train import bare_step_function
     from trainers import loader, train
-    from trainers.options import TrainOptions
+    from trainers.options import MODEL_DEFAULTS, TrainOptions
 
     def config_for(name: str):
         options = TrainOptions(
@@ -251,13 +269,17 @@ def measure(model: str, shards: str, steps: int, rounds: int, device: str, work:
         )  # fmt: skip
         return train.new_run_config(loader.read_index(shards).model_dump(mode="json"), options)
 
+    batch = int(MODEL_DEFAULTS[model]["batch_size"])  # the trainer's default for the model
+    epoch = -(-loader.read_index(shards).windows // batch)  # steps per epoch (one pool)
+    whole_epochs = steps is None
+    warm = epoch - 1 if whole_epochs else max(2, steps // 4)
+    steps = 2 * epoch if whole_epochs else steps
     config = config_for("bare")
-    batch = int(config.options.batch_size)
+    assert int(config.options.batch_size) == batch
     held = iter(stream_factory(config, {})(None, 0, 1))
     batches = [{k: v.clone().to(device) for k, v in next(held).items()} for _ in range(4)]
     held.close()
     bare_step = bare_step_function(config, batches)
-    warm = max(2, steps // 4)
     arms = ["bare", *ARMS]
     segments: dict[str, list[dict]] = {arm: [] for arm in arms}
     for round_number in range(rounds):
@@ -289,7 +311,12 @@ def measure(model: str, shards: str, steps: int, rounds: int, device: str, work:
         "steps_per_segment": steps,
         "untimed_steps_per_segment": warm,
         "arms": summary,
-        "loader_per_batch": loader_profile(config),
+        "loader_per_batch": {
+            name: loader_profile(
+                config, epoch if whole_epochs else 1, epoch if whole_epochs else 12, settings
+            )
+            for name, settings in (("cached", {}), ("no-cache", ARMS["no-cache"]))
+        },
         "segments": segments,
     }
 
@@ -298,12 +325,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="bench/results/frames_train_shards.json")
     parser.add_argument("--work", default=None, help="Data directory (kept; default: a temp).")
-    parser.add_argument("--episodes", type=int, default=40, help="Pendulum episodes collected.")
+    parser.add_argument(
+        "--episodes",
+        type=int,
+        default=64,
+        help="Pendulum episodes (a multiple of 64: whole MLP batches).",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="Rounds of all arms, in turn.")
-    parser.add_argument("--mlp-steps", type=int, default=16, help="Steps per MLP segment.")
+    parser.add_argument(
+        "--mlp-steps",
+        type=int,
+        default=None,
+        help="Steps per MLP segment (default: 2 epochs, 1 timed).",
+    )
     parser.add_argument("--transformer-steps", type=int, default=8, help="Per transformer one.")
     parser.add_argument("--models", default="mlp,transformer")
     args = parser.parse_args(argv)
+    if args.mlp_steps is None and args.episodes % 64:
+        parser.error(
+            "--episodes must be a multiple of 64 (whole MLP batches in each worker's epoch)"
+        )
 
     os.environ.setdefault("HINDSIGHT_PROGRESS_SECONDS", "0")
     device = "cuda" if torch.cuda.is_available() else "cpu"
