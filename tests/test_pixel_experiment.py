@@ -51,5 +51,11 @@ def test_pixel_experiment_runs_and_reports_the_data_it_collected(tmp_path, ray_l
         [diffs.mean() - half, diffs.mean() + half]
     )
     assert versus_bc["holds"] == (diffs.mean() - half > 0)
+    # The unpaired wording: the high-return interval wholly above BC's.
+    high, bc = (np.array([row[key] for row in per_seed]) for key in ("high", "bc"))
+    high_low = high.mean() - 12.706 * high.std(ddof=1) / math.sqrt(2)
+    bc_high = bc.mean() + 12.706 * bc.std(ddof=1) / math.sqrt(2)
+    apart = result["intervals_apart"]["ask high return above behaviour cloning"]
+    assert apart == (high_low > bc_high)
     # Pendulum's returns over 200 asked steps live in [-16.3 * 200, 0].
     assert all(-3300 <= row["bc"] <= 0 and -3300 <= row["high"] <= 0 for row in per_seed)
