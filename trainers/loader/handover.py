@@ -10,7 +10,8 @@ by the main process) says which are lent. The main process frees a slot once not
 the batch it carried is left (`Lent.release`: the storage's use count is back to the one
 reference it keeps itself: the consumer has dropped every view of it), and the worker
 only writes into a free slot. Without a board (or on a torch without the use count),
-every batch gets fresh shared memory, as torch's own collate does.
+every batch gets fresh shared memory, as torch's own collate does. The rest of a batch
+goes as one packed buffer (`pack_batch` / `unpack_batch`).
 """
 
 from __future__ import annotations
@@ -114,3 +115,49 @@ class Lent:
             else:
                 kept.append((worker, slot, storage))
         self.out = kept
+
+
+def pack_batch(
+    batch: dict[str, np.ndarray], memory: SharedFrames | None = None
+) -> tuple[torch.Tensor, list[tuple], dict[str, torch.Tensor], dict[str, int]]:
+    """A batch as one uint8 tensor plus its layout: a DataLoader worker hands the main
+    process one shared-memory buffer per batch instead of one per array (~10x cheaper).
+    The buffer is allocated in shared memory (as torch's default_collate does in workers):
+    handing it over copies nothing more. Frame arrays already in shared memory (`memory`)
+    go as their own tensors, with their slots, not copied (handover.py)."""
+    shared, slots = {}, {}
+    for name, value in batch.items():
+        found = memory.hand_over(value) if memory is not None else None
+        if found is not None:
+            shared[name], slots[name] = found
+    if memory is not None:
+        memory.clear()
+    small = {name: value for name, value in batch.items() if name not in shared}
+    layout, offset = [], 0
+    for name, value in small.items():
+        layout.append((name, value.dtype.str, value.shape, offset))
+        offset += -(-value.nbytes // 8) * 8  # 8-byte aligned views
+    storage = torch.UntypedStorage._new_shared(offset)
+    packed = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (offset,), (1,))
+    buffer = packed.numpy()
+    for (_, _, _, start), value in zip(layout, small.values()):
+        buffer[start : start + value.nbytes] = (
+            np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+        )
+    return packed, layout, shared, slots
+
+
+def unpack_batch(
+    buffer: torch.Tensor,
+    layout: list[tuple],
+    shared: dict[str, torch.Tensor] | None = None,
+    slots: dict[str, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The tensors of a packed batch, as views of the buffer (no copies), and the frame
+    tensors handed over as they were."""
+    batch = {}
+    for name, dtype, shape, start in layout:
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        torch_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+        batch[name] = buffer[start : start + size].view(torch_dtype).view(tuple(shape))
+    return {**batch, **(shared or {})}

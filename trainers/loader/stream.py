@@ -26,7 +26,7 @@ import torch
 from engine import storage
 from schemas.shard_index import ShardError, ShardIndex, ShardInfo
 from trainers.loader.frames import FrameDecoder
-from trainers.loader.handover import Lent, SharedFrames, new_board
+from trainers.loader.handover import Lent, SharedFrames, new_board, pack_batch, unpack_batch
 from trainers.loader.shards import (
     IndexMismatchError,
     UnsafeShardError,
@@ -247,52 +247,6 @@ class WindowDataset(torch.utils.data.IterableDataset):
             if from_start and not produced:
                 return  # a whole epoch without a window (every shard skipped): stop, not spin
             epoch += 1
-
-
-def pack_batch(
-    batch: dict[str, np.ndarray], memory: SharedFrames | None = None
-) -> tuple[torch.Tensor, list[tuple], dict[str, torch.Tensor], dict[str, int]]:
-    """A batch as one uint8 tensor plus its layout: a DataLoader worker hands the main
-    process one shared-memory buffer per batch instead of one per array (~10x cheaper).
-    The buffer is allocated in shared memory (as torch's default_collate does in workers):
-    handing it over copies nothing more. Frame arrays already in shared memory (`memory`)
-    go as their own tensors, with their slots, not copied (handover.py)."""
-    shared, slots = {}, {}
-    for name, value in batch.items():
-        found = memory.hand_over(value) if memory is not None else None
-        if found is not None:
-            shared[name], slots[name] = found
-    if memory is not None:
-        memory.clear()
-    small = {name: value for name, value in batch.items() if name not in shared}
-    layout, offset = [], 0
-    for name, value in small.items():
-        layout.append((name, value.dtype.str, value.shape, offset))
-        offset += -(-value.nbytes // 8) * 8  # 8-byte aligned views
-    storage = torch.UntypedStorage._new_shared(offset)
-    packed = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (offset,), (1,))
-    buffer = packed.numpy()
-    for (_, _, _, start), value in zip(layout, small.values()):
-        buffer[start : start + value.nbytes] = (
-            np.ascontiguousarray(value).reshape(-1).view(np.uint8)
-        )
-    return packed, layout, shared, slots
-
-
-def unpack_batch(
-    buffer: torch.Tensor,
-    layout: list[tuple],
-    shared: dict[str, torch.Tensor] | None = None,
-    slots: dict[str, int] | None = None,
-) -> dict[str, torch.Tensor]:
-    """The tensors of a packed batch, as views of the buffer (no copies), and the frame
-    tensors handed over as they were."""
-    batch = {}
-    for name, dtype, shape, start in layout:
-        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        torch_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-        batch[name] = buffer[start : start + size].view(torch_dtype).view(tuple(shape))
-    return {**batch, **(shared or {})}
 
 
 def in_background(source: Iterator[Any], depth: int) -> Iterator[Any]:
