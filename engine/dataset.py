@@ -74,6 +74,16 @@ def unreadable(uri: str, error: Exception) -> DatasetError:
     )
 
 
+def check_rows_read(uri: str, table: pa.Table, expected: int) -> pa.Table:
+    """`table` if it holds the `expected` rows. A page header is not under the page CRC:
+    a flipped bit that makes a data page another page type, or its value count 0, reads
+    as a column with fewer rows and no error (pyarrow 26)."""
+    if table.num_rows != expected:
+        message = f"{table.num_rows} rows read where the file holds {expected}"
+        raise unreadable(uri, ValueError(message))
+    return table
+
+
 # ---------------------------------------------------------------- reading
 
 
@@ -200,6 +210,7 @@ class Dataset:
                 )
             except (OSError, pa.ArrowException) as error:
                 raise unreadable(uri, error) from error
+            check_rows_read(uri, part, data_file.rows)
             if table is None:
                 table = part
             else:

@@ -105,6 +105,31 @@ def test_a_damaged_part_never_becomes_a_new_version(tiny_dataset, tmp_path):
     assert not os.path.exists(tmp_path / "s")
 
 
+def test_a_page_header_that_hides_its_rows_is_an_error(tiny_dataset, tmp_path):
+    """The page CRC covers a page's data, not its header: a flipped bit that turns the
+    data page into another page type reads in pyarrow as a column with no rows and no
+    error. The readers count the rows they get (before: `query --select reward` printed
+    an empty table; `view` of a video camera, an IndexError)."""
+    dataset = open_dataset(tiny_dataset)
+    victim = dataset.file_uris(dataset.manifest.group("base"), "steps")[0]
+    metadata = pq.read_metadata(victim)
+    names = [metadata.schema.column(j).path for j in range(metadata.num_columns)]
+    chunk = metadata.row_group(0).column(names.index("reward"))
+    with open(victim, "r+b") as handle:
+        handle.seek(chunk.data_page_offset + 1)  # PageHeader field 1, the page type
+        assert handle.read(1) == b"\x00"  # DATA_PAGE
+        handle.seek(-1, 1)
+        handle.write(b"\x02")  # INDEX_PAGE, which readers skip
+    assert pq.read_table(victim, columns=["reward"]).num_rows == 0  # the precondition
+    rows = rf"part-00000.parquet: cannot read: 0 rows read where the file holds {metadata.num_rows}"
+    with pytest.raises(DatasetError, match=rows):
+        query(tiny_dataset, select=["reward"])
+    with pytest.raises(DatasetError, match=rows):
+        dataset.read_part(0, "steps", ["reward"])
+    completed = run_cli("query", tiny_dataset, "--select", "reward")
+    assert_one_line_error(completed, "part-00000.parquet: cannot read: 0 rows read")
+
+
 # ---------------------------------------------------------------- entries outside the version
 
 

@@ -18,7 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import derived, storage
-from engine.dataset import Dataset, DatasetError, open_dataset, read_schema, unreadable
+from engine.dataset import (
+    Dataset,
+    DatasetError,
+    check_rows_read,
+    open_dataset,
+    read_schema,
+    unreadable,
+)
 from schemas import steps as cols
 from schemas.manifest import ColumnGroup
 
@@ -125,7 +132,7 @@ def read_rows_arrow(
             if rows is None:
                 groups = np.arange(metadata.num_row_groups)
                 stats.count_file(metadata, groups, columns)
-                return parquet.read(columns=columns)
+                return check_rows_read(uri, parquet.read(columns=columns), metadata.num_rows)
             sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
             offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
             if len(rows) and rows[-1] >= offsets[-1]:
@@ -133,6 +140,7 @@ def read_rows_arrow(
             groups, positions = row_group_selection(rows, offsets)
             stats.count_file(metadata, groups, columns)
             table = parquet.read_row_groups(groups.tolist(), columns=columns)
+            check_rows_read(uri, table, int(np.sum(np.diff(offsets)[groups])))
     except (OSError, pa.ArrowException) as error:
         raise unreadable(uri, error) from error
     return table.take(pa.array(positions, pa.int64()))
