@@ -142,7 +142,10 @@ def video_stream(file: str | BinaryIO, where: str) -> Iterator[tuple[Any, Any]]:
     with container:
         if not container.streams.video:
             raise FrameError(f"{where}: holds no video stream")
-        yield container, container.streams.video[0]
+        stream = container.streams.video[0]
+        if stream.codec_context is None:  # a damaged sample description: no codec to open
+            raise FrameError(f"{where}: its video stream names no codec PyAV can decode")
+        yield container, stream
 
 
 def _decoded(data: bytes, camera: CameraInfo, where: str) -> Iterator[Any]:
