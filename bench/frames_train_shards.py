@@ -13,26 +13,28 @@ process without its threads).
 
 Per model with its trainer defaults (`mlp`: single steps, batch 256; `transformer`: windows of
 10, batch 64; the Nature CNN on the frames, the state vector and return_to_go), arms:
-  bare       the same model (built from the run's config) and AdamW in the few lines everyone
-             writes (bench.frames_train.bare_step_function), on 4 batches the loader made,
-             held in memory: uint8 frames [B, W, 9, 64, 64], no loading at all
-  trainer    trainers.train.train_loop as `hindsight train` runs it (the default stream: 0
-             DataLoader workers, decoding in a background thread 2 batches ahead, a frame
-             cache of 1 GiB)
-  no-cache   the same without the frame cache (`frame_cache_mb=0`: each frame decoded once
-             per window that shows it)
-  threads-2  the same, 2 decode threads in that loader thread (`decode_threads=2`)
-  workers-1  the loader in 1 DataLoader worker process
-  workers-2  in 2 (each reads its own shards and decodes its own batches)
+  bare        the same model (built from the run's config) and AdamW in the few lines everyone
+              writes (bench.frames_train.bare_step_function), on 4 batches the loader made,
+              held in memory: uint8 frames [B, W, 9, 64, 64], no loading at all
+  trainer     trainers.train.train_loop as `hindsight train` runs it (the default stream: 0
+              DataLoader workers, decoding in a background thread 2 batches ahead, a frame
+              cache of 1 GiB)
+  no-cache    the same without the frame cache (`frame_cache_mb=0`: each frame decoded once
+              per window that shows it)
+  small-cache a dataset larger than the cache: 100 MiB (8,500 of the 12,800 frames) and
+              pools of 4,096 windows, so that a frame is decoded about once per epoch
+  threads-2   the same, 2 decode threads in that loader thread (`decode_threads=2`)
+  workers-1   the loader in 1 DataLoader worker process
+  workers-2   in 2 (each reads its own shards and decodes its own batches)
 The arms run in turn, `--rounds` times, the order rotated each round (load drift on this
 shared machine hits every arm alike). A segment is one fresh run. The MLP's is two epochs
-(the shuffle buffer holds the whole epoch, so an epoch is one pool): the first is untimed
-(model and loader start up, workers fork), the second timed whole, from reading its shards
-to its last batch: what every later epoch of a run costs, the frame cache's work included
-(it decodes a frame at its first batch of the pool and reuses it after, so a part of a pool
-would flatter or slight it). The transformer's is `--transformer-steps` steps, a quarter
-and one untimed: the first batches of a pool, where the cache has kept least (its goal was
-met without one). A segment's rate is the timed steps' samples over their
+(the default shuffle buffer holds the whole epoch, so an epoch is one pool): the first is
+untimed (model and loader start up, workers fork, and the frame cache fills), the second
+timed whole, from reading its shards to its last batch: what every later epoch of a run
+costs (with the default cache these 12,800 frames fit: nothing is decoded in it; the
+small-cache arm shows a dataset that does not fit). The transformer's is
+`--transformer-steps` steps, a quarter and one untimed: the first batches of a run, where
+the cache has kept least (its goal was met without one). A segment's rate is the timed steps' samples over their
 wall time (a loader that cannot keep up shows as waits); its CPU-seconds are those of this
 process and its live children (the workers) over the same steps, read from /proc. An arm's
 figure is the median over rounds; `over_bare` the median over rounds of the arm's rate over
@@ -64,6 +66,7 @@ from bench import save_results, torch_machine
 ARMS = {  # arm -> loader settings beyond the trainer's own (trainers.train)
     "trainer": {},
     "no-cache": {"frame_cache_mb": 0},
+    "small-cache": {"frame_cache_mb": 100, "shuffle_buffer": 4096},
     "threads-2": {"decode_threads": 2},
     "workers-1": {"num_workers": 1},
     "workers-2": {"num_workers": 2},
@@ -236,7 +239,7 @@ def png_decode(shards: str, frames: int = 2000, rounds: int = 3) -> dict[str, fl
     index = read_index(shards)
     camera = index.cameras["render"]
     block = next(shard_blocks(os.path.join(shards, index.shards[0].name), index, [],
-                              cameras=["render"]))  # fmt: skip
+                               cameras=["render"]))  # fmt: skip
     data, offsets = block.frames["render"]
     encoded = [data[offsets[i] : offsets[i + 1]] for i in range(min(frames, len(offsets) - 1))]
     for item in encoded[:50]:
@@ -244,7 +247,7 @@ def png_decode(shards: str, frames: int = 2000, rounds: int = 3) -> dict[str, fl
     best = {"decode_frame_us": float("inf"), "decode_plain_png_us": float("inf")}
     for _ in range(rounds):
         for name, function in (("decode_frame_us", lambda item: decode_frame(item, camera)),
-                               ("decode_plain_png_us", lambda item: decode_plain_png(item, camera))):  # fmt: skip
+                                ("decode_plain_png_us", lambda item: decode_plain_png(item, camera))):  # fmt: skip
             started = time.process_time()
             for item in encoded:
                 function(item)
@@ -302,8 +305,8 @@ def measure(
             "samples_per_cpu_s": float(np.median(per_cpu)),
             "over_bare": float(np.median(over)),
             "over_bare_per_cpu_s": float(np.median(
-                [s["samples_per_cpu_s"] / b["samples_per_cpu_s"]
-                 for s, b in zip(segments[arm], segments["bare"])])),
+                 [s["samples_per_cpu_s"] / b["samples_per_cpu_s"]
+                  for s, b in zip(segments[arm], segments["bare"])])),
         }  # fmt: skip
     return {
         "batch_size": batch,
@@ -315,7 +318,10 @@ def measure(
             name: loader_profile(
                 config, epoch if whole_epochs else 1, epoch if whole_epochs else 12, settings
             )
-            for name, settings in (("cached", {}), ("no-cache", ARMS["no-cache"]))
+            for name, settings in (
+                ("cached", {}),
+                *((arm, ARMS[arm]) for arm in ("no-cache", "small-cache")),
+            )
         },
         "segments": segments,
     }
@@ -371,8 +377,8 @@ def main(argv: list[str] | None = None) -> dict:
     for model, result in models.items():
         for arm, figures in result["arms"].items():
             print(f"{model:12} {arm:10} {figures['samples_per_s']:8,.0f} samples/s "
-                  f"({figures['over_bare']:.2f}x bare), {figures['samples_per_cpu_s']:6,.0f} "
-                  f"samples per CPU-second ({figures['over_bare_per_cpu_s']:.2f}x)")  # fmt: skip
+                   f"({figures['over_bare']:.2f}x bare), {figures['samples_per_cpu_s']:6,.0f} "
+                   f"samples per CPU-second ({figures['over_bare_per_cpu_s']:.2f}x)")  # fmt: skip
     return report
 
 

@@ -309,7 +309,7 @@ def test_the_frame_cache_changes_no_byte_of_any_batch(written):
     for settings in (
         dict(window=1),  # single steps: 3 frames per sample, ~1 per pool row
         dict(window=5, augment_shift=2),
-        dict(window=1, shuffle_buffer=40),  # many small pools: the cache empties per pool
+        dict(window=1, shuffle_buffer=40),  # many small pools, blocks cut between them
         dict(window=1, num_workers=2),  # each worker its half of the rank's cache
     ):
         cached = list(stream(out, batch_size=16, epochs=2, seed=3, **settings))
@@ -323,49 +323,61 @@ def test_the_frame_cache_changes_no_byte_of_any_batch(written):
         stream(out, batch_size=4, frame_cache_mb=-1)
 
 
-def block_frames(out: str, index, camera: str = "render"):
-    """The first block of the first shard as a pool's frames (trainers.loader.frames)."""
+def block_frames(out: str, index, blocks: int = 1, camera: str = "render"):
+    """The first `blocks` blocks of the first shard as a pool's frames (read afresh: another
+    PoolFrames of the same blocks)."""
     from trainers.loader.frames import PoolFrames
     from trainers.loader.shards import shard_blocks
 
-    block = next(shard_blocks(f"{out}/{index.shards[0].name}", index, [], cameras=[camera]))
-    data, offsets = block.frames[camera]
+    read = shard_blocks(f"{out}/{index.shards[0].name}", index, [], cameras=[camera])
+    taken = [next(read) for _ in range(blocks)]
+    sizes = [len(block.frames[camera][1]) - 1 for block in taken]
     return PoolFrames(
-        index.cameras[camera], [data], [offsets], [block.where], np.zeros(1, np.int64)
+        index.cameras[camera],
+        [block.frames[camera][0] for block in taken],
+        [block.frames[camera][1] for block in taken],
+        [block.where for block in taken],
+        np.cumsum([0, *sizes[:-1]]),
     )
 
 
-def test_the_frame_cache_decodes_a_pools_frames_once_and_bounds_its_memory(written):
+def test_the_frame_cache_decodes_each_frame_once_and_keeps_blocks_within_budget(written):
     from trainers.loader.frames import FrameDecoder
 
     out, index = written
-    frames = block_frames(out, index)
-    rows_in_pool = len(frames.offsets[0]) - 1
+    frames = block_frames(out, index, blocks=2)
+    first, rows_in_pool = (
+        int(frames.first_rows[1]),
+        int(frames.first_rows[1]) + len(frames.offsets[1]) - 1,
+    )
     frame_bytes = HEIGHT * WIDTH * 3
     plain = FrameDecoder()
-    requests = [np.unique(np.random.default_rng(i).integers(0, rows_in_pool, 9)) for i in range(40)]
-    for slots in (rows_in_pool, 7):  # the pool fits; 7 slots: rows share slots
-        decoder = FrameDecoder(
-            cache_bytes=slots * frame_bytes + frame_bytes - 1, cameras={"render": frames.camera}
-        )
-        cache = decoder.caches["render"]
-        assert cache.frames.shape[0] == slots  # memory: the budget's whole frames, no more
+    rng = np.random.default_rng(0)
+    requests = [np.unique(rng.integers(0, rows_in_pool, 9)) for _ in range(40)]
+    asked = sum(map(len, requests))
+    distinct = len(np.unique(np.concatenate(requests)))
+
+    def run(budget: int):
+        decoder = FrameDecoder(cache_bytes=budget, cameras={"render": frames.camera})
         for rows in requests:
             got, errors = decoder.frames_at("render", frames, rows)
-            expected, _ = plain.decode(frames, rows)
-            np.testing.assert_array_equal(got, expected)
+            np.testing.assert_array_equal(got, plain.decode(frames, rows)[0])
             assert not any(errors)
-        distinct = len(np.unique(np.concatenate(requests)))
-        assert cache.decoded + cache.reused == sum(map(len, requests))
-        if slots == rows_in_pool:
-            assert cache.decoded == distinct  # each frame once
-        else:
-            assert distinct < cache.decoded < sum(map(len, requests))
-        # Another pool (even of the same frames) starts empty: its rows are other frames.
-        before = cache.decoded
-        decoder.frames_at("render", block_frames(out, index), requests[0])
-        assert cache.decoded == before + len(requests[0])
-    assert FrameDecoder(cache_bytes=frame_bytes - 1, cameras={"render": frames.camera}).caches == {}
+        cache = decoder.caches["render"]
+        assert cache.decoded + cache.reused == asked and cache.used <= budget
+        return decoder, cache
+
+    # Both blocks fit: each frame decoded once, and kept for another pool of the same blocks
+    # (the next epoch's, or the next pool of a block cut between two).
+    decoder, cache = run(rows_in_pool * frame_bytes)
+    assert cache.decoded == distinct
+    decoder.frames_at("render", block_frames(out, index, blocks=2), requests[0])
+    assert cache.decoded == distinct
+    # Room for the larger block only: the least recently used one goes, frames come again.
+    larger = max(first, rows_in_pool - first)
+    assert distinct < run(larger * frame_bytes)[1].decoded < asked
+    # Less than a block: nothing kept, every frame decoded as without a cache.
+    assert run(min(first, rows_in_pool - first) * frame_bytes - 1)[1].decoded == asked
 
 
 def test_a_frame_that_does_not_decode_is_never_cached(written, tmp_path):
@@ -375,6 +387,7 @@ def test_a_frame_that_does_not_decode_is_never_cached(written, tmp_path):
     copy, row = corrupt_one_frame(out, tmp_path)
     frames = block_frames(copy, read_index(copy))
     decoder = FrameDecoder(cache_bytes=1 << 20, cameras={"render": frames.camera})
+    assert row < len(frames.offsets[0]) - 2  # the corrupted row and its neighbours: block 0
     rows = np.array([row - 1, row, row + 1])
     for _ in range(2):  # the second time too: the same error, the good frames from the cache
         got, errors = decoder.frames_at("render", frames, rows)

@@ -99,8 +99,8 @@ class TrainOptions(BaseModel):
     frame_cache_mb: int = Field(
         default=1024,
         ge=0,
-        description="Decoded frames the loader keeps for the shuffle buffer's later batches "
-        "(MiB per training worker); 0: decode every batch's frames afresh. Same batches either way.",
+        description="Decoded frames the loader keeps for later batches and epochs (MiB per "
+        "training worker); 0: decode every batch's frames afresh. Same batches either way.",
     )
     log_every: int = Field(default=50, ge=1, description="Steps between metrics lines.")
     checkpoint_every: int = Field(default=500, ge=1, description="Steps between checkpoints.")

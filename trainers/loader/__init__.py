@@ -20,9 +20,9 @@ cameras=None (the cameras whose frames batches carry; None: every camera of the 
 frame_stack=None (frames stacked per step, at most the shards'; None: the shards'),
 augment_shift=0 (DrQ random shift in pixels: pad by replication, crop back at a seeded
 random offset per window), decode_threads=0 (threads decoding frames in each consumer),
-frame_cache_mb=1024 (decoded frames of the current shuffle buffer kept for its later
-batches, per rank: its DataLoader workers split it; 0: decode every batch's frames afresh;
-the batches are the same bytes either way))` returns a
+frame_cache_mb=1024 (decoded frames kept by block for later batches and epochs, per rank:
+its DataLoader workers split it; 0: decode every batch's frames afresh; the batches are
+the same bytes either way))` returns a
 `ShardStream`; `read_index(uri)` refuses a directory without a
 committed index.json.
 

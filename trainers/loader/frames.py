@@ -11,16 +11,16 @@ as the camera, not interlaced: what collect and ingest write) goes straight to P
 decoder (`decode_plain_png`: the same pixels, a third less CPU per small frame). PIL
 releases the GIL while it decodes, so a `FrameDecoder` with threads decodes a batch's frames
 in parallel (and DataLoader workers each run their own). A `FrameCache` per camera keeps
-the decoded frames of the pool being cut for its later batches: a pool's windows overlap
-(each of its steps ends one, and a window needs W + k - 1 frames), so without it every
-frame would be decoded once per window that shows it.
+decoded frames by block for later batches and epochs: windows overlap (each step ends one,
+and a window needs W + k - 1 frames) and every epoch shows the same frames, so without it a
+frame would be decoded once per window that shows it, every epoch.
 """
 
 from __future__ import annotations
 
 import struct
-import weakref
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -110,64 +110,98 @@ def decode_plain_png(data: bytes, camera: CameraInfo) -> np.ndarray | None:
 Decode = Callable[[PoolFrames, np.ndarray], tuple[np.ndarray, list[str]]]
 
 
+@dataclass
+class CachedBlock:
+    """A block's decoded frames (rows x C x H x W; only those in `done` are filled)."""
+
+    frames: np.ndarray
+    done: np.ndarray  # bool [rows]
+
+
 class FrameCache:
-    """One camera's decoded frames of the pool being cut, kept for the pool's later batches.
+    """One camera's decoded frames, kept by block across batches, pools and epochs.
 
-    Why: single steps with a stack of 3 need ~2.9 distinct frames per sample, and a window
-    of W steps W + 2, while a pool holds about one frame per window; decoding each frame
-    once per pool instead of once per window that shows it is what keeps PNG decoding
-    from being the bottleneck of an MLP on a few cores (docs/shards.md).
+    Why: single steps with a stack of 3 need ~2.9 distinct frames per sample, windows of W
+    steps W + 2, and every epoch shows the same frames again; a frame decoded once and
+    kept is what keeps PNG decoding from bounding an MLP on a few cores (docs/shards.md).
 
-    Direct-mapped: pool row r lives in slot r % slots. A pool whose frames fit in the slots
-    decodes each frame once; a larger one keeps those that share no slot. Memory is `slots`
-    frames at most, and only pages a frame was written to are committed, so a small pool
-    costs what it holds. A new pool (another PoolFrames) empties it. Frames that did not
+    A block (trainers.loader.shards.Block, named by its `where`: shard URL and sample key)
+    gets an array of its decoded frames the first time one of them is asked for, filled
+    as its frames are decoded. Blocks past `budget` bytes are dropped least recently used
+    first; a block larger than the budget is not kept. Memory is the budget at most, and
+    only pages a frame was written to are committed. A dataset whose frames fit decodes
+    each frame once in the whole run (per DataLoader worker: each reads its own shards);
+    a larger one decodes a frame about once per pass over its block. Frames that did not
     decode are never kept: they fail again, with the same message. Cached or not, a batch
     holds the same bytes."""
 
-    def __init__(self, camera: CameraInfo, slots: int):
+    def __init__(self, camera: CameraInfo, budget: int):
         height, width, channels = camera.shape
-        self.frames = np.empty((slots, channels, height, width), dtype=np.uint8)
-        self.rows = np.full(slots, -1, dtype=np.int64)  # the pool row in each slot; -1: none
-        self.pool: weakref.ref | None = None  # the PoolFrames the slots belong to
+        self.shape = (channels, height, width)
+        self.frame_bytes = height * width * channels
+        self.budget = budget
+        self.used = 0
+        self.blocks: OrderedDict[str, CachedBlock] = OrderedDict()  # least recent first
         self.decoded = 0  # frames decoded through the cache (misses), for tests and benches
         self.reused = 0  # frames served from it
 
     def frames_at(
         self, frames: PoolFrames, rows: np.ndarray, decode: Decode
     ) -> tuple[np.ndarray, list[str]]:
-        """As `FrameDecoder.decode` (rows distinct), decoding only the frames not kept."""
-        if self.pool is None or self.pool() is not frames:
-            self.rows.fill(-1)
-            self.pool = weakref.ref(frames)
-        slot = rows % len(self.rows)
-        hit = self.rows[slot] == rows
+        """As `FrameDecoder.decode`, decoding only the frames not kept."""
+        block, local = frames.locate(rows)
+        out = np.empty((len(rows), *self.shape), dtype=np.uint8)
+        hit = np.zeros(len(rows), dtype=bool)
+        for b in np.unique(block).tolist():  # a few blocks per batch
+            kept = self.blocks.get(frames.where[b])
+            if kept is not None:
+                self.blocks.move_to_end(frames.where[b])
+                mine = np.flatnonzero(block == b)
+                found = mine[kept.done[local[mine]]]
+                out[found] = kept.frames[local[found]]
+                hit[found] = True
         miss = np.flatnonzero(~hit)
-        out = np.empty((len(rows), *self.frames.shape[1:]), dtype=np.uint8)
-        out[hit] = self.frames[slot[hit]]
-        errors = [""] * len(rows)
         self.reused += len(rows) - len(miss)
         self.decoded += len(miss)
-        if len(miss):
-            decoded, missed_errors = decode(frames, rows[miss])
-            out[miss] = decoded
-            good = np.ones(len(miss), dtype=bool)
-            if any(missed_errors):
-                for i, error in enumerate(missed_errors):
-                    errors[int(miss[i])] = error
-                    good[i] = not error
-            # Two rows of a batch may share a slot: keep the first, so that the slot's row
-            # and frame agree (NumPy leaves the order of repeated assignments open).
-            slots, first = np.unique(slot[miss][good], return_index=True)
-            self.frames[slots] = decoded[good][first]
-            self.rows[slots] = rows[miss][good][first]
+        errors = [""] * len(rows)
+        if not len(miss):
+            return out, errors
+        decoded, missed_errors = decode(frames, rows[miss])
+        out[miss] = decoded
+        good = np.ones(len(miss), dtype=bool)
+        if any(missed_errors):
+            for i, error in enumerate(missed_errors):
+                errors[int(miss[i])] = error
+                good[i] = not error
+        for b in np.unique(block[miss[good]]).tolist():
+            kept = self.keep(frames.where[b], len(frames.offsets[b]) - 1)
+            if kept is not None:
+                mine = good & (block[miss] == b)
+                kept.frames[local[miss[mine]]] = decoded[mine]
+                kept.done[local[miss[mine]]] = True
         return out, errors
+
+    def keep(self, where: str, rows: int) -> CachedBlock | None:
+        """The block's entry, made (dropping the least recently used past the budget) if
+        it has none; None for a block larger than the whole budget."""
+        kept = self.blocks.get(where)
+        if kept is not None:
+            return kept
+        size = rows * self.frame_bytes
+        if size > self.budget:
+            return None
+        while self.used + size > self.budget:
+            _, dropped = self.blocks.popitem(last=False)
+            self.used -= dropped.frames.nbytes
+        kept = CachedBlock(np.empty((rows, *self.shape), np.uint8), np.zeros(rows, bool))
+        self.blocks[where] = kept
+        self.used += size
+        return kept
 
 
 class FrameDecoder:
     """Decodes a pool's frames at given rows, in `threads` threads (0: this thread), keeping
-    up to `cache_bytes` of decoded frames of the current pool (`FrameCache`, slots split
-    evenly among `cameras`; 0: none)."""
+    up to `cache_bytes` of decoded frames (`FrameCache` per camera of `cameras`; 0: none)."""
 
     def __init__(
         self,
@@ -177,12 +211,13 @@ class FrameDecoder:
     ):
         self.threads = threads
         self.executor = ThreadPoolExecutor(threads, "hindsight-frames") if threads > 0 else None
+        # The budget split among the cameras by frame size: the same steps of each fit.
         cameras = dict(cameras or {})
         step_bytes = sum(info.height * info.width * info.channels for info in cameras.values())
-        slots = cache_bytes // step_bytes if step_bytes else 0
-        self.caches = (
-            {name: FrameCache(info, slots) for name, info in cameras.items()} if slots else {}
-        )
+        self.caches = {
+            name: FrameCache(info, cache_bytes * info.height * info.width * info.channels // step_bytes)
+            for name, info in cameras.items()
+        } if cache_bytes > 0 else {}  # fmt: skip
 
     def close(self) -> None:
         if self.executor is not None:
@@ -192,7 +227,7 @@ class FrameDecoder:
     def frames_at(
         self, camera: str, frames: PoolFrames, rows: np.ndarray
     ) -> tuple[np.ndarray, list[str]]:
-        """`decode` of the camera's frames at distinct pool `rows`, through its cache."""
+        """`decode` of the camera's frames at pool `rows`, through its cache."""
         cache = self.caches.get(camera)
         if cache is None:
             return self.decode(frames, rows)
