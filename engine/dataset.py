@@ -74,14 +74,15 @@ def unreadable(uri: str, error: Exception) -> DatasetError:
     )
 
 
-def check_rows_read(uri: str, table: pa.Table, expected: int) -> pa.Table:
-    """`table` if it holds the `expected` rows. A page header is not under the page CRC:
-    a flipped bit that makes a data page another page type, or its value count 0, reads
-    as a column with fewer rows and no error (pyarrow 26)."""
-    if table.num_rows != expected:
-        message = f"{table.num_rows} rows read where the file holds {expected}"
+def check_rows_read(uri: str, rows: int, expected: int) -> None:
+    """A DatasetError unless `rows` (read, or counted in a footer) is the `expected` count.
+    Neither a page header nor the footer is under the page CRC: a flipped bit that makes a
+    data page another page type, or its value count 0, reads as a column with fewer rows
+    and no error (pyarrow 26), and a row group's count flipped in the footer shifts every
+    row after it."""
+    if rows != expected:
+        message = f"{rows} rows read where the file holds {expected}"
         raise unreadable(uri, ValueError(message))
-    return table
 
 
 # ---------------------------------------------------------------- reading
@@ -210,7 +211,7 @@ class Dataset:
                 )
             except (OSError, pa.ArrowException) as error:
                 raise unreadable(uri, error) from error
-            check_rows_read(uri, part, data_file.rows)
+            check_rows_read(uri, part.num_rows, data_file.rows)
             if table is None:
                 table = part
             else:

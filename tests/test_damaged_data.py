@@ -130,6 +130,37 @@ def test_a_page_header_that_hides_its_rows_is_an_error(tiny_dataset, tmp_path):
     assert_one_line_error(completed, "part-00000.parquet: cannot read: 0 rows read")
 
 
+def test_a_row_group_count_flipped_in_the_footer_is_an_error(tmp_path):
+    """The footer is under no CRC either: a row group's count flipped there (1000 -> 936)
+    placed the rows after it wrongly (rows 950 and 1500 read as 1014 and 1564)."""
+    import struct
+
+    import pyarrow as pa
+
+    from engine.query.read import ReadStats, read_rows_arrow
+
+    path = str(tmp_path / "f.parquet")
+    table = pa.table({"reward": np.arange(2000, dtype=np.float64)})
+    pq.write_table(table, path, write_page_checksum=True, row_group_size=1000)
+    data = bytearray(open(path, "rb").read())
+    footer = len(data) - 8 - struct.unpack("<I", data[-8:-4])[0]
+    # 1000 as a Thrift varint (zigzag 2000) is the row group's count, and the value counts
+    # of its column chunk and page: flip the one that is the row group's.
+    for count in [i for i in range(footer, len(data) - 8) if data[i : i + 2] == b"\xd0\x0f"]:
+        data[count + 1] ^= 1
+        open(path, "wb").write(bytes(data))
+        if pq.read_metadata(path).row_group(0).num_rows == 936:
+            break
+        data[count + 1] ^= 1
+    assert pq.read_metadata(path).row_group(0).num_rows == 936  # the precondition
+    with pytest.raises(
+        DatasetError, match="f.parquet: cannot read: 1936 rows read where the file holds 2000"
+    ):
+        read_rows_arrow(path, ["reward"], np.array([950, 1500]), ReadStats())
+    with pytest.raises(DatasetError, match="f.parquet: cannot read"):
+        read_rows_arrow(path, ["reward"], None, ReadStats())
+
+
 # ---------------------------------------------------------------- entries outside the version
 
 

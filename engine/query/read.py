@@ -132,15 +132,20 @@ def read_rows_arrow(
             if rows is None:
                 groups = np.arange(metadata.num_row_groups)
                 stats.count_file(metadata, groups, columns)
-                return check_rows_read(uri, parquet.read(columns=columns), metadata.num_rows)
+                table = parquet.read(columns=columns)
+                check_rows_read(uri, table.num_rows, metadata.num_rows)
+                return table
             sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
             offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+            # The footer is under no CRC: a row group's count that disagrees with the
+            # file's would place every later row wrongly.
+            check_rows_read(uri, int(offsets[-1]), metadata.num_rows)
             if len(rows) and rows[-1] >= offsets[-1]:
                 raise _not_aligned(uri, int(offsets[-1]), rows)
             groups, positions = row_group_selection(rows, offsets)
             stats.count_file(metadata, groups, columns)
             table = parquet.read_row_groups(groups.tolist(), columns=columns)
-            check_rows_read(uri, table, int(np.sum(np.diff(offsets)[groups])))
+            check_rows_read(uri, table.num_rows, int(np.sum(np.diff(offsets)[groups])))
     except (OSError, pa.ArrowException) as error:
         raise unreadable(uri, error) from error
     return table.take(pa.array(positions, pa.int64()))
