@@ -323,6 +323,29 @@ def test_the_frame_cache_changes_no_byte_of_any_batch(written):
         stream(out, batch_size=4, frame_cache_mb=-1)
 
 
+def test_a_small_frame_cache_and_a_skipped_corrupt_frame_change_no_byte(
+    written, tmp_path, monkeypatch
+):
+    from trainers.loader.stream import StreamOptions
+
+    out, index = written
+    settings = dict(batch_size=16, epochs=2, seed=3, window=1)
+    uncached = list(stream(out, frame_cache_mb=0, **settings))
+    # ~3 blocks of each camera kept (32 steps of 144 / 48 bytes a block) of the shards'
+    # ~15: blocks are dropped and decoded again all the time.
+    budget = property(lambda options: 20_000 if options.frame_cache_mb else 0)
+    monkeypatch.setattr(StreamOptions, "frame_cache_bytes", budget)
+    assert sum(shard.blocks for shard in index.shards) > 10
+    assert_same_batches(list(stream(out, **settings)), uncached)
+    copy, _ = corrupt_one_frame(out, tmp_path)
+    with pytest.warns(UserWarning, match="windows with frames that do not decode skipped"):
+        cached = list(stream(copy, on_error="skip", **settings))
+    with pytest.warns(UserWarning, match="windows with frames that do not decode skipped"):
+        assert_same_batches(
+            cached, list(stream(copy, on_error="skip", frame_cache_mb=0, **settings))
+        )
+
+
 def block_frames(out: str, index, blocks: int = 1, camera: str = "render"):
     """The first `blocks` blocks of the first shard as a pool's frames (read afresh: another
     PoolFrames of the same blocks)."""

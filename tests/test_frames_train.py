@@ -482,7 +482,12 @@ def test_frame_cache_mb_is_passed_to_the_loader_and_may_change_on_resume(tmp_pat
     monkeypatch.setattr(loader, "stream", lambda *args, **kwargs: seen.update(kwargs))
     train.default_stream_factory(config)(None, 0, 1)
     assert seen["frame_cache_mb"] == 1024  # the default
-    # It changes no batch (tests/test_frames_shards.py), so a resumed run may set another.
-    resumed = train.resumed_config(config, config.options.model_copy(update={"frame_cache_mb": 64}))
+    # It changes no batch (tests/test_frames_shards.py), so a resumed run may set another;
+    # one that does not ask keeps the recorded one, not the default.
+    source = config.options.input
+    asked = TrainOptions(input=source, output=str(tmp_path), frame_cache_mb=64)
+    resumed = train.resumed_config(config, asked)
     train.default_stream_factory(resumed)(None, 0, 1)
     assert seen["frame_cache_mb"] == 64
+    plain = TrainOptions(input=source, output=str(tmp_path))
+    assert train.resumed_config(resumed, plain).options.frame_cache_mb == 64

@@ -145,7 +145,9 @@ def new_run_config(index: dict[str, Any], options: TrainOptions) -> RunConfig:
 
 def resumed_config(previous: RunConfig, options: TrainOptions) -> RunConfig:
     """The recorded run, continued with `options`: what defines the model and its data must
-    match; only the length, logging and device may change (a clear error otherwise)."""
+    match; only the length, logging, device and frame cache may change (a clear error
+    otherwise). The frame cache stays as recorded unless asked again (a run started with
+    `--frame-cache-mb 0` to spare memory keeps it on a plain `--resume`)."""
     asked = trainer_options(options)
     given = options.model_fields_set  # what was asked; a default (model=mlp) was not
     for key in FIXED_ON_RESUME:
@@ -155,7 +157,11 @@ def resumed_config(previous: RunConfig, options: TrainOptions) -> RunConfig:
                 f"--resume: {key} was {before!r} in {asked.output}, now {now!r}; "
                 "a resumed run must match"
             )
-    changes = {key: getattr(asked, key) for key in (*RESUMABLE, "output")}
+    changes = {
+        key: getattr(asked, key)
+        for key in (*RESUMABLE, "output")
+        if key != "frame_cache_mb" or key in given
+    }
     return previous.model_copy(update={"options": previous.options.model_copy(update=changes)})
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -107,7 +107,17 @@ def decode_plain_png(data: bytes, camera: CameraInfo) -> np.ndarray | None:
     return np.asarray(image).reshape(camera.shape)
 
 
-Decode = Callable[[PoolFrames, np.ndarray], tuple[np.ndarray, list[str]]]
+Decode = Callable[..., tuple[np.ndarray, list[str]]]  # FrameDecoder.decode
+
+
+def by_block(block: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """Each block number in `block` with the positions that hold it: one sort, not a pass
+    over `block` per block (a shuffled batch touches dozens)."""
+    order = np.argsort(block, kind="stable")
+    ordered = block[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(block) else []
+    for start, stop in zip(starts, [*starts[1:], len(order)]):
+        yield int(ordered[start]), order[start:stop]
 
 
 @dataclass
@@ -128,12 +138,14 @@ class FrameCache:
     A block (trainers.loader.shards.Block, named by its `where`: shard URL and sample key)
     gets an array of its decoded frames the first time one of them is asked for, filled
     as its frames are decoded. Blocks past `budget` bytes are dropped least recently used
-    first; a block larger than the budget is not kept. Memory is the budget at most, and
-    only pages a frame was written to are committed. A dataset whose frames fit decodes
-    each frame once in the whole run (per DataLoader worker: each reads its own shards);
-    a larger one decodes a frame about once per pass over its block. Frames that did not
-    decode are never kept: they fail again, with the same message. Cached or not, a batch
-    holds the same bytes."""
+    first; a block larger than the budget is not kept. The budget charges whole blocks
+    (what is allocated), so memory stays within it. In one consumer (no DataLoader
+    workers: how `hindsight train` reads), a dataset whose frames fit decodes each frame
+    once in the whole run, a larger one a frame about once per pass over its block. With
+    DataLoader workers each holds its share of the budget and gets other shards each epoch
+    (`epoch_shards`), so it keeps what it read before only for the shards it gets again.
+    Frames that did not decode are never kept: they fail again, with the same message.
+    Cached or not, a batch holds the same bytes."""
 
     def __init__(self, camera: CameraInfo, budget: int):
         height, width, channels = camera.shape
@@ -146,17 +158,16 @@ class FrameCache:
         self.reused = 0  # frames served from it
 
     def frames_at(
-        self, frames: PoolFrames, rows: np.ndarray, decode: Decode
+        self, frames: PoolFrames, rows: np.ndarray, decode: Decode, out: np.ndarray | None = None
     ) -> tuple[np.ndarray, list[str]]:
-        """As `FrameDecoder.decode`, decoding only the frames not kept."""
+        """As `FrameDecoder.decode` (into `out` if given), decoding only the frames not kept."""
         block, local = frames.locate(rows)
-        out = np.empty((len(rows), *self.shape), dtype=np.uint8)
+        out = np.empty((len(rows), *self.shape), dtype=np.uint8) if out is None else out
         hit = np.zeros(len(rows), dtype=bool)
-        for b in np.unique(block).tolist():  # a few blocks per batch
+        for b, mine in by_block(block):
             kept = self.blocks.get(frames.where[b])
             if kept is not None:
                 self.blocks.move_to_end(frames.where[b])
-                mine = np.flatnonzero(block == b)
                 found = mine[kept.done[local[mine]]]
                 out[found] = kept.frames[local[found]]
                 hit[found] = True
@@ -166,19 +177,23 @@ class FrameCache:
         errors = [""] * len(rows)
         if not len(miss):
             return out, errors
-        decoded, missed_errors = decode(frames, rows[miss])
-        out[miss] = decoded
-        good = np.ones(len(miss), dtype=bool)
+        if len(miss) == len(rows):  # nothing kept (a first epoch): decode in place
+            decoded, missed_errors = decode(frames, rows, out)
+        else:
+            decoded, missed_errors = decode(frames, rows[miss])
+            out[miss] = decoded
+        good = np.ones(len(miss), dtype=bool)  # by position in `miss` (and in `decoded`)
         if any(missed_errors):
             for i, error in enumerate(missed_errors):
                 errors[int(miss[i])] = error
                 good[i] = not error
-        for b in np.unique(block[miss[good]]).tolist():
+        good = np.flatnonzero(good)
+        for b, mine in by_block(block[miss[good]]):
             kept = self.keep(frames.where[b], len(frames.offsets[b]) - 1)
             if kept is not None:
-                mine = good & (block[miss] == b)
-                kept.frames[local[miss[mine]]] = decoded[mine]
-                kept.done[local[miss[mine]]] = True
+                at = local[miss[good[mine]]]
+                kept.frames[at] = decoded[good[mine]]
+                kept.done[at] = True
         return out, errors
 
     def keep(self, where: str, rows: int) -> CachedBlock | None:
@@ -225,21 +240,25 @@ class FrameDecoder:
             self.executor = None
 
     def frames_at(
-        self, camera: str, frames: PoolFrames, rows: np.ndarray
+        self, camera: str, frames: PoolFrames, rows: np.ndarray, out: np.ndarray | None = None
     ) -> tuple[np.ndarray, list[str]]:
-        """`decode` of the camera's frames at pool `rows`, through its cache."""
+        """`decode` of the camera's frames at distinct pool `rows`, through its cache."""
         cache = self.caches.get(camera)
         if cache is None:
-            return self.decode(frames, rows)
-        return cache.frames_at(frames, rows, self.decode)
+            return self.decode(frames, rows, out)
+        return cache.frames_at(frames, rows, self.decode, out)
 
-    def decode(self, frames: PoolFrames, rows: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    def decode(
+        self, frames: PoolFrames, rows: np.ndarray, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, list[str]]:
         """The frames at pool `rows`, channels first (N x C x H x W uint8: the transpose
-        rides on the copy out of PIL's buffer), and by position the FrameError message of
-        each that did not decode ("" for those that did; a failed frame is 0)."""
+        rides on the copy out of PIL's buffer; into `out` if given), and by position the
+        FrameError message of each that did not decode ("" for those that did; a failed
+        frame is 0)."""
         camera = frames.camera
         height, width, channels = camera.shape
-        out = np.zeros((len(rows), channels, height, width), dtype=np.uint8)
+        if out is None:
+            out = np.empty((len(rows), channels, height, width), dtype=np.uint8)
         block, local = frames.locate(rows)
         errors: list[str] = [""] * len(rows)
         plain_png = camera.codec == "png"
@@ -254,6 +273,7 @@ class FrameDecoder:
                         decoded = decode_frame(data, camera, f"{frames.where[b]} row {r}")
                     except FrameError as error:
                         errors[i] = str(error)
+                        out[i] = 0
                         continue
                 out[i] = decoded.transpose(2, 0, 1)
 
@@ -290,9 +310,11 @@ def window_frames(
     batch, messages = {}, []
     bad = np.zeros(len(rows), dtype=bool)
     for camera, pool_frames in frames.items():
-        decoded, errors = decoder.frames_at(camera, pool_frames, needed)
         height, width, channels = pool_frames.camera.shape
-        with_zero = np.concatenate([decoded, np.zeros((1, channels, height, width), np.uint8)])
+        # The needed frames, then one zero frame that padded positions gather.
+        with_zero = np.empty((len(needed) + 1, channels, height, width), np.uint8)
+        with_zero[-1] = 0
+        _, errors = decoder.frames_at(camera, pool_frames, needed, with_zero[:-1])
         # One gather: [B, W, k, C, H, W], i.e. [B, W, k * C, H, W] without another copy
         # (mode "clip": the positions are valid, and "raise" would buffer the output).
         taken = allocate((*rows.shape, k * channels, height, width))
