@@ -196,9 +196,9 @@ def loader_profile(config, skip: int, batches: int, settings: dict[str, int]) ->
     spent = {"decode_s": 0.0, "frames": 0}
     decode = loader_frames.FrameDecoder.decode
 
-    def timed(self, frames, rows):
+    def timed(self, frames, rows, out=None):
         started = time.thread_time()
-        result = decode(self, frames, rows)
+        result = decode(self, frames, rows, out)
         spent["decode_s"] += time.thread_time() - started
         spent["frames"] += len(rows)
         return result
