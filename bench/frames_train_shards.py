@@ -121,27 +121,6 @@ def child_pids() -> list[int]:
     return found
 
 
-def stream_factory(config, settings: dict[str, int]):
-    """trainers.train.default_stream_factory with `settings` added (workers, threads)."""
-    from trainers import loader
-    from trainers.train import loader_prefetch
-
-    options = config.options
-
-    def make(start_state, rank: int, world_size: int):
-        arguments = dict(
-            seed=options.seed, shuffle_buffer=options.shuffle_buffer, rank=rank,
-            world_size=world_size, start_state=start_state, window=int(config.model["window"]),
-            cameras=sorted(config.model["frames"]["cameras"]), prefetch=loader_prefetch(config.model),
-            frame_cache_mb=options.frame_cache_mb,
-        )  # fmt: skip
-        return loader.stream(
-            options.input, options.batch_size, list(options.condition), **arguments | settings
-        )
-
-    return make
-
-
 def segment_figures(ends: list[float], cpu: tuple[float, float], warm: int, batch: int) -> dict:
     """Rate and CPU of the steps after the first `warm` + 1 of a segment: `ends[i]` is when
     step i (from 0) ended, `cpu` the CPU-seconds read at ends[warm] and at the last end."""
@@ -183,7 +162,9 @@ def trainer_segment(config, settings: dict[str, int], steps: int, warm: int, bat
         elif len(ends) == steps:
             cpu.append(cpu_seconds(children))
 
-    train.train_loop(config, stream_factory(config, settings), report=report, catch_signals=False)
+    train.train_loop(
+        config, train.default_stream_factory(config, settings), report=report, catch_signals=False
+    )
     return segment_figures(ends, (cpu[0], cpu[1]), warm, batch)
 
 
@@ -191,6 +172,7 @@ def loader_profile(config, skip: int, batches: int, settings: dict[str, int]) ->
     """Per batch of the trainer's stream with `settings` (0 workers, no prefetch thread: CPU
     in this thread), over `batches` batches after the first `skip`: frames decoded, decode
     CPU-seconds, all of the loader's CPU-seconds."""
+    from trainers import train
     from trainers.loader import frames as loader_frames
 
     spent = {"decode_s": 0.0, "frames": 0}
@@ -204,7 +186,7 @@ def loader_profile(config, skip: int, batches: int, settings: dict[str, int]) ->
         return result
 
     options = config.options
-    iterator = iter(stream_factory(config, {**settings, "prefetch": 0})(None, 0, 1))
+    iterator = iter(train.default_stream_factory(config, {**settings, "prefetch": 0})(None, 0, 1))
     for _ in range(skip):  # the shuffle buffer fills (and, for an MLP, the first epoch)
         next(iterator)
     loader_frames.FrameDecoder.decode = timed
@@ -279,7 +261,7 @@ def measure(
     steps = 2 * epoch if whole_epochs else steps
     config = config_for("bare")
     assert int(config.options.batch_size) == batch
-    held = iter(stream_factory(config, {})(None, 0, 1))
+    held = iter(train.default_stream_factory(config)(None, 0, 1))
     batches = [{k: v.clone().to(device) for k, v in next(held).items()} for _ in range(4)]
     held.close()
     bare_step = bare_step_function(config, batches)

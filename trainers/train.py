@@ -192,17 +192,18 @@ def prepare_run(options: TrainOptions, *, resume: bool = False) -> RunConfig:
     return config
 
 
-def default_stream_factory(config: RunConfig) -> StreamFactory:
-    """Batches from the run's shards through trainers.loader.stream."""
+def default_stream_factory(
+    config: RunConfig, settings: dict[str, Any] | None = None
+) -> StreamFactory:
+    """Batches from the run's shards through trainers.loader.stream; `settings`: more
+    loader arguments, or others in place of the run's (num_workers, decode_threads: the
+    benchmarks' loader arms)."""
     from trainers import loader
 
     options = config.options
 
     def make(start_state: Any, rank: int, world_size: int):
-        return loader.stream(
-            options.input,
-            options.batch_size,
-            list(options.condition) or None,
+        arguments = dict(
             shuffle_buffer=options.shuffle_buffer,
             seed=options.seed,
             rank=rank,
@@ -214,6 +215,12 @@ def default_stream_factory(config: RunConfig) -> StreamFactory:
             augment_shift=options.augment_shift,
             prefetch=loader_prefetch(config.model),
             frame_cache_mb=options.frame_cache_mb,
+        )
+        return loader.stream(
+            options.input,
+            options.batch_size,
+            list(options.condition) or None,
+            **arguments | dict(settings or {}),
         )
 
     return make
